@@ -1,0 +1,1 @@
+"""kd_ref: reference implementations of knowledge distillation for dense prediction."""

@@ -1,0 +1,136 @@
+"""Registries and presets.
+
+* ``METHODS``: method name -> how to build its distiller and how model outputs bind to the distiller's
+  ``forward`` arguments, per task. Adding a method is one file plus one entry here.
+* ``TASKS``: task name -> models, data and evaluation (``kd_ref.tasks``).
+* ``PRESETS``: preset name -> a full :class:`Recipe` (models, data, crop, batch, schedule, loss weights).
+  Every distillation preset of a paper row has a baseline twin, ``<preset>_baseline``: the same recipe
+  with ``method="none"``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kd_ref import tasks
+from kd_ref.kd import KDDistiller
+
+
+@dataclass
+class Recipe:
+    """Everything a run needs besides the data root and the machine."""
+    task: str = "seg"
+    method: str = "none"
+    data: str = "synthetic"
+    student: str = "pspnet_r18"
+    teacher: str | None = None
+    flavour: str = "cirkd"           # model/backbone family of the reference tables (segmentors)
+    num_classes: int = 19
+    pretrained: str | None = None    # local ImageNet weights for the student backbone
+    # data
+    crop: tuple = (512, 1024)
+    scales: tuple = (0.5, 2.0)       # random rescale range (uniform over 0.1 steps, as the references)
+    normalization: str = "bgr_mean"  # "bgr_mean" (CIRKD/SKD) or "imagenet_rgb" (mmseg, torchvision)
+    synthetic_size: tuple = (128, 128)
+    synthetic_train: int = 2000
+    synthetic_val: int = 100
+    # optimisation
+    batch_size: int = 16             # total over all processes
+    iters: int = 40000
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "poly"
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    lr_steps: tuple = ()
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.001
+    grad_clip: float | None = None
+    # bookkeeping
+    eval_every: int = 0
+    ckpt_every: int = 1000
+    seed: int = 0
+    method_options: dict = field(default_factory=dict)
+    teacher_preset: str | None = None  # recipe that trains the teacher on synthetic data
+
+
+# ------------------------------------------------------------------------------------------ methods
+@dataclass(frozen=True)
+class Method:
+    """``build(recipe, student, teacher) -> distiller``; ``bind[task](student_out, teacher_out, batch)``
+    returns the keyword arguments of the distiller's ``forward``."""
+    build: Callable | None
+    bind: dict = field(default_factory=dict)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.build is not None
+
+
+def _logits(student_out, teacher_out, batch):
+    return {"logits_s": student_out["logits"], "logits_t": teacher_out["logits"]}
+
+
+METHODS: dict[str, Method] = {
+    "none": Method(None),
+    "kd": Method(lambda recipe, student, teacher: KDDistiller(**recipe.method_options),
+                 {"seg": _logits, "cls": _logits}),
+}
+
+
+def supported_methods(task: str) -> list:
+    return sorted(name for name, method in METHODS.items() if method.build is None or task in method.bind)
+
+
+# ------------------------------------------------------------------------------------------ presets
+TASKS = {"seg": tasks.SegTask()}
+
+PRESETS: dict[str, Recipe] = {}
+
+
+def register(name: str, recipe: Recipe, baseline: bool = True) -> None:
+    """Add a preset and, for a distillation preset, its ``<name>_baseline`` twin."""
+    PRESETS[name] = recipe
+    if baseline and recipe.method != "none":
+        PRESETS[f"{name}_baseline"] = dataclasses.replace(recipe, method="none", method_options={})
+
+
+# CIRKD protocol (winycg/CIRKD 2022 table): 512x1024 crops, batch 16, 40k iters, lr 0.02, wd 1e-4.
+CIRKD_CITYSCAPES = Recipe(data="cityscapes", flavour="cirkd", crop=(512, 1024), scales=(0.5, 2.0),
+                          normalization="bgr_mean", batch_size=16, iters=40000, lr=0.02, weight_decay=1e-4,
+                          eval_every=4000, ckpt_every=1000)
+register("teacher_deeplabv3_r101_cityscapes", dataclasses.replace(CIRKD_CITYSCAPES, student="deeplabv3_r101"))
+register("baseline_deeplabv3_r18_cityscapes", dataclasses.replace(CIRKD_CITYSCAPES, student="deeplabv3_r18"))
+register("baseline_pspnet_r18_cityscapes", dataclasses.replace(CIRKD_CITYSCAPES, student="pspnet_r18"))
+register("kd_deeplabv3_r18_cityscapes", dataclasses.replace(
+    CIRKD_CITYSCAPES, method="kd", student="deeplabv3_r18", teacher="deeplabv3_r101"))
+
+# Built-in synthetic scenes: small enough for a CPU, hard enough that the teacher is clearly better.
+SYNTHETIC_SEG = Recipe(data="synthetic", flavour="cirkd", num_classes=tasks.SYNTHETIC_NUM_CLASSES,
+                       crop=(128, 128), scales=(0.75, 1.5), normalization="bgr_mean", batch_size=8,
+                       iters=300, lr=0.02, weight_decay=1e-4, eval_every=0, ckpt_every=100,
+                       synthetic_size=(128, 128))
+register("synthetic_seg_teacher", dataclasses.replace(SYNTHETIC_SEG, student="deeplabv3_r50"))
+register("synthetic_seg_none", dataclasses.replace(SYNTHETIC_SEG, student="pspnet_r18"))
+register("synthetic_seg_kd", dataclasses.replace(
+    SYNTHETIC_SEG, method="kd", student="pspnet_r18", teacher="deeplabv3_r50",
+    teacher_preset="synthetic_seg_teacher"), baseline=False)
+
+# Which preset a bare "--task T --method M [--data D]" means.
+DEFAULT_PRESETS = {
+    ("seg", "none", "synthetic"): "synthetic_seg_none",
+    ("seg", "kd", "synthetic"): "synthetic_seg_kd",
+    ("seg", "none", "cityscapes"): "baseline_deeplabv3_r18_cityscapes",
+    ("seg", "kd", "cityscapes"): "kd_deeplabv3_r18_cityscapes",
+}
+
+
+def default_preset(task: str, method: str, data: str) -> str:
+    key = (task, method, data)
+    if key not in DEFAULT_PRESETS:
+        combos = ", ".join(f"--task {t} --method {m} --data {d}" for t, m, d in sorted(DEFAULT_PRESETS))
+        raise ValueError(f"no default preset for --task {task} --method {method} --data {data}; pass "
+                         f"--preset NAME, or use one of: {combos}")
+    return DEFAULT_PRESETS[key]

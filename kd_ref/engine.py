@@ -1,0 +1,500 @@
+"""Method-agnostic training engine: one loop for every task and distillation method.
+
+One iteration::
+
+    student_out = student(images, targets)                      # task losses in student_out["losses"]
+    teacher_out = teacher(images, predict=False)                # eval mode, no grad: constants
+    kd_losses   = distiller(**bind(student_out, teacher_out, batch))
+    loss        = sum(student_out["losses"]) + sum(kd_losses)   # every term is logged by name
+    step the student (+ distiller) optimizer; then the distiller's extra step, if it has one
+
+The registry (``kd_ref.configs.METHODS``) says how model outputs bind to the distiller's arguments,
+so the engine never knows what a method does.
+
+Extra-optimizer hook (SKD's discriminator, or any adversary). A distiller that owns parameters which
+must not be trained by the student loss defines::
+
+    extra_parameters(self) -> list[Parameter]                 # excluded from the student optimizer
+    extra_optimizer(self, total_iters) -> (optimizer, lr_lambda | None)
+    extra_losses(self, **bound_inputs) -> dict[str, Tensor]   # same arguments as forward
+
+After the student step the engine minimises ``sum(extra_losses(...))`` with that optimizer (lr scaled by
+``lr_lambda(iteration)``; ``None`` keeps it constant) and stores the optimizer in checkpoints.
+
+Epoch hook (GKD's prototypes): a distiller may define ``before_epoch(context)``; the engine calls it
+before every epoch with a :class:`EpochContext` that gives it the models and the training set.
+
+Distributed: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) turns on DDP (NCCL on
+CUDA, gloo on CPU). The student is wrapped in DDP (SyncBN on GPU); the distiller's own parameters are
+few and used every step, so their gradients are averaged with one all-reduce each instead of a second
+DDP wrapper. ``batch_size`` is the total batch over all processes.
+
+Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
+scaler, the iteration, the recipe and all RNG states. They are written to a temporary file and renamed,
+so a crash never leaves a half-written ``last.pt`` and the previous checkpoint survives until the new
+one is complete. A non-finite loss stops the run before any parameter or checkpoint is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from kd_ref import configs
+from kd_ref.metrics import all_reduce_sum
+
+
+# ------------------------------------------------------------------------------------ distributed
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def autocast_dtype(self) -> torch.dtype:
+        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp)
+
+
+def setup_runtime(device: str | None = None, amp: bool = False) -> Runtime:
+    """Device and process group from torchrun's environment (single process when absent)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        torch_device = torch.device("cuda", local_rank)
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch_device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    return Runtime(torch_device, rank, world_size, amp)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# ------------------------------------------------------------------------------------------- data
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start part-way through an epoch, so a resumed run sees exactly
+    the samples an uninterrupted run would have seen. The order of epoch ``e`` depends only on
+    ``(seed, e)``, as in DistributedSampler."""
+
+    def __init__(self, dataset, runtime: Runtime, seed: int, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=runtime.world_size, rank=runtime.rank,
+                         shuffle=shuffle, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start:]
+        self.start = 0
+        return iter(indices)
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class EpochAugmentation(torch.utils.data.Dataset):
+    """Gives every sample's random augmentation its own generator seeded by (seed, epoch, index).
+
+    Augmentations then do not depend on which worker loads a sample or on where a run was resumed,
+    which is what makes ``--resume`` exact."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        return self.dataset.get(index, rng)
+
+
+def shard_indices(length: int, runtime: Runtime) -> list:
+    """Evaluation shard of this rank: every sample exactly once over all ranks (no padding)."""
+    return list(range(runtime.rank, length, runtime.world_size))
+
+
+# ---------------------------------------------------------------------------------------- schedule
+def lr_factor(iteration: int, recipe: "configs.Recipe") -> float:
+    """Multiplier of the base lr at ``iteration`` (0-based): linear warm-up, then poly or steps.
+
+    poly:  lr = min_lr + (base - min_lr) * (1 - it / iters) ** power    (min_lr = 0: CIRKD/SKD form)
+    step:  lr = base * 0.1 ** (number of milestones passed)
+    """
+    if recipe.schedule == "poly":
+        decay = (1 - iteration / recipe.iters) ** recipe.poly_power
+        floor = recipe.min_lr / recipe.lr
+        factor = floor + (1 - floor) * decay
+    elif recipe.schedule == "step":
+        factor = 0.1 ** sum(iteration >= m for m in recipe.lr_steps)
+    else:
+        raise ValueError(f"recipe.schedule must be 'poly' or 'step', got {recipe.schedule!r}")
+    if iteration < recipe.warmup_iters:
+        progress = iteration / recipe.warmup_iters
+        factor *= recipe.warmup_ratio + (1 - recipe.warmup_ratio) * progress
+    return factor
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * factor * group.get("lr_mult", 1.0)
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: str) -> None:
+    """Write ``obj`` to ``path`` through a temporary file and an atomic rename."""
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict:
+    """Load a checkpoint written by this engine, with a clear error for anything else."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"checkpoint {path}: cannot be read ({type(error).__name__}: {error})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ValueError(f"checkpoint {path}: expected a kd_ref checkpoint (a dict with 'model'), "
+                         f"found {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}")
+    return ckpt
+
+
+def load_model_weights(model: nn.Module, state_dict: dict, source: str) -> None:
+    """Strict load that lists missing, unexpected and mis-shaped keys in one error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                  for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        def show(keys):
+            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
+        parts = [f"missing {show(missing)}" if missing else "",
+                 f"unexpected {show(unexpected)}" if unexpected else "",
+                 f"shape mismatch {show(mismatched)}" if mismatched else ""]
+        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state_dict)
+
+
+# ------------------------------------------------------------------------------------------ logging
+class JsonlLog:
+    """Append-only JSON-lines log, written by rank 0 only."""
+
+    def __init__(self, path: str, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ------------------------------------------------------------------------------------- epoch hook
+@dataclass
+class EpochContext:
+    """What a distiller's ``before_epoch`` hook may use: the models and the training data."""
+    epoch: int
+    student: nn.Module
+    teacher: nn.Module
+    dataset: object
+    collate: object
+    runtime: Runtime
+
+
+# --------------------------------------------------------------------------------------------- train
+def build_optimizer(params, recipe: "configs.Recipe") -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def _average_gradients(params, runtime: Runtime) -> None:
+    if runtime.world_size == 1:
+        return
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad /= runtime.world_size
+
+
+def _check_finite(losses: dict, iteration: int) -> None:
+    bad = {name: float(value) for name, value in losses.items() if not torch.isfinite(value).all()}
+    if bad:
+        raise FloatingPointError(f"non-finite loss at iteration {iteration}: {bad}; stopping before the "
+                                 "update (the last checkpoint is left untouched)")
+
+
+def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool = False,
+          teacher_ckpt: str | None = None, workers: int = 2, data_root: str | None = None,
+          quiet: bool = False) -> dict:
+    """Train ``recipe.student`` (distilled by ``recipe.method`` from ``recipe.teacher`` when the method
+    needs one); returns the final evaluation metrics, also written to ``<out_dir>/metrics.json``."""
+    task = configs.TASKS[recipe.task]
+    method = configs.METHODS[recipe.method]
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "last.pt")
+    log = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
+
+    resume_state = load_checkpoint(ckpt_path) if resume else None
+    if resume and resume_state["recipe"] != dataclasses.asdict(recipe):
+        changed = sorted(k for k, v in dataclasses.asdict(recipe).items() if resume_state["recipe"].get(k) != v)
+        raise ValueError(f"--resume: the recipe differs from the one in {ckpt_path} in {changed}")
+    torch.manual_seed(recipe.seed)
+
+    train_set, collate = task.build_data(recipe, "train", data_root)
+    val_set, _ = task.build_data(recipe, "val", data_root)
+    per_rank_batch = recipe.batch_size // runtime.world_size
+    if per_rank_batch * runtime.world_size != recipe.batch_size or per_rank_batch == 0:
+        raise ValueError(f"--batch-size {recipe.batch_size} must be a positive multiple of the number "
+                         f"of processes ({runtime.world_size})")
+    augmented = EpochAugmentation(train_set, recipe.seed)
+    sampler = ResumableSampler(augmented, runtime, recipe.seed)
+    if len(sampler) < per_rank_batch:
+        raise ValueError(f"training set has {len(train_set)} samples: fewer than one batch of "
+                         f"{recipe.batch_size} over {runtime.world_size} process(es)")
+    loader_generator = torch.Generator().manual_seed(recipe.seed)
+    loader = DataLoader(augmented, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
+                        collate_fn=collate, drop_last=True, persistent_workers=False,
+                        pin_memory=runtime.device.type == "cuda", generator=loader_generator)
+    iters_per_epoch = len(sampler) // per_rank_batch
+
+    student = task.build_model(recipe, recipe.student, pretrained=recipe.pretrained).to(runtime.device)
+    teacher = None
+    if method.needs_teacher:
+        teacher = task.build_model(recipe, recipe.teacher, pretrained=None)
+        if teacher_ckpt is None:
+            raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher-ckpt PATH "
+                             f"(a {recipe.teacher} checkpoint)")
+        load_model_weights(teacher, load_checkpoint(teacher_ckpt)["model"], f"--teacher-ckpt {teacher_ckpt}")
+        teacher.to(runtime.device).eval().requires_grad_(False)
+    distiller = method.build(recipe, student, teacher) if method.build else None
+    if distiller is not None:
+        distiller.to(runtime.device)
+    if runtime.device.type == "cuda":
+        student.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(memory_format=torch.channels_last)
+        if runtime.world_size > 1:
+            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+
+    extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
+    extra_ids = {id(p) for p in extra_params}
+    distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
+    optimizer = build_optimizer([{"params": [p for p in student.parameters() if p.requires_grad]},
+                                 {"params": distiller_params}], recipe)
+    extra_optimizer, extra_lr_lambda = (distiller.extra_optimizer(recipe.iters) if extra_params else (None, None))
+    extra_base_lrs = [g["lr"] for g in extra_optimizer.param_groups] if extra_optimizer else []
+    use_scaler = runtime.amp and runtime.device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    extra_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    start_iter = 0
+    if resume_state is not None:
+        student.load_state_dict(resume_state["model"])
+        if distiller is not None:
+            distiller.load_state_dict(resume_state["distiller"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if extra_optimizer is not None:
+            extra_optimizer.load_state_dict(resume_state["extra_optimizer"])
+        scaler.load_state_dict(resume_state["scaler"])
+        extra_scaler.load_state_dict(resume_state["extra_scaler"])
+        start_iter = resume_state["iteration"]
+        set_rng_state(resume_state["rng"][min(runtime.rank, len(resume_state["rng"]) - 1)])
+        if runtime.is_main and not quiet:
+            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+
+    model = student
+    if runtime.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            student, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+            find_unused_parameters=task.find_unused_parameters)
+
+    def save(iteration: int) -> None:
+        rngs = [rng_state()]
+        if runtime.world_size > 1:
+            rngs = [None] * runtime.world_size
+            dist.all_gather_object(rngs, rng_state())
+        if runtime.is_main:
+            atomic_save({
+                "model": unwrap(model).state_dict(), "distiller": distiller.state_dict() if distiller else None,
+                "optimizer": optimizer.state_dict(),
+                "extra_optimizer": extra_optimizer.state_dict() if extra_optimizer else None,
+                "scaler": scaler.state_dict(), "extra_scaler": extra_scaler.state_dict(),
+                "iteration": iteration, "recipe": dataclasses.asdict(recipe), "rng": rngs,
+            }, ckpt_path)
+
+    def run_eval(iteration: int) -> dict:
+        metrics = evaluate(task, unwrap(model), val_set, collate, runtime, recipe, workers, quiet)
+        log.write({"iteration": iteration, "eval": metrics})
+        return metrics
+
+    bar = tqdm(total=recipe.iters, initial=start_iter, desc=f"train {recipe.student} [{recipe.method}]",
+               disable=not runtime.is_main or quiet, dynamic_ncols=True)
+    iteration = start_iter
+    metrics = None
+    while iteration < recipe.iters:
+        epoch, offset = divmod(iteration, iters_per_epoch)
+        augmented.epoch = epoch
+        sampler.set_position(epoch, offset * per_rank_batch)
+        if offset == 0 and hasattr(distiller, "before_epoch"):
+            distiller.before_epoch(EpochContext(epoch, unwrap(model), teacher, train_set, collate, runtime))
+        model.train()
+        tick = time.perf_counter()
+        for batch in loader:
+            batch = move_to(batch, runtime.device)
+            data_seconds = time.perf_counter() - tick
+            factor = lr_factor(iteration, recipe)
+            set_lr(optimizer, recipe.lr, factor)
+            with runtime.autocast():
+                student_out = model(batch["images"], batch["targets"], batch.get("image_sizes"))
+                losses = dict(student_out["losses"])
+                if distiller is not None:
+                    with torch.no_grad():
+                        teacher_out = teacher(batch["images"], image_sizes=batch.get("image_sizes"), predict=False)
+                    bound = method.bind[recipe.task](student_out, teacher_out, batch)
+                    losses.update(distiller(**bound))
+            losses = {name: value.float() for name, value in losses.items()}
+            _check_finite(losses, iteration)
+            total = sum(losses.values())
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            _average_gradients(distiller_params, runtime)
+            scaler.unscale_(optimizer)
+            if recipe.grad_clip:
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+
+            if extra_optimizer is not None:
+                for group, base in zip(extra_optimizer.param_groups, extra_base_lrs):
+                    group["lr"] = base * (extra_lr_lambda(iteration) if extra_lr_lambda else 1.0)
+                with runtime.autocast():
+                    extra = {k: v.float() for k, v in distiller.extra_losses(**bound).items()}
+                _check_finite(extra, iteration)
+                extra_optimizer.zero_grad(set_to_none=True)
+                extra_scaler.scale(sum(extra.values())).backward()
+                _average_gradients(extra_params, runtime)
+                extra_scaler.step(extra_optimizer)
+                extra_scaler.update()
+                losses.update(extra)
+
+            iteration += 1
+            seconds = time.perf_counter() - tick
+            if runtime.is_main:
+                log.write({"iteration": iteration, "epoch": epoch, "lr": recipe.lr * factor,
+                           **{k: round(float(v), 6) for k, v in losses.items()},
+                           "loss": round(float(total), 6), "seconds": round(seconds, 4),
+                           "data_seconds": round(data_seconds, 4),
+                           "peak_memory_mb": round(peak_memory_mb(runtime.device), 1)})
+                bar.set_postfix(loss=f"{float(total):.3f}", lr=f"{recipe.lr * factor:.2e}")
+                bar.update(1)
+            last = iteration == recipe.iters
+            if recipe.eval_every and (iteration % recipe.eval_every == 0) and not last:
+                run_eval(iteration)
+                model.train()
+            if last or (recipe.ckpt_every and iteration % recipe.ckpt_every == 0):
+                save(iteration)
+            if last:
+                break
+            tick = time.perf_counter()
+    bar.close()
+    metrics = run_eval(iteration)
+    if runtime.is_main:
+        with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
+            json.dump(metrics, handle, indent=1)
+    return metrics
+
+
+def move_to(batch, device: torch.device):
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+@torch.no_grad()
+def evaluate(task, model: nn.Module, dataset, collate, runtime: Runtime, recipe, workers: int = 2,
+             quiet: bool = False, save_pred: str | None = None) -> dict:
+    """Run ``model`` over this rank's shard of ``dataset`` and reduce the task's metrics over ranks."""
+    model.eval()
+    shard = torch.utils.data.Subset(dataset, shard_indices(len(dataset), runtime))
+    loader = DataLoader(shard, batch_size=1, num_workers=workers, collate_fn=collate)
+    state = task.new_eval_state(recipe)
+    for batch in tqdm(loader, desc="eval", disable=not runtime.is_main or quiet, dynamic_ncols=True, leave=False):
+        batch = move_to(batch, runtime.device)
+        with runtime.autocast():
+            out = model(batch["images"], image_sizes=batch.get("image_sizes"))
+        task.update_eval_state(state, out, batch, save_pred)
+    return task.finish_eval_state(state, runtime)
+
+
+def print_table(rows: list, file=sys.stdout) -> None:
+    """Small fixed-width table: ``rows`` is a list of (name, value) pairs."""
+    width = max(len(str(name)) for name, _ in rows)
+    for name, value in rows:
+        shown = f"{value:.2f}" if isinstance(value, float) and not math.isnan(value) else str(value)
+        print(f"  {str(name):<{width}}  {shown}", file=file)

@@ -1,0 +1,41 @@
+"""Vanilla knowledge distillation (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural
+Network", arXiv:1503.02531), the simplest baseline and the wiring check of the engine.
+
+For logits ``z_s, z_t`` of one instance (an image in classification, a pixel in segmentation):
+
+    p_t = softmax(z_t / tau),   log q_s = log_softmax(z_s / tau)
+    KL  = sum_k p_t[k] (log p_t[k] - log q_s[k])
+    L_kd = tau^2 * mean over instances of KL
+
+Dense logits ``(N, K, H, W)`` count every pixel of every image as one instance (the pixel-wise
+distillation of Liu et al., normalised by the number of pixels as CIRKD does). The ``tau^2`` factor
+keeps gradient magnitudes independent of the temperature.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """``tau^2`` times the mean over instances of KL(p_t || p_s); ``(B, K)`` or ``(N, K, H, W)``."""
+    if logits_s.shape != logits_t.shape:
+        raise ValueError(f"kd_loss: student logits {tuple(logits_s.shape)} and teacher logits "
+                         f"{tuple(logits_t.shape)} must have the same shape")
+    log_q = F.log_softmax(logits_s.float() / tau, dim=1)
+    log_p = F.log_softmax(logits_t.detach().float() / tau, dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return tau ** 2 * kl.mean()
+
+
+class KDDistiller(nn.Module):
+    """Logit KD on the main head: ``{"loss_kd": loss_weight * kd_loss(z_s, z_t, tau)}``."""
+
+    def __init__(self, tau: float = 1.0, loss_weight: float = 1.0):
+        super().__init__()
+        self.tau = tau
+        self.loss_weight = loss_weight
+
+    def forward(self, logits_s: torch.Tensor, logits_t: torch.Tensor, targets=None) -> dict:
+        return {"loss_kd": self.loss_weight * kd_loss(logits_s, logits_t, self.tau)}

@@ -1,0 +1,142 @@
+"""Train a student, alone (``--method none``) or distilled from a teacher.
+
+    python train.py --task seg --method gdd                      # synthetic demo: teacher, then student
+    python train.py --preset dist_deeplabv3_r18_cityscapes --data-root DIR --teacher-ckpt T.pt
+    torchrun --nproc_per_node=8 train.py --preset ... --amp
+
+A preset gives the whole recipe; explicit flags override it. Outputs go to ``--out`` (default
+``runs/<preset>``): ``last.pt`` (full checkpoint), ``log.jsonl`` (one line per iteration and per
+evaluation) and ``metrics.json`` (final scores).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from kd_ref import configs, engine
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="seg", help=f"one of {sorted(configs.TASKS)}")
+    parser.add_argument("--method", default=None, help="distillation method (default: the preset's, else none)")
+    parser.add_argument("--preset", default=None, help="named recipe (see README); default depends on task/method/data")
+    parser.add_argument("--data", default=None, help="synthetic (default) or a real data set of the task")
+    parser.add_argument("--data-root", default=None, help="folder of a real data set")
+    parser.add_argument("--student", default=None, help="student architecture")
+    parser.add_argument("--teacher", default=None, help="teacher architecture")
+    parser.add_argument("--teacher-ckpt", default=None, help="teacher checkpoint (a train.py last.pt or released weights)")
+    parser.add_argument("--pretrained", default=None, help="local ImageNet weights for the student backbone")
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="total batch over all processes")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None)
+    parser.add_argument("--amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--ckpt-every", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--workers", type=int, default=2, help="data loader workers per process")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser.parse_args(argv)
+
+
+def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
+    """The preset named (or implied) by the flags, with the explicit flags applied on top."""
+    if args.task not in configs.TASKS:
+        raise ValueError(f"--task {args.task}: supported tasks are {sorted(configs.TASKS)}")
+    if args.preset is not None:
+        if args.preset not in configs.PRESETS:
+            raise ValueError(f"--preset {args.preset}: unknown; known presets: {', '.join(sorted(configs.PRESETS))}")
+        name = args.preset
+    else:
+        name = configs.default_preset(args.task, args.method or "none", args.data or "synthetic")
+    recipe = configs.PRESETS[name]
+    if args.preset is not None and args.task != recipe.task and "--task" in sys.argv:
+        raise ValueError(f"--task {args.task} contradicts --preset {name} (a {recipe.task} recipe)")
+    overrides = {"method": args.method, "data": args.data, "student": args.student, "teacher": args.teacher,
+                 "pretrained": args.pretrained, "iters": args.iters, "batch_size": args.batch_size,
+                 "lr": args.lr, "crop": tuple(args.crop) if args.crop else None,
+                 "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed}
+    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    task = recipe.task
+    if recipe.method not in configs.METHODS:
+        raise ValueError(f"--method {recipe.method}: unknown; methods for --task {task}: "
+                         f"{configs.supported_methods(task)}")
+    if recipe.method not in configs.supported_methods(task):
+        raise ValueError(f"--method {recipe.method} does not support --task {task}; supported: "
+                         f"{configs.supported_methods(task)}")
+    configs.TASKS[task].check_recipe(recipe)
+    if configs.METHODS[recipe.method].needs_teacher and recipe.teacher is None:
+        raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher ARCH (and --teacher-ckpt)")
+    return name, recipe
+
+
+def ensure_teacher(recipe: configs.Recipe, out: str, args, runtime) -> str:
+    """On synthetic data without ``--teacher-ckpt``: train the preset's teacher once, cached in
+    ``<out>/teacher``; later runs reuse it. On real data a teacher checkpoint must be given."""
+    if args.teacher_ckpt is not None:
+        if not os.path.isfile(args.teacher_ckpt):
+            raise FileNotFoundError(f"--teacher-ckpt {args.teacher_ckpt}: no such file")
+        return args.teacher_ckpt
+    if recipe.data != "synthetic" or recipe.teacher_preset is None:
+        raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
+                         f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
+    teacher_recipe = dataclasses.replace(configs.PRESETS[recipe.teacher_preset], seed=recipe.seed)
+    if teacher_recipe.student != recipe.teacher:
+        raise ValueError(f"--teacher {recipe.teacher} differs from the architecture of the teacher preset "
+                         f"{recipe.teacher_preset} ({teacher_recipe.student}); pass --teacher-ckpt")
+    teacher_dir = os.path.join(out, "teacher")
+    ckpt = os.path.join(teacher_dir, "last.pt")
+    done = os.path.isfile(os.path.join(teacher_dir, "metrics.json"))
+    if done:
+        if runtime.is_main:
+            print(f"teacher: reusing {ckpt}")
+        return ckpt
+    if runtime.is_main:
+        print(f"teacher: no --teacher-ckpt given, training {teacher_recipe.student} "
+              f"({recipe.teacher_preset}) first into {teacher_dir}")
+    engine.train(teacher_recipe, teacher_dir, runtime, resume=os.path.isfile(ckpt), workers=args.workers,
+                 quiet=args.quiet)
+    return ckpt
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    name, recipe = build_recipe(args)
+    runtime = engine.setup_runtime(args.device, args.amp)
+    out = args.out or os.path.join("runs", name)
+    teacher_ckpt = None
+    teacher_metrics = None
+    if configs.METHODS[recipe.method].needs_teacher:
+        teacher_ckpt = ensure_teacher(recipe, out, args, runtime)
+        metrics_file = os.path.join(os.path.dirname(teacher_ckpt), "metrics.json")
+        if os.path.isfile(metrics_file):
+            with open(metrics_file) as handle:
+                teacher_metrics = json.load(handle)
+    if runtime.is_main:
+        print(f"preset {name}: {recipe.task} {recipe.student} method={recipe.method} data={recipe.data} "
+              f"iters={recipe.iters} batch={recipe.batch_size} -> {out}")
+    metrics = engine.train(recipe, out, runtime, resume=args.resume, teacher_ckpt=teacher_ckpt,
+                           workers=args.workers, data_root=args.data_root, quiet=args.quiet)
+    if runtime.is_main:
+        key = configs.TASKS[recipe.task].main_metric
+        rows = []
+        if teacher_metrics is not None:
+            rows.append((f"teacher {recipe.teacher} {key}", teacher_metrics[key]))
+        rows.append((f"student {recipe.student} [{recipe.method}] {key}", metrics[key]))
+        engine.print_table(rows)
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
