@@ -1,0 +1,528 @@
+"""Structured knowledge distillation (SKD) for dense prediction.
+
+Papers: Liu, Chen, Liu, Qin, Luo, Wang, "Structured Knowledge Distillation for Semantic
+Segmentation" (CVPR 2019) and Liu, Shu, Wang, Shen, "Structured Knowledge Distillation for Dense
+Prediction" (TPAMI 2020), arXiv:1903.04197. Public code: irfanICMLL/structure_knowledge_distillation
+(preset "original") and the re-implementation winycg/CIRKD (preset "cirkd", the default).
+
+Three terms join the student's task loss. z: logits (B, K, h, w) at output stride 8, never
+upsampled; f: features (B, C, h, w) with C_s possibly != C_t; teacher tensors are constants;
+ignore-label pixels are not masked (both references distil every pixel).
+
+Pixel-wise (the teacher's class distribution per pixel is the target)::
+
+    p_t = softmax(z_t / tau),  log p_s = log_softmax(z_s / tau)
+    KL_{b,i} = sum_k p_t[k] (log p_t[k] - log p_s[k])
+    L_pi = tau^2 * sum_{b,i} KL_{b,i} / (B h w)    normalize="pixels"   (CIRKD)
+    L_pi = tau^2 * sum_{b,i} KL_{b,i} / (h w)      normalize="spatial"  (original: batch summed)
+
+Pair-wise (global similarity graph of a feature map)::
+
+    nodes = max_pool2d(f, kernel, stride=kernel, ceil_mode=True)      N = h' w' nodes
+    a_hat = a / max(||a||_2, eps) per node (norm detached if detach_norm)
+    S = A^T A, A = (C x N) normalised node columns, per image
+    L_pa = 1 / (B N^2) * sum_b ||S_s,b - S_t,b||_F^2
+
+Exact Gram form (impl="gram"), O(N C^2) time and O(C^2) memory instead of O(N^2 C) / O(N^2)::
+
+    ||A^T A - B^T B||_F^2 = ||A A^T||_F^2 + ||B B^T||_F^2 - 2 ||A B^T||_F^2
+
+It holds for both references: normalisation is per node, the graph is global, pooling only defines
+the columns, and the loss is the plain mean over all N^2 ordered pairs (diagonal included).
+
+Holistic (adversarial; teacher logits are "real", student logits "fake")::
+
+    student:  L_ho = -mean D(z_s)
+    critic:   hinge  mean relu(1 - D(z_t)) + mean relu(1 + D(z_s))
+              wgan   mean D(z_s) - mean D(z_t)  +  lambda_gp * GP
+    GP = mean_b (||grad_x sum D(x)||_2 - 1)^2,  x = alpha z_t + (1 - alpha) z_s, alpha ~ U(0, 1)
+
+D is a SAGAN-style critic: input BatchNorm, four spectral-norm stride-2 4x4 convolutions with
+LeakyReLU(0.1), self-attention after the third and fourth, a plain 4x4 score convolution.
+
+Presets (None arguments of SKDDistiller take these)::
+
+    item                            "cirkd"                      "original"
+    tau / pi_normalize / lambda_pi  1.0 / "pixels" / 1.0         1.0 / "spatial" / 10.0
+    pa kernel / detach_norm         2 / False                    int(0.5 h) x int(0.5 w) / True
+    lambda_pa                       10.0                         0.5 (code; the paper says 10)
+    adv_type / lambda_adv           "hinge" / 0.001              "wgan" / 0.1
+    lambda_d / lambda_gp            0.1 / - (no GP)              0.1 / 10.0 (GP weight 1.0)
+    D optimizer                     Adam 4e-4, betas (0.9, 0.99) SGD 4e-4, momentum 0.9,
+                                    constant lr                  wd 5e-4, poly 0.9 over the run
+
+Decisions:
+- We return KL; the original code returns the cross-entropy -sum p_t log p_s, which differs by the
+  teacher entropy (a constant): identical gradients, and zero loss for identical inputs.
+- Node normalisation clamps the norm at eps (F.normalize semantics), so all-zero nodes map to the
+  zero vector; the original's detached ||a|| + 1e-8 agrees to far below float32 tolerance.
+- The Gram terms nearly cancel when student and teacher agree, so they are accumulated in float64
+  outside autocast; impl="auto" uses them when N > C_s + C_t. Everything else is float32 (inputs
+  in half precision are cast up; float64 inputs stay float64).
+- Like both codes (unlike the paper, which conditions on the image), D sees the raw logits only
+  (d_input="logits"). d_input="logits+image" concatenates the image resized bilinearly
+  (align_corners=False) to the logits: an extension, in no reproduced number.
+- One D step follows each student step on that iteration's detached logits, no warm-up; D scores
+  student, teacher and interpolated batches in separate calls so its input BatchNorm uses each
+  batch's own statistics, as both codes do.
+- The preset "cirkd" has no gradient penalty; overriding adv_type="wgan" there requires lambda_gp.
+- Keys carry the project-wide prefix: loss_skd_pi, loss_skd_pa, loss_skd_ho (student side),
+  loss_skd_d, loss_skd_gp (critic side); keys of disabled terms are omitted.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+KernelSize = Union[int, Sequence[int]]
+
+PIXEL_NORMALIZATIONS = ("pixels", "spatial")
+PAIR_IMPLS = ("dense", "gram", "auto")
+ADV_TYPES = ("hinge", "wgan")
+D_INPUTS = ("logits", "logits+image")
+IMAGE_CHANNELS = 3
+D_MIN_INPUT_SIZE = 64  # four stride-2 convolutions and a 4x4 valid convolution
+
+
+def _autocast_off(tensor: torch.Tensor):
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    # Half-precision inputs (autocast) are lifted to float32; float64 stays float64 for gradchecks.
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# Pixel-wise distillation
+# --------------------------------------------------------------------------------------------
+
+def pixel_wise_kd(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1.0,
+                  normalize: str = "pixels") -> torch.Tensor:
+    """``tau^2`` times the summed per-pixel KL(p_t || p_s), divided by B*h*w ("pixels") or h*w
+    ("spatial", the original code's batch-summed scaling)."""
+    if logits_s.dim() != 4 or logits_s.shape != logits_t.shape:
+        raise ValueError(f"pixel_wise_kd: logits_s {tuple(logits_s.shape)} and logits_t "
+                         f"{tuple(logits_t.shape)} must both be (B, K, h, w) of the same shape")
+    if not tau > 0:
+        raise ValueError(f"pixel_wise_kd: tau must be > 0, got {tau}")
+    if normalize not in PIXEL_NORMALIZATIONS:
+        raise ValueError(f"pixel_wise_kd: normalize must be one of {PIXEL_NORMALIZATIONS}, "
+                         f"got {normalize!r}")
+    batch, _, height, width = logits_s.shape
+    with _autocast_off(logits_s):
+        log_p_s = F.log_softmax(_at_least_float32(logits_s) / tau, dim=1)
+        log_p_t = F.log_softmax(_at_least_float32(logits_t.detach()) / tau, dim=1)
+        kl_sum = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+        denominator = batch * height * width if normalize == "pixels" else height * width
+        return tau ** 2 * kl_sum / denominator
+
+
+# --------------------------------------------------------------------------------------------
+# Pair-wise distillation
+# --------------------------------------------------------------------------------------------
+
+def pool_kernel_from_scale(h: int, w: int, scale: float) -> tuple[int, int]:
+    """The original code's node granularity: kernel = stride = int(scale * size) per side, >= 1."""
+    if not scale > 0:
+        raise ValueError(f"pool_kernel_from_scale: scale must be > 0, got {scale}")
+    return max(1, int(h * scale)), max(1, int(w * scale))
+
+
+def _normalised_nodes(feat: torch.Tensor, kernel: Optional[KernelSize], detach_norm: bool,
+                      eps: float) -> torch.Tensor:
+    """(B, C, N) unit-norm node columns; all-zero nodes stay zero (the norm is clamped at eps)."""
+    feat = _at_least_float32(feat)
+    if kernel is not None:
+        # ceil_mode keeps the border: a 9x11 map with kernel 2 gives 5x6 nodes, as in both codes.
+        feat = F.max_pool2d(feat, kernel_size=kernel, stride=kernel, padding=0, ceil_mode=True)
+    nodes = feat.flatten(2)
+    norm = nodes.norm(p=2, dim=1, keepdim=True)
+    if detach_norm:
+        norm = norm.detach()
+    return nodes / norm.clamp_min(eps)
+
+
+def _check_kernel(kernel: Optional[KernelSize]) -> None:
+    if kernel is None:
+        return
+    sizes = (kernel,) if isinstance(kernel, int) else tuple(kernel)
+    if len(sizes) not in (1, 2) or not all(isinstance(k, int) and k >= 1 for k in sizes):
+        raise ValueError(f"pair_wise_kd: kernel must be None, a positive int or a pair of positive "
+                         f"ints, got {kernel!r}")
+
+
+def _similarity_distance_dense(nodes_s: torch.Tensor, nodes_t: torch.Tensor) -> torch.Tensor:
+    sim_s = nodes_s.transpose(1, 2) @ nodes_s
+    sim_t = nodes_t.transpose(1, 2) @ nodes_t
+    return (sim_s - sim_t).pow(2).mean()
+
+
+def _squared_frobenius(matrices: torch.Tensor) -> torch.Tensor:
+    return matrices.pow(2).sum(dim=(1, 2))
+
+
+def _similarity_distance_gram(nodes_s: torch.Tensor, nodes_t: torch.Tensor) -> torch.Tensor:
+    batch, _, num_nodes = nodes_s.shape
+    a = nodes_s.double()
+    b = nodes_t.double()
+    per_image = (_squared_frobenius(a @ a.transpose(1, 2))
+                 + _squared_frobenius(b @ b.transpose(1, 2))
+                 - 2.0 * _squared_frobenius(a @ b.transpose(1, 2)))
+    return (per_image.sum() / (batch * num_nodes ** 2)).to(nodes_s.dtype)
+
+
+def pair_wise_kd(feat_s: torch.Tensor, feat_t: torch.Tensor, kernel: Optional[KernelSize] = 2,
+                 detach_norm: bool = False, impl: str = "auto", eps: float = 1e-12) -> torch.Tensor:
+    """Mean squared difference of the student's and teacher's global cosine-similarity graphs over
+    max-pooled nodes; ``impl="gram"`` is the exact float64 Gram evaluation, ``"auto"`` picks it
+    when N > C_s + C_t (where it is cheaper than building the N x N graphs)."""
+    if feat_s.dim() != 4 or feat_t.dim() != 4:
+        raise ValueError(f"pair_wise_kd: feat_s {tuple(feat_s.shape)} and feat_t "
+                         f"{tuple(feat_t.shape)} must be 4-D (B, C, h, w)")
+    if feat_s.shape[0] != feat_t.shape[0] or feat_s.shape[2:] != feat_t.shape[2:]:
+        raise ValueError(f"pair_wise_kd: feat_s {tuple(feat_s.shape)} and feat_t "
+                         f"{tuple(feat_t.shape)} must share batch size and spatial size")
+    if impl not in PAIR_IMPLS:
+        raise ValueError(f"pair_wise_kd: impl must be one of {PAIR_IMPLS}, got {impl!r}")
+    if not eps > 0:
+        raise ValueError(f"pair_wise_kd: eps must be > 0, got {eps}")
+    _check_kernel(kernel)
+    with _autocast_off(feat_s):
+        nodes_s = _normalised_nodes(feat_s, kernel, detach_norm, eps)
+        nodes_t = _normalised_nodes(feat_t.detach(), kernel, detach_norm, eps)
+        channels_s, num_nodes = nodes_s.shape[1:]
+        if impl == "auto":
+            impl = "gram" if num_nodes > channels_s + nodes_t.shape[1] else "dense"
+        if impl == "gram":
+            return _similarity_distance_gram(nodes_s, nodes_t)
+        return _similarity_distance_dense(nodes_s, nodes_t)
+
+
+# --------------------------------------------------------------------------------------------
+# Holistic distillation: discriminator and adversarial losses
+# --------------------------------------------------------------------------------------------
+
+class SelfAttention2d(nn.Module):
+    """SAGAN self-attention: ``gamma * (v @ softmax(q^T k)^T) + x`` with gamma initialised to 0,
+    so the block starts as the identity."""
+
+    def __init__(self, in_ch: int):
+        super().__init__()
+        if in_ch < 8:
+            raise ValueError(f"SelfAttention2d: in_ch must be >= 8 (queries have in_ch // 8 "
+                             f"channels), got {in_ch}")
+        self.query_conv = nn.Conv2d(in_ch, in_ch // 8, kernel_size=1)
+        self.key_conv = nn.Conv2d(in_ch, in_ch // 8, kernel_size=1)
+        self.value_conv = nn.Conv2d(in_ch, in_ch, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        query = self.query_conv(x).flatten(2)
+        key = self.key_conv(x).flatten(2)
+        value = self.value_conv(x).flatten(2)
+        attention = torch.softmax(query.transpose(1, 2) @ key, dim=-1)
+        out = (value @ attention.transpose(1, 2)).view(batch, channels, height, width)
+        return self.gamma * out + x
+
+
+class SKDDiscriminator(nn.Module):
+    """Spectral-norm critic scoring logit maps; (B, in_channels, H, W) -> (B, 1, H'', W'') with
+    H'' = H/16 - 3 (64 -> 1, 65 -> 1, 128 -> 5). Inputs smaller than 64 px per side are rejected.
+
+    The input BatchNorm is a plain BatchNorm2d; under DDP convert it with
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` as both references do.
+    """
+
+    def __init__(self, in_channels: int, conv_dim: int = 64):
+        super().__init__()
+        if in_channels < 1 or conv_dim < 1:
+            raise ValueError(f"SKDDiscriminator: in_channels and conv_dim must be >= 1, got "
+                             f"{in_channels} and {conv_dim}")
+        self.in_channels = in_channels
+        self.input_norm = nn.BatchNorm2d(in_channels)
+        self.conv1 = self._downsample(in_channels, conv_dim)
+        self.conv2 = self._downsample(conv_dim, conv_dim * 2)
+        self.conv3 = self._downsample(conv_dim * 2, conv_dim * 4)
+        self.attn1 = SelfAttention2d(conv_dim * 4)
+        self.conv4 = self._downsample(conv_dim * 4, conv_dim * 8)
+        self.attn2 = SelfAttention2d(conv_dim * 8)
+        self.score = nn.Conv2d(conv_dim * 8, 1, kernel_size=4, stride=1, padding=0)
+
+    @staticmethod
+    def _downsample(in_ch: int, out_ch: int) -> nn.Conv2d:
+        conv = nn.Conv2d(in_ch, out_ch, kernel_size=4, stride=2, padding=1)
+        return spectral_norm(conv, n_power_iterations=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SKDDiscriminator: input must be (B, {self.in_channels}, H, W), "
+                             f"got {tuple(x.shape)}")
+        if min(x.shape[2:]) < D_MIN_INPUT_SIZE:
+            raise ValueError(f"SKDDiscriminator: input must be at least {D_MIN_INPUT_SIZE}x"
+                             f"{D_MIN_INPUT_SIZE} pixels, got {tuple(x.shape[2:])}")
+        x = self.input_norm(x)
+        x = F.leaky_relu(self.conv1(x), 0.1)
+        x = F.leaky_relu(self.conv2(x), 0.1)
+        x = self.attn1(F.leaky_relu(self.conv3(x), 0.1))
+        x = self.attn2(F.leaky_relu(self.conv4(x), 0.1))
+        return self.score(x)
+
+
+def adv_g_loss(d_out_s: torch.Tensor) -> torch.Tensor:
+    """Generator (student) loss, the same for hinge and wgan: ``-mean D(z_s)``."""
+    return -d_out_s.float().mean()
+
+
+def adv_d_loss(d_out_s: torch.Tensor, d_out_t: torch.Tensor, kind: str) -> torch.Tensor:
+    """Critic loss with the teacher as "real" and the student as "fake"."""
+    if kind == "hinge":
+        return F.relu(1.0 - d_out_t.float()).mean() + F.relu(1.0 + d_out_s.float()).mean()
+    if kind == "wgan":
+        return d_out_s.float().mean() - d_out_t.float().mean()
+    raise ValueError(f"adv_d_loss: kind must be one of {ADV_TYPES}, got {kind!r}")
+
+
+def gradient_penalty(D: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor,
+                     fake: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """WGAN-GP: ``mean_b (||d sum D(x) / dx_b||_2 - 1)^2`` at x = alpha real + (1 - alpha) fake,
+    alpha ~ U(0, 1) per sample unless given (broadcastable to ``real``); differentiable w.r.t.
+    D's parameters (create_graph) so the penalty trains the critic."""
+    if real.shape != fake.shape:
+        raise ValueError(f"gradient_penalty: real {tuple(real.shape)} and fake "
+                         f"{tuple(fake.shape)} must have the same shape")
+    real, fake = real.detach(), fake.detach()
+    if alpha is None:
+        alpha = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), device=real.device,
+                           dtype=real.dtype)
+    mixed = (alpha * real + (1.0 - alpha) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(D(mixed).sum(), mixed, create_graph=True)
+    grad_norm = grad.float().flatten(1).norm(p=2, dim=1)
+    return (grad_norm - 1.0).pow(2).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and distiller
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SKDPreset:
+    """Defaults of one reference protocol; the D optimizer is ``"adam"`` (uses ``d_betas``) or
+    ``"sgd"`` (uses ``d_momentum``); ``d_poly_power`` None = constant lr."""
+    tau: float
+    pi_normalize: str
+    lambda_pi: float
+    pa_kernel: Optional[KernelSize]
+    pa_scale: Optional[float]
+    pa_detach_norm: bool
+    lambda_pa: float
+    adv_type: str
+    lambda_adv: float
+    lambda_d: float
+    lambda_gp: Optional[float]
+    d_optimizer: str
+    d_lr: float
+    d_weight_decay: float
+    d_poly_power: Optional[float]
+    d_betas: tuple[float, float] = (0.9, 0.999)
+    d_momentum: float = 0.0
+
+
+PRESETS = {
+    "cirkd": SKDPreset(tau=1.0, pi_normalize="pixels", lambda_pi=1.0,
+                       pa_kernel=2, pa_scale=None, pa_detach_norm=False, lambda_pa=10.0,
+                       adv_type="hinge", lambda_adv=0.001, lambda_d=0.1, lambda_gp=None,
+                       d_optimizer="adam", d_lr=4e-4, d_weight_decay=0.0, d_poly_power=None,
+                       d_betas=(0.9, 0.99)),
+    "original": SKDPreset(tau=1.0, pi_normalize="spatial", lambda_pi=10.0,
+                          pa_kernel=None, pa_scale=0.5, pa_detach_norm=True, lambda_pa=0.5,
+                          adv_type="wgan", lambda_adv=0.1, lambda_d=0.1, lambda_gp=10.0,
+                          d_optimizer="sgd", d_lr=4e-4, d_weight_decay=5e-4, d_poly_power=0.9,
+                          d_momentum=0.9),
+}
+
+
+def poly_lr_factor(iteration: int, total_iters: int, power: float) -> float:
+    """``(1 - iteration / total_iters) ** power``, 0 after the last iteration."""
+    return max(0.0, 1.0 - iteration / total_iters) ** power
+
+
+def _or_default(value, default):
+    return default if value is None else value
+
+
+class SKDDistiller(nn.Module):
+    """Pixel-wise, pair-wise and holistic distillation with the discriminator and its optimizer.
+
+    Arguments left as None take the preset's value. The pair-wise node kernel is ``pa_kernel`` if
+    set, else ``pool_kernel_from_scale(h, w, pa_scale)`` per input; passing one of the two overrides
+    the preset's rule (``pa_kernel=1`` = every pixel a node). ``image`` (only for
+    ``d_input="logits+image"``) is bilinearly resized to the logits and concatenated to them.
+    """
+
+    def __init__(self, num_classes: int, preset: str = "cirkd", *, lambda_pi=None, lambda_pa=None,
+                 lambda_adv=None, lambda_d=None, lambda_gp=None, tau=None, pi_normalize=None,
+                 pa_kernel=None, pa_scale=None, pa_detach_norm=None, adv_type=None,
+                 d_input: str = "logits", use_pi: bool = True, use_pa: bool = True,
+                 use_ho: bool = True):
+        super().__init__()
+        if preset not in PRESETS:
+            raise ValueError(f"SKDDistiller: preset must be one of {tuple(PRESETS)}, "
+                             f"got {preset!r}")
+        if num_classes < 1:
+            raise ValueError(f"SKDDistiller: num_classes must be >= 1, got {num_classes}")
+        defaults = PRESETS[preset]
+        self.preset = preset
+        self.tau = _or_default(tau, defaults.tau)
+        self.pi_normalize = _or_default(pi_normalize, defaults.pi_normalize)
+        self.lambda_pi = _or_default(lambda_pi, defaults.lambda_pi)
+        self.pa_detach_norm = _or_default(pa_detach_norm, defaults.pa_detach_norm)
+        self.lambda_pa = _or_default(lambda_pa, defaults.lambda_pa)
+        self.adv_type = _or_default(adv_type, defaults.adv_type)
+        self.lambda_adv = _or_default(lambda_adv, defaults.lambda_adv)
+        self.lambda_d = _or_default(lambda_d, defaults.lambda_d)
+        self.d_input = d_input
+        self.use_pi, self.use_pa, self.use_ho = use_pi, use_pa, use_ho
+        self._defaults = defaults
+
+        if pa_kernel is not None and pa_scale is not None:
+            raise ValueError("SKDDistiller: give pa_kernel or pa_scale, not both")
+        if pa_kernel is None and pa_scale is None:
+            pa_kernel, pa_scale = defaults.pa_kernel, defaults.pa_scale
+        _check_kernel(pa_kernel)
+        if pa_scale is not None and not pa_scale > 0:
+            raise ValueError(f"SKDDistiller: pa_scale must be > 0, got {pa_scale}")
+        self.pa_kernel, self.pa_scale = pa_kernel, pa_scale
+
+        if self.pi_normalize not in PIXEL_NORMALIZATIONS:
+            raise ValueError(f"SKDDistiller: pi_normalize must be one of {PIXEL_NORMALIZATIONS}, "
+                             f"got {self.pi_normalize!r}")
+        if not self.tau > 0:
+            raise ValueError(f"SKDDistiller: tau must be > 0, got {self.tau}")
+        if self.adv_type not in ADV_TYPES:
+            raise ValueError(f"SKDDistiller: adv_type must be one of {ADV_TYPES}, "
+                             f"got {self.adv_type!r}")
+        if d_input not in D_INPUTS:
+            raise ValueError(f"SKDDistiller: d_input must be one of {D_INPUTS}, got {d_input!r}")
+        if self.adv_type == "wgan":
+            self.lambda_gp = _or_default(lambda_gp, defaults.lambda_gp)
+            if self.lambda_gp is None:
+                raise ValueError(f"SKDDistiller: adv_type='wgan' needs lambda_gp (preset "
+                                 f"{preset!r} has no gradient penalty)")
+        elif lambda_gp is not None:
+            raise ValueError("SKDDistiller: lambda_gp only applies to adv_type='wgan'")
+        else:
+            self.lambda_gp = None
+
+        d_channels = num_classes + (IMAGE_CHANNELS if d_input == "logits+image" else 0)
+        self.discriminator = SKDDiscriminator(d_channels) if use_ho else None
+
+    # ---- student side -----------------------------------------------------------------------
+
+    def _discriminator_input(self, logits: torch.Tensor, image: Optional[torch.Tensor]):
+        logits = _at_least_float32(logits)
+        if self.d_input == "logits":
+            return logits
+        if image is None:
+            raise ValueError("SKDDistiller: d_input='logits+image' needs the `image` argument")
+        image = F.interpolate(image.detach().to(logits.dtype), size=logits.shape[2:],
+                              mode="bilinear", align_corners=False)
+        return torch.cat([logits, image], dim=1)
+
+    def _score_with_frozen_discriminator(self, d_in: torch.Tensor) -> torch.Tensor:
+        # Autograd records at op time which tensors need gradients: with D's parameters frozen
+        # while the graph is built, loss_ho's backward reaches the student's logits only, so D's
+        # .grad stays untouched whatever the engine's optimizers do, and no D weight gradients are
+        # computed. Simpler than functional_call with detached parameters; the flags are restored
+        # at once because the D step needs them.
+        params = list(self.discriminator.parameters())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            return self.discriminator(d_in)
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+
+    def forward(self, logits_s, logits_t, feat_s=None, feat_t=None, targets=None,
+                image=None) -> dict:
+        """Weighted student losses; ``targets`` is accepted for API uniformity and unused."""
+        losses = {}
+        if self.use_pi:
+            losses["loss_skd_pi"] = self.lambda_pi * pixel_wise_kd(
+                logits_s, logits_t, tau=self.tau, normalize=self.pi_normalize)
+        if self.use_pa:
+            if feat_s is None or feat_t is None:
+                raise ValueError("SKDDistiller: the pair-wise term needs feat_s and feat_t")
+            kernel = self.pa_kernel
+            if kernel is None:
+                kernel = pool_kernel_from_scale(feat_t.shape[2], feat_t.shape[3], self.pa_scale)
+            losses["loss_skd_pa"] = self.lambda_pa * pair_wise_kd(
+                feat_s, feat_t, kernel=kernel, detach_norm=self.pa_detach_norm, impl="auto")
+        if self.use_ho:
+            d_out_s = self._score_with_frozen_discriminator(
+                self._discriminator_input(logits_s, image))
+            losses["loss_skd_ho"] = self.lambda_adv * adv_g_loss(d_out_s)
+        return losses
+
+    # ---- discriminator side -----------------------------------------------------------------
+
+    def d_step_losses(self, logits_s, logits_t, image=None) -> dict:
+        """Weighted critic losses on detached logits (empty without the holistic term). D is
+        called separately on each batch so its input BatchNorm normalises each on its own."""
+        if not self.use_ho:
+            return {}
+        fake = self._discriminator_input(logits_s.detach(), image)
+        real = self._discriminator_input(logits_t.detach(), image)
+        losses = {"loss_skd_d": self.lambda_d * adv_d_loss(
+            self.discriminator(fake), self.discriminator(real), self.adv_type)}
+        if self.adv_type == "wgan":
+            losses["loss_skd_gp"] = self.lambda_d * self.lambda_gp * gradient_penalty(
+                self.discriminator, real, fake)
+        return losses
+
+    # ---- engine hook (contract: distillers with their own optimizer) -------------------------
+
+    def extra_parameters(self) -> list:
+        """The discriminator's parameters, which the engine keeps out of the student optimizer."""
+        return [] if self.discriminator is None else list(self.discriminator.parameters())
+
+    def extra_optimizer(self, total_iters: int):
+        """``(optimizer, lr_lambda | None)`` for the discriminator per the preset; None when the
+        holistic term is disabled (there is nothing to optimise)."""
+        if self.discriminator is None:
+            return None
+        if not total_iters >= 1:
+            raise ValueError(f"SKDDistiller.extra_optimizer: total_iters must be >= 1, "
+                             f"got {total_iters!r}")
+        cfg = self._defaults
+        params = self.extra_parameters()
+        if cfg.d_optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=cfg.d_lr, betas=cfg.d_betas,
+                                         weight_decay=cfg.d_weight_decay)
+        else:
+            optimizer = torch.optim.SGD(params, lr=cfg.d_lr, momentum=cfg.d_momentum,
+                                        weight_decay=cfg.d_weight_decay)
+        if cfg.d_poly_power is None:
+            return optimizer, None
+        return optimizer, functools.partial(poly_lr_factor, total_iters=total_iters,
+                                            power=cfg.d_poly_power)
+
+    def extra_losses(self, logits_s, logits_t, feat_s=None, feat_t=None, targets=None,
+                     image=None) -> dict:
+        """The D step's losses, called by the engine with the same bound inputs as forward."""
+        losses = self.d_step_losses(logits_s, logits_t, image=image)
+        for name, value in losses.items():
+            if not torch.isfinite(value).all():
+                raise FloatingPointError(
+                    f"SKD discriminator loss is not finite: {name} = {value.item()} (check the "
+                    f"logits and the discriminator learning rate)")
+        return losses

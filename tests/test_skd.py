@@ -1,0 +1,466 @@
+"""Tests for kd_ref/skd.py: golden vectors of the reference codes, Gram-form exactness, invariances,
+discriminator architecture, adversarial losses, distiller wiring and the engine hook."""
+import functools
+import json
+import math
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_ref import skd
+
+DATA = Path(__file__).parent / "data" / "skd"
+CASES = json.loads((DATA / "cases.json").read_text())["cases"]
+
+
+# ---------------------------------------------------------------------------------------------
+# golden vectors
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_golden_case(case):
+    tensors = torch.load(DATA / case["file"])
+    function = getattr(skd, case["call"].rsplit(".", 1)[1])
+    inputs = {name: tensors[name].clone().requires_grad_(True) for name in case["args"]}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in case["kwargs"].items()}
+
+    loss = function(*inputs.values(), **kwargs)
+    assert loss.dim() == 0 and loss.dtype == torch.float32
+    assert torch.allclose(loss, tensors[case["expect"]["loss"]], rtol=case["rtol"],
+                          atol=case["atol"])
+    loss.backward()
+    for name, grad_key in case["expect"]["grad"].items():
+        assert torch.allclose(inputs[name].grad, tensors[grad_key], rtol=case["grad_rtol"],
+                              atol=case["grad_atol"])
+    teacher = case["args"][1]
+    assert inputs[teacher].grad is None
+
+
+def test_golden_kernel_note_matches_pool_kernel_from_scale():
+    assert skd.pool_kernel_from_scale(13, 13, 0.5) == (6, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# pixel-wise
+# ---------------------------------------------------------------------------------------------
+
+def test_pixel_wise_matches_direct_kl_both_normalisations():
+    torch.manual_seed(0)
+    z_s, z_t = torch.randn(3, 4, 2, 5), torch.randn(3, 4, 2, 5)
+    p_t = torch.softmax(z_t / 2.0, 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(z_s / 2.0, 1))).sum()
+    assert torch.allclose(skd.pixel_wise_kd(z_s, z_t, 2.0, "pixels"), 4.0 * kl / 30, rtol=1e-5)
+    assert torch.allclose(skd.pixel_wise_kd(z_s, z_t, 2.0, "spatial"), 4.0 * kl / 10, rtol=1e-5)
+
+
+def test_pixel_wise_zero_for_identical_inputs():
+    z = torch.randn(2, 5, 3, 4)
+    assert skd.pixel_wise_kd(z, z.clone()) == 0
+
+
+def test_pixel_wise_errors():
+    z = torch.randn(2, 5, 3, 4)
+    with pytest.raises(ValueError, match="same shape"):
+        skd.pixel_wise_kd(z, torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="normalize"):
+        skd.pixel_wise_kd(z, z, normalize="batch")
+    with pytest.raises(ValueError, match="tau"):
+        skd.pixel_wise_kd(z, z, tau=0.0)
+
+
+def test_losses_are_float32_under_autocast():
+    torch.manual_seed(0)
+    z_s, z_t = torch.randn(2, 5, 3, 4), torch.randn(2, 5, 3, 4)
+    f_s, f_t = torch.randn(2, 4, 10, 12), torch.randn(2, 6, 10, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pixel = skd.pixel_wise_kd(z_s, z_t)
+        pair = skd.pair_wise_kd(f_s, f_t, kernel=1, impl="gram")
+    assert pixel.dtype == pair.dtype == torch.float32
+    assert pixel == skd.pixel_wise_kd(z_s, z_t)
+    assert pair == skd.pair_wise_kd(f_s, f_t, kernel=1, impl="gram")
+
+
+# ---------------------------------------------------------------------------------------------
+# pair-wise
+# ---------------------------------------------------------------------------------------------
+
+def _relu_features(batch, channels_s, channels_t, height, width, zero_block=False):
+    f_s = torch.randn(batch, channels_s, height, width).relu()
+    f_t = torch.randn(batch, channels_t, height, width).relu()
+    if zero_block:  # all-zero nodes after pooling, on both sides
+        f_s[:, :, :2, :2] = 0
+        f_t[:, :, -3:, :] = 0
+    return f_s, f_t
+
+
+def test_pool_kernel_from_scale():
+    assert skd.pool_kernel_from_scale(65, 65, 0.5) == (32, 32)
+    assert skd.pool_kernel_from_scale(64, 128, 0.5) == (32, 64)
+    assert skd.pool_kernel_from_scale(1, 3, 0.5) == (1, 1)
+    with pytest.raises(ValueError, match="scale"):
+        skd.pool_kernel_from_scale(8, 8, 0.0)
+
+
+@pytest.mark.parametrize("shape, kernel", [
+    ((2, 3, 5, 9, 11), 2),            # odd sizes, ceil-mode border nodes, C_s != C_t
+    ((1, 4, 4, 7, 9), None),          # no pooling
+    ((2, 6, 3, 5, 5), (5, 5)),        # N = 1
+    ((1, 2, 2, 1, 1), 2),             # N = 1 from a kernel larger than the map
+    ((2, 5, 8, 13, 13), (6, 6)),      # original pooling rule, 1-pixel-wide last window
+])
+@pytest.mark.parametrize("detach_norm", [False, True])
+@pytest.mark.parametrize("zero_block", [False, True])
+def test_gram_equals_dense(shape, kernel, detach_norm, zero_block):
+    torch.manual_seed(sum(shape))
+    f_s, f_t = _relu_features(*shape, zero_block=zero_block and shape[3] > 3)
+    results = {}
+    for impl in ("dense", "gram"):
+        x = f_s.clone().requires_grad_(True)
+        loss = skd.pair_wise_kd(x, f_t, kernel=kernel, detach_norm=detach_norm, impl=impl)
+        loss.backward()
+        results[impl] = (loss, x.grad)
+    assert torch.allclose(results["gram"][0], results["dense"][0], rtol=1e-5, atol=1e-9)
+    # atol covers N = 1, where the loss is identically 0 and both gradients are round-off
+    assert torch.allclose(results["gram"][1], results["dense"][1], rtol=1e-4, atol=1e-7)
+
+
+def test_auto_picks_gram_only_when_nodes_outnumber_channels():
+    torch.manual_seed(0)
+    f_s, f_t = torch.randn(2, 3, 8, 8), torch.randn(2, 4, 8, 8)
+    many_nodes = dict(kernel=1)  # N = 64 > 7
+    few_nodes = dict(kernel=4)   # N = 4 <= 7
+    assert torch.equal(skd.pair_wise_kd(f_s, f_t, impl="auto", **many_nodes),
+                       skd.pair_wise_kd(f_s, f_t, impl="gram", **many_nodes))
+    assert torch.equal(skd.pair_wise_kd(f_s, f_t, impl="auto", **few_nodes),
+                       skd.pair_wise_kd(f_s, f_t, impl="dense", **few_nodes))
+
+
+def test_pair_wise_matches_explicit_graph_loop():
+    torch.manual_seed(1)
+    f_s, f_t = torch.randn(2, 3, 4, 6), torch.randn(2, 5, 4, 6)
+    expected = 0.0
+    for b in range(2):
+        a = torch.nn.functional.normalize(f_s[b].flatten(1), dim=0)
+        t = torch.nn.functional.normalize(f_t[b].flatten(1), dim=0)
+        expected += ((a.T @ a - t.T @ t) ** 2).sum() / 24 ** 2
+    for impl in ("dense", "gram"):
+        assert torch.allclose(skd.pair_wise_kd(f_s, f_t, kernel=None, impl=impl), expected / 2,
+                              rtol=1e-5)
+
+
+def test_gram_form_keeps_precision_when_graphs_nearly_agree():
+    # The three Gram terms cancel to ~1e-5 of their size here; float32 accumulation would be off
+    # by ~1e-4 relative, the float64 path stays at round-off of the float32 inputs.
+    torch.manual_seed(0)
+    f_s = torch.randn(2, 32, 32, 32).relu()
+    f_t = f_s + 1e-2 * torch.randn_like(f_s)
+    exact = skd.pair_wise_kd(f_s.double(), f_t.double(), kernel=1, impl="dense")
+    gram = skd.pair_wise_kd(f_s, f_t, kernel=1, impl="gram")
+    assert gram.dtype == torch.float32
+    assert abs(gram.double().item() / exact.item() - 1) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["dense", "gram"])
+def test_pair_wise_zero_for_identical_inputs(impl):
+    f = torch.randn(2, 6, 9, 11).relu()
+    assert skd.pair_wise_kd(f, f.clone(), impl=impl) == 0
+
+
+@pytest.mark.parametrize("impl", ["dense", "gram"])
+@pytest.mark.parametrize("detach_norm", [False, True])
+def test_pair_wise_invariant_to_positive_scaling(impl, detach_norm):
+    torch.manual_seed(2)
+    f_s, f_t = torch.randn(2, 4, 9, 11), torch.randn(2, 7, 9, 11)
+    reference = skd.pair_wise_kd(f_s, f_t, detach_norm=detach_norm, impl=impl)
+    assert torch.allclose(skd.pair_wise_kd(3.5 * f_s, f_t, detach_norm=detach_norm, impl=impl),
+                          reference, rtol=1e-5)
+    assert torch.allclose(skd.pair_wise_kd(f_s, 0.25 * f_t, detach_norm=detach_norm, impl=impl),
+                          reference, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["dense", "gram"])
+def test_no_gradient_into_teacher(impl):
+    f_s = torch.randn(2, 3, 6, 6, requires_grad=True)
+    f_t = torch.randn(2, 5, 6, 6, requires_grad=True)
+    z_s = torch.randn(2, 4, 3, 3, requires_grad=True)
+    z_t = torch.randn(2, 4, 3, 3, requires_grad=True)
+    (skd.pair_wise_kd(f_s, f_t, impl=impl) + skd.pixel_wise_kd(z_s, z_t)).backward()
+    assert f_s.grad is not None and z_s.grad is not None
+    assert f_t.grad is None and z_t.grad is None
+
+
+def test_pair_wise_errors():
+    f = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ValueError, match="spatial size"):
+        skd.pair_wise_kd(f, torch.randn(2, 3, 6, 5))
+    with pytest.raises(ValueError, match="4-D"):
+        skd.pair_wise_kd(f.flatten(2), f.flatten(2))
+    with pytest.raises(ValueError, match="impl"):
+        skd.pair_wise_kd(f, f, impl="fast")
+    with pytest.raises(ValueError, match="kernel"):
+        skd.pair_wise_kd(f, f, kernel=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# discriminator
+# ---------------------------------------------------------------------------------------------
+
+def test_discriminator_parameter_count_and_spectral_norm():
+    disc = skd.SKDDiscriminator(19)
+    assert sum(p.numel() for p in disc.parameters() if p.requires_grad) == 3_191_721
+    for name in ("conv1", "conv2", "conv3", "conv4"):
+        assert torch.nn.utils.parametrize.is_parametrized(getattr(disc, name), "weight")
+        assert getattr(disc, name).parametrizations.weight[0].n_power_iterations == 1
+    assert not torch.nn.utils.parametrize.is_parametrized(disc.score)
+    assert "input_norm.weight" in disc.state_dict()
+
+
+@pytest.mark.parametrize("size, out", [((65, 65), (1, 1)), ((64, 128), (1, 5)), ((64, 64), (1, 1))])
+def test_discriminator_output_shapes(size, out):
+    disc = skd.SKDDiscriminator(19)
+    assert disc(torch.randn(2, 19, *size)).shape == (2, 1, *out)
+
+
+def test_discriminator_rejects_small_or_wrong_inputs():
+    disc = skd.SKDDiscriminator(3)
+    with pytest.raises(ValueError, match="at least 64x64"):
+        disc(torch.randn(2, 3, 63, 128))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        disc(torch.randn(2, 4, 64, 64))
+
+
+def test_self_attention_identity_at_init_and_formula():
+    torch.manual_seed(0)
+    attn = skd.SelfAttention2d(16)
+    x = torch.randn(2, 16, 3, 4)
+    assert torch.equal(attn(x), x)
+    with torch.no_grad():
+        attn.gamma.fill_(0.5)
+    q, k, v = (conv(x).flatten(2) for conv in (attn.query_conv, attn.key_conv, attn.value_conv))
+    weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k), dim=-1)
+    expected = 0.5 * torch.einsum("bcj,bij->bci", v, weights).view_as(x) + x
+    assert torch.allclose(attn(x), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# adversarial losses
+# ---------------------------------------------------------------------------------------------
+
+def test_adversarial_losses_hand_values():
+    d_s = torch.tensor([[-2.0, 0.5]])
+    d_t = torch.tensor([[0.5, 3.0]])
+    assert skd.adv_g_loss(d_s) == 0.75
+    # hinge: mean(relu(1 - [0.5, 3])) + mean(relu(1 + [-2, 0.5])) = 0.25 + 0.75
+    assert skd.adv_d_loss(d_s, d_t, "hinge") == 1.0
+    assert skd.adv_d_loss(d_s, d_t, "wgan") == -0.75 - 1.75
+    with pytest.raises(ValueError, match="kind"):
+        skd.adv_d_loss(d_s, d_t, "lsgan")
+
+
+def test_gradient_penalty_linear_critic():
+    torch.manual_seed(0)
+    w = torch.randn(1, 2, 3, 3, requires_grad=True)
+
+    def critic(x):
+        return (w * x).flatten(1).sum(1)
+
+    real, fake = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3)
+    w_norm = w.detach().norm()
+    penalty = skd.gradient_penalty(critic, real, fake)
+    assert torch.allclose(penalty, (w_norm - 1) ** 2, rtol=1e-5)
+    fixed_alpha = torch.full((4, 1, 1, 1), 0.3)
+    assert torch.allclose(skd.gradient_penalty(critic, real, fake, alpha=fixed_alpha),
+                          (w_norm - 1) ** 2, rtol=1e-5)
+    penalty.backward()  # create_graph: the penalty trains the critic
+    assert torch.allclose(w.grad, 2 * (w_norm - 1) * w.detach() / w_norm, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# distiller
+# ---------------------------------------------------------------------------------------------
+
+K = 4
+
+
+def _inputs(size=(64, 64), feat_size=(9, 11), requires_grad=True):
+    torch.manual_seed(0)
+    return dict(logits_s=torch.randn(2, K, *size, requires_grad=requires_grad),
+                logits_t=torch.randn(2, K, *size),
+                feat_s=torch.randn(2, 6, *feat_size, requires_grad=requires_grad),
+                feat_t=torch.randn(2, 8, *feat_size),
+                targets=torch.zeros(2, *size, dtype=torch.long))
+
+
+def test_forward_values_cirkd():
+    distiller = skd.SKDDistiller(K).eval()
+    x = _inputs()
+    losses = distiller(**x)
+    assert set(losses) == {"loss_skd_pi", "loss_skd_pa", "loss_skd_ho"}
+    assert torch.allclose(losses["loss_skd_pi"], skd.pixel_wise_kd(x["logits_s"], x["logits_t"]))
+    assert torch.allclose(losses["loss_skd_pa"],
+                          10.0 * skd.pair_wise_kd(x["feat_s"], x["feat_t"], kernel=2))
+    with torch.no_grad():
+        d_out = distiller.discriminator(x["logits_s"])
+    assert torch.allclose(losses["loss_skd_ho"], -0.001 * d_out.mean())
+
+
+def test_forward_values_original():
+    distiller = skd.SKDDistiller(K, preset="original").eval()
+    x = _inputs(feat_size=(13, 13))
+    losses = distiller(**x)
+    assert torch.allclose(losses["loss_skd_pi"], 10.0 * skd.pixel_wise_kd(
+        x["logits_s"], x["logits_t"], normalize="spatial"))
+    assert torch.allclose(losses["loss_skd_pa"], 0.5 * skd.pair_wise_kd(
+        x["feat_s"], x["feat_t"], kernel=(6, 6), detach_norm=True))
+    with torch.no_grad():
+        d_out = distiller.discriminator(x["logits_s"])
+    assert torch.allclose(losses["loss_skd_ho"], -0.1 * d_out.mean())
+
+
+def test_forward_gives_no_gradient_to_discriminator():
+    distiller = skd.SKDDistiller(K).train()
+    x = _inputs()
+    sum(distiller(**x).values()).backward()
+    assert all(p.grad is None for p in distiller.discriminator.parameters())
+    assert all(p.requires_grad for p in distiller.discriminator.parameters())
+    assert x["logits_s"].grad is not None and x["feat_s"].grad is not None
+    assert x["logits_t"].grad is None and x["feat_t"].grad is None
+
+
+@pytest.mark.parametrize("preset, keys", [("cirkd", {"loss_skd_d"}),
+                                          ("original", {"loss_skd_d", "loss_skd_gp"})])
+def test_d_step_losses(preset, keys):
+    distiller = skd.SKDDistiller(K, preset=preset).eval()  # eval: BN and SN state stay fixed
+    x = _inputs()
+    torch.manual_seed(5)
+    losses = distiller.d_step_losses(x["logits_s"], x["logits_t"])
+    assert set(losses) == keys
+    disc = distiller.discriminator
+    with torch.no_grad():
+        d_s, d_t = disc(x["logits_s"]), disc(x["logits_t"])
+    assert torch.allclose(losses["loss_skd_d"], 0.1 * skd.adv_d_loss(d_s, d_t, distiller.adv_type))
+    if "loss_skd_gp" in keys:
+        torch.manual_seed(5)
+        penalty = skd.gradient_penalty(disc, x["logits_t"], x["logits_s"])
+        assert torch.allclose(losses["loss_skd_gp"], 1.0 * penalty, rtol=1e-5)
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in disc.parameters())
+    assert x["logits_s"].grad is None
+
+
+def test_extra_losses_takes_forward_inputs():
+    distiller = skd.SKDDistiller(K).train()
+    x = _inputs()
+    losses = distiller.extra_losses(**x)
+    assert set(losses) == {"loss_skd_d"} and torch.isfinite(losses["loss_skd_d"])
+
+
+def test_extra_losses_non_finite_raises():
+    distiller = skd.SKDDistiller(K).train()
+    x = _inputs(requires_grad=False)
+    x["logits_s"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="SKD discriminator loss is not finite"):
+        distiller.extra_losses(**x)
+
+
+def test_extra_optimizer_cirkd():
+    distiller = skd.SKDDistiller(K)
+    optimizer, lr_lambda = distiller.extra_optimizer(total_iters=100)
+    assert type(optimizer) is torch.optim.Adam and lr_lambda is None
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 4e-4 and group["betas"] == (0.9, 0.99) and group["weight_decay"] == 0
+    assert {id(p) for p in group["params"]} == {id(p) for p in distiller.extra_parameters()}
+    assert len(distiller.extra_parameters()) == len(list(distiller.discriminator.parameters()))
+
+
+def test_extra_optimizer_original():
+    distiller = skd.SKDDistiller(K, preset="original")
+    optimizer, lr_lambda = distiller.extra_optimizer(total_iters=100)
+    assert type(optimizer) is torch.optim.SGD
+    group = optimizer.param_groups[0]
+    assert group["lr"] == 4e-4 and group["momentum"] == 0.9 and group["weight_decay"] == 5e-4
+    assert lr_lambda(0) == 1.0
+    assert math.isclose(lr_lambda(50), 0.5 ** 0.9)
+    assert lr_lambda(100) == 0.0
+    assert pickle.loads(pickle.dumps(lr_lambda))(50) == lr_lambda(50)
+    with pytest.raises(ValueError, match="total_iters"):
+        distiller.extra_optimizer(0)
+
+
+@pytest.mark.parametrize("flag, missing", [("use_pi", "loss_skd_pi"), ("use_pa", "loss_skd_pa"),
+                                           ("use_ho", "loss_skd_ho")])
+def test_disabled_terms_omit_keys(flag, missing):
+    distiller = skd.SKDDistiller(K, **{flag: False})
+    losses = distiller(**_inputs())
+    assert missing not in losses and len(losses) == 2
+
+
+def test_without_holistic_term_there_is_no_discriminator():
+    distiller = skd.SKDDistiller(K, use_ho=False)
+    x = _inputs()
+    assert distiller.discriminator is None
+    assert distiller.extra_parameters() == []
+    assert distiller.extra_optimizer(10) is None
+    assert distiller.extra_losses(**x) == {}
+    assert distiller.d_step_losses(x["logits_s"], x["logits_t"]) == {}
+
+
+def test_pair_wise_term_requires_features():
+    distiller = skd.SKDDistiller(K, use_ho=False)
+    logits = torch.randn(2, K, 3, 3), torch.randn(2, K, 3, 3)  # no D, so any logit size works
+    assert set(distiller(*logits, torch.randn(2, 6, 5, 5), torch.randn(2, 8, 5, 5))) == {
+        "loss_skd_pi", "loss_skd_pa"}
+    with pytest.raises(ValueError, match="feat_s and feat_t"):
+        distiller(*logits)
+
+
+def test_overrides():
+    distiller = skd.SKDDistiller(
+        K, lambda_pi=2.0, lambda_pa=3.0, lambda_adv=0.5, lambda_d=0.7, tau=4.0,
+        pi_normalize="spatial", pa_scale=0.25, pa_detach_norm=True, adv_type="wgan", lambda_gp=5.0)
+    assert (distiller.lambda_pi, distiller.lambda_pa, distiller.lambda_adv, distiller.lambda_d,
+            distiller.lambda_gp, distiller.tau) == (2.0, 3.0, 0.5, 0.7, 5.0, 4.0)
+    assert (distiller.pi_normalize, distiller.pa_kernel, distiller.pa_scale,
+            distiller.pa_detach_norm, distiller.adv_type) == ("spatial", None, 0.25, True, "wgan")
+    x = _inputs(feat_size=(12, 12))
+    losses = distiller.eval()(**x)
+    assert torch.allclose(losses["loss_skd_pi"], 2.0 * skd.pixel_wise_kd(
+        x["logits_s"], x["logits_t"], tau=4.0, normalize="spatial"))
+    assert torch.allclose(losses["loss_skd_pa"], 3.0 * skd.pair_wise_kd(
+        x["feat_s"], x["feat_t"], kernel=(3, 3), detach_norm=True))
+    d_losses = distiller.d_step_losses(x["logits_s"], x["logits_t"])
+    assert set(d_losses) == {"loss_skd_d", "loss_skd_gp"}
+    assert skd.SKDDistiller(K, preset="original", pa_kernel=4).pa_scale is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(preset="fast"), "preset"),
+    (dict(pa_kernel=2, pa_scale=0.5), "not both"),
+    (dict(adv_type="wgan"), "needs lambda_gp"),
+    (dict(lambda_gp=10.0), "only applies"),
+    (dict(adv_type="lsgan"), "adv_type"),
+    (dict(pi_normalize="batch"), "pi_normalize"),
+    (dict(d_input="image"), "d_input"),
+    (dict(pa_kernel=0), "kernel"),
+])
+def test_bad_configuration_raises(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        skd.SKDDistiller(K, **kwargs)
+
+
+def test_logits_plus_image_input():
+    distiller = skd.SKDDistiller(K, d_input="logits+image").eval()
+    assert distiller.discriminator.in_channels == K + 3
+    x = _inputs()
+    image = torch.randn(2, 3, 512, 512)
+    assert "loss_skd_ho" in distiller(**x, image=image)
+    assert set(distiller.extra_losses(**x, image=image)) == {"loss_skd_d"}
+    with pytest.raises(ValueError, match="needs the `image`"):
+        distiller(**x)
+
+
+def test_lr_lambda_is_a_partial_of_poly_factor():
+    _, lr_lambda = skd.SKDDistiller(K, preset="original").extra_optimizer(8)
+    assert isinstance(lr_lambda, functools.partial) and lr_lambda.func is skd.poly_lr_factor
