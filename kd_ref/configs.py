@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kd_ref import tasks
+from kd_ref.dist import DISTDistiller
+from kd_ref.gdd import GDDDistiller
 from kd_ref.kd import KDDistiller
+from kd_ref.skd import SKDDistiller
 
 
 @dataclass
@@ -30,7 +33,9 @@ class Recipe:
     pretrained: str | None = None    # local ImageNet weights for the student backbone
     # data
     crop: tuple = (512, 1024)
-    scales: tuple = (0.5, 2.0)       # random rescale range (uniform over 0.1 steps, as the references)
+    scales: tuple = (0.5, 2.0)       # random rescale range
+    scale_step: float | None = 0.1   # 0.5 + k/10 as CIRKD/SKD; None = continuous as mmseg
+    cat_max_ratio: float | None = None  # mmseg re-draws crops dominated by one class (0.75)
     normalization: str = "bgr_mean"  # "bgr_mean" (CIRKD/SKD) or "imagenet_rgb" (mmseg, torchvision)
     synthetic_size: tuple = (128, 128)
     synthetic_train: int = 2000
@@ -73,10 +78,39 @@ def _logits(student_out, teacher_out, batch):
     return {"logits_s": student_out["logits"], "logits_t": teacher_out["logits"]}
 
 
+def _outputs(student_out, teacher_out, batch):
+    return {"student_out": student_out, "teacher_out": teacher_out}
+
+
+# GDD taps (gdd.md §3): the last backbone stage for segmentation.
+GDD_LEVELS = {"seg": ["c5"]}
+
+
+def _build_gdd(recipe, student, teacher):
+    levels = GDD_LEVELS[recipe.task]
+    return GDDDistiller(levels, [student.out_channels[name] for name in levels],
+                        [teacher.out_channels[name] for name in levels], **recipe.method_options)
+
+
+def _gdd_seg(student_out, teacher_out, batch):
+    return {"feats_s": [student_out["feats"][name] for name in GDD_LEVELS["seg"]],
+            "feats_t": [teacher_out["feats"][name] for name in GDD_LEVELS["seg"]]}
+
+
+def _skd_seg(student_out, teacher_out, batch):
+    return {"logits_s": student_out["logits"], "logits_t": teacher_out["logits"],
+            "feat_s": student_out["feats"]["head"], "feat_t": teacher_out["feats"]["head"]}
+
+
 METHODS: dict[str, Method] = {
     "none": Method(None),
     "kd": Method(lambda recipe, student, teacher: KDDistiller(**recipe.method_options),
                  {"seg": _logits, "cls": _logits}),
+    "dist": Method(lambda recipe, student, teacher: DISTDistiller(recipe.task, **recipe.method_options),
+                   {"seg": _outputs}),
+    "gdd": Method(_build_gdd, {"seg": _gdd_seg}),
+    "skd": Method(lambda recipe, student, teacher: SKDDistiller(recipe.num_classes, **recipe.method_options),
+                  {"seg": _skd_seg}),
 }
 
 
@@ -97,33 +131,65 @@ def register(name: str, recipe: Recipe, baseline: bool = True) -> None:
         PRESETS[f"{name}_baseline"] = dataclasses.replace(recipe, method="none", method_options={})
 
 
-# CIRKD protocol (winycg/CIRKD 2022 table): 512x1024 crops, batch 16, 40k iters, lr 0.02, wd 1e-4.
+# --- CIRKD protocol (winycg/CIRKD, 2022 table; seg_models.md §5): DeepLabV3-R101 teacher.
 CIRKD_CITYSCAPES = Recipe(data="cityscapes", flavour="cirkd", crop=(512, 1024), scales=(0.5, 2.0),
                           normalization="bgr_mean", batch_size=16, iters=40000, lr=0.02, weight_decay=1e-4,
                           eval_every=4000, ckpt_every=1000)
 register("teacher_deeplabv3_r101_cityscapes", dataclasses.replace(CIRKD_CITYSCAPES, student="deeplabv3_r101"))
-register("baseline_deeplabv3_r18_cityscapes", dataclasses.replace(CIRKD_CITYSCAPES, student="deeplabv3_r18"))
-register("baseline_pspnet_r18_cityscapes", dataclasses.replace(CIRKD_CITYSCAPES, student="pspnet_r18"))
 register("kd_deeplabv3_r18_cityscapes", dataclasses.replace(
     CIRKD_CITYSCAPES, method="kd", student="deeplabv3_r18", teacher="deeplabv3_r101"))
+register("skd_deeplabv3_r18_cityscapes", dataclasses.replace(
+    CIRKD_CITYSCAPES, method="skd", student="deeplabv3_r18", teacher="deeplabv3_r101",
+    method_options={"preset": "cirkd"}))
+# DIST (hunto/DIST_KD segmentation, dist.md §4): CIRKD models, wd 5e-4, poly floor 1e-4.
+DIST_CITYSCAPES = dataclasses.replace(CIRKD_CITYSCAPES, method="dist", teacher="deeplabv3_r101",
+                                      weight_decay=5e-4, min_lr=1e-4)
+register("dist_deeplabv3_r18_cityscapes", dataclasses.replace(DIST_CITYSCAPES, student="deeplabv3_r18"))
+register("dist_pspnet_r18_cityscapes", dataclasses.replace(DIST_CITYSCAPES, student="pspnet_r18"))
 
-# Built-in synthetic scenes: small enough for a CPU, hard enough that the teacher is clearly better.
+# --- GDD (ZhgLiu/GDD, mmseg 0.20; gdd.md §6): mmseg models, PSPNet-R101-D8 teacher, 512x512 crops.
+MMSEG_CITYSCAPES = Recipe(data="cityscapes", flavour="mmseg", crop=(512, 512), scales=(0.5, 2.0),
+                          scale_step=None, cat_max_ratio=0.75, normalization="imagenet_rgb", batch_size=16,
+                          iters=40000, lr=0.01, weight_decay=5e-4, min_lr=1e-4, eval_every=4000,
+                          ckpt_every=1000)
+register("teacher_pspnet_r101_cityscapes_mmseg", dataclasses.replace(MMSEG_CITYSCAPES, student="pspnet_r101"))
+register("gdd_pspnet_r18_cityscapes", dataclasses.replace(
+    MMSEG_CITYSCAPES, method="gdd", student="pspnet_r18", teacher="pspnet_r101",
+    method_options={"alpha": 145.0, "tau": 4.0}))
+register("gdd_deeplabv3_r18_cityscapes", dataclasses.replace(
+    MMSEG_CITYSCAPES, method="gdd", student="deeplabv3_r18", teacher="pspnet_r101",
+    method_options={"alpha": 175.0, "tau": 4.0}))
+
+# --- SKD authors' recipe (irfanICMLL master; skd.md §7): PSPNet-R101 -> PSPNet-R18, 512x512, batch 8.
+SKD_ORIGINAL_CITYSCAPES = Recipe(data="cityscapes", flavour="skd", crop=(512, 512), scales=(0.5, 1.6),
+                                 normalization="bgr_mean", batch_size=8, iters=40000, lr=0.01,
+                                 weight_decay=5e-4, eval_every=4000, ckpt_every=1000)
+register("teacher_pspnet_r101_cityscapes_skd", dataclasses.replace(SKD_ORIGINAL_CITYSCAPES, student="pspnet_r101"))
+register("skd_pspnet_r18_cityscapes_original", dataclasses.replace(
+    SKD_ORIGINAL_CITYSCAPES, method="skd", student="pspnet_r18", teacher="pspnet_r101",
+    method_options={"preset": "original"}))
+
+# --- Built-in synthetic scenes: small enough for a CPU, hard enough that the teacher is clearly better.
 SYNTHETIC_SEG = Recipe(data="synthetic", flavour="cirkd", num_classes=tasks.SYNTHETIC_NUM_CLASSES,
                        crop=(128, 128), scales=(0.75, 1.5), normalization="bgr_mean", batch_size=8,
                        iters=300, lr=0.02, weight_decay=1e-4, eval_every=0, ckpt_every=100,
-                       synthetic_size=(128, 128))
-register("synthetic_seg_teacher", dataclasses.replace(SYNTHETIC_SEG, student="deeplabv3_r50"))
-register("synthetic_seg_none", dataclasses.replace(SYNTHETIC_SEG, student="pspnet_r18"))
-register("synthetic_seg_kd", dataclasses.replace(
-    SYNTHETIC_SEG, method="kd", student="pspnet_r18", teacher="deeplabv3_r50",
-    teacher_preset="synthetic_seg_teacher"), baseline=False)
+                       synthetic_size=(128, 128), teacher="deeplabv3_r50", teacher_preset="synthetic_seg_teacher")
+SYNTHETIC_METHOD_OPTIONS = {"none": {}, "kd": {}, "dist": {}, "gdd": {"alpha": 145.0, "tau": 4.0},
+                            "skd": {"preset": "cirkd"}}
+register("synthetic_seg_teacher", dataclasses.replace(SYNTHETIC_SEG, student="deeplabv3_r50", teacher=None,
+                                                      teacher_preset=None))
+for _method, _options in SYNTHETIC_METHOD_OPTIONS.items():
+    register(f"synthetic_seg_{_method}", dataclasses.replace(
+        SYNTHETIC_SEG, method=_method, student="pspnet_r18", method_options=_options), baseline=False)
 
 # Which preset a bare "--task T --method M [--data D]" means.
 DEFAULT_PRESETS = {
-    ("seg", "none", "synthetic"): "synthetic_seg_none",
-    ("seg", "kd", "synthetic"): "synthetic_seg_kd",
-    ("seg", "none", "cityscapes"): "baseline_deeplabv3_r18_cityscapes",
+    **{("seg", method, "synthetic"): f"synthetic_seg_{method}" for method in SYNTHETIC_METHOD_OPTIONS},
+    ("seg", "none", "cityscapes"): "dist_deeplabv3_r18_cityscapes_baseline",
     ("seg", "kd", "cityscapes"): "kd_deeplabv3_r18_cityscapes",
+    ("seg", "dist", "cityscapes"): "dist_deeplabv3_r18_cityscapes",
+    ("seg", "gdd", "cityscapes"): "gdd_pspnet_r18_cityscapes",
+    ("seg", "skd", "cityscapes"): "skd_deeplabv3_r18_cityscapes",
 }
 
 

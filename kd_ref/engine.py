@@ -24,6 +24,13 @@ After the student step the engine minimises ``sum(extra_losses(...))`` with that
 Epoch hook (GKD's prototypes): a distiller may define ``before_epoch(context)``; the engine calls it
 before every epoch with a :class:`EpochContext` that gives it the models and the training set.
 
+Step hook (SoKD's policy search): a distiller may define ``after_step(context)``; the engine calls it
+after the optimizer steps of every iteration with a :class:`StepContext`, whose ``loss_fn(batch)``
+recomputes the full training objective (task + distillation) at the current parameters. Parameters
+that such a hook trains itself are returned by ``extra_parameters()`` so the student optimizer leaves
+them alone; state the hook keeps between steps belongs in the distiller's ``state_dict`` (e.g. through
+``get_extra_state``) so that checkpoints carry it.
+
 Distributed: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) turns on DDP (NCCL on
 CUDA, gloo on CPU). The student is wrapped in DDP (SyncBN on GPU); the distiller's own parameters are
 few and used every step, so their gradients are averaged with one all-reduce each instead of a second
@@ -263,6 +270,17 @@ class EpochContext:
     runtime: Runtime
 
 
+@dataclass
+class StepContext:
+    """What a distiller's ``after_step`` hook may use."""
+    iteration: int
+    batch: dict
+    student: nn.Module
+    teacher: nn.Module
+    loss_fn: object
+    runtime: Runtime
+
+
 # --------------------------------------------------------------------------------------------- train
 def build_optimizer(params, recipe: "configs.Recipe") -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
@@ -278,7 +296,7 @@ def _average_gradients(params, runtime: Runtime) -> None:
 
 
 def _check_finite(losses: dict, iteration: int) -> None:
-    bad = {name: float(value) for name, value in losses.items() if not torch.isfinite(value).all()}
+    bad = {name: value.detach().float().tolist() for name, value in losses.items() if not torch.isfinite(value).all()}
     if bad:
         raise FloatingPointError(f"non-finite loss at iteration {iteration}: {bad}; stopping before the "
                                  "update (the last checkpoint is left untouched)")
@@ -342,7 +360,8 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
     optimizer = build_optimizer([{"params": [p for p in student.parameters() if p.requires_grad]},
                                  {"params": distiller_params}], recipe)
-    extra_optimizer, extra_lr_lambda = (distiller.extra_optimizer(recipe.iters) if extra_params else (None, None))
+    extra_optimizer, extra_lr_lambda = (distiller.extra_optimizer(recipe.iters)
+                                        if hasattr(distiller, "extra_optimizer") and extra_params else (None, None))
     extra_base_lrs = [g["lr"] for g in extra_optimizer.param_groups] if extra_optimizer else []
     use_scaler = runtime.amp and runtime.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -438,15 +457,22 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                 extra_scaler.update()
                 losses.update(extra)
 
+            if hasattr(distiller, "after_step"):
+                def objective(step_batch, teacher_out=teacher_out):
+                    out = unwrap(model)(step_batch["images"], step_batch["targets"], step_batch.get("image_sizes"))
+                    terms = distiller(**method.bind[recipe.task](out, teacher_out, step_batch))
+                    return sum(out["losses"].values()) + sum(terms.values())
+                distiller.after_step(StepContext(iteration, batch, unwrap(model), teacher, objective, runtime))
+
             iteration += 1
             seconds = time.perf_counter() - tick
             if runtime.is_main:
                 log.write({"iteration": iteration, "epoch": epoch, "lr": recipe.lr * factor,
-                           **{k: round(float(v), 6) for k, v in losses.items()},
-                           "loss": round(float(total), 6), "seconds": round(seconds, 4),
+                           **{k: round(v.item(), 6) for k, v in losses.items()},
+                           "loss": round(total.item(), 6), "seconds": round(seconds, 4),
                            "data_seconds": round(data_seconds, 4),
                            "peak_memory_mb": round(peak_memory_mb(runtime.device), 1)})
-                bar.set_postfix(loss=f"{float(total):.3f}", lr=f"{recipe.lr * factor:.2e}")
+                bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{recipe.lr * factor:.2e}")
                 bar.update(1)
             last = iteration == recipe.iters
             if recipe.eval_every and (iteration % recipe.eval_every == 0) and not last:

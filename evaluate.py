@@ -1,0 +1,73 @@
+"""Evaluate a checkpoint written by train.py (or a teacher checkpoint) on a data set's val split.
+
+    python evaluate.py --ckpt runs/synthetic_seg_gdd/last.pt
+    python evaluate.py --task seg --ckpt last.pt --data cityscapes --data-root DIR --save-pred preds/
+
+Segmentation is whole-image single-scale inference, as the references evaluate. The scores are
+printed and written next to the checkpoint (``<ckpt dir>/eval_<data>.json``) or to ``--out``.
+``--save-pred DIR`` writes train-id PNGs and colour PNGs with the Cityscapes palette.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from kd_ref import configs, engine
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    parser.add_argument("--task", default=None, help="task of the checkpoint (checked against it)")
+    parser.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--save-pred", default=None, help="folder for predicted label maps (seg)")
+    parser.add_argument("--out", default=None, help="JSON file for the scores")
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ckpt = engine.load_checkpoint(args.ckpt)
+    if "recipe" not in ckpt:
+        raise ValueError(f"--ckpt {args.ckpt}: has no recipe; evaluate.py needs a checkpoint written by train.py")
+    known = {f.name for f in dataclasses.fields(configs.Recipe)}
+    recipe = configs.Recipe(**{k: v for k, v in ckpt["recipe"].items() if k in known})
+    if args.task is not None and args.task != recipe.task:
+        raise ValueError(f"--task {args.task}: the checkpoint {args.ckpt} holds a {recipe.task} model")
+    if args.data is not None:
+        recipe = dataclasses.replace(recipe, data=args.data)
+    task = configs.TASKS[recipe.task]
+    task.check_recipe(recipe)
+    runtime = engine.setup_runtime(args.device, args.amp)
+    model = task.build_model(recipe, recipe.student)
+    engine.load_model_weights(model, ckpt["model"], f"--ckpt {args.ckpt}")
+    model.to(runtime.device)
+    dataset, collate = task.build_data(recipe, "val", args.data_root)
+    if args.save_pred:
+        os.makedirs(args.save_pred, exist_ok=True)
+    metrics = engine.evaluate(task, model, dataset, collate, runtime, recipe, args.workers, args.quiet,
+                              save_pred=args.save_pred)
+    if runtime.is_main:
+        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{recipe.data}.json")
+        with open(out, "w") as handle:
+            json.dump(metrics, handle, indent=1)
+        engine.print_table([(f"{recipe.student} {key}", value) for key, value in metrics.items()
+                            if isinstance(value, float)])
+        print(f"scores written to {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

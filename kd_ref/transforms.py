@@ -1,0 +1,337 @@
+"""Data transforms for segmentation, detection and classification, in torch/numpy only.
+
+Every random transform takes an explicit ``numpy.random.Generator``: the engine gives each sample its
+own generator seeded by (seed, epoch, index), so augmentation never depends on which worker loads a
+sample and never touches the global RNGs. Images enter as uint8 ``H x W x 3`` RGB arrays and leave as
+normalised float ``(3, H, W)`` tensors; resizing uses ``torch.nn.functional.interpolate`` (bilinear
+for images, nearest for labels and masks).
+
+Normalisations (pixel values on the 0..255 scale throughout):
+
+* ``"bgr_mean"``     -- CIRKD / SKD (caffe style; the references read images with cv2, i.e. BGR):
+  channels reordered to B, G, R, minus (104.00698793, 116.66876762, 122.67891434), no std.
+* ``"imagenet_rgb"`` -- mmseg / mmdet / torchvision: RGB, (x - mean) / std with ImageNet mean
+  (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375), i.e. 255 x (0.485, 0.456, 0.406) etc.
+* ``"cifar100"``     -- the CIFAR-100 statistics of the CRD code base most CIFAR KD papers build on,
+  mean 255 x (0.5071, 0.4867, 0.4408), std 255 x (0.2675, 0.2565, 0.2761).
+
+Segmentation training: random scale from the discrete set ``lo, lo + 0.1, ..., hi`` (CIRKD / SKD
+``generate_scale_label``; ``scale_step=None`` draws it uniformly from ``[lo, hi]`` as mmseg does), random
+crop, horizontal flip with p = 0.5, optional mmseg photometric distortion, normalisation, then padding
+at the bottom/right to the crop size (image 0 *after* normalisation, label 255). A crop window larger
+than the scaled image starts at 0, so this equals CIRKD's pad-then-crop. ``cat_max_ratio`` re-draws
+the crop up to 10 times while one class covers more than that fraction of its labelled pixels (mmseg
+``RandomCrop``).
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+NORMALIZATIONS = {
+    "bgr_mean": {"bgr": True, "mean": (104.00698793, 116.66876762, 122.67891434), "std": (1.0, 1.0, 1.0)},
+    "imagenet_rgb": {"bgr": False, "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375)},
+    "cifar100": {"bgr": False, "mean": (129.3105, 124.1085, 112.404), "std": (68.2125, 65.4075, 70.4055)},
+}
+
+
+# ------------------------------------------------------------------------------------- functional
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``H x W x 3`` RGB array -> float32 ``(3, H, W)`` tensor on the 0..255 scale."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image: expected a uint8 H x W x 3 array, got {image.dtype} {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+
+
+def check_normalization(normalization: str) -> str:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization {normalization!r}: expected one of {sorted(NORMALIZATIONS)}")
+    return normalization
+
+
+def normalize(image: torch.Tensor, normalization: str) -> torch.Tensor:
+    """Normalise a float ``(3, H, W)`` RGB tensor on the 0..255 scale (see the module docstring)."""
+    spec = NORMALIZATIONS[check_normalization(normalization)]
+    if spec["bgr"]:
+        image = image.flip(0)
+    mean = torch.tensor(spec["mean"]).view(3, 1, 1)
+    std = torch.tensor(spec["std"]).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def resize_image(image: torch.Tensor, size: tuple, antialias: bool = False) -> torch.Tensor:
+    """Bilinear resize of a ``(C, H, W)`` float tensor to ``size = (h, w)`` (half-pixel centres, as cv2)."""
+    return F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False,
+                         antialias=antialias)[0]
+
+
+def resize_label(label: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Nearest resize of an integer/bool ``(..., H, W)`` tensor (cv2 INTER_NEAREST index rule): values
+    are only ever copied, never mixed."""
+    flat = label.reshape(-1, 1, *label.shape[-2:]).float()
+    out = F.interpolate(flat, size=tuple(size), mode="nearest")
+    return out.to(label.dtype).reshape(*label.shape[:-2], *size)
+
+
+def pad_bottom_right(tensor: torch.Tensor, size: tuple, value: float) -> torch.Tensor:
+    """Pad the last two dims of ``tensor`` at the bottom/right up to at least ``size = (h, w)``."""
+    pad_h, pad_w = max(size[0] - tensor.shape[-2], 0), max(size[1] - tensor.shape[-1], 0)
+    if pad_h == 0 and pad_w == 0:
+        return tensor
+    return F.pad(tensor, (0, pad_w, 0, pad_h), value=value)
+
+
+def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    """Mirror xyxy boxes horizontally in an image of ``width`` pixels (mmdet: x' = w - x)."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def draw_scale(rng: np.random.Generator, scales: tuple, step: float | None = 0.1) -> float:
+    """A scale from ``[lo, hi]``: uniform over ``lo + k * step`` (``step=None``: continuous)."""
+    low, high = scales
+    if not 0 < low <= high:
+        raise ValueError(f"scales: expected 0 < low <= high, got {scales}")
+    if step is None:
+        return float(rng.uniform(low, high))
+    count = int(round((high - low) / step)) + 1
+    return low + step * int(rng.integers(count))
+
+
+def seed_worker(worker_id: int, seed: int = 0, rank: int = 0) -> None:
+    """DataLoader ``worker_init_fn`` (bind ``seed``/``rank`` with functools.partial): seeds Python, numpy
+    and torch global RNGs from (seed, rank, worker), so any third-party code that draws from them is
+    reproducible too. kd_ref's own transforms use the per-sample generator instead."""
+    state = np.random.SeedSequence([seed, rank, worker_id]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[0]))
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+# ------------------------------------------------------------------------------------ segmentation
+def rgb_to_hsv(image: torch.Tensor) -> tuple:
+    """``(3, H, W)`` RGB in 0..255 -> hue in degrees [0, 360), saturation in [0, 1], value in 0..255."""
+    red, green, blue = image
+    value, chroma = image.max(0).values, image.max(0).values - image.min(0).values
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    hue = torch.where(value == red, ((green - blue) / safe) % 6,
+                      torch.where(value == green, (blue - red) / safe + 2, (red - green) / safe + 4)) * 60
+    saturation = torch.where(value > 0, chroma / torch.where(value > 0, value, torch.ones_like(value)), 0.0)
+    return torch.where(chroma > 0, hue, 0.0), saturation, value
+
+
+def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_hsv`: channel n in (R, G, B) = V - V S clamp(min(k, 4 - k), 0, 1) with
+    k = (n' + H / 60) mod 6, n' = 5, 3, 1."""
+    k = (torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1) + hue / 60) % 6
+    return value - value * saturation * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+class PhotoMetricDistortion:
+    """mmseg ``PhotoMetricDistortion`` on a float ``(3, H, W)`` RGB tensor in 0..255; each step with
+    p = 0.5: brightness + U(-32, 32); contrast x U(0.5, 1.5), either first or last (p = 0.5);
+    saturation x U(0.5, 1.5); hue + 2k degrees, k in [-18, 17] (cv2's 180-step hue). Values are clipped
+    to 0..255 after each step; mmseg also rounds to uint8 between steps, which we skip."""
+
+    def __init__(self, brightness_delta: float = 32, contrast_range: tuple = (0.5, 1.5),
+                 saturation_range: tuple = (0.5, 1.5), hue_delta: int = 18):
+        self.brightness_delta, self.contrast_range = brightness_delta, contrast_range
+        self.saturation_range, self.hue_delta = saturation_range, hue_delta
+
+    def _contrast(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        return (image * rng.uniform(*self.contrast_range)).clamp(0, 255) if rng.integers(2) else image
+
+    def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if rng.integers(2):
+            image = (image + rng.uniform(-self.brightness_delta, self.brightness_delta)).clamp(0, 255)
+        contrast_first = bool(rng.integers(2))
+        if contrast_first:
+            image = self._contrast(image, rng)
+        if rng.integers(2):
+            hue, saturation, value = rgb_to_hsv(image)
+            image = hsv_to_rgb(hue, (saturation * rng.uniform(*self.saturation_range)).clamp(0, 1), value)
+        if rng.integers(2):
+            hue, saturation, value = rgb_to_hsv(image)
+            image = hsv_to_rgb((hue + 2 * int(rng.integers(-self.hue_delta, self.hue_delta))) % 360, saturation, value)
+        if not contrast_first:
+            image = self._contrast(image, rng)
+        return image
+
+
+class SegTrainTransform:
+    """Random scale -> random crop -> flip -> (photometric) -> normalise -> pad (module docstring).
+    ``__call__(image uint8 HxWx3, label uint8 HxW, rng) -> (float (3, h, w), int64 (h, w))``."""
+
+    def __init__(self, crop: tuple, scales: tuple = (0.5, 2.0), normalization: str = "bgr_mean",
+                 scale_step: float | None = 0.1, flip_prob: float = 0.5, cat_max_ratio: float | None = None,
+                 photometric: bool = False):
+        self.crop = tuple(int(side) for side in crop)
+        self.scales, self.scale_step = tuple(scales), scale_step
+        self.normalization = check_normalization(normalization)
+        self.flip_prob, self.cat_max_ratio = flip_prob, cat_max_ratio
+        self.photometric = PhotoMetricDistortion() if photometric else None
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        image, label = to_tensor(image), torch.from_numpy(np.asarray(label, dtype=np.int64))
+        scale = draw_scale(rng, self.scales, self.scale_step)
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
+        image, label = resize_image(image, size), resize_label(label, size)
+        top, left = self._crop_origin(label, rng)
+        image = image[:, top:top + self.crop[0], left:left + self.crop[1]]
+        label = label[top:top + self.crop[0], left:left + self.crop[1]]
+        if rng.random() < self.flip_prob:
+            image, label = image.flip(-1), label.flip(-1)
+        if self.photometric is not None:
+            image = self.photometric(image, rng)
+        image = pad_bottom_right(normalize(image, self.normalization), self.crop, 0.0)
+        return image.contiguous(), pad_bottom_right(label, self.crop, IGNORE_INDEX).contiguous()
+
+    def _crop_origin(self, label: torch.Tensor, rng: np.random.Generator) -> tuple:
+        spare_h, spare_w = max(label.shape[0] - self.crop[0], 0), max(label.shape[1] - self.crop[1], 0)
+        for _ in range(10 if self.cat_max_ratio else 1):
+            top, left = int(rng.integers(spare_h + 1)), int(rng.integers(spare_w + 1))
+            if not self.cat_max_ratio:
+                break
+            window = label[top:top + self.crop[0], left:left + self.crop[1]]
+            counts = torch.bincount(window[window != IGNORE_INDEX].flatten())
+            counts = counts[counts > 0]
+            if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
+                break
+        return top, left
+
+
+class SegEvalTransform:
+    """Whole-image evaluation: normalise only. ``__call__(image, label, rng=None)``."""
+
+    def __init__(self, normalization: str = "bgr_mean"):
+        self.normalization = check_normalization(normalization)
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None):
+        return (normalize(to_tensor(image), self.normalization),
+                torch.from_numpy(np.asarray(label, dtype=np.int64)))
+
+
+# --------------------------------------------------------------------------------------- detection
+def rescale_size(height: int, width: int, scale: tuple) -> tuple:
+    """mmcv ``imrescale``: the largest size keeping the aspect ratio whose long side is at most
+    ``max(scale)`` and short side at most ``min(scale)``; returns ``((new_h, new_w), factor)``."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return (int(height * factor + 0.5), int(width * factor + 0.5)), factor
+
+
+class DetTransform:
+    """mmdet 2.x pipeline: resize keeping the ratio to fit ``scale`` (default (1333, 800)), random flip
+    (``flip_prob``; 0 for evaluation), normalise. Padding to a multiple of 32 happens in the collate.
+
+    ``__call__(image, boxes (K,4) xyxy, rng, masks=None) -> (image (3,h,w), boxes, masks, meta)`` with
+    ``meta = {"orig_size": (H, W), "size": (h, w), "scale_factor": factor, "flipped": bool}``. Boxes are
+    scaled per axis by h/H and w/W (as mmdet), which :func:`boxes_to_original` undoes.
+    """
+
+    def __init__(self, scale: tuple = (1333, 800), flip_prob: float = 0.5, normalization: str = "imagenet_rgb"):
+        self.scale, self.flip_prob = tuple(scale), flip_prob
+        self.normalization = check_normalization(normalization)
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator | None,
+                 masks: np.ndarray | None = None):
+        height, width = image.shape[:2]
+        size, factor = rescale_size(height, width, self.scale)
+        tensor = normalize(resize_image(to_tensor(image), size), self.normalization)
+        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+        boxes = boxes * torch.tensor([size[1] / width, size[0] / height] * 2)
+        masks = None if masks is None else resize_label(torch.from_numpy(np.asarray(masks, dtype=bool)), size)
+        flipped = self.flip_prob > 0 and rng.random() < self.flip_prob
+        if flipped:
+            tensor, boxes = tensor.flip(-1), flip_boxes(boxes, size[1])
+            masks = None if masks is None else masks.flip(-1)
+        meta = {"orig_size": (height, width), "size": size, "scale_factor": factor, "flipped": flipped}
+        return tensor.contiguous(), boxes, masks, meta
+
+
+def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:
+    """Map xyxy boxes predicted on the transformed (unflipped) input back to original image pixels."""
+    (height, width), (new_h, new_w) = meta["orig_size"], meta["size"]
+    return boxes / boxes.new_tensor([new_w / width, new_h / height] * 2)
+
+
+# ---------------------------------------------------------------------------------- classification
+class PadCropFlip:
+    """CIFAR training: zero-pad ``padding`` pixels, random ``size`` crop (int or (h, w)), flip p = 0.5
+    (torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip). ``__call__(image, rng)``."""
+
+    def __init__(self, size=32, padding: int = 4, normalization: str = "cifar100"):
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.padding, self.normalization = padding, check_normalization(normalization)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        tensor = F.pad(to_tensor(image), (self.padding,) * 4, value=0.0)
+        tensor = pad_bottom_right(tensor, self.size, 0.0)
+        top = int(rng.integers(tensor.shape[1] - self.size[0] + 1))
+        left = int(rng.integers(tensor.shape[2] - self.size[1] + 1))
+        tensor = tensor[:, top:top + self.size[0], left:left + self.size[1]]
+        if rng.random() < 0.5:
+            tensor = tensor.flip(-1)
+        return normalize(tensor, self.normalization).contiguous()
+
+
+class RandomResizedCropFlip:
+    """ImageNet training (torchvision RandomResizedCrop(224) + flip): area fraction in ``area`` and
+    log-uniform aspect ratio in ``ratio``, 10 tries, then the torchvision centre-crop fallback."""
+
+    def __init__(self, size: int = 224, area: tuple = (0.08, 1.0), ratio: tuple = (3 / 4, 4 / 3),
+                 normalization: str = "imagenet_rgb"):
+        self.size, self.area, self.ratio = size, area, ratio
+        self.normalization = check_normalization(normalization)
+
+    def _window(self, height: int, width: int, rng: np.random.Generator) -> tuple:
+        for _ in range(10):
+            target_area = height * width * rng.uniform(*self.area)
+            aspect = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+            w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                return int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1)), h, w
+        aspect = width / height
+        if aspect < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif aspect > self.ratio[1]:
+            w, h = round(height * self.ratio[1]), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        top, left, h, w = self._window(image.shape[0], image.shape[1], rng)
+        tensor = resize_image(to_tensor(image[top:top + h, left:left + w]), (self.size, self.size), antialias=True)
+        if rng.random() < 0.5:
+            tensor = tensor.flip(-1)
+        return normalize(tensor, self.normalization).contiguous()
+
+
+class ResizeCenterCrop:
+    """ImageNet evaluation: resize the short side to ``resize`` (256), centre crop ``size`` (224).
+    ``resize=None`` skips the resize (CIFAR / synthetic evaluation: normalise the whole image)."""
+
+    def __init__(self, size: int | None = 224, resize: int | None = 256, normalization: str = "imagenet_rgb"):
+        self.size, self.resize = size, resize
+        self.normalization = check_normalization(normalization)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
+        tensor = to_tensor(image)
+        if self.resize is not None:
+            # torchvision Resize(int): short side -> resize, long side truncated
+            height, width = tensor.shape[1:]
+            if height <= width:
+                size = (self.resize, int(self.resize * width / height))
+            else:
+                size = (int(self.resize * height / width), self.resize)
+            tensor = resize_image(tensor, size, antialias=True)
+        if self.size is not None:
+            top = int(round((tensor.shape[1] - self.size) / 2))
+            left = int(round((tensor.shape[2] - self.size) / 2))
+            tensor = tensor[:, top:top + self.size, left:left + self.size]
+        return normalize(tensor, self.normalization).contiguous()

@@ -1,0 +1,290 @@
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kd_ref import datasets as D
+from kd_ref import transforms as T
+
+SIZE = (64, 80)
+
+
+def scenes(split="train", length=4, seed=0):
+    return D.SyntheticScenes(split, seed=seed, size=SIZE, length=length)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every export format of the same 4 train + 2 val scenes."""
+    root = tmp_path_factory.mktemp("exported")
+    for name in D.EXPORTERS:
+        D.export(name, str(root / name), num_train=4, num_val=2, size=SIZE, seed=0)
+    return root
+
+
+# ----------------------------------------------------------------------------- SyntheticScenes
+def test_scenes_are_deterministic_per_seed_split_index():
+    first, again = scenes()[2], scenes()[2]
+    for key in ("image", "semantic", "boxes", "labels", "masks", "difficult"):
+        assert np.array_equal(first[key], again[key]), key
+    assert first["image_label"] == again["image_label"]
+    assert not np.array_equal(first["image"], scenes()[3]["image"])
+    assert not np.array_equal(first["image"], scenes("val")[2]["image"])
+    assert not np.array_equal(first["image"], scenes(seed=1)[2]["image"])
+
+
+def test_scene_sample_types_and_class_set():
+    data = D.SyntheticScenes("train", size=SIZE, length=60)
+    assert data.CLASSES == ("background", "disc", "ring", "square", "rectangle", "triangle", "cross", "star",
+                            "ellipse")
+    assert D.SyntheticScenes.num_semantic_classes == 9 and len(data) == 60
+    seen = set()
+    for index in range(len(data)):
+        sample = data[index]
+        assert sample["image"].shape == SIZE + (3,) and sample["image"].dtype == np.uint8
+        assert sample["semantic"].dtype == np.uint8 and set(np.unique(sample["semantic"])) <= set(range(9)) | {255}
+        assert sample["boxes"].dtype == np.float32 and sample["labels"].dtype == np.int64
+        assert sample["masks"].dtype == bool and sample["masks"].shape == (len(sample["labels"]),) + SIZE
+        seen |= set(sample["labels"].tolist())
+    assert seen == set(range(8))
+    fewer = D.SyntheticScenes("train", size=SIZE, length=30, num_classes=3)
+    assert fewer.num_semantic_classes == 4 and fewer.classes == ("background", "disc", "ring", "square")
+    assert all(fewer[i]["labels"].max() < 3 for i in range(30))
+
+
+def test_boxes_masks_semantic_and_image_label_agree():
+    data = scenes(length=40)
+    for index in range(len(data)):
+        sample = data[index]
+        masks, semantic = sample["masks"], sample["semantic"]
+        assert masks.sum(0).max() <= 1  # occlusion leaves visible masks disjoint
+        for box, label, mask in zip(sample["boxes"], sample["labels"], masks):
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            assert box.tolist() == [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]  # tight, x2/y2 exclusive
+            assert mask.sum() >= D.SyntheticScenes.MIN_VISIBLE and (semantic[mask] == label + 1).all()
+        background = ~masks.any(0)
+        assert set(np.unique(semantic[background])) <= {0, 255}
+        assert sample["image_label"] == sample["labels"][np.argmax(masks.sum((1, 2)))]
+
+
+def test_scene_generation_is_fast():
+    data = D.SyntheticScenes("train", size=(128, 128), length=100)
+    start = time.perf_counter()
+    for index in range(100):
+        data[index]
+    assert (time.perf_counter() - start) / 100 < 0.02  # ~3 ms on one core; loose for busy machines
+
+
+def test_scene_argument_errors():
+    with pytest.raises(ValueError, match="size"):
+        D.SyntheticScenes(size=(8, 8))
+    with pytest.raises(ValueError, match="num_classes"):
+        D.SyntheticScenes(num_classes=9)
+    with pytest.raises(IndexError, match="out of range"):
+        scenes(length=2)[2]
+
+
+# ------------------------------------------------------------------------------- round trips
+def test_cityscapes_round_trip(exported):
+    for split, length in (("train", 4), ("val", 2)):
+        loaded, original = D.Cityscapes(str(exported / "cityscapes"), split), scenes(split, length)
+        assert len(loaded) == length
+        for index in range(length):
+            sample = loaded[index]
+            assert np.array_equal(sample["semantic"], original[index]["semantic"])  # labelIds -> train ids
+            assert np.array_equal(sample["image"], original[index]["image"])
+            assert sample["name"] == f"synthetic/synthetic_{index:06d}_000019.png"
+    label_file = exported / "cityscapes/gtFine/train/synthetic/synthetic_000000_000019_gtFine_labelIds.png"
+    label_ids = set(np.unique(np.asarray(Image.open(label_file))))
+    assert label_ids <= set(D.CITYSCAPES_LABEL_IDS[:9]) | {0}
+
+
+def test_cityscapes_label_id_table():
+    table = D.LABEL_ID_TO_TRAIN_ID
+    assert table[7] == 0 and table[26] == 13 and table[33] == 18 and table[24] == 11
+    assert all(table[i] == 255 for i in (0, 1, 6, 9, 10, 14, 15, 16, 18, 29, 30, 34, 255))
+    assert (table != 255).sum() == 19
+
+
+def test_voc_round_trip(exported):
+    classes = D.SyntheticScenes.CLASSES[1:]
+    for image_set, split, length in (("2007/trainval", "train", 4), ("2007/test", "val", 2)):
+        loaded = D.VOCDetection(str(exported / "voc"), (image_set,), classes=classes)
+        original = scenes(split, length)
+        assert len(loaded) == length
+        for index in range(length):
+            sample, source = loaded[index], original[index]
+            # mmdet XMLDataset: inclusive 1-based corners minus 1 -> x2, y2 one less than the exclusive edge
+            assert np.array_equal(sample["boxes"], source["boxes"] - np.array([0, 0, 1, 1], np.float32))
+            assert np.array_equal(sample["labels"], source["labels"])
+            assert np.array_equal(sample["difficult"], source["difficult"])
+    with pytest.raises(ValueError, match="not in classes=.*pass classes="):
+        D.VOCDetection(str(exported / "voc"), ("2007/trainval",))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' mask decoding under numpy 2
+def test_coco_round_trip_and_category_map(exported):
+    for split, length in (("train", 4), ("val", 2)):
+        loaded = D.COCODetection(str(exported / "coco"), f"{split}2017", with_masks=True)
+        original = scenes(split, length)
+        assert loaded.category_ids == [1, 3, 5, 7, 9, 11, 13, 15] and loaded.classes == D.SyntheticScenes.CLASSES[1:]
+        for index in range(length):
+            sample, source = loaded[index], original[index]
+            assert sample["image_id"] == index + 1
+            for key in ("boxes", "labels", "masks"):
+                assert np.array_equal(sample[key], source[key]), key
+
+
+def test_coco_crowd_boxes_are_ignored_in_training(exported, tmp_path):
+    tree = tmp_path / "coco"
+    (tree / "annotations").mkdir(parents=True)
+    os.symlink(exported / "coco/train2017", tree / "train2017")
+    content = json.loads((exported / "coco/annotations/instances_train2017.json").read_text())
+    first_image = content["images"][0]["id"]
+    for annotation in content["annotations"]:
+        annotation["iscrowd"] = int(annotation["image_id"] == first_image)
+    content["annotations"].append({**content["annotations"][-1], "id": 999, "bbox": [0, 0, 0.5, 4]})  # w < 1
+    (tree / "annotations/instances_train2017.json").write_text(json.dumps(content))
+    loaded = D.COCODetection(str(tree), "train2017")
+    assert loaded[0]["difficult"].all() and not loaded[1]["difficult"].any()
+    assert len(loaded[len(loaded) - 1]["labels"]) == len(scenes(length=4)[3]["labels"])  # w < 1 skipped
+    assert len(D.COCODetection(str(tree), "train2017", filter_empty=True)) == len(loaded) - 1
+    train_set = D.DetectionSet(loaded, T.DetTransform(SIZE[::-1], flip_prob=0.0), train=True)
+    assert len(train_set[0]["target"]["boxes"]) == 0
+    eval_set = D.DetectionSet(loaded, T.DetTransform(SIZE[::-1], flip_prob=0.0), train=False)
+    assert eval_set[0]["target"]["difficult"].all()
+
+
+def test_cifar100_round_trip(exported):
+    for split, length in (("train", 4), ("test", 2)):
+        loaded = D.CIFAR100(str(exported / "cifar100"), split)
+        original = scenes("train" if split == "train" else "val", length)
+        assert len(loaded) == length and loaded.classes == D.SyntheticScenes.CLASSES[1:]
+        assert [loaded[i]["image_label"] for i in range(length)] == [original[i]["image_label"] for i in range(length)]
+        assert loaded[0]["image"].shape == (32, 32, 3) and loaded[0]["image"].dtype == np.uint8
+
+
+def test_imagefolder_round_trip(exported):
+    for split, length in (("train", 4), ("val", 2)):
+        loaded, original = D.ImageFolder(str(exported / "imagefolder"), split), scenes(split, length)
+        assert len(loaded.classes) == 8 and loaded.classes[0] == "000_disc"
+        assert sorted(loaded[i]["image_label"] for i in range(length)) == \
+            sorted(original[i]["image_label"] for i in range(length))
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_cityscapes_errors_name_the_files(exported, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such directory; expected leftImg8bit/train"):
+        D.Cityscapes(str(tmp_path / "nowhere"), "train")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing .*leftImg8bit/train; expected"):
+        D.Cityscapes(str(tmp_path / "flat"), "train")
+    empty = tmp_path / "empty"
+    (empty / "leftImg8bit/train").mkdir(parents=True)
+    (empty / "gtFine/train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no <city>/\\*_leftImg8bit.png under"):
+        D.Cityscapes(str(empty), "train")
+
+    tree = tmp_path / "tree"
+    image_dir, label_dir = tree / "leftImg8bit/val/city", tree / "gtFine/val/city"
+    image_dir.mkdir(parents=True)
+    label_dir.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(image_dir / "a_leftImg8bit.png")
+    with pytest.raises(FileNotFoundError, match="a_leftImg8bit.png has no label file .*a_gtFine_labelIds.png"):
+        D.Cityscapes(str(tree), "val")
+    Image.fromarray(np.zeros((8, 12), np.uint8)).save(label_dir / "a_gtFine_labelIds.png")
+    with pytest.raises(ValueError, match="a_gtFine_labelIds.png is 12x8 but its image .*a_leftImg8bit.png is 10x8"):
+        D.Cityscapes(str(tree), "val")[0]
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(label_dir / "a_gtFine_labelIds.png")
+    with pytest.raises(ValueError, match="a_gtFine_labelIds.png: expected a single-channel 8-bit PNG, got mode RGB"):
+        D.Cityscapes(str(tree), "val")[0]
+    (image_dir / "a_leftImg8bit.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image .*a_leftImg8bit.png"):
+        D.Cityscapes(str(tree), "val")[0]
+
+
+def test_detection_and_classification_loader_errors(exported, tmp_path):
+    with pytest.raises(FileNotFoundError, match="VOC image set '2012/trainval': missing .*VOC2012"):
+        D.VOCDetection(str(exported / "voc"), ("2007/trainval", "2012/trainval"), classes=D.SyntheticScenes.CLASSES[1:])
+    broken = tmp_path / "VOCdevkit/VOC2007"
+    (broken / "ImageSets/Main").mkdir(parents=True)
+    (broken / "Annotations").mkdir()
+    (broken / "ImageSets/Main/test.txt").write_text("x\n")
+    (broken / "Annotations/x.xml").write_text("<annotation><object><name>cat</name></object></annotation>")
+    with pytest.raises(ValueError, match="x.xml is malformed"):
+        D.VOCDetection(str(tmp_path), ("2007/test",))
+    with pytest.raises(FileNotFoundError, match="instances_val2017.json; expected annotations/"):
+        D.COCODetection(str(tmp_path), "val2017")
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        D.CIFAR100(str(tmp_path), "train")
+    (tmp_path / "train").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="is not a python pickle batch"):
+        D.CIFAR100(str(tmp_path), "train")
+    with pytest.raises(FileNotFoundError, match="expected train/<class>"):
+        D.ImageFolder(str(tmp_path / "none"), "train")
+
+
+def test_build_dataset_rejects_unknown_combinations():
+    with pytest.raises(ValueError, match="'seg'/'coco'; supported: seg: synthetic, cityscapes; det: synthetic, voc"):
+        D.build_dataset("seg", "coco", "/data")
+    with pytest.raises(ValueError, match="'cityscapes' needs a root"):
+        D.build_dataset("seg", "cityscapes")
+    with pytest.raises(ValueError, match="with_masks: data 'voc' has no instance masks"):
+        D.build_dataset("det", "voc", "/data", with_masks=True)
+
+
+# ------------------------------------------------------------------------- wrappers and batches
+def test_seg_batches():
+    dataset = D.build_dataset("seg", "synthetic", split="train", size=SIZE, length=3)
+    batch = dataset.collate([dataset.get(i, np.random.default_rng(i)) for i in range(3)])
+    assert batch["images"].shape == (3, 3) + SIZE and batch["images"].dtype == torch.float32
+    assert batch["targets"].shape == (3,) + SIZE and batch["targets"].dtype == torch.int64
+    assert batch["names"] == ["train_000000.png", "train_000001.png", "train_000002.png"]
+    uneven = D.collate_seg([{"image": torch.zeros(3, 4, 5), "target": torch.zeros(4, 5, dtype=torch.int64), "name": "a"},
+                            {"image": torch.zeros(3, 6, 3), "target": torch.zeros(6, 3, dtype=torch.int64), "name": "b"}])
+    assert uneven["images"].shape == (2, 3, 6, 5) and (uneven["targets"][0, 4:] == 255).all()
+
+
+def test_det_batches_pad_to_32_and_drop_difficult_in_training():
+    base = D.SyntheticScenes("train", size=(50, 70), length=40)
+    index = next(i for i in range(40) if base[i]["difficult"].any())
+    transform = T.DetTransform((70, 50), flip_prob=0.0)
+    train = D.DetectionSet(base, transform, train=True, with_masks=True)
+    sample = train.get(index, np.random.default_rng(0))
+    assert len(sample["target"]["boxes"]) == (~base[index]["difficult"]).sum()
+    assert sample["target"]["masks"].shape == (len(sample["target"]["boxes"]), 50, 70)
+    full = D.DetectionSet(base, transform, train=False)[index]["target"]
+    assert torch.equal(full["difficult"], torch.from_numpy(base[index]["difficult"]))
+    small = D.DetectionSet(base, T.DetTransform((40, 20), flip_prob=0.0))[0]
+    batch = D.collate_det([sample, small])
+    assert batch["images"].shape == (2, 3, 64, 96) and batch["image_sizes"] == [(50, 70), (20, 28)]
+    assert batch["images"][1, :, 20:].abs().sum() == 0 and batch["targets"][0]["image_id"] == index
+    assert batch["targets"][1]["scale_factor"] == pytest.approx(0.4)
+
+
+def test_cls_batches():
+    dataset = D.build_dataset("cls", "synthetic", split="train", size=SIZE, length=2)
+    batch = dataset.collate([dataset[0], dataset[1]])
+    assert batch["images"].shape == (2, 3) + SIZE and batch["targets"].dtype == torch.int64
+    assert batch["targets"].tolist() == [dataset.base[0]["image_label"], dataset.base[1]["image_label"]]
+
+
+def test_save_prediction_writes_ids_and_colours(tmp_path):
+    prediction = np.array([[0, 1], [18, 255]], np.uint8)
+    D.save_prediction(prediction, str(tmp_path / "city/a.png"))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "city/a.png")), prediction)
+    colour = np.asarray(Image.open(tmp_path / "city/a_color.png"))
+    assert colour[0, 0].tolist() == [128, 64, 128] and colour[1, 1].tolist() == [0, 0, 0]
+
+
+def test_export_cli(tmp_path, capsys):
+    assert D.main(["export", "--format", "cityscapes", str(tmp_path / "cs"), "--num-train", "1", "--num-val", "1",
+                   "--size", "32", "48"]) == 0
+    assert len(D.Cityscapes(str(tmp_path / "cs"), "val")) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        D.main(["export", "--format", "kitti", str(tmp_path / "k")])
+    assert exit_info.value.code != 0 and "invalid choice: 'kitti'" in capsys.readouterr().err

@@ -1,0 +1,81 @@
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kd_ref import configs
+from kd_ref.engine import (ResumableSampler, Runtime, atomic_save, load_checkpoint, load_model_weights,
+                           lr_factor)
+
+
+def test_poly_schedule_with_floor_and_warmup():
+    recipe = configs.Recipe(iters=100, lr=0.02, min_lr=1e-4, poly_power=0.9)
+    assert lr_factor(0, recipe) == pytest.approx(1.0)
+    expected = (1e-4 + (0.02 - 1e-4) * (1 - 50 / 100) ** 0.9) / 0.02
+    assert lr_factor(50, recipe) == pytest.approx(expected)
+    warm = configs.Recipe(iters=100, lr=0.02, warmup_iters=10, warmup_ratio=0.001)
+    assert lr_factor(0, warm) == pytest.approx(0.001)
+    assert lr_factor(5, warm) == pytest.approx((0.001 + 0.999 * 0.5) * (1 - 0.05) ** 0.9)
+
+
+def test_step_schedule():
+    recipe = configs.Recipe(iters=100, schedule="step", lr_steps=(60, 80))
+    assert [lr_factor(i, recipe) for i in (0, 59, 60, 80, 99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, configs.Recipe(schedule="cosine"))
+
+
+def test_resumable_sampler_continues_the_same_order():
+    data = list(range(23))
+    runtime = Runtime(torch.device("cpu"))
+    full = ResumableSampler(data, runtime, seed=3)
+    full.set_position(epoch=2, start=0)
+    order = list(full)
+    part = ResumableSampler(data, runtime, seed=3)
+    part.set_position(epoch=2, start=7)
+    assert len(part) == len(order) - 7
+    assert list(part) == order[7:]
+    assert list(part) == order, "the start offset applies to one pass only"
+    other = ResumableSampler(data, runtime, seed=3)
+    other.set_position(epoch=3, start=0)
+    assert list(other) != order
+
+
+def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    atomic_save({"model": {"w": torch.ones(1)}}, path)
+
+    def broken_save(obj, target):
+        with open(target, "wb") as handle:
+            handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_save({"model": {"w": torch.zeros(1)}}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["model"]["w"].item() == 1.0
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_checkpoint(str(tmp_path / "missing.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(str(bad))
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="expected a kd_ref checkpoint"):
+        load_checkpoint(str(foreign))
+
+
+def test_load_model_weights_lists_mismatched_keys():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    state = {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(3), "1.weight": torch.zeros(1, 4),
+             "2.weight": torch.zeros(1)}
+    with pytest.raises(ValueError) as info:
+        load_model_weights(model, state, "--teacher-ckpt t.pt")
+    message = str(info.value)
+    assert "missing 1.bias" in message and "unexpected 2.weight" in message and "1.weight: (1, 4) vs (1, 3)" in message

@@ -1,0 +1,201 @@
+"""End-to-end tests of train.py / evaluate.py on tiny synthetic segmentation data."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import train
+from kd_ref import datasets, engine, segmentors
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=8",
+        "--set", "synthetic_val=3", "--batch-size", "2", "--quiet"]
+
+
+def run(out, *flags):
+    return train.main(["--task", "seg", "--out", str(out), *TINY, *flags])
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    run(out, "--method", "none", "--student", "deeplabv3_r18", "--iters", "2")
+    return str(out / "last.pt")
+
+
+def test_train_writes_checkpoint_log_and_metrics_then_evaluates(tmp_path):
+    metrics = run(tmp_path, "--method", "none", "--iters", "3", "--ckpt-every", "2")
+    assert set(metrics) == {"mIoU", "IoU", "aAcc"} and len(metrics["IoU"]) == datasets.SyntheticScenes.num_semantic_classes
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["mIoU"] == metrics["mIoU"]
+    np.testing.assert_equal(written["IoU"], metrics["IoU"])  # NaN for classes absent from the tiny val set
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "eval" not in line]
+    assert [line["iteration"] for line in steps] == [1, 2, 3]
+    for key in ("lr", "loss_seg", "loss_seg_aux", "loss", "seconds", "data_seconds", "peak_memory_mb"):
+        assert key in steps[0] and np.isfinite(steps[0][key])
+    assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
+
+    pred_dir = tmp_path / "pred"
+    scores = evaluate.main(["--ckpt", str(tmp_path / "last.pt"), "--save-pred", str(pred_dir), "--quiet"])
+    assert scores["mIoU"] == pytest.approx(metrics["mIoU"])
+    saved = sorted(os.listdir(pred_dir))
+    assert len(saved) == 2 * 3, "one train-id and one colour PNG per val image"
+
+
+@pytest.mark.parametrize("method", ["kd", "dist", "gdd"])
+def test_each_method_trains_and_resumes(tmp_path, teacher_ckpt, method):
+    common = ["--method", method, "--teacher", "deeplabv3_r18", "--teacher-ckpt", teacher_ckpt, "--ckpt-every", "1"]
+    flags = [*common, "--iters", "2"]
+    run(tmp_path, *flags)
+    losses = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()][0]
+    kd_keys = [k for k in losses if k.startswith("loss_") and not k.startswith("loss_seg")]
+    assert kd_keys and all(np.isfinite(losses[k]) for k in kd_keys)
+    # resume a finished run with more iterations is refused (the schedule would change) ...
+    with pytest.raises(ValueError, match="recipe differs"):
+        run(tmp_path, *common, "--iters", "3", "--resume")
+    # ... while resuming the same recipe continues from the checkpoint and changes nothing
+    before = engine.load_checkpoint(str(tmp_path / "last.pt"))["model"]
+    run(tmp_path, *flags, "--resume")
+    after = engine.load_checkpoint(str(tmp_path / "last.pt"))["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_skd_all_three_terms_with_discriminator_step(tmp_path):
+    # the discriminator needs logit maps of at least 64x64, i.e. 512x512 inputs
+    flags = ["--task", "seg", "--out", str(tmp_path / "t"), "--set", "synthetic_size=(512, 512)", "--crop", "512",
+             "512", "--set", "synthetic_train=2", "--set", "synthetic_val=1", "--batch-size", "2", "--quiet",
+             "--set", "scales=(1.0, 1.0)"]
+    train.main([*flags, "--method", "none", "--student", "pspnet_r18", "--iters", "1"])
+    flags[3] = str(tmp_path / "s")
+    train.main([*flags, "--method", "skd", "--teacher", "pspnet_r18", "--teacher-ckpt",
+                str(tmp_path / "t" / "last.pt"), "--iters", "2", "--ckpt-every", "1"])
+    first = json.loads((tmp_path / "s" / "log.jsonl").read_text().splitlines()[0])
+    for key in ("loss_skd_pi", "loss_skd_pa", "loss_skd_ho", "loss_skd_d"):
+        assert np.isfinite(first[key])
+    ckpt = engine.load_checkpoint(str(tmp_path / "s" / "last.pt"))
+    assert ckpt["extra_optimizer"]["state"], "the discriminator optimizer state is checkpointed"
+    assert any(k.startswith("discriminator.") for k in ckpt["distiller"])
+
+
+def test_resume_after_interruption_ends_with_identical_weights(tmp_path, monkeypatch):
+    flags = ["--method", "none", "--iters", "4", "--ckpt-every", "2", "--seed", "3"]
+    run(tmp_path / "straight", *flags)
+
+    real_check = engine._check_finite
+
+    def crash_at_third_step(losses, iteration):
+        if iteration == 2:
+            raise KeyboardInterrupt
+        real_check(losses, iteration)
+
+    monkeypatch.setattr(engine, "_check_finite", crash_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "interrupted", *flags)
+    monkeypatch.undo()
+    assert engine.load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["iteration"] == 2
+    run(tmp_path / "interrupted", *flags, "--resume")
+    straight = engine.load_checkpoint(str(tmp_path / "straight" / "last.pt"))["model"]
+    resumed = engine.load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["model"]
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    run(tmp_path, "--method", "none", "--iters", "2", "--ckpt-every", "1")
+    saved = (tmp_path / "last.pt").read_bytes()
+    real_losses = segmentors.Segmentor.losses
+
+    def nan_losses(self, out, targets):
+        losses = real_losses(self, out, targets)
+        return {**losses, "loss_seg": losses["loss_seg"] * float("nan")}
+
+    monkeypatch.setattr(segmentors.Segmentor, "losses", nan_losses)
+    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 0.*loss_seg"):
+        run(tmp_path / "other", "--method", "none", "--iters", "2", "--ckpt-every", "1")
+    assert not (tmp_path / "other" / "last.pt").exists()
+    with pytest.raises(FloatingPointError):
+        run(tmp_path, "--method", "none", "--iters", "3", "--ckpt-every", "1", "--set", "seed=1")
+    assert (tmp_path / "last.pt").read_bytes() == saved
+
+
+def _cityscapes_tree(root, image_size=(32, 64), label_size=None):
+    for split in ("train", "val"):
+        folder = root / "leftImg8bit" / split / "aachen"
+        labels = root / "gtFine" / split / "aachen"
+        folder.mkdir(parents=True)
+        labels.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((*image_size, 3), np.uint8)).save(folder / f"aachen_{i:06d}_000019_leftImg8bit.png")
+            Image.fromarray(np.full(label_size or image_size, 7, np.uint8)).save(labels / f"aachen_{i:06d}_000019_gtFine_labelIds.png")
+    return root
+
+
+def cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["no_root", "missing_root", "malformed_root", "size_mismatch", "unreadable",
+                                  "bad_method", "bad_student", "missing_teacher_ckpt"])
+def test_bad_input_gives_one_line_error_and_nonzero_exit(tmp_path, case):
+    base = ["train.py", "--task", "seg", "--out", str(tmp_path / "out"), "--iters", "1", "--batch-size", "2",
+            "--crop", "32", "32", "--quiet"]
+    expected = {"no_root": "--data-root", "missing_root": "does-not-exist", "malformed_root": "leftImg8bit",
+                "size_mismatch": "gtFine", "unreadable": "_leftImg8bit.png", "bad_method": "methods for --task seg",
+                "bad_student": "--student", "missing_teacher_ckpt": "--teacher-ckpt"}[case]
+    if case == "no_root":
+        args = base + ["--data", "cityscapes"]
+    elif case == "missing_root":
+        args = base + ["--data", "cityscapes", "--data-root", str(tmp_path / "does-not-exist")]
+    elif case == "malformed_root":
+        (tmp_path / "empty").mkdir()
+        args = base + ["--data", "cityscapes", "--data-root", str(tmp_path / "empty")]
+    elif case == "size_mismatch":
+        root = _cityscapes_tree(tmp_path / "cs", label_size=(16, 64))
+        args = base + ["--data", "cityscapes", "--data-root", str(root)]
+    elif case == "unreadable":
+        root = _cityscapes_tree(tmp_path / "cs")
+        next((root / "leftImg8bit" / "train" / "aachen").iterdir()).write_bytes(b"\x89PNG truncated")
+        args = base + ["--data", "cityscapes", "--data-root", str(root)]
+    elif case == "bad_method":
+        args = base + ["--method", "nonsense"]
+    elif case == "bad_student":
+        args = base + ["--student", "unet_r18"]
+    else:
+        args = base + ["--method", "kd", "--data", "cityscapes", "--data-root", str(_cityscapes_tree(tmp_path / "cs"))]
+    result = cli(*args)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and expected in last, result.stderr[-2000:]
+
+
+def test_teacher_checkpoint_of_another_architecture_lists_keys(tmp_path, teacher_ckpt):
+    with pytest.raises(ValueError, match="does not fit.*(missing|shape mismatch)"):
+        run(tmp_path, "--method", "kd", "--teacher", "pspnet_r18", "--teacher-ckpt", teacher_ckpt, "--iters", "1")
+
+
+def test_cityscapes_tree_trains_and_evaluates(tmp_path):
+    root = tmp_path / "export"
+    datasets.main(["export", "--format", "cityscapes", str(root), "--num-train", "2", "--num-val", "1",
+                   "--size", "64", "64"])
+    metrics = train.main(["--task", "seg", "--data", "cityscapes", "--data-root", str(root), "--out",
+                          str(tmp_path / "run"), "--iters", "1", "--batch-size", "2", "--crop", "64", "64", "--quiet"])
+    assert len(metrics["IoU"]) == 19
+
+
+def test_torchrun_two_process_gloo_ddp(tmp_path):
+    torchrun = shutil.which("torchrun") or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", "train.py", "--task", "seg",
+                             "--method", "none", "--out", str(tmp_path), *TINY, "--batch-size", "4", "--iters", "2"],
+                            cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "metrics.json").exists()
+    assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 2

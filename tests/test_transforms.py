@@ -1,0 +1,172 @@
+import numpy as np
+import pytest
+import torch
+
+from kd_ref import transforms as T
+
+
+def rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def test_normalizations_hand_values():
+    image = np.zeros((1, 2, 3), np.uint8)
+    image[0, 0] = (124, 116, 104)
+    image[0, 1] = (255, 0, 10)
+    rgb = T.normalize(T.to_tensor(image), "imagenet_rgb")
+    assert rgb[:, 0, 0].tolist() == pytest.approx([(124 - 123.675) / 58.395, (116 - 116.28) / 57.12,
+                                                   (104 - 103.53) / 57.375], abs=1e-6)
+    bgr = T.normalize(T.to_tensor(image), "bgr_mean")  # channel 0 is blue, no std
+    assert bgr[:, 0, 1].tolist() == pytest.approx([10 - 104.00698793, 0 - 116.66876762, 255 - 122.67891434], abs=1e-4)
+    cifar = T.normalize(T.to_tensor(image), "cifar100")
+    assert cifar[0, 0, 1].item() == pytest.approx((255 - 0.5071 * 255) / (0.2675 * 255), abs=1e-5)
+    with pytest.raises(ValueError, match="normalization 'rgb'.*bgr_mean"):
+        T.normalize(T.to_tensor(image), "rgb")
+    with pytest.raises(ValueError, match="uint8 H x W x 3"):
+        T.to_tensor(np.zeros((4, 4), np.uint8))
+
+
+def test_draw_scale_discrete_set_and_continuous_range():
+    generator = rng()
+    draws = {round(T.draw_scale(generator, (0.5, 2.0)), 6) for _ in range(600)}
+    assert draws == {round(0.5 + k / 10, 6) for k in range(16)}  # CIRKD: 0.5 + k/10, k = 0..15
+    values = [T.draw_scale(generator, (0.5, 1.6), step=None) for _ in range(200)]
+    assert 0.5 <= min(values) and max(values) <= 1.6 and len(set(values)) == 200
+    with pytest.raises(ValueError, match="scales"):
+        T.draw_scale(generator, (2.0, 0.5))
+
+
+def test_seg_crop_pads_image_with_zero_and_label_with_255():
+    image = np.full((20, 24, 3), 200, np.uint8)
+    label = np.full((20, 24), 3, np.uint8)
+    transform = T.SegTrainTransform(crop=(32, 40), scales=(1.0, 1.0), normalization="imagenet_rgb", flip_prob=0)
+    out_image, out_label = transform(image, label, rng())
+    assert out_image.shape == (3, 32, 40) and out_label.shape == (32, 40) and out_label.dtype == torch.int64
+    assert (out_label[:20, :24] == 3).all() and (out_label[20:] == 255).all() and (out_label[:, 24:] == 255).all()
+    assert (out_image[:, 20:] == 0).all() and (out_image[:, :, 24:] == 0).all()
+    assert out_image[0, 0, 0].item() == pytest.approx((200 - 123.675) / 58.395)
+
+
+def test_seg_padding_stays_bottom_right_after_flip():
+    image, label = np.zeros((10, 12, 3), np.uint8), np.zeros((10, 12), np.uint8)
+    label[:, 0] = 5
+    transform = T.SegTrainTransform(crop=(16, 16), scales=(1.0, 1.0), flip_prob=1.0)
+    _, out = transform(image, label, rng())
+    assert (out[:10, 11] == 5).all() and (out[:10, :11] == 0).all() and (out[:, 12:] == 255).all()
+
+
+def test_hsv_round_trip_and_photometric_distortion():
+    image = torch.rand(3, 6, 7) * 255
+    image[:, 0, 0] = 0.0
+    assert torch.allclose(T.hsv_to_rgb(*T.rgb_to_hsv(image)), image, atol=1e-3)
+    red = torch.tensor([255.0, 0.0, 0.0]).view(3, 1, 1)
+    hue, saturation, value = T.rgb_to_hsv(red)
+    assert (hue.item(), saturation.item(), value.item()) == (0.0, 1.0, 255.0)
+    assert T.hsv_to_rgb(hue + 120, saturation, value).flatten().tolist() == pytest.approx([0, 255, 0], abs=1e-4)
+    distort = T.PhotoMetricDistortion()
+    outputs = [distort(image, rng(seed)) for seed in range(20)]
+    assert all(o.shape == image.shape and o.min() >= 0 and o.max() <= 255 for o in outputs)
+    assert sum(not torch.allclose(o, image) for o in outputs) > 10
+    assert torch.equal(distort(image, rng(3)), outputs[3])
+    plain = T.SegTrainTransform((6, 7), (1.0, 1.0), flip_prob=0, photometric=True)
+    assert plain(np.zeros((6, 7, 3), np.uint8), np.zeros((6, 7), np.uint8), rng())[0].shape == (3, 6, 7)
+
+
+def test_seg_scale_keeps_label_values_and_size():
+    label = rng(1).choice(np.array([0, 3, 7, 255], np.uint8), size=(30, 40))
+    image = rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    transform = T.SegTrainTransform(crop=(10, 10), scales=(2.0, 2.0), flip_prob=0)
+    for seed in range(5):
+        _, out = transform(image, label, rng(seed))
+        assert set(out.unique().tolist()) <= {0, 3, 7, 255}
+    big = T.resize_label(torch.from_numpy(label.astype(np.int64)), (60, 80))
+    assert torch.equal(big[::2, ::2], torch.from_numpy(label.astype(np.int64)))  # x2 nearest copies pixels
+
+
+def test_seg_flip_moves_image_and_label_together_and_is_reproducible():
+    image = np.zeros((16, 16, 3), np.uint8)
+    image[:, :4] = 255
+    label = np.zeros((16, 16), np.uint8)
+    label[:, :4] = 1
+    transform = T.SegTrainTransform(crop=(16, 16), scales=(1.0, 1.0), normalization="bgr_mean", flip_prob=1.0)
+    out_image, out_label = transform(image, label, rng())
+    assert (out_label[:, 12:] == 1).all() and (out_label[:, :12] == 0).all()
+    assert (out_image[:, :, 12:] > 100).all() and (out_image[:, :, :12] < 0).all()
+    random_transform = T.SegTrainTransform(crop=(12, 12), scales=(0.5, 2.0))
+    first, second = random_transform(image, label, rng(5)), random_transform(image, label, rng(5))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_cat_max_ratio_redraws_crops_dominated_by_one_class():
+    label = np.zeros((10, 100), np.uint8)
+    label[:, 90:] = 1  # only crops near the right edge hold two classes
+    image = np.zeros((10, 100, 3), np.uint8)
+    transform = T.SegTrainTransform(crop=(10, 20), scales=(1.0, 1.0), flip_prob=0, cat_max_ratio=0.75)
+    mixed = sum(len(transform(image, label, rng(seed))[1].unique()) == 2 for seed in range(40))
+    plain = T.SegTrainTransform(crop=(10, 20), scales=(1.0, 1.0), flip_prob=0)
+    assert mixed > sum(len(plain(image, label, rng(seed))[1].unique()) == 2 for seed in range(40))
+
+
+def test_seg_eval_transform_keeps_whole_image():
+    image, label = np.zeros((7, 9, 3), np.uint8), np.full((7, 9), 255, np.uint8)
+    out_image, out_label = T.SegEvalTransform("imagenet_rgb")(image, label)
+    assert out_image.shape == (3, 7, 9) and out_label.shape == (7, 9) and (out_label == 255).all()
+
+
+def test_rescale_size_follows_mmcv_imrescale():
+    assert T.rescale_size(480, 640, (1333, 800)) == ((800, 1067), pytest.approx(800 / 480))
+    assert T.rescale_size(500, 2000, (1333, 800)) == ((333, 1333), pytest.approx(1333 / 2000))
+
+
+def test_flip_boxes_by_hand_and_involution():
+    boxes = torch.tensor([[10.0, 5.0, 30.0, 25.0]])
+    assert T.flip_boxes(boxes, 100).tolist() == [[70.0, 5.0, 90.0, 25.0]]
+    assert torch.equal(T.flip_boxes(T.flip_boxes(boxes, 100), 100), boxes)
+
+
+def test_det_transform_scales_flips_and_maps_back():
+    image = np.zeros((40, 60, 3), np.uint8)
+    image[10:20, 5:25] = 255
+    boxes = np.array([[5, 10, 25, 20]], np.float32)
+    masks = np.zeros((1, 40, 60), bool)
+    masks[0, 10:20, 5:25] = True
+    plain = T.DetTransform(scale=(120, 80), flip_prob=0.0)
+    out, out_boxes, out_masks, meta = plain(image, boxes, None, masks)
+    assert out.shape == (3, 80, 120) and meta["size"] == (80, 120) and meta["scale_factor"] == 2.0
+    assert out_boxes.tolist() == [[10.0, 20.0, 50.0, 40.0]]
+    assert out_masks.shape == (1, 80, 120) and out_masks[0, 20:40, 10:50].all() and out_masks.sum() == 800
+    assert torch.allclose(T.boxes_to_original(out_boxes, meta), torch.from_numpy(boxes))
+    flipped, flipped_boxes, flipped_masks, meta = T.DetTransform((120, 80), flip_prob=1.0)(image, boxes, rng(), masks)
+    assert meta["flipped"] and flipped_boxes.tolist() == [[70.0, 20.0, 110.0, 40.0]]
+    assert flipped_masks[0, 20:40, 70:110].all() and flipped_masks.sum() == 800
+    bright = flipped[0] > 1.0  # the white patch, normalised
+    cols = torch.nonzero(bright.any(0)).flatten()
+    assert cols.min().item() == 70 and cols.max().item() == 109
+
+
+def test_classification_transforms_shapes_and_padding():
+    image = np.full((32, 32, 3), 255, np.uint8)
+    crops = [T.PadCropFlip(32, 4)(image, rng(seed)) for seed in range(20)]
+    assert all(c.shape == (3, 32, 32) for c in crops)
+    zero = T.normalize(torch.zeros(3, 1, 1), "cifar100")[:, 0, 0]
+    assert any(torch.allclose(c[:, 0, 0], zero) for c in crops)  # some crops start inside the padding
+    photo = rng().integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    assert T.RandomResizedCropFlip(224)(photo, rng()).shape == (3, 224, 224)
+    assert T.ResizeCenterCrop(224, 256)(photo).shape == (3, 224, 224)
+    assert T.ResizeCenterCrop(None, None)(photo).shape == (3, 300, 400)
+    assert T.PadCropFlip((24, 40), 3, "imagenet_rgb")(photo[:24, :40], rng()).shape == (3, 24, 40)
+
+
+def test_seed_worker_is_reproducible_per_seed_rank_worker():
+    def draw(worker, seed, rank):
+        T.seed_worker(worker, seed=seed, rank=rank)
+        return torch.rand(3), np.random.rand()
+
+    state = torch.get_rng_state(), np.random.get_state()
+    try:
+        first, again = draw(0, 1, 0), draw(0, 1, 0)
+        assert torch.equal(first[0], again[0]) and first[1] == again[1]
+        assert not torch.equal(first[0], draw(1, 1, 0)[0]) and not torch.equal(first[0], draw(0, 1, 1)[0])
+    finally:
+        torch.set_rng_state(state[0])
+        np.random.set_state(state[1])
