@@ -11,7 +11,6 @@ evaluation) and ``metrics.json`` (final scores).
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import json
 import os
@@ -52,21 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def parse_overrides(items: list) -> dict:
-    """``["iters=10", "crop=(64, 64)"]`` -> recipe fields, values read as Python literals."""
-    fields = {f.name for f in dataclasses.fields(configs.Recipe)}
-    overrides = {}
-    for item in items:
-        name, sep, text = item.partition("=")
-        if not sep or name not in fields:
-            raise ValueError(f"--set {item}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
-        try:
-            overrides[name] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            overrides[name] = text  # a bare word such as a model name
-    return overrides
-
-
 def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
     """The preset named (or implied) by the flags, with the explicit flags applied on top."""
     if args.task not in configs.TASKS:
@@ -88,7 +72,7 @@ def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
                  "lr": args.lr, "crop": tuple(args.crop) if args.crop else None,
                  "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
-    recipe = dataclasses.replace(recipe, **parse_overrides(args.overrides))
+    recipe = dataclasses.replace(recipe, **configs.parse_overrides(args.overrides))
     task = recipe.task
     if recipe.method not in configs.supported_methods(task):
         raise ValueError(f"--method {recipe.method} does not support --task {task}; supported: "

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,6 +41,7 @@ class Recipe:
     synthetic_size: tuple = (128, 128)
     synthetic_train: int = 2000
     synthetic_val: int = 100
+    image_scale: tuple = (1333, 800)  # det: keep-ratio resize bounds (long side, short side), mmdet img_scale
     # optimisation
     batch_size: int = 16             # total over all processes
     iters: int = 40000
@@ -59,6 +61,21 @@ class Recipe:
     seed: int = 0
     method_options: dict = field(default_factory=dict)
     teacher_preset: str | None = None  # recipe that trains the teacher on synthetic data
+
+
+def parse_overrides(items: list) -> dict:
+    """``["iters=10", "crop=(64, 64)"]`` -> recipe fields, values read as Python literals."""
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            overrides[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[name] = text  # a bare word such as a model name
+    return overrides
 
 
 # ------------------------------------------------------------------------------------------ methods
