@@ -23,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="seg", help=f"one of {sorted(configs.TASKS)}")
     parser.add_argument("--method", default=None, help="distillation method (default: the preset's, else none)")
+    parser.add_argument("--sokd-base", default=None, choices=configs.SOKD_BASES,
+                        help="--method sokd: the base method SoKD is plugged into (default: the preset's)")
     parser.add_argument("--preset", default=None, help="named recipe (see README); default depends on task/method/data")
     parser.add_argument("--data", default=None, help="synthetic (default) or a real data set of the task")
     parser.add_argument("--data-root", default=None, help="folder of a real data set")
@@ -73,6 +75,11 @@ def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
                  "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     recipe = dataclasses.replace(recipe, **configs.parse_overrides(args.overrides))
+    if args.sokd_base is not None:
+        if recipe.method != "sokd":
+            raise ValueError(f"--sokd-base {args.sokd_base}: only for --method sokd (the recipe's method is "
+                             f"{recipe.method})")
+        recipe = dataclasses.replace(recipe, method_options={**recipe.method_options, "base": args.sokd_base})
     task = recipe.task
     if recipe.method not in configs.supported_methods(task):
         raise ValueError(f"--method {recipe.method} does not support --task {task}; supported: "
@@ -145,6 +152,9 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     try:
         main()
+    except engine.TrainingInterrupted as stop:
+        print(f"interrupted: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

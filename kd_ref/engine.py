@@ -49,7 +49,9 @@ import math
 import os
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -258,6 +260,48 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# -------------------------------------------------------------------------------------- preemption
+class TrainingInterrupted(Exception):
+    """Raised after SIGTERM/SIGINT once the current iteration is finished and checkpointed."""
+
+    def __init__(self, signum: int, iteration: int, ckpt_path: str):
+        self.signum, self.iteration, self.ckpt_path = signum, iteration, ckpt_path
+        super().__init__(f"{signal.Signals(signum).name} received: stopped after iteration {iteration}, "
+                         f"checkpoint {ckpt_path}; continue with the same command plus --resume")
+
+
+class PreemptionGuard:
+    """Turns the first SIGTERM/SIGINT into a request to stop at the end of the current iteration (a
+    second one acts as usual). Under DDP the request is agreed over all ranks, so every rank stops
+    at the same iteration even if only one was signalled."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
+
+    def requested(self, runtime: Runtime) -> int:
+        """The signal number to stop for (0: keep going), the same on every rank."""
+        if runtime.world_size == 1:
+            return self.signum
+        flag = torch.tensor([self.signum], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
 # ------------------------------------------------------------------------------------- epoch hook
 @dataclass
 class EpochContext:
@@ -410,79 +454,83 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     bar = tqdm(total=recipe.iters, initial=start_iter, desc=f"train {recipe.student} [{recipe.method}]",
                disable=not runtime.is_main or quiet, dynamic_ncols=True)
     iteration = start_iter
-    metrics = None
-    while iteration < recipe.iters:
-        epoch, offset = divmod(iteration, iters_per_epoch)
-        augmented.epoch = epoch
-        sampler.set_position(epoch, offset * per_rank_batch)
-        if offset == 0 and hasattr(distiller, "before_epoch"):
-            distiller.before_epoch(EpochContext(epoch, unwrap(model), teacher, train_set, collate, runtime))
-        model.train()
-        tick = time.perf_counter()
-        for batch in loader:
-            batch = move_to(batch, runtime.device)
-            data_seconds = time.perf_counter() - tick
-            factor = lr_factor(iteration, recipe)
-            set_lr(optimizer, recipe.lr, factor)
-            with runtime.autocast():
-                student_out = model(batch["images"], batch["targets"], batch.get("image_sizes"))
-                losses = dict(student_out["losses"])
-                if distiller is not None:
-                    with torch.no_grad():
-                        teacher_out = teacher(batch["images"], image_sizes=batch.get("image_sizes"), predict=False)
-                    bound = method.bind[recipe.task](student_out, teacher_out, batch)
-                    losses.update(distiller(**bound))
-            losses = {name: value.float() for name, value in losses.items()}
-            _check_finite(losses, iteration)
-            total = sum(losses.values())
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            _average_gradients(distiller_params, runtime)
-            scaler.unscale_(optimizer)
-            if recipe.grad_clip:
-                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-
-            if extra_optimizer is not None:
-                for group, base in zip(extra_optimizer.param_groups, extra_base_lrs):
-                    group["lr"] = base * (extra_lr_lambda(iteration) if extra_lr_lambda else 1.0)
-                with runtime.autocast():
-                    extra = {k: v.float() for k, v in distiller.extra_losses(**bound).items()}
-                _check_finite(extra, iteration)
-                extra_optimizer.zero_grad(set_to_none=True)
-                extra_scaler.scale(sum(extra.values())).backward()
-                _average_gradients(extra_params, runtime)
-                extra_scaler.step(extra_optimizer)
-                extra_scaler.update()
-                losses.update(extra)
-
-            if hasattr(distiller, "after_step"):
-                def objective(step_batch, teacher_out=teacher_out):
-                    out = unwrap(model)(step_batch["images"], step_batch["targets"], step_batch.get("image_sizes"))
-                    terms = distiller(**method.bind[recipe.task](out, teacher_out, step_batch))
-                    return sum(out["losses"].values()) + sum(terms.values())
-                distiller.after_step(StepContext(iteration, batch, unwrap(model), teacher, objective, runtime))
-
-            iteration += 1
-            seconds = time.perf_counter() - tick
-            if runtime.is_main:
-                log.write({"iteration": iteration, "epoch": epoch, "lr": recipe.lr * factor,
-                           **{k: round(v.item(), 6) for k, v in losses.items()},
-                           "loss": round(total.item(), 6), "seconds": round(seconds, 4),
-                           "data_seconds": round(data_seconds, 4),
-                           "peak_memory_mb": round(peak_memory_mb(runtime.device), 1)})
-                bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{recipe.lr * factor:.2e}")
-                bar.update(1)
-            last = iteration == recipe.iters
-            if recipe.eval_every and (iteration % recipe.eval_every == 0) and not last:
-                run_eval(iteration)
-                model.train()
-            if last or (recipe.ckpt_every and iteration % recipe.ckpt_every == 0):
-                save(iteration)
-            if last:
-                break
+    with PreemptionGuard() as guard:
+        while iteration < recipe.iters:
+            epoch, offset = divmod(iteration, iters_per_epoch)
+            augmented.epoch = epoch
+            sampler.set_position(epoch, offset * per_rank_batch)
+            if offset == 0 and hasattr(distiller, "before_epoch"):
+                distiller.before_epoch(EpochContext(epoch, unwrap(model), teacher, train_set, collate, runtime))
+            model.train()
             tick = time.perf_counter()
+            for batch in loader:
+                batch = move_to(batch, runtime.device)
+                data_seconds = time.perf_counter() - tick
+                factor = lr_factor(iteration, recipe)
+                set_lr(optimizer, recipe.lr, factor)
+                with runtime.autocast():
+                    student_out = model(batch["images"], batch["targets"], batch.get("image_sizes"))
+                    losses = dict(student_out["losses"])
+                    if distiller is not None:
+                        with torch.no_grad():
+                            teacher_out = teacher(batch["images"], image_sizes=batch.get("image_sizes"), predict=False)
+                        bound = method.bind[recipe.task](student_out, teacher_out, batch)
+                        losses.update(distiller(**bound))
+                losses = {name: value.float() for name, value in losses.items()}
+                _check_finite(losses, iteration)
+                total = sum(losses.values())
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                _average_gradients(distiller_params, runtime)
+                scaler.unscale_(optimizer)
+                if recipe.grad_clip:
+                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+
+                if extra_optimizer is not None:
+                    for group, base in zip(extra_optimizer.param_groups, extra_base_lrs):
+                        group["lr"] = base * (extra_lr_lambda(iteration) if extra_lr_lambda else 1.0)
+                    with runtime.autocast():
+                        extra = {k: v.float() for k, v in distiller.extra_losses(**bound).items()}
+                    _check_finite(extra, iteration)
+                    extra_optimizer.zero_grad(set_to_none=True)
+                    extra_scaler.scale(sum(extra.values())).backward()
+                    _average_gradients(extra_params, runtime)
+                    extra_scaler.step(extra_optimizer)
+                    extra_scaler.update()
+                    losses.update(extra)
+
+                if hasattr(distiller, "after_step"):
+                    def objective(step_batch, teacher_out=teacher_out):
+                        out = unwrap(model)(step_batch["images"], step_batch["targets"], step_batch.get("image_sizes"))
+                        terms = distiller(**method.bind[recipe.task](out, teacher_out, step_batch))
+                        return sum(out["losses"].values()) + sum(terms.values())
+                    distiller.after_step(StepContext(iteration, batch, unwrap(model), teacher, objective, runtime))
+
+                iteration += 1
+                seconds = time.perf_counter() - tick
+                if runtime.is_main:
+                    log.write({"iteration": iteration, "epoch": epoch, "lr": recipe.lr * factor,
+                               **{k: round(v.item(), 6) for k, v in losses.items()},
+                               "loss": round(total.item(), 6), "seconds": round(seconds, 4),
+                               "data_seconds": round(data_seconds, 4),
+                               "peak_memory_mb": round(peak_memory_mb(runtime.device), 1)})
+                    bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{recipe.lr * factor:.2e}")
+                    bar.update(1)
+                last = iteration == recipe.iters
+                if recipe.eval_every and (iteration % recipe.eval_every == 0) and not last:
+                    run_eval(iteration)
+                    model.train()
+                stop_signal = guard.requested(runtime)
+                if last or stop_signal or (recipe.ckpt_every and iteration % recipe.ckpt_every == 0):
+                    save(iteration)
+                if stop_signal:
+                    bar.close()
+                    raise TrainingInterrupted(stop_signal, iteration, ckpt_path)
+                if last:
+                    break
+                tick = time.perf_counter()
     bar.close()
     metrics = run_eval(iteration)
     if runtime.is_main:

@@ -2,8 +2,10 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -68,6 +70,13 @@ def test_each_method_trains_and_resumes(tmp_path, teacher_ckpt, method):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_bf16_autocast_on_cpu_trains_with_float32_losses(tmp_path, teacher_ckpt):
+    run(tmp_path, "--method", "gdd", "--teacher", "deeplabv3_r18", "--teacher-ckpt", teacher_ckpt, "--iters", "1",
+        "--amp")
+    first = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(first["loss_gdd_c5"]) and np.isfinite(first["loss_seg"])
+
+
 def test_skd_all_three_terms_with_discriminator_step(tmp_path):
     # the discriminator needs logit maps of at least 64x64, i.e. 512x512 inputs
     flags = ["--task", "seg", "--out", str(tmp_path / "t"), "--set", "synthetic_size=(512, 512)", "--crop", "512",
@@ -105,6 +114,25 @@ def test_resume_after_interruption_ends_with_identical_weights(tmp_path, monkeyp
     straight = engine.load_checkpoint(str(tmp_path / "straight" / "last.pt"))["model"]
     resumed = engine.load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["model"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_sigterm_checkpoints_the_current_iteration_and_says_how_to_resume(tmp_path):
+    args = ["train.py", "--task", "seg", "--method", "none", "--out", str(tmp_path), *TINY, "--iters", "200",
+            "--ckpt-every", "1000"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "log.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM" in stderr and "--resume" in stderr
+    stopped_at = engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"]
+    assert 1 <= stopped_at < 200
+    logged = [json.loads(line)["iteration"] for line in log.read_text().splitlines()]
+    assert logged[-1] == stopped_at, "the checkpoint holds the last finished iteration"
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
