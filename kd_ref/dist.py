@@ -39,12 +39,9 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from kd_ref.precision import at_least_float32
+
 TASKS = ("seg", "cls", "det_retina", "det_frcnn")
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    # Under AMP the logits arrive in half precision; float64 is kept so gradchecks stay exact.
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _check_same_shape(name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -88,8 +85,8 @@ def dist_loss_terms(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float =
                     use_sigmoid: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tau^2 * inter, tau^2 * intra)`` for ``(B, C)`` or ``(N, C, H, W)`` logits; teacher detached."""
     _check_same_shape("dist_loss_terms: logits", logits_s, logits_t)
-    rows_s = flatten_dense(_at_least_float32(logits_s)) / tau
-    rows_t = flatten_dense(_at_least_float32(logits_t.detach())) / tau
+    rows_s = flatten_dense(at_least_float32(logits_s)) / tau
+    rows_t = flatten_dense(at_least_float32(logits_t.detach())) / tau
     if use_sigmoid:
         y_s, y_t = rows_s.sigmoid(), rows_t.sigmoid()
     else:

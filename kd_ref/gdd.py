@@ -34,10 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    # Under AMP the features arrive in half precision; float64 is kept so the golden checks stay exact.
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+from kd_ref.precision import at_least_float32
 
 
 def channel_kl_loss(pred: torch.Tensor, target: torch.Tensor, tau: float = 4.0) -> torch.Tensor:
@@ -51,8 +48,8 @@ def channel_kl_loss(pred: torch.Tensor, target: torch.Tensor, tau: float = 4.0) 
         raise ValueError(f"channel_kl_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} "
                          "must have the same shape")
     n, c = pred.shape[:2]
-    log_q = F.log_softmax(_at_least_float32(pred).flatten(2) / tau, dim=2)
-    log_p = F.log_softmax(_at_least_float32(target.detach()).flatten(2) / tau, dim=2)
+    log_q = F.log_softmax(at_least_float32(pred).flatten(2) / tau, dim=2)
+    log_p = F.log_softmax(at_least_float32(target.detach()).flatten(2) / tau, dim=2)
     return tau ** 2 * (log_p.exp() * (log_p - log_q)).sum() / (n * c)
 
 

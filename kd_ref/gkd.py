@@ -66,12 +66,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kd_ref.precision import at_least_float32
+
 Prototypes = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
-
-
-def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    # Under AMP features arrive in half precision; float64 stays float64 for exact checks.
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +112,7 @@ def density_candidates(feats_s: torch.Tensor, feats_t: torch.Tensor, sigma: floa
     if num == 0:
         return keep.nonzero().flatten()
     for feats in (feats_s, feats_t):
-        unit = _unit_rows(_at_least_float32(feats.detach()))
+        unit = _unit_rows(at_least_float32(feats.detach()))
         distance = 1.0 - unit @ unit.T
         density = torch.exp(-(distance / sigma) ** 2).sum(dim=1)
         threshold = density.sort().values[int(num * quantile)]
@@ -141,8 +138,8 @@ def generate_prototypes(feats_s: torch.Tensor, feats_t: torch.Tensor, num_protot
         empty = torch.zeros(0, dtype=torch.long, device=feats_s.device)
         return feats_s[empty], feats_t[empty], empty
 
-    residual_a = _unit_rows(_at_least_float32(feats_s)).double()      # (N, C_s)
-    residual_b = _unit_rows(_at_least_float32(feats_t)).double()      # (N, C_t)
+    residual_a = _unit_rows(at_least_float32(feats_s)).double()      # (N, C_s)
+    residual_b = _unit_rows(at_least_float32(feats_t)).double()      # (N, C_t)
     atoms_a, atoms_b = residual_a[candidates], residual_b[candidates]  # (K, C)
     atom_sq_a = (atoms_a ** 2).sum(dim=1, keepdim=True)                # (K, 1), ~1
     atom_sq_b = (atoms_b ** 2).sum(dim=1, keepdim=True)
@@ -400,7 +397,7 @@ def prototype_similarity(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     """Global-knowledge representation: cosine of each row of ``x`` to each prototype, (N, P)."""
     _check_matrix("prototype_similarity: x", x)
     _check_matrix("prototype_similarity: protos", protos, cols=x.shape[1])
-    x = _at_least_float32(x)
+    x = at_least_float32(x)
     return _unit_rows(x) @ _unit_rows(protos.to(device=x.device, dtype=x.dtype)).T
 
 
@@ -445,8 +442,8 @@ def global_alignment_loss(pooled_s: torch.Tensor, pooled_t: torch.Tensor, protos
         raise ValueError(f"global_alignment_loss: weights must be ({pooled_s.shape[0]},), got "
                          f"{tuple(weights.shape)}")
     if pooled_s.shape[0] == 0 or protos_s.shape[0] == 0:
-        return _at_least_float32(pooled_s).new_zeros(())
-    row_weight = _at_least_float32(weights.detach()).unsqueeze(1)
+        return at_least_float32(pooled_s).new_zeros(())
+    row_weight = at_least_float32(weights.detach()).unsqueeze(1)
     rep_s = row_weight * prototype_similarity(pooled_s, protos_s)
     rep_t = row_weight * prototype_similarity(pooled_t.detach(), protos_t)
     return F.smooth_l1_loss(rep_s, rep_t, beta=beta, reduction="mean")
@@ -492,7 +489,7 @@ def local_feature_loss(feat_s_adapt: torch.Tensor, feat_t: torch.Tensor, mask: t
     batch, channels, height, width = feat_s_adapt.shape
     if mask.shape != (batch, height, width):
         raise ValueError(f"local_feature_loss: mask must be {(batch, height, width)}, got {tuple(mask.shape)}")
-    feat_s_adapt = _at_least_float32(feat_s_adapt)
+    feat_s_adapt = at_least_float32(feat_s_adapt)
     squared_error = (feat_s_adapt - feat_t.detach().to(feat_s_adapt.dtype)).pow(2).sum(dim=1, dtype=torch.float64)
     mask = mask.detach().to(device=squared_error.device, dtype=torch.float64)
     background = 1.0 - (mask > 0).double()
@@ -508,7 +505,7 @@ def soft_label_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature:
     _check_matrix("soft_label_loss: logits_t", logits_t, rows=logits_s.shape[0], cols=logits_s.shape[1])
     if weights is not None and weights.shape != (logits_s.shape[0],):
         raise ValueError(f"soft_label_loss: weights must be ({logits_s.shape[0]},), got {tuple(weights.shape)}")
-    logits_s = _at_least_float32(logits_s)
+    logits_s = at_least_float32(logits_s)
     if logits_s.shape[0] == 0:
         return logits_s.new_zeros(())
     log_p_s = F.log_softmax(logits_s / temperature, dim=1)

@@ -80,6 +80,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from kd_ref.precision import at_least_float32
+
 KernelSize = Union[int, Sequence[int]]
 
 PIXEL_NORMALIZATIONS = ("pixels", "spatial")
@@ -92,11 +94,6 @@ D_MIN_INPUT_SIZE = 64  # four stride-2 convolutions and a 4x4 valid convolution
 
 def _autocast_off(tensor: torch.Tensor):
     return torch.autocast(device_type=tensor.device.type, enabled=False)
-
-
-def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    # Half-precision inputs (autocast) are lifted to float32; float64 stays float64 for gradchecks.
-    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,8 +114,8 @@ def pixel_wise_kd(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1
                          f"got {normalize!r}")
     batch, _, height, width = logits_s.shape
     with _autocast_off(logits_s):
-        log_p_s = F.log_softmax(_at_least_float32(logits_s) / tau, dim=1)
-        log_p_t = F.log_softmax(_at_least_float32(logits_t.detach()) / tau, dim=1)
+        log_p_s = F.log_softmax(at_least_float32(logits_s) / tau, dim=1)
+        log_p_t = F.log_softmax(at_least_float32(logits_t.detach()) / tau, dim=1)
         kl_sum = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
         denominator = batch * height * width if normalize == "pixels" else height * width
         return tau ** 2 * kl_sum / denominator
@@ -138,7 +135,7 @@ def pool_kernel_from_scale(h: int, w: int, scale: float) -> tuple[int, int]:
 def _normalised_nodes(feat: torch.Tensor, kernel: Optional[KernelSize], detach_norm: bool,
                       eps: float) -> torch.Tensor:
     """(B, C, N) unit-norm node columns; all-zero nodes stay zero (the norm is clamped at eps)."""
-    feat = _at_least_float32(feat)
+    feat = at_least_float32(feat)
     if kernel is not None:
         # ceil_mode keeps the border: a 9x11 map with kernel 2 gives 5x6 nodes, as in both codes.
         feat = F.max_pool2d(feat, kernel_size=kernel, stride=kernel, padding=0, ceil_mode=True)
@@ -427,7 +424,7 @@ class SKDDistiller(nn.Module):
     # ---- student side -----------------------------------------------------------------------
 
     def _discriminator_input(self, logits: torch.Tensor, image: Optional[torch.Tensor]):
-        logits = _at_least_float32(logits)
+        logits = at_least_float32(logits)
         if self.d_input == "logits":
             return logits
         if image is None:

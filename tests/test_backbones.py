@@ -6,24 +6,7 @@ import torchvision
 from torch import nn
 
 from kd_ref.backbones import FLAVOURS, build_backbone, convert_backbone_state_dict
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def randomise_(module: nn.Module) -> nn.Module:
-    """Random weights and BN statistics so that eval-mode comparisons exercise every tensor."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if not tensor.dtype.is_floating_point:
-                continue
-            if name.endswith("running_var") or (name.endswith("weight") and tensor.dim() == 1):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
-    return module
+from model_helpers import count_parameters, randomise_
 
 
 @pytest.mark.parametrize("flavour, depth, expected", [

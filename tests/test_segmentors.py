@@ -7,23 +7,7 @@ from torch import nn
 
 from kd_ref.segmentors import (FLAVOURS, SEGMENTOR_NAMES, build_segmentor, convert_reference_state_dict,
                                load_reference_checkpoint, segmentation_ce)
-
-
-def count_parameters(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())
-
-
-def randomise_(module: nn.Module) -> nn.Module:
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if not tensor.dtype.is_floating_point:
-                continue
-            if name.endswith("running_var") or (name.endswith("weight") and tensor.dim() == 1):
-                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
-            else:
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
-    return module
+from model_helpers import count_parameters, randomise_
 
 
 # (flavour, name, total, without aux, decode head, aux head)
