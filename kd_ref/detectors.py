@@ -366,6 +366,8 @@ class _FPNDetector(nn.Module):
         self.backbone = backbone
         self.neck = neck
         self.num_classes = num_classes
+        self.out_channels = {**backbone.out_channels,
+                             **{name: neck.output_convs[0].out_channels for name in neck.names}}
 
     def extract_feats(self, images):
         feats = OrderedDict(self.backbone(images))
@@ -490,7 +492,9 @@ class FasterRCNN(_FPNDetector):
         """(R, K+1) class logits of this detector's RoI head on given ``rois``, pooled from ``feats``."""
         return self.box_head(self.roi_features(feats, rois))[0]
 
-    def forward(self, images, targets=None, image_sizes=None, predict=True):
+    def forward(self, images, targets=None, image_sizes=None, predict=True, rois=None):
+        """``rois`` (R, 5): also run the RoI head on these boxes (``roi_feats``, ``roi_cls_logits``); a
+        teacher gets the student's sampled RoIs this way, so both heads score the same boxes."""
         image_sizes = _check_inputs(images, targets, image_sizes, self.num_classes)
         feats = self.extract_feats(images)
         levels = self.pyramid(feats)
@@ -511,6 +515,9 @@ class FasterRCNN(_FPNDetector):
         elif not self.training and predict:
             out["proposals"] = self.proposals(rpn_cls, rpn_reg, anchors, image_sizes, *self.rpn_test)
             out["detections"] = self.predict(feats, out["proposals"], image_sizes)
+        if rois is not None:
+            out["roi_feats"] = self.roi_features(feats, rois)
+            out["roi_cls_logits"], out["roi_bbox_preds"] = self.box_head(out["roi_feats"])
         return out
 
     def rpn_loss(self, rpn_cls, rpn_reg, anchors, feat_sizes, targets, image_sizes):

@@ -222,6 +222,11 @@ def test_faster_rcnn_training_forward(faster_rcnn):
     assert (out["roi_targets"][labels == 3] == 0).all()
     faster_rcnn.eval()  # roi_logits reproduces the training-path logits on the same RoIs
     assert torch.allclose(faster_rcnn.roi_logits(out["feats"], rois), out["roi_cls_logits"], atol=1e-5)
+    with torch.no_grad():  # a teacher given the student's RoIs scores exactly those boxes
+        teacher_view = faster_rcnn(images, image_sizes=IMAGE_SIZES, predict=False, rois=rois)
+    assert "detections" not in teacher_view
+    assert torch.allclose(teacher_view["roi_cls_logits"], out["roi_cls_logits"], atol=1e-5)
+    assert torch.allclose(teacher_view["roi_feats"], out["roi_feats"], atol=1e-5)
     sum(out["losses"].values()).backward()
     assert faster_rcnn.backbone.layer2[0].conv1.weight.grad.abs().sum() > 0
 
