@@ -158,6 +158,8 @@ class SyntheticScenes:
     internal shading and optional stripes, painted in order so that later objects occlude earlier ones;
     finally optional blur and Gaussian noise. Look-alike classes (square / rectangle, disc / ring /
     ellipse) and the checker-board and stripe textures make it hard for small models but learnable.
+    The difficulty knobs are class attributes (``RADIUS``, ``OBJECTS``, ``BACKGROUND_CONTRAST``,
+    ``MAX_LINES``): a subclass that overrides them gives an easier or harder variant.
 
     ``sample(index)`` returns every task's targets at once: ``image`` uint8 HxWx3, ``semantic`` uint8
     HxW (0 = background, k = ``CLASSES[k]``; 255 on visible fragments smaller than ``MIN_VISIBLE``
@@ -169,6 +171,10 @@ class SyntheticScenes:
     CLASSES = ("background",) + tuple(SHAPES)
     num_semantic_classes = len(CLASSES)
     MIN_VISIBLE = 6
+    RADIUS = (0.035, 0.25)        # object radius: log-uniform, as a fraction of the short side
+    OBJECTS = (3, 10)             # objects per scene, inclusive
+    BACKGROUND_CONTRAST = 1.0     # amplitude of the background texture (1 = full 0..255 range)
+    MAX_LINES = 5                 # distractor lines per scene
     DEFAULT_LENGTH = {"train": 2000}
 
     def __init__(self, split: str = "train", seed: int = 0, size: tuple = (128, 128), length: int | None = None,
@@ -207,7 +213,7 @@ class SyntheticScenes:
         rng = self.rng(index)
         canvas = self._background(rng)
         owner = np.full(self.size, -1, np.int16)
-        num_objects = int(rng.integers(3, 11))
+        num_objects = int(rng.integers(self.OBJECTS[0], self.OBJECTS[1] + 1))
         classes = rng.integers(1, self.num_semantic_classes, num_objects)
         drawn_area = np.zeros(num_objects)
         for j, cls in enumerate(classes):
@@ -251,10 +257,10 @@ class SyntheticScenes:
             grid = rng.random((int(rng.integers(3, 10)), int(rng.integers(3, 10))), dtype=np.float32)
             mix = _interp_matrix(height, grid.shape[0]) @ grid @ _interp_matrix(width, grid.shape[1]).T
         low, high = rng.uniform(0, 255, (2, 3)).astype(np.float32)
-        canvas = low + mix[..., None].astype(np.float32) * (high - low)
+        canvas = low + mix[..., None].astype(np.float32) * ((high - low) * self.BACKGROUND_CONTRAST)
         lighting = (along - along.mean()) / max(height, width)
         canvas += lighting[..., None] * rng.uniform(-80, 80, 3).astype(np.float32)
-        for _ in range(int(rng.integers(0, 6))):  # thin distractor lines, part of the background
+        for _ in range(int(rng.integers(0, self.MAX_LINES + 1))):  # thin distractor lines, part of the background
             (x0, x1), (y0, y1) = rng.uniform(0, width, 2), rng.uniform(0, height, 2)
             dx, dy = x1 - x0, y1 - y0
             t = np.clip(((xs - x0) * dx + (ys - y0) * dy) / (dx * dx + dy * dy + 1e-6), 0, 1)
@@ -264,7 +270,7 @@ class SyntheticScenes:
 
     def _draw_object(self, rng, canvas, owner, j: int, shape: str) -> int:
         height, width = self.size
-        radius = math.exp(rng.uniform(math.log(0.035), math.log(0.25))) * min(height, width)
+        radius = math.exp(rng.uniform(*np.log(self.RADIUS))) * min(height, width)
         # centres at least radius/4 inside the image, so that even the last, smallest object keeps
         # more than MIN_VISIBLE pixels and every scene has an image label
         cy, cx = rng.uniform(radius / 4, height - radius / 4), rng.uniform(radius / 4, width - radius / 4)
