@@ -17,8 +17,10 @@ from typing import Callable
 import torch
 
 from kd_ref import tasks
+from kd_ref.detectors import flatten_levels
 from kd_ref.dist import DISTDistiller
 from kd_ref.gdd import GDDDistiller
+from kd_ref.gkd import ScheduledGKDDistiller, anchor_level_features
 from kd_ref.kd import KDDistiller
 from kd_ref.skd import SKDDistiller
 from kd_ref.sokd import BoundBase, SoKDPlugin
@@ -102,19 +104,54 @@ def _outputs(student_out, teacher_out, batch):
     return {"student_out": student_out, "teacher_out": teacher_out}
 
 
-# GDD taps (gdd.md §3): the last backbone stage for segmentation.
-GDD_LEVELS = {"seg": ["c5"]}
+def is_two_stage(name: str) -> bool:
+    return name.startswith("faster_rcnn")
+
+
+# GDD taps (gdd.md §3): the last backbone stage for segmentation; the FPN outputs for detection
+# (Faster R-CNN P2-P5, without the max-pooled P6; one-stage RetinaNet P3-P7).
+GDD_SEG_LEVELS = ["c5"]
+GDD_TWO_STAGE_LEVELS = ["p2", "p3", "p4", "p5"]
+GDD_ONE_STAGE_LEVELS = ["p3", "p4", "p5", "p6", "p7"]
+
+
+def gdd_levels(task: str, detector: str | None = None) -> list:
+    if task == "seg":
+        return GDD_SEG_LEVELS
+    return GDD_TWO_STAGE_LEVELS if is_two_stage(detector) else GDD_ONE_STAGE_LEVELS
 
 
 def _build_gdd(recipe, student, teacher):
-    levels = GDD_LEVELS[recipe.task]
+    levels = gdd_levels(recipe.task, recipe.student)
     return GDDDistiller(levels, [student.out_channels[name] for name in levels],
                         [teacher.out_channels[name] for name in levels], **recipe.method_options)
 
 
-def _gdd_seg(student_out, teacher_out, batch):
-    return {"feats_s": [student_out["feats"][name] for name in GDD_LEVELS["seg"]],
-            "feats_t": [teacher_out["feats"][name] for name in GDD_LEVELS["seg"]]}
+def _gdd_feats(levels):
+    def bind(student_out, teacher_out, batch):
+        return {"feats_s": [student_out["feats"][name] for name in levels],
+                "feats_t": [teacher_out["feats"][name] for name in levels]}
+    return bind
+
+
+def _gdd_det(student_out, teacher_out, batch):
+    levels = GDD_TWO_STAGE_LEVELS if "rois" in student_out else GDD_ONE_STAGE_LEVELS
+    return _gdd_feats(levels)(student_out, teacher_out, batch)
+
+
+# DIST on detection (dist.md §3): RetinaNet per-level sigmoid classification maps; Faster R-CNN RoI
+# class logits, the teacher's RoI head run on the student's sampled RoIs (engine.teacher_inputs).
+def _build_dist(recipe, student, teacher):
+    if recipe.task != "det":
+        return DISTDistiller(recipe.task, **recipe.method_options)
+    if is_two_stage(recipe.student):
+        return DISTDistiller("det_frcnn", **recipe.method_options)
+    return DISTDistiller("det_retina", **{"use_sigmoid": True, **recipe.method_options})
+
+
+def _dist_det(student_out, teacher_out, batch):
+    key = "roi_cls_logits" if "rois" in student_out else "cls_logits"
+    return {"student_out": student_out[key], "teacher_out": teacher_out[key]}
 
 
 def _skd_seg(student_out, teacher_out, batch):
@@ -126,9 +163,8 @@ METHODS: dict[str, Method] = {
     "none": Method(None),
     "kd": Method(lambda recipe, student, teacher: KDDistiller(**recipe.method_options),
                  {"seg": _logits, "cls": _logits}),
-    "dist": Method(lambda recipe, student, teacher: DISTDistiller(recipe.task, **recipe.method_options),
-                   {"seg": _outputs}),
-    "gdd": Method(_build_gdd, {"seg": _gdd_seg}),
+    "dist": Method(_build_dist, {"seg": _outputs, "det": _dist_det}),
+    "gdd": Method(_build_gdd, {"seg": _gdd_feats(GDD_SEG_LEVELS), "det": _gdd_det}),
     "skd": Method(lambda recipe, student, teacher: SKDDistiller(recipe.num_classes, **recipe.method_options),
                   {"seg": _skd_seg}),
 }
@@ -320,16 +356,19 @@ register("sokd_resnet18_imagenet", dataclasses.replace(IMAGENET, method="sokd", 
 
 # --- Built-in synthetic classification: a CPU demo in which the teacher clearly beats the student.
 SYNTHETIC_CLS = Recipe(task="cls", data="synthetic", num_classes=tasks.SYNTHETIC_NUM_IMAGE_CLASSES, crop=(32, 32),
-                       synthetic_size=(32, 32), synthetic_train=4000, synthetic_val=500, normalization="cifar100",
-                       batch_size=32, iters=400, lr=0.05, weight_decay=5e-4, schedule="step", lr_steps=(300,),
-                       eval_every=0, ckpt_every=100, student="resnet8", teacher="resnet56",
+                       synthetic_size=(64, 64), synthetic_train=4000, synthetic_val=500, normalization="cifar100",
+                       batch_size=32, iters=800, lr=0.05, weight_decay=5e-4, schedule="step", lr_steps=(600,),
+                       eval_every=0, ckpt_every=200, student="resnet8", teacher="resnet20",
                        teacher_preset="synthetic_cls_teacher")
+# DIST at tau 1 (its ImageNet setting): with 8 classes, CIFAR's tau 4 (x16 on each term) makes SGD diverge.
+SYNTHETIC_DIST_OPTIONS = {"tau": 1.0, "loss_weight": 2.0}
 SYNTHETIC_CLS_METHOD_OPTIONS = {
-    "none": {}, "kd": CIFAR_KD_OPTIONS, "dist": CIFAR_DIST_OPTIONS,
-    "sokd": {"base": "kd", "base_options": {"kd": CIFAR_KD_OPTIONS, "dist": CIFAR_DIST_OPTIONS},
+    "none": {}, "kd": CIFAR_KD_OPTIONS, "dist": SYNTHETIC_DIST_OPTIONS,
+    "sokd": {"base": "kd", "base_options": {"kd": CIFAR_KD_OPTIONS, "dist": SYNTHETIC_DIST_OPTIONS},
              "search_iters": 100}}
+# the teacher trains twice as long: these scenes take several hundred iterations before accuracy takes off
 register("synthetic_cls_teacher", dataclasses.replace(SYNTHETIC_CLS, student=SYNTHETIC_CLS.teacher, teacher=None,
-                                                      teacher_preset=None))
+                                                      teacher_preset=None, iters=1600, lr_steps=(1200,)))
 for _method, _options in SYNTHETIC_CLS_METHOD_OPTIONS.items():
     register(f"synthetic_cls_{_method}", dataclasses.replace(SYNTHETIC_CLS, method=_method, method_options=_options),
              baseline=False)
@@ -343,4 +382,164 @@ DEFAULT_PRESETS.update({
     ("cls", "kd", "imagenet"): "kd_resnet18_imagenet",
     ("cls", "dist", "imagenet"): "dist_resnet18_imagenet",
     ("cls", "sokd", "imagenet"): "sokd_resnet18_imagenet",
+})
+
+
+# ------------------------------------------------------------------------------------ detection (issue 4)
+TASKS["det"] = tasks.DetTask()
+
+# --- mmdet 2.x baselines the detection papers start from (configs faster_rcnn_r50_fpn_{1x,2x}_coco,
+# retinanet_r50_fpn_{1x,2x}_coco, pascal_voc/{faster_rcnn,retinanet}_r50_fpn_1x_voc0712): batch 16 (8 GPUs
+# x 2), SGD momentum 0.9, wd 1e-4, flip 0.5, ImageNet mean/std, torchvision ResNet with stage 1 frozen and
+# BN in eval mode (pass its ImageNet weights with --pretrained). Epochs become iterations at batch 16:
+# COCO 1x = 12 epochs of train2017 ~ 90k iterations, x0.1 at 60k / 80k; 2x = 180k, x0.1 at 120k / 160k;
+# linear warm-up over 500 iterations from 0.001; lr 0.02 (Faster R-CNN) / 0.01 (RetinaNet); no gradient
+# clipping (mmdet 2.x baselines have none; the distillation configs that add it say so in their preset).
+COCO_DET = Recipe(task="det", data="coco", num_classes=80, image_scale=(1333, 800), normalization="imagenet_rgb",
+                  batch_size=16, weight_decay=1e-4, schedule="step", warmup_iters=500, warmup_ratio=0.001,
+                  eval_every=7330, ckpt_every=1000)  # eval once per epoch: 117,266 images / 16
+COCO_SCHEDULES = {"1x": (90_000, (60_000, 80_000)), "2x": (180_000, (120_000, 160_000))}
+DETECTOR_LR = {"faster_rcnn": 0.02, "retinanet": 0.01}
+# VOC 07+12 (mmdet voc0712): 16,551 trainval images repeated 3 times per epoch -> 3,104 iterations per
+# epoch at batch 16; 4 epochs (12,416 iterations) with x0.1 after 3 (9,312); 1000x600; lr 0.01 for both
+# detectors, no warm-up and no clipping (those configs do not include mmdet's schedule_1x); VOC07 test.
+VOC_EPOCH = 3104
+VOC_DET = dataclasses.replace(COCO_DET, data="voc", num_classes=20, image_scale=(1000, 600), lr=0.01,
+                              iters=4 * VOC_EPOCH, lr_steps=(3 * VOC_EPOCH,), warmup_iters=0, eval_every=VOC_EPOCH)
+for _arch, _lr in DETECTOR_LR.items():
+    for _depth in (50, 101):
+        for _schedule, (_iters, _steps) in COCO_SCHEDULES.items():
+            register(f"{_arch}_r{_depth}_fpn_{_schedule}_coco", dataclasses.replace(
+                COCO_DET, student=f"{_arch}_r{_depth}", lr=_lr, iters=_iters, lr_steps=_steps))
+        register(f"{_arch}_r{_depth}_fpn_voc0712", dataclasses.replace(VOC_DET, student=f"{_arch}_r{_depth}"))
+
+# --- Built-in synthetic scenes: from scratch on a CPU (no pretrained weights, so the whole backbone trains).
+SYNTHETIC_DET = Recipe(task="det", data="synthetic", num_classes=tasks.SYNTHETIC_NUM_OBJECT_CLASSES,
+                       synthetic_size=(128, 128), image_scale=(128, 128), normalization="imagenet_rgb",
+                       batch_size=8, iters=300, lr=0.01, weight_decay=1e-4, schedule="step", lr_steps=(250,),
+                       warmup_iters=100, grad_clip=35.0, eval_every=0, ckpt_every=100)
+SYNTHETIC_DETECTORS = {"retinanet": ("retinanet_r18", "retinanet_r50"),
+                       "frcnn": ("faster_rcnn_r18", "faster_rcnn_r50")}
+for _family, (_student, _teacher) in SYNTHETIC_DETECTORS.items():
+    register(f"synthetic_det_{_family}_teacher", dataclasses.replace(SYNTHETIC_DET, student=_teacher))
+    register(f"synthetic_det_{_family}_none", dataclasses.replace(
+        SYNTHETIC_DET, student=_student, teacher=_teacher, teacher_preset=f"synthetic_det_{_family}_teacher"))
+
+DEFAULT_PRESETS.update({
+    ("det", "none", "synthetic"): "synthetic_det_retinanet_none",
+    ("det", "none", "coco"): "retinanet_r50_fpn_2x_coco",
+    ("det", "none", "voc"): "retinanet_r50_fpn_voc0712",
+})
+
+
+# ------------------------------------------------------------------------------------------ GKD (issue 5)
+# GKD (gkd.md §4): all five FPN outputs of each detector, Faster R-CNN P2-P6 (fg/bg averaged over levels) and
+# RetinaNet P3-P7 (summed). Instances: the student's positive training samples with their GT class.
+GKD_TWO_STAGE_LEVELS = ["p2", "p3", "p4", "p5", "p6"]
+GKD_ONE_STAGE_LEVELS = ["p3", "p4", "p5", "p6", "p7"]
+
+
+def _fpn_strides(levels) -> tuple:
+    return tuple(2 ** int(name[1:]) for name in levels)
+
+
+def _build_gkd(recipe, student, teacher):
+    """``method_options``: GKDDistiller's loss options and the PGM options of ScheduledGKDDistiller
+    (pgm_max_images, pgm_min_size, pgm_seed, num_prototypes, pgm_alpha)."""
+    if recipe.task != "det":
+        raise ValueError(f"--method gkd distils object detectors: --task det, not {recipe.task}")
+    two_stage = is_two_stage(recipe.student)
+    if is_two_stage(recipe.teacher) != two_stage:
+        raise ValueError(f"--method gkd: student {recipe.student} and teacher {recipe.teacher} must be the same "
+                         "kind of detector (the teacher scores the student's positive samples)")
+    levels = GKD_TWO_STAGE_LEVELS if two_stage else GKD_ONE_STAGE_LEVELS
+    options = {"level_reduction": "mean" if two_stage else "sum", **recipe.method_options}
+    return ScheduledGKDDistiller(levels, recipe.num_classes, recipe.iters, recipe.batch_size,
+                                 channels_s=student.out_channels[levels[0]], channels_t=teacher.out_channels[levels[0]],
+                                 strides=_fpn_strides(levels), **options)
+
+
+def _gkd_det(student_out, teacher_out, batch):
+    """Faster R-CNN: positive sampled RoIs (background is the last class) with their logits and RoIAlign
+    features in both heads. RetinaNet: positive anchors; the soft labels are both heads' class logits at
+    those anchors, each anchor's robust weight from its box pooled on its own level (gkd.md §4)."""
+    if "rois" in student_out:
+        levels = GKD_TWO_STAGE_LEVELS
+        positive = student_out["roi_labels"] < student_out["roi_cls_logits"].shape[1] - 1
+        boxes, image_of = student_out["rois"][positive, 1:], student_out["rois"][positive, 0].long()
+        labels = student_out["roi_labels"][positive]
+        soft = {"roi_logits_s": student_out["roi_cls_logits"][positive],
+                "roi_logits_t": teacher_out["roi_cls_logits"][positive],
+                "roi_feats_s": student_out["roi_feats"][positive], "roi_feats_t": teacher_out["roi_feats"][positive],
+                "roi_levels": student_out["roi_levels"][positive]}
+    else:
+        levels = GKD_ONE_STAGE_LEVELS
+        anchors = student_out["pos_anchors"]
+        boxes, image_of, labels = anchors["boxes"], anchors["batch_idx"], anchors["labels"]
+        anchors_per_cell = student_out["bbox_preds"][0].shape[1] // 4
+        num_classes = student_out["cls_logits"][0].shape[1] // anchors_per_cell
+
+        def at_positives(out):
+            return flatten_levels(out["cls_logits"], num_classes)[image_of, anchors["index"]]
+
+        def pooled(out):
+            return anchor_level_features([out["feats"][name] for name in levels], boxes, image_of,
+                                         _fpn_strides(levels))
+        (roi_feats_s, roi_levels), (roi_feats_t, _) = pooled(student_out), pooled(teacher_out)
+        soft = {"roi_logits_s": at_positives(student_out), "roi_logits_t": at_positives(teacher_out),
+                "roi_feats_s": roi_feats_s, "roi_feats_t": roi_feats_t, "roi_levels": roi_levels}
+    num_images = batch["images"].shape[0]
+    return {"feats_s": [student_out["feats"][name] for name in levels],
+            "feats_t": [teacher_out["feats"][name] for name in levels],
+            "inst_boxes": [boxes[image_of == i] for i in range(num_images)],
+            "inst_labels": [labels[image_of == i] for i in range(num_images)],
+            "roi_labels": labels, **soft}
+
+
+METHODS["gkd"] = Method(_build_gkd, {"det": _gkd_det})
+
+# --- COCO 2x rows, R101-FPN 2x teacher (--teacher-ckpt) -> R50-FPN 2x student, on the mmdet baselines above.
+# GKD (gkd.md §6): fg 1, bg 4, soft 1, T 2, global 0, attenuation over the epochs, PGM M=10, alpha 10, boxes
+# wider and taller than 30 px, <= 800 images per class, every epoch: GKDDistiller's and
+# ScheduledGKDDistiller's defaults. The released config starts the student from the trained R50 2x
+# checkpoint; recipes have no field for a full student checkpoint yet, so these presets start from
+# ImageNet weights (--pretrained) like the baseline.
+for _arch in DETECTOR_LR:
+    register(f"gkd_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
+        PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="gkd", teacher=f"{_arch}_r101"))
+    # VOC 07+12 (gkd.md §6): no released config or numbers; same KD settings on our VOC schedule (our choice).
+    register(f"gkd_{_arch}_r50_fpn_voc0712", dataclasses.replace(
+        PRESETS[f"{_arch}_r50_fpn_voc0712"], method="gkd", teacher=f"{_arch}_r101"))
+# GDD (gdd.md §5/§6, row 3): alpha 4, tau 4 on P2-P5, gradient clipping 35 added by the distillation config.
+# The paper's teacher is a Cascade Mask R-CNN X101-32x4d-FPN-DCN (47.3); ours is Faster R-CNN R101-FPN 2x.
+register("gdd_faster_rcnn_r50_fpn_2x_coco", dataclasses.replace(
+    PRESETS["faster_rcnn_r50_fpn_2x_coco"], method="gdd", teacher="faster_rcnn_r101", grad_clip=35.0,
+    method_options={"alpha": 4.0, "tau": 4.0}))
+# DIST (dist.md §3/§4): beta = gamma = 1, tau 1, weight 1; RetinaNet sigmoid per level, Faster R-CNN softmax
+# RoI logits. The paper's teachers are RetinaNet X101 (41.0) and Cascade Mask R-CNN X101-64x4d (45.6);
+# ours are the R101-FPN 2x of the same detector.
+for _arch in DETECTOR_LR:
+    register(f"dist_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
+        PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="dist", teacher=f"{_arch}_r101"))
+
+# --- Synthetic demos: the synthetic_det_<family>_none recipe with a method. PGM uses smaller boxes (8 px
+# of 128, as 30 px of a ~500-px COCO image) and at most 20 images per class (~150 images, under a minute
+# on a CPU) to keep the pass short;
+# GDD alpha 4 on Faster R-CNN (row 3) and 65 on RetinaNet (gdd.md §5, the one-stage analogue).
+SYNTHETIC_DET_METHOD_OPTIONS = {
+    "gkd": {"retinanet": {"pgm_min_size": 8.0, "pgm_max_images": 20},
+            "frcnn": {"pgm_min_size": 8.0, "pgm_max_images": 20}},
+    "gdd": {"retinanet": {"alpha": 65.0, "tau": 4.0}, "frcnn": {"alpha": 4.0, "tau": 4.0}},
+    "dist": {"retinanet": {}, "frcnn": {}},
+}
+for _method, _per_family in SYNTHETIC_DET_METHOD_OPTIONS.items():
+    for _family, _options in _per_family.items():
+        register(f"synthetic_det_{_family}_{_method}", dataclasses.replace(
+            PRESETS[f"synthetic_det_{_family}_none"], method=_method, method_options=_options), baseline=False)
+    DEFAULT_PRESETS[("det", _method, "synthetic")] = f"synthetic_det_retinanet_{_method}"
+DEFAULT_PRESETS.update({
+    ("det", "gkd", "coco"): "gkd_retinanet_r50_fpn_2x_coco",
+    ("det", "gkd", "voc"): "gkd_retinanet_r50_fpn_voc0712",
+    ("det", "gdd", "coco"): "gdd_faster_rcnn_r50_fpn_2x_coco",
+    ("det", "dist", "coco"): "dist_retinanet_r50_fpn_2x_coco",
 })

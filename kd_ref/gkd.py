@@ -56,15 +56,22 @@ the map is clamped onto the border cell (the reference would index out of range)
 a 0-dim zero when no RoI logits are given. Prototype state is kept in ``state_dict`` once set (keys
 ``protos_s.<l>``, ``protos_t.<l>``, ``cls_start.<l>``, sizes may change between epochs), so a resumed
 run keeps them; a state dict without those keys (e.g. adapters only) leaves the prototypes unchanged.
+The training engine drives :class:`ScheduledGKDDistiller`: GKDDistiller plus the PGM pass over the
+training set before every epoch and the epoch position of the attenuation.
 """
 from __future__ import annotations
 
+import copy
+import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from kd_ref.precision import at_least_float32
 
@@ -719,3 +726,159 @@ class GKDDistiller(nn.Module):
         global_term = torch.stack(global_levels).sum() if global_levels else fg.new_zeros(())
         losses["loss_gkd_global"] = self.global_weight * attenuation * global_term
         return losses
+
+
+# ------------------------------------------------------------------------ one-stage soft-label inputs
+def anchor_level_features(feats: Sequence[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor,
+                          strides: Sequence[float], finest_scale: float = 56.0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RetinaNet's per-anchor inputs of the soft-label robust weights (gkd.md §4): every box pooled
+    (:func:`pool_box_features`) on its :func:`map_boxes_to_levels` level of ``feats`` (L maps of strides
+    ``strides``). Returns ``(pooled (M, C, 1, 1), levels (M,))`` in the order of ``boxes``, detached."""
+    if len(feats) != len(strides):
+        raise ValueError(f"anchor_level_features: {len(feats)} feature maps but {len(strides)} strides")
+    _check_boxes("anchor_level_features: boxes", boxes)
+    levels = map_boxes_to_levels(boxes, len(feats), finest_scale)
+    pooled = feats[0].new_zeros(boxes.shape[0], feats[0].shape[1])
+    with torch.no_grad():
+        for level in levels.unique().tolist():
+            rows = levels == level
+            level_pooled = pool_box_features(feats[level], boxes[rows], batch_idx[rows], strides[level])
+            pooled[rows] = level_pooled.to(pooled.dtype)
+    return pooled[:, :, None, None], levels
+
+
+# -------------------------------------------------------------------------- PGM on the training set
+def pgm_annotations(base) -> list[dict]:
+    """``{"image_id": index, "boxes", "labels"}`` (original pixels) of every image of a detection base data
+    set, without difficult / crowd boxes (training ignores them, so they are no GT instances).
+
+    COCO and VOC keep their boxes in memory (pycocotools index, parsed XML records): decoding all of
+    train2017 only to read its boxes would take longer than a PGM pass. Other sets are read sample by sample.
+    """
+    def kept(index, boxes, labels, difficult):
+        keep = ~np.asarray(difficult, dtype=bool)
+        return {"image_id": index, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4)[keep],
+                "labels": np.asarray(labels, np.int64)[keep]}
+
+    label_of = {category: label for label, category in enumerate(getattr(base, "category_ids", []))}
+    annotations = []
+    for index in range(len(base)):
+        if hasattr(base, "coco"):
+            found = base._annotations(base.image_ids[index])
+            record = {"boxes": [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in found)],
+                      "labels": [label_of[a["category_id"]] for a in found],
+                      "difficult": [bool(a.get("iscrowd", 0)) for a in found]}
+        elif hasattr(base, "records"):
+            record = base.records[index]
+        else:
+            record = base[index]
+        annotations.append(kept(index, record["boxes"], record["labels"], record["difficult"]))
+    return annotations
+
+
+def _evaluation_transform(transform):
+    # The training transform without its random flip is the test pipeline of gkd.md §1 (same keep-ratio
+    # resize and normalisation).
+    if not hasattr(transform, "flip_prob"):
+        raise ValueError(f"GKD prototypes: the training set's transform {type(transform).__name__} has no "
+                         "flip_prob; expected a detection transform (kd_ref.transforms.DetTransform)")
+    evaluation = copy.copy(transform)
+    evaluation.flip_prob = 0.0
+    return evaluation
+
+
+class ScheduledGKDDistiller(GKDDistiller):
+    """:class:`GKDDistiller` as the training engine drives it (gkd.md §5, §6).
+
+    ``before_epoch(context)``, called by the engine before every epoch:
+
+    * sets the schedule position for the attenuation ``1 - epoch / max_epochs`` (the registry's bind sees
+      model outputs only), ``max_epochs = ceil(total_iters / iterations per epoch)``;
+    * regenerates the prototypes: PGM instances are selected once (:func:`select_pgm_instances`, fixed
+      seed) from the training set's GT boxes; each selected image goes alone through the evaluation
+      transform and the collate (pad to 32); the teacher's pooled features are computed once and cached,
+      the current student's every epoch (eval mode, no grad); :func:`generate_epoch_prototypes` then
+      :meth:`set_prototypes`.
+
+    ``level_names`` are the FPN outputs (keys of a detector's ``feats``) the distiller works on. Under DDP
+    every rank pools the features of every ``world_size``-th selected image; the pooled vectors are
+    all-gathered in selection order and every rank builds the same prototypes on the CPU, so no rank idles
+    through a whole pass of another. The schedule position is extra state in ``state_dict``, so a run
+    resumed mid-epoch attenuates like an uninterrupted one (the prototypes travel in the parent's keys).
+    """
+
+    def __init__(self, level_names: Sequence[str], num_classes: int, total_iters: int, batch_size: int,
+                 pgm_max_images: int = 800, pgm_min_size: float = 30.0, pgm_seed: int = 1,
+                 num_prototypes: int = 10, pgm_alpha: float = 10.0, **distiller_options):
+        super().__init__(num_levels=len(level_names), **distiller_options)
+        if total_iters < 1 or batch_size < 1:
+            raise ValueError(f"ScheduledGKDDistiller: total_iters and batch_size must be >= 1, got {total_iters} "
+                             f"and {batch_size}")
+        self.level_names, self.num_classes = list(level_names), num_classes
+        self.total_iters, self.batch_size = total_iters, batch_size
+        self.pgm_max_images, self.pgm_min_size, self.pgm_seed = pgm_max_images, pgm_min_size, pgm_seed
+        self.num_prototypes, self.pgm_alpha = num_prototypes, pgm_alpha
+        self.epoch, self.max_epochs = 0, 1
+        self._pgm_images: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
+        self._teacher_cache: dict[int, list[torch.Tensor]] = {}
+
+    def get_extra_state(self) -> dict:
+        return {"epoch": self.epoch, "max_epochs": self.max_epochs}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.epoch, self.max_epochs = int(state["epoch"]), int(state["max_epochs"])
+
+    def forward(self, *inputs, **bound_inputs) -> dict[str, torch.Tensor]:
+        return super().forward(*inputs, epoch=self.epoch, max_epochs=self.max_epochs, **bound_inputs)
+
+    def _select_images(self, base) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        annotations = pgm_annotations(base)
+        selection = select_pgm_instances(annotations, self.num_classes, self.pgm_min_size, self.pgm_max_images,
+                                         self.pgm_seed)
+        return [(index, torch.from_numpy(annotations[index]["boxes"][box_ids]),
+                 torch.from_numpy(annotations[index]["labels"][box_ids]))
+                for index, box_ids in group_by_image(selection).items()]
+
+    def _pooled(self, model, batch: dict, boxes: torch.Tensor) -> list[torch.Tensor]:
+        def fpn(images):
+            feats = model(images, image_sizes=batch["image_sizes"], predict=False)["feats"]
+            return [feats[name] for name in self.level_names]
+        return [level.float().cpu() for level in extract_instance_features(fpn, batch["images"], boxes)]
+
+    @torch.no_grad()
+    def before_epoch(self, context) -> None:
+        runtime, base = context.runtime, context.dataset.base
+        per_rank_batch = self.batch_size // runtime.world_size
+        iters_per_epoch = max(1, len(context.dataset) // runtime.world_size // per_rank_batch)
+        self.epoch, self.max_epochs = context.epoch, math.ceil(self.total_iters / iters_per_epoch)
+        if self._pgm_images is None:
+            self._pgm_images = self._select_images(base)
+        if not self._pgm_images:
+            warnings.warn(f"GKD: no training box of width and height > {self.pgm_min_size} px; prototypes are "
+                          "not generated (binary masks, unweighted soft labels). Lower method option "
+                          "pgm_min_size for small images.")
+            return
+        transform = _evaluation_transform(context.dataset.transform)
+        was_training = context.student.training
+        context.student.eval()
+        positions = range(runtime.rank, len(self._pgm_images), runtime.world_size)
+        records = []
+        for position in tqdm(positions, desc=f"GKD prototypes, epoch {context.epoch}", disable=not runtime.is_main,
+                             leave=False, dynamic_ncols=True):
+            index, boxes, labels = self._pgm_images[position]
+            image, input_boxes, _, _ = transform(base[index]["image"], boxes.numpy(), None)
+            batch = context.collate([{"image": image, "target": {}}])
+            batch["images"] = batch["images"].to(runtime.device)
+            if position not in self._teacher_cache:
+                self._teacher_cache[position] = self._pooled(context.teacher, batch, input_boxes)
+            records.append((position, self._pooled(context.student, batch, input_boxes),
+                            self._teacher_cache[position], input_boxes, labels))
+        context.student.train(was_training)
+        if runtime.world_size > 1:
+            shards = [None] * runtime.world_size
+            dist.all_gather_object(shards, records)
+            records = sorted((record for shard in shards for record in shard), key=lambda record: record[0])
+        self.set_prototypes(*generate_epoch_prototypes(
+            [(student, teacher, boxes, labels) for _, student, teacher, boxes, labels in records],
+            self.num_classes, self.num_prototypes, self.pgm_alpha, prev=self.prototypes))

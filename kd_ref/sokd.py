@@ -55,7 +55,10 @@ Decisions (see the spec ``sokd.md``; [code] = the public code, [ours] = kd_ref's
   same batch and policy sample, then resamples; [code] runs it just before that SGD step. It snapshots
   and restores the parameters, BatchNorm statistics and RNG state it touches.
 - [ours] SoKD is a plug-in: an optional ``base`` loss (e.g. KD or DIST distiller) is evaluated in the
-  same forward and its terms are returned under ``loss_sokd_base_*``.
+  same forward and its terms are returned under ``loss_sokd_base_*``. :class:`SoKDPlugin` is what the
+  training engine runs: the feature tap, the base bound to the model outputs (:class:`BoundBase`), and
+  the search through the engine's ``after_step`` hook, its state (Adam, step count, current policy
+  sample) kept in the module's ``state_dict`` so that a resumed run continues exactly.
 """
 from __future__ import annotations
 
@@ -435,8 +438,8 @@ class SoKDDistiller(nn.Module):
     student-side. Augmentation is applied in training mode only.
 
     Parameters: ``student_side_parameters()`` (adapter, DAM, base) go into the student's SGD;
-    ``policy_parameters()`` must NOT (``extra_parameters()`` is deliberately not defined: the policy is
-    stepped by :class:`SoKDSearch`, not by the engine's extra-loss hook).
+    ``policy_parameters()`` must NOT: they are stepped by :class:`SoKDSearch`. :class:`SoKDPlugin` wraps
+    this module for the training engine (feature tap, base bound to the model outputs, search hooks).
     """
 
     def __init__(self, s_shape, t_shape, num_heat: int, k: int = 8, w_feat: float = 1000.0,
@@ -630,3 +633,84 @@ class SoKDSearch:
             raise ValueError(f"SoKDSearch.load_state_dict: expected keys ['optimizer', 'steps'], got {sorted(state)}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
+
+
+# --------------------------------------------------------------------------------------- plug-in
+class BoundBase(nn.Module):
+    """A base distiller together with its registry bind for one task: called with the engine's model
+    outputs and batch, it returns the base's weighted losses (``bind(student_out, teacher_out, batch)``
+    gives the base's ``forward`` arguments, as ``kd_ref.configs.METHODS[name].bind[task]`` does)."""
+
+    def __init__(self, distiller: nn.Module, bind: Callable[..., dict]):
+        super().__init__()
+        for hook in ("extra_parameters", "extra_optimizer", "before_epoch", "after_step"):
+            if hasattr(distiller, hook):
+                raise ValueError(f"BoundBase: a SoKD base must be a plain loss; {type(distiller).__name__} "
+                                 f"has the engine hook {hook}()")
+        self.distiller, self.bind = distiller, bind
+
+    def forward(self, student_out: dict, teacher_out: dict, batch: dict):
+        return self.distiller(**self.bind(student_out, teacher_out, batch))
+
+
+class SoKDPlugin(nn.Module):
+    """SoKD as the training engine sees it: :class:`SoKDDistiller` on the feature ``tap`` of the model
+    outputs (``feats[tap]`` of student and teacher), optionally over a base method (a
+    :class:`BoundBase`, evaluated in the same forward: ``loss_sokd_base_*``), with the policy search of
+    :class:`SoKDSearch` run through the engine's hooks:
+
+    - ``extra_parameters()``: the policy parameters, which the student optimizer must leave alone;
+    - ``after_step(context)``: one search step (while searching) and a resample, right after the
+      student's optimizer step, with the iteration's batch and ``context.loss_fn`` (the full objective);
+    - ``get_extra_state()`` / ``set_extra_state()``: the search's Adam state and step count and the current
+      policy sample (the non-persistent buffers of :class:`AugmentPolicy`), so a resumed run continues
+      with the same sample and optimizer state as an uninterrupted one.
+
+    ``student`` is the module the engine trains (its parameters are the search's inner theta);
+    ``search_iters`` (None: the whole run) and ``search_options`` go to :class:`SoKDSearch`, the other
+    keyword arguments to :class:`SoKDDistiller`.
+    """
+
+    def __init__(self, student: nn.Module, s_shape, t_shape, num_heat: int, tap: str,
+                 base: BoundBase | None = None, search_iters: int | None = None,
+                 search_options: dict | None = None, **distiller_options):
+        super().__init__()
+        self.tap = tap
+        self.sokd = SoKDDistiller(s_shape, t_shape, num_heat, base=base, **distiller_options)
+        # a plain attribute, not a submodule: the search refers to the student, which is not ours to save
+        self.search = SoKDSearch(self.sokd, student, search_iters, **(search_options or {}))
+
+    def extra_repr(self) -> str:
+        return f"tap={self.tap!r}, search_iters={self.search.search_iters}"
+
+    def forward(self, student_out: dict, teacher_out: dict, batch: dict) -> dict:
+        for role, out in (("student", student_out), ("teacher", teacher_out)):
+            if self.tap not in out.get("feats", {}):
+                raise ValueError(f"SoKDPlugin: the {role} outputs have no feature {self.tap!r}; available: "
+                                 f"{sorted(out.get('feats', {}))}")
+        base_inputs = ({"student_out": student_out, "teacher_out": teacher_out, "batch": batch}
+                       if self.sokd.base is not None else {})
+        return self.sokd(student_out["feats"][self.tap], teacher_out["feats"][self.tap], **base_inputs)
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return self.sokd.policy_parameters()
+
+    def after_step(self, context) -> None:
+        self.search.step(context.batch, context.loss_fn)
+
+    def get_extra_state(self) -> dict:
+        sample = {name: buffer.detach().clone() for name, buffer in self.sokd.policy.named_buffers()}
+        return {"search": self.search.state_dict(), "policy_sample": sample}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or set(state) != {"search", "policy_sample"}:
+            raise ValueError(f"SoKDPlugin: extra state must have keys ['policy_sample', 'search'], got "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        self.search.load_state_dict(state["search"])
+        buffers = dict(self.sokd.policy.named_buffers())
+        if set(state["policy_sample"]) != set(buffers):
+            raise ValueError(f"SoKDPlugin: policy sample has buffers {sorted(state['policy_sample'])}, "
+                             f"expected {sorted(buffers)}")
+        with torch.no_grad():
+            for name, value in state["policy_sample"].items():
+                buffers[name].copy_(value)

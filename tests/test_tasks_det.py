@@ -1,0 +1,229 @@
+"""DetTask (kd_ref/tasks.py): detection data, COCO and VOC evaluation on exported trees, and a few
+training iterations of each detector through train.py with resume."""
+import contextlib
+import io
+import json
+import math
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import evaluate
+import train
+from kd_ref import configs, datasets, engine, tasks
+
+SIZE = (96, 128)    # exported images (H, W)
+SCALE = (160, 100)  # keep-ratio resize to 100 x 133: the two axes scale differently (100/96, 133/128)
+CPU = engine.Runtime(torch.device("cpu"))
+TINY_TRAIN = ["--task", "det", "--method", "none", "--set", "synthetic_size=(64, 64)", "--set", "image_scale=(64, 64)",
+              "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
+
+
+def det_recipe(data, **fields):
+    defaults = {"num_classes": 8, "image_scale": SCALE, "normalization": "imagenet_rgb", "synthetic_size": SIZE,
+                "synthetic_val": 4}
+    return configs.Recipe(task="det", data=data, **{**defaults, **fields})
+
+
+@pytest.fixture(scope="module")
+def coco_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    datasets.export("coco", str(root), num_train=2, num_val=4, size=SIZE)
+    return root
+
+
+@pytest.fixture(scope="module")
+def voc_tree(tmp_path_factory):
+    """An exported VOC tree whose shapes carry VOC class names, so the default 20-class loader reads it."""
+    root = tmp_path_factory.mktemp("voc")
+    datasets.export("voc", str(root), num_train=2, num_val=4, size=SIZE)
+    voc_name = dict(zip(datasets.SyntheticScenes.CLASSES[1:], datasets.VOC_CLASSES))
+    for xml_file in (root / "VOCdevkit/VOC2007/Annotations").iterdir():
+        tree = ET.parse(xml_file)
+        for name in tree.getroot().iter("name"):
+            name.text = voc_name[name.text]
+        tree.write(xml_file)
+    return root
+
+
+class Replay(nn.Module):
+    """Stands in for a detector in engine.evaluate: returns the given detections (input-image pixels),
+    one image per call, in loader order."""
+
+    def __init__(self, detections):
+        super().__init__()
+        self.detections = list(detections)
+
+    def forward(self, images, targets=None, image_sizes=None, predict=True):
+        return {"detections": [self.detections.pop(0) for _ in range(images.shape[0])]}
+
+
+def score(task, recipe, dataset, collate, detections):
+    """Run the task's evaluation protocol by hand: (state, metrics)."""
+    state = task.new_eval_state(recipe)
+    for index, found in enumerate(detections):
+        task.update_eval_state(state, {"detections": [found]}, collate([dataset[index]]), None)
+    return state, task.finish_eval_state(state, CPU)
+
+
+def ground_truth_as_detections(dataset):
+    return [{"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"]}
+            for t in (dataset[i]["target"] for i in range(len(dataset)))]
+
+
+# ------------------------------------------------------------------------------------------------ COCO
+def test_coco_evaluation_equals_pycocotools_on_the_written_results_file(coco_tree, tmp_path):
+    recipe = det_recipe("coco")
+    task = tasks.DetTask()
+    val_set, collate = task.build_data(recipe, "val", str(coco_tree))
+    rng = np.random.default_rng(0)
+    fed = []
+    for found in ground_truth_as_detections(val_set):
+        boxes = found["boxes"] + torch.from_numpy(rng.normal(0, 2.0, found["boxes"].shape)).float()
+        labels = found["labels"].clone()
+        labels[::3] = (labels[::3] + 1) % 8  # a few wrong classes
+        spurious = torch.tensor([[5.0, 5.0, 40.0, 30.0], [60.0, 20.0, 90.0, 80.0]])
+        scores = torch.from_numpy(rng.random(len(boxes) + 2)).float()
+        fed.append({"boxes": torch.cat([boxes, spurious]), "scores": scores,
+                    "labels": torch.cat([labels, torch.tensor([0, 5])])})
+    metrics = engine.evaluate(task, Replay(fed), val_set, collate, CPU, recipe, workers=0, quiet=True,
+                              save_pred=str(tmp_path))
+
+    coco_gt = COCO(str(coco_tree / "annotations/instances_val2017.json"))
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(str(tmp_path / "detections.json")), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    for index, name in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl")):
+        assert metrics[name] == pytest.approx(evaluator.stats[index] * 100, abs=1e-9), name
+    assert metrics["mAP"] == metrics["AP"] and 5 < metrics["AP"] < metrics["AP50"] < 100
+
+    # the results file holds original-image pixels [x, y, w, h] and the tree's own category ids
+    first = [r for r in json.load(open(tmp_path / "detections.json")) if r["image_id"] == 1]
+    target = val_set[0]["target"]
+    (height, width), (new_h, new_w) = target["orig_size"], target["size"]
+    x1, y1, x2, y2 = (fed[0]["boxes"][0].double() / torch.tensor([new_w / width, new_h / height] * 2)).tolist()
+    assert first[0]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
+    assert first[0]["category_id"] == 2 * int(fed[0]["labels"][0]) + 1
+
+
+def test_coco_perfect_detections_score_100(coco_tree):
+    recipe = det_recipe("coco")
+    task = tasks.DetTask()
+    val_set, collate = task.build_data(recipe, "val", str(coco_tree))
+    _, metrics = score(task, recipe, val_set, collate, ground_truth_as_detections(val_set))
+    assert metrics["mAP"] == pytest.approx(100.0) and metrics["AP75"] == pytest.approx(100.0)
+
+
+# ------------------------------------------------------------------------------------ VOC / synthetic
+def one_false_positive_after_the_first_hit(detections, dataset, cls):
+    """Detections equal to the ground truth, except that class ``cls`` gets a false positive ranked
+    between its first non-difficult hit and the others. Returns (detections, n non-difficult boxes of cls)."""
+    hits = 0
+    for found, target in zip(detections, (dataset[i]["target"] for i in range(len(dataset)))):
+        mine = (target["labels"] == cls) & ~target["difficult"]
+        for index in torch.nonzero(mine).flatten():
+            found["scores"][index] = 3.0 if hits == 0 else 1.0
+            hits += 1
+    far_away = {"boxes": torch.tensor([[-50.0, -50.0, -40.0, -40.0]]), "scores": torch.tensor([2.0]),
+                "labels": torch.tensor([cls])}
+    detections[0] = {key: torch.cat([detections[0][key], far_away[key]]) for key in far_away}
+    return detections, hits
+
+
+def busiest_class(dataset):
+    counts = np.zeros(8, int)
+    for i in range(len(dataset)):
+        target = dataset[i]["target"]
+        np.add.at(counts, target["labels"][~target["difficult"]].numpy(), 1)
+    return int(np.argmax(counts)), counts
+
+
+def test_voc_map_on_an_exported_tree_uses_11_points_and_original_pixels(voc_tree):
+    recipe = det_recipe("voc", num_classes=20)
+    task = tasks.DetTask()
+    val_set, collate = task.build_data(recipe, "val", str(voc_tree))
+    state, metrics = score(task, recipe, val_set, collate, ground_truth_as_detections(val_set))
+    cls, counts = busiest_class(val_set)
+    present = [k for k in range(20) if k < 8 and counts[k] > 0]
+    assert metrics["mAP"] == pytest.approx(100.0)
+    assert [k for k, ap in enumerate(metrics["AP"]) if not math.isnan(ap)] == present
+    originals = datasets.VOCDetection(str(voc_tree), ("2007/test",))
+    for index, record in enumerate(state["records"]):
+        np.testing.assert_allclose(record["ground_truth"]["boxes"], originals[index]["boxes"], atol=1e-3)
+
+    detections, n = one_false_positive_after_the_first_hit(ground_truth_as_detections(val_set), val_set, cls)
+    _, metrics = score(task, recipe, val_set, collate, detections)
+    # 11-point AP: precision 1 up to recall 1/n, then n/(n+1) (the false positive costs one rank)
+    points = np.arange(0.0, 1.1, 0.1)
+    expected = ((points <= 1 / n).sum() + (points > 1 / n).sum() * n / (n + 1)) / 11 * 100
+    assert metrics["AP"][cls] == pytest.approx(expected)
+    assert metrics["mAP"] == pytest.approx((100 * (len(present) - 1) + expected) / len(present))
+
+
+def test_synthetic_map_uses_the_area_under_the_curve():
+    recipe = det_recipe("synthetic")
+    task = tasks.DetTask()
+    val_set, collate = task.build_data(recipe, "val", None)
+    cls, counts = busiest_class(val_set)
+    detections, n = one_false_positive_after_the_first_hit(ground_truth_as_detections(val_set), val_set, cls)
+    _, metrics = score(task, recipe, val_set, collate, detections)
+    assert n >= 2 and metrics["AP"][cls] == pytest.approx((1 / n + (n - 1) / (n + 1)) * 100)
+
+
+# -------------------------------------------------------------------------------------- recipe checks
+def test_recipe_errors_list_what_is_supported(coco_tree):
+    task = configs.TASKS["det"]
+    with pytest.raises(ValueError, match="--student yolo_r18: --task det supports retinanet_r18, .*faster_rcnn_r101"):
+        task.check_recipe(det_recipe("synthetic", student="yolo_r18"))
+    with pytest.raises(ValueError, match=r"--data cityscapes: --task det supports \['synthetic', 'voc', 'coco'\]"):
+        task.check_recipe(det_recipe("cityscapes"))
+    with pytest.raises(ValueError, match="num_classes 80 does not match the 8 classes .*--set num_classes=8"):
+        task.build_data(det_recipe("coco", num_classes=80), "val", str(coco_tree))
+    name, recipe = train.build_recipe(train.parse_args(["--task", "det", "--method", "none"]))
+    assert name == "synthetic_det_retinanet_none" and recipe.task == "det" and recipe.student == "retinanet_r18"
+
+
+# ------------------------------------------------------------------------------------------- training
+@pytest.mark.parametrize("student", ["retinanet_r18", "faster_rcnn_r18"])
+def test_each_detector_trains_and_resumes_exactly(tmp_path, monkeypatch, student):
+    flags = [*TINY_TRAIN, "--student", student, "--iters", "3", "--ckpt-every", "1"]
+    metrics = train.main([*flags, "--out", str(tmp_path / "straight")])
+    assert set(metrics) == {"mAP", "AP"} and len(metrics["AP"]) == 8
+    steps = [json.loads(line) for line in (tmp_path / "straight/log.jsonl").read_text().splitlines()]
+    losses = [key for key in steps[0] if key.startswith("loss_")]
+    assert {"loss_cls", "loss_bbox"} <= set(losses) and all(np.isfinite(s[k]) for s in steps[:3] for k in losses)
+
+    real_check = engine._check_finite
+
+    def crash_at_third_step(losses, iteration):
+        if iteration == 2:
+            raise KeyboardInterrupt
+        real_check(losses, iteration)
+
+    monkeypatch.setattr(engine, "_check_finite", crash_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.main([*flags, "--out", str(tmp_path / "resumed")])
+    monkeypatch.undo()
+    assert engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))["iteration"] == 2
+    train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
+    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
+    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    assert resumed["iteration"] == 3
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+
+
+def test_coco_tree_trains_and_evaluates_through_the_clis(coco_tree, tmp_path):
+    run = tmp_path / "run"
+    train.main(["--task", "det", "--data", "coco", "--data-root", str(coco_tree), "--set", "num_classes=8",
+                "--set", "image_scale=(64, 64)", "--iters", "1", "--batch-size", "2", "--out", str(run), "--quiet"])
+    scores = evaluate.main(["--ckpt", str(run / "last.pt"), "--data-root", str(coco_tree), "--save-pred",
+                            str(tmp_path / "pred"), "--quiet"])
+    assert set(scores) == {"mAP", "AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert (tmp_path / "pred/detections.json").is_file()
