@@ -13,7 +13,7 @@ stays at output stride (OS) 8 (d = 2 for layer3, 4 for layer4) or 16 (d = 2 for 
 The stride of a down-sampling block sits on its 3x3 conv (torchvision "V1.5"/"V1b"), and the
 projection shortcut is a strided 1x1 conv + BN, in every flavour.
 
-Flavours (all facts from /work/shared/specs/seg_models.md, checked against the public code):
+Flavours (all facts from ../shared/specs/seg_models.md, checked against the public code):
 
 * ``"cirkd"`` -- winycg/CIRKD ``ResNetV1b(deep_stem=True)``: stem 3x3 convs 64-64-128 (stride 2 on
   the first, bias-free, BN, ReLU), MaxPool(3, 2, 1) in floor mode; layer1 therefore starts from 128
