@@ -280,9 +280,10 @@ class ClsTask:
             dataset = datasets.ClassificationSet(SyntheticObjects(scenes, recipe.crop[0]), transform)
         else:
             dataset = datasets.build_dataset("cls", recipe.data, root, split, transform)
-        if len(dataset.classes) != recipe.num_classes:
-            raise ValueError(f"--data {recipe.data} ({root or 'built-in'}): {len(dataset.classes)} classes, but the "
-                             f"recipe has num_classes={recipe.num_classes}; pass --set num_classes={len(dataset.classes)}")
+        found = len(dataset.classes)
+        if found != recipe.num_classes:
+            raise ValueError(f"--data {recipe.data} ({root or 'built-in'}): {found} classes, but the recipe has "
+                             f"num_classes={recipe.num_classes}; pass --set num_classes={found}")
         return dataset, dataset.collate
 
     def new_eval_state(self, recipe) -> dict:
