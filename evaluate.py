@@ -65,9 +65,16 @@ def main(argv=None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def run(argv=None) -> int:
+    """:func:`main` as the command line runs it; returns the exit status: 0, or 2 after a bad input (one
+    line ``error: ...`` on stderr)."""
     try:
-        main()
+        main(argv)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -21,7 +21,7 @@ from kd_ref import configs, engine
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="seg", help=f"one of {sorted(configs.TASKS)}")
+    parser.add_argument("--task", default=None, help=f"one of {sorted(configs.TASKS)} (default: the preset's, else seg)")
     parser.add_argument("--method", default=None, help="distillation method (default: the preset's, else none)")
     parser.add_argument("--sokd-base", default=None, choices=configs.SOKD_BASES,
                         help="--method sokd: the base method SoKD is plugged into (default: the preset's)")
@@ -55,20 +55,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
     """The preset named (or implied) by the flags, with the explicit flags applied on top."""
-    if args.task not in configs.TASKS:
-        raise ValueError(f"--task {args.task}: supported tasks are {sorted(configs.TASKS)}")
-    if args.method is not None and args.method not in configs.supported_methods(args.task):
-        raise ValueError(f"--method {args.method}: methods for --task {args.task} are "
-                         f"{configs.supported_methods(args.task)}")
-    if args.preset is not None:
-        if args.preset not in configs.PRESETS:
-            raise ValueError(f"--preset {args.preset}: unknown; known presets: {', '.join(sorted(configs.PRESETS))}")
-        name = args.preset
-    else:
-        name = configs.default_preset(args.task, args.method or "none", args.data or "synthetic")
+    if args.preset is not None and args.preset not in configs.PRESETS:
+        raise ValueError(f"--preset {args.preset}: unknown; known presets: {', '.join(sorted(configs.PRESETS))}")
+    task = args.task or (configs.PRESETS[args.preset].task if args.preset is not None else "seg")
+    if task not in configs.TASKS:
+        raise ValueError(f"--task {task}: supported tasks are {sorted(configs.TASKS)}")
+    if args.method is not None and args.method not in configs.supported_methods(task):
+        raise ValueError(f"--method {args.method}: methods for --task {task} are "
+                         f"{configs.supported_methods(task)}")
+    name = args.preset or configs.default_preset(task, args.method or "none", args.data or "synthetic")
     recipe = configs.PRESETS[name]
-    if args.preset is not None and args.task != recipe.task and "--task" in sys.argv:
-        raise ValueError(f"--task {args.task} contradicts --preset {name} (a {recipe.task} recipe)")
+    if task != recipe.task:
+        raise ValueError(f"--task {task} contradicts --preset {name} (a {recipe.task} recipe)")
     overrides = {"method": args.method, "data": args.data, "student": args.student, "teacher": args.teacher,
                  "pretrained": args.pretrained, "iters": args.iters, "batch_size": args.batch_size,
                  "lr": args.lr, "crop": tuple(args.crop) if args.crop else None,
@@ -149,12 +147,19 @@ def main(argv=None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def run(argv=None) -> int:
+    """:func:`main` as the command line runs it; returns the exit status: 0, 2 after a bad input (one line
+    ``error: ...`` on stderr) or 128 + the signal number after a preemption (with the resume hint)."""
     try:
-        main()
+        main(argv)
     except engine.TrainingInterrupted as stop:
         print(f"interrupted: {stop}", file=sys.stderr)
-        sys.exit(128 + stop.signum)
+        return 128 + stop.signum
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

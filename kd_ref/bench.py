@@ -1,21 +1,50 @@
 """Benchmarks that print figures measured side by side in one run.
 
     python -m kd_ref.bench effect --task seg [--methods none kd dist gdd skd] [--seeds 0 1 2] [--iters N]
+    python -m kd_ref.bench cost [--tasks seg det cls] [--methods ...] [--student A --teacher B]
+                                [--size H W] [--batch-size N] [--rounds N] [--device cuda] [--amp]
+    python -m kd_ref.bench pairwise [--nodes 1024 4096 16384 65536] [--channels 128 512] [--device cuda]
 
 ``effect`` trains one teacher per seed on the synthetic data (the preset's teacher recipe), then the
 student with every method from the same initialisation seed and data order, and prints the mean and
 standard deviation of the main metric per method, so one can see whether distillation helps at small
 scale. Runs are kept under ``--out`` (default ``runs/bench_effect_<task>``) and reused when complete.
+
+``cost`` times one training iteration (forward, backward, optimizer step, and the method's extra
+optimizer step or per-step hook) of every method of a task on one model pair, one fixed batch of the
+synthetic scenes and randomly initialised weights (the cost does not depend on them). The student alone
+(``none``) and the teacher forward alone are measured too, all cases interleaved round by round after
+warm-up, and the table gives per case: the median seconds, the ratio to the student step, the ratio to
+the floor any distiller pays (student step + teacher forward), the overhead beyond that floor in % of a
+student step, and the peak memory of a training run of that case alone (see ``step_peak_bytes``).
+Per-epoch hooks (GKD's prototypes) run once before timing and are not in the figures. The defaults are
+the task's synthetic-demo pair at the demo sizes, a few minutes on a CPU; for real sizes on a GPU, e.g.
+``--tasks seg --student deeplabv3_r18 --teacher deeplabv3_r101 --size 512 1024 --batch-size 8 --amp``.
+
+``pairwise`` compares the dense (N x N graphs) and Gram forms of SKD's pair-wise loss
+(``kd_ref.skd.pair_wise_kd``) on one image of N nodes: seconds for forward + backward, peak memory, and
+the relative difference of the loss and of its gradient. Dense sizes whose estimated memory exceeds
+``--memory-budget-gib`` (default half of the memory available now) are skipped and the table says so.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import itertools
 import json
+import math
 import os
 import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
 
 from kd_ref import configs, engine
+from kd_ref.skd import pair_wise_kd
 
 
 def _train_or_reuse(recipe, out: str, runtime, teacher_ckpt: str | None = None) -> dict:
@@ -64,6 +93,404 @@ def effect(task: str, methods: list, seeds: list, iters: int | None, teacher_ite
     return results
 
 
+
+# ------------------------------------------------------------------------------------------- memory
+def _libc_malloc_trim() -> Callable[[], None]:
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: freed heap pages simply stay resident
+        return lambda: None
+    return lambda: trim(0)
+
+
+_malloc_trim = _libc_malloc_trim()
+
+
+def _proc_bytes(path: str, field: str) -> int:
+    """A ``field: N kB`` line of a Linux /proc file, in bytes."""
+    with open(path) as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise ValueError(f"{path} has no {field} line")
+
+
+def mark_memory(device: torch.device) -> int:
+    """Bytes in use now, and start a new peak from here. CUDA: allocated tensor bytes. CPU (Linux):
+    resident set size, after handing freed heap pages back to the system (malloc_trim) and resetting the
+    kernel's high-water mark (clear_refs 5), so that pages an earlier case left resident neither hide
+    this case's peak nor count in it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    _malloc_trim()
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+    return _proc_bytes("/proc/self/status", "VmRSS")
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since the last :func:`mark_memory` (CUDA max allocated; CPU peak RSS)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_bytes("/proc/self/status", "VmHWM")
+
+
+def tensor_bytes(modules, optimizers=()) -> int:
+    """Bytes held between steps by ``modules`` (parameters, buffers) and ``optimizers`` (their state),
+    each tensor counted once."""
+    tensors = {}
+    for module in modules:
+        for tensor in itertools.chain(module.parameters(), module.buffers()):
+            tensors[id(tensor)] = tensor
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            tensors.update({id(v): v for v in state.values() if torch.is_tensor(v)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# --------------------------------------------------------------------------------------------- cost
+@dataclass
+class CostCase:
+    """One timed unit of work. ``resident_bytes()`` is what the case keeps between two runs (weights,
+    optimizer state), read after warm-up when the optimizer state exists."""
+    name: str
+    run: Callable[[], None]
+    resident_bytes: Callable[[], int]
+
+
+@dataclass
+class Measurement:
+    seconds: list
+    transient_bytes: int = 0
+
+
+def measure(cases: list, warmup: int, rounds: int, device: torch.device) -> dict:
+    """``{case name: Measurement}``. Every round runs every case once, starting one case later than the
+    previous round, so that drifting machine load falls on all cases alike; the first ``warmup`` rounds
+    are discarded. Memory is taken in one more, untimed round (``transient_bytes``: the peak a run
+    reaches above the memory in use before it), because on CPU resetting the peak hands pages back to
+    the system and the run after it pays for faulting them in again."""
+    results = {case.name: Measurement([]) for case in cases}
+    for round_index in range(warmup + rounds):
+        shift = round_index % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            seconds = timed(case.run, device)
+            if round_index >= warmup:
+                results[case.name].seconds.append(seconds)
+    for case in cases:
+        before = mark_memory(device)
+        case.run()
+        results[case.name].transient_bytes = peak_memory(device) - before
+    return results
+
+
+def timed(work: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``work()`` takes, including the GPU work it queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tick = time.perf_counter()
+    work()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - tick
+
+
+def step_peak_bytes(case: CostCase, measurement: Measurement) -> int:
+    """Peak memory of a run of ``case`` alone: what it keeps resident plus what one run adds at its peak
+    (the bench holds every case at once, so the process-wide figure would mix them)."""
+    return case.resident_bytes() + measurement.transient_bytes
+
+
+def size_overrides(task: str, size: tuple) -> dict:
+    """Recipe fields that make the network input ``size`` = (H, W) for ``task`` on synthetic scenes."""
+    height, width = size
+    if task == "det":
+        return {"synthetic_size": (height, width), "image_scale": (max(size), min(size))}
+    if task == "cls" and height != width:
+        raise ValueError(f"--size {height} {width}: classification inputs are square")
+    return {"synthetic_size": (height, width), "crop": (height, width)}
+
+
+def cost_recipe(task: str, method: str, overrides: dict) -> configs.Recipe:
+    """The task's synthetic preset for ``method`` (the ``none`` preset with the method swapped in when
+    the method has no synthetic preset of its own), with ``overrides`` applied."""
+    preset = configs.DEFAULT_PRESETS.get((task, method, "synthetic"))
+    if preset is None:
+        recipe = dataclasses.replace(configs.PRESETS[configs.default_preset(task, "none", "synthetic")],
+                                     method=method, method_options={})
+    else:
+        recipe = configs.PRESETS[preset]
+    recipe = dataclasses.replace(recipe, **overrides)
+    configs.TASKS[task].check_recipe(recipe)
+    if recipe.teacher is None:
+        raise ValueError(f"bench cost --tasks {task}: the synthetic preset has no teacher; pass --teacher ARCH")
+    return recipe
+
+
+def fixed_batch(recipe: configs.Recipe, runtime: engine.Runtime) -> dict:
+    """One training batch of ``recipe``'s data, augmented as the engine's first epoch would be."""
+    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+    if len(dataset) < recipe.batch_size:
+        raise ValueError(f"--batch-size {recipe.batch_size}: the training set has only {len(dataset)} samples")
+    samples = [dataset.get(i, np.random.default_rng([recipe.seed, 0, i])) for i in range(recipe.batch_size)]
+    return engine.move_to(collate(samples), runtime.device)
+
+
+def _place(model: torch.nn.Module, runtime: engine.Runtime) -> torch.nn.Module:
+    model.to(runtime.device)
+    if runtime.device.type == "cuda":  # as the engine runs them
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def training_case(name: str, recipe: configs.Recipe, teacher: torch.nn.Module, batch: dict,
+                  runtime: engine.Runtime) -> CostCase:
+    """One engine iteration of ``recipe`` as a :class:`CostCase`: student forward, teacher forward,
+    distiller, backward and SGD step (with the AMP gradient scaler on GPU), then the distiller's extra
+    optimizer step and ``after_step`` hook when it has them. DDP, gradient clipping and logging are left
+    out. The student starts from ``recipe.seed``, so every case trains the same network. The learning
+    rate is 0 (the optimizer still does all its work): the weights stay as initialised, so every round
+    times the same computation. Training them instead made a CPU GDD step go from 10 s to 78 s within
+    three steps (random weights drifting, likely into denormal or overflowing values)."""
+    recipe = dataclasses.replace(recipe, lr=0.0)
+    task, method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
+    torch.manual_seed(recipe.seed)
+    student = _place(task.build_model(recipe, recipe.student), runtime).train()
+    distiller = method.build(recipe, student, teacher).to(runtime.device) if method.needs_teacher else None
+    bind = method.bind.get(recipe.task)
+    extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
+    extra_ids = {id(p) for p in extra_params}
+    own_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
+    optimizer = engine.build_optimizer([{"params": [p for p in student.parameters() if p.requires_grad]},
+                                        {"params": own_params}], recipe)
+    extra_optimizer = (distiller.extra_optimizer(recipe.iters)[0]
+                       if extra_params and hasattr(distiller, "extra_optimizer") else None)
+    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp and runtime.device.type == "cuda")
+    if hasattr(distiller, "before_epoch"):
+        dataset, collate = task.build_data(recipe, "train", None)
+        distiller.before_epoch(engine.EpochContext(0, student, teacher, dataset, collate, runtime))
+
+    def backward_and_step(losses: dict, step_optimizer) -> None:
+        step_optimizer.zero_grad(set_to_none=True)
+        scaler.scale(sum(value.float() for value in losses.values())).backward()
+        scaler.step(step_optimizer)
+        scaler.update()
+
+    def step() -> None:
+        with runtime.autocast():
+            student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
+            losses = dict(student_out["losses"])
+            if distiller is not None:
+                teacher_out = engine.teacher_forward(teacher, batch, student_out)
+                bound = bind(student_out, teacher_out, batch)
+                losses.update(distiller(**bound))
+        backward_and_step(losses, optimizer)
+        if extra_optimizer is not None:
+            with runtime.autocast():
+                extra = distiller.extra_losses(**bound)
+            backward_and_step(extra, extra_optimizer)
+        if hasattr(distiller, "after_step"):
+            def objective(step_batch):
+                out = student(step_batch["images"], step_batch["targets"], step_batch.get("image_sizes"))
+                terms = distiller(**bind(out, teacher_out, step_batch))
+                return sum(out["losses"].values()) + sum(terms.values())
+            distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
+
+    modules = [student] + ([teacher, distiller] if distiller is not None else [])
+    optimizers = [optimizer] + ([extra_optimizer] if extra_optimizer is not None else [])
+    return CostCase(name, step, lambda: tensor_bytes(modules, optimizers))
+
+
+def teacher_case(teacher: torch.nn.Module, recipe: configs.Recipe, batch: dict,
+                 runtime: engine.Runtime) -> CostCase:
+    """The teacher forward alone, as a distillation step runs it (a two-stage teacher scores the RoIs a
+    student sampled once, before timing)."""
+    torch.manual_seed(recipe.seed)
+    student = _place(configs.TASKS[recipe.task].build_model(recipe, recipe.student), runtime).train()
+    with torch.no_grad(), runtime.autocast():
+        student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
+    sampled = {key: value for key, value in student_out.items() if key == "rois"}
+    del student, student_out
+
+    def forward() -> None:
+        with runtime.autocast():
+            engine.teacher_forward(teacher, batch, sampled)
+    return CostCase(TEACHER_FORWARD, forward, lambda: tensor_bytes([teacher]))
+
+
+# SoKD's policy search (4 extra forward/backward passes per step) runs for search_iters steps only, so
+# it is timed both while searching and after the search has ended.
+COST_VARIANTS = {"sokd": {"sokd, search over": {"search_iters": 0}}}
+STUDENT_ALONE = "none"
+TEACHER_FORWARD = "teacher forward"
+
+
+@dataclass
+class CostRow:
+    name: str
+    seconds: float
+    x_student: float
+    x_floor: float
+    extra_percent: float
+    peak_mb: float
+
+
+def cost_rows(seconds: dict, peak_bytes: dict) -> list:
+    """Table rows from median ``seconds`` and ``peak_bytes`` per case. The floor of a distiller is the
+    student step plus the teacher forward; ``extra_percent`` is what a case costs beyond it, in % of
+    a student step (NaN for the student and teacher rows, which are the floor's parts)."""
+    student, teacher = seconds[STUDENT_ALONE], seconds[TEACHER_FORWARD]
+    floor = student + teacher
+    return [CostRow(name, value, value / student, value / floor,
+                    math.nan if name in (STUDENT_ALONE, TEACHER_FORWARD) else 100.0 * (value - floor) / student,
+                    peak_bytes[name] / 2 ** 20)
+            for name, value in seconds.items()]
+
+
+def cost_task(task: str, methods: list, overrides: dict, runtime: engine.Runtime, warmup: int,
+              rounds: int) -> tuple:
+    """``(description, rows)`` of one task's cost table."""
+    base = cost_recipe(task, STUDENT_ALONE, overrides)
+    batch = fixed_batch(base, runtime)
+    teacher = _place(configs.TASKS[task].build_model(base, base.teacher), runtime).eval().requires_grad_(False)
+    cases = [training_case(STUDENT_ALONE, base, teacher, batch, runtime), teacher_case(teacher, base, batch, runtime)]
+    for method in methods:
+        recipe = cost_recipe(task, method, overrides)
+        cases.append(training_case(method, recipe, teacher, batch, runtime))
+        for name, options in COST_VARIANTS.get(method, {}).items():
+            variant = dataclasses.replace(recipe, method_options={**recipe.method_options, **options})
+            cases.append(training_case(name, variant, teacher, batch, runtime))
+    results = measure(cases, warmup, rounds, runtime.device)
+    seconds = {case.name: statistics.median(results[case.name].seconds) for case in cases}
+    peaks = {case.name: step_peak_bytes(case, results[case.name]) for case in cases}
+    size = tuple(batch["images"].shape[-2:])
+    description = (f"{task}: student {base.student}, teacher {base.teacher}, batch {base.batch_size} x "
+                   f"{size[0]}x{size[1]}, {runtime.device.type}{' AMP' if runtime.amp else ''}, "
+                   f"median of {rounds} interleaved rounds after {warmup} warm-up")
+    return description, cost_rows(seconds, peaks)
+
+
+def cost(tasks: list, methods: list | None = None, overrides: dict | None = None, size: tuple | None = None,
+         device: str | None = None, amp: bool = False, warmup: int = 1, rounds: int = 5) -> dict:
+    """``{task: rows}``; prints one table per task. ``methods`` None: every method the task supports;
+    ``overrides``: recipe fields for every task; ``size``: the input (H, W), see :func:`size_overrides`."""
+    runtime = engine.setup_runtime(device, amp)
+    tables = {}
+    for task in tasks:
+        if task not in configs.TASKS:
+            raise ValueError(f"--tasks {task}: expected some of {sorted(configs.TASKS)}")
+        supported = [m for m in configs.supported_methods(task) if m != STUDENT_ALONE]
+        chosen = supported if methods is None else [m for m in methods if m in supported]
+        task_overrides = {**(size_overrides(task, size) if size else {}), **(overrides or {})}
+        description, rows = cost_task(task, chosen, task_overrides, runtime, warmup, rounds)
+        print_table(description, ["case", "s/step", "x student", "x (student + teacher fwd)",
+                                  "extra, % of student step", "peak MB"],
+                    [[r.name, f"{r.seconds:.3f}", f"{r.x_student:.2f}", f"{r.x_floor:.2f}",
+                      _percent(r.extra_percent), f"{r.peak_mb:.0f}"] for r in rows])
+        tables[task] = rows
+    return tables
+
+
+def _percent(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:+.0f}"
+
+
+# ----------------------------------------------------------------------------------------- pairwise
+def dense_pairwise_bytes(batch: int, num_nodes: int) -> int:
+    """Estimated peak of the dense form: about six float32 N x N matrices per image are alive at once
+    (both graphs, their difference and its square, then their gradients in backward)."""
+    return 6 * 4 * batch * num_nodes ** 2
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def correlated_features(batch: int, channels: int, num_nodes: int, latent: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+    """(B, C, N, 1) non-negative features driven by a shared low-dimensional ``latent`` (B, L, N): student
+    and teacher graphs then agree roughly, as after training, where the Gram terms nearly cancel."""
+    mixing = torch.randn(channels, latent.shape[1], generator=generator, device=latent.device)
+    noise = torch.randn(batch, channels, num_nodes, generator=generator, device=latent.device)
+    return torch.relu(mixing @ latent + 0.5 * noise).unsqueeze(-1)
+
+
+def _timed_pairwise(feat_s, feat_t, impl: str, repeats: int, device) -> tuple:
+    """(median seconds of forward + backward after one warm-up run, peak bytes of one more run above
+    its start, loss, gradient w.r.t. the student feature)."""
+    def forward_backward():
+        leaf = feat_s.detach().requires_grad_(True)
+        loss = pair_wise_kd(leaf, feat_t, kernel=None, impl=impl)
+        loss.backward()
+        return loss.detach(), leaf.grad
+
+    forward_backward()
+    seconds = statistics.median(timed(forward_backward, device) for _ in range(repeats))
+    before = mark_memory(device)
+    loss, grad = forward_backward()
+    return seconds, peak_memory(device) - before, loss, grad
+
+
+def relative_difference(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-300))
+
+
+def pairwise(nodes: list, channels: tuple = (128, 512), batch: int = 1, repeats: int = 3,
+             device: str | None = None, memory_budget_gib: float | None = None, seed: int = 0) -> list:
+    """One row per N: dense and Gram seconds and peak MiB (or why dense was skipped) and the relative
+    difference of loss and gradient; prints the table."""
+    runtime = engine.setup_runtime(device)
+    budget = (memory_budget_gib * 2 ** 30 if memory_budget_gib is not None
+              else available_memory_bytes(runtime.device) / 2)
+    generator = torch.Generator(runtime.device).manual_seed(seed)
+    rows = []
+    for num_nodes in nodes:
+        latent = torch.randn(batch, 16, num_nodes, generator=generator, device=runtime.device)
+        feat_s, feat_t = (correlated_features(batch, c, num_nodes, latent, generator) for c in channels)
+        gram_s, gram_peak, gram_loss, gram_grad = _timed_pairwise(feat_s, feat_t, "gram", repeats, runtime.device)
+        row = {"nodes": num_nodes, "gram_seconds": gram_s, "gram_peak_mb": gram_peak / 2 ** 20}
+        needed = dense_pairwise_bytes(batch, num_nodes)
+        if needed > budget:
+            row["dense_skipped"] = (f"skipped: needs ~{needed / 2 ** 30:.1f} GiB, "
+                                    f"budget {budget / 2 ** 30:.1f} GiB")
+        else:
+            dense_s, dense_peak, dense_loss, dense_grad = _timed_pairwise(feat_s, feat_t, "dense", repeats,
+                                                                          runtime.device)
+            row.update(dense_seconds=dense_s, dense_peak_mb=dense_peak / 2 ** 20,
+                       loss_rel_diff=relative_difference(gram_loss, dense_loss),
+                       grad_rel_diff=relative_difference(gram_grad, dense_grad))
+        rows.append(row)
+    print_table(f"SKD pair-wise loss, dense vs Gram: batch {batch}, C_s {channels[0]}, C_t {channels[1]}, "
+                f"{runtime.device.type}, forward + backward, median of {repeats}",
+                ["N", "dense s", "dense peak MB", "gram s", "gram peak MB", "rel. diff loss", "rel. diff grad"],
+                [_pairwise_cells(row) for row in rows])
+    return rows
+
+
+def _pairwise_cells(row: dict) -> list:
+    gram = [f"{row['gram_seconds']:.3f}", f"{row['gram_peak_mb']:.0f}"]
+    if "dense_skipped" in row:
+        return [str(row["nodes"]), row["dense_skipped"], "-", *gram, "-", "-"]
+    return [str(row["nodes"]), f"{row['dense_seconds']:.3f}", f"{row['dense_peak_mb']:.0f}", *gram,
+            f"{row['loss_rel_diff']:.1e}", f"{row['grad_rel_diff']:.1e}"]
+
+
+# ------------------------------------------------------------------------------------------- output
+def print_table(title: str, header: list, rows: list) -> None:
+    """A Markdown table (pastes into the README as it is) under a title line."""
+    print(f"\n{title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kd_ref.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,11 +506,48 @@ def main(argv=None) -> None:
     effect_parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     effect_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                                help="recipe override for every run, as in train.py")
+
+    cost_parser = commands.add_parser("cost", help="seconds and memory of a training step per method")
+    cost_parser.add_argument("--tasks", nargs="+", default=["seg", "det", "cls"])
+    cost_parser.add_argument("--methods", nargs="+", default=None,
+                             help="default: every method of each task (methods a task lacks are left out)")
+    cost_parser.add_argument("--student", default=None, help="default: the task's synthetic-demo student")
+    cost_parser.add_argument("--teacher", default=None, help="default: the task's synthetic-demo teacher")
+    cost_parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                             help="input size (default: the synthetic demo's)")
+    cost_parser.add_argument("--batch-size", type=int, default=None, help="default: the synthetic demo's")
+    cost_parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    cost_parser.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
+    cost_parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    cost_parser.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler on CUDA, bf16 on CPU")
+    cost_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                             help="recipe override for every case, as in train.py")
+
+    pairwise_parser = commands.add_parser("pairwise", help="SKD pair-wise loss: dense vs Gram form")
+    pairwise_parser.add_argument("--nodes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    pairwise_parser.add_argument("--channels", type=int, nargs=2, metavar=("C_S", "C_T"), default=[128, 512],
+                                 help="student and teacher channels (default: DeepLabV3-R18 / -R101 heads)")
+    pairwise_parser.add_argument("--batch-size", type=int, default=1)
+    pairwise_parser.add_argument("--repeats", type=int, default=3)
+    pairwise_parser.add_argument("--memory-budget-gib", type=float, default=None,
+                                 help="skip dense sizes estimated above this (default: half the available memory)")
+    pairwise_parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+
     args = parser.parse_args(argv)
-    methods = args.methods or sorted(m for (t, m, d) in configs.DEFAULT_PRESETS if t == args.task and d == "synthetic")
-    effect(args.task, methods, args.seeds, args.iters, args.teacher_iters,
-           args.out or os.path.join("runs", f"bench_effect_{args.task}"), args.device,
-           configs.parse_overrides(args.overrides))
+    if args.command == "effect":
+        methods = args.methods or sorted(m for (t, m, d) in configs.DEFAULT_PRESETS
+                                         if t == args.task and d == "synthetic")
+        effect(args.task, methods, args.seeds, args.iters, args.teacher_iters,
+               args.out or os.path.join("runs", f"bench_effect_{args.task}"), args.device,
+               configs.parse_overrides(args.overrides))
+    elif args.command == "cost":
+        flags = {"student": args.student, "teacher": args.teacher, "batch_size": args.batch_size}
+        overrides = {**{k: v for k, v in flags.items() if v is not None}, **configs.parse_overrides(args.overrides)}
+        cost(args.tasks, args.methods, overrides, tuple(args.size) if args.size else None, args.device, args.amp,
+             args.warmup, args.rounds)
+    else:
+        pairwise(args.nodes, tuple(args.channels), args.batch_size, args.repeats, args.device,
+                 args.memory_budget_gib)
 
 
 if __name__ == "__main__":

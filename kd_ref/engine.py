@@ -101,6 +101,9 @@ def setup_runtime(device: str | None = None, amp: bool = False) -> Runtime:
         torch.backends.cudnn.benchmark = True
     else:
         torch_device = torch.device("cpu")
+        # subnormal floats (e.g. in the tails of the GDD generator's weights after a few updates) take
+        # a slow microcode path on x86 CPUs: one step became several times slower without this
+        torch.set_flush_denormal(True)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return Runtime(torch_device, rank, world_size, amp)
@@ -336,6 +339,19 @@ def teacher_inputs(student_out: dict) -> dict:
     return {"rois": student_out["rois"].detach()} if "rois" in student_out else {}
 
 
+def teacher_forward(teacher: nn.Module, batch: dict, student_out: dict) -> dict:
+    """The teacher's outputs on ``batch``, constants for the distiller. Called inside the step's autocast,
+    so with ``--amp`` on GPU it runs in fp16, and channels-last there (the models are converted when built).
+
+    torch.no_grad rather than torch.inference_mode: every distiller combines teacher outputs with student
+    tensors in ops that save them for backward (the gradient of KL(p_t || p_s) needs p_t), and autograd
+    refuses to save inference-mode tensors. Inference mode would only spare version-counter and view
+    bookkeeping; making its outputs usable would take a copy of each."""
+    with torch.no_grad():
+        return teacher(batch["images"], image_sizes=batch.get("image_sizes"), predict=False,
+                       **teacher_inputs(student_out))
+
+
 def _average_gradients(params, runtime: Runtime) -> None:
     if runtime.world_size == 1:
         return
@@ -478,9 +494,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                     student_out = model(batch["images"], batch["targets"], batch.get("image_sizes"))
                     losses = dict(student_out["losses"])
                     if distiller is not None:
-                        with torch.no_grad():
-                            teacher_out = teacher(batch["images"], image_sizes=batch.get("image_sizes"),
-                                                  predict=False, **teacher_inputs(student_out))
+                        teacher_out = teacher_forward(teacher, batch, student_out)
                         bound = method.bind[recipe.task](student_out, teacher_out, batch)
                         losses.update(distiller(**bound))
                 losses = {name: value.float() for name, value in losses.items()}

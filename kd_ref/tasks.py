@@ -31,7 +31,7 @@ def synthetic_options(recipe, split: str) -> dict:
     """Options of the built-in synthetic scenes for ``split`` (none for real data sets)."""
     if recipe.data != "synthetic":
         return {}
-    return {"seed": recipe.seed, "size": tuple(recipe.synthetic_size),
+    return {"seed": recipe.seed, "size": tuple(recipe.synthetic_size), "style": recipe.synthetic_style,
             "length": recipe.synthetic_train if split == "train" else recipe.synthetic_val}
 
 
@@ -60,8 +60,13 @@ class SegTask:
                                                      cat_max_ratio=recipe.cat_max_ratio)
         else:
             transform = transforms.SegEvalTransform(recipe.normalization)
-        dataset = datasets.build_dataset("seg", recipe.data, root, split, transform,
-                                         **synthetic_options(recipe, split))
+        options = synthetic_options(recipe, split)
+        if recipe.data == "synthetic":
+            if not 2 <= recipe.num_classes <= SYNTHETIC_NUM_CLASSES:
+                raise ValueError(f"num_classes {recipe.num_classes}: synthetic scenes have background + 1.."
+                                 f"{SYNTHETIC_NUM_CLASSES - 1} shapes (2..{SYNTHETIC_NUM_CLASSES} classes)")
+            options["num_classes"] = recipe.num_classes - 1  # the loader counts shapes, without background
+        dataset = datasets.build_dataset("seg", recipe.data, root, split, transform, **options)
         return dataset, dataset.collate
 
     def new_eval_state(self, recipe) -> dict:

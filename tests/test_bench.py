@@ -1,5 +1,7 @@
 import math
 
+import pytest
+
 from kd_ref import bench
 
 TINY = {"synthetic_size": (64, 64), "crop": (64, 64), "synthetic_train": 4, "synthetic_val": 2, "batch_size": 2}
@@ -14,3 +16,38 @@ def test_effect_trains_teacher_once_and_reports_every_method(tmp_path, capsys):
     assert "mIoU mean ± std" in printed and "kd" in printed
     # a second call reuses the finished runs instead of training again
     assert bench.effect("seg", ["none", "kd"], [0], 1, 1, str(tmp_path), overrides=TINY) == results
+
+
+def test_cost_rows_relate_every_case_to_the_student_step_and_the_distillation_floor():
+    rows = {r.name: r for r in bench.cost_rows({"none": 2.0, "teacher forward": 1.0, "kd": 3.3},
+                                               {"none": 2 ** 20, "teacher forward": 2 ** 21, "kd": 3 * 2 ** 20})}
+    assert rows["kd"].x_student == pytest.approx(1.65) and rows["kd"].x_floor == pytest.approx(1.1)
+    assert rows["kd"].extra_percent == pytest.approx(15.0) and rows["kd"].peak_mb == 3
+    assert math.isnan(rows["none"].extra_percent) and rows["teacher forward"].x_student == 0.5
+
+
+def test_size_overrides_per_task():
+    assert bench.size_overrides("seg", (64, 96)) == {"synthetic_size": (64, 96), "crop": (64, 96)}
+    assert bench.size_overrides("det", (64, 96))["image_scale"] == (96, 64)
+    with pytest.raises(ValueError, match="square"):
+        bench.size_overrides("cls", (32, 48))
+
+
+def test_cost_smoke_prints_a_row_per_case_with_sane_figures(capsys):
+    tables = bench.cost(["cls"], ["kd", "sokd"], {"batch_size": 2, "synthetic_size": (32, 32)}, warmup=0, rounds=1)
+    rows = tables["cls"]
+    assert [r.name for r in rows] == ["none", "teacher forward", "kd", "sokd", "sokd, search over"]
+    for row in rows:
+        assert all(math.isfinite(v) and v > 0 for v in (row.seconds, row.x_student, row.x_floor, row.peak_mb))
+    printed = capsys.readouterr().out
+    assert "| case | s/step | x student | x (student + teacher fwd) |" in printed and "| sokd |" in printed
+
+
+def test_pairwise_smoke_agrees_and_skips_dense_sizes_over_the_budget(capsys):
+    budget_gib = 1.5 * bench.dense_pairwise_bytes(1, 64) / 2 ** 30
+    rows = bench.pairwise([64, 256], channels=(16, 32), repeats=1, memory_budget_gib=budget_gib)
+    assert [r["nodes"] for r in rows] == [64, 256]
+    assert rows[0]["loss_rel_diff"] < 1e-5 and rows[0]["grad_rel_diff"] < 1e-4
+    assert rows[0]["dense_seconds"] > 0 and rows[1]["gram_seconds"] > 0
+    assert rows[1]["dense_skipped"].startswith("skipped: needs")
+    assert "| 256 | skipped: needs" in capsys.readouterr().out

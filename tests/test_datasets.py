@@ -1,6 +1,5 @@
 import json
 import os
-import time
 
 import numpy as np
 import pytest
@@ -71,12 +70,24 @@ def test_boxes_masks_semantic_and_image_label_agree():
         assert sample["image_label"] == sample["labels"][np.argmax(masks.sum((1, 2)))]
 
 
-def test_scene_generation_is_fast():
-    data = D.SyntheticScenes("train", size=(128, 128), length=100)
-    start = time.perf_counter()
-    for index in range(100):
-        data[index]
-    assert (time.perf_counter() - start) / 100 < 0.02  # ~3 ms on one core; loose for busy machines
+def test_easy_style_has_few_large_objects_on_a_grainy_background():
+    standard = D.SyntheticScenes("train", size=SIZE, length=30)
+    easy = D.SyntheticScenes("train", size=SIZE, length=30, style="easy")
+    assert easy.OBJECTS == (1, 3) and D.SyntheticScenes.OBJECTS == (3, 10)  # per instance, class untouched
+
+    def local_spread(sample, where):
+        image = sample["image"].astype(np.float32)
+        return np.abs(np.diff(image, axis=1)).mean(-1)[where[:, 1:]].mean()
+
+    grain, paint = [], []
+    for index in range(30):
+        sample = easy[index]
+        assert 1 <= len(sample["labels"]) <= 3
+        grain.append(local_spread(sample, sample["semantic"] == 0))
+        paint.append(local_spread(sample, (sample["semantic"] > 0) & (sample["semantic"] < 255)))
+    assert np.mean(grain) > 2 * np.mean(paint)  # figure/ground is a local cue
+    mean_area = lambda data: np.mean([(data[i]["semantic"] > 0).mean() for i in range(30)])
+    assert mean_area(easy) > mean_area(standard) / 2  # fewer but larger objects
 
 
 def test_scene_argument_errors():
@@ -86,6 +97,8 @@ def test_scene_argument_errors():
         D.SyntheticScenes(num_classes=9)
     with pytest.raises(IndexError, match="out of range"):
         scenes(length=2)[2]
+    with pytest.raises(ValueError, match="style: expected one of"):
+        D.SyntheticScenes(style="hardest")
 
 
 # ------------------------------------------------------------------------------- round trips

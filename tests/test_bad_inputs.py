@@ -1,0 +1,230 @@
+"""Bad-input sweep: train.py and evaluate.py, given broken data, checkpoints or flags, must stop with one
+line ``error: ...`` that names the culprit, exit non-zero, and leave every existing checkpoint as it was.
+
+The tools run in-process through their ``run(argv)`` (the command-line entry point: exit status and the
+stderr line); one case goes through a real ``python train.py`` process for the exit code itself.
+"""
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+import train
+from kd_ref import datasets, segmentors
+from kd_ref.tasks import SYNTHETIC_NUM_IMAGE_CLASSES as NUM_IMAGE_CLASSES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=8",
+        "--set", "synthetic_val=3", "--batch-size", "2", "--quiet"]
+
+
+def cityscapes_tree(root, image_size=(32, 64), label_size=None):
+    """Two train and two val images of one city in the Cityscapes layout (label id 7 = road)."""
+    for split in ("train", "val"):
+        images = root / "leftImg8bit" / split / "aachen"
+        labels = root / "gtFine" / split / "aachen"
+        images.mkdir(parents=True)
+        labels.mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.zeros((*image_size, 3), np.uint8)).save(images / f"aachen_{i:06d}_000019_leftImg8bit.png")
+            Image.fromarray(np.full(label_size or image_size, 7, np.uint8)).save(
+                labels / f"aachen_{i:06d}_000019_gtFine_labelIds.png")
+    return root
+
+
+def truncate(path, keep=40):
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run (``run/last.pt``), used as checkpoint, teacher and resume source."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    assert train.run(["--task", "seg", "--method", "none", "--student", "deeplabv3_r18", "--out", str(root / "run"),
+                      *TINY, "--iters", "1"]) == 0
+    return root / "run" / "last.pt"
+
+
+def copy_checkpoint(trained, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(trained, folder / "last.pt")
+    return folder
+
+
+def cityscapes_train(root, *flags):
+    return (train, ["--task", "seg", "--data", "cityscapes", "--data-root", str(root), "--iters", "1",
+                    "--batch-size", "2", "--crop", "32", "32", "--quiet", *flags])
+
+
+def synthetic_train(out, *flags):
+    return (train, ["--task", "seg", "--out", str(out), *TINY, "--iters", "1", *flags])
+
+
+def exported(tmp_path, fmt, size=(32, 32)):
+    root = tmp_path / fmt
+    datasets.main(["export", "--format", fmt, str(root), "--num-train", "2", "--num-val", "1",
+                   "--size", str(size[0]), str(size[1])])
+    return root
+
+
+def cifar100_with_label_out_of_range(tmp_path):
+    """A CIFAR-100 export whose first training label equals the number of classes."""
+    root = exported(tmp_path, "cifar100")
+    train_file = root / "cifar-100-python" / "train"
+    batch = pickle.loads(train_file.read_bytes(), encoding="bytes")
+    batch[b"fine_labels"][0] = NUM_IMAGE_CLASSES
+    train_file.write_bytes(pickle.dumps(batch))
+    return root
+
+
+def imagefolder_with_truncated_jpegs(tmp_path):
+    root = exported(tmp_path, "imagefolder", size=(64, 64))
+    for path in (root / "train").rglob("*.JPEG"):
+        truncate(path, keep=200)
+    return root
+
+
+def truncated_copy(source, path):
+    path.write_bytes(source.read_bytes()[: source.stat().st_size // 2])
+    return path
+
+
+def corrupted_in_place(folder):
+    truncate(folder / "last.pt", keep=(folder / "last.pt").stat().st_size // 2)
+    return folder
+
+
+def saved(obj, path):
+    torch.save(obj, path)
+    return path
+
+
+def with_recipe(source, path, **fields):
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    ckpt["recipe"].update(fields)
+    return saved(ckpt, path)
+
+
+def first(root, pattern):
+    return sorted(root.rglob(pattern))[0]
+
+
+def nan_losses(monkeypatch):
+    real_losses = segmentors.Segmentor.losses
+
+    def losses(self, out, targets):
+        values = real_losses(self, out, targets)
+        return {**values, "loss_seg": values["loss_seg"] * float("nan")}
+    monkeypatch.setattr(segmentors.Segmentor, "losses", losses)
+
+
+def cityscapes_case(expected, *flags, edit=lambda root: None, **tree):
+    """A Cityscapes tree (edited by ``edit``) trained into a folder that already holds a checkpoint."""
+    def setup(c):
+        root = cityscapes_tree(c.tmp / "cs", **tree)
+        edit(root)
+        return (*cityscapes_train(root, "--out", str(copy_checkpoint(c.trained, c.tmp / "out")), *flags), expected)
+    return setup
+
+
+def cls_case(data, make_root, expected):
+    def setup(c):
+        return (train, ["--task", "cls", "--data", data, "--data-root", str(make_root(c.tmp)), "--student", "resnet8",
+                        "--set", f"num_classes={NUM_IMAGE_CLASSES}", "--crop", "32", "32", "--iters", "1",
+                        "--batch-size", "2", "--out", str(c.tmp / "out"), "--quiet"], expected)
+    return setup
+
+
+def nan_in_the_loss(c):
+    nan_losses(c.monkeypatch)
+    return (*synthetic_train(copy_checkpoint(c.trained, c.tmp / "out"), "--method", "none"),
+            "non-finite loss at iteration 0")
+
+
+# name -> setup(c) -> (tool, argv, text the error line must contain); c has tmp, trained, monkeypatch
+CASES = {
+    "data_root_not_given": lambda c: (train, ["--task", "seg", "--data", "cityscapes", "--quiet"], "--data-root"),
+    "data_root_missing": lambda c: (*cityscapes_train(c.tmp / "does-not-exist"), "does-not-exist"),
+    "data_root_without_layout": lambda c: (*cityscapes_train(c.tmp), "leftImg8bit"),
+    "empty_val_split": cityscapes_case(
+        "split 'val'", edit=lambda root: [p.unlink() for p in (root / "leftImg8bit" / "val").rglob("*.png")]),
+    "label_size_differs_from_image": cityscapes_case("gtFine", label_size=(16, 64)),
+    "truncated_png_image": cityscapes_case(
+        "_leftImg8bit.png", edit=lambda root: truncate(first(root / "leftImg8bit" / "train", "*.png"))),
+    "truncated_png_label": cityscapes_case(
+        "_gtFine_labelIds.png", edit=lambda root: truncate(first(root / "gtFine" / "train", "*.png"))),
+    "truncated_jpeg": cls_case("imagenet", imagefolder_with_truncated_jpegs, ".JPEG"),
+    "label_out_of_range": cls_case("cifar100", cifar100_with_label_out_of_range, "fine labels"),
+    "corrupted_teacher_checkpoint": lambda c: (
+        *synthetic_train(c.tmp / "out", "--method", "kd", "--teacher", "deeplabv3_r18", "--teacher-ckpt",
+                         str(truncated_copy(c.trained, c.tmp / "teacher.pt"))), "cannot be read"),
+    "corrupted_checkpoint_on_resume": lambda c: (
+        *synthetic_train(corrupted_in_place(copy_checkpoint(c.trained, c.tmp / "out")), "--resume"),
+        "cannot be read"),
+    "corrupted_checkpoint_to_evaluate": lambda c: (
+        evaluate, ["--ckpt", str(truncated_copy(c.trained, c.tmp / "broken.pt")), "--quiet"], "cannot be read"),
+    "not_a_checkpoint": lambda c: (
+        evaluate, ["--ckpt", str(saved(torch.zeros(3), c.tmp / "tensor.pt")), "--quiet"],
+        "expected a kd_ref checkpoint"),
+    "teacher_checkpoint_of_another_architecture": lambda c: (
+        *synthetic_train(c.tmp / "out", "--method", "kd", "--teacher", "pspnet_r18", "--teacher-ckpt",
+                         str(c.trained)), "does not fit"),
+    "checkpoint_weights_of_another_architecture": lambda c: (
+        evaluate, ["--ckpt", str(with_recipe(c.trained, c.tmp / "relabelled.pt", student="pspnet_r18")), "--quiet"],
+        "does not fit"),
+    "resume_without_checkpoint": lambda c: (*synthetic_train(c.tmp / "empty", "--resume"), "no such file"),
+    "resume_with_another_recipe": lambda c: (
+        *synthetic_train(copy_checkpoint(c.trained, c.tmp / "out"), "--resume"), "recipe differs"),
+    "unknown_method": lambda c: (*synthetic_train(c.tmp, "--method", "nonsense"), "methods for --task seg"),
+    "method_of_another_task": lambda c: (*synthetic_train(c.tmp, "--method", "gkd"), "methods for --task seg"),
+    "unknown_student": lambda c: (*synthetic_train(c.tmp, "--student", "unet_r18"), "--student unet_r18"),
+    "task_contradicts_preset": lambda c: (
+        *synthetic_train(c.tmp, "--task", "det", "--preset", "synthetic_seg_none"), "contradicts"),
+    "sokd_base_without_sokd": lambda c: (*synthetic_train(c.tmp, "--method", "kd", "--sokd-base", "kd"),
+                                         "--sokd-base"),
+    "batch_size_zero": lambda c: (*synthetic_train(c.tmp, "--batch-size", "0"), "--batch-size 0"),
+    "teacher_checkpoint_not_given_on_real_data": cityscapes_case("--teacher-ckpt", "--method", "kd"),
+    "evaluate_with_another_task": lambda c: (
+        evaluate, ["--ckpt", str(c.trained), "--task", "det", "--quiet"], "holds a seg model"),
+    "nan_in_the_loss": nan_in_the_loss,
+}
+if not torch.cuda.is_available():
+    CASES["cuda_without_gpu"] = lambda c: (*synthetic_train(c.tmp, "--device", "cuda"), "no CUDA device")
+
+
+def checkpoint_hashes(*folders) -> dict:
+    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+            for folder in folders for path in folder.rglob("*.pt")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gives_one_error_line_nonzero_exit_and_keeps_checkpoints(case, tmp_path, trained, capsys,
+                                                                          monkeypatch):
+    tool, argv, expected = CASES[case](SimpleNamespace(tmp=tmp_path, trained=trained, monkeypatch=monkeypatch))
+    before = checkpoint_hashes(tmp_path, trained.parent)
+    status = tool.run(argv)
+    stderr = capsys.readouterr().err
+    assert status != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], stderr[-2000:]
+    assert stderr.rstrip().endswith(errors[0]) and "Traceback" not in stderr
+    assert checkpoint_hashes(tmp_path, trained.parent) == before, "a checkpoint was written or changed"
+
+
+def test_command_line_exits_with_status_2_and_one_error_line(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "train.py", "--task", "seg", "--data", "cityscapes", "--data-root",
+                             str(tmp_path / "does-not-exist")], cwd=ROOT, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error:") and "does-not-exist" in result.stderr
