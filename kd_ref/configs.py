@@ -181,11 +181,15 @@ TASKS = {"seg": tasks.SegTask()}
 PRESETS: dict[str, Recipe] = {}
 
 
-def register(name: str, recipe: Recipe, baseline: bool = True) -> None:
-    """Add a preset and, for a distillation preset, its ``<name>_baseline`` twin."""
+def register(name: str, recipe: Recipe, baseline: "bool | Recipe" = True) -> None:
+    """Add a preset and, for a distillation preset, its ``<name>_baseline`` twin: the recipe with
+    ``--method none``, or, when the distillation config also changes the optimisation (e.g. adds
+    gradient clipping), ``baseline`` given as the recipe that config extends. ``False``: no twin."""
     PRESETS[name] = recipe
-    if baseline and recipe.method != "none":
-        PRESETS[f"{name}_baseline"] = dataclasses.replace(recipe, method="none", method_options={})
+    if baseline is not False and recipe.method != "none":
+        twin = baseline if isinstance(baseline, Recipe) else recipe
+        PRESETS[f"{name}_baseline"] = dataclasses.replace(twin, method="none", method_options={},
+                                                          teacher=recipe.teacher)
 
 
 # --- CIRKD protocol (winycg/CIRKD, 2022 table; seg_models.md §5): DeepLabV3-R101 teacher.
@@ -524,7 +528,7 @@ for _arch in DETECTOR_LR:
 # The paper's teacher is a Cascade Mask R-CNN X101-32x4d-FPN-DCN (47.3); ours is Faster R-CNN R101-FPN 2x.
 register("gdd_faster_rcnn_r50_fpn_2x_coco", dataclasses.replace(
     PRESETS["faster_rcnn_r50_fpn_2x_coco"], method="gdd", teacher="faster_rcnn_r101", grad_clip=35.0,
-    method_options={"alpha": 4.0, "tau": 4.0}))
+    method_options={"alpha": 4.0, "tau": 4.0}), baseline=PRESETS["faster_rcnn_r50_fpn_2x_coco"])
 # DIST (dist.md §3/§4): beta = gamma = 1, tau 1, weight 1; RetinaNet sigmoid per level, Faster R-CNN softmax
 # RoI logits. The paper's teachers are RetinaNet X101 (41.0) and Cascade Mask R-CNN X101-64x4d (45.6);
 # ours are the R101-FPN 2x of the same detector.

@@ -226,23 +226,15 @@ class SyntheticScenes:
         if not 0 <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} {self.split} scenes")
         rng = self.rng(index)
-        canvas = self._background(rng)
-        owner = np.full(self.size, -1, np.int16)
-        num_objects = int(rng.integers(self.OBJECTS[0], self.OBJECTS[1] + 1))
-        classes = rng.integers(1, self.num_semantic_classes, num_objects)
-        drawn_area = np.zeros(num_objects)
-        for j, cls in enumerate(classes):
-            drawn_area[j] = self._draw_object(rng, canvas, owner, j, self.CLASSES[cls])
-        if rng.random() < 0.35:
-            canvas = self._blur(canvas)
-        canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * rng.uniform(3, 15)
-        if self.BACKGROUND_GRAIN:
-            background = owner < 0
-            canvas[background] += rng.standard_normal((int(background.sum()), 3), dtype=np.float32) * self.BACKGROUND_GRAIN
-        image = np.clip(canvas, 0, 255).astype(np.uint8)
-
-        visible = np.bincount(owner.ravel() + 1, minlength=num_objects + 1)[1:]
-        kept = np.flatnonzero(visible >= self.MIN_VISIBLE)
+        # at small sizes a scene can end with no object of MIN_VISIBLE pixels (about 2 in 1000 at 32 px):
+        # it is drawn again from the same generator, so every scene has an image label and the others
+        # stay as they were
+        while True:
+            image, owner, classes, drawn_area = self._compose(rng)
+            visible = np.bincount(owner.ravel() + 1, minlength=len(classes) + 1)[1:]
+            kept = np.flatnonzero(visible >= self.MIN_VISIBLE)
+            if len(kept):
+                break
         class_of_owner = np.concatenate([[0], classes]).astype(np.uint8)
         class_of_owner[1:][visible < self.MIN_VISIBLE] = IGNORE_INDEX
         semantic = class_of_owner[owner + 1]
@@ -256,6 +248,23 @@ class SyntheticScenes:
                 "difficult": visible[kept] < 0.3 * drawn_area[kept],
                 "image_label": int(labels[np.argmax(visible[kept])]), "image_id": int(index),
                 "name": f"{self.split}_{index:06d}.png"}
+
+    def _compose(self, rng: np.random.Generator) -> tuple:
+        """One scene: uint8 image, per-pixel object index (-1 = background), classes, drawn areas."""
+        canvas = self._background(rng)
+        owner = np.full(self.size, -1, np.int16)
+        num_objects = int(rng.integers(self.OBJECTS[0], self.OBJECTS[1] + 1))
+        classes = rng.integers(1, self.num_semantic_classes, num_objects)
+        drawn_area = np.zeros(num_objects)
+        for j, cls in enumerate(classes):
+            drawn_area[j] = self._draw_object(rng, canvas, owner, j, self.CLASSES[cls])
+        if rng.random() < 0.35:
+            canvas = self._blur(canvas)
+        canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * rng.uniform(3, 15)
+        if self.BACKGROUND_GRAIN:
+            background = owner < 0
+            canvas[background] += rng.standard_normal((int(background.sum()), 3), dtype=np.float32) * self.BACKGROUND_GRAIN
+        return np.clip(canvas, 0, 255).astype(np.uint8), owner, classes, drawn_area
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
         height, width = self.size
@@ -289,8 +298,8 @@ class SyntheticScenes:
     def _draw_object(self, rng, canvas, owner, j: int, shape: str) -> int:
         height, width = self.size
         radius = math.exp(rng.uniform(*np.log(self.RADIUS))) * min(height, width)
-        # centres at least radius/4 inside the image, so that even the last, smallest object keeps
-        # more than MIN_VISIBLE pixels and every scene has an image label
+        # centres at least radius/4 inside the image, so that even the last, smallest object nearly
+        # always keeps more than MIN_VISIBLE pixels (``sample`` redraws the rare scene where none does)
         cy, cx = rng.uniform(radius / 4, height - radius / 4), rng.uniform(radius / 4, width - radius / 4)
         extent = math.ceil(1.15 * radius) + 1
         y0, y1 = max(0, int(cy) - extent), min(height, int(cy) + extent + 1)

@@ -1,6 +1,7 @@
 """Detection distillation wiring (issue 5): the GKD registry entry and its per-epoch prototype schedule
 (kd_ref/gkd.py ScheduledGKDDistiller, kd_ref/configs.py "GKD (issue 5)"), and a few iterations of GKD,
 GDD and DIST on both detectors through train.py, with a prototype regeneration and an exact resume."""
+import dataclasses
 import json
 
 import numpy as np
@@ -138,6 +139,11 @@ def test_paper_rows_have_baselines_and_the_stated_settings():
         assert recipe.teacher == recipe.student.replace("_r50", "_r101")
     gdd = configs.PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco"]
     assert gdd.grad_clip == 35.0 and gdd.method_options == {"alpha": 4.0, "tau": 4.0}
+    # the clipping comes with the distillation config: the baseline is the plain detector recipe
+    assert configs.PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
+        configs.PRESETS["faster_rcnn_r50_fpn_2x_coco"], teacher="faster_rcnn_r101")
+    assert configs.PRESETS["gkd_retinanet_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
+        configs.PRESETS["gkd_retinanet_r50_fpn_2x_coco"], method="none", method_options={})
     for method in ("gkd", "gdd", "dist"):
         name = configs.default_preset("det", method, "synthetic")
         assert configs.PRESETS[name].method == method and configs.PRESETS[name].teacher_preset
