@@ -32,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher", default=None, help="teacher architecture")
     parser.add_argument("--teacher-ckpt", default=None, help="teacher checkpoint (a train.py last.pt or released weights)")
     parser.add_argument("--pretrained", default=None, help="local ImageNet weights for the student backbone")
+    parser.add_argument("--student-init", default=None,
+                        help="start the student from this trained checkpoint (train.py last.pt or a state dict)")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None, help="total batch over all processes")
     parser.add_argument("--lr", type=float, default=None)
@@ -68,7 +70,7 @@ def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
     if task != recipe.task:
         raise ValueError(f"--task {task} contradicts --preset {name} (a {recipe.task} recipe)")
     overrides = {"method": args.method, "data": args.data, "student": args.student, "teacher": args.teacher,
-                 "pretrained": args.pretrained, "iters": args.iters, "batch_size": args.batch_size,
+                 "pretrained": args.pretrained, "student_init": args.student_init, "iters": args.iters, "batch_size": args.batch_size,
                  "lr": args.lr, "crop": tuple(args.crop) if args.crop else None,
                  "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})

@@ -47,6 +47,9 @@ class Recipe:
     synthetic_train: int = 2000
     synthetic_val: int = 100
     synthetic_style: str = "standard"  # SyntheticScenes.STYLES
+    # a trained checkpoint of the student architecture to start from (a train.py last.pt or a plain state
+    # dict); GKD's released configs start from the trained baseline detector
+    student_init: str | None = None
     image_scale: tuple = (1333, 800)  # det: keep-ratio resize bounds (long side, short side), mmdet img_scale
     # optimisation
     batch_size: int = 16             # total over all processes
@@ -516,11 +519,12 @@ METHODS["gkd"] = Method(_build_gkd, {"det": _gkd_det})
 # GKD (gkd.md §6): fg 1, bg 4, soft 1, T 2, global 0, attenuation over the epochs, PGM M=10, alpha 10, boxes
 # wider and taller than 30 px, <= 800 images per class, every epoch: GKDDistiller's and
 # ScheduledGKDDistiller's defaults. The released config starts the student from the trained R50 2x
-# checkpoint; recipes have no field for a full student checkpoint yet, so these presets start from
-# ImageNet weights (--pretrained) like the baseline.
+# checkpoint (all of it): student_init is where train.py writes that baseline preset's run; the baseline
+# twin is the plain R50 2x recipe.
 for _arch in DETECTOR_LR:
     register(f"gkd_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
-        PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="gkd", teacher=f"{_arch}_r101"))
+        PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="gkd", teacher=f"{_arch}_r101",
+        student_init=f"runs/{_arch}_r50_fpn_2x_coco/last.pt"), baseline=PRESETS[f"{_arch}_r50_fpn_2x_coco"])
     # VOC 07+12 (gkd.md §6): no released config or numbers; same KD settings on our VOC schedule (our choice).
     register(f"gkd_{_arch}_r50_fpn_voc0712", dataclasses.replace(
         PRESETS[f"{_arch}_r50_fpn_voc0712"], method="gkd", teacher=f"{_arch}_r101"))

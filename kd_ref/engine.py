@@ -170,7 +170,7 @@ def lr_factor(iteration: int, recipe: "configs.Recipe") -> float:
     """
     if recipe.schedule == "poly":
         decay = (1 - iteration / recipe.iters) ** recipe.poly_power
-        floor = recipe.min_lr / recipe.lr
+        floor = recipe.min_lr / recipe.lr if recipe.lr else 0.0  # lr 0 (a frozen probe run) stays 0
         factor = floor + (1 - floor) * decay
     elif recipe.schedule == "step":
         factor = 0.1 ** sum(iteration >= m for m in recipe.lr_steps)
@@ -212,18 +212,31 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def _read_torch_file(path: str, source: str):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{source}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{source}: cannot be read ({type(error).__name__}: {error})") from None
+
+
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint written by this engine, with a clear error for anything else."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path}: no such file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path}: cannot be read ({type(error).__name__}: {error})") from None
+    ckpt = _read_torch_file(path, f"checkpoint {path}")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"checkpoint {path}: expected a kd_ref checkpoint (a dict with 'model'), "
                          f"found {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}")
     return ckpt
+
+
+def read_model_weights(path: str, source: str) -> dict:
+    """The model state dict in ``path``: a checkpoint of this engine (its ``model``) or a plain state dict."""
+    loaded = _read_torch_file(path, source)
+    weights = loaded.get("model", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError(f"{source}: expected a train.py checkpoint or a state dict of tensors")
+    return weights
 
 
 def load_model_weights(model: nn.Module, state_dict: dict, source: str) -> None:
@@ -402,7 +415,11 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                         pin_memory=runtime.device.type == "cuda", generator=loader_generator)
     iters_per_epoch = len(sampler) // per_rank_batch
 
-    student = task.build_model(recipe, recipe.student, pretrained=recipe.pretrained).to(runtime.device)
+    student = task.build_model(recipe, recipe.student, pretrained=recipe.pretrained)
+    if recipe.student_init is not None and resume_state is None:
+        source = f"student_init {recipe.student_init}"
+        load_model_weights(student, read_model_weights(recipe.student_init, source), source)
+    student.to(runtime.device)
     teacher = None
     if method.needs_teacher:
         teacher = task.build_model(recipe, recipe.teacher, pretrained=None)

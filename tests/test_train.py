@@ -13,7 +13,7 @@ import torch
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine
+from kd_ref import configs, datasets, engine, segmentors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=8",
@@ -152,3 +152,33 @@ def test_torchrun_two_process_gloo_ddp(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "metrics.json").exists()
     assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 2
+
+
+def test_student_init_starts_from_a_trained_checkpoint_or_state_dict(tmp_path, teacher_ckpt):
+    trained = torch.load(teacher_ckpt, weights_only=False)["model"]
+    plain = tmp_path / "weights.pt"
+    torch.save(trained, plain)
+    for source in (teacher_ckpt, str(plain)):
+        out = tmp_path / os.path.basename(source).replace(".pt", "")
+        # lr 0: the step changes no parameter, so the result shows where the student started
+        run(out, "--method", "none", "--student", "deeplabv3_r18", "--student-init", source, "--iters", "1",
+            "--lr", "0")
+        started = torch.load(out / "last.pt", weights_only=False)
+        assert started["recipe"]["student_init"] == source
+        student = segmentors.build_segmentor("deeplabv3_r18", num_classes=started["recipe"]["num_classes"])
+        for name, _ in student.named_parameters():
+            torch.testing.assert_close(started["model"][name], trained[name], rtol=0, atol=0)
+
+
+def test_student_init_of_another_architecture_lists_the_keys(tmp_path, teacher_ckpt):
+    with pytest.raises(ValueError, match=r"student_init .*does not fit.*(missing|unexpected)"):
+        run(tmp_path, "--method", "none", "--student", "pspnet_r18", "--student-init", teacher_ckpt, "--iters", "1")
+    with pytest.raises(FileNotFoundError, match="student_init .*no such file"):
+        run(tmp_path, "--method", "none", "--student-init", str(tmp_path / "absent.pt"), "--iters", "1")
+
+
+def test_gkd_presets_start_from_the_trained_baseline_detector():
+    for arch in ("faster_rcnn", "retinanet"):
+        recipe = configs.PRESETS[f"gkd_{arch}_r50_fpn_2x_coco"]
+        assert recipe.student_init == f"runs/{arch}_r50_fpn_2x_coco/last.pt"
+        assert configs.PRESETS[f"gkd_{arch}_r50_fpn_2x_coco_baseline"].student_init is None
