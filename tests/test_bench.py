@@ -18,6 +18,16 @@ def test_effect_trains_teacher_once_and_reports_every_method(tmp_path, capsys):
     assert bench.effect("seg", ["none", "kd"], [0], 1, 1, str(tmp_path), overrides=TINY) == results
 
 
+def test_effect_on_detection_reports_map_per_method(tmp_path, capsys):
+    tiny_det = {"synthetic_size": (64, 64), "image_scale": (64, 64), "synthetic_train": 4, "synthetic_val": 2,
+                "batch_size": 2}
+    results = bench.effect("det", ["none", "dist"], seeds=[0], iters=1, teacher_iters=1, out=str(tmp_path),
+                           overrides=tiny_det)
+    assert set(results) == {"none", "dist", "teacher"}
+    assert all(len(values) == 1 and 0.0 <= values[0] <= 100.0 for values in results.values())
+    assert "mAP mean ± std" in capsys.readouterr().out
+
+
 def test_cost_rows_relate_every_case_to_the_student_step_and_the_distillation_floor():
     rows = {r.name: r for r in bench.cost_rows({"none": 2.0, "teacher forward": 1.0, "kd": 3.3},
                                                {"none": 2 ** 20, "teacher forward": 2 ** 21, "kd": 3 * 2 ** 20})}

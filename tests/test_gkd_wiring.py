@@ -143,7 +143,9 @@ def test_paper_rows_have_baselines_and_the_stated_settings():
     assert configs.PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
         configs.PRESETS["faster_rcnn_r50_fpn_2x_coco"], teacher="faster_rcnn_r101")
     assert configs.PRESETS["gkd_retinanet_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
-        configs.PRESETS["gkd_retinanet_r50_fpn_2x_coco"], method="none", method_options={})
+        configs.PRESETS["retinanet_r50_fpn_2x_coco"], teacher="retinanet_r101")  # no student_init either
+    assert configs.PRESETS["dist_retinanet_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
+        configs.PRESETS["dist_retinanet_r50_fpn_2x_coco"], method="none", method_options={})
     for method in ("gkd", "gdd", "dist"):
         name = configs.default_preset("det", method, "synthetic")
         assert configs.PRESETS[name].method == method and configs.PRESETS[name].teacher_preset
