@@ -431,9 +431,11 @@ for _arch, _lr in DETECTOR_LR.items():
         register(f"{_arch}_r{_depth}_fpn_voc0712", dataclasses.replace(VOC_DET, student=f"{_arch}_r{_depth}"))
 
 # --- Built-in synthetic scenes: from scratch on a CPU (no pretrained weights, so the whole backbone trains).
-SYNTHETIC_DET = Recipe(task="det", data="synthetic", num_classes=tasks.SYNTHETIC_NUM_OBJECT_CLASSES,
+# Easy-style scenes with three shapes: RetinaNet-R18 reaches VOC mAP 0.0 / 4.0 / 19.3 after 200 / 400 / 600
+# iterations (one seed); on the standard scenes, and with all eight shapes, it is still at 0.0 after 300.
+SYNTHETIC_DET = Recipe(task="det", data="synthetic", num_classes=3, synthetic_style="easy",
                        synthetic_size=(128, 128), image_scale=(128, 128), normalization="imagenet_rgb",
-                       batch_size=8, iters=300, lr=0.01, weight_decay=1e-4, schedule="step", lr_steps=(250,),
+                       batch_size=8, iters=600, lr=0.01, weight_decay=1e-4, schedule="step", lr_steps=(500,),
                        warmup_iters=100, grad_clip=35.0, eval_every=0, ckpt_every=100)
 SYNTHETIC_DETECTORS = {"retinanet": ("retinanet_r18", "retinanet_r50"),
                        "frcnn": ("faster_rcnn_r18", "faster_rcnn_r50")}

@@ -93,7 +93,8 @@ def test_gkd_trains_faster_rcnn_with_positive_rois(teachers, tmp_path):
     kd_terms = ["loss_gkd_fg", "loss_gkd_bg", "loss_gkd_soft", "loss_gkd_global"]
     assert len(steps) == 2 and all(np.isfinite(step[key]) for step in steps for key in kd_terms)
     distiller = engine.load_checkpoint(str(tmp_path / "last.pt"))["distiller"]
-    assert [distiller[f"cls_start.{level}"].numel() for level in range(5)] == [9] * 5
+    num_classes = configs.PRESETS["synthetic_det_frcnn_gkd"].num_classes
+    assert [distiller[f"cls_start.{level}"].numel() for level in range(5)] == [num_classes + 1] * 5
 
 
 # ----------------------------------------------------------------------------------------------- bind
