@@ -21,7 +21,8 @@ from kd_ref import configs, engine
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default=None, help=f"one of {sorted(configs.TASKS)} (default: the preset's, else seg)")
+    parser.add_argument("--task", default=None,
+                        help=f"one of {sorted(configs.TASKS)} (default: the preset's, else seg)")
     parser.add_argument("--method", default=None, help="distillation method (default: the preset's, else none)")
     parser.add_argument("--sokd-base", default=None, choices=configs.SOKD_BASES,
                         help="--method sokd: the base method SoKD is plugged into (default: the preset's)")
@@ -70,7 +71,8 @@ def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
     if task != recipe.task:
         raise ValueError(f"--task {task} contradicts --preset {name} (a {recipe.task} recipe)")
     overrides = {"method": args.method, "data": args.data, "student": args.student, "teacher": args.teacher,
-                 "pretrained": args.pretrained, "student_init": args.student_init, "iters": args.iters, "batch_size": args.batch_size,
+                 "pretrained": args.pretrained, "student_init": args.student_init, "iters": args.iters,
+                 "batch_size": args.batch_size,
                  "lr": args.lr, "crop": tuple(args.crop) if args.crop else None,
                  "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})

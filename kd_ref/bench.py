@@ -40,7 +40,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 
 from kd_ref import configs, engine
@@ -235,8 +234,8 @@ def fixed_batch(recipe: configs.Recipe, runtime: engine.Runtime) -> dict:
     dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
     if len(dataset) < recipe.batch_size:
         raise ValueError(f"--batch-size {recipe.batch_size}: the training set has only {len(dataset)} samples")
-    samples = [dataset.get(i, np.random.default_rng([recipe.seed, 0, i])) for i in range(recipe.batch_size)]
-    return engine.move_to(collate(samples), runtime.device)
+    first_epoch = engine.EpochAugmentation(dataset, recipe.seed)
+    return engine.move_to(collate([first_epoch[i] for i in range(recipe.batch_size)]), runtime.device)
 
 
 def _place(model: torch.nn.Module, runtime: engine.Runtime) -> torch.nn.Module:
@@ -261,13 +260,7 @@ def training_case(name: str, recipe: configs.Recipe, teacher: torch.nn.Module, b
     student = _place(task.build_model(recipe, recipe.student), runtime).train()
     distiller = method.build(recipe, student, teacher).to(runtime.device) if method.needs_teacher else None
     bind = method.bind.get(recipe.task)
-    extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
-    extra_ids = {id(p) for p in extra_params}
-    own_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
-    optimizer = engine.build_optimizer([{"params": [p for p in student.parameters() if p.requires_grad]},
-                                        {"params": own_params}], recipe)
-    extra_optimizer = (distiller.extra_optimizer(recipe.iters)[0]
-                       if extra_params and hasattr(distiller, "extra_optimizer") else None)
+    optimizers = engine.build_optimizers(recipe, student, distiller)
     scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp and runtime.device.type == "cuda")
     if hasattr(distiller, "before_epoch"):
         dataset, collate = task.build_data(recipe, "train", None)
@@ -281,27 +274,19 @@ def training_case(name: str, recipe: configs.Recipe, teacher: torch.nn.Module, b
 
     def step() -> None:
         with runtime.autocast():
-            student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
-            losses = dict(student_out["losses"])
-            if distiller is not None:
-                teacher_out = engine.teacher_forward(teacher, batch, student_out)
-                bound = bind(student_out, teacher_out, batch)
-                losses.update(distiller(**bound))
-        backward_and_step(losses, optimizer)
-        if extra_optimizer is not None:
+            losses, teacher_out, bound = engine.forward_losses(student, teacher, distiller, bind, batch)
+        backward_and_step(losses, optimizers.student)
+        if optimizers.extra is not None:
             with runtime.autocast():
                 extra = distiller.extra_losses(**bound)
-            backward_and_step(extra, extra_optimizer)
+            backward_and_step(extra, optimizers.extra)
         if hasattr(distiller, "after_step"):
-            def objective(step_batch):
-                out = student(step_batch["images"], step_batch["targets"], step_batch.get("image_sizes"))
-                terms = distiller(**bind(out, teacher_out, step_batch))
-                return sum(out["losses"].values()) + sum(terms.values())
+            objective = engine.search_objective(student, distiller, bind, teacher_out)
             distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
 
     modules = [student] + ([teacher, distiller] if distiller is not None else [])
-    optimizers = [optimizer] + ([extra_optimizer] if extra_optimizer is not None else [])
-    return CostCase(name, step, lambda: tensor_bytes(modules, optimizers))
+    held = [optimizers.student] + ([optimizers.extra] if optimizers.extra is not None else [])
+    return CostCase(name, step, lambda: tensor_bytes(modules, held))
 
 
 def teacher_case(teacher: torch.nn.Module, recipe: configs.Recipe, batch: dict,

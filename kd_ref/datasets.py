@@ -263,7 +263,8 @@ class SyntheticScenes:
         canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * rng.uniform(3, 15)
         if self.BACKGROUND_GRAIN:
             background = owner < 0
-            canvas[background] += rng.standard_normal((int(background.sum()), 3), dtype=np.float32) * self.BACKGROUND_GRAIN
+            grain = rng.standard_normal((int(background.sum()), 3), dtype=np.float32)
+            canvas[background] += grain * self.BACKGROUND_GRAIN
         return np.clip(canvas, 0, 255).astype(np.uint8), owner, classes, drawn_area
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:

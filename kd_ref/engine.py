@@ -346,6 +346,30 @@ def build_optimizer(params, recipe: "configs.Recipe") -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
+@dataclass
+class Optimizers:
+    """The student optimizer (student parameters and the distiller's own, ``distiller_params``) and,
+    when a distiller has parameters of its own optimizer (SKD's discriminator), that ``extra`` optimizer
+    with its per-iteration lr multiplier."""
+    student: torch.optim.Optimizer
+    distiller_params: list
+    extra: torch.optim.Optimizer | None = None
+    extra_lr_lambda: object = None
+    extra_params: list = dataclasses.field(default_factory=list)
+
+
+def build_optimizers(recipe: "configs.Recipe", student: nn.Module, distiller: nn.Module | None) -> Optimizers:
+    extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
+    extra_ids = {id(p) for p in extra_params}
+    distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
+    optimizer = build_optimizer([{"params": [p for p in student.parameters() if p.requires_grad]},
+                                 {"params": distiller_params}], recipe)
+    if not (extra_params and hasattr(distiller, "extra_optimizer")):
+        return Optimizers(optimizer, distiller_params)
+    extra, extra_lr_lambda = distiller.extra_optimizer(recipe.iters)
+    return Optimizers(optimizer, distiller_params, extra, extra_lr_lambda or (lambda iteration: 1.0), extra_params)
+
+
 def teacher_inputs(student_out: dict) -> dict:
     """Extra teacher inputs taken from the student's outputs: a two-stage student's sampled RoIs, so
     that the teacher's RoI head scores the same boxes (DIST, GKD on Faster R-CNN)."""
@@ -363,6 +387,30 @@ def teacher_forward(teacher: nn.Module, batch: dict, student_out: dict) -> dict:
     with torch.no_grad():
         return teacher(batch["images"], image_sizes=batch.get("image_sizes"), predict=False,
                        **teacher_inputs(student_out))
+
+
+def forward_losses(student: nn.Module, teacher: nn.Module | None, distiller: nn.Module | None, bind,
+                   batch: dict) -> tuple:
+    """One step's forward: ``(losses, teacher_out, bound)``, the student's task losses plus the
+    distiller's weighted losses, the teacher's outputs and the distiller's bound inputs (None, None
+    without a distiller). ``bind`` is the method's binding for the task."""
+    student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
+    losses = dict(student_out["losses"])
+    if distiller is None:
+        return losses, None, None
+    teacher_out = teacher_forward(teacher, batch, student_out)
+    bound = bind(student_out, teacher_out, batch)
+    losses.update(distiller(**bound))
+    return losses, teacher_out, bound
+
+
+def search_objective(student: nn.Module, distiller: nn.Module, bind, teacher_out: dict):
+    """``loss_fn(batch)`` of :class:`StepContext`: the training loss of ``student`` on ``batch`` against
+    the step's teacher outputs, what a per-step search (SoKD) differentiates."""
+    def objective(batch: dict) -> torch.Tensor:
+        out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
+        return sum(out["losses"].values()) + sum(distiller(**bind(out, teacher_out, batch)).values())
+    return objective
 
 
 def _average_gradients(params, runtime: Runtime) -> None:
@@ -388,6 +436,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     needs one); returns the final evaluation metrics, also written to ``<out_dir>/metrics.json``."""
     task = configs.TASKS[recipe.task]
     method = configs.METHODS[recipe.method]
+    task.check_recipe(recipe)
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "last.pt")
     log = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
@@ -438,13 +487,9 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
         if runtime.world_size > 1:
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
-    extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
-    extra_ids = {id(p) for p in extra_params}
-    distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
-    optimizer = build_optimizer([{"params": [p for p in student.parameters() if p.requires_grad]},
-                                 {"params": distiller_params}], recipe)
-    extra_optimizer, extra_lr_lambda = (distiller.extra_optimizer(recipe.iters)
-                                        if hasattr(distiller, "extra_optimizer") and extra_params else (None, None))
+    optimizers = build_optimizers(recipe, student, distiller)
+    optimizer, extra_optimizer = optimizers.student, optimizers.extra
+    bind = method.bind.get(recipe.task)
     extra_base_lrs = [g["lr"] for g in extra_optimizer.param_groups] if extra_optimizer else []
     use_scaler = runtime.amp and runtime.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -508,18 +553,13 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                 factor = lr_factor(iteration, recipe)
                 set_lr(optimizer, recipe.lr, factor)
                 with runtime.autocast():
-                    student_out = model(batch["images"], batch["targets"], batch.get("image_sizes"))
-                    losses = dict(student_out["losses"])
-                    if distiller is not None:
-                        teacher_out = teacher_forward(teacher, batch, student_out)
-                        bound = method.bind[recipe.task](student_out, teacher_out, batch)
-                        losses.update(distiller(**bound))
+                    losses, teacher_out, bound = forward_losses(model, teacher, distiller, bind, batch)
                 losses = {name: value.float() for name, value in losses.items()}
                 _check_finite(losses, iteration)
                 total = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(total).backward()
-                _average_gradients(distiller_params, runtime)
+                _average_gradients(optimizers.distiller_params, runtime)
                 scaler.unscale_(optimizer)
                 if recipe.grad_clip:
                     nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
@@ -528,22 +568,19 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
 
                 if extra_optimizer is not None:
                     for group, base in zip(extra_optimizer.param_groups, extra_base_lrs):
-                        group["lr"] = base * (extra_lr_lambda(iteration) if extra_lr_lambda else 1.0)
+                        group["lr"] = base * optimizers.extra_lr_lambda(iteration)
                     with runtime.autocast():
                         extra = {k: v.float() for k, v in distiller.extra_losses(**bound).items()}
                     _check_finite(extra, iteration)
                     extra_optimizer.zero_grad(set_to_none=True)
                     extra_scaler.scale(sum(extra.values())).backward()
-                    _average_gradients(extra_params, runtime)
+                    _average_gradients(optimizers.extra_params, runtime)
                     extra_scaler.step(extra_optimizer)
                     extra_scaler.update()
                     losses.update(extra)
 
                 if hasattr(distiller, "after_step"):
-                    def objective(step_batch, teacher_out=teacher_out):
-                        out = unwrap(model)(step_batch["images"], step_batch["targets"], step_batch.get("image_sizes"))
-                        terms = distiller(**method.bind[recipe.task](out, teacher_out, step_batch))
-                        return sum(out["losses"].values()) + sum(terms.values())
+                    objective = search_objective(unwrap(model), distiller, bind, teacher_out)
                     distiller.after_step(StepContext(iteration, batch, unwrap(model), teacher, objective, runtime))
 
                 iteration += 1

@@ -45,6 +45,9 @@ class SegTask:
     def check_recipe(self, recipe) -> None:
         if recipe.data not in self.data_sets:
             raise ValueError(f"--data {recipe.data}: --task seg supports {list(self.data_sets)}")
+        if recipe.data == "synthetic" and not 2 <= recipe.num_classes <= SYNTHETIC_NUM_CLASSES:
+            raise ValueError(f"num_classes {recipe.num_classes}: synthetic scenes have background + 1.."
+                             f"{SYNTHETIC_NUM_CLASSES - 1} shapes (2..{SYNTHETIC_NUM_CLASSES} classes)")
         for role, name in (("--student", recipe.student), ("--teacher", recipe.teacher)):
             if name is not None and name not in segmentors.SEGMENTOR_NAMES:
                 raise ValueError(f"{role} {name}: --task seg supports {sorted(segmentors.SEGMENTOR_NAMES)}")
@@ -62,9 +65,6 @@ class SegTask:
             transform = transforms.SegEvalTransform(recipe.normalization)
         options = synthetic_options(recipe, split)
         if recipe.data == "synthetic":
-            if not 2 <= recipe.num_classes <= SYNTHETIC_NUM_CLASSES:
-                raise ValueError(f"num_classes {recipe.num_classes}: synthetic scenes have background + 1.."
-                                 f"{SYNTHETIC_NUM_CLASSES - 1} shapes (2..{SYNTHETIC_NUM_CLASSES} classes)")
             options["num_classes"] = recipe.num_classes - 1  # the loader counts shapes, without background
         dataset = datasets.build_dataset("seg", recipe.data, root, split, transform, **options)
         return dataset, dataset.collate

@@ -192,6 +192,8 @@ CASES = {
     "sokd_base_without_sokd": lambda c: (*synthetic_train(c.tmp, "--method", "kd", "--sokd-base", "kd"),
                                          "--sokd-base"),
     "batch_size_zero": lambda c: (*synthetic_train(c.tmp, "--batch-size", "0"), "--batch-size 0"),
+    "more_classes_than_synthetic_shapes": lambda c: (*synthetic_train(c.tmp, "--set", "num_classes=12"),
+                                                     "num_classes 12: synthetic scenes have"),
     "teacher_checkpoint_not_given_on_real_data": cityscapes_case("--teacher-ckpt", "--method", "kd"),
     "evaluate_with_another_task": lambda c: (
         evaluate, ["--ckpt", str(c.trained), "--task", "det", "--quiet"], "holds a seg model"),
