@@ -5,7 +5,8 @@ One iteration::
     student_out = student(images, targets)                      # task losses in student_out["losses"]
     teacher_out = teacher(images, predict=False)                # eval mode, no grad: constants
     kd_losses   = distiller(**bind(student_out, teacher_out, batch))
-    loss        = sum(student_out["losses"]) + sum(kd_losses)   # every term is logged by name
+    loss        = w * sum(student_out["losses"]) + sum(kd_losses)   # w = recipe.task_loss_weight
+    log every term (task losses times w) by name
     step the student (+ distiller) optimizer; then the distiller's extra step, if it has one
 
 The registry (``kd_ref.configs.METHODS``) says how model outputs bind to the distiller's arguments,
@@ -365,6 +366,12 @@ def teacher_forward(teacher: nn.Module, batch: dict, student_out: dict) -> dict:
                        **teacher_inputs(student_out))
 
 
+def weighted_task_losses(student_out: dict, recipe: "configs.Recipe") -> dict:
+    """The model's task losses, each times ``recipe.task_loss_weight`` (e.g. mdistiller's 0.1 CE next to
+    0.9 KD), under their own names."""
+    return {name: recipe.task_loss_weight * value for name, value in student_out["losses"].items()}
+
+
 def _average_gradients(params, runtime: Runtime) -> None:
     if runtime.world_size == 1:
         return
@@ -396,6 +403,11 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     if resume and resume_state["recipe"] != dataclasses.asdict(recipe):
         changed = sorted(k for k, v in dataclasses.asdict(recipe).items() if resume_state["recipe"].get(k) != v)
         raise ValueError(f"--resume: the recipe differs from the one in {ckpt_path} in {changed}")
+    init_student = recipe.student_init is not None and resume_state is None  # a resumed run has its own weights
+    if init_student and not os.path.isfile(recipe.student_init):  # checked before the (slow) data set is read
+        raise FileNotFoundError(f"student_init {recipe.student_init}: no such file; the recipe starts {recipe.student} "
+                                "from a trained checkpoint of it: train one with train.py and pass its last.pt (or a "
+                                "state dict) with --student-init PATH")
     torch.manual_seed(recipe.seed)
 
     train_set, collate = task.build_data(recipe, "train", data_root)
@@ -416,7 +428,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     iters_per_epoch = len(sampler) // per_rank_batch
 
     student = task.build_model(recipe, recipe.student, pretrained=recipe.pretrained)
-    if recipe.student_init is not None and resume_state is None:
+    if init_student:
         source = f"student_init {recipe.student_init}"
         load_model_weights(student, read_model_weights(recipe.student_init, source), source)
     student.to(runtime.device)
@@ -509,7 +521,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                 set_lr(optimizer, recipe.lr, factor)
                 with runtime.autocast():
                     student_out = model(batch["images"], batch["targets"], batch.get("image_sizes"))
-                    losses = dict(student_out["losses"])
+                    losses = weighted_task_losses(student_out, recipe)
                     if distiller is not None:
                         teacher_out = teacher_forward(teacher, batch, student_out)
                         bound = method.bind[recipe.task](student_out, teacher_out, batch)
@@ -542,8 +554,10 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                 if hasattr(distiller, "after_step"):
                     def objective(step_batch, teacher_out=teacher_out):
                         out = unwrap(model)(step_batch["images"], step_batch["targets"], step_batch.get("image_sizes"))
+                        if teacher_inputs(out):  # a two-stage student samples new RoIs: the teacher scores those
+                            teacher_out = teacher_forward(teacher, step_batch, out)
                         terms = distiller(**method.bind[recipe.task](out, teacher_out, step_batch))
-                        return sum(out["losses"].values()) + sum(terms.values())
+                        return sum(weighted_task_losses(out, recipe).values()) + sum(terms.values())
                     distiller.after_step(StepContext(iteration, batch, unwrap(model), teacher, objective, runtime))
 
                 iteration += 1
