@@ -25,7 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"one of {sorted(configs.TASKS)} (default: the preset's, else seg)")
     parser.add_argument("--method", default=None, help="distillation method (default: the preset's, else none)")
     parser.add_argument("--sokd-base", default=None, choices=configs.SOKD_BASES,
-                        help="--method sokd: the base method SoKD is plugged into (default: the preset's)")
+                        help="--method sokd: the base method SoKD is plugged into, with the preset's options for "
+                             "it (default: the preset's base; kd/dist on cls, kd/dist/gdd on det; the task-loss "
+                             "weight stays the preset's)")
     parser.add_argument("--preset", default=None, help="named recipe (see README); default depends on task/method/data")
     parser.add_argument("--data", default=None, help="synthetic (default) or a real data set of the task")
     parser.add_argument("--data-root", default=None, help="folder of a real data set")

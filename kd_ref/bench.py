@@ -55,16 +55,38 @@ def _train_or_reuse(recipe, out: str, runtime, teacher_ckpt: str | None = None) 
     return engine.train(recipe, out, runtime, resume=resume, teacher_ckpt=teacher_ckpt, workers=0, quiet=True)
 
 
+def effect_presets(task: str, entries: list) -> dict:
+    """``{method: preset}`` for ``entries``, each a method (its synthetic preset for ``task``) or a preset
+    name (e.g. ``synthetic_det_frcnn_none``); all must train against one teacher preset."""
+    presets = {}
+    for entry in entries:
+        preset = entry if entry in configs.PRESETS else configs.default_preset(task, entry, "synthetic")
+        presets[configs.PRESETS[preset].method] = preset
+    teachers = {configs.PRESETS[p].teacher_preset for p in presets.values()} - {None}
+    if len(teachers) > 1:
+        raise ValueError(f"--methods {' '.join(entries)}: their presets ({', '.join(presets.values())}) train "
+                         f"against different teachers ({', '.join(sorted(teachers))}); compare the methods of "
+                         "one student/teacher pair at a time, naming presets where needed")
+    return presets
+
+
+def default_effect_methods(task: str) -> list:
+    """The methods whose synthetic preset for ``task`` shares the ``none`` preset's teacher."""
+    teacher = configs.PRESETS[configs.default_preset(task, "none", "synthetic")].teacher_preset
+    return sorted(m for (t, m, d), preset in configs.DEFAULT_PRESETS.items()
+                  if t == task and d == "synthetic" and configs.PRESETS[preset].teacher_preset in (teacher, None))
+
+
 def effect(task: str, methods: list, seeds: list, iters: int | None, teacher_iters: int | None, out: str,
            device: str | None = None, overrides: dict | None = None) -> dict:
-    """``{method: [metric per seed]}`` for the synthetic presets of ``task``; prints a summary table.
+    """``{method: [metric per seed]}`` for ``methods`` (see :func:`effect_presets`); prints a summary table.
     ``overrides`` are recipe fields applied to teacher and students alike (e.g. a smaller image size)."""
     overrides = overrides or {}
     runtime = engine.setup_runtime(device)
     key = configs.TASKS[task].main_metric
-    results = {method: [] for method in methods}
+    student_presets = effect_presets(task, methods)
+    results = {method: [] for method in student_presets}
     for seed in seeds:
-        student_presets = {m: configs.default_preset(task, m, "synthetic") for m in methods}
         teacher_name = next((configs.PRESETS[p].teacher_preset for p in student_presets.values()
                              if configs.PRESETS[p].teacher_preset), None)
         teacher_ckpt = None
@@ -274,14 +296,16 @@ def training_case(name: str, recipe: configs.Recipe, teacher: torch.nn.Module, b
 
     def step() -> None:
         with runtime.autocast():
-            losses, teacher_out, bound = engine.forward_losses(student, teacher, distiller, bind, batch)
+            losses, teacher_out, bound = engine.forward_losses(student, teacher, distiller, bind, batch,
+                                                                recipe.task_loss_weight)
         backward_and_step(losses, optimizers.student)
         if optimizers.extra is not None:
             with runtime.autocast():
                 extra = distiller.extra_losses(**bound)
             backward_and_step(extra, optimizers.extra)
         if hasattr(distiller, "after_step"):
-            objective = engine.search_objective(student, distiller, bind, teacher_out)
+            objective = engine.search_objective(student, teacher, distiller, bind, teacher_out,
+                                                recipe.task_loss_weight)
             distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
 
     modules = [student] + ([teacher, distiller] if distiller is not None else [])
@@ -335,19 +359,41 @@ def cost_rows(seconds: dict, peak_bytes: dict) -> list:
             for name, value in seconds.items()]
 
 
-def cost_task(task: str, methods: list, overrides: dict, runtime: engine.Runtime, warmup: int,
-              rounds: int) -> tuple:
-    """``(description, rows)`` of one task's cost table."""
+def cost_tables(task: str, methods: list, overrides: dict, runtime: engine.Runtime, warmup: int,
+                rounds: int) -> list:
+    """``[(student, teacher, description, rows, skipped)]``: one table per (student, teacher) pair of the
+    methods' recipes, the ``none`` preset's pair first; a method whose synthetic preset uses another
+    pair (SoKD on detection runs on Faster R-CNN) is timed against that pair's student step. ``skipped``
+    maps a method that cannot be built for its pair (e.g. ``kd`` on a one-stage detector after
+    ``--student``) to the reason."""
     base = cost_recipe(task, STUDENT_ALONE, overrides)
+    recipes = {method: cost_recipe(task, method, overrides) for method in methods}
+    pairs = dict.fromkeys([(base.student, base.teacher)] + [(r.student, r.teacher) for r in recipes.values()])
+    tables = []
+    for student, teacher in pairs:
+        pair_base = dataclasses.replace(base, student=student, teacher=teacher)
+        pair_recipes = {m: r for m, r in recipes.items() if (r.student, r.teacher) == (student, teacher)}
+        tables.append((student, teacher, *pair_table(task, pair_base, pair_recipes, runtime, warmup, rounds)))
+    return tables
+
+
+def pair_table(task: str, base: configs.Recipe, recipes: dict, runtime: engine.Runtime, warmup: int,
+               rounds: int) -> tuple:
+    """``(description, rows, skipped)`` of one student/teacher pair."""
     batch = fixed_batch(base, runtime)
     teacher = _place(configs.TASKS[task].build_model(base, base.teacher), runtime).eval().requires_grad_(False)
     cases = [training_case(STUDENT_ALONE, base, teacher, batch, runtime), teacher_case(teacher, base, batch, runtime)]
-    for method in methods:
-        recipe = cost_recipe(task, method, overrides)
-        cases.append(training_case(method, recipe, teacher, batch, runtime))
-        for name, options in COST_VARIANTS.get(method, {}).items():
-            variant = dataclasses.replace(recipe, method_options={**recipe.method_options, **options})
-            cases.append(training_case(name, variant, teacher, batch, runtime))
+    skipped = {}
+    for method, recipe in recipes.items():
+        variants = {method: recipe, **{name: dataclasses.replace(recipe, method_options={**recipe.method_options,
+                                                                                         **options})
+                                       for name, options in COST_VARIANTS.get(method, {}).items()}}
+        try:
+            built = [training_case(name, variant, teacher, batch, runtime) for name, variant in variants.items()]
+        except ValueError as error:
+            skipped[method] = str(error)
+            continue
+        cases.extend(built)
     results = measure(cases, warmup, rounds, runtime.device)
     seconds = {case.name: statistics.median(results[case.name].seconds) for case in cases}
     peaks = {case.name: step_peak_bytes(case, results[case.name]) for case in cases}
@@ -355,13 +401,15 @@ def cost_task(task: str, methods: list, overrides: dict, runtime: engine.Runtime
     description = (f"{task}: student {base.student}, teacher {base.teacher}, batch {base.batch_size} x "
                    f"{size[0]}x{size[1]}, {runtime.device.type}{' AMP' if runtime.amp else ''}, "
                    f"median of {rounds} interleaved rounds after {warmup} warm-up")
-    return description, cost_rows(seconds, peaks)
+    return description, cost_rows(seconds, peaks), skipped
 
 
 def cost(tasks: list, methods: list | None = None, overrides: dict | None = None, size: tuple | None = None,
          device: str | None = None, amp: bool = False, warmup: int = 1, rounds: int = 5) -> dict:
-    """``{task: rows}``; prints one table per task. ``methods`` None: every method the task supports;
-    ``overrides``: recipe fields for every task; ``size``: the input (H, W), see :func:`size_overrides`."""
+    """``{task: rows}`` for the pair of the task's ``none`` preset and ``{"<task>: <student> <- <teacher>":
+    rows}`` for any other pair; prints one table per pair, and a line per skipped method. ``methods``
+    None: every method the task supports; ``overrides``: recipe fields for every task; ``size``: the input
+    (H, W), see :func:`size_overrides`."""
     runtime = engine.setup_runtime(device, amp)
     tables = {}
     for task in tasks:
@@ -370,12 +418,15 @@ def cost(tasks: list, methods: list | None = None, overrides: dict | None = None
         supported = [m for m in configs.supported_methods(task) if m != STUDENT_ALONE]
         chosen = supported if methods is None else [m for m in methods if m in supported]
         task_overrides = {**(size_overrides(task, size) if size else {}), **(overrides or {})}
-        description, rows = cost_task(task, chosen, task_overrides, runtime, warmup, rounds)
-        print_table(description, ["case", "s/step", "x student", "x (student + teacher fwd)",
-                                  "extra, % of student step", "peak MB"],
-                    [[r.name, f"{r.seconds:.3f}", f"{r.x_student:.2f}", f"{r.x_floor:.2f}",
-                      _percent(r.extra_percent), f"{r.peak_mb:.0f}"] for r in rows])
-        tables[task] = rows
+        for index, (student, teacher, description, rows, skipped) in enumerate(
+                cost_tables(task, chosen, task_overrides, runtime, warmup, rounds)):
+            print_table(description, ["case", "s/step", "x student", "x (student + teacher fwd)",
+                                      "extra, % of student step", "peak MB"],
+                        [[r.name, f"{r.seconds:.3f}", f"{r.x_student:.2f}", f"{r.x_floor:.2f}",
+                          _percent(r.extra_percent), f"{r.peak_mb:.0f}"] for r in rows])
+            for method, reason in skipped.items():
+                print(f"skipped {method} for {student} <- {teacher}: {reason}")
+            tables[task if index == 0 else f"{task}: {student} <- {teacher}"] = rows
     return tables
 
 
@@ -483,7 +534,8 @@ def main(argv=None) -> None:
     effect_parser = commands.add_parser("effect", help="does distillation help? (mean ± std over seeds)")
     effect_parser.add_argument("--task", default="seg")
     effect_parser.add_argument("--methods", nargs="+", default=None,
-                               help="default: every method with a synthetic preset for the task")
+                               help="methods (their synthetic presets) or preset names, one teacher for all "
+                                    "(default: every method whose synthetic preset shares the none preset's teacher)")
     effect_parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     effect_parser.add_argument("--iters", type=int, default=None, help="student iterations (default: preset)")
     effect_parser.add_argument("--teacher-iters", type=int, default=None)
@@ -520,8 +572,7 @@ def main(argv=None) -> None:
 
     args = parser.parse_args(argv)
     if args.command == "effect":
-        methods = args.methods or sorted(m for (t, m, d) in configs.DEFAULT_PRESETS
-                                         if t == args.task and d == "synthetic")
+        methods = args.methods or default_effect_methods(args.task)
         effect(args.task, methods, args.seeds, args.iters, args.teacher_iters,
                args.out or os.path.join("runs", f"bench_effect_{args.task}"), args.device,
                configs.parse_overrides(args.overrides))

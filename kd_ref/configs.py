@@ -51,6 +51,7 @@ class Recipe:
     # dict); GKD's released configs start from the trained baseline detector
     student_init: str | None = None
     image_scale: tuple = (1333, 800)  # det: keep-ratio resize bounds (long side, short side), mmdet img_scale
+    rcnn_rois_per_image: int = 512   # det, Faster R-CNN: RoIs sampled per training image (mmdet 512)
     # optimisation
     batch_size: int = 16             # total over all processes
     iters: int = 40000
@@ -64,6 +65,8 @@ class Recipe:
     warmup_iters: int = 0
     warmup_ratio: float = 0.001
     grad_clip: float | None = None
+    # weight of the model's own (task) losses in the objective: mdistiller's CIFAR KD is 0.1 CE + 0.9 KD
+    task_loss_weight: float = 1.0
     # bookkeeping
     eval_every: int = 0
     ckpt_every: int = 1000
@@ -163,10 +166,23 @@ def _skd_seg(student_out, teacher_out, batch):
             "feat_s": student_out["feats"]["head"], "feat_t": teacher_out["feats"]["head"]}
 
 
+def _build_kd(recipe, student, teacher):
+    if recipe.task == "det" and not is_two_stage(recipe.student):
+        raise ValueError(f"--method kd on detection distils Faster R-CNN's RoI class logits; {recipe.student} "
+                         "has none (a one-stage detector's per-anchor sigmoid scores are not a softmax)")
+    return KDDistiller(**recipe.method_options)
+
+
+def _kd_det(student_out, teacher_out, batch):
+    """Softmax KD on the RoI class logits (K + 1, with background) of the student's sampled RoIs, which the
+    teacher's RoI head scores too (engine.teacher_inputs): the logit base of SoKD's COCO code (sokd.md §5;
+    its per-RoI class mask is not reproduced, ours)."""
+    return {"logits_s": student_out["roi_cls_logits"], "logits_t": teacher_out["roi_cls_logits"]}
+
+
 METHODS: dict[str, Method] = {
     "none": Method(None),
-    "kd": Method(lambda recipe, student, teacher: KDDistiller(**recipe.method_options),
-                 {"seg": _logits, "cls": _logits}),
+    "kd": Method(_build_kd, {"seg": _logits, "cls": _logits, "det": _kd_det}),
     "dist": Method(_build_dist, {"seg": _outputs, "det": _dist_det}),
     "gdd": Method(_build_gdd, {"seg": _gdd_feats(GDD_SEG_LEVELS), "det": _gdd_det}),
     "skd": Method(lambda recipe, student, teacher: SKDDistiller(recipe.num_classes, **recipe.method_options),
@@ -184,15 +200,26 @@ TASKS = {"seg": tasks.SegTask()}
 PRESETS: dict[str, Recipe] = {}
 
 
+# Recipe fields that only a distillation config sets (the method, its options, the student's starting
+# checkpoint, the down-weighted task loss next to a KD term): a baseline twin has their defaults.
+DISTILLATION_FIELDS = ("method", "method_options", "student_init", "task_loss_weight")
+
+
+def _field_default(name: str):
+    spec = next(f for f in dataclasses.fields(Recipe) if f.name == name)
+    return spec.default if spec.default_factory is dataclasses.MISSING else spec.default_factory()
+
+
 def register(name: str, recipe: Recipe, baseline: "bool | Recipe" = True) -> None:
-    """Add a preset and, for a distillation preset, its ``<name>_baseline`` twin: the recipe with
-    ``--method none``, or, when the distillation config also changes the optimisation (e.g. adds
-    gradient clipping), ``baseline`` given as the recipe that config extends. ``False``: no twin."""
+    """Add a preset and, for a distillation preset, its ``<name>_baseline`` twin: the recipe with the
+    defaults of ``DISTILLATION_FIELDS`` (``--method none``), or, when the distillation config also changes
+    the optimisation (e.g. adds gradient clipping), ``baseline`` given as the recipe that config extends.
+    The twin keeps the teacher, for reference. ``False``: no twin."""
     PRESETS[name] = recipe
     if baseline is not False and recipe.method != "none":
         twin = baseline if isinstance(baseline, Recipe) else recipe
-        PRESETS[f"{name}_baseline"] = dataclasses.replace(twin, method="none", method_options={},
-                                                          teacher=recipe.teacher)
+        defaults = {key: _field_default(key) for key in DISTILLATION_FIELDS}
+        PRESETS[f"{name}_baseline"] = dataclasses.replace(twin, teacher=recipe.teacher, **defaults)
 
 
 # --- CIRKD protocol (winycg/CIRKD, 2022 table; seg_models.md §5): DeepLabV3-R101 teacher.
@@ -291,10 +318,19 @@ def _outputs_and_batch(student_out, teacher_out, batch):
 
 METHODS["dist"].bind["cls"] = _logits_as_outputs      # DIST on the fc logits (dist.md §3)
 
-# SoKD (sokd.md §5): the stage before the last (CIFAR stage 2 of its res32x4 config, ImageNet stage 3),
-# named c4 in both classifier families. Bases: methods whose loss SoKD is added to in the same step.
+# SoKD (sokd.md §5): on classification the stage before the last (CIFAR stage 2 of its res32x4 config,
+# ImageNet stage 3), named c4 in both classifier families; on detection the last FPN output (the COCO
+# row's P6 of Faster R-CNN's P2-P6; RetinaNet's P7 by analogy, ours). Bases: methods whose loss SoKD is
+# added to in the same step, each on the task's own binding of that method.
 SOKD_TAPS = {"cls": "c4"}
-SOKD_BASES = ("none", "kd", "dist")
+SOKD_DET_TAPS = {"two_stage": "p6", "one_stage": "p7"}
+SOKD_BASES = ("none", "kd", "dist", "gdd")
+
+
+def sokd_tap(recipe) -> str:
+    if recipe.task == "det":
+        return SOKD_DET_TAPS["two_stage" if is_two_stage(recipe.student) else "one_stage"]
+    return SOKD_TAPS[recipe.task]
 
 
 def feature_shape(model, name: str, image_size: tuple) -> tuple:
@@ -308,23 +344,35 @@ def feature_shape(model, name: str, image_size: tuple) -> tuple:
     return tuple(out["feats"][name].shape[1:])
 
 
+def _sokd_tap_shapes(recipe, student, teacher, tap: str) -> list:
+    """``(C, H, W)`` of the tap in student and teacher, which choose the adapter's spatial matcher.
+    Classifiers: a probe at the crop. Detectors: inputs vary in size, but the tap is the same pyramid
+    level (same stride) in both, so the maps always have equal sizes (the 1x1 matcher) and only the
+    channels are read."""
+    if recipe.task == "det":
+        return [(model.out_channels[tap], 1, 1) for model in (student, teacher)]
+    return [feature_shape(model, tap, recipe.crop) for model in (student, teacher)]
+
+
 def _build_sokd(recipe, student, teacher):
-    """``method_options``: ``base`` (one of SOKD_BASES), ``base_options`` ({base name: keyword arguments},
-    the entry of the chosen base is used, so ``--sokd-base`` switches base and options together),
-    ``tap`` (default SOKD_TAPS[task]), ``num_heat`` (default num_classes), ``search_iters``,
-    ``search_options`` and SoKDDistiller's keyword arguments (k, w_feat, w_dam, search_mode, ...)."""
+    """``method_options``: ``base`` (one of SOKD_BASES with a binding for the task), ``base_options``
+    ({base name: keyword arguments}, the entry of the chosen base is used, so ``--sokd-base`` switches base
+    and options together), ``tap`` (default :func:`sokd_tap`), ``num_heat`` (default num_classes),
+    ``search_iters``, ``search_options`` and SoKDDistiller's keyword arguments (k, w_feat, w_dam,
+    search_mode, ...)."""
     options = dict(recipe.method_options)
     base_name = options.pop("base", "none")
     base_options = options.pop("base_options", {}).get(base_name, {})
-    if base_name not in SOKD_BASES:
-        raise ValueError(f"--sokd-base {base_name}: expected one of {list(SOKD_BASES)}")
-    tap = options.pop("tap", SOKD_TAPS[recipe.task])
+    bases = [name for name in SOKD_BASES if name == "none" or recipe.task in METHODS[name].bind]
+    if base_name not in bases:
+        raise ValueError(f"--sokd-base {base_name}: for --task {recipe.task} expected one of {bases}")
+    tap = options.pop("tap", sokd_tap(recipe))
     base = None
     if base_name != "none":
         base_method = METHODS[base_name]
         base_recipe = dataclasses.replace(recipe, method=base_name, method_options=base_options)
         base = BoundBase(base_method.build(base_recipe, student, teacher), base_method.bind[recipe.task])
-    return SoKDPlugin(student, feature_shape(student, tap, recipe.crop), feature_shape(teacher, tap, recipe.crop),
+    return SoKDPlugin(student, *_sokd_tap_shapes(recipe, student, teacher, tap),
                       options.pop("num_heat", recipe.num_classes), tap, base=base, **options)
 
 
@@ -341,6 +389,10 @@ CIFAR100 = Recipe(task="cls", data="cifar100", num_classes=100, crop=(32, 32), n
                   ckpt_every=CIFAR_EPOCH)
 CIFAR_DIST_OPTIONS = {"tau": 4.0, "loss_weight": 2.0}
 CIFAR_KD_OPTIONS = {"tau": 4.0}
+# KD as mdistiller, SoKD's code base, trains it on CIFAR (its cfg.py KD defaults): 0.1 CE + 0.9 KD at tau 4.
+# kd_<student>_cifar100 is that base row; sokd_kd_<student>_cifar100 plugs SoKD into it.
+MDISTILLER_KD_OPTIONS = {"tau": 4.0, "loss_weight": 0.9}
+MDISTILLER_KD_TASK_WEIGHT = 0.1
 for _teacher in ("resnet32x4", "resnet56", "resnet110", "wrn_40_2"):
     register(f"teacher_{_teacher}_cifar100", dataclasses.replace(CIFAR100, student=_teacher))
 for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20")):
@@ -348,10 +400,15 @@ for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1")
         CIFAR100, method="dist", student=_student, teacher=_teacher, method_options=CIFAR_DIST_OPTIONS))
 for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1"), ("wrn_40_2", "wrn_16_2"),
                            ("resnet56", "resnet20"), ("resnet110", "resnet32")):
-    register(f"sokd_{_student}_cifar100", dataclasses.replace(
-        CIFAR100, method="sokd", student=_student, teacher=_teacher, method_options={
-            "base": "none", "base_options": {"kd": CIFAR_KD_OPTIONS, "dist": CIFAR_DIST_OPTIONS},
-            "search_iters": 50 * CIFAR_EPOCH}))
+    _pair = dataclasses.replace(CIFAR100, student=_student, teacher=_teacher)
+    _sokd_search = {"search_iters": 50 * CIFAR_EPOCH}
+    register(f"sokd_{_student}_cifar100", dataclasses.replace(_pair, method="sokd", method_options={
+        "base": "none", "base_options": {"kd": CIFAR_KD_OPTIONS, "dist": CIFAR_DIST_OPTIONS}, **_sokd_search}))
+    register(f"kd_{_student}_cifar100", dataclasses.replace(
+        _pair, method="kd", method_options=MDISTILLER_KD_OPTIONS, task_loss_weight=MDISTILLER_KD_TASK_WEIGHT))
+    register(f"sokd_kd_{_student}_cifar100", dataclasses.replace(
+        _pair, method="sokd", task_loss_weight=MDISTILLER_KD_TASK_WEIGHT,
+        method_options={"base": "kd", "base_options": {"kd": MDISTILLER_KD_OPTIONS}, **_sokd_search}))
 
 # --- ImageNet R34 -> R18 (DIST baseline recipe, dist.md §4; sokd.md §6): 100 epochs of 1,281,167 images
 # at batch 256, SGD lr 0.1, x0.1 every 30 epochs, wd 1e-4. KD: CE 1 + KD at tau 4 (DIST's KD row).
@@ -393,6 +450,7 @@ for _method, _options in SYNTHETIC_CLS_METHOD_OPTIONS.items():
 DEFAULT_PRESETS.update({
     **{("cls", method, "synthetic"): f"synthetic_cls_{method}" for method in SYNTHETIC_CLS_METHOD_OPTIONS},
     ("cls", "none", "cifar100"): "dist_resnet8x4_cifar100_baseline",
+    ("cls", "kd", "cifar100"): "kd_resnet8x4_cifar100",
     ("cls", "dist", "cifar100"): "dist_resnet8x4_cifar100",
     ("cls", "sokd", "cifar100"): "sokd_resnet8x4_cifar100",
     ("cls", "none", "imagenet"): "kd_resnet18_imagenet_baseline",
@@ -433,8 +491,11 @@ for _arch, _lr in DETECTOR_LR.items():
 # --- Built-in synthetic scenes: from scratch on a CPU (no pretrained weights, so the whole backbone trains).
 # Easy-style scenes with three shapes: RetinaNet-R18 reaches VOC mAP 0.0 / 4.0 / 19.3 after 200 / 400 / 600
 # iterations (one seed); on the standard scenes, and with all eight shapes, it is still at 0.0 after 300.
+# Faster R-CNN samples 128 RoIs per image (ours, mmdet 512): scenes hold 1-3 objects, and a CPU step is 3x
+# cheaper (the 2 x fc1024 box head on 4096 RoIs dominates it).
 SYNTHETIC_DET = Recipe(task="det", data="synthetic", num_classes=3, synthetic_style="easy",
                        synthetic_size=(128, 128), image_scale=(128, 128), normalization="imagenet_rgb",
+                       rcnn_rois_per_image=128,
                        batch_size=8, iters=600, lr=0.01, weight_decay=1e-4, schedule="step", lr_steps=(500,),
                        warmup_iters=100, grad_clip=35.0, eval_every=0, ckpt_every=100)
 SYNTHETIC_DETECTORS = {"retinanet": ("retinanet_r18", "retinanet_r50"),
@@ -522,11 +583,11 @@ METHODS["gkd"] = Method(_build_gkd, {"det": _gkd_det})
 # wider and taller than 30 px, <= 800 images per class, every epoch: GKDDistiller's and
 # ScheduledGKDDistiller's defaults. The released config starts the student from the trained R50 2x
 # checkpoint (all of it): student_init is where train.py writes that baseline preset's run; the baseline
-# twin is the plain R50 2x recipe.
+# twin, without student_init (DISTILLATION_FIELDS), is the plain R50 2x recipe.
 for _arch in DETECTOR_LR:
     register(f"gkd_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
         PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="gkd", teacher=f"{_arch}_r101",
-        student_init=f"runs/{_arch}_r50_fpn_2x_coco/last.pt"), baseline=PRESETS[f"{_arch}_r50_fpn_2x_coco"])
+        student_init=f"runs/{_arch}_r50_fpn_2x_coco/last.pt"))
     # VOC 07+12 (gkd.md §6): no released config or numbers; same KD settings on our VOC schedule (our choice).
     register(f"gkd_{_arch}_r50_fpn_voc0712", dataclasses.replace(
         PRESETS[f"{_arch}_r50_fpn_voc0712"], method="gkd", teacher=f"{_arch}_r101"))
@@ -551,15 +612,42 @@ SYNTHETIC_DET_METHOD_OPTIONS = {
             "frcnn": {"pgm_min_size": 8.0, "pgm_max_images": 20}},
     "gdd": {"retinanet": {"alpha": 65.0, "tau": 4.0}, "frcnn": {"alpha": 4.0, "tau": 4.0}},
     "dist": {"retinanet": {}, "frcnn": {}},
+    "kd": {"frcnn": {"tau": 4.0}},  # softmax KD needs RoI class logits: Faster R-CNN only (SoKD's base, T 4)
 }
 for _method, _per_family in SYNTHETIC_DET_METHOD_OPTIONS.items():
     for _family, _options in _per_family.items():
         register(f"synthetic_det_{_family}_{_method}", dataclasses.replace(
             PRESETS[f"synthetic_det_{_family}_none"], method=_method, method_options=_options), baseline=False)
-    DEFAULT_PRESETS[("det", _method, "synthetic")] = f"synthetic_det_retinanet_{_method}"
+    DEFAULT_PRESETS[("det", _method, "synthetic")] = f"synthetic_det_{next(iter(_per_family))}_{_method}"
 DEFAULT_PRESETS.update({
     ("det", "gkd", "coco"): "gkd_retinanet_r50_fpn_2x_coco",
     ("det", "gkd", "voc"): "gkd_retinanet_r50_fpn_voc0712",
     ("det", "gdd", "coco"): "gdd_faster_rcnn_r50_fpn_2x_coco",
     ("det", "dist", "coco"): "dist_retinanet_r50_fpn_2x_coco",
 })
+
+
+# ------------------------------------------------------------------------------ SoKD on detection (issue 6)
+# sokd.md §5, COCO row ([code], the RegKD branch on detectron2): DAM on the last FPN output, the student's
+# through a 256 -> 256 adapter; k 8 regions, K_h 2 heatmap channels; region (masked feature) loss weight 2,
+# area (DAM) loss weight 1; base: KD at T 4 on the RoI class logits. DAFA on, with the first-order search
+# over the first fifth of the run (ours, as CIFAR's 50 of 240 epochs; whether the paper's COCO runs used
+# DAFA is unknown). --sokd-base also takes dist (RoI logits) or gdd (the FPN features, row 3's alpha).
+METHODS["sokd"].bind["det"] = _outputs_and_batch
+SOKD_DET_OPTIONS = {"k": 8, "num_heat": 2, "w_feat": 2.0, "w_dam": 1.0, "search_mode": "first_order", "base": "kd",
+                    "base_options": {"kd": {"tau": 4.0}, "dist": {}, "gdd": {"alpha": 4.0, "tau": 4.0}}}
+# Faster R-CNN R101 -> R50 / R18 (the MobileNetV2 student is not built here): 180k iterations at batch 8,
+# lr 0.01, x0.1 at 120k / 160k; warm-up and data handling of our mmdet Faster R-CNN 2x recipe (ours).
+SOKD_COCO = dataclasses.replace(PRESETS["faster_rcnn_r50_fpn_2x_coco"], batch_size=8, lr=0.01,
+                                eval_every=117_266 // 8, teacher="faster_rcnn_r101", method="sokd")
+for _depth in (50, 18):
+    register(f"sokd_faster_rcnn_r{_depth}_fpn_coco", dataclasses.replace(
+        SOKD_COCO, student=f"faster_rcnn_r{_depth}",
+        method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5}))
+# The Faster R-CNN demo with those settings; its 128-pixel inputs give a 2x2 P6, K_h x H x W = 8 = k cells.
+register("synthetic_det_frcnn_sokd", dataclasses.replace(
+    PRESETS["synthetic_det_frcnn_none"], method="sokd",
+    method_options={**SOKD_DET_OPTIONS, "search_iters": PRESETS["synthetic_det_frcnn_none"].iters // 5}),
+    baseline=False)
+DEFAULT_PRESETS.update({("det", "sokd", "synthetic"): "synthetic_det_frcnn_sokd",
+                        ("det", "sokd", "coco"): "sokd_faster_rcnn_r50_fpn_coco"})

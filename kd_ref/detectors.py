@@ -609,8 +609,9 @@ _ARCHITECTURES = {"retinanet": RetinaNet, "faster_rcnn": FasterRCNN}
 SUPPORTED_DETECTORS = tuple(f"{arch}_r{depth}" for arch in _ARCHITECTURES for depth in (18, 34, 50, 101))
 
 
-def build_detector(name, num_classes, pretrained_backbone=None):
-    """``name`` in SUPPORTED_DETECTORS (e.g. "faster_rcnn_r50"); ResNet stem + stage 1 frozen, BN in eval."""
+def build_detector(name, num_classes, pretrained_backbone=None, rcnn_rois_per_image=512):
+    """``name`` in SUPPORTED_DETECTORS (e.g. "faster_rcnn_r50"); ResNet stem + stage 1 frozen, BN in eval.
+    ``rcnn_rois_per_image``: Faster R-CNN's training RoI sample per image (a one-stage detector has none)."""
     if name not in SUPPORTED_DETECTORS:
         raise ValueError(f"unknown detector {name!r}; supported: {', '.join(SUPPORTED_DETECTORS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -618,4 +619,5 @@ def build_detector(name, num_classes, pretrained_backbone=None):
     arch, depth = name.rsplit("_r", 1)
     backbone = build_backbone(int(depth), "torchvision", output_stride=32, pretrained=pretrained_backbone,
                               frozen_stages=1, norm_eval=True)
-    return _ARCHITECTURES[arch](backbone, num_classes)
+    options = {"num_rois": rcnn_rois_per_image} if arch == "faster_rcnn" else {}
+    return _ARCHITECTURES[arch](backbone, num_classes, **options)

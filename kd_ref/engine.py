@@ -5,7 +5,8 @@ One iteration::
     student_out = student(images, targets)                      # task losses in student_out["losses"]
     teacher_out = teacher(images, predict=False)                # eval mode, no grad: constants
     kd_losses   = distiller(**bind(student_out, teacher_out, batch))
-    loss        = sum(student_out["losses"]) + sum(kd_losses)   # every term is logged by name
+    loss        = w * sum(student_out["losses"]) + sum(kd_losses)   # w = recipe.task_loss_weight
+    log every term (task losses times w) by name
     step the student (+ distiller) optimizer; then the distiller's extra step, if it has one
 
 The registry (``kd_ref.configs.METHODS``) says how model outputs bind to the distiller's arguments,
@@ -389,13 +390,19 @@ def teacher_forward(teacher: nn.Module, batch: dict, student_out: dict) -> dict:
                        **teacher_inputs(student_out))
 
 
+def weighted_task_losses(student_out: dict, task_loss_weight: float) -> dict:
+    """The model's task losses, each times ``task_loss_weight`` (the recipe's; e.g. mdistiller's 0.1 CE next
+    to 0.9 KD), under their own names."""
+    return {name: task_loss_weight * value for name, value in student_out["losses"].items()}
+
+
 def forward_losses(student: nn.Module, teacher: nn.Module | None, distiller: nn.Module | None, bind,
-                   batch: dict) -> tuple:
-    """One step's forward: ``(losses, teacher_out, bound)``, the student's task losses plus the
+                   batch: dict, task_loss_weight: float = 1.0) -> tuple:
+    """One step's forward: ``(losses, teacher_out, bound)``, the student's weighted task losses plus the
     distiller's weighted losses, the teacher's outputs and the distiller's bound inputs (None, None
     without a distiller). ``bind`` is the method's binding for the task."""
     student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
-    losses = dict(student_out["losses"])
+    losses = weighted_task_losses(student_out, task_loss_weight)
     if distiller is None:
         return losses, None, None
     teacher_out = teacher_forward(teacher, batch, student_out)
@@ -404,12 +411,16 @@ def forward_losses(student: nn.Module, teacher: nn.Module | None, distiller: nn.
     return losses, teacher_out, bound
 
 
-def search_objective(student: nn.Module, distiller: nn.Module, bind, teacher_out: dict):
+def search_objective(student: nn.Module, teacher: nn.Module, distiller: nn.Module, bind, teacher_out: dict,
+                     task_loss_weight: float = 1.0):
     """``loss_fn(batch)`` of :class:`StepContext`: the training loss of ``student`` on ``batch`` against
-    the step's teacher outputs, what a per-step search (SoKD) differentiates."""
+    the step's teacher outputs, what a per-step search (SoKD) differentiates. A two-stage student samples
+    new RoIs in every forward, so for it the teacher scores those RoIs again."""
     def objective(batch: dict) -> torch.Tensor:
         out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
-        return sum(out["losses"].values()) + sum(distiller(**bind(out, teacher_out, batch)).values())
+        step_teacher_out = teacher_forward(teacher, batch, out) if teacher_inputs(out) else teacher_out
+        terms = distiller(**bind(out, step_teacher_out, batch))
+        return sum(weighted_task_losses(out, task_loss_weight).values()) + sum(terms.values())
     return objective
 
 
@@ -445,6 +456,11 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     if resume and resume_state["recipe"] != dataclasses.asdict(recipe):
         changed = sorted(k for k, v in dataclasses.asdict(recipe).items() if resume_state["recipe"].get(k) != v)
         raise ValueError(f"--resume: the recipe differs from the one in {ckpt_path} in {changed}")
+    init_student = recipe.student_init is not None and resume_state is None  # a resumed run has its own weights
+    if init_student and not os.path.isfile(recipe.student_init):  # checked before the (slow) data set is read
+        raise FileNotFoundError(f"student_init {recipe.student_init}: no such file; the recipe starts {recipe.student} "
+                                "from a trained checkpoint of it: train one with train.py and pass its last.pt (or a "
+                                "state dict) with --student-init PATH")
     torch.manual_seed(recipe.seed)
 
     train_set, collate = task.build_data(recipe, "train", data_root)
@@ -465,7 +481,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     iters_per_epoch = len(sampler) // per_rank_batch
 
     student = task.build_model(recipe, recipe.student, pretrained=recipe.pretrained)
-    if recipe.student_init is not None and resume_state is None:
+    if init_student:
         source = f"student_init {recipe.student_init}"
         load_model_weights(student, read_model_weights(recipe.student_init, source), source)
     student.to(runtime.device)
@@ -553,7 +569,8 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                 factor = lr_factor(iteration, recipe)
                 set_lr(optimizer, recipe.lr, factor)
                 with runtime.autocast():
-                    losses, teacher_out, bound = forward_losses(model, teacher, distiller, bind, batch)
+                    losses, teacher_out, bound = forward_losses(model, teacher, distiller, bind, batch,
+                                                                recipe.task_loss_weight)
                 losses = {name: value.float() for name, value in losses.items()}
                 _check_finite(losses, iteration)
                 total = sum(losses.values())
@@ -580,7 +597,8 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                     losses.update(extra)
 
                 if hasattr(distiller, "after_step"):
-                    objective = search_objective(unwrap(model), distiller, bind, teacher_out)
+                    objective = search_objective(unwrap(model), teacher, distiller, bind, teacher_out,
+                                                 recipe.task_loss_weight)
                     distiller.after_step(StepContext(iteration, batch, unwrap(model), teacher, objective, runtime))
 
                 iteration += 1

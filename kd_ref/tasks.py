@@ -142,7 +142,8 @@ class DetTask:
                              f"1..{SYNTHETIC_NUM_OBJECT_CLASSES} object classes")
 
     def build_model(self, recipe, name: str, pretrained: str | None = None):
-        return detectors.build_detector(name, recipe.num_classes, pretrained_backbone=pretrained)
+        return detectors.build_detector(name, recipe.num_classes, pretrained_backbone=pretrained,
+                                        rcnn_rois_per_image=recipe.rcnn_rois_per_image)
 
     def build_data(self, recipe, split: str, root: str | None):
         train = split == "train"

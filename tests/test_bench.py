@@ -28,6 +28,14 @@ def test_effect_on_detection_reports_map_per_method(tmp_path, capsys):
     assert "mAP mean ± std" in capsys.readouterr().out
 
 
+
+def test_effect_compares_methods_of_one_teacher_and_takes_preset_names():
+    assert bench.default_effect_methods("det") == ["dist", "gdd", "gkd", "none"]  # the RetinaNet pair
+    assert bench.effect_presets("det", ["synthetic_det_frcnn_none", "kd", "sokd"]) == {
+        "none": "synthetic_det_frcnn_none", "kd": "synthetic_det_frcnn_kd", "sokd": "synthetic_det_frcnn_sokd"}
+    with pytest.raises(ValueError, match="train against different teachers"):
+        bench.effect_presets("det", ["none", "kd"])
+
 def test_cost_rows_relate_every_case_to_the_student_step_and_the_distillation_floor():
     rows = {r.name: r for r in bench.cost_rows({"none": 2.0, "teacher forward": 1.0, "kd": 3.3},
                                                {"none": 2 ** 20, "teacher forward": 2 ** 21, "kd": 3 * 2 ** 20})}
@@ -61,3 +69,13 @@ def test_pairwise_smoke_agrees_and_skips_dense_sizes_over_the_budget(capsys):
     assert rows[0]["dense_seconds"] > 0 and rows[1]["gram_seconds"] > 0
     assert rows[1]["dense_skipped"].startswith("skipped: needs")
     assert "| 256 | skipped: needs" in capsys.readouterr().out
+
+
+def test_cost_times_each_method_against_its_own_pair_and_names_what_it_skips(capsys):
+    small = {"batch_size": 1, "synthetic_size": (64, 64), "image_scale": (64, 64)}
+    tables = bench.cost(["det"], ["kd"], small, warmup=0, rounds=1)
+    assert [r.name for r in tables["det"]] == ["none", "teacher forward"]
+    assert [r.name for r in tables["det: faster_rcnn_r18 <- faster_rcnn_r50"]] == ["none", "teacher forward", "kd"]
+    forced = {**small, "student": "retinanet_r18", "teacher": "retinanet_r18"}
+    assert [r.name for r in bench.cost(["det"], ["kd"], forced, warmup=0, rounds=1)["det"]] == ["none", "teacher forward"]
+    assert "skipped kd for retinanet_r18 <- retinanet_r18: --method kd on detection" in capsys.readouterr().out

@@ -284,6 +284,14 @@ def test_retinanet_overfits_one_image():
 
 
 # ---------------------------------------------------------------------------------------- builder / inputs
+def test_rcnn_rois_per_image_sets_the_training_sample():
+    torch.manual_seed(0)
+    small = build_detector("faster_rcnn_r18", num_classes=3, rcnn_rois_per_image=16).train()
+    rois = small(torch.randn(2, 3, 64, 96), _targets(), IMAGE_SIZES)["rois"]
+    assert [(rois[:, 0] == i).sum().item() for i in range(2)] == [16, 16]  # 2000 proposals: always enough
+    assert isinstance(build_detector("retinanet_r18", 3, rcnn_rois_per_image=16), torch.nn.Module)  # ignored
+
+
 def test_build_detector_rejects_unknown_names_and_bad_classes():
     with pytest.raises(ValueError, match="supported: .*faster_rcnn_r50"):
         build_detector("yolo_r50", 80)

@@ -1,12 +1,14 @@
+import json
 import os
 
 import pytest
 import torch
 import torch.nn as nn
 
+import train
 from kd_ref import configs
 from kd_ref.engine import (ResumableSampler, Runtime, atomic_save, load_checkpoint, load_model_weights,
-                           lr_factor)
+                           lr_factor, read_model_weights, weighted_task_losses)
 
 
 def test_poly_schedule_with_floor_and_warmup():
@@ -79,3 +81,28 @@ def test_load_model_weights_lists_mismatched_keys():
         load_model_weights(model, state, "--teacher-ckpt t.pt")
     message = str(info.value)
     assert "missing 1.bias" in message and "unexpected 2.weight" in message and "1.weight: (1, 4) vs (1, 3)" in message
+
+
+def test_read_model_weights_takes_a_checkpoint_or_a_state_dict(tmp_path):
+    weights = {"w": torch.arange(3.0)}
+    torch.save({"model": weights, "iteration": 7}, tmp_path / "last.pt")
+    torch.save(weights, tmp_path / "plain.pt")
+    for name in ("last.pt", "plain.pt"):
+        assert torch.equal(read_model_weights(str(tmp_path / name), "student_init s.pt")["w"], weights["w"])
+    torch.save({"w": [1.0]}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="student_init s.pt: expected a train.py checkpoint or a state dict"):
+        read_model_weights(str(tmp_path / "odd.pt"), "student_init s.pt")
+
+
+def test_task_loss_weight_scales_every_task_loss(tmp_path):
+    tiny = ["--task", "cls", "--method", "none", "--set", "synthetic_size=(48, 48)", "--crop", "16", "16",
+            "--set", "synthetic_train=4", "--set", "synthetic_val=1", "--batch-size", "4", "--iters", "1", "--quiet"]
+    first_step = {}
+    for weight in (1.0, 0.1):
+        train.main([*tiny, "--set", f"task_loss_weight={weight}", "--out", str(tmp_path / str(weight))])
+        first_step[weight] = json.loads((tmp_path / str(weight) / "log.jsonl").read_text().splitlines()[0])
+    assert first_step[0.1]["loss_cls"] == pytest.approx(0.1 * first_step[1.0]["loss_cls"], rel=1e-5)
+    assert first_step[0.1]["loss"] == pytest.approx(0.1 * first_step[1.0]["loss"], rel=1e-5)
+    outputs = {"losses": {"loss_seg": torch.tensor(2.0), "loss_seg_aux": torch.tensor(0.5)}}
+    weighted = weighted_task_losses(outputs, 0.1)
+    assert weighted == {"loss_seg": pytest.approx(0.2), "loss_seg_aux": pytest.approx(0.05)}

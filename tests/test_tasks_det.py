@@ -16,6 +16,7 @@ from pycocotools.cocoeval import COCOeval
 import evaluate
 import train
 from kd_ref import configs, datasets, engine, tasks
+from train_helpers import train_crashing_in_step
 
 SIZE = (96, 128)    # exported images (H, W)
 SCALE = (160, 100)  # keep-ratio resize to 100 x 133: the two axes scale differently (100/96, 133/128)
@@ -200,17 +201,7 @@ def test_each_detector_trains_and_resumes_exactly(tmp_path, monkeypatch, student
     losses = [key for key in steps[0] if key.startswith("loss_")]
     assert {"loss_cls", "loss_bbox"} <= set(losses) and all(np.isfinite(s[k]) for s in steps[:3] for k in losses)
 
-    real_check = engine._check_finite
-
-    def crash_at_third_step(losses, iteration):
-        if iteration == 2:
-            raise KeyboardInterrupt
-        real_check(losses, iteration)
-
-    monkeypatch.setattr(engine, "_check_finite", crash_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        train.main([*flags, "--out", str(tmp_path / "resumed")])
-    monkeypatch.undo()
+    train_crashing_in_step(monkeypatch, 2, [*flags, "--out", str(tmp_path / "resumed")])
     assert engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))["iteration"] == 2
     train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
     straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))

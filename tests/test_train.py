@@ -14,6 +14,7 @@ import torch
 import evaluate
 import train
 from kd_ref import configs, datasets, engine, segmentors
+from train_helpers import train_crashing_in_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=8",
@@ -97,17 +98,7 @@ def test_resume_after_interruption_ends_with_identical_weights(tmp_path, monkeyp
     flags = ["--method", "none", "--iters", "4", "--ckpt-every", "2", "--seed", "3"]
     run(tmp_path / "straight", *flags)
 
-    real_check = engine._check_finite
-
-    def crash_at_third_step(losses, iteration):
-        if iteration == 2:
-            raise KeyboardInterrupt
-        real_check(losses, iteration)
-
-    monkeypatch.setattr(engine, "_check_finite", crash_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "interrupted", *flags)
-    monkeypatch.undo()
+    train_crashing_in_step(monkeypatch, 2, ["--task", "seg", "--out", str(tmp_path / "interrupted"), *TINY, *flags])
     assert engine.load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["iteration"] == 2
     run(tmp_path / "interrupted", *flags, "--resume")
     straight = engine.load_checkpoint(str(tmp_path / "straight" / "last.pt"))["model"]
@@ -168,12 +159,16 @@ def test_student_init_starts_from_a_trained_checkpoint_or_state_dict(tmp_path, t
         student = segmentors.build_segmentor("deeplabv3_r18", num_classes=started["recipe"]["num_classes"])
         for name, _ in student.named_parameters():
             torch.testing.assert_close(started["model"][name], trained[name], rtol=0, atol=0)
+    # --resume restores the run's own weights and never reads the starting checkpoint again
+    plain.unlink()
+    run(out, "--method", "none", "--student", "deeplabv3_r18", "--student-init", str(plain), "--iters", "1",
+        "--lr", "0", "--resume")
 
 
 def test_student_init_of_another_architecture_lists_the_keys(tmp_path, teacher_ckpt):
     with pytest.raises(ValueError, match=r"student_init .*does not fit.*(missing|unexpected)"):
         run(tmp_path, "--method", "none", "--student", "pspnet_r18", "--student-init", teacher_ckpt, "--iters", "1")
-    with pytest.raises(FileNotFoundError, match="student_init .*no such file"):
+    with pytest.raises(FileNotFoundError, match="student_init .*absent.pt: no such file; .*--student-init PATH"):
         run(tmp_path, "--method", "none", "--student-init", str(tmp_path / "absent.pt"), "--iters", "1")
 
 
