@@ -431,18 +431,21 @@ register("sokd_resnet18_imagenet", dataclasses.replace(IMAGENET, method="sokd", 
 # --- Built-in synthetic classification: a CPU demo in which the teacher clearly beats the student.
 SYNTHETIC_CLS = Recipe(task="cls", data="synthetic", num_classes=tasks.SYNTHETIC_NUM_IMAGE_CLASSES, crop=(32, 32),
                        synthetic_size=(64, 64), synthetic_train=4000, synthetic_val=500, normalization="cifar100",
-                       batch_size=32, iters=800, lr=0.05, weight_decay=5e-4, schedule="step", lr_steps=(600,),
+                       batch_size=32, iters=1600, lr=0.05, weight_decay=5e-4, schedule="step", lr_steps=(1200,),
                        eval_every=0, ckpt_every=200, student="resnet8", teacher="resnet20",
                        teacher_preset="synthetic_cls_teacher")
-# DIST at tau 1 (its ImageNet setting): with 8 classes, CIFAR's tau 4 (x16 on each term) makes SGD diverge.
+# DIST at tau 1 (its ImageNet setting): with 8 classes, CIFAR's tau 4 (x16 on each term) makes SGD diverge;
+# weight 2 measured best of (tau, weight) in (1, 2) 62.6, (2, 1) 61.0, (1, 4) 57.8. SoKD's feature and DAM
+# weights are re-tuned as sokd.md asks outside CIFAR-100: 1000 gives 62.2, 100 72.6, 10 76.6 (one seed each).
 SYNTHETIC_DIST_OPTIONS = {"tau": 1.0, "loss_weight": 2.0}
 SYNTHETIC_CLS_METHOD_OPTIONS = {
     "none": {}, "kd": CIFAR_KD_OPTIONS, "dist": SYNTHETIC_DIST_OPTIONS,
     "sokd": {"base": "kd", "base_options": {"kd": CIFAR_KD_OPTIONS, "dist": SYNTHETIC_DIST_OPTIONS},
-             "search_iters": 100}}
-# the teacher trains twice as long: these scenes take several hundred iterations before accuracy takes off
+             "search_iters": 100, "w_feat": 10.0, "w_dam": 10.0}}
+# The teacher trains exactly as long as the student: resnet20 84.6 vs resnet8 60.8 top-1 after 1,600 iterations
+# (one seed; 48.4 vs 42.2 after 800, before accuracy takes off).
 register("synthetic_cls_teacher", dataclasses.replace(SYNTHETIC_CLS, student=SYNTHETIC_CLS.teacher, teacher=None,
-                                                      teacher_preset=None, iters=1600, lr_steps=(1200,)))
+                                                      teacher_preset=None))
 for _method, _options in SYNTHETIC_CLS_METHOD_OPTIONS.items():
     register(f"synthetic_cls_{_method}", dataclasses.replace(SYNTHETIC_CLS, method=_method, method_options=_options),
              baseline=False)
@@ -490,7 +493,8 @@ for _arch, _lr in DETECTOR_LR.items():
 
 # --- Built-in synthetic scenes: from scratch on a CPU (no pretrained weights, so the whole backbone trains).
 # Easy-style scenes with three shapes: RetinaNet-R18 reaches VOC mAP 0.0 / 4.0 / 19.3 after 200 / 400 / 600
-# iterations (one seed); on the standard scenes, and with all eight shapes, it is still at 0.0 after 300.
+# iterations (one seed), Faster R-CNN-R18 61.7 after 600; on the standard scenes, and with all eight shapes,
+# RetinaNet-R18 is still at 0.0 after 300.
 # Faster R-CNN samples 128 RoIs per image (ours, mmdet 512): scenes hold 1-3 objects, and a CPU step is 3x
 # cheaper (the 2 x fc1024 box head on 4096 RoIs dominates it).
 SYNTHETIC_DET = Recipe(task="det", data="synthetic", num_classes=3, synthetic_style="easy",
@@ -498,12 +502,14 @@ SYNTHETIC_DET = Recipe(task="det", data="synthetic", num_classes=3, synthetic_st
                        rcnn_rois_per_image=128,
                        batch_size=8, iters=600, lr=0.01, weight_decay=1e-4, schedule="step", lr_steps=(500,),
                        warmup_iters=100, grad_clip=35.0, eval_every=0, ckpt_every=100)
-SYNTHETIC_DETECTORS = {"retinanet": ("retinanet_r18", "retinanet_r50"),
-                       "frcnn": ("faster_rcnn_r18", "faster_rcnn_r50")}
-for _family, (_student, _teacher) in SYNTHETIC_DETECTORS.items():
-    register(f"synthetic_det_{_family}_teacher", dataclasses.replace(SYNTHETIC_DET, student=_teacher))
+# As in the seg demo, the teacher is the student's architecture trained three times as long (RetinaNet-R18,
+# 1,800 iterations: mAP 69.8 against the student's 19.3 at 600; one seed, 36 min on one thread).
+SYNTHETIC_DETECTORS = {"retinanet": "retinanet_r18", "frcnn": "faster_rcnn_r18"}
+for _family, _arch in SYNTHETIC_DETECTORS.items():
+    register(f"synthetic_det_{_family}_teacher", dataclasses.replace(SYNTHETIC_DET, student=_arch, iters=1800,
+                                                                     lr_steps=(1500,)))
     register(f"synthetic_det_{_family}_none", dataclasses.replace(
-        SYNTHETIC_DET, student=_student, teacher=_teacher, teacher_preset=f"synthetic_det_{_family}_teacher"))
+        SYNTHETIC_DET, student=_arch, teacher=_arch, teacher_preset=f"synthetic_det_{_family}_teacher"))
 
 DEFAULT_PRESETS.update({
     ("det", "none", "synthetic"): "synthetic_det_retinanet_none",
@@ -649,5 +655,12 @@ register("synthetic_det_frcnn_sokd", dataclasses.replace(
     PRESETS["synthetic_det_frcnn_none"], method="sokd",
     method_options={**SOKD_DET_OPTIONS, "search_iters": PRESETS["synthetic_det_frcnn_none"].iters // 5}),
     baseline=False)
+# SoKD over feature distillation on RetinaNet: base GDD with the RetinaNet demo's options; the tap is P6, as
+# P7 is 1x1 at 128 pixels (2 cells cannot hold k = 8 regions).
+register("synthetic_det_retinanet_sokd", dataclasses.replace(
+    PRESETS["synthetic_det_retinanet_none"], method="sokd", method_options={
+        **SOKD_DET_OPTIONS, "base": "gdd", "tap": "p6",
+        "base_options": {**SOKD_DET_OPTIONS["base_options"], "gdd": SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]},
+        "search_iters": PRESETS["synthetic_det_retinanet_none"].iters // 5}), baseline=False)
 DEFAULT_PRESETS.update({("det", "sokd", "synthetic"): "synthetic_det_frcnn_sokd",
                         ("det", "sokd", "coco"): "sokd_faster_rcnn_r50_fpn_coco"})

@@ -101,3 +101,13 @@ def test_sokd_trains_faster_rcnn_with_the_search_and_resumes_exactly(tmp_path, m
     for part in ("model", "distiller"):
         keys = [key for key in straight[part] if key != "_extra_state"]
         assert all(torch.equal(straight[part][key], resumed[part][key]) for key in keys)
+
+
+def test_retinanet_demo_plugs_sokd_into_gdd_at_p6():
+    recipe = configs.PRESETS["synthetic_det_retinanet_sokd"]
+    assert recipe.method_options["base"] == "gdd" and recipe.method_options["search_iters"] == recipe.iters // 5
+    assert recipe.method_options["base_options"]["gdd"] == configs.SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]
+    plugin = configs.METHODS["sokd"].build(recipe, Pyramid(8), Pyramid(8))
+    assert plugin.tap == "p6" and isinstance(plugin.sokd.base.distiller, GDDDistiller)
+    assert all(loss.alpha == 65.0 for loss in plugin.sokd.base.distiller.losses.values())
+    assert configs.default_preset("det", "kd", "synthetic") == "synthetic_det_frcnn_kd"
