@@ -505,12 +505,12 @@ class FasterRCNN(_FPNDetector):
         if self.training and targets is not None:
             losses = self.rpn_loss(rpn_cls, rpn_reg, anchors, feat_sizes, targets, image_sizes)
             proposals = self.proposals(rpn_cls, rpn_reg, anchors, image_sizes, *self.rpn_train)
-            rois, labels, deltas = self.sample_rois(proposals, targets)
-            roi_feats = self.roi_features(feats, rois)
+            sampled, labels, deltas = self.sample_rois(proposals, targets)
+            roi_feats = self.roi_features(feats, sampled)
             cls_logits, bbox_preds = self.box_head(roi_feats)
             losses.update(self.rcnn_loss(cls_logits, bbox_preds, labels, deltas))
-            out.update(losses=losses, rois=rois, roi_labels=labels, roi_targets=deltas,
-                       roi_levels=roi_levels(rois), roi_feats=roi_feats, roi_cls_logits=cls_logits,
+            out.update(losses=losses, rois=sampled, roi_labels=labels, roi_targets=deltas,
+                       roi_levels=roi_levels(sampled), roi_feats=roi_feats, roi_cls_logits=cls_logits,
                        roi_bbox_preds=bbox_preds)
         elif not self.training and predict:
             out["proposals"] = self.proposals(rpn_cls, rpn_reg, anchors, image_sizes, *self.rpn_test)

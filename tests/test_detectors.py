@@ -213,6 +213,8 @@ def test_faster_rcnn_training_forward(faster_rcnn):
     rois, labels = out["rois"], out["roi_labels"]
     assert rois.shape[1] == 5 and labels.shape == rois.shape[:1] and out["roi_cls_logits"].shape == (len(rois), 4)
     assert out["roi_feats"].shape == (len(rois), 256, 7, 7) and out["roi_targets"].shape == (len(rois), 4)
+    # the logits handed to distillers are those of the loss (one RoI-head pass): grad raises if unused
+    torch.autograd.grad(out["losses"]["loss_cls"], out["roi_cls_logits"], retain_graph=True)
     assert torch.equal(out["roi_levels"], roi_levels(rois))
     for i, target in enumerate(targets):
         mine = rois[:, 0] == i
