@@ -47,6 +47,15 @@ def test_gdd_and_dist_train_on_each_detector(teachers, tmp_path, student, method
     assert len(steps) == 2 and all(np.isfinite(step[key]) for step in steps for key in kd_terms)
 
 
+
+def test_kd_distils_faster_rcnn_roi_logits_and_refuses_a_one_stage_detector(teachers, tmp_path, capsys):
+    run(teachers, "faster_rcnn_r18", "kd", tmp_path, "--iters", "2")
+    steps = logged_steps(tmp_path)
+    assert len(steps) == 2 and all(np.isfinite(step["loss_kd"]) and step["loss_kd"] >= 0 for step in steps)
+    refused = train.run([*TINY, "--preset", "synthetic_det_frcnn_kd", "--student", "retinanet_r18", "--teacher",
+                         "retinanet_r18", "--teacher-ckpt", teachers["retinanet_r18"], "--out", str(tmp_path / "r")])
+    assert refused != 0 and "RoI class logits; retinanet_r18 has none" in capsys.readouterr().err
+
 def test_gkd_regenerates_prototypes_every_epoch_and_resumes_exactly(teachers, tmp_path, monkeypatch):
     """RetinaNet, 3 iterations of 2 per epoch: PGM before epochs 0 and 1; a run stopped mid-epoch 0 keeps
     its prototypes and schedule through last.pt and ends with the same weights and prototypes."""
