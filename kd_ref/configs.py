@@ -609,30 +609,6 @@ for _arch in DETECTOR_LR:
     register(f"dist_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
         PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="dist", teacher=f"{_arch}_r101"))
 
-# --- Synthetic demos: the synthetic_det_<family>_none recipe with a method. PGM uses smaller boxes (8 px
-# of 128, as 30 px of a ~500-px COCO image) and at most 20 images per class (~150 images, under a minute
-# on a CPU) to keep the pass short;
-# GDD alpha 4 on Faster R-CNN (row 3) and 65 on RetinaNet (gdd.md §5, the one-stage analogue).
-SYNTHETIC_DET_METHOD_OPTIONS = {
-    "gkd": {"retinanet": {"pgm_min_size": 8.0, "pgm_max_images": 20},
-            "frcnn": {"pgm_min_size": 8.0, "pgm_max_images": 20}},
-    "gdd": {"retinanet": {"alpha": 65.0, "tau": 4.0}, "frcnn": {"alpha": 4.0, "tau": 4.0}},
-    "dist": {"retinanet": {}, "frcnn": {}},
-    "kd": {"frcnn": {"tau": 4.0}},  # softmax KD needs RoI class logits: Faster R-CNN only (SoKD's base, T 4)
-}
-for _method, _per_family in SYNTHETIC_DET_METHOD_OPTIONS.items():
-    for _family, _options in _per_family.items():
-        register(f"synthetic_det_{_family}_{_method}", dataclasses.replace(
-            PRESETS[f"synthetic_det_{_family}_none"], method=_method, method_options=_options), baseline=False)
-    DEFAULT_PRESETS[("det", _method, "synthetic")] = f"synthetic_det_{next(iter(_per_family))}_{_method}"
-DEFAULT_PRESETS.update({
-    ("det", "gkd", "coco"): "gkd_retinanet_r50_fpn_2x_coco",
-    ("det", "gkd", "voc"): "gkd_retinanet_r50_fpn_voc0712",
-    ("det", "gdd", "coco"): "gdd_faster_rcnn_r50_fpn_2x_coco",
-    ("det", "dist", "coco"): "dist_retinanet_r50_fpn_2x_coco",
-})
-
-
 # ------------------------------------------------------------------------------ SoKD on detection (issue 6)
 # sokd.md §5, COCO row ([code], the RegKD branch on detectron2): DAM on the last FPN output, the student's
 # through a 256 -> 256 adapter; k 8 regions, K_h 2 heatmap channels; region (masked feature) loss weight 2,
@@ -650,17 +626,35 @@ for _depth in (50, 18):
     register(f"sokd_faster_rcnn_r{_depth}_fpn_coco", dataclasses.replace(
         SOKD_COCO, student=f"faster_rcnn_r{_depth}",
         method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5}))
-# The Faster R-CNN demo with those settings; its 128-pixel inputs give a 2x2 P6, K_h x H x W = 8 = k cells.
-register("synthetic_det_frcnn_sokd", dataclasses.replace(
-    PRESETS["synthetic_det_frcnn_none"], method="sokd",
-    method_options={**SOKD_DET_OPTIONS, "search_iters": PRESETS["synthetic_det_frcnn_none"].iters // 5}),
-    baseline=False)
-# SoKD over feature distillation on RetinaNet: base GDD with the RetinaNet demo's options; the tap is P6, as
-# P7 is 1x1 at 128 pixels (2 cells cannot hold k = 8 regions).
-register("synthetic_det_retinanet_sokd", dataclasses.replace(
-    PRESETS["synthetic_det_retinanet_none"], method="sokd", method_options={
-        **SOKD_DET_OPTIONS, "base": "gdd", "tap": "p6",
-        "base_options": {**SOKD_DET_OPTIONS["base_options"], "gdd": SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]},
-        "search_iters": PRESETS["synthetic_det_retinanet_none"].iters // 5}), baseline=False)
-DEFAULT_PRESETS.update({("det", "sokd", "synthetic"): "synthetic_det_frcnn_sokd",
-                        ("det", "sokd", "coco"): "sokd_faster_rcnn_r50_fpn_coco"})
+DEFAULT_PRESETS[("det", "sokd", "coco")] = "sokd_faster_rcnn_r50_fpn_coco"
+
+# --- Synthetic demos: the synthetic_det_<family>_none recipe with a method. PGM uses smaller boxes (8 px
+# of 128, as 30 px of a ~500-px COCO image) and at most 20 images per class (~150 images, under a minute
+# on a CPU) to keep the pass short;
+# GDD alpha 4 on Faster R-CNN (row 3) and 65 on RetinaNet (gdd.md §5, the one-stage analogue).
+SYNTHETIC_DET_METHOD_OPTIONS = {
+    "gkd": {"retinanet": {"pgm_min_size": 8.0, "pgm_max_images": 20},
+            "frcnn": {"pgm_min_size": 8.0, "pgm_max_images": 20}},
+    "gdd": {"retinanet": {"alpha": 65.0, "tau": 4.0}, "frcnn": {"alpha": 4.0, "tau": 4.0}},
+    "dist": {"retinanet": {}, "frcnn": {}},
+    "kd": {"frcnn": {"tau": 4.0}},  # softmax KD needs RoI class logits: Faster R-CNN only (SoKD's base, T 4)
+}
+# SoKD with the COCO row's settings, searching over the first fifth of the run. Faster R-CNN: over KD; its
+# 128-pixel inputs give a 2x2 P6, K_h x H x W = 8 = k cells. RetinaNet: over feature distillation (GDD
+# with the demo's options) at P6, as P7 is 1x1 at 128 pixels (2 cells cannot hold k = 8 regions).
+_sokd_demo = {**SOKD_DET_OPTIONS, "search_iters": SYNTHETIC_DET.iters // 5}
+SYNTHETIC_DET_METHOD_OPTIONS["sokd"] = {
+    "frcnn": _sokd_demo,
+    "retinanet": {**_sokd_demo, "base": "gdd", "tap": "p6", "base_options": {
+        **SOKD_DET_OPTIONS["base_options"], "gdd": SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]}}}
+for _method, _per_family in SYNTHETIC_DET_METHOD_OPTIONS.items():
+    for _family, _options in _per_family.items():
+        register(f"synthetic_det_{_family}_{_method}", dataclasses.replace(
+            PRESETS[f"synthetic_det_{_family}_none"], method=_method, method_options=_options), baseline=False)
+    DEFAULT_PRESETS[("det", _method, "synthetic")] = f"synthetic_det_{next(iter(_per_family))}_{_method}"
+DEFAULT_PRESETS.update({
+    ("det", "gkd", "coco"): "gkd_retinanet_r50_fpn_2x_coco",
+    ("det", "gkd", "voc"): "gkd_retinanet_r50_fpn_voc0712",
+    ("det", "gdd", "coco"): "gdd_faster_rcnn_r50_fpn_2x_coco",
+    ("det", "dist", "coco"): "dist_retinanet_r50_fpn_2x_coco",
+})

@@ -397,15 +397,18 @@ def weighted_task_losses(student_out: dict, task_loss_weight: float) -> dict:
 
 
 def forward_losses(student: nn.Module, teacher: nn.Module | None, distiller: nn.Module | None, bind,
-                   batch: dict, task_loss_weight: float = 1.0) -> tuple:
+                   batch: dict, task_loss_weight: float = 1.0, teacher_out: dict | None = None) -> tuple:
     """One step's forward: ``(losses, teacher_out, bound)``, the student's weighted task losses plus the
     distiller's weighted losses, the teacher's outputs and the distiller's bound inputs (None, None
-    without a distiller). ``bind`` is the method's binding for the task."""
+    without a distiller). ``bind`` is the method's binding for the task. A given ``teacher_out`` (of
+    this batch) is reused unless the teacher must score what this student forward sampled (a two-stage
+    student's new RoIs, :func:`teacher_inputs`)."""
     student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
     losses = weighted_task_losses(student_out, task_loss_weight)
     if distiller is None:
         return losses, None, None
-    teacher_out = teacher_forward(teacher, batch, student_out)
+    if teacher_out is None or teacher_inputs(student_out):
+        teacher_out = teacher_forward(teacher, batch, student_out)
     bound = bind(student_out, teacher_out, batch)
     losses.update(distiller(**bound))
     return losses, teacher_out, bound
@@ -413,14 +416,12 @@ def forward_losses(student: nn.Module, teacher: nn.Module | None, distiller: nn.
 
 def search_objective(student: nn.Module, teacher: nn.Module, distiller: nn.Module, bind, teacher_out: dict,
                      task_loss_weight: float = 1.0):
-    """``loss_fn(batch)`` of :class:`StepContext`: the training loss of ``student`` on ``batch`` against
-    the step's teacher outputs, what a per-step search (SoKD) differentiates. A two-stage student samples
-    new RoIs in every forward, so for it the teacher scores those RoIs again."""
+    """``loss_fn(batch)`` of :class:`StepContext`: the training loss of ``student`` on the step's batch,
+    against the step's teacher outputs where they still apply (:func:`forward_losses`), what a per-step
+    search (SoKD) differentiates."""
     def objective(batch: dict) -> torch.Tensor:
-        out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
-        step_teacher_out = teacher_forward(teacher, batch, out) if teacher_inputs(out) else teacher_out
-        terms = distiller(**bind(out, step_teacher_out, batch))
-        return sum(weighted_task_losses(out, task_loss_weight).values()) + sum(terms.values())
+        losses, _, _ = forward_losses(student, teacher, distiller, bind, batch, task_loss_weight, teacher_out)
+        return sum(losses.values())
     return objective
 
 
