@@ -5,36 +5,48 @@
 
 Segmentation is whole-image single-scale inference, as the references evaluate. The scores are
 printed and written next to the checkpoint (``<ckpt dir>/eval_<data>.json``) or to ``--out``.
-``--save-pred DIR`` writes train-id PNGs and colour PNGs with the Cityscapes palette.
+``--save-pred DIR`` writes train-id PNGs, colour PNGs and ``legend.json`` (class names and colours: the
+Cityscapes palette for Cityscapes, a palette of the shapes for synthetic scenes); detection writes
+``detections.json`` in COCO results format.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
-from kd_ref import configs, engine
+from kd_ref import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    parser.add_argument("--task", default=None, help="task of the checkpoint (checked against it)")
-    parser.add_argument("--data", default=None, help="data set (default: the one the model was trained on)")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--save-pred", default=None, help="folder for predicted label maps (seg)")
-    parser.add_argument("--out", default=None, help="JSON file for the scores")
-    parser.add_argument("--amp", action="store_true")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true")
+    parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by train.py (required)")
+    parser.add_argument("--task", default=None, choices=cli.TASKS,
+                        help="task of the checkpoint, checked against it (default: the checkpoint's)")
+    parser.add_argument("--data", default=None, choices=cli.ALL_DATA,
+                        help="data set to evaluate on (default: the one the model was trained on)")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="folder of a real data set (required for every --data but synthetic)")
+    parser.add_argument("--save-pred", default=None, metavar="DIR",
+                        help="also write the predictions there: label and colour PNGs with legend.json (seg), "
+                             "detections.json (det) (default: none)")
+    parser.add_argument("--out", default=None, metavar="FILE",
+                        help="JSON file for the scores (default: <checkpoint folder>/eval_<data>.json)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: fp16 autocast on CUDA, bf16 on CPU (default: off)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N",
+                        help="data loader workers (default: 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from kd_ref import configs, engine
+
     ckpt = engine.load_checkpoint(args.ckpt)
     if "recipe" not in ckpt:
         raise ValueError(f"--ckpt {args.ckpt}: has no recipe; evaluate.py needs a checkpoint written by train.py")
@@ -44,6 +56,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"--task {args.task}: the checkpoint {args.ckpt} holds a {recipe.task} model")
     if args.data is not None:
         recipe = dataclasses.replace(recipe, data=args.data)
+    cli.check_data_root(recipe.task, recipe.data, args.data_root)
     task = configs.TASKS[recipe.task]
     task.check_recipe(recipe)
     runtime = engine.setup_runtime(args.device, args.amp)
@@ -51,14 +64,11 @@ def main(argv=None) -> dict:
     engine.load_model_weights(model, ckpt["model"], f"--ckpt {args.ckpt}")
     model.to(runtime.device)
     dataset, collate = task.build_data(recipe, "val", args.data_root)
-    if args.save_pred:
-        os.makedirs(args.save_pred, exist_ok=True)
     metrics = engine.evaluate(task, model, dataset, collate, runtime, recipe, args.workers, args.quiet,
                               save_pred=args.save_pred)
     if runtime.is_main:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{recipe.data}.json")
-        with open(out, "w") as handle:
-            json.dump(metrics, handle, indent=1)
+        engine.write_json(out, metrics)
         engine.print_table([(f"{recipe.student} {key}", value) for key, value in metrics.items()
                             if isinstance(value, float)])
         print(f"scores written to {out}")
@@ -70,6 +80,8 @@ def run(argv=None) -> int:
     line ``error: ...`` on stderr)."""
     try:
         main(argv)
+    except SystemExit as done:  # --help, or an argument error the parser reported
+        return done.code if isinstance(done.code, int) else 2
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

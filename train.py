@@ -3,68 +3,101 @@
     python train.py --task seg --method gdd                      # synthetic demo: teacher, then student
     python train.py --preset dist_deeplabv3_r18_cityscapes --data-root DIR --teacher-ckpt T.pt
     torchrun --nproc_per_node=8 train.py --preset ... --amp
+    python train.py --list-presets
 
-A preset gives the whole recipe; explicit flags override it. Outputs go to ``--out`` (default
-``runs/<preset>``): ``last.pt`` (full checkpoint), ``log.jsonl`` (one line per iteration and per
-evaluation) and ``metrics.json`` (final scores).
+A preset gives the whole recipe; explicit flags override it (a flag left out keeps the preset's value).
+Outputs go to ``--out`` (default ``runs/<preset>``): ``last.pt`` (full checkpoint), ``log.jsonl`` (one line
+per iteration and per evaluation) and ``metrics.json`` (final scores). A folder that holds a run is
+continued with ``--resume`` or replaced with ``--overwrite``, never silently.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 
-from kd_ref import configs, engine
+from kd_ref import cli
+
+RUN_FILES = ("last.pt", "metrics.json", "log.jsonl")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default=None,
-                        help=f"one of {sorted(configs.TASKS)} (default: the preset's, else seg)")
-    parser.add_argument("--method", default=None, help="distillation method (default: the preset's, else none)")
-    parser.add_argument("--sokd-base", default=None, choices=configs.SOKD_BASES,
+    parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default=None, choices=cli.TASKS,
+                        help="the task (default: the preset's, else seg)")
+    parser.add_argument("--method", default=None, choices=cli.METHODS,
+                        help="distillation method; none trains the student alone (default: the preset's, else none)")
+    parser.add_argument("--sokd-base", default=None, choices=("none", "kd", "dist", "gdd"),
                         help="--method sokd: the base method SoKD is plugged into, with the preset's options for "
                              "it (default: the preset's base; kd/dist on cls, kd/dist/gdd on det; the task-loss "
                              "weight stays the preset's)")
-    parser.add_argument("--preset", default=None, help="named recipe (see README); default depends on task/method/data")
-    parser.add_argument("--data", default=None, help="synthetic (default) or a real data set of the task")
-    parser.add_argument("--data-root", default=None, help="folder of a real data set")
-    parser.add_argument("--student", default=None, help="student architecture")
-    parser.add_argument("--teacher", default=None, help="teacher architecture")
-    parser.add_argument("--teacher-ckpt", default=None, help="teacher checkpoint (a train.py last.pt or released weights)")
-    parser.add_argument("--pretrained", default=None, help="local ImageNet weights for the student backbone")
-    parser.add_argument("--student-init", default=None,
-                        help="start the student from this trained checkpoint (train.py last.pt or a state dict)")
-    parser.add_argument("--iters", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None, help="total batch over all processes")
-    parser.add_argument("--lr", type=float, default=None)
-    parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None)
-    parser.add_argument("--amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    parser.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    parser.add_argument("--eval-every", type=int, default=None)
-    parser.add_argument("--ckpt-every", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--preset", default=None,
+                        help="named recipe, see --list-presets (default: the one --task/--method/--data imply)")
+    parser.add_argument("--list-presets", action="store_true",
+                        help="list the presets grouped by paper row, one line each, and exit")
+    parser.add_argument("--data", default=None, choices=cli.ALL_DATA,
+                        help="data set; synthetic is built in, the others are read from --data-root "
+                             "(default: the preset's, else synthetic)")
+    parser.add_argument("--data-root", default=None, metavar="DIR",
+                        help="folder of a real data set (required for every --data but synthetic)")
+    parser.add_argument("--student", default=None, metavar="ARCH", help="student architecture (default: the preset's)")
+    parser.add_argument("--teacher", default=None, metavar="ARCH", help="teacher architecture (default: the preset's)")
+    parser.add_argument("--teacher-ckpt", default=None, metavar="PATH",
+                        help="teacher weights, a train.py last.pt (default on synthetic data: train the preset's "
+                             "teacher once and cache it in <parent of --out>/teachers; required on real data)")
+    parser.add_argument("--pretrained", default=None, metavar="PATH",
+                        help="local ImageNet weights for the student backbone (default: the preset's, none for "
+                             "synthetic presets)")
+    parser.add_argument("--student-init", default=None, metavar="PATH",
+                        help="start the whole student from this trained checkpoint, a train.py last.pt or a state "
+                             "dict (default: the preset's, usually none; not applied on --resume)")
+    parser.add_argument("--iters", type=cli.positive_int, default=None, metavar="N",
+                        help="training iterations of the student (default: the preset's; a teacher trained first "
+                             "keeps its preset's)")
+    parser.add_argument("--batch-size", type=cli.positive_int, default=None, metavar="N",
+                        help="total batch over all processes (default: the preset's)")
+    parser.add_argument("--lr", type=cli.non_negative_float, default=None, metavar="F",
+                        help="base learning rate (default: the preset's)")
+    parser.add_argument("--crop", type=cli.positive_int, nargs=2, metavar=("H", "W"), default=None,
+                        help="training crop of seg and input size of cls, in pixels (default: the preset's)")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU (default: off)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda when available, else cpu")
+    parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<preset>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in an --out that holds a run, replacing its last.pt, log.jsonl and "
+                             "metrics.json (default: refuse)")
+    parser.add_argument("--eval-every", type=cli.non_negative_int, default=None, metavar="N",
+                        help="evaluate every N iterations, 0 = only at the end (default: the preset's)")
+    parser.add_argument("--ckpt-every", type=cli.non_negative_int, default=None, metavar="N",
+                        help="write last.pt every N iterations, 0 = only at the end (default: the preset's)")
+    parser.add_argument("--seed", type=cli.non_negative_int, default=None, metavar="N",
+                        help="seed of initialisation, data order and augmentation (default: the preset's, 0)")
+    parser.add_argument("--workers", type=cli.non_negative_int, default=None, metavar="N",
                         help="data loader workers per process (default: 4 on CUDA; 0 on CPU, where worker "
                              "processes would compete with the compute threads for the few cores)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any recipe field, e.g. --set synthetic_val=20 --set "
-                             "\"method_options={'alpha': 100.0}\" (Python literals)")
+                        help="override any other recipe field, e.g. --set synthetic_val=20 --set "
+                             "\"method_options={'alpha': 100.0}\" (Python literals; repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite: pass one (continue the run in --out, or start it again)")
+    return args
 
 
-def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
-    """The preset named (or implied) by the flags, with the explicit flags applied on top."""
+def build_recipe(args: argparse.Namespace) -> tuple:
+    """The preset named (or implied) by the flags, with the explicit flags applied on top; every check
+    that needs no file or data set is done here."""
+    import dataclasses
+
+    from kd_ref import configs
+
     if args.preset is not None and args.preset not in configs.PRESETS:
-        raise ValueError(f"--preset {args.preset}: unknown; known presets: {', '.join(sorted(configs.PRESETS))}")
+        raise ValueError(f"--preset {args.preset}: unknown; python train.py --list-presets lists them")
     task = args.task or (configs.PRESETS[args.preset].task if args.preset is not None else "seg")
-    if task not in configs.TASKS:
-        raise ValueError(f"--task {task}: supported tasks are {sorted(configs.TASKS)}")
     if args.method is not None and args.method not in configs.supported_methods(task):
         raise ValueError(f"--method {args.method}: methods for --task {task} are "
                          f"{configs.supported_methods(task)}")
@@ -84,52 +117,116 @@ def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
             raise ValueError(f"--sokd-base {args.sokd_base}: only for --method sokd (the recipe's method is "
                              f"{recipe.method})")
         recipe = dataclasses.replace(recipe, method_options={**recipe.method_options, "base": args.sokd_base})
-    task = recipe.task
-    if recipe.method not in configs.supported_methods(task):
-        raise ValueError(f"--method {recipe.method} does not support --task {task}; supported: "
-                         f"{configs.supported_methods(task)}")
-    configs.TASKS[task].check_recipe(recipe)
+    if recipe.method not in configs.supported_methods(recipe.task):
+        raise ValueError(f"--method {recipe.method} does not support --task {recipe.task}; supported: "
+                         f"{configs.supported_methods(recipe.task)}")
+    if args.crop is not None and recipe.task == "det":
+        raise ValueError(f"--crop {' '.join(map(str, args.crop))}: detection resizes whole images to image_scale "
+                         f"{tuple(recipe.image_scale)} (long side, short side); pass --set \"image_scale=(L, S)\"")
+    configs.check_recipe(recipe)
     if configs.METHODS[recipe.method].needs_teacher and recipe.teacher is None:
         raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher ARCH (and --teacher-ckpt)")
+    cli.check_data_root(recipe.task, recipe.data, args.data_root)
+    if configs.METHODS[recipe.method].needs_teacher and args.teacher_ckpt is None:
+        if recipe.data != "synthetic" or recipe.teacher_preset is None:
+            raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
+                             f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
+        configs.teacher_recipe(recipe)  # the teacher it would train must be the recipe's teacher
     return name, recipe
 
 
-def ensure_teacher(recipe: configs.Recipe, out: str, args, runtime) -> str:
-    """On synthetic data without ``--teacher-ckpt``: train the preset's teacher once, cached in
-    ``<out>/teacher``; later runs reuse it. On real data a teacher checkpoint must be given."""
+def check_out_folder(out: str, args: argparse.Namespace) -> None:
+    """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently reused."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if args.resume and "last.pt" not in found:
+        raise FileNotFoundError(f"--resume: {os.path.join(out, 'last.pt')}: no such file (nothing to continue "
+                                "in --out; leave out --resume to start)")
+    if found and not (args.resume or args.overwrite):
+        raise ValueError(f"--out {out} holds a run ({', '.join(found)}); pass --resume to continue it or "
+                         "--overwrite to start it again")
+
+
+def check_files(recipe, args: argparse.Namespace) -> None:
+    """Every weight file the run will read exists, before a teacher or a data set is touched."""
+    files = {"--teacher-ckpt": args.teacher_ckpt, "--pretrained": recipe.pretrained}
+    if not args.resume:  # a resumed run has its own weights
+        files["--student-init"] = recipe.student_init
+    for flag, path in files.items():
+        if path is not None and not os.path.isfile(path):
+            hint = (" (the preset starts the student from a trained checkpoint of it: train one with train.py "
+                    "and pass its last.pt)" if flag == "--student-init" else "")
+            raise FileNotFoundError(f"{flag} {path}: no such file{hint}")
+
+
+def teacher_folder(recipe, out: str) -> str:
+    """Where the synthetic teacher of ``recipe`` is cached: ``<parent of out>/teachers/<teacher preset>-<digest of
+    its recipe>``, shared by every method and task that trains against the same teacher recipe; a changed
+    teacher recipe gets a new folder and is trained again."""
+    from kd_ref import configs
+
+    teacher_recipe = configs.teacher_recipe(recipe)
+    return os.path.join(os.path.dirname(os.path.normpath(out)) or ".", "teachers",
+                        f"{recipe.teacher_preset}-{configs.recipe_digest(teacher_recipe)}")
+
+
+def ensure_teacher(recipe, out: str, args, runtime) -> str:
+    """The teacher checkpoint: ``--teacher-ckpt``, or on synthetic data the cached teacher of the preset,
+    trained first (and said so, with its length) when the cache has none."""
+    from kd_ref import configs, engine
+
     if args.teacher_ckpt is not None:
-        if not os.path.isfile(args.teacher_ckpt):
-            raise FileNotFoundError(f"--teacher-ckpt {args.teacher_ckpt}: no such file")
         return args.teacher_ckpt
-    if recipe.data != "synthetic" or recipe.teacher_preset is None:
-        raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
-                         f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
-    teacher_recipe = dataclasses.replace(configs.PRESETS[recipe.teacher_preset], seed=recipe.seed)
-    if teacher_recipe.student != recipe.teacher:
-        raise ValueError(f"--teacher {recipe.teacher} differs from the architecture of the teacher preset "
-                         f"{recipe.teacher_preset} ({teacher_recipe.student}); pass --teacher-ckpt")
-    teacher_dir = os.path.join(out, "teacher")
-    ckpt = os.path.join(teacher_dir, "last.pt")
-    done = os.path.isfile(os.path.join(teacher_dir, "metrics.json"))
-    if done:
+    teacher_recipe = configs.teacher_recipe(recipe)
+    folder = teacher_folder(recipe, out)
+    ckpt = os.path.join(folder, "last.pt")
+    if os.path.isfile(os.path.join(folder, "metrics.json")):
         if runtime.is_main:
             print(f"teacher: reusing {ckpt}")
         return ckpt
     if runtime.is_main:
-        print(f"teacher: no --teacher-ckpt given, training {teacher_recipe.student} "
-              f"({recipe.teacher_preset}) first into {teacher_dir}")
-    engine.train(teacher_recipe, teacher_dir, runtime, resume=os.path.isfile(ckpt), workers=args.workers,
+        print(f"teacher: no --teacher-ckpt given, so {teacher_recipe.student} ({recipe.teacher_preset}) is trained "
+              f"first: {teacher_recipe.iters} iterations at batch {teacher_recipe.batch_size}, into {folder} "
+              "(reused by every later run with this teacher)")
+    engine.train(teacher_recipe, folder, runtime, resume=os.path.isfile(ckpt), workers=args.workers,
                  quiet=args.quiet)
     return ckpt
 
 
+def describe(name: str, recipe, runtime, out: str) -> str:
+    """The line said before training: what runs, at which input size and batch, and the memory it needs."""
+    from kd_ref import engine
+
+    per_rank = recipe.batch_size // runtime.world_size
+    size = (f"image_scale {recipe.image_scale[0]}x{recipe.image_scale[1]}" if recipe.task == "det"
+            else f"crop {recipe.crop[0]}x{recipe.crop[1]}")
+    estimate = engine.estimate_training_memory(recipe, per_rank)
+    return (f"preset {name}: {recipe.task} {recipe.student} method={recipe.method} data={recipe.data} "
+            f"iters={recipe.iters} {size} batch {recipe.batch_size} ({per_rank} per process), "
+            f"about {estimate / 2 ** 30:.1f} GiB per process (estimate) -> {out}")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.list_presets:
+        from kd_ref import configs
+
+        print(configs.preset_listing())
+        return {}
+    import json
+
+    from kd_ref import configs, engine
+
     name, recipe = build_recipe(args)
+    out = args.out or os.path.join("runs", name)
+    check_out_folder(out, args)
+    check_files(recipe, args)
     runtime = engine.setup_runtime(args.device, args.amp)
     if args.workers is None:
         args.workers = 4 if runtime.device.type == "cuda" else 0
-    out = args.out or os.path.join("runs", name)
+    if args.overwrite and runtime.is_main:
+        for file_name in RUN_FILES:
+            if os.path.exists(os.path.join(out, file_name)):
+                os.remove(os.path.join(out, file_name))
     teacher_ckpt = None
     teacher_metrics = None
     if configs.METHODS[recipe.method].needs_teacher:
@@ -139,14 +236,13 @@ def main(argv=None) -> dict:
             with open(metrics_file) as handle:
                 teacher_metrics = json.load(handle)
     if runtime.is_main:
-        print(f"preset {name}: {recipe.task} {recipe.student} method={recipe.method} data={recipe.data} "
-              f"iters={recipe.iters} batch={recipe.batch_size} -> {out}")
+        print(describe(name, recipe, runtime, out))
     metrics = engine.train(recipe, out, runtime, resume=args.resume, teacher_ckpt=teacher_ckpt,
                            workers=args.workers, data_root=args.data_root, quiet=args.quiet)
     if runtime.is_main:
         key = configs.TASKS[recipe.task].main_metric
         rows = []
-        if teacher_metrics is not None:
+        if teacher_metrics is not None and teacher_metrics.get(key) is not None:
             rows.append((f"teacher {recipe.teacher} {key}", teacher_metrics[key]))
         rows.append((f"student {recipe.student} [{recipe.method}] {key}", metrics[key]))
         engine.print_table(rows)
@@ -158,12 +254,18 @@ def run(argv=None) -> int:
     ``error: ...`` on stderr) or 128 + the signal number after a preemption (with the resume hint)."""
     try:
         main(argv)
-    except engine.TrainingInterrupted as stop:
-        print(f"interrupted: {stop}", file=sys.stderr)
-        return 128 + stop.signum
+    except SystemExit as done:  # --help, or an argument error the parser reported
+        return done.code if isinstance(done.code, int) else 2
     except (ValueError, FileNotFoundError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as stop:
+        from kd_ref import engine
+
+        if isinstance(stop, engine.TrainingInterrupted):
+            print(f"interrupted: {stop}", file=sys.stderr)
+            return 128 + stop.signum
+        raise
     return 0
 
 

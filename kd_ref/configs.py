@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from kd_ref import tasks
+from kd_ref import cli, tasks
 from kd_ref.detectors import flatten_levels
 from kd_ref.dist import DISTDistiller
 from kd_ref.gdd import GDDDistiller
@@ -52,6 +54,7 @@ class Recipe:
     student_init: str | None = None
     image_scale: tuple = (1333, 800)  # det: keep-ratio resize bounds (long side, short side), mmdet img_scale
     rcnn_rois_per_image: int = 512   # det, Faster R-CNN: RoIs sampled per training image (mmdet 512)
+    classes: tuple | None = None     # det, VOC layout: the tree's class names (None: the 20 VOC classes)
     # optimisation
     batch_size: int = 16             # total over all processes
     iters: int = 40000
@@ -94,9 +97,11 @@ def parse_overrides(items: list) -> dict:
 @dataclass(frozen=True)
 class Method:
     """``build(recipe, student, teacher) -> distiller``; ``bind[task](student_out, teacher_out, batch)``
-    returns the keyword arguments of the distiller's ``forward``."""
+    returns the keyword arguments of the distiller's ``forward``; ``check(recipe)``, if given, refuses a recipe
+    the method cannot train (before any model is built or teacher trained; ``build`` calls it too)."""
     build: Callable | None
     bind: dict = field(default_factory=dict)
+    check: Callable | None = None
 
     @property
     def needs_teacher(self) -> bool:
@@ -166,10 +171,14 @@ def _skd_seg(student_out, teacher_out, batch):
             "feat_s": student_out["feats"]["head"], "feat_t": teacher_out["feats"]["head"]}
 
 
-def _build_kd(recipe, student, teacher):
+def _check_kd(recipe):
     if recipe.task == "det" and not is_two_stage(recipe.student):
         raise ValueError(f"--method kd on detection distils Faster R-CNN's RoI class logits; {recipe.student} "
                          "has none (a one-stage detector's per-anchor sigmoid scores are not a softmax)")
+
+
+def _build_kd(recipe, student, teacher):
+    _check_kd(recipe)
     return KDDistiller(**recipe.method_options)
 
 
@@ -182,7 +191,7 @@ def _kd_det(student_out, teacher_out, batch):
 
 METHODS: dict[str, Method] = {
     "none": Method(None),
-    "kd": Method(_build_kd, {"seg": _logits, "cls": _logits, "det": _kd_det}),
+    "kd": Method(_build_kd, {"seg": _logits, "cls": _logits, "det": _kd_det}, check=_check_kd),
     "dist": Method(_build_dist, {"seg": _outputs, "det": _dist_det}),
     "gdd": Method(_build_gdd, {"seg": _gdd_feats(GDD_SEG_LEVELS), "det": _gdd_det}),
     "skd": Method(lambda recipe, student, teacher: SKDDistiller(recipe.num_classes, **recipe.method_options),
@@ -295,6 +304,29 @@ DEFAULT_PRESETS = {
 }
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Refuse, with one line, a recipe its task or method cannot train; needs no file, model or data."""
+    TASKS[recipe.task].check_recipe(recipe)
+    check = METHODS[recipe.method].check
+    if check is not None:
+        check(recipe)
+
+
+def teacher_recipe(recipe: Recipe) -> Recipe:
+    """The recipe that trains ``recipe``'s synthetic teacher: its ``teacher_preset`` at the run's seed."""
+    teacher = dataclasses.replace(PRESETS[recipe.teacher_preset], seed=recipe.seed)
+    if teacher.student != recipe.teacher:
+        raise ValueError(f"--teacher {recipe.teacher} differs from the architecture of the teacher preset "
+                         f"{recipe.teacher_preset} ({teacher.student}); pass --teacher-ckpt")
+    return teacher
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """A short digest of every field of ``recipe``: equal recipes, equal digests."""
+    text = json.dumps(dataclasses.asdict(recipe), sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def default_preset(task: str, method: str, data: str) -> str:
     key = (task, method, data)
     if key not in DEFAULT_PRESETS:
@@ -354,18 +386,27 @@ def _sokd_tap_shapes(recipe, student, teacher, tap: str) -> list:
     return [feature_shape(model, tap, recipe.crop) for model in (student, teacher)]
 
 
+def _check_sokd(recipe):
+    """The base is one of SOKD_BASES with a binding for the task, and passes that method's own check."""
+    base_name = recipe.method_options.get("base", "none")
+    bases = [name for name in SOKD_BASES if name == "none" or recipe.task in METHODS[name].bind]
+    if base_name not in bases:
+        raise ValueError(f"--sokd-base {base_name}: for --task {recipe.task} expected one of {bases}")
+    base_check = METHODS[base_name].check
+    if base_check is not None:
+        base_check(dataclasses.replace(recipe, method=base_name))
+
+
 def _build_sokd(recipe, student, teacher):
     """``method_options``: ``base`` (one of SOKD_BASES with a binding for the task), ``base_options``
     ({base name: keyword arguments}, the entry of the chosen base is used, so ``--sokd-base`` switches base
     and options together), ``tap`` (default :func:`sokd_tap`), ``num_heat`` (default num_classes),
     ``search_iters``, ``search_options`` and SoKDDistiller's keyword arguments (k, w_feat, w_dam,
     search_mode, ...)."""
+    _check_sokd(recipe)
     options = dict(recipe.method_options)
     base_name = options.pop("base", "none")
     base_options = options.pop("base_options", {}).get(base_name, {})
-    bases = [name for name in SOKD_BASES if name == "none" or recipe.task in METHODS[name].bind]
-    if base_name not in bases:
-        raise ValueError(f"--sokd-base {base_name}: for --task {recipe.task} expected one of {bases}")
     tap = options.pop("tap", sokd_tap(recipe))
     base = None
     if base_name != "none":
@@ -376,7 +417,7 @@ def _build_sokd(recipe, student, teacher):
                       options.pop("num_heat", recipe.num_classes), tap, base=base, **options)
 
 
-METHODS["sokd"] = Method(_build_sokd, {"cls": _outputs_and_batch})
+METHODS["sokd"] = Method(_build_sokd, {"cls": _outputs_and_batch}, check=_check_sokd)
 
 # --- CIFAR-100 (CRD / RepDistiller protocol, dist.md §4, sokd.md §2.5): 240 epochs of 50,000 images at
 # batch 64 (the engine drops the last partial batch: 781 iterations per epoch), SGD lr 0.05, x0.1 at
@@ -529,15 +570,19 @@ def _fpn_strides(levels) -> tuple:
     return tuple(2 ** int(name[1:]) for name in levels)
 
 
+def _check_gkd(recipe):
+    if recipe.task != "det":
+        raise ValueError(f"--method gkd distils object detectors: --task det, not {recipe.task}")
+    if is_two_stage(recipe.teacher) != is_two_stage(recipe.student):
+        raise ValueError(f"--method gkd: student {recipe.student} and teacher {recipe.teacher} must be the same "
+                         "kind of detector (the teacher scores the student's positive samples)")
+
+
 def _build_gkd(recipe, student, teacher):
     """``method_options``: GKDDistiller's loss options and the PGM options of ScheduledGKDDistiller
     (pgm_max_images, pgm_min_size, pgm_seed, num_prototypes, pgm_alpha)."""
-    if recipe.task != "det":
-        raise ValueError(f"--method gkd distils object detectors: --task det, not {recipe.task}")
+    _check_gkd(recipe)
     two_stage = is_two_stage(recipe.student)
-    if is_two_stage(recipe.teacher) != two_stage:
-        raise ValueError(f"--method gkd: student {recipe.student} and teacher {recipe.teacher} must be the same "
-                         "kind of detector (the teacher scores the student's positive samples)")
     levels = GKD_TWO_STAGE_LEVELS if two_stage else GKD_ONE_STAGE_LEVELS
     options = {"level_reduction": "mean" if two_stage else "sum", **recipe.method_options}
     return ScheduledGKDDistiller(levels, recipe.num_classes, recipe.iters, recipe.batch_size,
@@ -582,7 +627,7 @@ def _gkd_det(student_out, teacher_out, batch):
             "roi_labels": labels, **soft}
 
 
-METHODS["gkd"] = Method(_build_gkd, {"det": _gkd_det})
+METHODS["gkd"] = Method(_build_gkd, {"det": _gkd_det}, check=_check_gkd)
 
 # --- COCO 2x rows, R101-FPN 2x teacher (--teacher-ckpt) -> R50-FPN 2x student, on the mmdet baselines above.
 # GKD (gkd.md §6): fg 1, bg 4, soft 1, T 2, global 0, attenuation over the epochs, PGM M=10, alpha 10, boxes
@@ -658,3 +703,40 @@ DEFAULT_PRESETS.update({
     ("det", "gdd", "coco"): "gdd_faster_rcnn_r50_fpn_2x_coco",
     ("det", "dist", "coco"): "dist_retinanet_r50_fpn_2x_coco",
 })
+
+
+# ---------------------------------------------------------------------------------------- listing
+PRESET_GROUPS = {
+    "gdd": "GDD, Generative Denoise Distillation (arXiv:2401.08332)",
+    "dist": "DIST, Knowledge Distillation from A Stronger Teacher (arXiv:2205.10536)",
+    "skd": "SKD, Structured Knowledge Distillation for Dense Prediction (arXiv:1903.04197)",
+    "gkd": "GKD, Distilling Object Detectors with Global Knowledge (arXiv:2210.09022)",
+    "sokd": "SoKD, Student-Oriented Teacher Knowledge Refinement",
+    "kd": "KD, logit distillation (Hinton et al.)",
+    "teacher": "Teachers of the paper rows",
+    "faster": "mmdetection 2.x detector recipes (baselines, and the teachers of the detection rows)",
+    "retinanet": "mmdetection 2.x detector recipes (baselines, and the teachers of the detection rows)",
+    "synthetic": "Synthetic CPU demos (built-in data, from scratch)",
+}
+
+
+def describe_preset(recipe: Recipe) -> str:
+    """One line: what a preset trains, on what, how long."""
+    pair = recipe.student if recipe.method == "none" else f"{recipe.student} <- {recipe.teacher}"
+    size = f"{recipe.image_scale[0]}x{recipe.image_scale[1]}" if recipe.task == "det" else \
+        f"{recipe.crop[0]}x{recipe.crop[1]}"
+    return f"{recipe.task} {recipe.method}: {pair}, {recipe.data} {size}, {recipe.iters} it. x batch {recipe.batch_size}"
+
+
+def preset_listing() -> str:
+    """Every preset, grouped by the paper (or role) of its row, one line each; a ``<row>_baseline`` twin
+    follows its row."""
+    groups: dict[str, list] = {}
+    for name in sorted(PRESETS, key=lambda n: (n.removesuffix("_baseline"), n.endswith("_baseline"))):
+        heading = PRESET_GROUPS[name.split("_")[0]]
+        groups.setdefault(heading, []).append(name)
+    width = max(map(len, PRESETS))
+    lines = []
+    for heading, names in groups.items():
+        lines += ["", heading] + [f"  {name:<{width}}  {describe_preset(PRESETS[name])}" for name in names]
+    return "\n".join(lines[1:])

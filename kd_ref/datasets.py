@@ -32,6 +32,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import sys
 import xml.etree.ElementTree as ET
 import zlib
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kd_ref import cli
 from kd_ref import transforms as T
 
 IGNORE_INDEX = T.IGNORE_INDEX
@@ -55,6 +57,10 @@ CITYSCAPES_PALETTE = np.array([
     (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
     (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
     (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], np.uint8)
+# Synthetic scenes: background grey, then one saturated hue per shape (SyntheticScenes.CLASSES order)
+SYNTHETIC_PALETTE = np.array([
+    (96, 96, 96), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+    (70, 240, 240), (240, 50, 230)], np.uint8)
 LABEL_ID_TO_TRAIN_ID = np.full(256, IGNORE_INDEX, np.uint8)
 LABEL_ID_TO_TRAIN_ID[list(CITYSCAPES_LABEL_IDS)] = np.arange(len(CITYSCAPES_LABEL_IDS))
 
@@ -97,13 +103,21 @@ def read_label(path: str) -> np.ndarray:
 
 def save_prediction(prediction: np.ndarray, path: str, palette: np.ndarray = CITYSCAPES_PALETTE) -> None:
     """Write a train-id prediction as ``path`` (8-bit PNG) and its colour rendering as
-    ``<path stem>_color.png`` (Cityscapes palette; 255 = black)."""
+    ``<path stem>_color.png`` (``palette[k]`` for class k; 255 = black)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     prediction = np.asarray(prediction, dtype=np.uint8)
     Image.fromarray(prediction).save(path)
     colours = np.zeros((256, 3), np.uint8)
     colours[:len(palette)] = palette
     Image.fromarray(colours[prediction]).save(os.path.splitext(path)[0] + "_color.png")
+
+
+def write_legend(folder: str, classes: tuple, palette: np.ndarray) -> None:
+    """``folder/legend.json``: the class name and colour of every label value in the colour PNGs."""
+    os.makedirs(folder, exist_ok=True)
+    legend = [{"label": k, "name": name, "color": [int(c) for c in palette[k]]} for k, name in enumerate(classes)]
+    with open(os.path.join(folder, "legend.json"), "w") as handle:
+        json.dump({"classes": legend, "ignored": {"label": IGNORE_INDEX, "color": [0, 0, 0]}}, handle, indent=1)
 
 
 # -------------------------------------------------------------------------------- synthetic scenes
@@ -662,8 +676,7 @@ def collate_cls(samples: list) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- factory
-SUPPORTED_DATA = {"seg": ("synthetic", "cityscapes"), "det": ("synthetic", "voc", "coco"),
-                  "cls": ("synthetic", "cifar100", "imagenet")}
+SUPPORTED_DATA = cli.DATA
 
 
 def _base_dataset(task: str, data: str, root: str | None, split: str, train: bool, options: dict):
@@ -759,13 +772,22 @@ def _voc_xml(sample: dict, image_id: str, classes: tuple) -> str:
 
 
 def _export_voc(scenes: dict, out: str) -> None:
-    folder = os.path.join(out, "VOCdevkit", "VOC2007")
-    os.makedirs(os.path.join(folder, "Annotations"), exist_ok=True)
-    os.makedirs(os.path.join(folder, "ImageSets", "Main"), exist_ok=True)
-    for split, image_sets in (("train", ("train", "trainval")), ("val", ("test",))):
-        data, ids = scenes[split], []
-        for index in range(len(data)):
-            sample, image_id = data[index], f"{split}_{index:06d}"
+    # the 07+12 layout the VOC recipes read: the synthetic train split is shared between VOC2007 and VOC2012
+    # trainval (first half, second half), the val split is VOC2007 test
+    train = scenes["train"]
+    if len(train) < 2:
+        raise ValueError("--num-train: the voc export needs at least 2 training scenes (VOC2007 and VOC2012 "
+                         "trainval each get some)")
+    half = (len(train) + 1) // 2
+    parts = (("2007", train, range(half), ("train", "trainval")), ("2012", train, range(half, len(train)), ("trainval",)),
+             ("2007", scenes["val"], range(len(scenes["val"])), ("test",)))
+    for year, data, indices, image_sets in parts:
+        folder = os.path.join(out, "VOCdevkit", f"VOC{year}")
+        os.makedirs(os.path.join(folder, "Annotations"), exist_ok=True)
+        os.makedirs(os.path.join(folder, "ImageSets", "Main"), exist_ok=True)
+        ids = []
+        for index in indices:
+            sample, image_id = data[index], f"{data.split}_{index:06d}"
             _save(sample["image"], os.path.join(folder, "JPEGImages", f"{image_id}.jpg"))
             with open(os.path.join(folder, "Annotations", f"{image_id}.xml"), "w") as handle:
                 handle.write(_voc_xml(sample, image_id, data.object_classes))
@@ -837,10 +859,11 @@ EXPORTERS = {"cityscapes": _export_cityscapes, "voc": _export_voc, "coco": _expo
 
 
 def export(format: str, out: str, num_train: int = 20, num_val: int = 10, size: tuple = (128, 128),
-           seed: int = 0, style: str = "standard") -> None:
+           seed: int = 0, style: str = "standard") -> str:
     """Write SyntheticScenes (splits ``train`` and ``val``) to ``out`` in a real data set's layout:
-    cityscapes (labelIds PNGs), voc (VOC2007 ``train``/``trainval`` = synthetic train, ``test`` = val),
-    coco (``train2017``/``val2017``), cifar100 (32x32 pickles of ``image_label``) or imagefolder."""
+    cityscapes (labelIds PNGs), voc (VOC2007 + VOC2012 ``trainval`` = synthetic train, VOC2007 ``test`` = val),
+    coco (``train2017``/``val2017``), cifar100 (32x32 pickles of ``image_label``) or imagefolder.
+    Returns the ``train.py`` command that trains on the written tree (:func:`training_command`)."""
     if format not in EXPORTERS:
         raise ValueError(f"--format {format}: expected one of {sorted(EXPORTERS)}")
     if num_train < 1 or num_val < 1:
@@ -848,25 +871,55 @@ def export(format: str, out: str, num_train: int = 20, num_val: int = 10, size: 
     scenes = {split: SyntheticScenes(split, seed=seed, size=size, length=count, style=style)
               for split, count in (("train", num_train), ("val", num_val))}
     EXPORTERS[format](scenes, out)
+    return training_command(format, out, scenes["train"])
+
+
+def training_command(format: str, root: str, scenes: SyntheticScenes) -> str:
+    """The ``train.py`` command that trains the format's default real-data preset on an exported tree: the
+    preset's models and optimisation, with the tree's classes, an input size of the tree's images (the
+    presets' full sizes would make every CPU step minutes long) and a batch the tree can fill."""
+    height, width = scenes.size
+    batch = min(8, len(scenes))
+    classes = scenes.object_classes
+    flags = {
+        "cityscapes": ["--task", "seg", "--data", "cityscapes", "--set", f"num_classes={scenes.num_semantic_classes}",
+                       "--crop", str(height), str(width)],
+        "voc": ["--task", "det", "--data", "voc", "--set", f"num_classes={len(classes)}",
+                "--set", f"classes={tuple(classes)!r}", "--set", f"image_scale={(max(height, width), min(height, width))}"],
+        "coco": ["--task", "det", "--data", "coco", "--set", f"num_classes={len(classes)}",
+                 "--set", f"image_scale={(max(height, width), min(height, width))}"],
+        "cifar100": ["--task", "cls", "--data", "cifar100", "--set", f"num_classes={len(classes)}"],
+        "imagefolder": ["--task", "cls", "--data", "imagenet", "--set", f"num_classes={len(classes)}",
+                        "--crop", str(min(height, width)), str(min(height, width))],
+    }[format]
+    words = ["python", "train.py", *flags, "--data-root", root, "--batch-size", str(batch), "--iters", "100"]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd_ref.datasets", description="kd_ref data tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    export_parser = commands.add_parser("export", help="write SyntheticScenes in a real data set's layout")
-    export_parser.add_argument("--format", required=True, choices=sorted(EXPORTERS))
-    export_parser.add_argument("out", metavar="DIR")
-    export_parser.add_argument("--num-train", type=int, default=20)
-    export_parser.add_argument("--num-val", type=int, default=10)
-    export_parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(128, 128))
-    export_parser.add_argument("--seed", type=int, default=0)
-    export_parser.add_argument("--style", default="standard", choices=sorted(SyntheticScenes.STYLES))
+    export_parser = commands.add_parser(
+        "export", help="write SyntheticScenes in a real data set's layout",
+        description="Write the built-in synthetic scenes in a real data set's on-disk layout, then print the "
+                    "train.py command that trains on the written tree.")
+    export_parser.add_argument("--format", required=True, choices=sorted(EXPORTERS),
+                               help="the layout to write (required)")
+    export_parser.add_argument("out", metavar="DIR", help="folder to write the tree into")
+    export_parser.add_argument("--num-train", type=int, default=20, help="training scenes (default: 20)")
+    export_parser.add_argument("--num-val", type=int, default=10, help="validation scenes (default: 10)")
+    export_parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=(128, 128),
+                               help="scene size in pixels (default: 128 128)")
+    export_parser.add_argument("--seed", type=int, default=0, help="scene seed (default: 0)")
+    export_parser.add_argument("--style", default="standard", choices=sorted(SyntheticScenes.STYLES),
+                               help="scene style, see SyntheticScenes (default: standard)")
     args = parser.parse_args(argv)
     try:
-        export(args.format, args.out, args.num_train, args.num_val, tuple(args.size), args.seed, args.style)
+        command = export(args.format, args.out, args.num_train, args.num_val, tuple(args.size), args.seed, args.style)
     except (ValueError, OSError) as err:
         parser.error(str(err))
-    print(f"wrote {args.num_train} train + {args.num_val} val synthetic scenes as {args.format} to {args.out}")
+    print(f"wrote {args.num_train} train + {args.num_val} val synthetic scenes as {args.format} to {args.out}; "
+          f"train on them with:\n{command}")
     return 0
 
 

@@ -258,6 +258,27 @@ def load_model_weights(model: nn.Module, state_dict: dict, source: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ logging
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None, so that any JSON parser reads what we write
+    (a class absent from the evaluation set has no IoU: null, not Python's bare NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(item) for item in value]
+    return value
+
+
+def dumps(value, **options) -> str:
+    return json.dumps(strict_json(value), allow_nan=False, **options)
+
+
+def write_json(path: str, value) -> None:
+    with open(path, "w") as handle:
+        handle.write(dumps(value, indent=1) + "\n")
+
+
 class JsonlLog:
     """Append-only JSON-lines log, written by rank 0 only."""
 
@@ -268,7 +289,19 @@ class JsonlLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+                handle.write(dumps(record) + "\n")
+
+    def truncate(self, iteration: int) -> None:
+        """Drop the records past ``iteration``: a run resumed from the checkpoint of that iteration replays
+        them, and the log stays one history without repeated iterations."""
+        if not (self.enabled and os.path.isfile(self.path)):
+            return
+        with open(self.path) as handle:
+            kept = [line for line in handle if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as handle:
+            handle.writelines(kept)
+        os.replace(tmp, self.path)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -343,6 +376,40 @@ class StepContext:
 
 
 # --------------------------------------------------------------------------------------------- train
+ETA_AFTER = 10  # iterations after which a run says its measured s/it and the time left
+
+
+def estimate_training_memory(recipe: "configs.Recipe", per_rank_batch: int, probe_pixels: int = 128 * 128) -> int:
+    """Bytes one process needs to train ``recipe`` at ``per_rank_batch``, estimated before any data is read:
+    float32 student weights, gradients and momentum, the teacher's weights, and the student's activations
+    kept for backward, taken as the outputs of all its leaf modules in one forward of a probe input of at most
+    ``probe_pixels`` pixels, scaled to the training input (activations grow with the pixel count)."""
+    task = configs.TASKS[recipe.task]
+    height, width = recipe.image_scale[::-1] if recipe.task == "det" else recipe.crop
+    scale = min(1.0, math.sqrt(probe_pixels / (height * width)))
+    probe_size = (max(32, round(height * scale)), max(32, round(width * scale)))
+    student = task.build_model(recipe, recipe.student).eval()
+    outputs = {}  # storage -> bytes; kept alive during the probe, so in-place results (ReLU) count once
+
+    def keep(module, inputs, output):
+        for tensor in output if isinstance(output, (tuple, list)) else [output]:
+            if isinstance(tensor, torch.Tensor):
+                outputs[tensor.untyped_storage().data_ptr()] = (tensor, tensor.numel() * 4)
+
+    leaves = [module for module in student.modules() if not list(module.children())]
+    hooks = [module.register_forward_hook(keep) for module in leaves]
+    with torch.no_grad():
+        student(torch.zeros(1, 3, *probe_size), predict=False)
+    for hook in hooks:
+        hook.remove()
+    activation_bytes = sum(size for _, size in outputs.values())
+    pixel_ratio = height * width / (probe_size[0] * probe_size[1])
+    total = 3 * 4 * sum(p.numel() for p in student.parameters()) + activation_bytes * pixel_ratio * per_rank_batch
+    if configs.METHODS[recipe.method].needs_teacher and recipe.teacher is not None:
+        total += 4 * sum(p.numel() for p in task.build_model(recipe, recipe.teacher).parameters())
+    return int(total)
+
+
 def build_optimizer(params, recipe: "configs.Recipe") -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
@@ -448,7 +515,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     needs one); returns the final evaluation metrics, also written to ``<out_dir>/metrics.json``."""
     task = configs.TASKS[recipe.task]
     method = configs.METHODS[recipe.method]
-    task.check_recipe(recipe)
+    configs.check_recipe(recipe)
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "last.pt")
     log = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
@@ -523,6 +590,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
         scaler.load_state_dict(resume_state["scaler"])
         extra_scaler.load_state_dict(resume_state["extra_scaler"])
         start_iter = resume_state["iteration"]
+        log.truncate(start_iter)
         set_rng_state(resume_state["rng"][min(runtime.rank, len(resume_state["rng"]) - 1)])
         if runtime.is_main and not quiet:
             print(f"resumed from {ckpt_path} at iteration {start_iter}")
@@ -555,6 +623,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     bar = tqdm(total=recipe.iters, initial=start_iter, desc=f"train {recipe.student} [{recipe.method}]",
                disable=not runtime.is_main or quiet, dynamic_ncols=True)
     iteration = start_iter
+    started = time.perf_counter()
     with PreemptionGuard() as guard:
         while iteration < recipe.iters:
             epoch, offset = divmod(iteration, iters_per_epoch)
@@ -604,6 +673,11 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
 
                 iteration += 1
                 seconds = time.perf_counter() - tick
+                if iteration - start_iter == ETA_AFTER and iteration < recipe.iters and runtime.is_main and not quiet:
+                    rate = (time.perf_counter() - started) / ETA_AFTER
+                    bar.write(f"train {recipe.student} [{recipe.method}]: {rate:.2f} s/it over the first {ETA_AFTER} "
+                              f"iterations, about {rate * (recipe.iters - iteration) / 60:.1f} min for the "
+                              f"{recipe.iters - iteration} left (evaluations not included)")
                 if runtime.is_main:
                     log.write({"iteration": iteration, "epoch": epoch, "lr": recipe.lr * factor,
                                **{k: round(v.item(), 6) for k, v in losses.items()},
@@ -628,8 +702,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     bar.close()
     metrics = run_eval(iteration)
     if runtime.is_main:
-        with open(os.path.join(out_dir, "metrics.json"), "w") as handle:
-            json.dump(metrics, handle, indent=1)
+        write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics
 
 

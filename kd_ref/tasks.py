@@ -41,6 +41,7 @@ class SegTask:
     main_metric = "mIoU"
     find_unused_parameters = False
     data_sets = ("synthetic", "cityscapes")
+    MIN_CROP = 32
 
     def check_recipe(self, recipe) -> None:
         if recipe.data not in self.data_sets:
@@ -51,6 +52,9 @@ class SegTask:
         for role, name in (("--student", recipe.student), ("--teacher", recipe.teacher)):
             if name is not None and name not in segmentors.SEGMENTOR_NAMES:
                 raise ValueError(f"{role} {name}: --task seg supports {sorted(segmentors.SEGMENTOR_NAMES)}")
+        if len(recipe.crop) != 2 or min(recipe.crop) < self.MIN_CROP:
+            raise ValueError(f"--crop {' '.join(map(str, recipe.crop))}: expected H W of at least {self.MIN_CROP} pixels "
+                             f"(the segmentors predict at stride 8; their heads need a map of 4x4 or more)")
 
     def build_model(self, recipe, name: str, pretrained: str | None = None):
         return segmentors.build_segmentor(name, num_classes=recipe.num_classes, flavour=recipe.flavour,
@@ -71,18 +75,31 @@ class SegTask:
 
     def new_eval_state(self, recipe) -> dict:
         # the references upsample as they trained: align_corners=True (CIRKD, SKD), False (mmseg)
+        synthetic = recipe.data == "synthetic"
+        classes = datasets.SyntheticScenes.CLASSES if synthetic else datasets.CITYSCAPES_CLASSES
         return {"cm": torch.zeros(recipe.num_classes, recipe.num_classes, dtype=torch.int64),
-                "num_classes": recipe.num_classes, "align_corners": recipe.flavour != "mmseg"}
+                "num_classes": recipe.num_classes, "align_corners": recipe.flavour != "mmseg", "data": recipe.data,
+                "classes": classes[:recipe.num_classes],
+                "palette": datasets.SYNTHETIC_PALETTE if synthetic else datasets.CITYSCAPES_PALETTE,
+                "legend_written": False}
 
     def update_eval_state(self, state: dict, outputs: dict, batch: dict, save_pred: str | None) -> None:
         target = batch["targets"]
+        labelled = target[target != datasets.IGNORE_INDEX]
+        if labelled.numel() and int(labelled.max()) >= state["num_classes"]:
+            raise ValueError(f"--data {state['data']}: {batch['names'][0]} has label {int(labelled.max())}, but the "
+                             f"model predicts {state['num_classes']} classes; evaluate it on data of its own classes")
         logits = F.interpolate(outputs["logits"].float(), size=target.shape[-2:], mode="bilinear",
                                align_corners=state["align_corners"])
         pred = logits.argmax(1)
         state["cm"] += confusion_matrix(pred.cpu(), target.cpu(), state["num_classes"])
         if save_pred:
+            if not state["legend_written"]:
+                datasets.write_legend(save_pred, state["classes"], state["palette"])
+                state["legend_written"] = True
             for prediction, name in zip(pred.cpu(), batch["names"]):
-                datasets.save_prediction(prediction.numpy().astype(np.uint8), os.path.join(save_pred, name))
+                datasets.save_prediction(prediction.numpy().astype(np.uint8), os.path.join(save_pred, name),
+                                         state["palette"])
 
     def finish_eval_state(self, state: dict, runtime) -> dict:
         return segmentation_scores(all_reduce_sum(state["cm"]))
@@ -152,6 +169,8 @@ class DetTask:
         options = synthetic_options(recipe, split)
         if recipe.data == "synthetic":
             options["num_classes"] = recipe.num_classes
+        if recipe.data == "voc" and recipe.classes is not None:
+            options["classes"] = tuple(recipe.classes)
         dataset = datasets.build_dataset("det", recipe.data, root, split, transform, **options)
         classes = dataset.base.object_classes if recipe.data == "synthetic" else dataset.classes
         if len(classes) != recipe.num_classes:

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 import train
@@ -19,6 +20,13 @@ from train_helpers import train_crashing_in_step
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=8",
         "--set", "synthetic_val=3", "--batch-size", "2", "--quiet"]
+
+
+def strict_json(text):
+    """json.loads that refuses NaN and Infinity, which Python's json writes and reads but JSON has not."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
 
 
 def run(out, *flags):
@@ -35,9 +43,10 @@ def teacher_ckpt(tmp_path_factory):
 def test_train_writes_checkpoint_log_and_metrics_then_evaluates(tmp_path):
     metrics = run(tmp_path, "--method", "none", "--iters", "3", "--ckpt-every", "2")
     assert set(metrics) == {"mIoU", "IoU", "aAcc"} and len(metrics["IoU"]) == configs.PRESETS["synthetic_seg_none"].num_classes
-    written = json.loads((tmp_path / "metrics.json").read_text())
+    written = strict_json((tmp_path / "metrics.json").read_text())
     assert written["mIoU"] == metrics["mIoU"]
-    np.testing.assert_equal(written["IoU"], metrics["IoU"])  # NaN for classes absent from the tiny val set
+    # a class absent from the tiny val set has IoU NaN, written as null
+    assert written["IoU"] == [None if np.isnan(value) else value for value in metrics["IoU"]]
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     steps = [line for line in lines if "eval" not in line]
     assert [line["iteration"] for line in steps] == [1, 2, 3]
@@ -49,7 +58,12 @@ def test_train_writes_checkpoint_log_and_metrics_then_evaluates(tmp_path):
     scores = evaluate.main(["--ckpt", str(tmp_path / "last.pt"), "--save-pred", str(pred_dir), "--quiet"])
     assert scores["mIoU"] == pytest.approx(metrics["mIoU"])
     saved = sorted(os.listdir(pred_dir))
-    assert len(saved) == 2 * 3, "one train-id and one colour PNG per val image"
+    assert len(saved) == 2 * 3 + 1, "one train-id and one colour PNG per val image, and the legend"
+    legend = strict_json((pred_dir / "legend.json").read_text())["classes"]
+    assert [entry["name"] for entry in legend] == list(datasets.SyntheticScenes.CLASSES[:len(metrics["IoU"])])
+    colour = np.asarray(Image.open(pred_dir / "val_000000_color.png"))
+    label = np.asarray(Image.open(pred_dir / "val_000000.png"))
+    np.testing.assert_array_equal(colour, np.array([entry["color"] for entry in legend], np.uint8)[label])
 
 
 @pytest.mark.parametrize("method", ["kd", "dist", "gdd"])
