@@ -46,6 +46,7 @@ mode (frozen running statistics) while the model trains.
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -240,16 +241,26 @@ def build_backbone(depth: int, flavour: str, output_stride: int = 8, pretrained:
 # ----------------------------------------------------------------------------------------------
 # Checkpoint loading
 
-def read_torch_file(path: str | Path, source: str):
+def read_torch_file(path: str | Path, source: str, weights_only: bool = False):
     """``torch.load`` of ``path`` on the CPU; a missing, truncated or foreign file raises one line naming
-    ``source``. Full unpickling, as the released files and train.py checkpoints (RNG states) need it."""
+    ``source``. ``weights_only=False`` unpickles fully, as train.py checkpoints (RNG states) need; the
+    ImageNet trunk files need no more than tensors and are read with ``weights_only=True``."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{source}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as error:
+        if not weights_only:
+            raise ValueError(f"{source}: cannot be read (UnpicklingError: {_first_line(error)})") from None
+        raise ValueError(f"{source}: not loadable with torch.load(weights_only=True); re-save just its state "
+                         f"dict ({_first_line(error)})") from None
     except Exception as error:  # torch raises several types for truncated or foreign files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "no details"
-        raise ValueError(f"{source}: cannot be read ({type(error).__name__}: {reason})") from None
+        raise ValueError(f"{source}: cannot be read ({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no details"
 
 
 def tensors_of(content, source: str) -> dict[str, Tensor]:
@@ -268,10 +279,10 @@ def tensors_of(content, source: str) -> dict[str, Tensor]:
     return {key.removeprefix("module."): value for key, value in content.items()}
 
 
-def read_checkpoint(path: str | Path, source: str | None = None) -> dict[str, Tensor]:
-    """Tensor dict of a weights file (see ``tensors_of``)."""
+def read_checkpoint(path: str | Path, source: str | None = None, weights_only: bool = False) -> dict[str, Tensor]:
+    """Tensor dict of a weights file (see ``read_torch_file`` and ``tensors_of``)."""
     source = source or f"checkpoint {path}"
-    return tensors_of(read_torch_file(path, source), source)
+    return tensors_of(read_torch_file(path, source, weights_only), source)
 
 
 Rule = tuple[re.Pattern, Callable[[re.Match], str]]
@@ -324,13 +335,14 @@ def convert_backbone_state_dict(state_dict: Mapping[str, Tensor],
     (stem.0/stem.1/stem.3/.../layerN) and ours (stem.i/layerN). Block-internal names are the same
     in all of them.
     """
-    drop_heads: Rule = (re.compile(r"(fc|pspmodule|head|dsn)\."), lambda match: "")
-    return rename_keys(state_dict, backbone_key_rules() + [drop_heads], source)
+    drop_fc: Rule = (re.compile(r"fc\."), lambda match: "")
+    return rename_keys(state_dict, backbone_key_rules() + [drop_fc], source)
 
 
 # Whole-model files keep their trunk under one prefix: mmdet, mmseg and kd_ref models under "backbone.",
 # CIRKD segmentors under "pretrained.". SKD segmentors keep it at the top level next to their heads.
 _TRUNK_PREFIXES = ("backbone.", "pretrained.")
+_SKD_HEAD_PREFIXES = ("pspmodule.", "head.", "dsn.")
 
 
 def backbone_part(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -339,6 +351,8 @@ def backbone_part(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         part = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
         if part:
             return part
+    if any(key.startswith(("pspmodule.", "dsn.", "head.0.stages.")) for key in state_dict):
+        return {key: value for key, value in state_dict.items() if not key.startswith(_SKD_HEAD_PREFIXES)}
     return dict(state_dict)
 
 
@@ -385,7 +399,7 @@ def load_backbone_weights(backbone: ResNet, path: str | Path) -> None:
     """Load ImageNet weights from a local file in any layout ``convert_backbone_state_dict`` accepts, or
     the trunk of a whole detector / segmentor / classifier file (``backbone_part``)."""
     source = f"pretrained weights {path}"
-    state_dict = convert_backbone_state_dict(backbone_part(read_checkpoint(path, source)), source)
+    state_dict = convert_backbone_state_dict(backbone_part(read_checkpoint(path, source, weights_only=True)), source)
     found, expected = describe_backbone(state_dict), describe_backbone(backbone.state_dict())
     if found != expected:
         raise ValueError(f"{source}: holds a {found}; the model's {backbone.flavour}-flavour backbone is a "

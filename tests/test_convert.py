@@ -10,7 +10,7 @@ import torch
 import evaluate
 import train
 from kd_ref import classifiers, configs, convert, detectors, engine, segmentors, tasks
-from kd_ref.backbones import build_backbone
+from kd_ref.backbones import build_backbone, read_checkpoint
 from model_helpers import randomise_
 
 TINY_SEG = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=4",
@@ -92,6 +92,20 @@ def test_mmdet_layout_lands_on_every_weight(tmp_path, arch, num_laterals, marker
     for key in ("cls_logits", "rpn_cls_logits"):
         for want, got in zip(expected.get(key, []), actual.get(key, [])):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_read_checkpoint_takes_a_checkpoint_a_state_dict_or_an_mmcv_file(tmp_path):
+    weights = {"module.w": torch.arange(3.0)}
+    torch.save({"model": weights, "iteration": 7}, tmp_path / "last.pt")
+    torch.save(weights, tmp_path / "plain.pt")
+    torch.save({"meta": {"CLASSES": ["a"]}, "state_dict": weights, "optimizer": {}}, tmp_path / "mmcv.pth")
+    for name in ("last.pt", "plain.pt", "mmcv.pth"):
+        assert torch.equal(read_checkpoint(tmp_path / name)["w"], weights["module.w"])
+    torch.save({"w": [1.0]}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match=r"^--student-init odd.pt: expected weights \(a state dict of tensors, "
+                                         r"or a checkpoint holding one under 'state_dict' or 'model'\), found dict "
+                                         r"with keys w$"):
+        read_checkpoint(tmp_path / "odd.pt", "--student-init odd.pt")
 
 
 def test_mismatches_are_one_line_naming_both_sides(tmp_path):
