@@ -1,7 +1,13 @@
-"""Evaluate a checkpoint written by train.py (or a teacher checkpoint) on a data set's val split.
+"""Evaluate a checkpoint written by train.py, or released weights, on a data set's val split.
 
     python evaluate.py --ckpt runs/synthetic_seg_gdd/last.pt
     python evaluate.py --task seg --ckpt last.pt --data cityscapes --data-root DIR --save-pred preds/
+    python evaluate.py --ckpt pspnet_r101-d8_512x1024_80k_cityscapes.pth \
+        --preset teacher_pspnet_r101_cityscapes_mmseg --data-root DIR
+
+A train.py checkpoint carries its recipe. A file without one (released weights in a layout
+``kd_ref.convert`` knows, a plain state dict, a ``python -m kd_ref.convert`` output) is evaluated with
+the recipe of ``--preset`` and the architecture ``--arch`` (default: the preset's student).
 
 Segmentation is whole-image single-scale inference, as the references evaluate. The scores are
 printed and written next to the checkpoint (``<ckpt dir>/eval_<data>.json``) or to ``--out``.
@@ -21,7 +27,13 @@ from kd_ref import cli
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, metavar="PATH", help="checkpoint written by train.py (required)")
+    parser.add_argument("--ckpt", required=True, metavar="PATH",
+                        help="checkpoint written by train.py, or released weights (required)")
+    parser.add_argument("--preset", default=None,
+                        help="recipe for a file that has none, i.e. released weights (default: the checkpoint's "
+                             "own recipe); see train.py --list-presets")
+    parser.add_argument("--arch", default=None,
+                        help="with --preset: the file's architecture (default: the preset's student)")
     parser.add_argument("--task", default=None, choices=cli.TASKS,
                         help="task of the checkpoint, checked against it (default: the checkpoint's)")
     parser.add_argument("--data", default=None, choices=cli.ALL_DATA,
@@ -43,15 +55,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def recipe_for(args: argparse.Namespace, stored: dict | None):
+    """The checkpoint's own recipe, or for a file without one, ``--preset`` with ``--arch`` as the model."""
+    from kd_ref import configs
+
+    if stored is not None:
+        if args.preset is not None or args.arch is not None:
+            raise ValueError(f"--preset/--arch: {args.ckpt} is a train.py checkpoint with its own recipe")
+        known = {f.name for f in dataclasses.fields(configs.Recipe)}
+        # a stored recipe of an older kd_ref lacks the newer fields: their defaults reproduce it
+        return configs.Recipe(**{k: v for k, v in stored.items() if k in known})
+    if args.preset is None:
+        raise ValueError(f"--ckpt {args.ckpt}: has no recipe (released weights or a state dict); pass --preset "
+                         "NAME for the data and model settings, and --arch ARCH if it is not the preset's student")
+    if args.preset not in configs.PRESETS:
+        raise ValueError(f"--preset {args.preset}: unknown; python train.py --list-presets lists them")
+    preset = configs.PRESETS[args.preset]
+    return dataclasses.replace(preset, student=args.arch or preset.student)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from kd_ref import configs, engine
+    from kd_ref import configs, convert, engine
+    from kd_ref.backbones import read_torch_file, tensors_of
 
-    ckpt = engine.load_checkpoint(args.ckpt)
-    if "recipe" not in ckpt:
-        raise ValueError(f"--ckpt {args.ckpt}: has no recipe; evaluate.py needs a checkpoint written by train.py")
-    known = {f.name for f in dataclasses.fields(configs.Recipe)}
-    recipe = configs.Recipe(**{k: v for k, v in ckpt["recipe"].items() if k in known})
+    source = f"--ckpt {args.ckpt}"
+    content = read_torch_file(args.ckpt, source)
+    weights = tensors_of(content, source)
+    recipe = recipe_for(args, content.get("recipe") if isinstance(content, dict) else None)
     if args.task is not None and args.task != recipe.task:
         raise ValueError(f"--task {args.task}: the checkpoint {args.ckpt} holds a {recipe.task} model")
     if args.data is not None:
@@ -61,7 +92,7 @@ def main(argv=None) -> dict:
     task.check_recipe(recipe)
     runtime = engine.setup_runtime(args.device, args.amp)
     model = task.build_model(recipe, recipe.student)
-    engine.load_model_weights(model, ckpt["model"], f"--ckpt {args.ckpt}")
+    convert.load_weights(model, weights, source)
     model.to(runtime.device)
     dataset, collate = task.build_data(recipe, "val", args.data_root)
     metrics = engine.evaluate(task, model, dataset, collate, runtime, recipe, args.workers, args.quiet,

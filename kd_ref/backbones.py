@@ -241,21 +241,48 @@ def build_backbone(depth: int, flavour: str, output_stride: int = 8, pretrained:
 # ----------------------------------------------------------------------------------------------
 # Checkpoint loading
 
-def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
-    """Tensor dict of a checkpoint file: unwraps mmcv's {"state_dict": ...} and DataParallel's "module."."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+def read_torch_file(path: str | Path, source: str, weights_only: bool = False):
+    """``torch.load`` of ``path`` on the CPU; a missing, truncated or foreign file raises one line naming
+    ``source``. ``weights_only=False`` unpickles fully, as train.py checkpoints (RNG states) need; the
+    ImageNet trunk files need no more than tensors and are read with ``weights_only=True``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{source}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path}: not loadable with torch.load(weights_only=True); re-save just its "
-                         f"state dict ({error})") from error
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("state_dict"), Mapping):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
-        raise ValueError(f"{path}: expected a state dict (str -> Tensor), optionally under 'state_dict'")
-    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
+        if not weights_only:
+            raise ValueError(f"{source}: cannot be read (UnpicklingError: {_first_line(error)})") from None
+        raise ValueError(f"{source}: not loadable with torch.load(weights_only=True); re-save just its state "
+                         f"dict ({_first_line(error)})") from None
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{source}: cannot be read ({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no details"
+
+
+def tensors_of(content, source: str) -> dict[str, Tensor]:
+    """The state dict a loaded file holds: the file itself, or its ``state_dict`` (mmcv: mmdet, mmseg)
+    or ``model`` (train.py, RepDistiller) entry; DataParallel's leading ``module.`` is stripped."""
+    for key in ("state_dict", "model"):
+        if isinstance(content, Mapping) and isinstance(content.get(key), Mapping):
+            content = content[key]
+            break
+    if not isinstance(content, Mapping) or not content or not all(isinstance(v, Tensor) for v in content.values()):
+        found = type(content).__name__
+        if isinstance(content, Mapping):
+            found += f" with keys {', '.join(map(str, list(content)[:5]))}"
+        raise ValueError(f"{source}: expected weights (a state dict of tensors, or a checkpoint holding one "
+                         f"under 'state_dict' or 'model'), found {found}")
+    return {key.removeprefix("module."): value for key, value in content.items()}
+
+
+def read_checkpoint(path: str | Path, source: str | None = None, weights_only: bool = False) -> dict[str, Tensor]:
+    """Tensor dict of a weights file (see ``read_torch_file`` and ``tensors_of``)."""
+    source = source or f"checkpoint {path}"
+    return tensors_of(read_torch_file(path, source, weights_only), source)
 
 
 Rule = tuple[re.Pattern, Callable[[re.Match], str]]
@@ -312,8 +339,45 @@ def convert_backbone_state_dict(state_dict: Mapping[str, Tensor],
     return rename_keys(state_dict, backbone_key_rules() + [drop_fc], source)
 
 
+# Whole-model files keep their trunk under one prefix: mmdet, mmseg and kd_ref models under "backbone.",
+# CIRKD segmentors under "pretrained.". SKD segmentors keep it at the top level next to their heads.
+_TRUNK_PREFIXES = ("backbone.", "pretrained.")
+_SKD_HEAD_PREFIXES = ("pspmodule.", "head.", "dsn.")
+
+
+def backbone_part(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The trunk's weights of a detector / segmentor / classifier file (the whole dict otherwise)."""
+    for prefix in _TRUNK_PREFIXES:
+        part = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        if part:
+            return part
+    if any(key.startswith(("pspmodule.", "dsn.", "head.0.stages.")) for key in state_dict):
+        return {key: value for key, value in state_dict.items() if not key.startswith(_SKD_HEAD_PREFIXES)}
+    return dict(state_dict)
+
+
+_DEPTH_OF_BLOCKS = {(blocks, depth >= 50): depth for depth, blocks in _STAGE_BLOCKS.items()}
+
+
+def describe_backbone(state_dict: Mapping[str, Tensor], prefix: str = "") -> str:
+    """``"ResNet-101 (deep stem 64-64-128)"``: the trunk that our-layout keys under ``prefix`` imply."""
+    blocks = tuple(len({key[len(f"{prefix}layer{stage}."):].split(".")[0] for key in state_dict
+                        if key.startswith(f"{prefix}layer{stage}.")}) for stage in range(1, 5))
+    bottleneck = f"{prefix}layer1.0.conv3.weight" in state_dict
+    depth = _DEPTH_OF_BLOCKS.get((blocks, bottleneck))
+    name = f"ResNet-{depth}" if depth else f"ResNet with {'-'.join(map(str, blocks))} blocks per stage"
+    stem = state_dict.get(f"{prefix}stem.0.weight")
+    if stem is None:
+        return f"{name} (no stem)"
+    if stem.shape[-1] == 7:
+        return f"{name} (7x7 stem)"
+    widths = [state_dict[f"{prefix}stem.{index}.weight"].shape[0] for index in (0, 3, 6)
+              if f"{prefix}stem.{index}.weight" in state_dict]
+    return f"{name} (deep stem {'-'.join(map(str, widths))})"
+
+
 def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """load_state_dict that reports missing / unexpected / mis-shaped keys together in one ValueError.
+    """load_state_dict that reports missing / unexpected / mis-shaped keys together in a one-line ValueError.
 
     Missing BN ``num_batches_tracked`` counters are tolerated (old torchvision and InPlace-ABN
     checkpoints have none; they only matter for momentum=None) and keep the module's own value.
@@ -324,19 +388,25 @@ def load_state_dict_checked(module: nn.Module, state_dict: Mapping[str, Tensor],
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if missing or unexpected or mismatched:
-        problems = [f"{label} ({len(keys)}): {_preview(keys)}" for label, keys in
+        problems = [f"{len(keys)} {label} (e.g. {_preview(keys)})" for label, keys in
                     (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
                     if keys]
-        raise ValueError(f"{source} does not match the model:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{source} does not match the model: " + "; ".join(problems))
     module.load_state_dict({**own, **state_dict})
 
 
 def load_backbone_weights(backbone: ResNet, path: str | Path) -> None:
-    """Load ImageNet weights from a local file in any layout ``convert_backbone_state_dict`` accepts."""
-    state_dict = convert_backbone_state_dict(read_checkpoint(path), source=str(path))
-    load_state_dict_checked(backbone, state_dict, source=str(path))
+    """Load ImageNet weights from a local file in any layout ``convert_backbone_state_dict`` accepts, or
+    the trunk of a whole detector / segmentor / classifier file (``backbone_part``)."""
+    source = f"pretrained weights {path}"
+    state_dict = convert_backbone_state_dict(backbone_part(read_checkpoint(path, source, weights_only=True)), source)
+    found, expected = describe_backbone(state_dict), describe_backbone(backbone.state_dict())
+    if found != expected:
+        raise ValueError(f"{source}: holds a {found}; the model's {backbone.flavour}-flavour backbone is a "
+                         f"{expected}")
+    load_state_dict_checked(backbone, state_dict, source)
 
 
-def _preview(keys: list[str], limit: int = 20) -> str:
+def _preview(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(keys[:limit])
     return shown if len(keys) <= limit else f"{shown}, ... ({len(keys) - limit} more)"

@@ -30,26 +30,20 @@ pooled ``(B, D)`` vector that enters the classifier; the WRN stage features are 
 "feats": {...}}`` plus, in training mode with targets, ``"losses": {"loss_cls": CE(logits, targets)}``
 (float32, mean over the batch). ``image_sizes`` and ``predict`` exist for the common model contract.
 
-Weights: ``build_classifier(..., pretrained=PATH)`` / ``load_reference_weights`` load a whole model
-from torchvision's ImageNet files (the trunk's keys through the backbone loader's converter),
-RepDistiller / mdistiller CIFAR checkpoints (the released teachers) or kd_ref checkpoints, strictly.
-``python -m kd_ref.classifiers convert --arch NAME SRC DST`` turns any of them into a checkpoint that
-``train.py --teacher-ckpt`` accepts (e.g. torchvision's ResNet-34 as the ImageNet teacher).
+Released weights: ``convert_torchvision_state_dict`` and ``convert_wrn_state_dict`` map torchvision's
+ImageNet files and RepDistiller / mdistiller WRN checkpoints onto our keys (their CIFAR ResNet keys
+already are ours); :mod:`kd_ref.convert` recognises those layouts and loads them.
 """
 from __future__ import annotations
 
-import argparse
-import os
 import re
-import sys
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_ref.backbones import (BasicBlock, Rule, build_backbone, convert_backbone_state_dict,
-                              load_state_dict_checked, rename_keys)
+from kd_ref.backbones import BasicBlock, Rule, build_backbone, convert_backbone_state_dict, rename_keys
 
 # name -> (depth, stem width and the widths of the three stages)
 CIFAR_RESNETS = {
@@ -202,9 +196,8 @@ class WideResNet(Classifier):
         return feats, F.relu(self.bn(x))
 
 
-def build_classifier(name: str, num_classes: int, pretrained: str | None = None) -> Classifier:
-    """Build classifier ``name`` (one of ``CLASSIFIER_NAMES``) with ``num_classes`` outputs;
-    ``pretrained`` is a local weights file read by :func:`load_reference_weights`."""
+def build_classifier(name: str, num_classes: int) -> Classifier:
+    """Build classifier ``name`` (one of ``CLASSIFIER_NAMES``) with ``num_classes`` outputs."""
     if name in IMAGENET_RESNETS:
         model = ImageNetResNet(IMAGENET_RESNETS[name], num_classes)
     elif name in CIFAR_RESNETS:
@@ -213,8 +206,6 @@ def build_classifier(name: str, num_classes: int, pretrained: str | None = None)
         model = WideResNet(*WIDE_RESNETS[name], num_classes=num_classes)
     else:
         raise ValueError(f"classifier {name!r}: expected one of {', '.join(CLASSIFIER_NAMES)}")
-    if pretrained is not None:
-        load_reference_weights(model, pretrained)
     return model
 
 
@@ -234,68 +225,13 @@ _WRN_RULES = [
 ]
 
 
-def read_weights(path: str) -> dict[str, Tensor]:
-    """Tensor dict of a weights file: a plain state dict, or one under ``state_dict`` / ``model``
-    (mmcv, RepDistiller / mdistiller and kd_ref checkpoints); a leading ``module.`` is stripped."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path}: no such file")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"weights file {path}: cannot be read ({type(error).__name__}: {error})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(content, Mapping) and isinstance(content.get(key), Mapping):
-            content = content[key]
-    if not isinstance(content, Mapping) or not content or not all(isinstance(v, Tensor) for v in content.values()):
-        raise ValueError(f"weights file {path}: expected a state dict (str -> Tensor), optionally under "
-                         "'state_dict' or 'model'")
-    return {key.removeprefix("module."): value for key, value in content.items()}
+def convert_torchvision_state_dict(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
+    """torchvision ImageNet ResNet keys (``conv1``, ``bn1``, ``layerN``, ``fc``) -> ``ImageNetResNet``'s."""
+    trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    head = {k: v for k, v in state_dict.items() if k.startswith("fc.")}
+    return {**{f"backbone.{k}": v for k, v in convert_backbone_state_dict(trunk, source).items()}, **head}
 
 
-def convert_reference_state_dict(state_dict: Mapping[str, Tensor], model: Classifier,
-                                 source: str = "checkpoint") -> dict[str, Tensor]:
-    """Map a torchvision (ImageNet ResNets) or RepDistiller / mdistiller (CIFAR nets) state dict onto
-    ``model``'s keys. A state dict that already has our keys is returned unchanged."""
-    if set(state_dict) <= set(model.state_dict()):
-        return dict(state_dict)
-    if isinstance(model, ImageNetResNet):
-        trunk = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-        head = {k: v for k, v in state_dict.items() if k.startswith("fc.")}
-        converted = {f"backbone.{k}": v for k, v in convert_backbone_state_dict(trunk, source).items()}
-        return {**converted, **head}
-    if isinstance(model, WideResNet):
-        return rename_keys(state_dict, _WRN_RULES, source)
-    return dict(state_dict)
-
-
-def load_reference_weights(model: Classifier, path: str) -> None:
-    """Load every weight of ``model`` from ``path`` (torchvision, RepDistiller / mdistiller or kd_ref
-    layout); missing, unexpected or mis-shaped keys are listed in one ValueError."""
-    state_dict = convert_reference_state_dict(read_weights(path), model, source=path)
-    load_state_dict_checked(model, state_dict, source=path)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kd_ref.classifiers",
-                                     description="turn released classifier weights into a kd_ref checkpoint")
-    commands = parser.add_subparsers(dest="command", required=True)
-    convert = commands.add_parser("convert", help="torchvision / RepDistiller / mdistiller weights -> "
-                                                  "a file for train.py --teacher-ckpt")
-    convert.add_argument("--arch", required=True, choices=CLASSIFIER_NAMES)
-    convert.add_argument("--num-classes", type=int, default=None,
-                         help="default: 1000 for the ImageNet ResNets, 100 for the CIFAR nets")
-    convert.add_argument("src")
-    convert.add_argument("dst")
-    args = parser.parse_args(argv)
-    num_classes = args.num_classes or (1000 if args.arch in IMAGENET_RESNETS else 100)
-    try:
-        model = build_classifier(args.arch, num_classes, pretrained=args.src)
-    except (ValueError, FileNotFoundError) as error:
-        parser.error(str(error))
-    torch.save({"model": model.state_dict(), "source": os.path.abspath(args.src)}, args.dst)
-    print(f"wrote {args.arch} ({num_classes} classes) weights of {args.src} to {args.dst}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def convert_wrn_state_dict(state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> dict[str, Tensor]:
+    """RepDistiller / mdistiller ``wrn_d_k`` keys (``blockN.layer.i``, ``convShortcut``, ``bn1``) -> ours."""
+    return rename_keys(state_dict, _WRN_RULES, source)

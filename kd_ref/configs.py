@@ -454,7 +454,7 @@ for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1")
 # --- ImageNet R34 -> R18 (DIST baseline recipe, dist.md §4; sokd.md §6): 100 epochs of 1,281,167 images
 # at batch 256, SGD lr 0.1, x0.1 every 30 epochs, wd 1e-4. KD: CE 1 + KD at tau 4 (DIST's KD row).
 # DIST: CE 1 + 2 x DIST at tau 1. SoKD over KD, 5 search epochs (its ImageNet plug-in config). The
-# teacher is torchvision's ResNet-34 (python -m kd_ref.classifiers convert, then --teacher-ckpt).
+# teacher is torchvision's ResNet-34 (passed to --teacher-ckpt as released; kd_ref.convert recognises its layout).
 IMAGENET_EPOCH = 1_281_167 // 256
 IMAGENET = Recipe(task="cls", data="imagenet", num_classes=1000, crop=(224, 224), normalization="imagenet_rgb",
                   batch_size=256, iters=100 * IMAGENET_EPOCH, lr=0.1, weight_decay=1e-4, schedule="step",

@@ -39,6 +39,7 @@ and first stage excluded): RetinaNet R50-FPN, 80 classes: 37,968,692 total / 37,
 Faster R-CNN R50-FPN: 41,753,056 / 41,527,712.
 """
 import math
+import re
 from collections import OrderedDict
 
 import torch
@@ -46,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_iou, roi_align, sigmoid_focal_loss
 
-from kd_ref.backbones import build_backbone
+from kd_ref.backbones import backbone_key_rules, build_backbone, rename_keys
 
 SIZE_DIVISOR = 32
 MAX_LOG_RATIO = math.log(1000.0 / 16)
@@ -621,3 +622,51 @@ def build_detector(name, num_classes, pretrained_backbone=None, rcnn_rois_per_im
                               frozen_stages=1, norm_eval=True)
     options = {"num_rois": rcnn_rois_per_image} if arch == "faster_rcnn" else {}
     return _ARCHITECTURES[arch](backbone, num_classes, **options)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Released mmdetection 2.x checkpoints -> our keys
+# ----------------------------------------------------------------------------------------------------
+def _mmdet_rules(num_laterals):
+    """mmdet 2.x names (``FPN``, ``RetinaHead``, ``RPNHead``, ``Shared2FCBBoxHead``) -> ours.
+
+    mmdet wraps each FPN / RetinaNet-tower conv in a ``ConvModule`` (``.conv.``; no norm in these configs)
+    and appends RetinaNet's two extra P6/P7 convs to ``fpn_convs`` after the ``num_laterals`` output convs.
+    Our conv towers interleave ReLUs (conv i at index 2i), as do the two shared fcs after the Flatten.
+    Output channels need no reordering: mmdet lays the RetinaNet classifier out as (anchor, class) with
+    sigmoid classes only, Faster R-CNN's ``fc_cls`` has the background last and ``fc_reg`` 4 deltas per
+    class, class-major, all as our heads and ``flatten_levels`` read them.
+    """
+    def fpn_conv(match):
+        index = int(match[1])
+        if index < num_laterals:
+            return f"neck.output_convs.{index}."
+        return f"neck.extra_convs.{index - num_laterals}."
+
+    def tower(ours):
+        return lambda match: f"head.{ours}.{2 * int(match[1])}."
+
+    def rule(pattern, replace):
+        return re.compile(pattern), (replace if callable(replace) else (lambda match: match.expand(replace)))
+
+    return backbone_key_rules("backbone.", "backbone.") + [
+        rule(r"neck\.lateral_convs\.(\d+)\.conv\.", r"neck.lateral_convs.\1."),
+        rule(r"neck\.fpn_convs\.(\d+)\.conv\.", fpn_conv),
+        rule(r"bbox_head\.cls_convs\.(\d+)\.conv\.", tower("cls_convs")),
+        rule(r"bbox_head\.reg_convs\.(\d+)\.conv\.", tower("reg_convs")),
+        rule(r"bbox_head\.retina_cls\.", "head.cls_out."),
+        rule(r"bbox_head\.retina_reg\.", "head.reg_out."),
+        rule(r"rpn_head\.rpn_conv\.", "rpn_head.conv."),
+        rule(r"rpn_head\.rpn_cls\.", "rpn_head.cls_out."),
+        rule(r"rpn_head\.rpn_reg\.", "rpn_head.reg_out."),
+        rule(r"roi_head\.bbox_head\.shared_fcs\.(\d+)\.", lambda m: f"box_head.shared_fcs.{2 * int(m[1]) + 1}."),
+        rule(r"roi_head\.bbox_head\.fc_cls\.", "box_head.cls_out."),
+        rule(r"roi_head\.bbox_head\.fc_reg\.", "box_head.reg_out."),
+    ]
+
+
+def convert_mmdet_state_dict(state_dict, source="mmdet checkpoint"):
+    """Map a RetinaNet or Faster R-CNN ResNet-FPN checkpoint of mmdetection 2.x onto our keys; keys no
+    rule knows raise a ValueError naming them."""
+    num_laterals = len({key.split(".")[2] for key in state_dict if key.startswith("neck.lateral_convs.")})
+    return rename_keys(state_dict, _mmdet_rules(num_laterals), source)

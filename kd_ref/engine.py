@@ -63,7 +63,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from kd_ref import configs
+from kd_ref import configs, convert
+from kd_ref.backbones import read_torch_file
 from kd_ref.metrics import all_reduce_sum
 
 
@@ -213,48 +214,13 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_torch_file(path: str, source: str):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{source}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{source}: cannot be read ({type(error).__name__}: {error})") from None
-
-
 def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this engine, with a clear error for anything else."""
-    ckpt = _read_torch_file(path, f"checkpoint {path}")
+    """Load a checkpoint written by this engine (to resume), with a clear error for anything else."""
+    ckpt = read_torch_file(path, f"checkpoint {path}")
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise ValueError(f"checkpoint {path}: expected a kd_ref checkpoint (a dict with 'model'), "
                          f"found {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}")
     return ckpt
-
-
-def read_model_weights(path: str, source: str) -> dict:
-    """The model state dict in ``path``: a checkpoint of this engine (its ``model``) or a plain state dict."""
-    loaded = _read_torch_file(path, source)
-    weights = loaded.get("model", loaded) if isinstance(loaded, dict) else None
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError(f"{source}: expected a train.py checkpoint or a state dict of tensors")
-    return weights
-
-
-def load_model_weights(model: nn.Module, state_dict: dict, source: str) -> None:
-    """Strict load that lists missing, unexpected and mis-shaped keys in one error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    mismatched = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        def show(keys):
-            return ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-        parts = [f"missing {show(missing)}" if missing else "",
-                 f"unexpected {show(unexpected)}" if unexpected else "",
-                 f"shape mismatch {show(mismatched)}" if mismatched else ""]
-        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(p for p in parts if p))
-    model.load_state_dict(state_dict)
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -531,6 +497,20 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                                 "state dict) with --student-init PATH")
     torch.manual_seed(recipe.seed)
 
+    # The models and their weight files come first, so a wrong file stops the run before the data set is
+    # read; building the data draws nothing from the global torch RNG, so the initial weights are the same.
+    student = task.build_model(recipe, recipe.student, pretrained=recipe.pretrained)
+    if init_student:
+        convert.load_weights(student, recipe.student_init, f"student_init {recipe.student_init}")
+    student.to(runtime.device)
+    teacher = None
+    if method.needs_teacher:
+        teacher = task.build_model(recipe, recipe.teacher, pretrained=None)
+        if teacher_ckpt is None:
+            raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher-ckpt PATH "
+                             f"(a {recipe.teacher} checkpoint)")
+        convert.load_weights(teacher, teacher_ckpt, f"--teacher-ckpt {teacher_ckpt}")
+        teacher.to(runtime.device).eval().requires_grad_(False)
     train_set, collate = task.build_data(recipe, "train", data_root)
     val_set, _ = task.build_data(recipe, "val", data_root)
     per_rank_batch = recipe.batch_size // runtime.world_size
@@ -548,19 +528,6 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                         pin_memory=runtime.device.type == "cuda", generator=loader_generator)
     iters_per_epoch = len(sampler) // per_rank_batch
 
-    student = task.build_model(recipe, recipe.student, pretrained=recipe.pretrained)
-    if init_student:
-        source = f"student_init {recipe.student_init}"
-        load_model_weights(student, read_model_weights(recipe.student_init, source), source)
-    student.to(runtime.device)
-    teacher = None
-    if method.needs_teacher:
-        teacher = task.build_model(recipe, recipe.teacher, pretrained=None)
-        if teacher_ckpt is None:
-            raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher-ckpt PATH "
-                             f"(a {recipe.teacher} checkpoint)")
-        load_model_weights(teacher, load_checkpoint(teacher_ckpt)["model"], f"--teacher-ckpt {teacher_ckpt}")
-        teacher.to(runtime.device).eval().requires_grad_(False)
     distiller = method.build(recipe, student, teacher) if method.build else None
     if distiller is not None:
         distiller.to(runtime.device)

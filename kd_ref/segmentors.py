@@ -35,7 +35,8 @@ Flavours (facts: ../shared/specs/seg_models.md; checked against the public code)
 
 ``forward`` follows the kd_ref model contract and returns {"logits", "aux_logits" (whenever the aux
 head exists, also in eval mode), "feats": {"c2".."c5", "head"}, "losses" (training with targets)}.
-``convert_reference_state_dict`` maps released CIRKD / SKD / mmseg checkpoints onto our keys.
+``convert_reference_state_dict`` maps released CIRKD / SKD / mmseg checkpoints onto our keys
+(:mod:`kd_ref.convert` recognises the layout and loads them).
 """
 
 from __future__ import annotations
@@ -43,14 +44,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_ref.backbones import (FLAVOURS, ResNet, Rule, backbone_key_rules, build_backbone,
-                              load_state_dict_checked, read_checkpoint, rename_keys)
+from kd_ref.backbones import FLAVOURS, ResNet, Rule, backbone_key_rules, build_backbone, rename_keys
 
 ARCHITECTURES = ("pspnet", "deeplabv3")
 SEGMENTOR_NAMES = tuple(f"{arch}_r{depth}" for arch in ARCHITECTURES for depth in (18, 34, 50, 101))
@@ -329,7 +328,8 @@ _REFERENCE_RULES = {"cirkd": _cirkd_rules, "torchvision": _cirkd_rules, "skd": _
                     "mmseg": _mmseg_rules}
 
 
-def convert_reference_state_dict(state_dict: Mapping[str, Tensor], flavour: str) -> dict[str, Tensor]:
+def convert_reference_state_dict(state_dict: Mapping[str, Tensor], flavour: str,
+                                 source: str | None = None) -> dict[str, Tensor]:
     """Map a released segmentation checkpoint of the flavour's reference code onto our keys.
 
     cirkd / torchvision: CIRKD ``DeepLabV3`` / ``PSPNet`` (``pretrained.*``, ``head.*``, ``auxlayer.*``);
@@ -340,12 +340,4 @@ def convert_reference_state_dict(state_dict: Mapping[str, Tensor], flavour: str)
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {FLAVOURS}, got {flavour!r}")
     stripped = {key.removeprefix("module."): value for key, value in state_dict.items()}
-    return rename_keys(stripped, _REFERENCE_RULES[flavour](), source=f"{flavour} reference checkpoint")
-
-
-def load_reference_checkpoint(model: Segmentor, path: str | Path) -> None:
-    """Load a checkpoint file saved by kd_ref or by the reference code of ``model.flavour``."""
-    state_dict = read_checkpoint(path)
-    if not set(state_dict) <= set(model.state_dict()):
-        state_dict = convert_reference_state_dict(state_dict, model.flavour)
-    load_state_dict_checked(model, state_dict, source=str(path))
+    return rename_keys(stripped, _REFERENCE_RULES[flavour](), source=source or f"{flavour} reference checkpoint")

@@ -21,7 +21,7 @@ from PIL import Image
 from kd_ref import datasets, detectors, segmentors, transforms
 from kd_ref.metrics import all_reduce_sum, confusion_matrix, segmentation_scores
 from kd_ref.metrics import coco_box_ap, coco_results, voc_map
-from kd_ref import classifiers
+from kd_ref import classifiers, convert
 from kd_ref.metrics import topk_correct
 
 SYNTHETIC_NUM_CLASSES = datasets.SyntheticScenes.num_semantic_classes
@@ -285,7 +285,11 @@ class ClsTask:
             raise ValueError(f"--crop {recipe.crop}: classification expects a square crop of at least 8 pixels")
 
     def build_model(self, recipe, name: str, pretrained: str | None = None):
-        return classifiers.build_classifier(name, recipe.num_classes, pretrained=pretrained)
+        # --pretrained names whole-classifier weights here (torchvision's ImageNet files), not a trunk
+        model = classifiers.build_classifier(name, recipe.num_classes)
+        if pretrained is not None:
+            convert.load_weights(model, pretrained, f"--pretrained {pretrained}")
+        return model
 
     @staticmethod
     def _transform(recipe, train: bool):

@@ -174,13 +174,21 @@ CASES = {
         evaluate, ["--ckpt", str(truncated_copy(c.trained, c.tmp / "broken.pt")), "--quiet"], "cannot be read"),
     "not_a_checkpoint": lambda c: (
         evaluate, ["--ckpt", str(saved(torch.zeros(3), c.tmp / "tensor.pt")), "--quiet"],
-        "expected a kd_ref checkpoint"),
+        "expected weights (a state dict of tensors"),
     "teacher_checkpoint_of_another_architecture": lambda c: (
         *synthetic_train(c.tmp / "out", "--method", "kd", "--teacher", "pspnet_r18", "--teacher-ckpt",
-                         str(c.trained)), "does not fit"),
+                         str(c.trained)), "; the recipe expects pspnet on a ResNet-18"),
     "checkpoint_weights_of_another_architecture": lambda c: (
         evaluate, ["--ckpt", str(with_recipe(c.trained, c.tmp / "relabelled.pt", student="pspnet_r18")), "--quiet"],
-        "does not fit"),
+        "holding deeplabv3 on a ResNet-18"),
+    "teacher_checkpoint_in_an_unknown_layout": lambda c: (
+        *synthetic_train(c.tmp / "out", "--method", "kd", "--teacher", "pspnet_r18", "--teacher-ckpt",
+                         str(saved({"encoder.conv.weight": torch.zeros(1)}, c.tmp / "other.pth"))),
+        "a key layout kd_ref does not know"),
+    "teacher_checkpoint_of_another_class_count": lambda c: (
+        *synthetic_train(c.tmp / "out", "--method", "kd", "--teacher", "pspnet_r18", "--teacher-ckpt",
+                         str(saved(segmentors.build_segmentor("pspnet_r18", 19).state_dict(), c.tmp / "r18.pth"))),
+        "19 classes; the recipe expects pspnet on a ResNet-18 (deep stem 64-64-128), 4 classes"),
     "resume_without_checkpoint": lambda c: (*synthetic_train(c.tmp / "empty", "--resume"), "no such file"),
     "resume_with_another_recipe": lambda c: (
         *synthetic_train(copy_checkpoint(c.trained, c.tmp / "out"), "--resume"), "recipe differs"),

@@ -5,9 +5,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from kd_ref import classifiers, engine
-from kd_ref.classifiers import (CIFAR_RESNETS, CLASSIFIER_NAMES, WIDE_RESNETS, build_classifier,
-                                convert_reference_state_dict, load_reference_weights)
+from kd_ref import convert, engine
+from kd_ref.classifiers import CIFAR_RESNETS, CLASSIFIER_NAMES, WIDE_RESNETS, build_classifier, convert_wrn_state_dict
 
 # RepDistiller's table (CRD paper) rounds to 0.01M: res8x4 1.23M, res32x4 7.43M, wrn-40-2 2.26M, ...;
 # torchvision documents ResNet-18/34/50 as 11,689,512 / 21,797,672 / 25,557,032 (1000 classes).
@@ -84,7 +83,9 @@ def test_torchvision_weights_give_torchvision_outputs(tmp_path):
             module.running_var.uniform_(0.5, 1.5)
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
-    model = build_classifier("resnet18", 10, pretrained=str(path)).eval()
+    model = build_classifier("resnet18", 10)
+    convert.load_weights(model, str(path), "--pretrained resnet18.pth")
+    model.eval()
     images = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(model(images)["logits"], reference(images))
 
@@ -99,7 +100,7 @@ def test_repdistiller_wrn_keys_are_mapped():
             key = key.replace(f"block{stage}.", f"block{stage}.layer.")
         theirs["bn1." + key[3:] if key.startswith("bn.") else key] = value
     assert "block2.layer.0.convShortcut.weight" in theirs and "bn1.running_var" in theirs
-    converted = convert_reference_state_dict(theirs, model)
+    converted = convert_wrn_state_dict(theirs)
     assert set(converted) == set(ours) and all(converted[k] is ours[k] for k in ours)
 
 
@@ -109,11 +110,11 @@ def test_weights_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="num_classes"):
         build_classifier("resnet8", 0)
     with pytest.raises(FileNotFoundError, match="no such file"):
-        build_classifier("resnet8", 10, pretrained=str(tmp_path / "missing.pth"))
+        convert.load_weights(build_classifier("resnet8", 10), str(tmp_path / "missing.pth"), "--pretrained m")
     path = tmp_path / "wrong.pth"
     torch.save(build_classifier("resnet8", 10).state_dict(), path)
-    with pytest.raises(ValueError, match="shape mismatches.*fc.weight"):
-        load_reference_weights(build_classifier("resnet8", 100), str(path))
+    with pytest.raises(ValueError, match="resnet8, 10 classes; the recipe expects resnet8, 100 classes"):
+        convert.load_weights(build_classifier("resnet8", 100), str(path), "--teacher-ckpt wrong.pth")
     with pytest.raises(ValueError, match="targets must be int64"):
         build_classifier("resnet8", 10).train()(torch.randn(2, 3, 16, 16), torch.zeros(2, 10))
 
@@ -123,9 +124,9 @@ def test_convert_cli_writes_a_teacher_checkpoint(tmp_path):
     teacher = build_classifier("resnet8", 100)
     torch.save({"model": teacher.state_dict(), "epoch": 240}, source)   # RepDistiller's layout
     target = tmp_path / "teacher.pt"
-    assert classifiers.main(["convert", "--arch", "resnet8", str(source), str(target)]) == 0
+    assert convert.main(["--task", "cls", "--arch", "resnet8", str(source), str(target)]) == 0
     loaded = build_classifier("resnet8", 100)
-    engine.load_model_weights(loaded, engine.load_checkpoint(str(target))["model"], "teacher")
+    loaded.load_state_dict(engine.load_checkpoint(str(target))["model"])
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), teacher.state_dict().values()))
 
 

@@ -7,8 +7,7 @@ import torch.nn as nn
 
 import train
 from kd_ref import configs
-from kd_ref.engine import (ResumableSampler, Runtime, atomic_save, load_checkpoint, load_model_weights,
-                           lr_factor, read_model_weights, weighted_task_losses)
+from kd_ref.engine import ResumableSampler, Runtime, atomic_save, load_checkpoint, lr_factor, weighted_task_losses
 
 
 def test_poly_schedule_with_floor_and_warmup():
@@ -71,27 +70,6 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(ValueError, match="expected a kd_ref checkpoint"):
         load_checkpoint(str(foreign))
-
-
-def test_load_model_weights_lists_mismatched_keys():
-    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
-    state = {"0.weight": torch.zeros(3, 2), "0.bias": torch.zeros(3), "1.weight": torch.zeros(1, 4),
-             "2.weight": torch.zeros(1)}
-    with pytest.raises(ValueError) as info:
-        load_model_weights(model, state, "--teacher-ckpt t.pt")
-    message = str(info.value)
-    assert "missing 1.bias" in message and "unexpected 2.weight" in message and "1.weight: (1, 4) vs (1, 3)" in message
-
-
-def test_read_model_weights_takes_a_checkpoint_or_a_state_dict(tmp_path):
-    weights = {"w": torch.arange(3.0)}
-    torch.save({"model": weights, "iteration": 7}, tmp_path / "last.pt")
-    torch.save(weights, tmp_path / "plain.pt")
-    for name in ("last.pt", "plain.pt"):
-        assert torch.equal(read_model_weights(str(tmp_path / name), "student_init s.pt")["w"], weights["w"])
-    torch.save({"w": [1.0]}, tmp_path / "odd.pt")
-    with pytest.raises(ValueError, match="student_init s.pt: expected a train.py checkpoint or a state dict"):
-        read_model_weights(str(tmp_path / "odd.pt"), "student_init s.pt")
 
 
 def test_task_loss_weight_scales_every_task_loss(tmp_path):

@@ -5,8 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_ref import convert
 from kd_ref.segmentors import (FLAVOURS, SEGMENTOR_NAMES, build_segmentor, convert_reference_state_dict,
-                               load_reference_checkpoint, segmentation_ce)
+                               segmentation_ce)
 from model_helpers import count_parameters, randomise_
 
 
@@ -277,7 +278,7 @@ def test_load_full_cirkd_checkpoint_reproduces_outputs(tmp_path):
     path = tmp_path / "deeplabv3_resnet18_citys_best_model.pth"
     torch.save(reference, path)
     loaded = build_segmentor("deeplabv3_r18", flavour="cirkd").eval()
-    load_reference_checkpoint(loaded, path)
+    assert convert.load_weights(loaded, path, "--teacher-ckpt cirkd.pth").name == "CIRKD"
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected, actual = source(x), loaded(x)
@@ -290,7 +291,7 @@ def test_load_own_checkpoint_and_inplace_abn_style_checkpoint(tmp_path):
     own_path = tmp_path / "ours.pth"
     torch.save(source.state_dict(), own_path)
     loaded = build_segmentor("pspnet_r18", flavour="skd")
-    load_reference_checkpoint(loaded, own_path)
+    assert convert.load_weights(loaded, own_path, "--teacher-ckpt ours.pth").name == "kd_ref segmentor"
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
 
     # InPlace-ABN checkpoints have no num_batches_tracked; DataParallel adds "module.".
@@ -306,15 +307,22 @@ def test_load_own_checkpoint_and_inplace_abn_style_checkpoint(tmp_path):
     skd_path = tmp_path / "CS_scenes_40000.pth"
     torch.save(skd_layout, skd_path)
     loaded = build_segmentor("pspnet_r18", flavour="skd")
-    load_reference_checkpoint(loaded, skd_path)
+    assert convert.load_weights(loaded, skd_path, "--teacher-ckpt skd.pth").name == "SKD"
     for key, value in source.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             assert torch.equal(loaded.state_dict()[key], value), key
 
 
-def test_load_checkpoint_with_wrong_shapes_lists_them(tmp_path):
+def test_load_checkpoint_of_another_model_is_one_line(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(build_segmentor("pspnet_r18", num_classes=21).state_dict(), path)
-    with pytest.raises(ValueError, match=r"shape mismatches \(4\): decode_head.classifier.weight: "
-                                         r"checkpoint \(21, 128, 1, 1\) vs model \(19, 128, 1, 1\)"):
-        load_reference_checkpoint(build_segmentor("pspnet_r18"), path)
+    with pytest.raises(ValueError, match=r"^r18.pth: a kd_ref segmentor file holding pspnet on a ResNet-18 "
+                                         r"\(deep stem 64-64-128\), 21 classes; the recipe expects pspnet on a "
+                                         r"ResNet-18 \(deep stem 64-64-128\), 19 classes \(cirkd flavour\)$"):
+        convert.load_weights(build_segmentor("pspnet_r18"), path, "r18.pth")
+    skd_file = tmp_path / "skd_r18.pth"
+    torch.save(build_segmentor("pspnet_r18", flavour="skd").state_dict(), skd_file)
+    with pytest.raises(ValueError, match=r"^skd_r18.pth \(kd_ref segmentor\) does not match the model: "
+                                         r"\d+ unexpected keys \(e.g. aux_head.block.0.bias\); \d+ shape "
+                                         r"mismatches \(e.g. .*\)$"):
+        convert.load_weights(build_segmentor("pspnet_r18"), skd_file, "skd_r18.pth")

@@ -1,0 +1,232 @@
+"""Weights from wherever a researcher has them into a kd_ref model, and a converter for the command line.
+
+    python -m kd_ref.convert --task seg --arch pspnet_r101 --flavour mmseg \
+        pspnet_r101-d8_512x1024_80k_cityscapes_20200606_112211-e1e1100f.pth psp_r101_teacher.pt
+
+:func:`load_weights` is the one loading path of ``train.py --teacher-ckpt``, ``--student-init``,
+``--pretrained`` on classification and ``evaluate.py --ckpt``. It takes a ``train.py`` checkpoint, a
+plain state dict or a released file (``{"state_dict": ...}`` as mmcv saves it, ``{"model": ...}`` as
+RepDistiller does, DataParallel's ``module.`` stripped), recognises the layout from the keys
+(``LAYOUTS``), maps the keys with that layout's table and loads strictly. Before loading it compares
+what the file's keys imply (architecture, backbone depth and stem, classes) with the model the recipe
+built, so a file of another model is refused with one line that names both instead of a key list.
+
+Segmentation layouts also fix the flavour: mmseg files fit the ``mmseg`` flavour only, CIRKD files
+``cirkd`` (and ``torchvision``, which shares CIRKD's module names), SKD files ``skd``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from kd_ref import classifiers, detectors, segmentors
+from kd_ref.backbones import describe_backbone, load_state_dict_checked, read_checkpoint
+
+TASKS = ("seg", "det", "cls")
+
+
+def _has(*keys: str) -> Callable[[set], bool]:
+    return lambda names: all(key in names for key in keys)
+
+
+def _any_prefixed(*prefixes: str) -> Callable[[set], bool]:
+    return lambda names: any(name.startswith(prefixes) for name in names)
+
+
+def _both(first: Callable[[set], bool], second: Callable[[set], bool]) -> Callable[[set], bool]:
+    return lambda names: first(names) and second(names)
+
+
+def _ours(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    return dict(state_dict)
+
+
+def _segmentor_table(flavour: str) -> Callable[[Mapping[str, Tensor], str], dict[str, Tensor]]:
+    return lambda state_dict, source: segmentors.convert_reference_state_dict(state_dict, flavour, source)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A key layout: ``recognise(key set)`` tells it apart, ``to_ours(state_dict, source)`` renames."""
+    name: str
+    task: str
+    recognise: Callable[[set], bool]
+    to_ours: Callable[[Mapping[str, Tensor], str], dict[str, Tensor]]
+    flavours: tuple = ()  # segmentation: the flavours whose models the layout's code defines
+
+
+# First match wins: the released layouts carry marker keys no other layout has; ours come after them.
+LAYOUTS = (
+    Layout("mmdet 2.x RetinaNet", "det", _has("bbox_head.retina_cls.weight"), detectors.convert_mmdet_state_dict),
+    Layout("mmdet 2.x Faster R-CNN", "det", _has("roi_head.bbox_head.fc_cls.weight"),
+           detectors.convert_mmdet_state_dict),
+    Layout("kd_ref detector", "det", _has("neck.output_convs.0.weight"), _ours),
+    Layout("mmseg", "seg", _has("decode_head.conv_seg.weight"), _segmentor_table("mmseg"), ("mmseg",)),
+    Layout("CIRKD", "seg", _both(_any_prefixed("pretrained."), _any_prefixed("head.", "auxlayer.")),
+           _segmentor_table("cirkd"), ("cirkd", "torchvision")),
+    Layout("SKD", "seg", _any_prefixed("pspmodule.", "head.0.stages."), _segmentor_table("skd"), ("skd",)),
+    Layout("kd_ref segmentor", "seg", _has("decode_head.classifier.weight"), _ours),
+    Layout("ImageNet ResNet (torchvision keys)", "cls", _has("conv1.weight", "layer4.0.conv1.weight", "fc.weight"),
+           classifiers.convert_torchvision_state_dict),
+    Layout("RepDistiller WRN", "cls", _has("block1.layer.0.conv1.weight"), classifiers.convert_wrn_state_dict),
+    Layout("kd_ref / RepDistiller classifier", "cls",
+           _both(_has("fc.weight"), _any_prefixed("backbone.layer", "layer1.", "block1.")), _ours),
+)
+
+
+def recognise(state_dict: Mapping[str, Tensor], source: str) -> Layout:
+    """The layout of ``state_dict``'s keys; an unknown one raises a ValueError naming a few keys."""
+    names = set(state_dict)
+    for layout in LAYOUTS:
+        if layout.recognise(names):
+            return layout
+    raise ValueError(f"{source}: a key layout kd_ref does not know (keys {', '.join(sorted(names)[:3])}, ...); "
+                     f"known: {', '.join(layout.name for layout in LAYOUTS)}")
+
+
+def _count_blocks(state_dict: Mapping[str, Tensor], prefix: str) -> int:
+    return len({key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)})
+
+
+def implied_model(state_dict: Mapping[str, Tensor]) -> tuple[str, int | None]:
+    """(architecture, number of classes) that a state dict in our keys implies, e.g.
+    ``("pspnet on a ResNet-101 (deep stem 64-64-128)", 19)``."""
+    sd = state_dict
+    if "decode_head.classifier.weight" in sd:
+        arch = "deeplabv3" if "decode_head.image_pool.1.weight" in sd else "pspnet"
+        aux = "" if "aux_head.classifier.weight" in sd else " without aux head"
+        return f"{arch}{aux} on a {describe_backbone(sd, 'backbone.')}", sd["decode_head.classifier.weight"].shape[0]
+    if "rpn_head.cls_out.weight" in sd and "box_head.cls_out.weight" in sd:
+        return f"faster_rcnn on a {describe_backbone(sd, 'backbone.')}", sd["box_head.cls_out.weight"].shape[0] - 1
+    if "head.cls_out.weight" in sd and "head.reg_out.weight" in sd:
+        anchors = sd["head.reg_out.weight"].shape[0] // 4
+        return f"retinanet on a {describe_backbone(sd, 'backbone.')}", sd["head.cls_out.weight"].shape[0] // anchors
+    classes = sd["fc.weight"].shape[0] if "fc.weight" in sd else None
+    if "backbone.layer1.0.conv1.weight" in sd:
+        return f"ImageNet classifier on a {describe_backbone(sd, 'backbone.')}", classes
+    if "block1.0.conv1.weight" in sd:
+        depth = 6 * _count_blocks(sd, "block1.") + 4
+        return f"wrn_{depth}_{sd['block1.0.conv1.weight'].shape[0] // 16}", classes
+    if "layer1.0.conv1.weight" in sd and "conv1.weight" in sd:
+        depth = 6 * _count_blocks(sd, "layer1.") + 2
+        return f"resnet{depth}{'x4' if sd['conv1.weight'].shape[0] == 32 else ''}", classes
+    return "a model of unknown structure", classes
+
+
+def describe(state_dict: Mapping[str, Tensor]) -> str:
+    arch, classes = implied_model(state_dict)
+    return arch if classes is None else f"{arch}, {classes} classes"
+
+
+def task_of(model: nn.Module) -> str:
+    if isinstance(model, segmentors.Segmentor):
+        return "seg"
+    if isinstance(model, (detectors.RetinaNet, detectors.FasterRCNN)):
+        return "det"
+    if isinstance(model, classifiers.Classifier):
+        return "cls"
+    raise ValueError(f"{type(model).__name__}: not a kd_ref segmentor, detector or classifier")
+
+
+def _expected(model: nn.Module) -> str:
+    flavour = f" ({model.flavour} flavour)" if isinstance(model, segmentors.Segmentor) else ""
+    return describe(model.state_dict()) + flavour
+
+
+def to_model_keys(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> tuple[Layout, dict]:
+    """Recognise, convert and check ``state_dict`` against ``model``: (layout, state dict in ``model``'s
+    keys). Another task, flavour, architecture or class count raises a one-line ValueError."""
+    layout = recognise(state_dict, source)
+    task, expected = task_of(model), _expected(model)
+    if layout.task != task:
+        raise ValueError(f"{source}: a {layout.name} file (a {layout.task} model); the recipe expects "
+                         f"{expected} (a {task} model)")
+    converted = layout.to_ours(state_dict, source)
+    found = describe(converted)
+    if layout.flavours and model.flavour not in layout.flavours:
+        raise ValueError(f"{source}: a {layout.name} file ({found}) for flavour {' or '.join(layout.flavours)}; "
+                         f"the recipe expects {expected} (--set flavour={layout.flavours[0]})")
+    if found != describe(model.state_dict()):
+        raise ValueError(f"{source}: a {layout.name} file holding {found}; the recipe expects {expected}")
+    return layout, converted
+
+
+def load_weights(model: nn.Module, weights: str | os.PathLike | Mapping[str, Tensor], source: str) -> Layout:
+    """Load every weight of ``model`` strictly from a file path or an already read state dict, in any
+    layout of ``LAYOUTS``; returns the layout it recognised."""
+    state_dict = weights if isinstance(weights, Mapping) else read_checkpoint(weights, source)
+    layout, converted = to_model_keys(model, state_dict, source)
+    load_state_dict_checked(model, converted, f"{source} ({layout.name})")
+    return layout
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m kd_ref.convert
+
+def build_model(task: str, arch: str, num_classes: int, flavour: str | None) -> nn.Module:
+    """The kd_ref model the converted weights are loaded into (``flavour``: segmentation only)."""
+    if task == "seg":
+        return segmentors.build_segmentor(arch, num_classes=num_classes, flavour=flavour or "cirkd")
+    if flavour is not None:
+        raise ValueError(f"--flavour {flavour}: only segmentors have flavours (--task seg)")
+    if task == "det":
+        return detectors.build_detector(arch, num_classes)
+    return classifiers.build_classifier(arch, num_classes)
+
+
+def convert(task: str, arch: str, src: str, dst: str, num_classes: int | None = None,
+            flavour: str | None = None) -> tuple[Layout, str]:
+    """Write ``src`` (any accepted layout) as a checkpoint with ``model`` in our keys to ``dst``, which must
+    not exist yet; returns (recognised layout, description of the model)."""
+    if task not in TASKS:
+        raise ValueError(f"--task {task}: expected one of {', '.join(TASKS)}")
+    if os.path.exists(dst):
+        raise ValueError(f"DST {dst}: exists already; choose a new file (nothing is overwritten)")
+    source = f"SRC {src}"
+    state_dict = read_checkpoint(src, source)
+    layout = recognise(state_dict, source)
+    if layout.task != task:
+        raise ValueError(f"{source}: a {layout.name} file (a {layout.task} model), not a --task {task} one")
+    file_classes = implied_model(layout.to_ours(state_dict, source))[1]
+    if num_classes is None and file_classes is None:
+        raise ValueError(f"{source}: the file does not show its class count; pass --num-classes")
+    model = build_model(task, arch, num_classes or file_classes, flavour or (layout.flavours or (None,))[0])
+    load_weights(model, state_dict, source)
+    tmp = f"{dst}.tmp"
+    torch.save({"model": model.state_dict(), "source": os.path.abspath(src), "layout": layout.name,
+                "task": task, "arch": arch}, tmp)
+    os.replace(tmp, dst)
+    return layout, _expected(model)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m kd_ref.convert",
+        description="write released weights (mmseg, CIRKD, SKD, mmdet 2.x, torchvision, RepDistiller) or a "
+                    "state dict as a kd_ref checkpoint for train.py --teacher-ckpt / --student-init and "
+                    "evaluate.py --ckpt")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--arch", required=True, help="kd_ref architecture, e.g. pspnet_r101, retinanet_r101, resnet34")
+    parser.add_argument("--num-classes", type=int, default=None, help="default: the file's class count")
+    parser.add_argument("--flavour", default=None, choices=segmentors.FLAVOURS,
+                        help="segmentors: default the flavour of the file's layout (cirkd for kd_ref files)")
+    parser.add_argument("src")
+    parser.add_argument("dst")
+    args = parser.parse_args(argv)
+    try:
+        layout, model = convert(args.task, args.arch, args.src, args.dst, args.num_classes, args.flavour)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.src}: recognised a {layout.name} file; wrote {args.arch} ({model}) to {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
