@@ -34,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--student", default=None, help="student architecture")
     parser.add_argument("--teacher", default=None, help="teacher architecture")
     parser.add_argument("--teacher-ckpt", default=None, help="teacher checkpoint (a train.py last.pt or released weights)")
-    parser.add_argument("--pretrained", default=None, help="local ImageNet weights for the student backbone")
+    parser.add_argument("--pretrained", default=None, metavar="PATH|none",
+                        help="ImageNet weights for the student backbone (default: the file the preset names; a "
+                             "real-data run stops if it is missing); none: train the student from random weights")
     parser.add_argument("--student-init", default=None,
                         help="start the student from this trained checkpoint (train.py last.pt or a state dict)")
     parser.add_argument("--iters", type=int, default=None)
@@ -45,6 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--out", default=None, help="output folder (default runs/<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="evaluate every eval_every and keep best.pt by the task's main metric (metrics.json "
+                             "names its iteration)")
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the resolved recipe as one JSON object and exit (reads no data)")
     parser.add_argument("--eval-every", type=int, default=None)
     parser.add_argument("--ckpt-every", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
@@ -73,11 +80,18 @@ def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
     if task != recipe.task:
         raise ValueError(f"--task {task} contradicts --preset {name} (a {recipe.task} recipe)")
     overrides = {"method": args.method, "data": args.data, "student": args.student, "teacher": args.teacher,
-                 "pretrained": args.pretrained, "student_init": args.student_init, "iters": args.iters,
+                 "student_init": args.student_init, "iters": args.iters,
                  "batch_size": args.batch_size,
                  "lr": args.lr, "crop": tuple(args.crop) if args.crop else None,
                  "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed}
+    if args.iters is not None and recipe.epochs is not None:
+        raise ValueError(f"--iters {args.iters}: preset {name} counts epochs (epochs={recipe.epochs}, lr_steps "
+                         f"{recipe.lr_steps} in epochs); pass --set epochs=N instead")
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    if args.pretrained is not None:
+        recipe = dataclasses.replace(recipe, pretrained=None if args.pretrained == "none" else args.pretrained)
+    if args.keep_best:
+        recipe = dataclasses.replace(recipe, keep_best=True)
     recipe = dataclasses.replace(recipe, **configs.parse_overrides(args.overrides))
     if args.sokd_base is not None:
         if recipe.method != "sokd":
@@ -89,6 +103,7 @@ def build_recipe(args: argparse.Namespace) -> tuple[str, configs.Recipe]:
         raise ValueError(f"--method {recipe.method} does not support --task {task}; supported: "
                          f"{configs.supported_methods(task)}")
     configs.TASKS[task].check_recipe(recipe)
+    configs.check_schedule(recipe)
     if configs.METHODS[recipe.method].needs_teacher and recipe.teacher is None:
         raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher ARCH (and --teacher-ckpt)")
     return name, recipe
@@ -126,6 +141,11 @@ def ensure_teacher(recipe: configs.Recipe, out: str, args, runtime) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     name, recipe = build_recipe(args)
+    if args.print_recipe:
+        print(json.dumps(dataclasses.asdict(recipe), allow_nan=False))
+        return {}
+    if not args.resume and recipe.student_init is None:  # otherwise the student's weights come from a checkpoint
+        configs.check_pretrained(recipe)
     runtime = engine.setup_runtime(args.device, args.amp)
     if args.workers is None:
         args.workers = 4 if runtime.device.type == "cuda" else 0
@@ -139,8 +159,9 @@ def main(argv=None) -> dict:
             with open(metrics_file) as handle:
                 teacher_metrics = json.load(handle)
     if runtime.is_main:
+        length = f"epochs={recipe.epochs}" if recipe.epochs else f"iters={recipe.iters}"
         print(f"preset {name}: {recipe.task} {recipe.student} method={recipe.method} data={recipe.data} "
-              f"iters={recipe.iters} batch={recipe.batch_size} -> {out}")
+              f"{length} batch={recipe.batch_size} -> {out}")
     metrics = engine.train(recipe, out, runtime, resume=args.resume, teacher_ckpt=teacher_ckpt,
                            workers=args.workers, data_root=args.data_root, quiet=args.quiet)
     if runtime.is_main:
