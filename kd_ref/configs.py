@@ -506,6 +506,9 @@ METHODS["sokd"] = Method(_build_sokd, {"cls": _outputs_and_batch})
 # epochs 150 / 180 / 210, wd 5e-4. DIST: CE 1 + 2 x DIST at tau 4. SoKD: the final code's CIFAR row is
 # DAM + DAFA alone (its masked feature loss replaces FitNet's hint), 50 search epochs of 240.
 CIFAR_EPOCH = 50_000 // 64
+DIST_CLS_CONFIGS = "hunto/DIST_KD classification configs/strategies/distill"
+MDISTILLER_KD = "megvii-research/mdistiller configs/cifar100/kd.yaml + mdistiller/engine/cfg.py"
+SOKD_CIFAR = "FabienCode/mdistiller configs/DFKD/cifar/res324_84.yaml (sokd.md §2.5)"
 CIFAR100 = Recipe(task="cls", data="cifar100", num_classes=100, crop=(32, 32), normalization="cifar100",
                   batch_size=64, iters=240 * CIFAR_EPOCH, lr=0.05, weight_decay=5e-4, schedule="step",
                   lr_steps=tuple(e * CIFAR_EPOCH for e in (150, 180, 210)), eval_every=10 * CIFAR_EPOCH,
@@ -517,18 +520,22 @@ CIFAR_KD_OPTIONS = {"tau": 4.0}
 MDISTILLER_KD_OPTIONS = {"tau": 4.0, "loss_weight": 0.9}
 MDISTILLER_KD_TASK_WEIGHT = 0.1
 for _teacher in ("resnet32x4", "resnet56", "resnet110", "wrn_40_2"):
-    register(f"teacher_{_teacher}_cifar100", dataclasses.replace(CIFAR100, student=_teacher))
+    register(f"teacher_{_teacher}_cifar100", dataclasses.replace(
+        CIFAR100, student=_teacher, source="unknown teacher config: the CIFAR-100 protocol of dist.md §4; hunto/DIST_KD's README "
+               "releases trained teachers (cifar_ckpts.zip)"))
 for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20")):
     register(f"dist_{_student}_cifar100", dataclasses.replace(
-        CIFAR100, method="dist", student=_student, teacher=_teacher, method_options=CIFAR_DIST_OPTIONS))
+        CIFAR100, method="dist", student=_student, teacher=_teacher, method_options=CIFAR_DIST_OPTIONS,
+        source=f"{DIST_CLS_CONFIGS}/dist_cifar.yaml"))
 for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1"), ("wrn_40_2", "wrn_16_2"),
                            ("resnet56", "resnet20"), ("resnet110", "resnet32")):
-    _pair = dataclasses.replace(CIFAR100, student=_student, teacher=_teacher)
+    _pair = dataclasses.replace(CIFAR100, student=_student, teacher=_teacher, source=SOKD_CIFAR)
     _sokd_search = {"search_iters": 50 * CIFAR_EPOCH}
     register(f"sokd_{_student}_cifar100", dataclasses.replace(_pair, method="sokd", method_options={
         "base": "none", "base_options": {"kd": CIFAR_KD_OPTIONS, "dist": CIFAR_DIST_OPTIONS}, **_sokd_search}))
     register(f"kd_{_student}_cifar100", dataclasses.replace(
-        _pair, method="kd", method_options=MDISTILLER_KD_OPTIONS, task_loss_weight=MDISTILLER_KD_TASK_WEIGHT))
+        _pair, method="kd", method_options=MDISTILLER_KD_OPTIONS, task_loss_weight=MDISTILLER_KD_TASK_WEIGHT,
+        source=MDISTILLER_KD))
     register(f"sokd_kd_{_student}_cifar100", dataclasses.replace(
         _pair, method="sokd", task_loss_weight=MDISTILLER_KD_TASK_WEIGHT,
         method_options={"base": "kd", "base_options": {"kd": MDISTILLER_KD_OPTIONS}, **_sokd_search}))
@@ -541,7 +548,8 @@ IMAGENET_EPOCH = 1_281_167 // 256
 IMAGENET = Recipe(task="cls", data="imagenet", num_classes=1000, crop=(224, 224), normalization="imagenet_rgb",
                   batch_size=256, iters=100 * IMAGENET_EPOCH, lr=0.1, weight_decay=1e-4, schedule="step",
                   lr_steps=tuple(e * IMAGENET_EPOCH for e in (30, 60, 90)), eval_every=10 * IMAGENET_EPOCH,
-                  ckpt_every=1000, student="resnet18", teacher="resnet34")
+                  ckpt_every=1000, student="resnet18", teacher="resnet34",
+                  source=f"{DIST_CLS_CONFIGS}/resnet_dist.yaml (its baseline recipe, dist.md §4)")
 IMAGENET_KD_OPTIONS = {"tau": 4.0}
 IMAGENET_DIST_OPTIONS = {"tau": 1.0, "loss_weight": 2.0}
 register("kd_resnet18_imagenet", dataclasses.replace(IMAGENET, method="kd", method_options=IMAGENET_KD_OPTIONS))
@@ -743,10 +751,12 @@ register("gdd_faster_rcnn_r50_fpn_2x_coco", dataclasses.replace(
 # DIST (dist.md §3/§4): beta = gamma = 1, tau 1, weight 1; RetinaNet sigmoid per level, Faster R-CNN softmax
 # RoI logits. The paper's teachers are RetinaNet X101 (41.0) and Cascade Mask R-CNN X101-64x4d (45.6);
 # ours are the R101-FPN 2x of the same detector.
+DIST_DET_CONFIGS = {"retinanet": "dist_retinanet_x101-retinanet-r50_coco.py",
+                    "faster_rcnn": "dist_cascade_mask_rcnn_x101-fpn_x50_coco.py"}
 for _arch in DETECTOR_LR:
     register(f"dist_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
         PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="dist", teacher=f"{_arch}_r101",
-        source=f"hunto/MasKD mmrazor DIST config (dist.md §3/§4) on {PRESETS[f'{_arch}_r50_fpn_2x_coco'].source}"),
+        source=f"hunto/MasKD mmrazor/configs/distill/dist/{DIST_DET_CONFIGS[_arch]} (DIST_KD README)"),
         baseline=PRESETS[f"{_arch}_r50_fpn_2x_coco"])
 
 # ------------------------------------------------------------------------------ SoKD on detection (issue 6)
