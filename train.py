@@ -45,15 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--teacher-ckpt", default=None, metavar="PATH",
                         help="teacher weights, a train.py last.pt (default on synthetic data: train the preset's "
                              "teacher once and cache it in <parent of --out>/teachers; required on real data)")
-    parser.add_argument("--pretrained", default=None, metavar="PATH",
-                        help="local ImageNet weights for the student backbone (default: the preset's, none for "
-                             "synthetic presets)")
+    parser.add_argument("--pretrained", default=None, metavar="PATH|none",
+                        help="ImageNet weights for the student backbone (default: the file the preset names, none "
+                             "for synthetic presets; a real-data run stops if it is missing); none: train the "
+                             "student from random weights")
     parser.add_argument("--student-init", default=None, metavar="PATH",
                         help="start the whole student from this trained checkpoint, a train.py last.pt or a state "
                              "dict (default: the preset's, usually none; not applied on --resume)")
     parser.add_argument("--iters", type=cli.positive_int, default=None, metavar="N",
                         help="training iterations of the student (default: the preset's; a teacher trained first "
-                             "keeps its preset's)")
+                             "keeps its preset's; presets that count epochs take --set epochs=N instead)")
     parser.add_argument("--batch-size", type=cli.positive_int, default=None, metavar="N",
                         help="total batch over all processes (default: the preset's)")
     parser.add_argument("--lr", type=cli.non_negative_float, default=None, metavar="F",
@@ -69,8 +70,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="start again in an --out that holds a run, replacing its last.pt, log.jsonl and "
                              "metrics.json (default: refuse)")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="evaluate every eval_every and keep best.pt by the task's main metric; metrics.json "
+                             "names its iteration (default: the preset's, on where the reference reports the best)")
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the resolved recipe (every field, and source) as one JSON object and exit "
+                             "without reading data")
     parser.add_argument("--eval-every", type=cli.non_negative_int, default=None, metavar="N",
-                        help="evaluate every N iterations, 0 = only at the end (default: the preset's)")
+                        help="evaluate every N iterations (epochs, for presets that count epochs), 0 = only at the "
+                             "end (default: the preset's)")
     parser.add_argument("--ckpt-every", type=cli.non_negative_int, default=None, metavar="N",
                         help="write last.pt every N iterations, 0 = only at the end (default: the preset's)")
     parser.add_argument("--seed", type=cli.non_negative_int, default=None, metavar="N",
@@ -105,12 +113,17 @@ def build_recipe(args: argparse.Namespace) -> tuple:
     recipe = configs.PRESETS[name]
     if task != recipe.task:
         raise ValueError(f"--task {task} contradicts --preset {name} (a {recipe.task} recipe)")
+    if args.iters is not None and recipe.epochs is not None:
+        raise ValueError(f"--iters {args.iters}: preset {name} counts epochs (epochs={recipe.epochs}, lr_steps "
+                         f"{recipe.lr_steps} in epochs); pass --set epochs=N instead")
     overrides = {"method": args.method, "data": args.data, "student": args.student, "teacher": args.teacher,
-                 "pretrained": args.pretrained, "student_init": args.student_init, "iters": args.iters,
-                 "batch_size": args.batch_size,
+                 "student_init": args.student_init, "iters": args.iters, "batch_size": args.batch_size,
                  "lr": args.lr, "crop": tuple(args.crop) if args.crop else None,
-                 "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed}
+                 "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed,
+                 "keep_best": args.keep_best or None}
     recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    if args.pretrained is not None:
+        recipe = dataclasses.replace(recipe, pretrained=None if args.pretrained == "none" else args.pretrained)
     recipe = dataclasses.replace(recipe, **configs.parse_overrides(args.overrides))
     if args.sokd_base is not None:
         if recipe.method != "sokd":
@@ -124,14 +137,9 @@ def build_recipe(args: argparse.Namespace) -> tuple:
         raise ValueError(f"--crop {' '.join(map(str, args.crop))}: detection resizes whole images to image_scale "
                          f"{tuple(recipe.image_scale)} (long side, short side); pass --set \"image_scale=(L, S)\"")
     configs.check_recipe(recipe)
+    configs.check_schedule(recipe)
     if configs.METHODS[recipe.method].needs_teacher and recipe.teacher is None:
         raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher ARCH (and --teacher-ckpt)")
-    cli.check_data_root(recipe.task, recipe.data, args.data_root)
-    if configs.METHODS[recipe.method].needs_teacher and args.teacher_ckpt is None:
-        if recipe.data != "synthetic" or recipe.teacher_preset is None:
-            raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
-                             f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
-        configs.teacher_recipe(recipe)  # the teacher it would train must be the recipe's teacher
     return name, recipe
 
 
@@ -146,11 +154,23 @@ def check_out_folder(out: str, args: argparse.Namespace) -> None:
                          "--overwrite to start it again")
 
 
-def check_files(recipe, args: argparse.Namespace) -> None:
-    """Every weight file the run will read exists, before a teacher or a data set is touched."""
-    files = {"--teacher-ckpt": args.teacher_ckpt, "--pretrained": recipe.pretrained}
+def check_inputs(recipe, args: argparse.Namespace) -> None:
+    """The run's data and weights are where the recipe and flags say, before a teacher or a data set is
+    touched: the data root, a teacher (given, or trainable on synthetic data), every weight file."""
+    from kd_ref import configs
+
+    cli.check_data_root(recipe.task, recipe.data, args.data_root)
+    if configs.METHODS[recipe.method].needs_teacher and args.teacher_ckpt is None:
+        if recipe.data != "synthetic" or recipe.teacher_preset is None:
+            raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
+                             f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
+        configs.teacher_recipe(recipe)  # the teacher it would train must be the recipe's teacher
+
+    files = {"--teacher-ckpt": args.teacher_ckpt}
     if not args.resume:  # a resumed run has its own weights
         files["--student-init"] = recipe.student_init
+        if recipe.student_init is None:  # otherwise the student's weights come from that checkpoint
+            configs.check_pretrained(recipe)
     for flag, path in files.items():
         if path is not None and not os.path.isfile(path):
             hint = (" (the preset starts the student from a trained checkpoint of it: train one with train.py "
@@ -199,9 +219,10 @@ def describe(name: str, recipe, runtime, out: str) -> str:
     per_rank = recipe.batch_size // runtime.world_size
     size = (f"image_scale {recipe.image_scale[0]}x{recipe.image_scale[1]}" if recipe.task == "det"
             else f"crop {recipe.crop[0]}x{recipe.crop[1]}")
+    length = f"epochs={recipe.epochs}" if recipe.epochs else f"iters={recipe.iters}"
     estimate = engine.estimate_training_memory(recipe, per_rank)
     return (f"preset {name}: {recipe.task} {recipe.student} method={recipe.method} data={recipe.data} "
-            f"iters={recipe.iters} {size} batch {recipe.batch_size} ({per_rank} per process), "
+            f"{length} {size} batch {recipe.batch_size} ({per_rank} per process), "
             f"about {estimate / 2 ** 30:.1f} GiB per process (estimate) -> {out}")
 
 
@@ -212,14 +233,18 @@ def main(argv=None) -> dict:
 
         print(configs.preset_listing())
         return {}
+    import dataclasses
     import json
 
     from kd_ref import configs, engine
 
     name, recipe = build_recipe(args)
+    if args.print_recipe:
+        print(engine.dumps(dataclasses.asdict(recipe)))
+        return {}
     out = args.out or os.path.join("runs", name)
     check_out_folder(out, args)
-    check_files(recipe, args)
+    check_inputs(recipe, args)
     runtime = engine.setup_runtime(args.device, args.amp)
     if args.workers is None:
         args.workers = 4 if runtime.device.type == "cuda" else 0

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,12 +39,15 @@ class Recipe:
     teacher: str | None = None
     flavour: str = "cirkd"           # model/backbone family of the reference tables (segmentors)
     num_classes: int = 19
-    pretrained: str | None = None    # local ImageNet weights for the student backbone
+    # ImageNet weights the student backbone starts from: a local file (PRETRAINED_WEIGHTS names the file each
+    # preset expects, its layout and where the reference gets it); None: from scratch
+    pretrained: str | None = None
     # data
     crop: tuple = (512, 1024)
     scales: tuple = (0.5, 2.0)       # random rescale range
     scale_step: float | None = 0.1   # 0.5 + k/10 as CIRKD/SKD; None = continuous as mmseg
     cat_max_ratio: float | None = None  # mmseg re-draws crops dominated by one class (0.75)
+    photometric_distortion: bool = False  # mmseg PhotoMetricDistortion after the flip (transforms.py)
     normalization: str = "bgr_mean"  # "bgr_mean" (CIRKD/SKD) or "imagenet_rgb" (mmseg, torchvision)
     synthetic_size: tuple = (128, 128)
     synthetic_train: int = 2000
@@ -57,7 +61,12 @@ class Recipe:
     classes: tuple | None = None     # det, VOC layout: the tree's class names (None: the 20 VOC classes)
     # optimisation
     batch_size: int = 16             # total over all processes
-    iters: int = 40000
+    iters: int | None = 40000        # None when ``epochs`` counts the schedule
+    # epoch-based references (mmdet EpochBasedRunner): the run is ``epochs`` passes over the training set
+    # (repeated ``dataset_repeat`` times, mmdet RepeatDataset), ``lr_steps`` and ``eval_every`` count epochs,
+    # and the iterations follow from the set's length at run time (resolve_schedule)
+    epochs: int | None = None
+    dataset_repeat: int = 1
     lr: float = 0.02
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -72,10 +81,88 @@ class Recipe:
     task_loss_weight: float = 1.0
     # bookkeeping
     eval_every: int = 0
-    ckpt_every: int = 1000
+    keep_best: bool = False          # keep best.pt by the task's main metric over the evaluations
+    ckpt_every: int = 1000           # iterations, also in epoch-based recipes
     seed: int = 0
     method_options: dict = field(default_factory=dict)
     teacher_preset: str | None = None  # recipe that trains the teacher on synthetic data
+    source: str = ""                 # the reference config(s) the preset mirrors; documentation only
+
+
+def _field_default(name: str):
+    spec = next(f for f in dataclasses.fields(Recipe) if f.name == name)
+    return spec.default if spec.default_factory is dataclasses.MISSING else spec.default_factory()
+
+
+# Fields that document a recipe without changing the run: a resumed run may differ in them.
+DOCUMENTATION_FIELDS = ("source",)
+
+
+def recipe_changes(stored: dict, recipe: Recipe) -> list:
+    """Fields in which ``recipe`` differs from a checkpoint's stored recipe (a dict). A field the stored
+    recipe lacks was added after the checkpoint was written and counts as its default, which reproduces
+    the behaviour of the code that wrote it."""
+    changed = []
+    for spec in dataclasses.fields(Recipe):
+        if spec.name in DOCUMENTATION_FIELDS:
+            continue
+        old = stored[spec.name] if spec.name in stored else _field_default(spec.name)
+        if old != getattr(recipe, spec.name):
+            changed.append(spec.name)
+    return changed
+
+
+def resolve_schedule(recipe: Recipe, iters_per_epoch: int) -> Recipe:
+    """The recipe in iterations for a training set of ``iters_per_epoch`` iterations per epoch: an
+    epoch-based recipe's ``iters`` = epochs x iterations per epoch, its ``lr_steps`` and ``eval_every``
+    times iterations per epoch (mmdet EpochBasedRunner: max_iters = max_epochs x len(data_loader), lr steps
+    at epoch boundaries). An iteration-based recipe is returned unchanged."""
+    if recipe.epochs is None:
+        return recipe
+    return dataclasses.replace(recipe, epochs=None, iters=recipe.epochs * iters_per_epoch,
+                               lr_steps=tuple(step * iters_per_epoch for step in recipe.lr_steps),
+                               eval_every=recipe.eval_every * iters_per_epoch)
+
+
+def check_schedule(recipe: Recipe) -> None:
+    if (recipe.iters is None) == (recipe.epochs is None):
+        raise ValueError(f"recipe: exactly one of iters ({recipe.iters}) and epochs ({recipe.epochs}) must be set")
+    if (recipe.epochs or recipe.iters) < 1 or recipe.dataset_repeat < 1:
+        raise ValueError(f"recipe: iters/epochs and dataset_repeat must be >= 1, got iters={recipe.iters}, "
+                         f"epochs={recipe.epochs}, dataset_repeat={recipe.dataset_repeat}")
+    if recipe.keep_best and recipe.eval_every <= 0:
+        raise ValueError("--keep-best selects among the evaluations: it needs --eval-every N > 0 (the recipe has "
+                         f"eval_every={recipe.eval_every})")
+
+
+# ImageNet weights the real-data presets start from: file -> (layout read by backbones.load_pretrained,
+# where the reference gets it). Download the file and pass --pretrained PATH (or place it under this name
+# in the working directory).
+PRETRAINED_WEIGHTS = {
+    **{f"resnet{depth}-imagenet.pth": (
+        "CIRKD deep-stem ResNetV1b", "the 'Backbones pretrained on ImageNet' table of winycg/CIRKD's README "
+        "(SKD's run_train_val.sh loads a file of this name too: --student-pretrain-model-imgnet)")
+       for depth in (18, 101)},
+    **{f"resnet{depth}_v1c.pth": (
+        "mmcv ResNetV1c", f"mmcv's open-mmlab://resnet{depth}_v1c, which the mmseg configs name as pretrained")
+       for depth in (18, 101)},
+    **{name: ("torchvision", f"torchvision's ResNet-{name.split('-')[0][6:]} IMAGENET1K_V1 weights "
+              f"(https://download.pytorch.org/models/{name}), mmdet 2.x torchvision://resnet{name.split('-')[0][6:]}")
+       for name in ("resnet18-f37072fd.pth", "resnet50-0676ba61.pth", "resnet101-63fe2227.pth")},
+}
+
+
+def check_pretrained(recipe: Recipe) -> None:
+    """A recipe that names ImageNet weights must find them: a run never silently starts a student the
+    reference pre-trains from random weights. (``pretrained=None`` is from scratch, by the preset or by
+    ``--pretrained none``.)"""
+    if recipe.pretrained is None or os.path.isfile(recipe.pretrained):
+        return
+    name = os.path.basename(recipe.pretrained)
+    layout, origin = PRETRAINED_WEIGHTS.get(name, ("any layout backbones.load_pretrained reads", "-"))
+    raise FileNotFoundError(f"--pretrained {recipe.pretrained}: no such file; {recipe.student} starts from ImageNet "
+                            f"weights {name} ({layout} layout; the reference gets them from {origin}): pass "
+                            "--pretrained PATH, or --pretrained none to train from random weights")
 
 
 def parse_overrides(items: list) -> dict:
@@ -214,11 +301,6 @@ PRESETS: dict[str, Recipe] = {}
 DISTILLATION_FIELDS = ("method", "method_options", "student_init", "task_loss_weight")
 
 
-def _field_default(name: str):
-    spec = next(f for f in dataclasses.fields(Recipe) if f.name == name)
-    return spec.default if spec.default_factory is dataclasses.MISSING else spec.default_factory()
-
-
 def register(name: str, recipe: Recipe, baseline: "bool | Recipe" = True) -> None:
     """Add a preset and, for a distillation preset, its ``<name>_baseline`` twin: the recipe with the
     defaults of ``DISTILLATION_FIELDS`` (``--method none``), or, when the distillation config also changes
@@ -231,43 +313,84 @@ def register(name: str, recipe: Recipe, baseline: "bool | Recipe" = True) -> Non
         PRESETS[f"{name}_baseline"] = dataclasses.replace(twin, teacher=recipe.teacher, **defaults)
 
 
-# --- CIRKD protocol (winycg/CIRKD, 2022 table; seg_models.md §5): DeepLabV3-R101 teacher.
+# --- CIRKD protocol (winycg/CIRKD 2022, train_baseline.py / train_kd.py at 05a2753; seg_models.md §5):
+# DeepLabV3-R101 teacher; batch 16 over 8 GPUs, 40k iterations, lr 0.02, wd 1e-4, poly to 0, validation
+# every 800 iterations with the best checkpoint reported (its *_best_model.pth); students from CIRKD's
+# deep-stem ImageNet ResNets (--pretrained-base resnet18-imagenet.pth).
+CIRKD_SOURCE = "winycg/CIRKD@05a2753 train_baseline.py"
 CIRKD_CITYSCAPES = Recipe(data="cityscapes", flavour="cirkd", crop=(512, 1024), scales=(0.5, 2.0),
                           normalization="bgr_mean", batch_size=16, iters=40000, lr=0.02, weight_decay=1e-4,
-                          eval_every=4000, ckpt_every=1000)
-register("teacher_deeplabv3_r101_cityscapes", dataclasses.replace(CIRKD_CITYSCAPES, student="deeplabv3_r101"))
+                          eval_every=800, keep_best=True, ckpt_every=1000, pretrained="resnet18-imagenet.pth")
+
+
+def cirkd_baseline(student: str, script: str) -> Recipe:
+    return dataclasses.replace(CIRKD_CITYSCAPES, student=student,
+                               source=f"{CIRKD_SOURCE} + train_scripts/train_baseline/citys/{script}")
+
+
+register("teacher_deeplabv3_r101_cityscapes", dataclasses.replace(
+    cirkd_baseline("deeplabv3_r101", "deeplabv3_res101.sh"), pretrained="resnet101-imagenet.pth"))
+# KD and SKD (CIRKD's train_kd.py: the baseline's optimisation, so the baseline twin is train_baseline.py)
 register("kd_deeplabv3_r18_cityscapes", dataclasses.replace(
-    CIRKD_CITYSCAPES, method="kd", student="deeplabv3_r18", teacher="deeplabv3_r101"))
+    CIRKD_CITYSCAPES, method="kd", student="deeplabv3_r18", teacher="deeplabv3_r101",
+    source="winycg/CIRKD@05a2753 train_kd.py + train_scripts/train_kd/deeplabv3_res18.sh"),
+    baseline=cirkd_baseline("deeplabv3_r18", "deeplabv3_res18.sh"))
 register("skd_deeplabv3_r18_cityscapes", dataclasses.replace(
     CIRKD_CITYSCAPES, method="skd", student="deeplabv3_r18", teacher="deeplabv3_r101",
-    method_options={"preset": "cirkd"}))
-# DIST (hunto/DIST_KD segmentation, dist.md §4): CIRKD models, wd 5e-4, poly floor 1e-4.
+    method_options={"preset": "cirkd"},
+    source="winycg/CIRKD@05a2753 train_kd.py + train_scripts/train_kd/train_skd.sh"),
+    baseline=cirkd_baseline("deeplabv3_r18", "deeplabv3_res18.sh"))
+# DIST (hunto/DIST_KD segmentation/train_kd.py, dist.md §4): CIRKD models, wd 5e-4, poly floor 1e-4,
+# validation every 400 iterations, best reported. Its baselines (74.21 / 72.55) are CIRKD train_baseline.py
+# runs (wd 1e-4, poly to 0, validation every 800): the twins are those recipes, not DIST's minus the loss.
 DIST_CITYSCAPES = dataclasses.replace(CIRKD_CITYSCAPES, method="dist", teacher="deeplabv3_r101",
-                                      weight_decay=5e-4, min_lr=1e-4)
-register("dist_deeplabv3_r18_cityscapes", dataclasses.replace(DIST_CITYSCAPES, student="deeplabv3_r18"))
-register("dist_pspnet_r18_cityscapes", dataclasses.replace(DIST_CITYSCAPES, student="pspnet_r18"))
+                                      weight_decay=5e-4, min_lr=1e-4, eval_every=400)
+for _student, _script in (("deeplabv3_r18", "deeplabv3_res18.sh"), ("pspnet_r18", "pspnet_res18.sh")):
+    register(f"dist_{_student}_cityscapes", dataclasses.replace(
+        DIST_CITYSCAPES, student=_student,
+        source=f"hunto/DIST_KD segmentation/train_kd.py + segmentation/train_scripts/train_kd/{_script}"),
+        baseline=cirkd_baseline(_student, _script))
 
-# --- GDD (ZhgLiu/GDD, mmseg 0.20; gdd.md §6): mmseg models, PSPNet-R101-D8 teacher, 512x512 crops.
+# --- GDD (ZhgLiu/GDD semanticSeg, mmseg 0.20; gdd.md §6): mmseg models, PSPNet-R101-D8 teacher. Pipeline
+# of configs/_base_/datasets/cityscapes_512x512.py: Resize ratio 0.5-2.0 -> RandomCrop (cat_max_ratio 0.75)
+# -> flip -> PhotoMetricDistortion -> Normalize -> Pad; schedule_40k.py: lr 0.01, wd 5e-4, poly to 1e-4,
+# evaluation every 4000 iterations, the final checkpoint reported; students from open-mmlab://resnet18_v1c.
+GDD_CONFIGS = "ZhgLiu/GDD semanticSeg/configs"
 MMSEG_CITYSCAPES = Recipe(data="cityscapes", flavour="mmseg", crop=(512, 512), scales=(0.5, 2.0),
-                          scale_step=None, cat_max_ratio=0.75, normalization="imagenet_rgb", batch_size=16,
-                          iters=40000, lr=0.01, weight_decay=5e-4, min_lr=1e-4, eval_every=4000,
-                          ckpt_every=1000)
-register("teacher_pspnet_r101_cityscapes_mmseg", dataclasses.replace(MMSEG_CITYSCAPES, student="pspnet_r101"))
-register("gdd_pspnet_r18_cityscapes", dataclasses.replace(
-    MMSEG_CITYSCAPES, method="gdd", student="pspnet_r18", teacher="pspnet_r101",
-    method_options={"alpha": 145.0, "tau": 4.0}))
-register("gdd_deeplabv3_r18_cityscapes", dataclasses.replace(
-    MMSEG_CITYSCAPES, method="gdd", student="deeplabv3_r18", teacher="pspnet_r101",
-    method_options={"alpha": 175.0, "tau": 4.0}))
+                          scale_step=None, cat_max_ratio=0.75, photometric_distortion=True,
+                          normalization="imagenet_rgb", batch_size=16, iters=40000, lr=0.01, weight_decay=5e-4,
+                          min_lr=1e-4, eval_every=4000, ckpt_every=1000, pretrained="resnet18_v1c.pth")
+# The released teacher (pspnet_r101-d8_512x1024_40k_cityscapes, 78.34): the same schedule on 512x1024 crops.
+register("teacher_pspnet_r101_cityscapes_mmseg", dataclasses.replace(
+    MMSEG_CITYSCAPES, student="pspnet_r101", crop=(512, 1024), pretrained="resnet101_v1c.pth",
+    source=f"{GDD_CONFIGS}/pspnet/pspnet_r101-d8_512x1024_40k_cityscapes.py (= open-mmlab/mmsegmentation "
+           "v0.x configs/pspnet/pspnet_r101-d8_512x1024_40k_cityscapes.py)"))
+for _student, _config, _alpha in (("pspnet_r18", "psp_r101_distill_psp_r18_40k_512x512_city.py", 145.0),
+                                  ("deeplabv3_r18", "psp_r101_distill_deepv3_r18_40k_512x512_city.py", 175.0)):
+    _family = _student.split("_")[0]
+    register(f"gdd_{_student}_cityscapes", dataclasses.replace(
+        MMSEG_CITYSCAPES, method="gdd", student=_student, teacher="pspnet_r101",
+        method_options={"alpha": _alpha, "tau": 4.0}, source=f"{GDD_CONFIGS}/distillers/gdd/{_config}"),
+        baseline=dataclasses.replace(MMSEG_CITYSCAPES, student=_student,
+                                     source=f"{GDD_CONFIGS}/{_family}/{_family}_r18-d8_512x512_40k_cityscapes.py"))
 
-# --- SKD authors' recipe (irfanICMLL master; skd.md §7): PSPNet-R101 -> PSPNet-R18, 512x512, batch 8.
-SKD_ORIGINAL_CITYSCAPES = Recipe(data="cityscapes", flavour="skd", crop=(512, 512), scales=(0.5, 1.6),
+# --- SKD authors' recipe (irfanICMLL/structure_knowledge_distillation master, run_train_val.sh +
+# utils/train_options.py + dataset/datasets.py CSDataSet; skd.md §7): PSPNet-R101 -> PSPNet-R18, 512x512,
+# scales 0.7 + k/10 (k <= 14), batch 8 on one GPU, lr 0.01, wd 5e-4, poly to 0. The code evaluates its
+# snapshots after iteration 39,000 (every 371 = 2975 // 8 iterations, and the final one); we report the last.
+SKD_SOURCE = "irfanICMLL/structure_knowledge_distillation run_train_val.sh + train_and_eval.py"
+SKD_ORIGINAL_CITYSCAPES = Recipe(data="cityscapes", flavour="skd", crop=(512, 512), scales=(0.7, 2.1),
                                  normalization="bgr_mean", batch_size=8, iters=40000, lr=0.01,
-                                 weight_decay=5e-4, eval_every=4000, ckpt_every=1000)
-register("teacher_pspnet_r101_cityscapes_skd", dataclasses.replace(SKD_ORIGINAL_CITYSCAPES, student="pspnet_r101"))
+                                 weight_decay=5e-4, eval_every=4000, ckpt_every=1000,
+                                 pretrained="resnet18-imagenet.pth")
+# The SKD teacher's training recipe is not released (only its checkpoint, CS_scenes_38413_0.7832...pth):
+# this preset trains it with the student's recipe, ours.
+register("teacher_pspnet_r101_cityscapes_skd", dataclasses.replace(
+    SKD_ORIGINAL_CITYSCAPES, student="pspnet_r101", pretrained="resnet101-imagenet.pth",
+    source="unknown: the SKD teacher's recipe is not released; the student's recipe of " + SKD_SOURCE))
 register("skd_pspnet_r18_cityscapes_original", dataclasses.replace(
     SKD_ORIGINAL_CITYSCAPES, method="skd", student="pspnet_r18", teacher="pspnet_r101",
-    method_options={"preset": "original"}))
+    method_options={"preset": "original"}, source=SKD_SOURCE))
 
 # --- Built-in synthetic scenes, the CPU demo. Everything trains from scratch (no pretrained weights), so the
 # demo uses the "easy" style at 64 px with three shapes (disc, ring, square: two look-alike pairs), which a
@@ -424,6 +547,9 @@ METHODS["sokd"] = Method(_build_sokd, {"cls": _outputs_and_batch}, check=_check_
 # epochs 150 / 180 / 210, wd 5e-4. DIST: CE 1 + 2 x DIST at tau 4. SoKD: the final code's CIFAR row is
 # DAM + DAFA alone (its masked feature loss replaces FitNet's hint), 50 search epochs of 240.
 CIFAR_EPOCH = 50_000 // 64
+DIST_CLS_CONFIGS = "hunto/DIST_KD classification configs/strategies/distill"
+MDISTILLER_KD = "megvii-research/mdistiller configs/cifar100/kd.yaml + mdistiller/engine/cfg.py"
+SOKD_CIFAR = "FabienCode/mdistiller configs/DFKD/cifar/res324_84.yaml (sokd.md §2.5)"
 CIFAR100 = Recipe(task="cls", data="cifar100", num_classes=100, crop=(32, 32), normalization="cifar100",
                   batch_size=64, iters=240 * CIFAR_EPOCH, lr=0.05, weight_decay=5e-4, schedule="step",
                   lr_steps=tuple(e * CIFAR_EPOCH for e in (150, 180, 210)), eval_every=10 * CIFAR_EPOCH,
@@ -435,18 +561,22 @@ CIFAR_KD_OPTIONS = {"tau": 4.0}
 MDISTILLER_KD_OPTIONS = {"tau": 4.0, "loss_weight": 0.9}
 MDISTILLER_KD_TASK_WEIGHT = 0.1
 for _teacher in ("resnet32x4", "resnet56", "resnet110", "wrn_40_2"):
-    register(f"teacher_{_teacher}_cifar100", dataclasses.replace(CIFAR100, student=_teacher))
+    register(f"teacher_{_teacher}_cifar100", dataclasses.replace(
+        CIFAR100, student=_teacher, source="unknown teacher config: the CIFAR-100 protocol of dist.md §4; hunto/DIST_KD's README "
+               "releases trained teachers (cifar_ckpts.zip)"))
 for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20")):
     register(f"dist_{_student}_cifar100", dataclasses.replace(
-        CIFAR100, method="dist", student=_student, teacher=_teacher, method_options=CIFAR_DIST_OPTIONS))
+        CIFAR100, method="dist", student=_student, teacher=_teacher, method_options=CIFAR_DIST_OPTIONS,
+        source=f"{DIST_CLS_CONFIGS}/dist_cifar.yaml"))
 for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1"), ("wrn_40_2", "wrn_16_2"),
                            ("resnet56", "resnet20"), ("resnet110", "resnet32")):
-    _pair = dataclasses.replace(CIFAR100, student=_student, teacher=_teacher)
+    _pair = dataclasses.replace(CIFAR100, student=_student, teacher=_teacher, source=SOKD_CIFAR)
     _sokd_search = {"search_iters": 50 * CIFAR_EPOCH}
     register(f"sokd_{_student}_cifar100", dataclasses.replace(_pair, method="sokd", method_options={
         "base": "none", "base_options": {"kd": CIFAR_KD_OPTIONS, "dist": CIFAR_DIST_OPTIONS}, **_sokd_search}))
     register(f"kd_{_student}_cifar100", dataclasses.replace(
-        _pair, method="kd", method_options=MDISTILLER_KD_OPTIONS, task_loss_weight=MDISTILLER_KD_TASK_WEIGHT))
+        _pair, method="kd", method_options=MDISTILLER_KD_OPTIONS, task_loss_weight=MDISTILLER_KD_TASK_WEIGHT,
+        source=MDISTILLER_KD))
     register(f"sokd_kd_{_student}_cifar100", dataclasses.replace(
         _pair, method="sokd", task_loss_weight=MDISTILLER_KD_TASK_WEIGHT,
         method_options={"base": "kd", "base_options": {"kd": MDISTILLER_KD_OPTIONS}, **_sokd_search}))
@@ -459,7 +589,8 @@ IMAGENET_EPOCH = 1_281_167 // 256
 IMAGENET = Recipe(task="cls", data="imagenet", num_classes=1000, crop=(224, 224), normalization="imagenet_rgb",
                   batch_size=256, iters=100 * IMAGENET_EPOCH, lr=0.1, weight_decay=1e-4, schedule="step",
                   lr_steps=tuple(e * IMAGENET_EPOCH for e in (30, 60, 90)), eval_every=10 * IMAGENET_EPOCH,
-                  ckpt_every=1000, student="resnet18", teacher="resnet34")
+                  ckpt_every=1000, student="resnet18", teacher="resnet34",
+                  source=f"{DIST_CLS_CONFIGS}/resnet_dist.yaml (its baseline recipe, dist.md §4)")
 IMAGENET_KD_OPTIONS = {"tau": 4.0}
 IMAGENET_DIST_OPTIONS = {"tau": 1.0, "loss_weight": 2.0}
 register("kd_resnet18_imagenet", dataclasses.replace(IMAGENET, method="kd", method_options=IMAGENET_KD_OPTIONS))
@@ -510,27 +641,34 @@ TASKS["det"] = tasks.DetTask()
 # --- mmdet 2.x baselines the detection papers start from (configs faster_rcnn_r50_fpn_{1x,2x}_coco,
 # retinanet_r50_fpn_{1x,2x}_coco, pascal_voc/{faster_rcnn,retinanet}_r50_fpn_1x_voc0712): batch 16 (8 GPUs
 # x 2), SGD momentum 0.9, wd 1e-4, flip 0.5, ImageNet mean/std, torchvision ResNet with stage 1 frozen and
-# BN in eval mode (pass its ImageNet weights with --pretrained). Epochs become iterations at batch 16:
-# COCO 1x = 12 epochs of train2017 ~ 90k iterations, x0.1 at 60k / 80k; 2x = 180k, x0.1 at 120k / 160k;
-# linear warm-up over 500 iterations from 0.001; lr 0.02 (Faster R-CNN) / 0.01 (RetinaNet); no gradient
-# clipping (mmdet 2.x baselines have none; the distillation configs that add it say so in their preset).
+# BN in eval mode, from torchvision's ImageNet weights. Schedules in epochs, as mmdet's EpochBasedRunner
+# counts them (the iterations follow from the training set's length at run time): COCO 1x = 12 epochs,
+# x0.1 at 8 and 11; 2x = 24, x0.1 at 16 and 22 (_base_/schedules/schedule_{1x,2x}.py); linear warm-up over
+# 500 iterations from 0.001; lr 0.02 (Faster R-CNN) / 0.01 (RetinaNet); evaluation after every epoch, the
+# final one reported; no gradient clipping (the distillation configs that add it say so in their preset).
+MMDET_CONFIGS = "open-mmlab/mmdetection v2.x configs"
 COCO_DET = Recipe(task="det", data="coco", num_classes=80, image_scale=(1333, 800), normalization="imagenet_rgb",
                   batch_size=16, weight_decay=1e-4, schedule="step", warmup_iters=500, warmup_ratio=0.001,
-                  eval_every=7330, ckpt_every=1000)  # eval once per epoch: 117,266 images / 16
-COCO_SCHEDULES = {"1x": (90_000, (60_000, 80_000)), "2x": (180_000, (120_000, 160_000))}
+                  iters=None, eval_every=1, ckpt_every=1000)
+COCO_SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}
 DETECTOR_LR = {"faster_rcnn": 0.02, "retinanet": 0.01}
-# VOC 07+12 (mmdet voc0712): 16,551 trainval images repeated 3 times per epoch -> 3,104 iterations per
-# epoch at batch 16; 4 epochs (12,416 iterations) with x0.1 after 3 (9,312); 1000x600; lr 0.01 for both
-# detectors, no warm-up and no clipping (those configs do not include mmdet's schedule_1x); VOC07 test.
-VOC_EPOCH = 3104
+TORCHVISION_WEIGHTS = {18: "resnet18-f37072fd.pth", 50: "resnet50-0676ba61.pth", 101: "resnet101-63fe2227.pth"}
+# VOC 07+12 (mmdet pascal_voc/*_voc0712.py): 16,551 trainval images repeated 3 times per epoch (RepeatDataset
+# times=3), 4 epochs with x0.1 after 3; 1000x600; lr 0.01 for both detectors, no warm-up and no clipping
+# (those configs do not include mmdet's schedule_1x); VOC07 test.
 VOC_DET = dataclasses.replace(COCO_DET, data="voc", num_classes=20, image_scale=(1000, 600), lr=0.01,
-                              iters=4 * VOC_EPOCH, lr_steps=(3 * VOC_EPOCH,), warmup_iters=0, eval_every=VOC_EPOCH)
+                              epochs=4, lr_steps=(3,), dataset_repeat=3, warmup_iters=0)
 for _arch, _lr in DETECTOR_LR.items():
     for _depth in (50, 101):
-        for _schedule, (_iters, _steps) in COCO_SCHEDULES.items():
+        for _schedule, (_epochs, _steps) in COCO_SCHEDULES.items():
             register(f"{_arch}_r{_depth}_fpn_{_schedule}_coco", dataclasses.replace(
-                COCO_DET, student=f"{_arch}_r{_depth}", lr=_lr, iters=_iters, lr_steps=_steps))
-        register(f"{_arch}_r{_depth}_fpn_voc0712", dataclasses.replace(VOC_DET, student=f"{_arch}_r{_depth}"))
+                COCO_DET, student=f"{_arch}_r{_depth}", lr=_lr, epochs=_epochs, lr_steps=_steps,
+                pretrained=TORCHVISION_WEIGHTS[_depth],
+                source=f"{MMDET_CONFIGS}/{_arch}/{_arch}_r{_depth}_fpn_{_schedule}_coco.py"))
+        register(f"{_arch}_r{_depth}_fpn_voc0712", dataclasses.replace(
+            VOC_DET, student=f"{_arch}_r{_depth}", pretrained=TORCHVISION_WEIGHTS[_depth],
+            source=f"{MMDET_CONFIGS}/pascal_voc/{_arch}_r50_fpn_1x_voc0712.py" + ("" if _depth == 50 else
+                                                                              f" with the R{_depth} backbone (ours)")))
 
 # --- Built-in synthetic scenes: from scratch on a CPU (no pretrained weights, so the whole backbone trains).
 # Easy-style scenes with three shapes: RetinaNet-R18 reaches VOC mAP 0.0 / 4.0 / 19.3 after 200 / 400 / 600
@@ -585,9 +723,8 @@ def _build_gkd(recipe, student, teacher):
     two_stage = is_two_stage(recipe.student)
     levels = GKD_TWO_STAGE_LEVELS if two_stage else GKD_ONE_STAGE_LEVELS
     options = {"level_reduction": "mean" if two_stage else "sum", **recipe.method_options}
-    return ScheduledGKDDistiller(levels, recipe.num_classes, recipe.iters, recipe.batch_size,
-                                 channels_s=student.out_channels[levels[0]], channels_t=teacher.out_channels[levels[0]],
-                                 strides=_fpn_strides(levels), **options)
+    return ScheduledGKDDistiller(levels, recipe.num_classes, channels_s=student.out_channels[levels[0]],
+                                 channels_t=teacher.out_channels[levels[0]], strides=_fpn_strides(levels), **options)
 
 
 def _gkd_det(student_out, teacher_out, batch):
@@ -635,24 +772,37 @@ METHODS["gkd"] = Method(_build_gkd, {"det": _gkd_det}, check=_check_gkd)
 # ScheduledGKDDistiller's defaults. The released config starts the student from the trained R50 2x
 # checkpoint (all of it): student_init is where train.py writes that baseline preset's run; the baseline
 # twin, without student_init (DISTILLATION_FIELDS), is the plain R50 2x recipe.
+GKD_SOURCE = ("hikvision-research/DAVAR-Lab-ML ObjectPerceptron/mmdetection/third_party/kd (the released COCO "
+              "Faster R-CNN R101->R50 config, gkd.md §6)")
 for _arch in DETECTOR_LR:
     register(f"gkd_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
         PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="gkd", teacher=f"{_arch}_r101",
-        student_init=f"runs/{_arch}_r50_fpn_2x_coco/last.pt"))
+        student_init=f"runs/{_arch}_r50_fpn_2x_coco/last.pt",
+        source=GKD_SOURCE if _arch == "faster_rcnn" else f"unknown (no released RetinaNet config): {GKD_SOURCE} on "
+                                                       f"{PRESETS[f'{_arch}_r50_fpn_2x_coco'].source}, ours"),
+        baseline=PRESETS[f"{_arch}_r50_fpn_2x_coco"])
     # VOC 07+12 (gkd.md §6): no released config or numbers; same KD settings on our VOC schedule (our choice).
     register(f"gkd_{_arch}_r50_fpn_voc0712", dataclasses.replace(
-        PRESETS[f"{_arch}_r50_fpn_voc0712"], method="gkd", teacher=f"{_arch}_r101"))
+        PRESETS[f"{_arch}_r50_fpn_voc0712"], method="gkd", teacher=f"{_arch}_r101",
+        source=f"unknown (no released VOC config): GKD's COCO KD settings on "
+               f"{PRESETS[f'{_arch}_r50_fpn_voc0712'].source}, ours"), baseline=PRESETS[f"{_arch}_r50_fpn_voc0712"])
 # GDD (gdd.md §5/§6, row 3): alpha 4, tau 4 on P2-P5, gradient clipping 35 added by the distillation config.
 # The paper's teacher is a Cascade Mask R-CNN X101-32x4d-FPN-DCN (47.3); ours is Faster R-CNN R101-FPN 2x.
 register("gdd_faster_rcnn_r50_fpn_2x_coco", dataclasses.replace(
     PRESETS["faster_rcnn_r50_fpn_2x_coco"], method="gdd", teacher="faster_rcnn_r101", grad_clip=35.0,
-    method_options={"alpha": 4.0, "tau": 4.0}), baseline=PRESETS["faster_rcnn_r50_fpn_2x_coco"])
+    method_options={"alpha": 4.0, "tau": 4.0},
+    source="ZhgLiu/GDD objectDet/configs/distillers/gdd/cascade_mask_rcnn_rx101_32x4d_distill_faster_rcnn_r50_fpn_2x_coco.py"),
+    baseline=PRESETS["faster_rcnn_r50_fpn_2x_coco"])
 # DIST (dist.md §3/§4): beta = gamma = 1, tau 1, weight 1; RetinaNet sigmoid per level, Faster R-CNN softmax
 # RoI logits. The paper's teachers are RetinaNet X101 (41.0) and Cascade Mask R-CNN X101-64x4d (45.6);
 # ours are the R101-FPN 2x of the same detector.
+DIST_DET_CONFIGS = {"retinanet": "dist_retinanet_x101-retinanet-r50_coco.py",
+                    "faster_rcnn": "dist_cascade_mask_rcnn_x101-fpn_x50_coco.py"}
 for _arch in DETECTOR_LR:
     register(f"dist_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
-        PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="dist", teacher=f"{_arch}_r101"))
+        PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="dist", teacher=f"{_arch}_r101",
+        source=f"hunto/MasKD mmrazor/configs/distill/dist/{DIST_DET_CONFIGS[_arch]} (DIST_KD README)"),
+        baseline=PRESETS[f"{_arch}_r50_fpn_2x_coco"])
 
 # ------------------------------------------------------------------------------ SoKD on detection (issue 6)
 # sokd.md §5, COCO row ([code], the RegKD branch on detectron2): DAM on the last FPN output, the student's
@@ -665,11 +815,15 @@ SOKD_DET_OPTIONS = {"k": 8, "num_heat": 2, "w_feat": 2.0, "w_dam": 1.0, "search_
                     "base_options": {"kd": {"tau": 4.0}, "dist": {}, "gdd": {"alpha": 4.0, "tau": 4.0}}}
 # Faster R-CNN R101 -> R50 / R18 (the MobileNetV2 student is not built here): 180k iterations at batch 8,
 # lr 0.01, x0.1 at 120k / 160k; warm-up and data handling of our mmdet Faster R-CNN 2x recipe (ours).
-SOKD_COCO = dataclasses.replace(PRESETS["faster_rcnn_r50_fpn_2x_coco"], batch_size=8, lr=0.01,
-                                eval_every=117_266 // 8, teacher="faster_rcnn_r101", method="sokd")
+# detectron2 counts iterations, so this recipe does too (evaluation about once per epoch at batch 8).
+# Pretrained: torchvision's R50 (ours; detectron2 starts from its own R-50.pkl, a layout our loader does not read).
+SOKD_COCO = dataclasses.replace(PRESETS["faster_rcnn_r50_fpn_2x_coco"], batch_size=8, lr=0.01, epochs=None,
+                                iters=180_000, lr_steps=(120_000, 160_000), eval_every=117_266 // 8,
+                                teacher="faster_rcnn_r101", method="sokd",
+                                source="unknown config file: the RegKD branch of SoKD's detectron2 code (sokd.md §5)")
 for _depth in (50, 18):
     register(f"sokd_faster_rcnn_r{_depth}_fpn_coco", dataclasses.replace(
-        SOKD_COCO, student=f"faster_rcnn_r{_depth}",
+        SOKD_COCO, student=f"faster_rcnn_r{_depth}", pretrained=TORCHVISION_WEIGHTS[_depth],
         method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5}))
 DEFAULT_PRESETS[("det", "sokd", "coco")] = "sokd_faster_rcnn_r50_fpn_coco"
 

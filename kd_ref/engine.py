@@ -23,7 +23,17 @@ After the student step the engine minimises ``sum(extra_losses(...))`` with that
 ``lr_lambda(iteration)``; ``None`` keeps it constant) and stores the optimizer in checkpoints.
 
 Epoch hook (GKD's prototypes): a distiller may define ``before_epoch(context)``; the engine calls it
-before every epoch with a :class:`EpochContext` that gives it the models and the training set.
+before every epoch with a :class:`EpochContext` that gives it the models, the training set and the epoch
+counter (``epoch`` of ``epochs``).
+
+Schedules: an iteration-based recipe runs ``iters`` iterations; an epoch-based one (``recipe.epochs``, mmdet
+EpochBasedRunner) runs ``epochs`` passes over the training set repeated ``dataset_repeat`` times, its
+iterations, lr steps and evaluation interval derived from that set's length when the run starts
+(``configs.resolve_schedule``). Checkpoints store the recipe as given, in its own units.
+
+Checkpoint selection (``recipe.keep_best``): every evaluation whose main metric beats the best so far is
+also written to ``best.pt``; ``metrics.json`` then holds ``"best": {"iteration", <metric>}`` next to the
+final scores.
 
 Step hook (SoKD's policy search): a distiller may define ``after_step(context)``; the engine calls it
 after the optimizer steps of every iteration with a :class:`StepContext`, whose ``loss_fn(batch)``
@@ -143,19 +153,22 @@ class EpochAugmentation(torch.utils.data.Dataset):
     """Gives every sample's random augmentation its own generator seeded by (seed, epoch, index).
 
     Augmentations then do not depend on which worker loads a sample or on where a run was resumed,
-    which is what makes ``--resume`` exact."""
+    which is what makes ``--resume`` exact.
 
-    def __init__(self, dataset, seed: int):
+    An epoch passes ``repeat`` times over the data set (mmdet RepeatDataset: index i reads sample
+    i mod len); each pass draws its own augmentations."""
+
+    def __init__(self, dataset, seed: int, repeat: int = 1):
         self.dataset = dataset
-        self.seed = seed
+        self.seed, self.repeat = seed, repeat
         self.epoch = 0
 
     def __len__(self):
-        return len(self.dataset)
+        return self.repeat * len(self.dataset)
 
     def __getitem__(self, index):
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.dataset.get(index, rng)
+        return self.dataset.get(index % len(self.dataset), rng)
 
 
 def shard_indices(length: int, runtime: Runtime) -> list:
@@ -321,13 +334,15 @@ class PreemptionGuard:
 # ------------------------------------------------------------------------------------- epoch hook
 @dataclass
 class EpochContext:
-    """What a distiller's ``before_epoch`` hook may use: the models and the training data."""
+    """What a distiller's ``before_epoch`` hook may use: the models, the training data (without the
+    recipe's repetition) and the epoch counter, ``epoch`` (0-based) of ``epochs`` in the run."""
     epoch: int
     student: nn.Module
     teacher: nn.Module
     dataset: object
     collate: object
     runtime: Runtime
+    epochs: int = 1
 
 
 @dataclass
@@ -482,13 +497,14 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     task = configs.TASKS[recipe.task]
     method = configs.METHODS[recipe.method]
     configs.check_recipe(recipe)
+    configs.check_schedule(recipe)
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "last.pt")
     log = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
 
     resume_state = load_checkpoint(ckpt_path) if resume else None
-    if resume and resume_state["recipe"] != dataclasses.asdict(recipe):
-        changed = sorted(k for k, v in dataclasses.asdict(recipe).items() if resume_state["recipe"].get(k) != v)
+    changed = configs.recipe_changes(resume_state["recipe"], recipe) if resume else []
+    if changed:
         raise ValueError(f"--resume: the recipe differs from the one in {ckpt_path} in {changed}")
     init_student = recipe.student_init is not None and resume_state is None  # a resumed run has its own weights
     if init_student and not os.path.isfile(recipe.student_init):  # checked before the (slow) data set is read
@@ -517,7 +533,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     if per_rank_batch * runtime.world_size != recipe.batch_size or per_rank_batch == 0:
         raise ValueError(f"--batch-size {recipe.batch_size} must be a positive multiple of the number "
                          f"of processes ({runtime.world_size})")
-    augmented = EpochAugmentation(train_set, recipe.seed)
+    augmented = EpochAugmentation(train_set, recipe.seed, recipe.dataset_repeat)
     sampler = ResumableSampler(augmented, runtime, recipe.seed)
     if len(sampler) < per_rank_batch:
         raise ValueError(f"training set has {len(train_set)} samples: fewer than one batch of "
@@ -527,6 +543,9 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                         collate_fn=collate, drop_last=True, persistent_workers=False,
                         pin_memory=runtime.device.type == "cuda", generator=loader_generator)
     iters_per_epoch = len(sampler) // per_rank_batch
+    recipe_record = dataclasses.asdict(recipe)  # checkpoints keep the recipe as given (epochs stay epochs)
+    recipe = configs.resolve_schedule(recipe, iters_per_epoch)
+    epochs = math.ceil(recipe.iters / iters_per_epoch)
 
     distiller = method.build(recipe, student, teacher) if method.build else None
     if distiller is not None:
@@ -547,6 +566,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     extra_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     start_iter = 0
+    best = None  # {"iteration", main metric} of the best evaluation so far (keep_best)
     if resume_state is not None:
         student.load_state_dict(resume_state["model"])
         if distiller is not None:
@@ -558,6 +578,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
         extra_scaler.load_state_dict(resume_state["extra_scaler"])
         start_iter = resume_state["iteration"]
         log.truncate(start_iter)
+        best = resume_state.get("best")  # absent in checkpoints of runs without keep_best
         set_rng_state(resume_state["rng"][min(runtime.rank, len(resume_state["rng"]) - 1)])
         if runtime.is_main and not quiet:
             print(f"resumed from {ckpt_path} at iteration {start_iter}")
@@ -568,7 +589,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
             student, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
             find_unused_parameters=task.find_unused_parameters)
 
-    def save(iteration: int) -> None:
+    def save(iteration: int, path: str = ckpt_path) -> None:
         rngs = [rng_state()]
         if runtime.world_size > 1:
             rngs = [None] * runtime.world_size
@@ -579,12 +600,18 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                 "optimizer": optimizer.state_dict(),
                 "extra_optimizer": extra_optimizer.state_dict() if extra_optimizer else None,
                 "scaler": scaler.state_dict(), "extra_scaler": extra_scaler.state_dict(),
-                "iteration": iteration, "recipe": dataclasses.asdict(recipe), "rng": rngs,
-            }, ckpt_path)
+                "iteration": iteration, "recipe": recipe_record, "rng": rngs, "best": best,
+            }, path)
 
     def run_eval(iteration: int) -> dict:
+        nonlocal best
         metrics = evaluate(task, unwrap(model), val_set, collate, runtime, recipe, workers, quiet)
         log.write({"iteration": iteration, "eval": metrics})
+        score = metrics[task.main_metric]
+        if recipe.keep_best and (best is None or score > best[task.main_metric]):  # NaN is never best
+            best = {"iteration": iteration, task.main_metric: score}
+            save(iteration, os.path.join(out_dir, "best.pt"))
+            log.write({"iteration": iteration, "best": best})
         return metrics
 
     bar = tqdm(total=recipe.iters, initial=start_iter, desc=f"train {recipe.student} [{recipe.method}]",
@@ -597,7 +624,8 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
             augmented.epoch = epoch
             sampler.set_position(epoch, offset * per_rank_batch)
             if offset == 0 and hasattr(distiller, "before_epoch"):
-                distiller.before_epoch(EpochContext(epoch, unwrap(model), teacher, train_set, collate, runtime))
+                distiller.before_epoch(EpochContext(epoch, unwrap(model), teacher, train_set, collate, runtime,
+                                                    epochs))
             model.train()
             tick = time.perf_counter()
             for batch in loader:
@@ -668,6 +696,8 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                 tick = time.perf_counter()
     bar.close()
     metrics = run_eval(iteration)
+    if recipe.keep_best:
+        metrics = {**metrics, "best": best}
     if runtime.is_main:
         write_json(os.path.join(out_dir, "metrics.json"), metrics)
     return metrics

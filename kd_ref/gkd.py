@@ -62,7 +62,6 @@ training set before every epoch and the epoch position of the attenuation.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -794,7 +793,8 @@ class ScheduledGKDDistiller(GKDDistiller):
     ``before_epoch(context)``, called by the engine before every epoch:
 
     * sets the schedule position for the attenuation ``1 - epoch / max_epochs`` (the registry's bind sees
-      model outputs only), ``max_epochs = ceil(total_iters / iterations per epoch)``;
+      model outputs only) from the engine's epoch counter: ``context.epoch`` of ``context.epochs``, the
+      recipe's epochs (an epoch-based recipe's own count, e.g. COCO 2x: 24), not a count of our own;
     * regenerates the prototypes: PGM instances are selected once (:func:`select_pgm_instances`, fixed
       seed) from the training set's GT boxes; each selected image goes alone through the evaluation
       transform and the collate (pad to 32); the teacher's pooled features are computed once and cached,
@@ -808,15 +808,10 @@ class ScheduledGKDDistiller(GKDDistiller):
     resumed mid-epoch attenuates like an uninterrupted one (the prototypes travel in the parent's keys).
     """
 
-    def __init__(self, level_names: Sequence[str], num_classes: int, total_iters: int, batch_size: int,
-                 pgm_max_images: int = 800, pgm_min_size: float = 30.0, pgm_seed: int = 1,
+    def __init__(self, level_names: Sequence[str], num_classes: int, pgm_max_images: int = 800, pgm_min_size: float = 30.0, pgm_seed: int = 1,
                  num_prototypes: int = 10, pgm_alpha: float = 10.0, **distiller_options):
         super().__init__(num_levels=len(level_names), **distiller_options)
-        if total_iters < 1 or batch_size < 1:
-            raise ValueError(f"ScheduledGKDDistiller: total_iters and batch_size must be >= 1, got {total_iters} "
-                             f"and {batch_size}")
         self.level_names, self.num_classes = list(level_names), num_classes
-        self.total_iters, self.batch_size = total_iters, batch_size
         self.pgm_max_images, self.pgm_min_size, self.pgm_seed = pgm_max_images, pgm_min_size, pgm_seed
         self.num_prototypes, self.pgm_alpha = num_prototypes, pgm_alpha
         self.epoch, self.max_epochs = 0, 1
@@ -849,9 +844,7 @@ class ScheduledGKDDistiller(GKDDistiller):
     @torch.no_grad()
     def before_epoch(self, context) -> None:
         runtime, base = context.runtime, context.dataset.base
-        per_rank_batch = self.batch_size // runtime.world_size
-        iters_per_epoch = max(1, len(context.dataset) // runtime.world_size // per_rank_batch)
-        self.epoch, self.max_epochs = context.epoch, math.ceil(self.total_iters / iters_per_epoch)
+        self.epoch, self.max_epochs = context.epoch, context.epochs
         if self._pgm_images is None:
             self._pgm_images = self._select_images(base)
         if not self._pgm_images:

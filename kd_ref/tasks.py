@@ -64,7 +64,8 @@ class SegTask:
         if split == "train":
             transform = transforms.SegTrainTransform(recipe.crop, recipe.scales, recipe.normalization,
                                                      scale_step=recipe.scale_step,
-                                                     cat_max_ratio=recipe.cat_max_ratio)
+                                                     cat_max_ratio=recipe.cat_max_ratio,
+                                                     photometric=recipe.photometric_distortion)
         else:
             transform = transforms.SegEvalTransform(recipe.normalization)
         options = synthetic_options(recipe, split)

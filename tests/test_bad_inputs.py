@@ -62,7 +62,7 @@ def copy_checkpoint(trained, folder):
 
 def cityscapes_train(root, *flags):
     return (train, ["--task", "seg", "--data", "cityscapes", "--data-root", str(root), "--iters", "1",
-                    "--batch-size", "2", "--crop", "32", "32", "--quiet", *flags])
+                    "--batch-size", "2", "--crop", "32", "32", "--pretrained", "none", "--quiet", *flags])
 
 
 def synthetic_train(out, *flags):
@@ -152,7 +152,11 @@ def nan_in_the_loss(c):
 
 # name -> setup(c) -> (tool, argv, text the error line must contain); c has tmp, trained, monkeypatch
 CASES = {
-    "data_root_not_given": lambda c: (train, ["--task", "seg", "--data", "cityscapes", "--quiet"], "--data-root"),
+    "data_root_not_given": lambda c: (train, ["--task", "seg", "--data", "cityscapes", "--pretrained", "none",
+                                              "--quiet"], "--data-root"),
+    "pretrained_weights_missing": lambda c: (train, ["--task", "seg", "--data", "cityscapes", "--data-root",
+                                                     str(c.tmp), "--out", str(c.tmp / "run"), "--quiet"],
+                                             "resnet18-imagenet.pth (CIRKD deep-stem ResNetV1b layout"),
     "data_root_missing": lambda c: (*cityscapes_train(c.tmp / "does-not-exist"), "does-not-exist"),
     "data_root_without_layout": lambda c: (*cityscapes_train(c.tmp), "leftImg8bit"),
     "empty_val_split": cityscapes_case(
@@ -206,6 +210,10 @@ CASES = {
     "evaluate_with_another_task": lambda c: (
         evaluate, ["--ckpt", str(c.trained), "--task", "det", "--quiet"], "holds a seg model"),
     "nan_in_the_loss": nan_in_the_loss,
+    "iters_on_an_epoch_preset": lambda c: (train, ["--preset", "retinanet_r50_fpn_2x_coco", "--iters", "5", "--quiet"],
+                                           "counts epochs"),
+    "keep_best_without_evaluations": lambda c: (*synthetic_train(c.tmp, "--keep-best", "--eval-every", "0"),
+                                                "--keep-best"),
 }
 if not torch.cuda.is_available():
     CASES["cuda_without_gpu"] = lambda c: (*synthetic_train(c.tmp, "--device", "cuda"), "no CUDA device")
@@ -233,8 +241,16 @@ def test_bad_input_gives_one_error_line_nonzero_exit_and_keeps_checkpoints(case,
 def test_command_line_exits_with_status_2_and_one_error_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "train.py", "--task", "seg", "--data", "cityscapes", "--data-root",
-                             str(tmp_path / "does-not-exist")], cwd=ROOT, capture_output=True, text=True, env=env,
+                             str(tmp_path / "does-not-exist"), "--pretrained", "none"], cwd=ROOT, capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error:") and "does-not-exist" in result.stderr
+
+
+def test_missing_pretrained_weights_stop_before_anything_is_written(tmp_path, capsys):
+    assert train.run(["--preset", "gdd_pspnet_r18_cityscapes", "--data-root", str(tmp_path),
+                      "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --pretrained resnet18_v1c.pth: no such file") and "open-mmlab://resnet18_v1c" in error
+    assert "--pretrained none" in error and not (tmp_path / "run").exists()

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -84,3 +85,98 @@ def test_task_loss_weight_scales_every_task_loss(tmp_path):
     outputs = {"losses": {"loss_seg": torch.tensor(2.0), "loss_seg_aux": torch.tensor(0.5)}}
     weighted = weighted_task_losses(outputs, 0.1)
     assert weighted == {"loss_seg": pytest.approx(0.2), "loss_seg_aux": pytest.approx(0.05)}
+
+
+# ------------------------------------------------------------------ epoch-based schedules and keep-best
+class EpochRecorder(nn.Module):
+    """A distiller that adds no loss and records the engine's epoch counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.passes = []
+
+    def before_epoch(self, context):
+        self.passes.append((context.epoch, context.epochs, len(context.dataset)))
+
+    def forward(self):
+        return {}
+
+
+def tiny_cls_recipe(**fields):
+    from kd_ref import tasks
+    return configs.Recipe(task="cls", data="synthetic", num_classes=tasks.SYNTHETIC_NUM_IMAGE_CLASSES, crop=(8, 8),
+                          normalization="cifar100", synthetic_size=(32, 32), synthetic_train=2, synthetic_val=1,
+                          student="resnet8", batch_size=2, lr=0.1, schedule="step", **{"ckpt_every": 0, **fields})
+
+
+def run_recorded(tmp_path, monkeypatch, recipe):
+    from kd_ref import engine
+    recorder = EpochRecorder()
+    monkeypatch.setitem(configs.METHODS, "recorder", configs.Method(lambda *models: recorder,
+                                                                     {"cls": lambda s, t, b: {}}))
+    teacher_ckpt = tmp_path / "teacher.pt"
+    torch.save({"model": configs.TASKS["cls"].build_model(recipe, "resnet8").state_dict()}, teacher_ckpt)
+    recipe = dataclasses.replace(recipe, method="recorder", teacher="resnet8")
+    engine.train(recipe, str(tmp_path / "run"), Runtime(torch.device("cpu")), teacher_ckpt=str(teacher_ckpt),
+                 workers=0, quiet=True)
+    with open(tmp_path / "run" / "log.jsonl") as handle:
+        steps = [line for line in map(json.loads, handle) if "lr" in line]
+    return recorder.passes, steps
+
+
+@pytest.mark.parametrize("preset", ["gkd_faster_rcnn_r50_fpn_2x_coco", "gkd_retinanet_r50_fpn_voc0712"])
+def test_epoch_recipes_derive_iterations_from_the_set_and_count_the_presets_epochs(tmp_path, monkeypatch, preset):
+    """The GKD presets' schedules on a 2-image set at batch 2: COCO 2x = 24 passes of 1 iteration, steps
+    after epochs 16 and 22; VOC = 4 passes over the set repeated 3 times (3 iterations each), step after 3."""
+    reference = configs.PRESETS[preset]
+    recipe = tiny_cls_recipe(iters=None, epochs=reference.epochs, lr_steps=reference.lr_steps,
+                             dataset_repeat=reference.dataset_repeat)
+    passes, steps = run_recorded(tmp_path, monkeypatch, recipe)
+    epochs, per_epoch = reference.epochs, reference.dataset_repeat
+    assert passes == [(epoch, epochs, 2) for epoch in range(epochs)]  # the hook sees the set without repetition
+    assert [step["epoch"] for step in steps] == [epoch for epoch in range(epochs) for _ in range(per_epoch)]
+    lrs = [step["lr"] for step in steps]
+    expected = [0.1 * 0.1 ** sum(epoch >= s for s in reference.lr_steps)
+                for epoch in range(epochs) for _ in range(per_epoch)]
+    assert lrs == pytest.approx(expected)
+    stored = load_checkpoint(str(tmp_path / "run" / "last.pt"))
+    assert stored["recipe"]["epochs"] == epochs and stored["recipe"]["iters"] is None  # the units as given
+
+
+def test_iteration_recipes_count_epochs_from_the_set_length(tmp_path, monkeypatch):
+    passes, steps = run_recorded(tmp_path, monkeypatch, tiny_cls_recipe(iters=3, dataset_repeat=2))
+    assert passes == [(0, 2, 2), (1, 2, 2)] and len(steps) == 3  # 2 iterations per repeated epoch
+
+
+def test_keep_best_keeps_the_best_evaluation_and_names_its_iteration(tmp_path, monkeypatch):
+    from kd_ref import engine
+    scores = iter([50.0, 70.0, 60.0])
+    monkeypatch.setattr(engine, "evaluate", lambda *args, **kwargs: {"top1": next(scores)})
+    recipe = tiny_cls_recipe(iters=3, eval_every=1, keep_best=True)
+    metrics = engine.train(recipe, str(tmp_path), Runtime(torch.device("cpu")), workers=0, quiet=True)
+    assert metrics == {"top1": 60.0, "best": {"iteration": 2, "top1": 70.0}}
+    with open(tmp_path / "metrics.json") as handle:
+        assert json.load(handle) == metrics
+    assert load_checkpoint(str(tmp_path / "best.pt"))["iteration"] == 2
+    assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
+
+
+def test_old_checkpoint_without_the_new_recipe_fields_resumes(tmp_path, monkeypatch):
+    """A checkpoint written before photometric_distortion/epochs/dataset_repeat/keep_best/source existed
+    resumes with those fields at their defaults, and refuses a recipe that changes one of them."""
+    from kd_ref import engine
+    recipe = tiny_cls_recipe(iters=2, ckpt_every=1)
+    engine.train(dataclasses.replace(recipe, iters=1), str(tmp_path), Runtime(torch.device("cpu")), workers=0,
+                 quiet=True)
+    path = str(tmp_path / "last.pt")
+    ckpt = load_checkpoint(path)
+    new_fields = ("photometric_distortion", "epochs", "dataset_repeat", "keep_best", "source")
+    ckpt["recipe"] = {k: v for k, v in ckpt["recipe"].items() if k not in new_fields}
+    ckpt["recipe"]["iters"] = 2
+    atomic_save(ckpt, path)
+    with pytest.raises(ValueError, match=r"differs .* in \['dataset_repeat'\]"):
+        engine.train(dataclasses.replace(recipe, dataset_repeat=2), str(tmp_path), Runtime(torch.device("cpu")),
+                     resume=True, workers=0, quiet=True)
+    engine.train(dataclasses.replace(recipe, source="documentation only"), str(tmp_path),
+                 Runtime(torch.device("cpu")), resume=True, workers=0, quiet=True)
+    assert load_checkpoint(path)["iteration"] == 2

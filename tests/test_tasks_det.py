@@ -213,7 +213,8 @@ def test_each_detector_trains_and_resumes_exactly(tmp_path, monkeypatch, student
 def test_coco_tree_trains_and_evaluates_through_the_clis(coco_tree, tmp_path):
     run = tmp_path / "run"
     train.main(["--task", "det", "--data", "coco", "--data-root", str(coco_tree), "--set", "num_classes=8",
-                "--set", "image_scale=(64, 64)", "--iters", "1", "--batch-size", "2", "--out", str(run), "--quiet"])
+                "--set", "image_scale=(64, 64)", "--set", "epochs=1", "--batch-size", "2", "--pretrained", "none",
+                "--out", str(run), "--quiet"])  # one epoch of the 2-image set: 1 iteration
     scores = evaluate.main(["--ckpt", str(run / "last.pt"), "--data-root", str(coco_tree), "--save-pred",
                             str(tmp_path / "pred"), "--quiet"])
     assert set(scores) == {"mAP", "AP", "AP50", "AP75", "APs", "APm", "APl"}

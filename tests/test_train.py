@@ -1,4 +1,5 @@
 """End-to-end tests of train.py / evaluate.py on tiny synthetic segmentation data."""
+import dataclasses
 import json
 import os
 import shutil
@@ -144,7 +145,8 @@ def test_cityscapes_tree_trains_and_evaluates(tmp_path):
     datasets.main(["export", "--format", "cityscapes", str(root), "--num-train", "2", "--num-val", "1",
                    "--size", "64", "64"])
     metrics = train.main(["--task", "seg", "--data", "cityscapes", "--data-root", str(root), "--out",
-                          str(tmp_path / "run"), "--iters", "1", "--batch-size", "2", "--crop", "64", "64", "--quiet"])
+                          str(tmp_path / "run"), "--iters", "1", "--batch-size", "2", "--crop", "64", "64", "--pretrained", "none",
+                          "--quiet"])
     assert len(metrics["IoU"]) == 19
 
 
@@ -192,3 +194,14 @@ def test_gkd_presets_start_from_the_trained_baseline_detector():
         recipe = configs.PRESETS[f"gkd_{arch}_r50_fpn_2x_coco"]
         assert recipe.student_init == f"runs/{arch}_r50_fpn_2x_coco/last.pt"
         assert configs.PRESETS[f"gkd_{arch}_r50_fpn_2x_coco_baseline"].student_init is None
+
+
+def test_print_recipe_prints_every_preset_as_json_without_reading_data(capsys, tmp_path):
+    for name, recipe in configs.PRESETS.items():
+        assert train.run(["--preset", name, "--print-recipe", "--data-root", str(tmp_path / "absent")]) == 0, name
+        printed = json.loads(capsys.readouterr().out)
+        assert printed == json.loads(json.dumps(dataclasses.asdict(recipe))), name
+    assert printed["source"] is not None and not (tmp_path / "absent").exists()
+    train.run(["--preset", "gkd_faster_rcnn_r50_fpn_voc0712", "--print-recipe"])
+    voc = json.loads(capsys.readouterr().out)
+    assert (voc["epochs"], voc["lr_steps"], voc["dataset_repeat"], voc["iters"]) == (4, [3], 3, None)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -170,3 +172,38 @@ def test_seed_worker_is_reproducible_per_seed_rank_worker():
     finally:
         torch.set_rng_state(state[0])
         np.random.set_state(state[1])
+
+
+def test_skd_original_preset_draws_scales_from_0_7_to_2_1():
+    from kd_ref import configs
+    recipe = configs.PRESETS["skd_pspnet_r18_cityscapes_original"]
+    rng = np.random.default_rng(0)
+    drawn = {round(T.draw_scale(rng, recipe.scales, recipe.scale_step), 6) for _ in range(2000)}
+    assert drawn == {round(0.7 + k / 10, 6) for k in range(15)}
+
+
+def test_gdd_pipeline_applies_photometric_distortion_after_the_flip_before_normalising():
+    """The GDD preset's transform = scale -> crop -> flip -> PhotoMetricDistortion -> normalise (mmseg order):
+    replayed step by step with the same generator it gives the same tensor."""
+    from kd_ref import configs, tasks
+    recipe = configs.PRESETS["gdd_pspnet_r18_cityscapes"]
+    transform, _ = tasks.SegTask().build_data(
+        dataclasses.replace(recipe, data="synthetic", num_classes=4, crop=(16, 16), synthetic_size=(32, 32), synthetic_train=1,
+                            synthetic_val=1), "train", None)
+    transform = transform.transform
+    assert transform.photometric is not None and transform.scale_step is None and transform.cat_max_ratio == 0.75
+    image = np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    label = np.zeros((24, 24), dtype=np.uint8)
+    out, _ = transform(image, label, np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    x = T.to_tensor(image)
+    scale = T.draw_scale(rng, recipe.scales, None)
+    size = (max(1, round(24 * scale)), max(1, round(24 * scale)))
+    x = T.resize_image(x, size)
+    top, left = transform._crop_origin(T.resize_label(torch.from_numpy(label.astype(np.int64)), size), rng)
+    x = x[:, top:top + 16, left:left + 16]
+    if rng.random() < 0.5:
+        x = x.flip(-1)
+    x = T.pad_bottom_right(T.normalize(T.PhotoMetricDistortion()(x, rng), "imagenet_rgb"), (16, 16), 0.0)
+    assert torch.equal(out, x)
+    assert not configs.PRESETS["dist_pspnet_r18_cityscapes"].photometric_distortion  # CIRKD has none
