@@ -80,7 +80,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from kd_ref.precision import at_least_float32
+from kd_ref.precision import at_least_float32, autocast_disabled
 
 KernelSize = Union[int, Sequence[int]]
 
@@ -90,10 +90,6 @@ ADV_TYPES = ("hinge", "wgan")
 D_INPUTS = ("logits", "logits+image")
 IMAGE_CHANNELS = 3
 D_MIN_INPUT_SIZE = 64  # four stride-2 convolutions and a 4x4 valid convolution
-
-
-def _autocast_off(tensor: torch.Tensor):
-    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +109,7 @@ def pixel_wise_kd(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1
         raise ValueError(f"pixel_wise_kd: normalize must be one of {PIXEL_NORMALIZATIONS}, "
                          f"got {normalize!r}")
     batch, _, height, width = logits_s.shape
-    with _autocast_off(logits_s):
+    with autocast_disabled(logits_s):
         log_p_s = F.log_softmax(at_least_float32(logits_s) / tau, dim=1)
         log_p_t = F.log_softmax(at_least_float32(logits_t.detach()) / tau, dim=1)
         kl_sum = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
@@ -191,7 +187,7 @@ def pair_wise_kd(feat_s: torch.Tensor, feat_t: torch.Tensor, kernel: Optional[Ke
     if not eps > 0:
         raise ValueError(f"pair_wise_kd: eps must be > 0, got {eps}")
     _check_kernel(kernel)
-    with _autocast_off(feat_s):
+    with autocast_disabled(feat_s):
         nodes_s = _normalised_nodes(feat_s, kernel, detach_norm, eps)
         nodes_t = _normalised_nodes(feat_t.detach(), kernel, detach_norm, eps)
         channels_s, num_nodes = nodes_s.shape[1:]
