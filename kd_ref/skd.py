@@ -230,8 +230,8 @@ class SKDDiscriminator(nn.Module):
     """Spectral-norm critic scoring logit maps; (B, in_channels, H, W) -> (B, 1, H'', W'') with
     H'' = H/16 - 3 (64 -> 1, 65 -> 1, 128 -> 5). Inputs smaller than 64 px per side are rejected.
 
-    The input BatchNorm is a plain BatchNorm2d; under DDP convert it with
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` as both references do.
+    The input BatchNorm is a plain BatchNorm2d; under CUDA DDP the engine converts it to SyncBatchNorm
+    (``SKDDistiller.sync_batchnorm_modules``), as both references do.
     """
 
     def __init__(self, in_channels: int, conv_dim: int = 64):
@@ -483,6 +483,11 @@ class SKDDistiller(nn.Module):
         return losses
 
     # ---- engine hook (contract: distillers with their own optimizer) -------------------------
+
+    def sync_batchnorm_modules(self) -> list:
+        """Modules whose BatchNorm the engine converts to SyncBatchNorm under CUDA DDP: the
+        discriminator's input BatchNorm, synchronised by both references."""
+        return [] if self.discriminator is None else [self.discriminator]
 
     def extra_parameters(self) -> list:
         """The discriminator's parameters, which the engine keeps out of the student optimizer."""
