@@ -83,6 +83,15 @@ class TinySegmentor(nn.Module):
         return out
 
 
+# DIST divides covariances by (centred norm product + 1e-8). A fresh RetinaNet head scores every anchor
+# at the 0.01 prior, where the sigmoid is flat: the centred norms are ~1e-4, the 1e-8 is not negligible,
+# and the statistic then depends on the number of rows (one half or the whole batch). That case starts
+# its classification outputs at probability 0.5 (bias 0), where scores vary and the eps does not matter.
+FLAT_PRIOR_CASES = {"det-dist"}
+# and its gradients are larger, so its reduction-order differences too (2.5e-5 measured after two steps)
+ABSOLUTE_TOLERANCE = {"det-dist": 1e-4}
+
+
 def _sample_noise(self, concept):
     """GDD noise as a function of each sample's own feature, the same however the batch is split."""
     return 0.5 * torch.tanh(concept.detach().mean(1, keepdim=True))
@@ -124,6 +133,9 @@ def _build(case: str):
     else:
         student = configs.TASKS[recipe.task].build_model(recipe, recipe.student)
         teacher = configs.TASKS[recipe.task].build_model(recipe, recipe.teacher or recipe.student)
+    if case in FLAT_PRIOR_CASES:
+        for model in (student, teacher):
+            nn.init.zeros_(model.head.cls_out.bias)
     teacher.eval().requires_grad_(False)
     method = configs.METHODS[method_name]
     distiller = method.build(recipe, student, teacher) if method.build else None
@@ -232,13 +244,8 @@ def results(tmp_path_factory):
     return single, ranks
 
 
-# float reduction order only: sums over one batch and over two halves differ in the last bits. DIST on
-# RetinaNet divides by the centred norms of near-constant sigmoid scores (the 0.01 prior of a fresh head),
-# which amplifies those bits up to a hundredfold.
-ABSOLUTE_TOLERANCE = {"det-dist": 1e-3}
-
-
 def _assert_close(actual, expected, what: str, atol: float = 1e-5) -> None:
+    # float reduction order only: sums over one batch and over two halves differ in the last bits
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
