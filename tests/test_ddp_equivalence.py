@@ -12,8 +12,11 @@ split), and per-process normalisers equal on both processes by construction:
   correlations are the same, so the statistic of each half equals the whole batch's.
 
 One spawned pair of processes runs every case; the parent runs the single-process reference.
-Faster R-CNN is not covered: its RPN and RoI samplers draw random subsets per process, which no split of
-the batch reproduces (so ``kd`` on detection, which needs RoI logits, is covered on seg and cls only).
+Not covered: Faster R-CNN (its RPN and RoI samplers draw random subsets per process, which no split of the
+batch reproduces; so ``kd`` on detection, which needs RoI logits, is covered on seg and cls only), and DIST
+on RetinaNet: DIST divides covariances by (centred norm product + 1e-8), and at a fresh head's flat 0.01
+prior the norms are ~1e-4, so the eps makes the statistic depend on the rows per process and the
+comparison differs by ~1e-4 from run to run.
 """
 import dataclasses
 import os
@@ -43,9 +46,8 @@ RECIPES = {"seg": SEG, "det": DET, "cls": CLS,
 
 def _per_process(recipe) -> int:
     """Samples per process: 2, but DIST correlates over rows and 2 rows correlate as +-1 (no gradient to
-    compare); its rows are images for classification and at RetinaNet's 1x1 P6/P7 maps, so DIST runs
-    2 x 4 against 1 x 8 there."""
-    return 4 if recipe.method == "dist" and recipe.task in ("cls", "det") else 2
+    compare); its rows are images for classification, so DIST runs 2 x 4 against 1 x 8 there."""
+    return 4 if recipe.method == "dist" and recipe.task == "cls" else 2
 
 # (task, method, method_options, split): split "distinct" gives each process its own samples (the
 # detection one with the boxes of the other), "mirrored" the same samples in reverse order (DIST)
@@ -57,7 +59,6 @@ CASES = {
     "seg-skd": ("seg", "skd", {"preset": "cirkd", "use_ho": False}, "distinct"),
     "seg-skd-discriminator": ("seg-tiny", "skd", {"preset": "cirkd"}, "distinct"),
     "det-none": ("det", "none", {}, "distinct"),
-    "det-dist": ("det", "dist", {}, "mirrored"),
     "det-gdd": ("det", "gdd", {"alpha": 65.0, "tau": 4.0}, "distinct"),
     "det-gkd": ("det", "gkd", {"pgm_min_size": 8.0}, "distinct"),
     "cls-none": ("cls", "none", {}, "distinct"),
@@ -83,13 +84,6 @@ class TinySegmentor(nn.Module):
         return out
 
 
-# DIST divides covariances by (centred norm product + 1e-8). A fresh RetinaNet head scores every anchor
-# at the 0.01 prior, where the sigmoid is flat: the centred norms are ~1e-4, the 1e-8 is not negligible,
-# and the statistic then depends on the number of rows (one half or the whole batch). That case starts
-# its classification outputs at probability 0.5 (bias 0), where scores vary and the eps does not matter.
-FLAT_PRIOR_CASES = {"det-dist"}
-# and its gradients are larger, so its reduction-order differences too (2.5e-5 measured after two steps)
-ABSOLUTE_TOLERANCE = {"det-dist": 1e-4}
 
 
 def _sample_noise(self, concept):
@@ -133,9 +127,6 @@ def _build(case: str):
     else:
         student = configs.TASKS[recipe.task].build_model(recipe, recipe.student)
         teacher = configs.TASKS[recipe.task].build_model(recipe, recipe.teacher or recipe.student)
-    if case in FLAT_PRIOR_CASES:
-        for model in (student, teacher):
-            nn.init.zeros_(model.head.cls_out.bias)
     teacher.eval().requires_grad_(False)
     method = configs.METHODS[method_name]
     distiller = method.build(recipe, student, teacher) if method.build else None
@@ -244,9 +235,9 @@ def results(tmp_path_factory):
     return single, ranks
 
 
-def _assert_close(actual, expected, what: str, atol: float = 1e-5) -> None:
+def _assert_close(actual, expected, what: str) -> None:
     # float reduction order only: sums over one batch and over two halves differ in the last bits
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -255,7 +246,7 @@ def test_two_processes_train_as_one_over_the_global_batch(results, case):
     for rank, weights in enumerate(ranks):
         assert weights[case].keys() == single[case].keys()
         for name, value in single[case].items():
-            _assert_close(weights[case][name], value, f"{case} rank {rank} {name}", ABSOLUTE_TOLERANCE.get(case, 1e-5))
+            _assert_close(weights[case][name], value, f"{case} rank {rank} {name}")
     assert single[case]["student_moved"], "the student was trained"
 
 
