@@ -19,8 +19,14 @@ must not be trained by the student loss defines::
     extra_optimizer(self, total_iters) -> (optimizer, lr_lambda | None)
     extra_losses(self, **bound_inputs) -> dict[str, Tensor]   # same arguments as forward
 
-After the student step the engine minimises ``sum(extra_losses(...))`` with that optimizer (lr scaled by
-``lr_lambda(iteration)``; ``None`` keeps it constant) and stores the optimizer in checkpoints.
+The engine computes ``extra_losses`` right after the step's forward (so that a non-finite one stops the
+run before any update; their graph must not reach parameters of the student optimizer, e.g. use
+detached student outputs), and after the student step minimises their sum with that optimizer (lr scaled
+by ``lr_lambda(iteration)``; ``None`` keeps it constant); the optimizer is stored in checkpoints.
+
+SyncBatchNorm hook: a distiller whose own BatchNorm layers the references synchronise under DDP (SKD's
+discriminator) returns the modules holding them from ``sync_batchnorm_modules()``; with the student they
+are converted in one place, :func:`synchronise_batchnorm`.
 
 Epoch hook (GKD's prototypes): a distiller may define ``before_epoch(context)``; the engine calls it
 before every epoch with a :class:`EpochContext` that gives it the models, the training set and the epoch
@@ -43,18 +49,30 @@ them alone; state the hook keeps between steps belongs in the distiller's ``stat
 ``get_extra_state``) so that checkpoints carry it.
 
 Distributed: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) turns on DDP (NCCL on
-CUDA, gloo on CPU). The student is wrapped in DDP (SyncBN on GPU); the distiller's own parameters are
-few and used every step, so their gradients are averaged with one all-reduce each instead of a second
-DDP wrapper. ``batch_size`` is the total batch over all processes.
+CUDA, gloo on CPU). The student is wrapped in DDP (SyncBN on GPU, with the distiller modules named by
+``sync_batchnorm_modules()``); the distiller's own parameters are few and used every step, so their
+gradients are averaged with one all-reduce each instead of a second DDP wrapper. ``batch_size`` is the
+total batch over all processes. With BatchNorm frozen (or synchronised) and losses whose normalisers
+are equal on every process, N processes at batch B/N train as one process at batch B does, up to
+floating-point reduction order (tests/test_ddp_equivalence.py).
+
+Non-finite values, for both optimizers (the student's and a distiller's extra one):
+
+* a non-finite loss term stops the run (``FloatingPointError``, as the torchvision references do) before
+  any parameter of that iteration is updated and before any checkpoint is written;
+* finite losses with non-finite gradients: under fp16 (``--amp`` on CUDA) the optimizer's own GradScaler
+  skips that optimizer's step and lowers its scale, the normal fp16 dynamics; without a scaler (float32,
+  CPU bf16) nothing can rescale them, so the run stops before the update as for a non-finite loss.
 
 Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
 scaler, the iteration, the recipe and all RNG states. They are written to a temporary file and renamed,
 so a crash never leaves a half-written ``last.pt`` and the previous checkpoint survives until the new
-one is complete. A non-finite loss stops the run before any parameter or checkpoint is touched.
+one is complete.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -64,6 +82,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -482,6 +501,103 @@ def _average_gradients(params, runtime: Runtime) -> None:
             param.grad /= runtime.world_size
 
 
+def synchronise_batchnorm(student: nn.Module, distiller: nn.Module | None, runtime: Runtime) -> nn.Module:
+    """For a CUDA DDP run, the student (returned) and the distiller's ``sync_batchnorm_modules()`` with every
+    BatchNorm converted to SyncBatchNorm, the one place where this happens; otherwise unchanged. The
+    conversion keeps parameter and buffer tensors, so optimizers and hooks holding them stay valid."""
+    if runtime.device.type != "cuda" or runtime.world_size == 1:
+        return student
+    for module in distiller.sync_batchnorm_modules() if hasattr(distiller, "sync_batchnorm_modules") else []:
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ValueError(f"{type(distiller).__name__}.sync_batchnorm_modules(): return the modules holding "
+                             "BatchNorm layers, not a BatchNorm itself (it is replaced inside its parent)")
+        nn.SyncBatchNorm.convert_sync_batchnorm(module)  # converts the BatchNorm children in place
+    return nn.SyncBatchNorm.convert_sync_batchnorm(student)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
+                   iteration: int, name: str, average=None, grad_clip: float | None = None) -> None:
+    """Backpropagate ``loss`` and step ``optimizer``; ``average()`` runs between backward and step (DDP
+    averaging of gradients outside DDP), ``grad_clip`` clips the global norm. Non-finite gradients: an
+    enabled ``scaler`` (fp16) skips the step and lowers its scale; without one the run stops with
+    FloatingPointError before the update."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if average is not None:
+        average()
+    scaler.unscale_(optimizer)
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grad_clip:
+        norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
+    elif not scaler.is_enabled() and grads:
+        norm = nn.utils.get_total_norm(grads)
+    if not scaler.is_enabled() and grads and not torch.isfinite(norm):
+        raise FloatingPointError(f"non-finite gradient of the {name} loss at iteration {iteration} (finite loss, "
+                                 f"gradient norm {norm.item()}); no GradScaler runs without fp16 --amp on CUDA, so "
+                                 "stopping before the update (the last checkpoint is left untouched)")
+    scaler.step(optimizer)
+    scaler.update()
+
+
+TEACHER_OUTPUT_LIMIT = 1e4  # |value| of a sane network's logits and features, far below fp16's 65504
+
+
+def _named_tensors(outputs, prefix: str = ""):
+    if torch.is_tensor(outputs):
+        yield prefix, outputs
+    elif isinstance(outputs, dict):
+        for key, value in outputs.items():
+            yield from _named_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(outputs, (list, tuple)):
+        for index, value in enumerate(outputs):
+            yield from _named_tensors(value, f"{prefix}[{index}]")
+
+
+def check_teacher_outputs(teacher_out: dict, teacher_ckpt: str) -> None:
+    """Stop with one line naming the teacher checkpoint when its outputs on the first batch are not finite
+    or beyond ``TEACHER_OUTPUT_LIMIT`` (a diverged teacher, e.g. BatchNorm statistics of a run at a tiny
+    batch), before the distillation losses turn it into an anonymous non-finite loss."""
+    for name, tensor in _named_tensors(teacher_out):
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        largest = float(tensor.detach().abs().float().max())
+        if not math.isfinite(largest) or largest > TEACHER_OUTPUT_LIMIT:
+            raise ValueError(f"--teacher-ckpt {teacher_ckpt}: the teacher's output {name} reaches |x| = {largest:.3g} "
+                             f"on the first batch (expected finite, <= {TEACHER_OUTPUT_LIMIT:g}): the teacher "
+                             "diverged; retrain it (check its BatchNorm statistics and batch size)")
+
+
+MIN_BATCHNORM_VALUES = 4
+
+
+class BatchNormWatch:
+    """Records, during one forward, the fewest values per channel that any training-mode BatchNorm of
+    ``modules`` normalises over (batch x H x W, times the processes for SyncBatchNorm)."""
+
+    def __init__(self, modules, world_size: int):
+        self.world_size, self.fewest, self.layer = world_size, None, None
+        self.handles = [layer.register_forward_pre_hook(functools.partial(self._record, name))
+                        for module in modules if module is not None
+                        for name, layer in module.named_modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+
+    def _record(self, name, layer, inputs) -> None:
+        if not layer.training:
+            return
+        values = inputs[0].numel() // max(inputs[0].shape[1], 1)
+        if isinstance(layer, nn.SyncBatchNorm):
+            values *= self.world_size
+        if self.fewest is None or values < self.fewest:
+            self.fewest, self.layer = values, name
+
+    def close(self, warn: bool = True) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if warn and self.fewest is not None and self.fewest < MIN_BATCHNORM_VALUES:
+            warnings.warn(f"BatchNorm {self.layer} normalises over {self.fewest} values per channel (batch x H x W "
+                          f"at that stage) < {MIN_BATCHNORM_VALUES}: its batch statistics are mostly noise and its "
+                          "running variance can blow up; use a larger --batch-size or input size", stacklevel=2)
+
+
 def _check_finite(losses: dict, iteration: int) -> None:
     bad = {name: value.detach().float().tolist() for name, value in losses.items() if not torch.isfinite(value).all()}
     if bad:
@@ -554,8 +670,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
         student.to(memory_format=torch.channels_last)
         if teacher is not None:
             teacher.to(memory_format=torch.channels_last)
-        if runtime.world_size > 1:
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    student = synchronise_batchnorm(student, distiller, runtime)
 
     optimizers = build_optimizers(recipe, student, distiller)
     optimizer, extra_optimizer = optimizers.student, optimizers.extra
@@ -633,32 +748,28 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
                 data_seconds = time.perf_counter() - tick
                 factor = lr_factor(iteration, recipe)
                 set_lr(optimizer, recipe.lr, factor)
+                first = iteration == start_iter
+                watch = BatchNormWatch([unwrap(model), distiller], runtime.world_size) if first else None
                 with runtime.autocast():
                     losses, teacher_out, bound = forward_losses(model, teacher, distiller, bind, batch,
                                                                 recipe.task_loss_weight)
+                    extra = distiller.extra_losses(**bound) if extra_optimizer is not None else {}
+                if first:
+                    watch.close(warn=runtime.is_main)
+                    if teacher_out is not None:
+                        check_teacher_outputs(teacher_out, teacher_ckpt)
                 losses = {name: value.float() for name, value in losses.items()}
-                _check_finite(losses, iteration)
+                extra = {name: value.float() for name, value in extra.items()}
+                _check_finite({**losses, **extra}, iteration)
                 total = sum(losses.values())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(total).backward()
-                _average_gradients(optimizers.distiller_params, runtime)
-                scaler.unscale_(optimizer)
-                if recipe.grad_clip:
-                    nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
+                optimizer_step(optimizer, scaler, total, iteration, "student",
+                               lambda: _average_gradients(optimizers.distiller_params, runtime), recipe.grad_clip)
 
                 if extra_optimizer is not None:
                     for group, base in zip(extra_optimizer.param_groups, extra_base_lrs):
                         group["lr"] = base * optimizers.extra_lr_lambda(iteration)
-                    with runtime.autocast():
-                        extra = {k: v.float() for k, v in distiller.extra_losses(**bound).items()}
-                    _check_finite(extra, iteration)
-                    extra_optimizer.zero_grad(set_to_none=True)
-                    extra_scaler.scale(sum(extra.values())).backward()
-                    _average_gradients(optimizers.extra_params, runtime)
-                    extra_scaler.step(extra_optimizer)
-                    extra_scaler.update()
+                    optimizer_step(extra_optimizer, extra_scaler, sum(extra.values()), iteration, "extra",
+                                   lambda: _average_gradients(optimizers.extra_params, runtime))
                     losses.update(extra)
 
                 if hasattr(distiller, "after_step"):

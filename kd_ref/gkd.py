@@ -72,7 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from kd_ref.precision import at_least_float32
+from kd_ref.precision import at_least_float32, autocast_disabled
 
 Prototypes = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
@@ -119,7 +119,8 @@ def density_candidates(feats_s: torch.Tensor, feats_t: torch.Tensor, sigma: floa
         return keep.nonzero().flatten()
     for feats in (feats_s, feats_t):
         unit = _unit_rows(at_least_float32(feats.detach()))
-        distance = 1.0 - unit @ unit.T
+        with autocast_disabled(unit):
+            distance = 1.0 - unit @ unit.T
         density = torch.exp(-(distance / sigma) ** 2).sum(dim=1)
         threshold = density.sort().values[int(num * quantile)]
         keep &= density > threshold
@@ -404,7 +405,8 @@ def prototype_similarity(x: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
     _check_matrix("prototype_similarity: x", x)
     _check_matrix("prototype_similarity: protos", protos, cols=x.shape[1])
     x = at_least_float32(x)
-    return _unit_rows(x) @ _unit_rows(protos.to(device=x.device, dtype=x.dtype)).T
+    with autocast_disabled(x):
+        return _unit_rows(x) @ _unit_rows(protos.to(device=x.device, dtype=x.dtype)).T
 
 
 def robust_weights(pooled_s: torch.Tensor, pooled_t: torch.Tensor, labels: torch.Tensor,

@@ -80,7 +80,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from kd_ref.precision import at_least_float32
+from kd_ref.precision import at_least_float32, autocast_disabled
 
 KernelSize = Union[int, Sequence[int]]
 
@@ -90,10 +90,6 @@ ADV_TYPES = ("hinge", "wgan")
 D_INPUTS = ("logits", "logits+image")
 IMAGE_CHANNELS = 3
 D_MIN_INPUT_SIZE = 64  # four stride-2 convolutions and a 4x4 valid convolution
-
-
-def _autocast_off(tensor: torch.Tensor):
-    return torch.autocast(device_type=tensor.device.type, enabled=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,7 +109,7 @@ def pixel_wise_kd(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1
         raise ValueError(f"pixel_wise_kd: normalize must be one of {PIXEL_NORMALIZATIONS}, "
                          f"got {normalize!r}")
     batch, _, height, width = logits_s.shape
-    with _autocast_off(logits_s):
+    with autocast_disabled(logits_s):
         log_p_s = F.log_softmax(at_least_float32(logits_s) / tau, dim=1)
         log_p_t = F.log_softmax(at_least_float32(logits_t.detach()) / tau, dim=1)
         kl_sum = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
@@ -191,7 +187,7 @@ def pair_wise_kd(feat_s: torch.Tensor, feat_t: torch.Tensor, kernel: Optional[Ke
     if not eps > 0:
         raise ValueError(f"pair_wise_kd: eps must be > 0, got {eps}")
     _check_kernel(kernel)
-    with _autocast_off(feat_s):
+    with autocast_disabled(feat_s):
         nodes_s = _normalised_nodes(feat_s, kernel, detach_norm, eps)
         nodes_t = _normalised_nodes(feat_t.detach(), kernel, detach_norm, eps)
         channels_s, num_nodes = nodes_s.shape[1:]
@@ -234,8 +230,8 @@ class SKDDiscriminator(nn.Module):
     """Spectral-norm critic scoring logit maps; (B, in_channels, H, W) -> (B, 1, H'', W'') with
     H'' = H/16 - 3 (64 -> 1, 65 -> 1, 128 -> 5). Inputs smaller than 64 px per side are rejected.
 
-    The input BatchNorm is a plain BatchNorm2d; under DDP convert it with
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` as both references do.
+    The input BatchNorm is a plain BatchNorm2d; under CUDA DDP the engine converts it to SyncBatchNorm
+    (``SKDDistiller.sync_batchnorm_modules``), as both references do.
     """
 
     def __init__(self, in_channels: int, conv_dim: int = 64):
@@ -487,6 +483,11 @@ class SKDDistiller(nn.Module):
         return losses
 
     # ---- engine hook (contract: distillers with their own optimizer) -------------------------
+
+    def sync_batchnorm_modules(self) -> list:
+        """Modules whose BatchNorm the engine converts to SyncBatchNorm under CUDA DDP: the
+        discriminator's input BatchNorm, synchronised by both references."""
+        return [] if self.discriminator is None else [self.discriminator]
 
     def extra_parameters(self) -> list:
         """The discriminator's parameters, which the engine keeps out of the student optimizer."""

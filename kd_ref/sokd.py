@@ -52,8 +52,17 @@ Decisions (see the spec ``sokd.md``; [code] = the public code, [ours] = kd_ref's
   finite difference, which is not the RELAX control-variate fit).
 - [ours] ``search_mode="first_order"``: grad_alpha = +g(theta) from one evaluation, no unroll (dense tasks).
 - [ours] the search runs right after the student's SGD step (the engine's post-step hook point) on the
-  same batch and policy sample, then resamples; [code] runs it just before that SGD step. It snapshots
-  and restores the parameters, BatchNorm statistics and RNG state it touches.
+  same batch and policy sample, then resamples; [code] (DFKDTrainer.train_iter) runs ``architect.step``
+  just before that forward and SGD step. Effect: our search evaluates L at theta_{t+1}, after one SGD
+  step on the batch it searches on (the unroll is then a second step on that batch), where [code]'s
+  evaluates it at theta_t; and our SGD step uses alpha_t where [code]'s uses alpha_{t+1}, one Adam step
+  (lr 3e-4) newer. The policy trajectory is therefore not the reference's step for step; it leaves the
+  estimator and its expectation unchanged (unmeasured on a paper row). It snapshots and restores the
+  parameters, BatchNorm statistics and RNG state it touches.
+- [ours] under torch.distributed everything the search computes from the batch is global: theta's
+  gradients, v and ||v|| (so eps and the ||v|| = 0 branch) are averaged over the processes before use,
+  and so are the objective values of the RELAX terms and the policy gradients, so N processes search as
+  one process over the global batch does (the reference runs one process).
 - [ours] SoKD is a plug-in: an optional ``base`` loss (e.g. KD or DIST distiller) is evaluated in the
   same forward and its terms are returned under ``loss_sokd_base_*``. :class:`SoKDPlugin` is what the
   training engine runs: the feature tap, the base bound to the model outputs (:class:`BoundBase`), and
@@ -267,11 +276,13 @@ class AugmentPolicy(nn.Module):
         straight = sum(self.magnitude[k, i] for i, _, _ in active)
         return g_t + (straight - straight.detach()).to(g_t.dtype)
 
-    def relax_grads(self, f_b) -> list[torch.Tensor]:
+    def relax_grads(self, f_b, value: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Gradient estimates aligned with ``policy_parameters()`` for the objective value ``f_b`` of the
         current sample: RELAX for ``prob`` and ``op_weights``, autograd through the straight-through term
         for ``magnitude`` (zero when ``f_b`` does not depend on it), and for ``q_func`` the gradient of the
-        estimator's variance ``mean(d_prob^2 ++ d_w^2)``. Consumes the autograd graph of ``f_b``."""
+        estimator's variance ``mean(d_prob^2 ++ d_w^2)``. Consumes the autograd graph of ``f_b``.
+        ``value`` replaces f_b's value in the RELAX terms (under DDP: the mean over all processes, so that
+        the variance fit of Q sees the whole batch's objective, not one shard's)."""
         if not torch.is_tensor(f_b):
             f_b = torch.tensor(float(f_b))
         if f_b.numel() != 1:
@@ -283,7 +294,7 @@ class AugmentPolicy(nn.Module):
         d_log_prob = torch.autograd.grad(log_prob, dist_params, retain_graph=True)
         d_q_z = torch.autograd.grad(q_z, dist_params, create_graph=True)
         d_q_z_tilde = torch.autograd.grad(q_z_tilde, dist_params, create_graph=True)
-        f_value = f_b.detach().float().reshape(()).to(q_z.device)
+        f_value = (f_b if value is None else value).detach().float().reshape(()).to(q_z.device)
         estimates = [(f_value - q_z_tilde) * dl + dz - dzt for dl, dz, dzt in zip(d_log_prob, d_q_z, d_q_z_tilde)]
         variance = torch.cat([e.reshape(-1) ** 2 for e in estimates]).mean()
         d_q = torch.autograd.grad(variance, list(self.q_func.parameters()))
@@ -500,6 +511,19 @@ def _prefixed_base_losses(out) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- search
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _mean_over_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` averaged in place over the torch.distributed processes (unchanged in one process)."""
+    if _distributed():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+            tensor /= dist.get_world_size()
+    return tensors
+
+
 class SoKDSearch:
     """The policy search (section 2.5 of the spec): the engine's per-iteration hook for SoKD.
 
@@ -541,9 +565,16 @@ class SoKDSearch:
         if policy_ids & seen:
             raise ValueError("SoKDSearch: the student's parameters include the SoKD policy parameters")
         self.inner_params = inner
-        self.buffers = [b for m in (student, distiller) for b in m.buffers()]
+        # modules, not their buffers: Module.to() on CUDA replaces buffer tensors, so they are looked up
+        # when a search step saves and restores them
+        self.modules = (student, distiller)
         self.optimizer = torch.optim.Adam(self.policy_params, lr=lr, betas=betas, weight_decay=weight_decay)
         self.steps = 0
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """The buffers of the student and the distiller as they are now."""
+        return [b for module in self.modules for b in module.buffers()]
 
     @property
     def searching(self) -> bool:
@@ -560,8 +591,15 @@ class SoKDSearch:
         return loss.float().reshape(())
 
     def _theta_grads(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """grad_theta of the whole (global) batch's objective: per-process gradients averaged under DDP."""
         grads = torch.autograd.grad(loss, self.inner_params, allow_unused=True)
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(self.inner_params, grads)]
+        return _mean_over_processes([torch.zeros_like(p) if g is None else g
+                                     for p, g in zip(self.inner_params, grads)])
+
+    def _relax_grads(self, batch, loss_fn) -> list[torch.Tensor]:
+        loss = self._evaluate(batch, loss_fn)
+        value, = _mean_over_processes([loss.detach().clone()])
+        return self.distiller.policy.relax_grads(loss, value=value)
 
     @torch.no_grad()
     def _shift_theta(self, direction: list[torch.Tensor], scale: float) -> None:
@@ -574,13 +612,15 @@ class SoKDSearch:
         saved_buffers = [b.detach().clone() for b in self.buffers]
         try:
             if self.distiller.search_mode == "first_order":
-                return self.distiller.policy.relax_grads(self._evaluate(batch, loss_fn))
+                return self._relax_grads(batch, loss_fn)
             return self._unrolled_gradients(batch, loss_fn, saved_params, saved_buffers)
         finally:
             self._restore(saved_params, saved_buffers)
 
     def _unrolled_gradients(self, batch, loss_fn, saved_params, saved_buffers) -> list[torch.Tensor]:
-        policy = self.distiller.policy
+        # theta', v, ||v|| and eps come from gradients averaged over the processes: every process unrolls
+        # and perturbs the same parameters along the same direction, as one process over the global
+        # batch does, and all take the same ||v|| == 0 branch
         grads = self._theta_grads(self._evaluate(batch, loss_fn))
         with torch.no_grad():
             for p, g in zip(self.inner_params, grads):
@@ -589,13 +629,13 @@ class SoKDSearch:
         self._restore(saved_params, saved_buffers)
         v_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in v)))
         if v_norm == 0.0:   # theta' is stationary: no implicit gradient, only Q's fit at theta
-            at_theta = policy.relax_grads(self._evaluate(batch, loss_fn))
+            at_theta = self._relax_grads(batch, loss_fn)
             return [torch.zeros_like(g) for g in at_theta[:3]] + at_theta[3:]
         eps = self.fd_radius / v_norm
         self._shift_theta(v, eps)
-        plus = policy.relax_grads(self._evaluate(batch, loss_fn))
+        plus = self._relax_grads(batch, loss_fn)
         self._shift_theta(v, -2 * eps)
-        minus = policy.relax_grads(self._evaluate(batch, loss_fn))
+        minus = self._relax_grads(batch, loss_fn)
         implicit = [-(gp - gm) / (2 * eps) for gp, gm in zip(plus[:3], minus[:3])]
         return implicit + [(gp + gm) / 2 for gp, gm in zip(plus[3:], minus[3:])]
 
@@ -607,21 +647,19 @@ class SoKDSearch:
             b.copy_(saved)
 
     def step(self, batch, loss_fn: Callable) -> None:
-        """Search (while ``searching``) and resample; under torch.distributed the policy gradients are
-        averaged over the processes and process 0's sample is used by all, so the policy stays shared."""
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        """Search (while ``searching``) and resample. Under torch.distributed every gradient and objective
+        value of the search is averaged over the processes before it is used (the search of one process
+        over the global batch, given equal per-process batches) and process 0's new sample is used by
+        all, so the policy stays shared."""
         if self.searching:
             grads = [g.detach().to(p.dtype) for p, g in zip(self.policy_params, self.policy_gradients(batch, loss_fn))]
-            for p, g in zip(self.policy_params, grads):
-                if distributed:
-                    dist.all_reduce(g)
-                    g /= dist.get_world_size()
+            for p, g in zip(self.policy_params, _mean_over_processes(grads)):
                 p.grad = g
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         self.distiller.resample()
-        if distributed:
+        if _distributed():
             for sample_buffer in self.distiller.policy.buffers():
                 dist.broadcast(sample_buffer, src=0)
 

@@ -7,8 +7,10 @@ import torch
 import torch.nn as nn
 
 import train
-from kd_ref import configs
-from kd_ref.engine import ResumableSampler, Runtime, atomic_save, load_checkpoint, lr_factor, weighted_task_losses
+from kd_ref import configs, engine
+from kd_ref.engine import (BatchNormWatch, ResumableSampler, Runtime, atomic_save, check_teacher_outputs,
+                           load_checkpoint, lr_factor, optimizer_step, synchronise_batchnorm, weighted_task_losses)
+from kd_ref.skd import SKDDistiller
 
 
 def test_poly_schedule_with_floor_and_warmup():
@@ -180,3 +182,122 @@ def test_old_checkpoint_without_the_new_recipe_fields_resumes(tmp_path, monkeypa
     engine.train(dataclasses.replace(recipe, source="documentation only"), str(tmp_path),
                  Runtime(torch.device("cpu")), resume=True, workers=0, quiet=True)
     assert load_checkpoint(path)["iteration"] == 2
+# ------------------------------------------------------------------------ SyncBN, non-finite, teacher
+def test_syncbn_conversion_covers_the_student_and_the_skd_discriminator():
+    student = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    distiller = SKDDistiller(num_classes=4)
+    cuda_ddp = Runtime(torch.device("cuda", 0), rank=0, world_size=2)
+    converted = synchronise_batchnorm(student, distiller, cuda_ddp)
+    assert isinstance(converted[1], nn.SyncBatchNorm)
+    assert isinstance(distiller.discriminator.input_norm, nn.SyncBatchNorm)
+    assert distiller.discriminator.input_norm.weight in set(distiller.extra_parameters())
+    for runtime in (Runtime(torch.device("cuda", 0)), Runtime(torch.device("cpu"), rank=0, world_size=2)):
+        plain = SKDDistiller(num_classes=4)
+        assert not isinstance(synchronise_batchnorm(nn.BatchNorm2d(3), plain, runtime), nn.SyncBatchNorm)
+        assert type(plain.discriminator.input_norm) is nn.BatchNorm2d
+
+
+def _finite_loss_with_infinite_gradient():
+    weight = nn.Parameter(torch.ones(2))
+    loss = torch.sqrt(weight - 1).sum()     # value 0, gradient 1 / (2 sqrt(0)) = inf
+    return weight, torch.optim.SGD([weight], lr=0.5), loss
+
+
+def test_optimizer_step_with_grad_scaler_skips_non_finite_gradients():
+    weight, optimizer, loss = _finite_loss_with_infinite_gradient()
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    optimizer_step(optimizer, scaler, loss, 0, "student")
+    assert torch.equal(weight.detach(), torch.ones(2)), "the overflowing step is skipped"
+    assert scaler.get_scale() == 4.0, "and the scale lowered"
+
+
+def test_optimizer_step_without_scaler_stops_on_non_finite_gradients():
+    weight, optimizer, loss = _finite_loss_with_infinite_gradient()
+    with pytest.raises(FloatingPointError, match="non-finite gradient of the extra loss at iteration 3"):
+        optimizer_step(optimizer, torch.amp.GradScaler("cpu", enabled=False), loss, 3, "extra")
+    assert torch.equal(weight.detach(), torch.ones(2))
+    finite_weight, finite_optimizer, _ = _finite_loss_with_infinite_gradient()
+    optimizer_step(finite_optimizer, torch.amp.GradScaler("cpu", enabled=False), finite_weight.sum(), 0, "student")
+    assert torch.allclose(finite_weight.detach(), torch.full((2,), 0.5))
+
+
+TINY_CLS = dataclasses.replace(configs.PRESETS["synthetic_cls_kd"], synthetic_size=(48, 48), crop=(16, 16),
+                               synthetic_train=4, synthetic_val=1, batch_size=4, iters=1, student="resnet8",
+                               teacher="resnet8", teacher_preset=None, ckpt_every=1)
+CPU = Runtime(torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_cls_teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cls_teacher")
+    engine.train(dataclasses.replace(TINY_CLS, method="none", method_options={}), str(out), CPU, workers=0, quiet=True)
+    return str(out / "last.pt")
+
+
+class InfiniteCritic(nn.Module):
+    """An adversary whose own (extra) loss overflows while the student's losses are finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.critic = nn.Linear(1, 1)
+
+    def forward(self, logits_s, logits_t):
+        return {"loss_probe": (logits_s - logits_t).pow(2).mean()}
+
+    def extra_parameters(self):
+        return list(self.critic.parameters())
+
+    def extra_optimizer(self, total_iters):
+        return torch.optim.Adam(self.extra_parameters()), None
+
+    def extra_losses(self, logits_s, logits_t):
+        return {"loss_critic": self.critic.weight.sum() * float("inf")}
+
+
+def test_non_finite_extra_loss_stops_before_the_student_steps(tmp_path, tiny_cls_teacher, monkeypatch):
+    monkeypatch.setitem(configs.METHODS, "critic", configs.Method(lambda *_: InfiniteCritic(), {"cls": configs._logits}))
+    sgd_steps = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: sgd_steps.append(1) or real_step(self, *a, **k))
+    recipe = dataclasses.replace(TINY_CLS, method="critic", method_options={})
+    with pytest.raises(FloatingPointError, match="non-finite loss at iteration 0.*loss_critic"):
+        engine.train(recipe, str(tmp_path), CPU, teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
+    assert sgd_steps == [], "the student optimizer stepped before the adversary's loss was checked"
+    assert not os.path.exists(tmp_path / "last.pt")
+
+
+def test_a_diverged_teacher_is_named_on_the_first_batch(tmp_path, tiny_cls_teacher, capsys):
+    ckpt = torch.load(tiny_cls_teacher, weights_only=False)
+    fc = next(k for k in ckpt["model"] if k.endswith("weight") and ckpt["model"][k].dim() == 2)
+    ckpt["model"][fc] = ckpt["model"][fc] * 1e8       # logits of ~1e8: the teacher of a diverged run
+    diverged = str(tmp_path / "diverged.pt")
+    torch.save(ckpt, diverged)
+    argv = ["--task", "cls", "--method", "kd", "--student", "resnet8", "--teacher", "resnet8", "--teacher-ckpt",
+            diverged, "--set", "synthetic_size=(48, 48)", "--crop", "16", "16", "--set", "synthetic_train=4",
+            "--set", "synthetic_val=1", "--batch-size", "4", "--iters", "1", "--quiet", "--out", str(tmp_path / "run")]
+    assert train.run(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(f"error: --teacher-ckpt {diverged}: the teacher's output logits")
+    assert not os.path.exists(tmp_path / "run" / "last.pt")
+    with pytest.raises(ValueError, match=r"feats.c4\[1\] reaches \|x\| = inf"):
+        check_teacher_outputs({"logits": torch.zeros(2), "feats": {"c4": [torch.ones(1), torch.tensor([float("inf")])]}},
+                              "t.pt")
+
+
+def test_batchnorm_over_fewer_than_four_values_per_channel_warns():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4))
+    for size, should_warn in ((4, True), (8, False)):   # batch 2 x 1 x 1 = 2 values; 2 x 2 x 2 = 8
+        watch = BatchNormWatch([model, None], world_size=1)
+        model(torch.randn(2, 3, size, size))
+        if should_warn:
+            with pytest.warns(UserWarning, match="BatchNorm 1 normalises over 2 values per channel"):
+                watch.close()
+        else:
+            watch.close()
+            assert watch.fewest == 8
+    model.eval()
+    watch = BatchNormWatch([model], world_size=1)
+    model(torch.randn(2, 3, 4, 4))
+    watch.close()
+    assert watch.fewest is None, "eval-mode BatchNorm uses its running statistics"
+    assert not model[1]._forward_pre_hooks

@@ -492,3 +492,17 @@ def test_search_errors_are_clear():
         SoKDSearch(distiller, nn.ModuleList([student, distiller.policy]))
     with pytest.raises(ValueError, match="expected keys"):
         search.load_state_dict({"steps": 0})
+
+
+def test_search_restores_the_buffers_the_modules_hold_after_a_device_move():
+    """Module.to(cuda) replaces buffer tensors (parameters keep their identity); ``_apply`` with a copy does
+    the same on the CPU. The search must restore the BN statistics the modules hold then, not stale ones."""
+    student, distiller, batch, loss_fn, _, search = _search_setup("unrolled")
+    for module in (student, distiller):
+        module._apply(lambda tensor: tensor.clone())
+    running_mean = distiller.adapter.bn.running_mean
+    before = {name: b.clone() for name, b in distiller.named_buffers()}
+    search.policy_gradients(batch, loss_fn)
+    assert distiller.adapter.bn.running_mean is running_mean
+    assert all(torch.equal(before[name], b) for name, b in distiller.named_buffers()), \
+        "the search's forwards leaked into the BatchNorm statistics"

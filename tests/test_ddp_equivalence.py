@@ -1,0 +1,260 @@
+"""DDP equivalence: 2 gloo processes at batch 2 train as 1 process at batch 4 does, for every method on every
+task it supports, and SoKD's search is the single-process search of the global batch.
+
+The construction makes one process over the whole batch the exact reference: BatchNorm in eval mode (the
+CPU has no SyncBatchNorm) and dropout off (its masks are drawn per process), GDD's noise a function of each sample (drawn identically however the batch is
+split), and per-process normalisers equal on both processes by construction:
+
+* detection: both processes see the same boxes (different images), so RetinaNet's number of positives and
+  GKD's mask sums are equal;
+* DIST: its intra-class relation is a correlation over the rows of one process's batch (as in the
+  reference, per GPU); the second process gets the first one's samples in reverse order, whose
+  correlations are the same, so the statistic of each half equals the whole batch's.
+
+One spawned pair of processes runs every case; the parent runs the single-process reference.
+Not covered: Faster R-CNN (its RPN and RoI samplers draw random subsets per process, which no split of the
+batch reproduces; so ``kd`` on detection, which needs RoI logits, is covered on seg and cls only), and DIST
+on RetinaNet: DIST divides covariances by (centred norm product + 1e-8), and at a fresh head's flat 0.01
+prior the norms are ~1e-4, so the eps makes the statistic depend on the rows per process and the
+comparison differs by ~1e-4 from run to run.
+"""
+import dataclasses
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kd_ref import configs, engine
+from kd_ref.gdd import GDDLoss
+
+ITERATIONS = 2  # a few steps: the second one starts from weights the first has changed
+SEG = dataclasses.replace(configs.PRESETS["synthetic_seg_none"], crop=(32, 32), synthetic_size=(32, 32),
+                          synthetic_train=8, teacher="pspnet_r18")
+DET = dataclasses.replace(configs.PRESETS["synthetic_det_retinanet_none"], synthetic_size=(32, 32),
+                          image_scale=(32, 32), synthetic_train=16, grad_clip=None, warmup_iters=0)
+CLS = dataclasses.replace(configs.PRESETS["synthetic_cls_none"], crop=(16, 16), synthetic_size=(48, 48),
+                          synthetic_train=16, teacher="resnet8")
+RECIPES = {"seg": SEG, "det": DET, "cls": CLS,
+           "seg-tiny": dataclasses.replace(SEG, crop=(64, 64), synthetic_size=(64, 64))}
+
+
+def _per_process(recipe) -> int:
+    """Samples per process: 2, but DIST correlates over rows and 2 rows correlate as +-1 (no gradient to
+    compare); its rows are images for classification, so DIST runs 2 x 4 against 1 x 8 there."""
+    return 4 if recipe.method == "dist" and recipe.task == "cls" else 2
+
+# (task, method, method_options, split): split "distinct" gives each process its own samples (the
+# detection one with the boxes of the other), "mirrored" the same samples in reverse order (DIST)
+CASES = {
+    "seg-none": ("seg", "none", {}, "distinct"),
+    "seg-kd": ("seg", "kd", {"tau": 2.0}, "distinct"),
+    "seg-dist": ("seg", "dist", {}, "mirrored"),
+    "seg-gdd": ("seg", "gdd", {"alpha": 20.0, "tau": 4.0}, "distinct"),
+    "seg-skd": ("seg", "skd", {"preset": "cirkd", "use_ho": False}, "distinct"),
+    "seg-skd-discriminator": ("seg-tiny", "skd", {"preset": "cirkd"}, "distinct"),
+    "det-none": ("det", "none", {}, "distinct"),
+    "det-gdd": ("det", "gdd", {"alpha": 65.0, "tau": 4.0}, "distinct"),
+    "det-gkd": ("det", "gkd", {"pgm_min_size": 8.0}, "distinct"),
+    "cls-none": ("cls", "none", {}, "distinct"),
+    "cls-kd": ("cls", "kd", {"tau": 4.0}, "distinct"),
+    "cls-dist": ("cls", "dist", {}, "mirrored"),
+}
+
+
+class TinySegmentor(nn.Module):
+    """Full-resolution logits (SKD's discriminator needs 64x64 maps, 512-pixel inputs for PSPNet)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.classifier = nn.Conv2d(8, num_classes, 1)
+
+    def forward(self, images, targets=None, image_sizes=None, predict=True):
+        feat = F.relu(self.bn(self.conv(images)))
+        out = {"logits": self.classifier(feat), "feats": {"head": feat}}
+        if targets is not None:
+            out["losses"] = {"loss_seg": F.cross_entropy(out["logits"], targets)}
+        return out
+
+
+
+
+def _sample_noise(self, concept):
+    """GDD noise as a function of each sample's own feature, the same however the batch is split."""
+    return 0.5 * torch.tanh(concept.detach().mean(1, keepdim=True))
+
+
+def _freeze_batchnorm(*modules):
+    """BatchNorm (and dropout, whose masks are drawn per process) in eval mode."""
+    for module in modules:
+        for layer in module.modules():
+            if isinstance(layer, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+                layer.eval()
+
+
+def _samples(recipe, split: str, rank: int, world_size: int) -> list:
+    """Per-iteration batches of this process (the whole batch of both processes in one process)."""
+    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+    size = _per_process(recipe)
+    batches = []
+    for iteration in range(ITERATIONS):
+        drawn = [dataset.get(2 * size * iteration + i, np.random.default_rng(i)) for i in range(2 * size)]
+        halves = [drawn[:size], drawn[size:]]
+        if split == "mirrored":
+            halves[1] = drawn[size - 1::-1]
+        elif recipe.task == "det":
+            halves[1] = [{**other, "target": own["target"]} for own, other in zip(drawn[:size], drawn[size:])]
+        shard = halves[0] + halves[1] if world_size == 1 else halves[rank]
+        batches.append(collate(shard))
+    return batches
+
+
+def _build(case: str):
+    task, method_name, options, split = CASES[case]
+    base = RECIPES[task]
+    recipe = dataclasses.replace(base, method=method_name, method_options=options, lr=0.01, iters=ITERATIONS)
+    recipe = dataclasses.replace(recipe, batch_size=2 * _per_process(recipe))
+    torch.manual_seed(0)
+    if task == "seg-tiny":
+        student, teacher = TinySegmentor(recipe.num_classes), TinySegmentor(recipe.num_classes)
+    else:
+        student = configs.TASKS[recipe.task].build_model(recipe, recipe.student)
+        teacher = configs.TASKS[recipe.task].build_model(recipe, recipe.teacher or recipe.student)
+    teacher.eval().requires_grad_(False)
+    method = configs.METHODS[method_name]
+    distiller = method.build(recipe, student, teacher) if method.build else None
+    return recipe, split, student, teacher, distiller, method.bind.get(recipe.task)
+
+
+def _train(case: str, runtime: engine.Runtime) -> dict:
+    """The engine's step (forward_losses, extra losses, optimizer_step with gradient averaging) over
+    ``ITERATIONS`` batches; returns the final student and distiller weights and whether the student moved."""
+    recipe, split, student, teacher, distiller, bind = _build(case)
+    initial = [p.detach().clone() for p in student.parameters()]
+    optimizers = engine.build_optimizers(recipe, student, distiller)
+    model = student
+    if runtime.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(student)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for iteration, batch in enumerate(_samples(recipe, split, runtime.rank, runtime.world_size)):
+        model.train()
+        _freeze_batchnorm(student, *([distiller] if distiller is not None else []))
+        losses, _, bound = engine.forward_losses(model, teacher, distiller, bind, batch)
+        extra = distiller.extra_losses(**bound) if optimizers.extra is not None else {}
+        engine.optimizer_step(optimizers.student, scaler, sum(losses.values()), iteration, "student",
+                              lambda: engine._average_gradients(optimizers.distiller_params, runtime))
+        if optimizers.extra is not None:
+            engine.optimizer_step(optimizers.extra, scaler, sum(extra.values()), iteration, "extra",
+                                  lambda: engine._average_gradients(optimizers.extra_params, runtime))
+    moved = any(not torch.equal(before, p) for before, p in zip(initial, student.parameters()))
+    weights = {"student_moved": torch.tensor(moved)}
+    weights.update({f"student.{k}": v.clone() for k, v in student.state_dict().items()})
+    if distiller is not None:
+        weights.update({f"distiller.{k}": v.clone() for k, v in distiller.state_dict().items()
+                        if torch.is_tensor(v)})
+    return weights
+
+
+def _sokd_search(runtime: engine.Runtime) -> dict:
+    """One unrolled SoKD search step on the first batch: the perturbation eps * v and the policy gradients."""
+    recipe = dataclasses.replace(CLS, method="sokd", method_options={"base": "kd", "w_feat": 10.0, "w_dam": 10.0},
+                                 batch_size=4)
+    torch.manual_seed(0)
+    task = configs.TASKS["cls"]
+    student, teacher = task.build_model(recipe, recipe.student), task.build_model(recipe, recipe.teacher)
+    teacher.eval().requires_grad_(False)
+    plugin = configs.METHODS["sokd"].build(recipe, student, teacher)
+    student.train()
+    _freeze_batchnorm(student, plugin)
+    search = plugin.search
+    shifts = []
+    shift_theta = search._shift_theta
+
+    def recording_shift(direction, scale):
+        shifts.append([d * scale for d in direction])
+        shift_theta(direction, scale)
+
+    search._shift_theta = recording_shift
+    batch = _samples(recipe, "distinct", runtime.rank, runtime.world_size)[0]
+    objective = engine.search_objective(student, teacher, plugin, configs.METHODS["sokd"].bind["cls"], None)
+    grads = search.policy_gradients(batch, objective)
+    averaged = [g.clone() for g in grads]
+    if runtime.world_size > 1:
+        for g in averaged:
+            dist.all_reduce(g)
+            g /= runtime.world_size
+    return {"shift": shifts[0], "policy_gradients": averaged}
+
+
+def _run_all(runtime: engine.Runtime) -> dict:
+    real_noise = GDDLoss.sample_noise
+    GDDLoss.sample_noise = _sample_noise
+    try:
+        results = {case: _train(case, runtime) for case in CASES}
+    finally:
+        GDDLoss.sample_noise = real_noise
+    results["sokd-search"] = _sokd_search(runtime)
+    return results
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        results = _run_all(engine.Runtime(torch.device("cpu"), rank, world_size))
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("ddp"))
+    mp.spawn(_worker, args=(2, _free_port(), out_dir), nprocs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = _run_all(engine.Runtime(torch.device("cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    ranks = [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(2)]
+    return single, ranks
+
+
+def _assert_close(actual, expected, what: str) -> None:
+    # float reduction order only: sums over one batch and over two halves differ in the last bits
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_processes_train_as_one_over_the_global_batch(results, case):
+    single, ranks = results
+    for rank, weights in enumerate(ranks):
+        assert weights[case].keys() == single[case].keys()
+        for name, value in single[case].items():
+            _assert_close(weights[case][name], value, f"{case} rank {rank} {name}")
+    assert single[case]["student_moved"], "the student was trained"
+
+
+def test_sokd_search_direction_and_policy_gradients_are_the_global_batch_ones(results):
+    single, ranks = results
+    for rank, search in enumerate(ranks):
+        for index, (shift, expected) in enumerate(zip(search["sokd-search"]["shift"], single["sokd-search"]["shift"])):
+            _assert_close(shift, expected, f"rank {rank} eps * v[{index}]")
+        for index, (grad, expected) in enumerate(zip(search["sokd-search"]["policy_gradients"],
+                                                     single["sokd-search"]["policy_gradients"])):
+            _assert_close(grad, expected, f"rank {rank} policy gradient {index}")
