@@ -25,7 +25,7 @@ import sys
 from kd_ref import cli
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, metavar="PATH",
                         help="checkpoint written by train.py, or released weights (required)")
@@ -52,7 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N",
                         help="data loader workers (default: 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def recipe_for(args: argparse.Namespace, stored: dict | None):

@@ -18,10 +18,7 @@ import sys
 
 from kd_ref import cli
 
-RUN_FILES = ("last.pt", "metrics.json", "log.jsonl")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = cli.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default=None, choices=cli.TASKS,
                         help="the task (default: the preset's, else seg)")
@@ -68,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<preset>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     parser.add_argument("--overwrite", action="store_true",
-                        help="start again in an --out that holds a run, replacing its last.pt, log.jsonl and "
-                             "metrics.json (default: refuse)")
+                        help="start again in an --out that holds a run: its last.pt, log.jsonl, metrics.json and "
+                             "best.pt are replaced once the new run has started (default: refuse)")
     parser.add_argument("--keep-best", action="store_true",
                         help="evaluate every eval_every and keep best.pt by the task's main metric; metrics.json "
                              "names its iteration (default: the preset's, on where the reference reports the best)")
@@ -90,6 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="override any other recipe field, e.g. --set synthetic_val=20 --set "
                              "\"method_options={'alpha': 100.0}\" (Python literals; repeatable)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
         parser.error("--resume and --overwrite: pass one (continue the run in --out, or start it again)")
@@ -145,7 +147,9 @@ def build_recipe(args: argparse.Namespace) -> tuple:
 
 def check_out_folder(out: str, args: argparse.Namespace) -> None:
     """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently reused."""
-    found = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    from kd_ref import engine
+
+    found = [name for name in ("last.pt", *engine.RUN_OUTPUTS) if os.path.exists(os.path.join(out, name))]
     if args.resume and "last.pt" not in found:
         raise FileNotFoundError(f"--resume: {os.path.join(out, 'last.pt')}: no such file (nothing to continue "
                                 "in --out; leave out --resume to start)")
@@ -156,16 +160,10 @@ def check_out_folder(out: str, args: argparse.Namespace) -> None:
 
 def check_inputs(recipe, args: argparse.Namespace) -> None:
     """The run's data and weights are where the recipe and flags say, before a teacher or a data set is
-    touched: the data root, a teacher (given, or trainable on synthetic data), every weight file."""
+    touched: the data root, every weight file, a teacher (given, or trainable on synthetic data)."""
     from kd_ref import configs
 
     cli.check_data_root(recipe.task, recipe.data, args.data_root)
-    if configs.METHODS[recipe.method].needs_teacher and args.teacher_ckpt is None:
-        if recipe.data != "synthetic" or recipe.teacher_preset is None:
-            raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
-                             f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
-        configs.teacher_recipe(recipe)  # the teacher it would train must be the recipe's teacher
-
     files = {"--teacher-ckpt": args.teacher_ckpt}
     if not args.resume:  # a resumed run has its own weights
         files["--student-init"] = recipe.student_init
@@ -176,6 +174,11 @@ def check_inputs(recipe, args: argparse.Namespace) -> None:
             hint = (" (the preset starts the student from a trained checkpoint of it: train one with train.py "
                     "and pass its last.pt)" if flag == "--student-init" else "")
             raise FileNotFoundError(f"{flag} {path}: no such file{hint}")
+    if configs.METHODS[recipe.method].needs_teacher and args.teacher_ckpt is None:
+        if recipe.data != "synthetic" or recipe.teacher_preset is None:
+            raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
+                             f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
+        configs.teacher_recipe(recipe)  # the teacher it would train must be the recipe's teacher
 
 
 def teacher_folder(recipe, out: str) -> str:
@@ -248,10 +251,6 @@ def main(argv=None) -> dict:
     runtime = engine.setup_runtime(args.device, args.amp)
     if args.workers is None:
         args.workers = 4 if runtime.device.type == "cuda" else 0
-    if args.overwrite and runtime.is_main:
-        for file_name in RUN_FILES:
-            if os.path.exists(os.path.join(out, file_name)):
-                os.remove(os.path.join(out, file_name))
     teacher_ckpt = None
     teacher_metrics = None
     if configs.METHODS[recipe.method].needs_teacher:

@@ -877,7 +877,8 @@ def export(format: str, out: str, num_train: int = 20, num_val: int = 10, size: 
 def training_command(format: str, root: str, scenes: SyntheticScenes) -> str:
     """The ``train.py`` command that trains the format's default real-data preset on an exported tree: the
     preset's models and optimisation, with the tree's classes, an input size of the tree's images (the
-    presets' full sizes would make every CPU step minutes long) and a batch the tree can fill."""
+    presets' full sizes would make every CPU step minutes long), a batch the tree can fill, and from random
+    weights (the synthetic shapes are no ImageNet task)."""
     height, width = scenes.size
     batch = min(8, len(scenes))
     classes = scenes.object_classes
@@ -892,7 +893,10 @@ def training_command(format: str, root: str, scenes: SyntheticScenes) -> str:
         "imagefolder": ["--task", "cls", "--data", "imagenet", "--set", f"num_classes={len(classes)}",
                         "--crop", str(min(height, width)), str(min(height, width))],
     }[format]
-    words = ["python", "train.py", *flags, "--data-root", root, "--batch-size", str(batch), "--iters", "100"]
+    # the detection presets count epochs (a few dozen iterations on a small tree); the others iterations
+    length = [] if flags[1] == "det" else ["--iters", "100"]
+    words = ["python", "train.py", *flags, "--data-root", root, "--batch-size", str(batch), *length,
+             "--pretrained", "none"]
     return " ".join(shlex.quote(word) for word in words)
 
 

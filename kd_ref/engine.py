@@ -729,6 +729,8 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
             log.write({"iteration": iteration, "best": best})
         return metrics
 
+    if resume_state is None and runtime.is_main:
+        discard_previous_run(out_dir)
     bar = tqdm(total=recipe.iters, initial=start_iter, desc=f"train {recipe.student} [{recipe.method}]",
                disable=not runtime.is_main or quiet, dynamic_ncols=True)
     iteration = start_iter
@@ -814,6 +816,19 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     return metrics
 
 
+RUN_OUTPUTS = ("log.jsonl", "metrics.json", "best.pt")  # last.pt is replaced atomically by the first save
+
+
+def discard_previous_run(out_dir: str) -> None:
+    """A fresh run in a folder that held one (train.py asks for --overwrite first) starts a new history: the old
+    log, scores and best checkpoint go once everything is built and the data read, just before the first step,
+    so a run refused during setup leaves the folder as it was."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def move_to(batch, device: torch.device):
     """Move every tensor of a (nested) batch to ``device``."""
     if isinstance(batch, torch.Tensor):
@@ -841,9 +856,10 @@ def evaluate(task, model: nn.Module, dataset, collate, runtime: Runtime, recipe,
     return task.finish_eval_state(state, runtime)
 
 
-def print_table(rows: list, file=sys.stdout) -> None:
-    """Small fixed-width table: ``rows`` is a list of (name, value) pairs."""
+def print_table(rows: list, file=None) -> None:
+    """Small fixed-width table: ``rows`` is a list of (name, value) pairs; to ``file`` (default: the current
+    sys.stdout, looked up at the call)."""
     width = max(len(str(name)) for name, _ in rows)
     for name, value in rows:
         shown = f"{value:.2f}" if isinstance(value, float) and not math.isnan(value) else str(value)
-        print(f"  {str(name):<{width}}  {shown}", file=file)
+        print(f"  {str(name):<{width}}  {shown}", file=file or sys.stdout)

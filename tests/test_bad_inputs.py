@@ -128,12 +128,29 @@ def nan_losses(monkeypatch):
 
 
 def cityscapes_case(expected, *flags, edit=lambda root: None, **tree):
-    """A Cityscapes tree (edited by ``edit``) trained into a folder that already holds a checkpoint."""
+    """A Cityscapes tree (edited by ``edit``) trained, with --overwrite, into a folder that already holds a
+    checkpoint: the refused run must leave it as it was."""
     def setup(c):
         root = cityscapes_tree(c.tmp / "cs", **tree)
         edit(root)
-        return (*cityscapes_train(root, "--out", str(copy_checkpoint(c.trained, c.tmp / "out")), *flags), expected)
+        return (*cityscapes_train(root, "--out", str(copy_checkpoint(c.trained, c.tmp / "out")), "--overwrite", *flags),
+                expected)
     return setup
+
+
+def relabelled(label_id):
+    """Edit of a Cityscapes tree: every label pixel becomes ``label_id``."""
+    def edit(root):
+        for path in (root / "gtFine").rglob("*.png"):
+            Image.fromarray(np.full_like(np.asarray(Image.open(path)), label_id)).save(path)
+    return edit
+
+
+def evaluate_on_cityscapes(c):
+    root = cityscapes_tree(c.tmp / "cs")
+    relabelled(26)(root)  # car: train id 13, beyond the 4 classes of the synthetic model
+    return (evaluate, ["--ckpt", str(c.trained), "--data", "cityscapes", "--data-root", str(root), "--quiet"],
+            "model predicts 4 classes")
 
 
 def cls_case(data, make_root, expected):
@@ -146,7 +163,7 @@ def cls_case(data, make_root, expected):
 
 def nan_in_the_loss(c):
     nan_losses(c.monkeypatch)
-    return (*synthetic_train(copy_checkpoint(c.trained, c.tmp / "out"), "--method", "none"),
+    return (*synthetic_train(copy_checkpoint(c.trained, c.tmp / "out"), "--method", "none", "--overwrite"),
             "non-finite loss at iteration 0")
 
 
@@ -196,14 +213,32 @@ CASES = {
     "resume_without_checkpoint": lambda c: (*synthetic_train(c.tmp / "empty", "--resume"), "no such file"),
     "resume_with_another_recipe": lambda c: (
         *synthetic_train(copy_checkpoint(c.trained, c.tmp / "out"), "--resume"), "recipe differs"),
-    "unknown_method": lambda c: (*synthetic_train(c.tmp, "--method", "nonsense"), "methods for --task seg"),
+    "unknown_method": lambda c: (*synthetic_train(c.tmp, "--method", "nonsense"), "--method: invalid choice"),
     "method_of_another_task": lambda c: (*synthetic_train(c.tmp, "--method", "gkd"), "methods for --task seg"),
     "unknown_student": lambda c: (*synthetic_train(c.tmp, "--student", "unet_r18"), "--student unet_r18"),
     "task_contradicts_preset": lambda c: (
         *synthetic_train(c.tmp, "--task", "det", "--preset", "synthetic_seg_none"), "contradicts"),
     "sokd_base_without_sokd": lambda c: (*synthetic_train(c.tmp, "--method", "kd", "--sokd-base", "kd"),
                                          "--sokd-base"),
-    "batch_size_zero": lambda c: (*synthetic_train(c.tmp, "--batch-size", "0"), "--batch-size 0"),
+    "batch_size_zero": lambda c: (*synthetic_train(c.tmp, "--batch-size", "0"), "--batch-size: expected a positive"),
+    "iters_zero": lambda c: (*synthetic_train(c.tmp, "--iters", "0"), "--iters: expected a positive integer, got 0"),
+    "iters_negative": lambda c: (*synthetic_train(c.tmp, "--iters", "-5"), "--iters: expected a positive integer"),
+    "crop_zero": lambda c: (*synthetic_train(c.tmp, "--crop", "0", "0"), "--crop: expected a positive integer"),
+    "crop_below_the_stride": lambda c: (*synthetic_train(c.tmp, "--crop", "7", "7"), "--crop 7 7: expected H W of at "
+                                                                                      "least 32"),
+    "negative_lr": lambda c: (*synthetic_train(c.tmp, "--lr", "-1"), "--lr: expected a non-negative number"),
+    "data_root_with_synthetic_data": lambda c: (*synthetic_train(c.tmp / "out", "--data-root", str(c.tmp)),
+                                                "--data synthetic is built in"),
+    "crop_on_detection": lambda c: (train, ["--task", "det", "--crop", "64", "64", "--out", str(c.tmp / "out"),
+                                            "--quiet"], "detection resizes whole images to image_scale"),
+    "kd_on_a_one_stage_detector": lambda c: (
+        train, ["--task", "det", "--method", "kd", "--student", "retinanet_r18", "--teacher", "retinanet_r18",
+                "--out", str(c.tmp / "out"), "--quiet"], "one-stage detector"),
+    "out_folder_holds_a_run": lambda c: (*synthetic_train(copy_checkpoint(c.trained, c.tmp / "out")),
+                                         "holds a run (last.pt); pass --resume to continue it or --overwrite"),
+    "resume_and_overwrite": lambda c: (*synthetic_train(c.tmp / "out", "--resume", "--overwrite"),
+                                       "--resume and --overwrite"),
+    "evaluate_on_data_of_more_classes": evaluate_on_cityscapes,
     "more_classes_than_synthetic_shapes": lambda c: (*synthetic_train(c.tmp, "--set", "num_classes=12"),
                                                      "num_classes 12: synthetic scenes have"),
     "teacher_checkpoint_not_given_on_real_data": cityscapes_case("--teacher-ckpt", "--method", "kd"),
@@ -219,23 +254,23 @@ if not torch.cuda.is_available():
     CASES["cuda_without_gpu"] = lambda c: (*synthetic_train(c.tmp, "--device", "cuda"), "no CUDA device")
 
 
-def checkpoint_hashes(*folders) -> dict:
+def file_hashes(*folders) -> dict:
     return {str(path): hashlib.sha256(path.read_bytes()).hexdigest()
-            for folder in folders for path in folder.rglob("*.pt")}
+            for folder in folders for path in folder.rglob("*") if path.is_file()}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_gives_one_error_line_nonzero_exit_and_keeps_checkpoints(case, tmp_path, trained, capsys,
+def test_bad_input_gives_one_error_line_nonzero_exit_and_writes_nothing(case, tmp_path, trained, capsys,
                                                                           monkeypatch):
     tool, argv, expected = CASES[case](SimpleNamespace(tmp=tmp_path, trained=trained, monkeypatch=monkeypatch))
-    before = checkpoint_hashes(tmp_path, trained.parent)
+    before = file_hashes(tmp_path, trained.parent)
     status = tool.run(argv)
     stderr = capsys.readouterr().err
     assert status != 0
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], stderr[-2000:]
     assert stderr.rstrip().endswith(errors[0]) and "Traceback" not in stderr
-    assert checkpoint_hashes(tmp_path, trained.parent) == before, "a checkpoint was written or changed"
+    assert file_hashes(tmp_path, trained.parent) == before, "a file was written or changed"
 
 
 def test_command_line_exits_with_status_2_and_one_error_line(tmp_path):

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import shlex
 
 import numpy as np
 import pytest
@@ -136,8 +137,10 @@ def test_cityscapes_label_id_table():
 
 def test_voc_round_trip(exported):
     classes = D.SyntheticScenes.CLASSES[1:]
-    for image_set, split, length in (("2007/trainval", "train", 4), ("2007/test", "val", 2)):
-        loaded = D.VOCDetection(str(exported / "voc"), (image_set,), classes=classes)
+    # the 07+12 layout: the train scenes are VOC2007 trainval (first half) then VOC2012 trainval
+    assert len(D.VOCDetection(str(exported / "voc"), ("2012/trainval",), classes=classes)) == 2
+    for image_sets, split, length in ((("2007/trainval", "2012/trainval"), "train", 4), (("2007/test",), "val", 2)):
+        loaded = D.VOCDetection(str(exported / "voc"), image_sets, classes=classes)
         original = scenes(split, length)
         assert len(loaded) == length
         for index in range(length):
@@ -232,8 +235,8 @@ def test_cityscapes_errors_name_the_files(exported, tmp_path):
 
 
 def test_detection_and_classification_loader_errors(exported, tmp_path):
-    with pytest.raises(FileNotFoundError, match="VOC image set '2012/trainval': missing .*VOC2012"):
-        D.VOCDetection(str(exported / "voc"), ("2007/trainval", "2012/trainval"), classes=D.SyntheticScenes.CLASSES[1:])
+    with pytest.raises(FileNotFoundError, match="VOC image set '2010/trainval': missing .*VOC2010"):
+        D.VOCDetection(str(exported / "voc"), ("2007/trainval", "2010/trainval"), classes=D.SyntheticScenes.CLASSES[1:])
     broken = tmp_path / "VOCdevkit/VOC2007"
     (broken / "ImageSets/Main").mkdir(parents=True)
     (broken / "Annotations").mkdir()
@@ -312,3 +315,17 @@ def test_export_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         D.main(["export", "--format", "kitti", str(tmp_path / "k")])
     assert exit_info.value.code != 0 and "invalid choice: 'kitti'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", sorted(D.EXPORTERS))
+def test_each_export_prints_the_train_command_that_trains_on_it(fmt, tmp_path, capsys):
+    import train
+
+    root = tmp_path / fmt
+    assert D.main(["export", "--format", fmt, str(root), "--num-train", "4", "--num-val", "2", "--size", "64", "64"]) == 0
+    words = shlex.split(capsys.readouterr().out.strip().splitlines()[-1])
+    assert words[:2] == ["python", "train.py"] and words[words.index("--data-root") + 1] == str(root)
+    # the same command, one iteration (one epoch of the tiny tree for the epoch-counted detection presets) long
+    shorter = ["--set", "epochs=1"] if words[words.index("--task") + 1] == "det" else ["--iters", "1"]
+    assert train.run([*words[2:], *shorter, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert (tmp_path / "run" / "metrics.json").is_file()

@@ -113,12 +113,47 @@ def test_resume_after_interruption_ends_with_identical_weights(tmp_path, monkeyp
     flags = ["--method", "none", "--iters", "4", "--ckpt-every", "2", "--seed", "3"]
     run(tmp_path / "straight", *flags)
 
-    train_crashing_in_step(monkeypatch, 2, ["--task", "seg", "--out", str(tmp_path / "interrupted"), *TINY, *flags])
+    # killed in iteration 4 (0-based 3): the log holds iterations 1-3, the checkpoint iteration 2
+    train_crashing_in_step(monkeypatch, 3, ["--task", "seg", "--out", str(tmp_path / "interrupted"), *TINY, *flags])
     assert engine.load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["iteration"] == 2
+    assert logged_iterations(tmp_path / "interrupted") == [1, 2, 3]
     run(tmp_path / "interrupted", *flags, "--resume")
     straight = engine.load_checkpoint(str(tmp_path / "straight" / "last.pt"))["model"]
     resumed = engine.load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["model"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # the replayed iteration 3 is logged once: one clean history, as the uninterrupted run's
+    assert logged_iterations(tmp_path / "interrupted") == logged_iterations(tmp_path / "straight") == [1, 2, 3, 4]
+
+
+def logged_iterations(folder):
+    return [record["iteration"] for record in map(json.loads, (folder / "log.jsonl").read_text().splitlines())
+            if "eval" not in record]
+
+
+def test_a_folder_holding_a_run_is_resumed_or_overwritten_never_reused_silently(tmp_path, capsys):
+    run(tmp_path, "--method", "none", "--iters", "2")
+    first = (tmp_path / "last.pt").read_bytes()
+    assert train.run(["--task", "seg", "--out", str(tmp_path), *TINY, "--method", "none", "--iters", "2"]) == 2
+    assert "holds a run" in capsys.readouterr().err and (tmp_path / "last.pt").read_bytes() == first
+    run(tmp_path, "--method", "none", "--iters", "3", "--overwrite")
+    assert logged_iterations(tmp_path) == [1, 2, 3], "the overwritten run's log is gone"
+    assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
+
+
+def test_synthetic_teachers_are_cached_once_per_teacher_recipe(tmp_path, monkeypatch, capsys):
+    tiny_teacher = dataclasses.replace(configs.PRESETS["synthetic_seg_teacher"], iters=2, synthetic_size=(64, 64),
+                                       synthetic_train=8, synthetic_val=3, crop=(64, 64), batch_size=2)
+    monkeypatch.setitem(configs.PRESETS, "synthetic_seg_teacher", tiny_teacher)
+    for method in ("kd", "dist"):
+        run(tmp_path / method, "--method", method, "--iters", "1")
+    said = capsys.readouterr().out
+    cached = list((tmp_path / "teachers").iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("synthetic_seg_teacher-")
+    assert said.count("is trained first: 2 iterations") == 1 and f"teacher: reusing {cached[0]}" in said
+    # another teacher recipe is another teacher
+    monkeypatch.setitem(configs.PRESETS, "synthetic_seg_teacher", dataclasses.replace(tiny_teacher, iters=3))
+    run(tmp_path / "gdd", "--method", "gdd", "--iters", "1")
+    assert len(list((tmp_path / "teachers").iterdir())) == 2
 
 
 def test_sigterm_checkpoints_the_current_iteration_and_says_how_to_resume(tmp_path):
@@ -185,7 +220,7 @@ def test_student_init_of_another_architecture_names_both_models(tmp_path, teache
     with pytest.raises(ValueError, match=r"student_init .*: a kd_ref segmentor file holding deeplabv3 on a "
                                          r"ResNet-18 .*; the recipe expects pspnet on a ResNet-18"):
         run(tmp_path, "--method", "none", "--student", "pspnet_r18", "--student-init", teacher_ckpt, "--iters", "1")
-    with pytest.raises(FileNotFoundError, match="student_init .*absent.pt: no such file; .*--student-init PATH"):
+    with pytest.raises(FileNotFoundError, match=r"--student-init .*absent.pt: no such file \(the preset starts the student"):
         run(tmp_path, "--method", "none", "--student-init", str(tmp_path / "absent.pt"), "--iters", "1")
 
 
