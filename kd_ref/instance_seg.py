@@ -316,18 +316,20 @@ class SOLO(detectors._FPNDetector):
 
     def loss(self, mask_preds, cls_preds, targets, padded_size):
         featmap_sizes = [tuple(pred.shape[-2:]) for pred in mask_preds]
-        selected, mask_targets, labels = [], [], [[] for _ in cls_preds]
+        selected, mask_targets, labels = [[] for _ in mask_preds], [[] for _ in mask_preds], [[] for _ in cls_preds]
         for i, target in enumerate(targets):
             masks = _pad_masks(target["masks"].to(torch.uint8), padded_size)
             per_level = solo_targets(target["boxes"], target["labels"].to(mask_preds[0].device), masks,
                                      featmap_sizes, self.num_grids, self.scale_ranges, self.strides,
                                      self.pos_scale, self.num_classes)
             for level, (level_masks, level_labels, positive) in enumerate(zip(*per_level)):
-                selected.append(mask_preds[level][i][positive])
-                mask_targets.append(level_masks)
+                selected[level].append(mask_preds[level][i][positive])
+                mask_targets[level].append(level_masks)
                 labels[level].append(level_labels.flatten())
-        num_pos = sum(len(target) for target in mask_targets)
-        dice = dice_loss(torch.cat(selected), torch.cat(mask_targets), eps=1e-3)
+        # without positives the sum of the empty selections: 0, still in the graph (as mmdet)
+        dice = torch.cat([dice_loss(torch.cat(preds), torch.cat(masks), eps=1e-3)
+                          for preds, masks in zip(selected, mask_targets)])
+        num_pos = len(dice)
         loss_mask = 3.0 * dice.sum() / max(num_pos, 1)
         flat_cls = torch.cat([pred.permute(0, 2, 3, 1).reshape(-1, self.num_classes) for pred in cls_preds])
         flat_labels = torch.cat([torch.cat(level) for level in labels])
