@@ -423,13 +423,13 @@ class InsTask:
             results = {kind: [r for shard in shards for r in shard[kind]] for kind in results}
         for kind in results:
             results[kind].sort(key=lambda result: (result["image_id"], -result["score"]))
+        if state["save_pred"] and runtime.is_main:  # before scoring: pycocotools' loadRes adds keys to them
+            os.makedirs(state["save_pred"], exist_ok=True)
+            for kind, file_name in (("segm", "segmentations.json"), ("bbox", "detections.json")):
+                if kind == "segm" or state["with_boxes"]:
+                    with open(os.path.join(state["save_pred"], file_name), "w") as handle:
+                        json.dump(results[kind], handle)
         metrics = {f"segm_{name}": value for name, value in coco_segm_eval(results["segm"], state["coco"]).items()}
         if state["with_boxes"]:
             metrics.update({f"bbox_{name}": value for name, value in coco_box_ap(state["coco"], results["bbox"]).items()})
-        if state["save_pred"] and runtime.is_main:
-            os.makedirs(state["save_pred"], exist_ok=True)
-            for kind, file_name in (("segm", "segmentations.json"), ("bbox", "detections.json")):
-                if results[kind]:
-                    with open(os.path.join(state["save_pred"], file_name), "w") as handle:
-                        json.dump(results[kind], handle)
         return metrics
