@@ -13,7 +13,9 @@ Segmentation is whole-image single-scale inference, as the references evaluate. 
 printed and written next to the checkpoint (``<ckpt dir>/eval_<data>.json``) or to ``--out``.
 ``--save-pred DIR`` writes train-id PNGs, colour PNGs and ``legend.json`` (class names and colours: the
 Cityscapes palette for Cityscapes, a palette of the shapes for synthetic scenes); detection writes
-``detections.json`` in COCO results format.
+``detections.json`` in COCO results format; instance segmentation (``--task ins``, COCO mask AP through
+pycocotools, ``segm_AP`` ... ``segm_APl``, plus ``bbox_*`` for Mask R-CNN) writes ``segmentations.json``
+(RLE, original pixels) and, for Mask R-CNN, ``detections.json``.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of a real data set (required for every --data but synthetic)")
     parser.add_argument("--save-pred", default=None, metavar="DIR",
                         help="also write the predictions there: label and colour PNGs with legend.json (seg), "
-                             "detections.json (det) (default: none)")
+                             "detections.json (det), segmentations.json (ins) (default: none)")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="JSON file for the scores (default: <checkpoint folder>/eval_<data>.json)")
     parser.add_argument("--amp", action="store_true",

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kd_ref import classifiers, detectors, segmentors
+from kd_ref import classifiers, detectors, instance_seg, segmentors
 from kd_ref.backbones import describe_backbone, load_state_dict_checked, read_checkpoint
 
-TASKS = ("seg", "det", "cls")
+TASKS = ("seg", "det", "cls", "ins")
 
 
 def _has(*keys: str) -> Callable[[set], bool]:
@@ -80,6 +80,23 @@ LAYOUTS = (
 )
 
 
+# Instance segmenters carry the detectors' marker keys too (an mmdet Mask R-CNN has Faster R-CNN's heads, our
+# SOLO and Mask R-CNN our FPN): their layouts are tried first.
+INSTANCE_LAYOUTS = (
+    Layout("mmdet 2.x SOLO", "ins", _has("mask_head.conv_cls.weight"), instance_seg.convert_mmdet_solo_state_dict),
+    Layout("mmdet 2.x Mask R-CNN", "ins", _has("roi_head.mask_head.conv_logits.weight"),
+           instance_seg.convert_mmdet_mask_rcnn_state_dict),
+    Layout("kd_ref instance segmenter", "ins", _any_prefixed("head.conv_cls.", "mask_head.logits."), _ours),
+)
+LAYOUTS = INSTANCE_LAYOUTS + LAYOUTS
+
+
+def _describe_solo_head(sd: Mapping[str, Tensor]) -> str:
+    grids = tuple(round(sd[f"head.conv_mask_list.{l}.weight"].shape[0] ** 0.5) for l in range(5))
+    return (f"solo (grids {grids}, {sd['head.conv_cls.weight'].shape[1]}-channel head of "
+            f"{_count_blocks(sd, 'head.mask_convs.')} convs)")
+
+
 def recognise(state_dict: Mapping[str, Tensor], source: str) -> Layout:
     """The layout of ``state_dict``'s keys; an unknown one raises a ValueError naming a few keys."""
     names = set(state_dict)
@@ -98,6 +115,10 @@ def implied_model(state_dict: Mapping[str, Tensor]) -> tuple[str, int | None]:
     """(architecture, number of classes) that a state dict in our keys implies, e.g.
     ``("pspnet on a ResNet-101 (deep stem 64-64-128)", 19)``."""
     sd = state_dict
+    if "head.conv_cls.weight" in sd:
+        return f"{_describe_solo_head(sd)} on a {describe_backbone(sd, 'backbone.')}", sd["head.conv_cls.weight"].shape[0]
+    if "mask_head.logits.weight" in sd:
+        return f"maskrcnn on a {describe_backbone(sd, 'backbone.')}", sd["mask_head.logits.weight"].shape[0]
     if "decode_head.classifier.weight" in sd:
         arch = "deeplabv3" if "decode_head.image_pool.1.weight" in sd else "pspnet"
         aux = "" if "aux_head.classifier.weight" in sd else " without aux head"
@@ -125,6 +146,8 @@ def describe(state_dict: Mapping[str, Tensor]) -> str:
 
 
 def task_of(model: nn.Module) -> str:
+    if isinstance(model, (instance_seg.SOLO, instance_seg.MaskRCNN)):  # a MaskRCNN is a FasterRCNN too
+        return "ins"
     if isinstance(model, segmentors.Segmentor):
         return "seg"
     if isinstance(model, (detectors.RetinaNet, detectors.FasterRCNN)):
@@ -177,6 +200,8 @@ def build_model(task: str, arch: str, num_classes: int, flavour: str | None) -> 
         raise ValueError(f"--flavour {flavour}: only segmentors have flavours (--task seg)")
     if task == "det":
         return detectors.build_detector(arch, num_classes)
+    if task == "ins":
+        return instance_seg.build_instance_model(arch, num_classes)
     return classifiers.build_classifier(arch, num_classes)
 
 
@@ -208,7 +233,7 @@ def convert(task: str, arch: str, src: str, dst: str, num_classes: int | None = 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kd_ref.convert",
-        description="write released weights (mmseg, CIRKD, SKD, mmdet 2.x, torchvision, RepDistiller) or a "
+        description="write released weights (mmseg, CIRKD, SKD, mmdet 2.x detectors, SOLO and Mask R-CNN, torchvision, RepDistiller) or a "
                     "state dict as a kd_ref checkpoint for train.py --teacher-ckpt / --student-init and "
                     "evaluate.py --ckpt")
     parser.add_argument("--task", required=True, choices=TASKS)

@@ -681,7 +681,8 @@ SUPPORTED_DATA = cli.DATA
 
 def _base_dataset(task: str, data: str, root: str | None, split: str, train: bool, options: dict):
     if data == "synthetic":
-        return SyntheticScenes(split, **options)
+        scenes = SyntheticScenes(split, **options)
+        return SyntheticInstances(scenes) if task == "ins" else scenes
     if root is None:
         raise ValueError(f"data {data!r} needs a root folder (--data-root DIR)")
     if data == "cityscapes":
@@ -700,7 +701,7 @@ def _default_transform(task: str, data: str, train: bool, base):
     if task == "seg":
         crop = base.size if data == "synthetic" else (512, 1024)
         return T.SegTrainTransform(crop, (0.5, 2.0), "bgr_mean") if train else T.SegEvalTransform("bgr_mean")
-    if task == "det":
+    if task in ("det", "ins"):
         scale = {"synthetic": getattr(base, "size", None), "voc": (1000, 600), "coco": (1333, 800)}[data]
         return T.DetTransform(scale, flip_prob=0.5 if train else 0.0)
     if data == "cifar100":
@@ -714,14 +715,15 @@ def build_dataset(task: str, data: str, root: str | None = None, split: str = "t
                   **options) -> TaskSet:
     """The task wrapper over data set ``data`` (``SUPPORTED_DATA[task]``); ``options`` go to the base
     loader (e.g. ``seed``, ``size``, ``length`` for synthetic data; ``image_sets``, ``classes`` for VOC),
-    except ``with_masks`` (det: carry instance masks; synthetic and COCO data).
+    except ``with_masks`` (det: carry instance masks; synthetic and COCO data; always on for ins, whose
+    synthetic instances are :class:`SyntheticInstances`).
     ``transform`` defaults to the reference pipeline of the data set (``split == "train"`` augments).
     The collate function is ``dataset.collate``."""
     if data not in SUPPORTED_DATA.get(task, ()):
         combos = "; ".join(f"{t}: {', '.join(d)}" for t, d in SUPPORTED_DATA.items())
         raise ValueError(f"unsupported task/data combination {task!r}/{data!r}; supported: {combos}")
     train = split == "train"
-    with_masks = options.pop("with_masks", False)
+    with_masks = options.pop("with_masks", False) or task == "ins"  # instances are masks
     if with_masks and data not in ("synthetic", "coco"):
         raise ValueError(f"with_masks: data {data!r} has no instance masks (synthetic and coco have)")
     if with_masks and data == "coco":
@@ -730,7 +732,7 @@ def build_dataset(task: str, data: str, root: str | None = None, split: str = "t
     transform = transform or _default_transform(task, data, train, base)
     if task == "seg":
         return SegmentationSet(base, transform)
-    if task == "det":
+    if task in ("det", "ins"):
         return DetectionSet(base, transform, train=train, with_masks=with_masks)
     return ClassificationSet(base, transform)
 
@@ -929,3 +931,53 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------- instance segmentation (issue 16)
+MIN_INSTANCE_AREA = 16  # pixels: smaller visible fragments of a synthetic object are no instance
+
+
+class SyntheticInstances:
+    """Instance view of :class:`SyntheticScenes`: every object's visible part (after occlusion) of at least
+    ``min_area`` pixels is an instance, with the tight box of that mask; none is ``difficult`` (an occluded
+    object is still an instance, with its visible mask). Samples follow the det layout plus ``masks``."""
+
+    def __init__(self, scenes: SyntheticScenes, min_area: int = MIN_INSTANCE_AREA):
+        self.scenes, self.min_area = scenes, min_area
+        self.classes = self.object_classes = scenes.object_classes
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.scenes[index]
+        keep = sample["masks"].sum((1, 2)) >= self.min_area
+        return {"image": sample["image"], "boxes": sample["boxes"][keep], "labels": sample["labels"][keep],
+                "masks": sample["masks"][keep], "difficult": np.zeros(int(keep.sum()), bool),
+                "image_id": sample["image_id"], "name": sample["name"]}
+
+
+def coco_ground_truth(base, category_ids: list):
+    """A pycocotools ``COCO`` of a base data set with instance masks (e.g. :class:`SyntheticInstances`), so
+    that data without an annotation file is scored exactly as COCO is: RLE segmentations, ``area`` = mask
+    pixels, ``iscrowd`` = ``difficult``, ``category_ids[label]`` as category."""
+    from pycocotools.coco import COCO
+
+    from kd_ref.metrics import encode_mask
+
+    images, annotations = [], []
+    for index in range(len(base)):
+        sample = base[index]
+        height, width = sample["image"].shape[:2]
+        images.append({"id": sample["image_id"], "height": height, "width": width, "file_name": sample["name"]})
+        for box, label, mask, crowd in zip(sample["boxes"], sample["labels"], sample["masks"], sample["difficult"]):
+            x1, y1, x2, y2 = (float(c) for c in box)
+            annotations.append({"id": len(annotations) + 1, "image_id": sample["image_id"],
+                                "category_id": int(category_ids[label]), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": float(mask.sum()), "iscrowd": int(crowd), "segmentation": encode_mask(mask)})
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations,
+                    "categories": [{"id": int(c), "name": str(c)} for c in category_ids]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco

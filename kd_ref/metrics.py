@@ -209,14 +209,47 @@ def coco_results(detections: list, image_ids: list, category_ids: list) -> list:
 
 def coco_box_ap(coco_gt, results: list) -> dict:
     """Box AP / AP50 / AP75 / APs / APm / APl in percent through pycocotools ``COCOeval``."""
+    return coco_eval_stats(coco_gt, results, "bbox")
+
+
+def coco_eval_stats(coco_gt, results: list, iou_type: str) -> dict:
+    """AP / AP50 / AP75 / APs / APm / APl in percent of ``results`` through pycocotools ``COCOeval`` with
+    ``iou_type`` ("bbox" or "segm"), maxDets 100; no results score 0."""
     from pycocotools.cocoeval import COCOeval
 
     if not results:
         return {name: 0.0 for name in COCO_STAT_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
     return {name: float(evaluator.stats[i]) * 100 for i, name in enumerate(COCO_STAT_NAMES)}
+
+
+# ------------------------------------------------------------------- COCO mask AP (instance segmentation)
+def encode_mask(mask) -> dict:
+    """COCO RLE of one bool (H, W) mask, ``counts`` as ``str`` so that the result is JSON."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(_as_numpy(mask, np.uint8)))
+    return {"size": [int(side) for side in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def coco_mask_results(instances: list, image_ids: list, category_ids: list) -> list:
+    """COCO segmentation results from per-image ``{"masks" bool (K, H, W) in original pixels, "scores",
+    "labels" (0-based)}``; ``category_ids[label]`` is the data set's category id."""
+    results = []
+    for found, image_id in zip(instances, image_ids):
+        for mask, score, label in zip(found["masks"], _as_numpy(found["scores"], np.float64).reshape(-1),
+                                      _as_numpy(found["labels"], np.int64).reshape(-1)):
+            results.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
+                            "segmentation": encode_mask(mask), "score": float(score)})
+    return results
+
+
+def coco_segm_eval(results: list, coco_gt) -> dict:
+    """Mask AP / AP50 / AP75 / APs / APm / APl in percent: pycocotools ``COCOeval(iouType="segm")`` of
+    ``results`` (``{"image_id", "category_id", "segmentation": RLE, "score"}``) against ``coco_gt``."""
+    return coco_eval_stats(coco_gt, results, "segm")

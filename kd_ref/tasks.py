@@ -21,7 +21,8 @@ from PIL import Image
 from kd_ref import datasets, detectors, segmentors, transforms
 from kd_ref.metrics import all_reduce_sum, confusion_matrix, segmentation_scores
 from kd_ref.metrics import coco_box_ap, coco_results, voc_map
-from kd_ref import classifiers, convert
+from kd_ref.metrics import coco_mask_results, coco_segm_eval
+from kd_ref import classifiers, convert, instance_seg
 from kd_ref.metrics import topk_correct
 
 SYNTHETIC_NUM_CLASSES = datasets.SyntheticScenes.num_semantic_classes
@@ -330,3 +331,105 @@ class ClsTask:
         if images == 0:
             return {"top1": float("nan"), "top5": float("nan"), "images": 0}
         return {"top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images, "images": images}
+
+
+# ------------------------------------------------------------------------ instance segmentation (issue 16)
+class InsTask:
+    """Instance segmentation: SOLO and Mask R-CNN of ``kd_ref.instance_seg`` on synthetic instances
+    (:class:`datasets.SyntheticInstances`) or COCO with masks; the detection pipeline (keep-ratio resize to
+    ``recipe.image_scale``, flip 0.5 in training with the masks, zero padding to a multiple of 32).
+
+    Evaluation takes every image's soft masks to the original image (bilinear, > 0.5), RLE-encodes them
+    and scores them once, gathered from all ranks, with pycocotools ``COCOeval(iouType="segm")``
+    (``coco_segm_eval``): ``segm_AP`` (the main metric), ``segm_AP50`` ... ``segm_APl``; models that
+    predict boxes (Mask R-CNN) add ``bbox_AP`` ... from ``COCOeval(iouType="bbox")``. COCO data is scored
+    against the loader's annotation file, synthetic data against a COCO index of the same instances
+    (:func:`datasets.coco_ground_truth`). ``save_pred=DIR`` writes ``DIR/segmentations.json`` (and
+    ``detections.json`` with boxes) in COCO results format."""
+    main_metric = "segm_AP"
+    # SOLO's losses read every head parameter in every step; Mask R-CNN's mask loss is 0 * logits without
+    # positives, so its mask head stays in the graph as well
+    find_unused_parameters = False
+    data_sets = datasets.SUPPORTED_DATA["ins"]
+
+    def __init__(self):
+        self.eval_base = None
+
+    def check_recipe(self, recipe) -> None:
+        if recipe.data not in self.data_sets:
+            raise ValueError(f"--data {recipe.data}: --task ins supports {list(self.data_sets)}")
+        for role, name in (("--student", recipe.student), ("--teacher", recipe.teacher)):
+            if name is not None and name not in instance_seg.INSTANCE_MODELS:
+                raise ValueError(f"{role} {name}: --task ins supports {', '.join(instance_seg.INSTANCE_MODELS)}")
+        if len(recipe.image_scale) != 2 or min(recipe.image_scale) < 64:
+            raise ValueError(f"image_scale {recipe.image_scale}: expected (long side, short side) bounds >= 64 "
+                             "(SOLO's coarsest head level is at stride 32)")
+        if recipe.data == "synthetic" and not 1 <= recipe.num_classes <= SYNTHETIC_NUM_OBJECT_CLASSES:
+            raise ValueError(f"num_classes {recipe.num_classes}: synthetic scenes have "
+                             f"1..{SYNTHETIC_NUM_OBJECT_CLASSES} object classes")
+
+    def build_model(self, recipe, name: str, pretrained: str | None = None):
+        return instance_seg.build_instance_model(name, recipe.num_classes, pretrained_backbone=pretrained,
+                                                 rcnn_rois_per_image=recipe.rcnn_rois_per_image)
+
+    def build_data(self, recipe, split: str, root: str | None):
+        train = split == "train"
+        transform = transforms.DetTransform(recipe.image_scale, flip_prob=0.5 if train else 0.0,
+                                            normalization=recipe.normalization)
+        options = synthetic_options(recipe, split)
+        if recipe.data == "synthetic":
+            options["num_classes"] = recipe.num_classes
+        dataset = datasets.build_dataset("ins", recipe.data, root, split, transform, **options)
+        if len(dataset.classes) != recipe.num_classes:
+            raise ValueError(f"num_classes {recipe.num_classes} does not match the {len(dataset.classes)} classes "
+                             f"of --data {recipe.data} at {root} ({', '.join(dataset.classes[:4])}, ...); pass "
+                             f"--set num_classes={len(dataset.classes)}")
+        if not train:
+            self.eval_base = dataset.base
+        return dataset, dataset.collate
+
+    def new_eval_state(self, recipe) -> dict:
+        if self.eval_base is None:
+            raise ValueError("instance evaluation needs the evaluation set: call build_data(recipe, 'val', root) "
+                             "before new_eval_state(recipe)")
+        if isinstance(self.eval_base, datasets.COCODetection):
+            coco, category_ids = self.eval_base.coco, self.eval_base.category_ids
+        else:
+            category_ids = list(range(1, recipe.num_classes + 1))
+            coco = datasets.coco_ground_truth(self.eval_base, category_ids)
+        return {"segm": [], "bbox": [], "with_boxes": False, "coco": coco, "category_ids": category_ids,
+                "save_pred": None}
+
+    def update_eval_state(self, state: dict, outputs: dict, batch: dict, save_pred: str | None) -> None:
+        state["save_pred"] = save_pred
+        for found, target in zip(outputs["instances"], batch["targets"]):
+            image_id = int(target["image_id"])
+            masks = instance_seg.masks_at_size(found["mask_probs"], target["orig_size"])
+            if target["flipped"]:
+                masks = masks.flip(-1)
+            state["segm"] += coco_mask_results([{"masks": masks.cpu().numpy(), "scores": found["scores"].cpu(),
+                                                 "labels": found["labels"].cpu()}], [image_id], state["category_ids"])
+            if "boxes" in found:
+                state["with_boxes"] = True
+                boxes = {"boxes": _to_original_pixels(found["boxes"], target), "scores": found["scores"].cpu(),
+                         "labels": found["labels"].cpu()}
+                state["bbox"] += coco_results([boxes], [image_id], state["category_ids"])
+
+    def finish_eval_state(self, state: dict, runtime) -> dict:
+        results = {"segm": state["segm"], "bbox": state["bbox"]}
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shards = [None] * dist.get_world_size()
+            dist.all_gather_object(shards, results)
+            results = {kind: [r for shard in shards for r in shard[kind]] for kind in results}
+        for kind in results:
+            results[kind].sort(key=lambda result: (result["image_id"], -result["score"]))
+        if state["save_pred"] and runtime.is_main:  # before scoring: pycocotools' loadRes adds keys to them
+            os.makedirs(state["save_pred"], exist_ok=True)
+            for kind, file_name in (("segm", "segmentations.json"), ("bbox", "detections.json")):
+                if kind == "segm" or state["with_boxes"]:
+                    with open(os.path.join(state["save_pred"], file_name), "w") as handle:
+                        json.dump(results[kind], handle)
+        metrics = {f"segm_{name}": value for name, value in coco_segm_eval(results["segm"], state["coco"]).items()}
+        if state["with_boxes"]:
+            metrics.update({f"bbox_{name}": value for name, value in coco_box_ap(state["coco"], results["bbox"]).items()})
+        return metrics

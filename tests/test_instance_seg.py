@@ -1,0 +1,243 @@
+"""kd_ref/instance_seg.py: golden cases of the pure functions, hand-made cases, SOLO and Mask R-CNN shapes,
+parameter counts, losses, inference and the mmdet key maps."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from kd_ref import convert
+from kd_ref import instance_seg as I
+from model_helpers import count_parameters
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "data", "instance_seg")
+CASES = {case["name"]: case for case in json.load(open(os.path.join(GOLDEN, "cases.json")))["cases"]}
+
+
+def golden(name):
+    return torch.load(os.path.join(GOLDEN, CASES[name]["file"]))
+
+
+# ------------------------------------------------------------------------------------ golden cases
+def test_dice_loss_matches_golden_case_with_an_empty_target():
+    blob = golden("case1_dice")
+    assert blob["target"][3].sum() == 0
+    assert torch.allclose(I.dice_loss(blob["pred"], blob["target"], eps=1e-3), blob["expected"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("variant", ["a", "b", "c"])
+def test_mask_matrix_nms_matches_golden_case(variant):
+    blob = golden("case2_matrix_nms")
+    scores, labels, keep = I.mask_matrix_nms(blob["masks"], blob["labels"], blob["scores"],
+                                             **CASES["case2_matrix_nms"]["kwargs"][f"kw_{variant}"])
+    assert torch.allclose(scores, blob[f"expected_scores_{variant}"], rtol=1e-6, atol=1e-9)
+    assert torch.equal(labels, blob[f"expected_labels_{variant}"])
+    assert torch.equal(keep, blob[f"expected_keep_{variant}"])
+
+
+def test_solo_targets_and_center_of_mass_match_golden_case():
+    blob = golden("case3_solo_targets")
+    sizes = [(64, 64), (64, 64), (32, 32), (16, 16), (16, 16)]
+    mask_targets, labels, positives = I.solo_targets(blob["gt_bboxes"], blob["gt_labels"], blob["gt_masks"], sizes)
+    for level, size in enumerate(sizes):
+        assert torch.equal(labels[level], blob[f"expected_labels_{level}"])
+        assert torch.equal(positives[level], blob[f"expected_pos_{level}"])
+        assert mask_targets[level].shape == (int(positives[level].sum()), *size)
+        assert mask_targets[level].dtype == torch.uint8
+    centres = torch.stack([torch.stack(I.center_of_mass(mask.double())) for mask in blob["gt_masks"]])
+    assert torch.allclose(centres, blob["expected_center_of_mass"], rtol=1e-9, atol=0)
+
+
+# --------------------------------------------------------------------------------- hand-made cases
+def test_coord_features_are_x_then_y_from_minus_one_to_one():
+    coords = I.coord_features(2, 3, 5)
+    assert coords.shape == (2, 2, 3, 5)
+    assert coords[0, 0, 0].tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]  # x varies along the width
+    assert coords[0, 1, :, 0].tolist() == [-1.0, 0.0, 1.0]        # y along the height
+    assert torch.equal(coords[0], coords[1])
+
+
+def test_point_nms_keeps_exactly_the_local_maxima_of_2x2_windows_ties_included():
+    prob = torch.tensor([[0.1, 0.9, 0.2],
+                         [0.3, 0.4, 0.2],
+                         [0.8, 0.5, 0.5]])[None, None]
+    kept = I.point_nms(prob)[0, 0]
+    # window of (i, j): rows i-1..i, cols j-1..j
+    expected = torch.tensor([[0.1, 0.9, 0.0],
+                             [0.3, 0.0, 0.0],
+                             [0.8, 0.0, 0.5]])
+    assert torch.equal(kept, expected)
+
+
+@pytest.mark.parametrize("factor", [4, 8, 16])
+def test_downsample_mask_is_half_pixel_bilinear_rounded(factor):
+    rng = np.random.default_rng(factor)
+    mask = (rng.random((4 * factor, 3 * factor)) < 0.5).astype(np.uint8)
+    # half-pixel sampling at an integer factor reads the mean of the 2x2 pixels around each block's centre
+    a, b = factor // 2 - 1, factor // 2
+    centre = (mask[a::factor, a::factor].astype(float) + mask[a::factor, b::factor] + mask[b::factor, a::factor]
+              + mask[b::factor, b::factor]) / 4
+    small = I.downsample_mask(torch.from_numpy(mask), factor)
+    assert small.dtype == torch.uint8 and small.shape == (4, 3)
+    assert np.array_equal(small.numpy(), (centre >= 0.5).astype(np.uint8))
+
+
+def test_dice_loss_is_zero_for_a_perfect_prediction_and_differentiable():
+    target = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    target[0, 2:6, 2:6] = 1
+    perfect = (target.double() * 2 - 1) * 50
+    assert I.dice_loss(perfect, target).item() == pytest.approx(0.0, abs=1e-3)
+    logits = torch.zeros(1, 8, 8, dtype=torch.float64, requires_grad=True)
+    I.dice_loss(logits, target).sum().backward()
+    assert (logits.grad[0, 2:6, 2:6] < 0).all() and (logits.grad[0, :2] > 0).all()
+
+
+def test_mask_matrix_nms_decays_an_overlapping_same_class_mask_only():
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[0, :2] = True
+    masks[1, :2] = True
+    masks[1, 2, 0] = True   # IoU 8/9 with mask 0
+    masks[2, :2] = True     # same pixels as mask 0, other class
+    scores = torch.tensor([0.9, 0.8, 0.7], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1])
+    out_scores, out_labels, keep = I.mask_matrix_nms(masks, labels, scores, nms_pre=-1, max_num=-1, filter_thr=-1)
+    assert keep.tolist() == [0, 2, 1]
+    assert out_scores.tolist() == pytest.approx([0.9, 0.7, 0.8 * np.exp(-2.0 * (8 / 9) ** 2)])
+    assert [len(t) for t in I.mask_matrix_nms(masks[:0], labels[:0], scores[:0])] == [0, 0, 0]
+
+
+# ------------------------------------------------------------------------------------------ models
+def test_parameter_counts_match_the_spec():
+    solo = I.build_instance_model("solo_r50", 80)
+    assert count_parameters(solo.head) == 9_448_816 and count_parameters(solo.neck) == 3_344_384
+    assert count_parameters(solo) == 36_301_232
+    assert count_parameters(I.build_instance_model("solo_r101", 80)) == 55_293_360
+    assert count_parameters(I.MaskHead(80)) == 2_643_280
+
+
+def test_solo_r50_head_outputs_every_level_at_its_stride_and_grid():
+    model = I.build_instance_model("solo_r50", 80).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 256, 320), predict=False)
+    assert [tuple(m.shape) for m in out["mask_preds"]] == [(1, 1600, 64, 80), (1, 1296, 64, 80), (1, 576, 32, 40),
+                                                          (1, 256, 16, 20), (1, 144, 16, 20)]
+    assert [tuple(c.shape) for c in out["cls_preds"]] == [(1, 80, s, s) for s in I.COCO_GRIDS]
+    assert out["feats"]["p2"].shape == (1, 256, 64, 80) and out["feats"]["p6"].shape == (1, 256, 4, 5)
+    assert torch.allclose(model.head.conv_cls.bias, torch.full((80,), -4.59512), atol=1e-5)
+
+
+def synthetic_targets(size=(64, 64)):
+    masks = torch.zeros(2, *size, dtype=torch.bool)
+    masks[0, 8:40, 8:30] = True
+    masks[1, 30:60, 34:62] = True
+    boxes = torch.tensor([[8.0, 8.0, 30.0, 40.0], [34.0, 30.0, 62.0, 60.0]])
+    return [{"boxes": boxes, "labels": torch.tensor([0, 2]), "masks": masks}]
+
+
+def test_solo_losses_have_gradients_and_no_positives_give_zero_mask_loss():
+    torch.manual_seed(0)
+    model = I.build_instance_model("solo_synth_r18", 3).train()
+    out = model(torch.randn(1, 3, 64, 64), synthetic_targets())
+    assert set(out["losses"]) == {"loss_mask", "loss_cls"}
+    sum(out["losses"].values()).backward()
+    assert model.head.conv_mask_list[0].weight.grad.abs().sum() > 0 and model.head.conv_cls.weight.grad.abs().sum() > 0
+    empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+              "masks": torch.zeros(0, 64, 64, dtype=torch.bool)}]
+    losses = model(torch.randn(1, 3, 64, 64), empty)["losses"]
+    assert losses["loss_mask"].item() == 0 and losses["loss_mask"].requires_grad
+    with pytest.raises(ValueError, match="needs masks"):
+        model(torch.randn(1, 3, 64, 64), [{k: v for k, v in synthetic_targets()[0].items() if k != "masks"}])
+
+
+def test_solo_inference_caps_at_100_masks_at_the_requested_size_and_is_empty_without_candidates():
+    model = I.build_instance_model("solo_synth_r18", 3).eval()
+    with torch.no_grad():
+        for conv in list(model.head.conv_mask_list) + [model.head.conv_cls]:
+            conv.bias.fill_(5.0)  # every cell and class a candidate with a full mask
+        images = torch.randn(1, 3, 64, 96)
+        out = model(images, image_sizes=[(60, 90)])
+        found = model.predict(out["mask_preds"], out["cls_preds"], [(60, 90)], output_sizes=[(120, 180)])[0]
+        assert 0 < len(found["scores"]) <= 100 and found["masks"].shape[1:] == (120, 180)
+        assert out["instances"][0]["mask_probs"].shape[1:] == (60, 90)
+        assert (found["scores"][:-1] >= found["scores"][1:]).all()
+        model.head.conv_cls.bias.fill_(-20.0)
+        none = model(images, image_sizes=[(60, 90)])["instances"][0]
+    assert none["masks"].shape == (0, 60, 90) and none["masks"].dtype == torch.bool
+    assert none["labels"].shape == (0,) and none["scores"].shape == (0,)
+
+
+def test_mask_rcnn_trains_its_mask_head_and_predicts_pasted_masks():
+    torch.manual_seed(0)
+    model = I.build_instance_model("maskrcnn_r18", 3, rcnn_rois_per_image=32).train()
+    out = model(torch.randn(1, 3, 64, 64), synthetic_targets())
+    assert {"loss_mask", "loss_cls", "loss_bbox", "loss_rpn_cls"} <= set(out["losses"])
+    out["losses"]["loss_mask"].backward()
+    assert model.mask_head.logits.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        found = model(torch.randn(1, 3, 64, 64), image_sizes=[(60, 64)])["instances"][0]
+    assert found["mask_probs"].shape == (len(found["boxes"]), 60, 64) and len(found["boxes"]) <= 100
+
+
+def test_mask_rcnn_mask_target_of_a_gt_box_is_its_mask_resampled():
+    model = I.build_instance_model("maskrcnn_r18", 3)
+    targets = synthetic_targets()
+    rois = torch.tensor([[0.0, 8.0, 8.0, 30.0, 40.0], [0.0, 34.0, 30.0, 62.0, 46.0]])  # GT 0; top half of GT 1
+    out = model.mask_targets(rois, torch.tensor([0, 2]), targets)
+    assert out.shape == (2, 28, 28) and out.min() == 1  # both RoIs lie inside their rectangle masks
+    shifted = torch.tensor([[0.0, 0.0, 8.0, 22.0, 40.0]])  # left 8 px outside GT 0 (8 of 22 px wide)
+    left = model.mask_targets(shifted, torch.tensor([0]), targets)[0]
+    assert left[:, :9].max() == 0 and left[:, 12:].min() == 1
+
+
+def test_paste_masks_fills_the_box_and_nothing_else():
+    pasted = I.paste_masks(torch.ones(1, 28, 28), torch.tensor([[4.0, 2.0, 12.0, 10.0]]), (16, 16))[0]
+    assert pasted[2:10, 4:12].min() == 1 and pasted.sum() == 64
+
+
+def test_copy_non_backbone_weights_copies_neck_and_head_only():
+    student, teacher = I.build_instance_model("solo_synth_r18", 3), I.build_instance_model("solo_synth_r18", 3)
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.add_(1.0)
+    backbone_before = student.backbone.stem[0].weight.clone()
+    I.copy_non_backbone_weights(teacher, student)
+    assert torch.equal(student.head.conv_cls.weight, teacher.head.conv_cls.weight)
+    assert torch.equal(student.neck.lateral_convs[0].weight, teacher.neck.lateral_convs[0].weight)
+    assert torch.equal(student.backbone.stem[0].weight, backbone_before)
+    with pytest.raises(ValueError, match="same architecture outside the backbone"):
+        I.copy_non_backbone_weights(I.build_instance_model("solo_synth_r50", 3), student)
+
+
+# ------------------------------------------------------------------------------- released weights
+def mmdet_keys(state_dict, mask_rcnn=False):
+    """Our keys -> mmdet 2.x names (the inverse of the key maps, written out for the test)."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for ours, theirs in (("neck.output_convs.", "neck.fpn_convs."), ("head.", "mask_head.")):
+            if key.startswith(ours) and not mask_rcnn:
+                key = theirs + key[len(ours):]
+        if key.startswith(("neck.lateral_convs.", "neck.fpn_convs.")):
+            parts = key.split(".")
+            key = ".".join(parts[:3] + ["conv"] + parts[3:])
+        renamed[key] = value
+    return renamed
+
+
+def test_mmdet_solo_checkpoint_loads_through_the_released_weights_path(tmp_path):
+    model = I.build_instance_model("solo_synth_r18", 3)
+    theirs = mmdet_keys(model.state_dict())
+    assert "mask_head.mask_convs.0.gn.weight" in theirs and "neck.fpn_convs.3.conv.bias" in theirs
+    path = tmp_path / "solo_mmdet.pth"
+    torch.save({"state_dict": theirs, "meta": {}}, path)
+    assert set(I.load_mmdet_solo(str(path))) == set(model.state_dict())
+    fresh = I.build_instance_model("solo_synth_r18", 3)
+    layout = convert.load_weights(fresh, str(path), "--teacher-ckpt solo_mmdet.pth")
+    assert layout.name == "mmdet 2.x SOLO"
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="solo .* 3 classes; the recipe expects solo .*128-channel"):
+        convert.load_weights(I.build_instance_model("solo_synth_r50", 3), str(path), "--teacher-ckpt x")
+    with pytest.raises(ValueError, match="a ins model"):
+        convert.load_weights(__import__("kd_ref.detectors").detectors.build_detector("faster_rcnn_r18", 3),
+                             str(path), "--teacher-ckpt x")

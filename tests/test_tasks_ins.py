@@ -1,0 +1,143 @@
+"""InsTask (kd_ref/tasks.py): COCO mask AP equal to pycocotools on one results file, and train.py /
+evaluate.py end to end on synthetic instances and an exported COCO tree, with exact resume."""
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import evaluate
+import train
+from kd_ref import configs, datasets, engine, metrics
+from train_helpers import train_crashing_in_step
+
+TINY = ["--task", "ins", "--set", "synthetic_size=(64, 64)", "--set", "image_scale=(64, 64)", "--set",
+        "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def coco_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco_ins")
+    datasets.export("coco", str(root), num_train=2, num_val=4, size=(64, 64))
+    return root
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' mask decoding under numpy 2
+def test_coco_segm_eval_equals_pycocotools_on_a_written_results_file(coco_tree, tmp_path):
+    ann_file = str(coco_tree / "annotations/instances_val2017.json")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(ann_file)
+    rng = np.random.default_rng(0)
+    results = []
+    for image_id in sorted(coco.getImgIds())[:-1]:  # the last image gets no prediction
+        for annotation in coco.imgToAnns[image_id]:
+            mask = coco.annToMask(annotation).astype(bool)
+            mask[:, : rng.integers(0, 4)] = False  # shave a few columns: IoUs below 1
+            results.append({"image_id": image_id, "category_id": annotation["category_id"],
+                            "segmentation": metrics.encode_mask(mask), "score": float(rng.random())})
+    results.append({**results[0], "category_id": 3 if results[0]["category_id"] != 3 else 5, "score": 0.99})
+    path = tmp_path / "segmentations.json"
+    path.write_text(json.dumps(results))
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco, coco.loadRes(str(path)), iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ours = metrics.coco_segm_eval(json.loads(path.read_text()), coco)
+    assert list(ours) == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    assert [ours[name] for name in ours] == pytest.approx([100 * v for v in evaluator.stats[:6]], abs=1e-12)
+    assert 0 < ours["AP"] < 100
+    assert metrics.coco_segm_eval([], coco)["AP"] == 0.0
+
+
+def test_synthetic_instances_drop_small_fragments_and_ground_truth_scores_itself():
+    scenes = datasets.SyntheticScenes("val", size=(64, 64), length=3)
+    instances = datasets.SyntheticInstances(scenes)
+    for index in range(3):
+        sample, scene = instances[index], scenes[index]
+        assert (sample["masks"].sum((1, 2)) >= datasets.MIN_INSTANCE_AREA).all() and not sample["difficult"].any()
+        assert len(sample["labels"]) == int((scene["masks"].sum((1, 2)) >= datasets.MIN_INSTANCE_AREA).sum())
+    coco = datasets.coco_ground_truth(instances, [1, 2, 3, 4, 5, 6, 7, 8])
+    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"],
+                "score": 1.0} for a in coco.dataset["annotations"]]
+    assert metrics.coco_segm_eval(perfect, coco)["AP50"] == pytest.approx(100.0)
+    rle = coco.dataset["annotations"][0]["segmentation"]
+    assert np.array_equal(mask_utils.decode({**rle, "counts": rle["counts"].encode()}).astype(bool),
+                          instances[0]["masks"][0])
+
+
+@pytest.mark.parametrize("student", ["solo_synth_r18", "maskrcnn_r18"])
+def test_ins_trains_resumes_exactly_and_evaluates(tmp_path, monkeypatch, student):
+    flags = [*TINY, "--method", "none", "--student", student, "--iters", "3", "--ckpt-every", "1"]
+    scores = train.main([*flags, "--out", str(tmp_path / "straight")])
+    assert {"segm_AP", "segm_AP50", "segm_APl"} <= set(scores)
+    assert ("bbox_AP" in scores) == student.startswith("maskrcnn")
+    step = json.loads((tmp_path / "straight/log.jsonl").read_text().splitlines()[0])
+    assert np.isfinite(step["loss_mask"]) and np.isfinite(step["loss_cls"])
+    train_crashing_in_step(monkeypatch, 2, [*flags, "--out", str(tmp_path / "resumed")])
+    train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
+    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
+    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
+    evaluated = evaluate.main(["--ckpt", str(tmp_path / "straight/last.pt"), "--task", "ins", "--quiet",
+                               "--save-pred", str(tmp_path / "pred")])
+    assert evaluated["segm_AP"] == pytest.approx(scores["segm_AP"])
+
+
+@pytest.fixture(scope="module")
+def solo_teacher(tmp_path_factory):
+    """A SOLO trained for one iteration: a teacher checkpoint of the student's architecture."""
+    folder = tmp_path_factory.mktemp("solo_teacher")
+    train.main([*TINY, "--method", "none", "--iters", "1", "--out", str(folder)])
+    return folder
+
+
+def test_gdd_distils_solo_on_p2_to_p5(tmp_path, solo_teacher):
+    teacher = solo_teacher
+    scores = train.main([*TINY, "--method", "gdd", "--teacher", "solo_synth_r18", "--teacher-ckpt", str(teacher / "last.pt"),
+                "--iters", "2", "--out", str(tmp_path / "gdd")])
+    step = json.loads((tmp_path / "gdd/log.jsonl").read_text().splitlines()[0])
+    assert {f"loss_gdd_p{i}" for i in range(2, 6)} <= set(step) and "loss_gdd_p6" not in step
+    assert "segm_AP" in scores
+
+
+def test_gdd_init_student_copies_the_teacher_neck_and_head(solo_teacher):
+    teacher = solo_teacher
+    recipe = configs.Recipe(**{**engine.load_checkpoint(str(teacher / "last.pt"))["recipe"], "method": "gdd",
+                               "teacher": "solo_synth_r18",
+                               "method_options": {"alpha": 200.0, "tau": 4.0, "init_student": True}})
+    task = configs.TASKS["ins"]
+    student, teacher_model = task.build_model(recipe, recipe.student), task.build_model(recipe, recipe.teacher)
+    teacher_model.load_state_dict(engine.load_checkpoint(str(teacher / "last.pt"))["model"])
+    configs.METHODS["gdd"].build(recipe, student, teacher_model)
+    assert torch.equal(student.head.conv_cls.weight, teacher_model.head.conv_cls.weight)
+    assert not torch.equal(student.backbone.stem[0].weight, teacher_model.backbone.stem[0].weight)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_coco_tree_trains_and_evaluates_segm_ap(coco_tree, tmp_path):
+    run = tmp_path / "run"
+    train.main(["--task", "ins", "--data", "coco", "--data-root", str(coco_tree), "--set", "num_classes=8",
+                "--set", "image_scale=(64, 64)", "--set", "epochs=1", "--batch-size", "2", "--pretrained", "none",
+                "--student", "solo_synth_r18", "--out", str(run), "--quiet"])
+    scores = evaluate.main(["--ckpt", str(run / "last.pt"), "--data-root", str(coco_tree), "--save-pred",
+                            str(tmp_path / "pred"), "--quiet"])
+    assert set(scores) == {f"segm_{name}" for name in metrics.COCO_STAT_NAMES}
+
+
+def test_ins_presets_have_sources_and_baseline_twins():
+    for name in ("solo_r50_fpn_1x_coco", "gdd_solo_r50_fpn_1x_coco", "gdd_maskrcnn_r50_fpn_2x_coco",
+                 "maskrcnn_r50_fpn_2x_coco"):
+        assert configs.PRESETS[name].task == "ins" and configs.PRESETS[name].source
+    gdd = configs.PRESETS["gdd_solo_r50_fpn_1x_coco"]
+    assert gdd.method_options == {"alpha": 200.0, "tau": 4.0, "init_student": True} and gdd.grad_clip == 35.0
+    assert gdd.epochs == 12 and gdd.lr_steps == (8, 11)
+    twin = configs.PRESETS["gdd_solo_r50_fpn_1x_coco_baseline"]
+    assert twin.method == "none" and twin.grad_clip is None and twin.student == "solo_r50"
+    assert configs.default_preset("ins", "gdd", "synthetic") == "synthetic_ins_solo_gdd"
+    assert configs.supported_methods("ins") == ["gdd", "none"]
