@@ -135,7 +135,7 @@ def build_recipe(args: argparse.Namespace) -> tuple:
     if recipe.method not in configs.supported_methods(recipe.task):
         raise ValueError(f"--method {recipe.method} does not support --task {recipe.task}; supported: "
                          f"{configs.supported_methods(recipe.task)}")
-    if args.crop is not None and recipe.task == "det":
+    if args.crop is not None and configs.TASKS[recipe.task].size_field == "image_scale":
         raise ValueError(f"--crop {' '.join(map(str, args.crop))}: detection resizes whole images to image_scale "
                          f"{tuple(recipe.image_scale)} (long side, short side); pass --set \"image_scale=(L, S)\"")
     configs.check_recipe(recipe)
@@ -217,11 +217,11 @@ def ensure_teacher(recipe, out: str, args, runtime) -> str:
 
 def describe(name: str, recipe, runtime, out: str) -> str:
     """The line said before training: what runs, at which input size and batch, and the memory it needs."""
-    from kd_ref import engine
+    from kd_ref import configs, engine
 
     per_rank = recipe.batch_size // runtime.world_size
-    size = (f"image_scale {recipe.image_scale[0]}x{recipe.image_scale[1]}" if recipe.task == "det"
-            else f"crop {recipe.crop[0]}x{recipe.crop[1]}")
+    field = configs.TASKS[recipe.task].size_field
+    size = f"{field} {'x'.join(map(str, getattr(recipe, field)))}"
     length = f"epochs={recipe.epochs}" if recipe.epochs else f"iters={recipe.iters}"
     estimate = engine.estimate_training_memory(recipe, per_rank)
     return (f"preset {name}: {recipe.task} {recipe.student} method={recipe.method} data={recipe.data} "

@@ -954,9 +954,9 @@ PRESET_GROUPS = {
 def describe_preset(recipe: Recipe) -> str:
     """One line: what a preset trains, on what, how long."""
     pair = recipe.student if recipe.method == "none" else f"{recipe.student} <- {recipe.teacher}"
-    size = f"{recipe.image_scale[0]}x{recipe.image_scale[1]}" if recipe.task in ("det", "ins") else \
-        f"{recipe.crop[0]}x{recipe.crop[1]}"
-    return f"{recipe.task} {recipe.method}: {pair}, {recipe.data} {size}, {recipe.iters} it. x batch {recipe.batch_size}"
+    size = "x".join(map(str, getattr(recipe, TASKS[recipe.task].size_field)))
+    length = f"{recipe.epochs} epochs" if recipe.epochs else f"{recipe.iters} it."
+    return f"{recipe.task} {recipe.method}: {pair}, {recipe.data} {size}, {length} x batch {recipe.batch_size}"
 
 
 def preset_listing() -> str:

@@ -385,7 +385,7 @@ def estimate_training_memory(recipe: "configs.Recipe", per_rank_batch: int, prob
     kept for backward, taken as the outputs of all its leaf modules in one forward of a probe input of at most
     ``probe_pixels`` pixels, scaled to the training input (activations grow with the pixel count)."""
     task = configs.TASKS[recipe.task]
-    height, width = recipe.image_scale[::-1] if recipe.task == "det" else recipe.crop
+    height, width = recipe.image_scale[::-1] if task.size_field == "image_scale" else recipe.crop
     scale = min(1.0, math.sqrt(probe_pixels / (height * width)))
     probe_size = (max(32, round(height * scale)), max(32, round(width * scale)))
     student = task.build_model(recipe, recipe.student).eval()

@@ -6,6 +6,8 @@ distillation. Each task object provides::
     check_recipe(recipe)                    # clear errors for unsupported models/data
     new_eval_state(recipe); update_eval_state(state, outputs, batch, save_pred); finish_eval_state(state, runtime)
     main_metric                             # the number train.py prints
+    size_field                              # the recipe field of the training input size: crop (H, W), or
+                                            # image_scale (long side, short side) for whole-image resizing
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class SegTask:
     """Semantic segmentation: segmentors of ``kd_ref.segmentors``, Cityscapes or synthetic scenes,
     mIoU by whole-image single-scale inference (logits upsampled bilinearly to the label size)."""
     main_metric = "mIoU"
+    size_field = "crop"
     find_unused_parameters = False
     data_sets = ("synthetic", "cityscapes")
     MIN_CROP = 32
@@ -140,6 +143,7 @@ class DetTask:
     in COCO results format (original pixels; the data set's category ids for COCO, 0-based labels otherwise).
     """
     main_metric = "mAP"
+    size_field = "image_scale"
     # Every trainable parameter reaches the losses in every iteration (images without boxes still give
     # all-negative targets), so DDP needs no search for unused parameters, as in mmdet.
     find_unused_parameters = False
@@ -274,6 +278,7 @@ class ClsTask:
     ImageNet train = RandomResizedCrop + flip, eval = resize the short side to crop * 256/224 and centre
     crop (torchvision reference); CIFAR-100 and synthetic eval use the whole image."""
     main_metric = "top1"
+    size_field = "crop"
     find_unused_parameters = False
     data_sets = datasets.SUPPORTED_DATA["cls"]
 
@@ -347,6 +352,7 @@ class InsTask:
     (:func:`datasets.coco_ground_truth`). ``save_pred=DIR`` writes ``DIR/segmentations.json`` (and
     ``detections.json`` with boxes) in COCO results format."""
     main_metric = "segm_AP"
+    size_field = "image_scale"
     # SOLO's losses read every head parameter in every step; Mask R-CNN's mask loss is 0 * logits without
     # positives, so its mask head stays in the graph as well
     find_unused_parameters = False
