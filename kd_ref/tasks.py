@@ -152,14 +152,19 @@ class DetTask:
     def __init__(self):
         self.eval_base = None
 
+    name = "det"
+    models = detectors.SUPPORTED_DETECTORS
+    min_image_scale = 32  # one cell of the stride-32 level (C5)
+
     def check_recipe(self, recipe) -> None:
         if recipe.data not in self.data_sets:
-            raise ValueError(f"--data {recipe.data}: --task det supports {list(self.data_sets)}")
+            raise ValueError(f"--data {recipe.data}: --task {self.name} supports {list(self.data_sets)}")
         for role, name in (("--student", recipe.student), ("--teacher", recipe.teacher)):
-            if name is not None and name not in detectors.SUPPORTED_DETECTORS:
-                raise ValueError(f"{role} {name}: --task det supports {', '.join(detectors.SUPPORTED_DETECTORS)}")
-        if len(recipe.image_scale) != 2 or min(recipe.image_scale) < 32:
-            raise ValueError(f"image_scale {recipe.image_scale}: expected (long side, short side) bounds >= 32")
+            if name is not None and name not in self.models:
+                raise ValueError(f"{role} {name}: --task {self.name} supports {', '.join(self.models)}")
+        if len(recipe.image_scale) != 2 or min(recipe.image_scale) < self.min_image_scale:
+            raise ValueError(f"image_scale {recipe.image_scale}: expected (long side, short side) bounds >= "
+                             f"{self.min_image_scale}")
         if recipe.data == "synthetic" and not 1 <= recipe.num_classes <= SYNTHETIC_NUM_OBJECT_CLASSES:
             raise ValueError(f"num_classes {recipe.num_classes}: synthetic scenes have "
                              f"1..{SYNTHETIC_NUM_OBJECT_CLASSES} object classes")
@@ -177,7 +182,7 @@ class DetTask:
             options["num_classes"] = recipe.num_classes
         if recipe.data == "voc" and recipe.classes is not None:
             options["classes"] = tuple(recipe.classes)
-        dataset = datasets.build_dataset("det", recipe.data, root, split, transform, **options)
+        dataset = datasets.build_dataset(self.name, recipe.data, root, split, transform, **options)
         classes = dataset.base.object_classes if recipe.data == "synthetic" else dataset.classes
         if len(classes) != recipe.num_classes:
             raise ValueError(f"num_classes {recipe.num_classes} does not match the {len(classes)} classes of "
@@ -339,7 +344,7 @@ class ClsTask:
 
 
 # ------------------------------------------------------------------------ instance segmentation (issue 16)
-class InsTask:
+class InsTask(DetTask):
     """Instance segmentation: SOLO and Mask R-CNN of ``kd_ref.instance_seg`` on synthetic instances
     (:class:`datasets.SyntheticInstances`) or COCO with masks; the detection pipeline (keep-ratio resize to
     ``recipe.image_scale``, flip 0.5 in training with the masks, zero padding to a multiple of 32).
@@ -352,47 +357,17 @@ class InsTask:
     (:func:`datasets.coco_ground_truth`). ``save_pred=DIR`` writes ``DIR/segmentations.json`` (and
     ``detections.json`` with boxes) in COCO results format."""
     main_metric = "segm_AP"
-    size_field = "image_scale"
     # SOLO's losses read every head parameter in every step; Mask R-CNN's mask loss is 0 * logits without
     # positives, so its mask head stays in the graph as well
     find_unused_parameters = False
     data_sets = datasets.SUPPORTED_DATA["ins"]
-
-    def __init__(self):
-        self.eval_base = None
-
-    def check_recipe(self, recipe) -> None:
-        if recipe.data not in self.data_sets:
-            raise ValueError(f"--data {recipe.data}: --task ins supports {list(self.data_sets)}")
-        for role, name in (("--student", recipe.student), ("--teacher", recipe.teacher)):
-            if name is not None and name not in instance_seg.INSTANCE_MODELS:
-                raise ValueError(f"{role} {name}: --task ins supports {', '.join(instance_seg.INSTANCE_MODELS)}")
-        if len(recipe.image_scale) != 2 or min(recipe.image_scale) < 64:
-            raise ValueError(f"image_scale {recipe.image_scale}: expected (long side, short side) bounds >= 64 "
-                             "(SOLO's coarsest head level is at stride 32)")
-        if recipe.data == "synthetic" and not 1 <= recipe.num_classes <= SYNTHETIC_NUM_OBJECT_CLASSES:
-            raise ValueError(f"num_classes {recipe.num_classes}: synthetic scenes have "
-                             f"1..{SYNTHETIC_NUM_OBJECT_CLASSES} object classes")
+    name = "ins"
+    models = instance_seg.INSTANCE_MODELS
+    min_image_scale = 64  # SOLO's coarsest head level is at stride 32: at least 2x2 cells there
 
     def build_model(self, recipe, name: str, pretrained: str | None = None):
         return instance_seg.build_instance_model(name, recipe.num_classes, pretrained_backbone=pretrained,
                                                  rcnn_rois_per_image=recipe.rcnn_rois_per_image)
-
-    def build_data(self, recipe, split: str, root: str | None):
-        train = split == "train"
-        transform = transforms.DetTransform(recipe.image_scale, flip_prob=0.5 if train else 0.0,
-                                            normalization=recipe.normalization)
-        options = synthetic_options(recipe, split)
-        if recipe.data == "synthetic":
-            options["num_classes"] = recipe.num_classes
-        dataset = datasets.build_dataset("ins", recipe.data, root, split, transform, **options)
-        if len(dataset.classes) != recipe.num_classes:
-            raise ValueError(f"num_classes {recipe.num_classes} does not match the {len(dataset.classes)} classes "
-                             f"of --data {recipe.data} at {root} ({', '.join(dataset.classes[:4])}, ...); pass "
-                             f"--set num_classes={len(dataset.classes)}")
-        if not train:
-            self.eval_base = dataset.base
-        return dataset, dataset.collate
 
     def new_eval_state(self, recipe) -> dict:
         if self.eval_base is None:
