@@ -19,6 +19,10 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models import resnext101_32x8d
+
+from kd_ref.backbones import build_backbone, load_state_dict_checked, read_checkpoint
+from kd_ref.mobilenet import build_mobilenet_v2
 
 INVALID_DEPTH = 1e-8        # gt depth below this is a hole (the sensor returned 0)
 VN_MIN_Z = 1e-4             # a virtual-normal triplet needs every gt point in front of the camera
@@ -178,3 +182,119 @@ def finish_depth_metrics(sums: dict) -> dict:
                "rms": math.sqrt(float(sums["sq_err"]) / count), "log10": float(sums["log10"]) / count}
     metrics.update({f"delta{k}": float(sums[f"delta{k}"]) / count for k in (1, 2, 3)})
     return metrics | {"pixels": int(count)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# DepthNet
+# ----------------------------------------------------------------------------------------------------
+DEPTH_BACKBONES = ("resnet18", "resnet50", "resnet101", "mobilenet_v2", "resnext101_32x8d")
+PREDICTIONS = ("bins", "regression")
+
+
+class ResNeXtTrunk(nn.Module):
+    """torchvision's ResNeXt-101 32x8d without pooling and classifier, returning c2..c5 (VNL's teacher
+    encoder); torchvision's ImageNet file loads into it once its ``fc.*`` keys are dropped."""
+
+    def __init__(self):
+        super().__init__()
+        net = resnext101_32x8d(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels = {"c2": 256, "c3": 512, "c4": 1024, "c5": 2048}
+
+    def forward(self, x: Tensor) -> OrderedDict:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        feats = OrderedDict()
+        for name, layer in zip(("c2", "c3", "c4", "c5"), (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            feats[name] = x
+        return feats
+
+
+def build_depth_encoder(backbone: str, pretrained: str | None = None) -> nn.Module:
+    """The encoder of ``DepthNet``, every layer trainable; ``pretrained`` a local ImageNet file."""
+    if backbone not in DEPTH_BACKBONES:
+        raise ValueError(f"backbone must be one of {DEPTH_BACKBONES}, got {backbone!r}")
+    if backbone == "mobilenet_v2":
+        return build_mobilenet_v2(pretrained)
+    if backbone == "resnext101_32x8d":
+        trunk = ResNeXtTrunk()
+        if pretrained is not None:
+            source = f"pretrained weights {pretrained}"
+            state = {k: v for k, v in read_checkpoint(pretrained, source, weights_only=True).items()
+                     if not k.startswith("fc.")}
+            load_state_dict_checked(trunk, state, source)
+        return trunk
+    return build_backbone(int(backbone.removeprefix("resnet")), "torchvision", output_stride=32, pretrained=pretrained)
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, kernel: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class DepthNet(nn.Module):
+    """VNL-like monocular depth network: encoder c2..c5, FPN-style decoder to stride 4, a 3x3 ``head``
+    feature (SKD's pair-wise tap) and either a bin classifier (``prediction="bins"``, K log bins in
+    [d_min, d_max]) or a softplus depth regressor (``"regression"``).
+
+    Task loss with gt depth targets (N, H, W) or (N, 1, H, W) in metres, 0 = invalid:
+    bins: ``loss_wce`` = weighted_bin_ce(up(logits)) and ``loss_vn`` = lambda_vn x virtual_normal_loss of the
+    soft-decoded depth (focal ``focal`` pixels); regression: ``loss_silog``. Logits are upsampled
+    bilinearly (align_corners=False) to the input size for the loss and for inference.
+
+    Output dict: ``logits`` (N, K, H/4, W/4) (bins only), ``log_depth`` (N, 1, H/4, W/4) log10 of the
+    stride-4 depth (the holistic discriminator's input), ``depth`` (N, 1, H, W) metres, ``feats``
+    {c2..c5, head}, ``losses`` in training with targets."""
+
+    def __init__(self, backbone: str = "resnet50", num_bins: int = 150, d_min: float = 0.1, d_max: float = 17.0,
+                 dec_channels: int = 256, prediction: str = "bins", focal: float = 519.0, lambda_vn: float = 5.0,
+                 bin_alpha: float = 0.2, pretrained: str | None = None):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if not 0 < d_min < d_max:
+            raise ValueError(f"depth range must satisfy 0 < d_min < d_max, got {d_min}, {d_max}")
+        self.backbone = build_depth_encoder(backbone, pretrained)
+        self.num_bins, self.d_min, self.d_max = num_bins, d_min, d_max
+        self.prediction, self.focal, self.lambda_vn, self.bin_alpha = prediction, focal, lambda_vn, bin_alpha
+        channels = self.backbone.out_channels
+        self.laterals = nn.ModuleDict({name: _conv_bn_relu(channels[name], dec_channels, 1)
+                                       for name in ("c2", "c3", "c4", "c5")})
+        self.smooth = nn.ModuleDict({name: _conv_bn_relu(dec_channels, dec_channels, 3) for name in ("c2", "c3", "c4")})
+        self.head = _conv_bn_relu(dec_channels, dec_channels, 3)
+        self.classifier = nn.Conv2d(dec_channels, num_bins if prediction == "bins" else 1, 1)
+        self.out_channels = {**channels, "head": dec_channels}
+
+    def forward(self, images: Tensor, targets: Tensor | None = None, image_sizes=None, predict: bool = True) -> dict:
+        feats = dict(self.backbone(images))
+        x = self.laterals["c5"](feats["c5"])
+        for name in ("c4", "c3", "c2"):
+            lateral = self.laterals[name](feats[name])
+            x = self.smooth[name](F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+                                  + lateral)
+        feats["head"] = self.head(x)
+        raw = self.classifier(feats["head"])
+        out = {"feats": feats}
+        size = images.shape[-2:]
+        if self.prediction == "bins":
+            out["logits"] = raw
+            out["log_depth"] = torch.log10(bins_to_depth(raw.float().softmax(dim=1), self.d_min, self.d_max))
+            up = F.interpolate(raw.float(), size=size, mode="bilinear", align_corners=False)
+            out["depth"] = bins_to_depth(up.softmax(dim=1), self.d_min, self.d_max)
+        else:
+            stride4 = F.softplus(raw.float()).clamp_min(INVALID_DEPTH)
+            out["log_depth"] = torch.log10(stride4)
+            up = F.interpolate(stride4, size=size, mode="bilinear", align_corners=False)
+            out["depth"] = up
+        if self.training and targets is not None:
+            out["losses"] = self.losses(up, out["depth"], targets.reshape(images.shape[0], 1, *size).float())
+        return out
+
+    def losses(self, upsampled: Tensor, depth: Tensor, gt: Tensor) -> dict:
+        valid = gt > INVALID_DEPTH
+        if self.prediction == "regression":
+            return {"loss_silog": scale_invariant_log_loss(depth, gt, valid)}
+        bins = depth_to_bins(gt, self.d_min, self.d_max, self.num_bins)
+        return {"loss_wce": weighted_bin_ce(upsampled, bins, valid, self.num_bins, self.bin_alpha),
+                "loss_vn": self.lambda_vn * virtual_normal_loss(depth, gt, self.focal)}
