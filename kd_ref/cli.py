@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 
-TASKS = ("seg", "det", "cls")
+TASKS = ("seg", "det", "cls", "depth")
 METHODS = ("none", "kd", "dist", "gdd", "skd", "gkd", "sokd")
 # the data sets of each task; "synthetic" is built in, the others are read from --data-root
 DATA = {"seg": ("synthetic", "cityscapes"), "det": ("synthetic", "voc", "coco"),
-        "cls": ("synthetic", "cifar100", "imagenet")}
+        "cls": ("synthetic", "cifar100", "imagenet"), "depth": ("synthetic", "nyu")}
 ALL_DATA = tuple(dict.fromkeys(name for names in DATA.values() for name in names))
 
 

@@ -31,6 +31,7 @@ VN_MAX_COS = 0.867          # |cos| above this between two edges: the triplet is
 # NYUDv2 Eigen crop of the 480x640 maps (VNL and most depth papers evaluate only inside it).
 EIGEN_CROP = (45, 471, 41, 601)
 DEPTH_METRIC_NAMES = ("rel", "sq_rel", "rms", "log10", "delta1", "delta2", "delta3")
+DEPTH_SUM_NAMES = ("count", "abs_rel", "sq_rel", "sq_err", "log10", "delta1", "delta2", "delta3")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -298,3 +299,20 @@ class DepthNet(nn.Module):
         bins = depth_to_bins(gt, self.d_min, self.d_max, self.num_bins)
         return {"loss_wce": weighted_bin_ce(upsampled, bins, valid, self.num_bins, self.bin_alpha),
                 "loss_vn": self.lambda_vn * virtual_normal_loss(depth, gt, self.focal)}
+
+
+# model name -> (encoder, decoder width D): 256 for the teachers, 64 for the light students (spec §2)
+DEPTH_MODELS = {"depth_r18": ("resnet18", 64), "depth_r50": ("resnet50", 256), "depth_r101": ("resnet101", 256),
+                "depth_mv2": ("mobilenet_v2", 64), "depth_x101": ("resnext101_32x8d", 256)}
+DEPTH_OPTION_NAMES = ("num_bins", "d_min", "d_max", "prediction", "focal", "lambda_vn", "bin_alpha")
+
+
+def build_depth_model(name: str, pretrained: str | None = None, **options) -> DepthNet:
+    """``name`` in DEPTH_MODELS; ``options``: DepthNet's task options (DEPTH_OPTION_NAMES)."""
+    if name not in DEPTH_MODELS:
+        raise ValueError(f"unknown depth model {name!r}; supported: {', '.join(DEPTH_MODELS)}")
+    unknown = sorted(set(options) - set(DEPTH_OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown depth model options {unknown}; expected some of {list(DEPTH_OPTION_NAMES)}")
+    backbone, channels = DEPTH_MODELS[name]
+    return DepthNet(backbone, dec_channels=channels, pretrained=pretrained, **options)
