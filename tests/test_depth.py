@@ -139,3 +139,25 @@ def test_depthnet_regression_head_and_parameter_counts():
     assert count_parameters(model) == expected
     with pytest.raises(ValueError, match="prediction"):
         D.DepthNet("resnet18", prediction="ordinal")
+
+
+def test_depth_skd_terms_holistic_on_log_depth_and_its_optimizer():
+    from kd_ref.skd import DepthSKDDistiller
+    torch.manual_seed(0)
+    distiller = DepthSKDDistiller(16)
+    logits_s = torch.randn(2, 16, 64, 64, requires_grad=True)
+    log_depth_s = torch.randn(2, 1, 64, 64, requires_grad=True)
+    inputs = (logits_s, torch.randn(2, 16, 64, 64), torch.randn(2, 8, 64, 64), torch.randn(2, 32, 64, 64),
+              log_depth_s, torch.randn(2, 1, 64, 64))
+    losses = distiller(*inputs)
+    assert set(losses) == {"loss_skd_pi", "loss_skd_pa", "loss_skd_ho"}
+    sum(losses.values()).backward()
+    assert log_depth_s.grad.abs().sum() > 0
+    assert all(p.grad is None for p in distiller.extra_parameters())   # the student step leaves D alone
+    assert distiller.holistic.discriminator.conv1.weight.shape[1] == 1        # D reads the 1-channel log depth
+    optimizer, _ = distiller.extra_optimizer(10)
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert set(distiller.extra_losses(*inputs)) == {"loss_skd_d"}
+    regression = DepthSKDDistiller(16, use_pi=False, use_ho=False)
+    assert set(regression(None, None, *inputs[2:])) == {"loss_skd_pa"}
+    assert regression.extra_optimizer(10) is None

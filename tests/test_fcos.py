@@ -1,4 +1,5 @@
 """FCOS: golden cases (depth_fcos 1-2), points, decoding, head sizes, losses and inference."""
+import math
 import os
 
 import pytest
@@ -134,3 +135,36 @@ def test_losses_are_finite_and_reach_every_parameter(options):
 def test_unknown_option_is_refused():
     with pytest.raises(ValueError, match="unknown FCOS options"):
         detectors.build_fcos("fcos_mv2_c64", 3, anchors=9)
+
+
+# ---------------------------------------------------------------------------- SKD on FCOS (skd.py additions)
+def test_binary_pixel_wise_kd_zero_nonnegative_detached_and_matches_a_loop():
+    from kd_ref.skd import binary_pixel_wise_kd
+    generator = torch.Generator().manual_seed(0)
+    levels_s = [torch.randn(2, 3, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True),
+                torch.randn(2, 3, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True)]
+    levels_t = [torch.randn(s.shape, generator=generator, dtype=torch.float64, requires_grad=True) for s in levels_s]
+    assert binary_pixel_wise_kd(levels_s, [s.detach() for s in levels_s]) == 0
+    tau = 2.0
+    loss = binary_pixel_wise_kd(levels_s, levels_t, tau=tau)
+    total, positions = 0.0, 0
+    for z_s, z_t in zip(levels_s, levels_t):
+        for n in range(z_s.shape[0]):
+            for i in range(z_s.shape[2]):
+                for j in range(z_s.shape[3]):
+                    positions += 1
+                    for k in range(z_s.shape[1]):
+                        p, q = torch.sigmoid(z_t[n, k, i, j] / tau).item(), torch.sigmoid(z_s[n, k, i, j] / tau).item()
+                        total += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    assert loss.item() == pytest.approx(tau ** 2 * total / positions, rel=1e-9) and loss > 0
+    loss.backward()
+    assert all(t.grad is None for t in levels_t) and all(s.grad is not None for s in levels_s)
+    with pytest.raises(ValueError, match="equal shapes"):
+        binary_pixel_wise_kd(levels_s, levels_t[:1])
+
+
+def test_fcos_pair_kernel_bounds_the_graph():
+    from kd_ref.skd import fcos_pair_kernel
+    assert fcos_pair_kernel(16, 16) == 1
+    assert fcos_pair_kernel(100, 136) == 4                 # 25 x 34 = 850 nodes
+    assert fcos_pair_kernel(13, 17) == 1
