@@ -168,3 +168,54 @@ def test_fcos_pair_kernel_bounds_the_graph():
     assert fcos_pair_kernel(16, 16) == 1
     assert fcos_pair_kernel(100, 136) == 4                 # 25 x 34 = 850 nodes
     assert fcos_pair_kernel(13, 17) == 1
+
+
+def _to_fcos_code_keys(state_dict):
+    """Our FCOS-MNV2 keys renamed as the tianzhi0549/FCOS code names them (the inverse of the loader)."""
+    expanding = {"0.0": "0", "0.1": "1", "1.0": "3", "1.1": "4", "2": "6", "3": "7"}
+    first = {"0.0": "0", "0.1": "1", "1": "3", "2": "4"}
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.startswith("backbone.features."):
+            parts = key.split(".")
+            block = parts[2]
+            if len(parts) > 4 and parts[3] == "conv":
+                tail = parts[-1]
+                position = ".".join(parts[4:-1])
+                table = first if block == "1" else expanding
+                key = f"backbone.body.features.{block}.conv.{table[position]}.{tail}"
+            else:
+                key = "backbone.body." + key[len("backbone."):]
+        elif key.startswith("neck.lateral_convs."):
+            index, rest = key[len("neck.lateral_convs."):].split(".", 1)
+            key = f"backbone.fpn.fpn_inner{int(index) + 2}.{rest}"
+        elif key.startswith("neck.output_convs."):
+            index, rest = key[len("neck.output_convs."):].split(".", 1)
+            key = f"backbone.fpn.fpn_layer{int(index) + 2}.{rest}"
+        elif key.startswith("neck.p"):
+            key = "backbone.fpn.top_blocks." + key[len("neck."):]
+        else:
+            key = "rpn." + key
+        renamed[key] = value
+    return renamed
+
+
+def test_fcos_code_checkpoint_loads_through_the_common_path():
+    from kd_ref import convert
+    source = build_detector("fcos_mv2_c64", 3)
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            if tensor.dtype.is_floating_point:
+                tensor.copy_(torch.randn(tensor.shape))
+    released = {key: value for key, value in _to_fcos_code_keys(source.state_dict()).items()
+                if not key.endswith("num_batches_tracked")}
+    assert "rpn.head.cls_tower.3.weight" in released and "backbone.body.features.2.conv.7.weight" in released
+    target = build_detector("fcos_mv2_c64", 3)
+    layout = convert.load_weights(target, released, "fcos checkpoint")
+    assert layout.name == "FCOS (tianzhi0549/FCOS)"
+    for key, value in source.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(target.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="stride-in-1x1"):
+        convert.load_weights(target, {"rpn.head.cls_logits.weight": torch.zeros(1),
+                                      "backbone.body.stem.conv1.weight": torch.zeros(1)}, "fcos r50")
