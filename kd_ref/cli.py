@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 
-TASKS = ("seg", "det", "cls", "ins")
+TASKS = ("seg", "det", "cls", "ins", "depth")
 METHODS = ("none", "kd", "dist", "gdd", "skd", "gkd", "sokd")
 # the data sets of each task; "synthetic" is built in, the others are read from --data-root
 DATA = {"seg": ("synthetic", "cityscapes"), "det": ("synthetic", "voc", "coco"),
-        "cls": ("synthetic", "cifar100", "imagenet"), "ins": ("synthetic", "coco")}
+        "cls": ("synthetic", "cifar100", "imagenet"), "ins": ("synthetic", "coco"), "depth": ("synthetic", "nyu")}
 ALL_DATA = tuple(dict.fromkeys(name for names in DATA.values() for name in names))
 
 

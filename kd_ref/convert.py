@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from kd_ref import classifiers, detectors, instance_seg, segmentors
+from kd_ref import classifiers, depth, detectors, instance_seg, segmentors
+from kd_ref.mobilenet import convert_fcos_mobilenet_keys
 from kd_ref.backbones import describe_backbone, load_state_dict_checked, read_checkpoint
 
-TASKS = ("seg", "det", "cls", "ins")
+TASKS = ("seg", "det", "cls", "ins", "depth")
 
 
 def _has(*keys: str) -> Callable[[set], bool]:
@@ -119,6 +120,13 @@ def implied_model(state_dict: Mapping[str, Tensor]) -> tuple[str, int | None]:
         return f"{_describe_solo_head(sd)} on a {describe_backbone(sd, 'backbone.')}", sd["head.conv_cls.weight"].shape[0]
     if "mask_head.logits.weight" in sd:
         return f"maskrcnn on a {describe_backbone(sd, 'backbone.')}", sd["mask_head.logits.weight"].shape[0]
+    if "head.cls_tower.0.weight" in sd:
+        return (f"fcos on a {_trunk(sd)} with a {sd['head.cls_logits.weight'].shape[1]}-channel head",
+                sd["head.cls_logits.weight"].shape[0])
+    if "laterals.c5.0.weight" in sd:
+        outputs = sd["classifier.weight"].shape[0]
+        head = f"{outputs} depth bins" if outputs > 1 else "depth regression"
+        return f"depth net ({head}, decoder {sd['head.0.weight'].shape[0]}) on a {_trunk(sd)}", None
     if "decode_head.classifier.weight" in sd:
         arch = "deeplabv3" if "decode_head.image_pool.1.weight" in sd else "pspnet"
         aux = "" if "aux_head.classifier.weight" in sd else " without aux head"
@@ -150,8 +158,10 @@ def task_of(model: nn.Module) -> str:
         return "ins"
     if isinstance(model, segmentors.Segmentor):
         return "seg"
-    if isinstance(model, (detectors.RetinaNet, detectors.FasterRCNN)):
+    if isinstance(model, (detectors.RetinaNet, detectors.FasterRCNN, detectors.FCOS)):
         return "det"
+    if isinstance(model, depth.DepthNet):
+        return "depth"
     if isinstance(model, classifiers.Classifier):
         return "cls"
     raise ValueError(f"{type(model).__name__}: not a kd_ref segmentor, detector or classifier")
@@ -187,6 +197,52 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | Mapping[str, Ten
     layout, converted = to_model_keys(model, state_dict, source)
     load_state_dict_checked(model, converted, f"{source} ({layout.name})")
     return layout
+
+
+
+# ---------------------------------------------------------------------------------- FCOS and depth (issue 17)
+def _trunk(state_dict: Mapping[str, Tensor]) -> str:
+    if "backbone.features.0.0.weight" in state_dict:
+        return "MobileNetV2"
+    if "backbone.conv1.weight" in state_dict:
+        return "ResNeXt-101 32x8d" if state_dict["backbone.layer1.0.conv1.weight"].shape[0] == 256 else "ResNet (torchvision)"
+    return describe_backbone(state_dict, "backbone.")
+
+
+_FCOS_HEAD = ("cls_tower.", "bbox_tower.", "cls_logits.", "bbox_pred.", "centerness.", "scales.")
+
+
+def convert_fcos_state_dict(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """tianzhi0549/FCOS (maskrcnn-benchmark) keys of an MNV2-FPN model -> ours: ``backbone.body.features`` ->
+    ``backbone.features`` (``convert_fcos_mobilenet_keys``), ``fpn_inner{2,3,4}`` / ``fpn_layer{2,3,4}`` ->
+    the lateral / output convs of P3-P5, ``top_blocks.p6/p7`` -> ``neck.p6/p7``, ``rpn.head.*`` -> ``head.*``
+    (same tower indices: conv, GN, ReLU triplets). The FCOS code's ResNets put the stride of a bottleneck on
+    its 1x1 conv (MSRA weights, STRIDE_IN_1X1), a block kd_ref's ResNets do not build: refused."""
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("backbone.body.features."):
+            converted["backbone." + convert_fcos_mobilenet_keys(key[len("backbone.body."):])] = value
+        elif key.startswith("backbone.body."):
+            raise ValueError(f"{source}: an FCOS ResNet checkpoint ({key}); its stride-in-1x1 bottlenecks are not "
+                             "built by kd_ref, only FCOS MobileNetV2 checkpoints load")
+        elif key.startswith("backbone.fpn.fpn_inner") or key.startswith("backbone.fpn.fpn_layer"):
+            kind, rest = key[len("backbone.fpn.fpn_"):].split(".", 1)
+            index = int(kind[-1]) - 2                          # fpn_inner2 reads C3
+            target = "lateral_convs" if kind.startswith("inner") else "output_convs"
+            converted[f"neck.{target}.{index}.{rest}"] = value
+        elif key.startswith("backbone.fpn.top_blocks."):
+            converted["neck." + key[len("backbone.fpn.top_blocks."):]] = value
+        elif key.startswith("rpn.head.") and key[len("rpn.head."):].startswith(_FCOS_HEAD):
+            converted["head." + key[len("rpn.head."):]] = value
+        else:
+            raise ValueError(f"{source}: key {key} is not part of an FCOS MNV2-FPN model")
+    return converted
+
+
+LAYOUTS = LAYOUTS + (
+    Layout("FCOS (tianzhi0549/FCOS)", "det", _has("rpn.head.cls_logits.weight"), convert_fcos_state_dict),
+    Layout("kd_ref depth model", "depth", _has("laterals.c5.0.weight"), _ours),
+)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -860,6 +860,166 @@ EXPORTERS = {"cityscapes": _export_cityscapes, "voc": _export_voc, "coco": _expo
              "cifar100": _export_cifar100, "imagefolder": _export_imagefolder}
 
 
+# ------------------------------------------------------------------------------------ depth (issue 17)
+# Base depth samples: ``image`` uint8 HxWx3, ``depth`` float32 HxW metres (0 = invalid), ``name``.
+# DepthSet batches: {"images": (B,3,Hp,Wp) zero-padded to a multiple of 32, "image_sizes": [(h, w)],
+#                    "targets": float32 (B,Hp,Wp) metres, 0 = invalid (also the padding), "names": [str]}
+NYU_LAYOUT = "rgb/<name>.png, depth/<name>.png (uint16 millimetres, 0 = invalid) and train.txt / test.txt"
+DEPTH_STREAM = 17   # the synthetic depth draws from its own generator, so every other target stays as it was
+
+
+def synthetic_depth(scenes: SyntheticScenes, index: int, sample: dict) -> np.ndarray:
+    """Depth (float32 HxW metres, 0 = hole) of scene ``index`` (``sample`` = ``scenes[index]``).
+
+    The background is a tilted plane d(u, v) = a + b (u/W - 0.5) + c (0.5 - v/H), a in [3, 6] m, b in
+    [-1, 1], c in [1, 3] (farther towards the top, like a floor seen from above), clamped to [0.5, 10]; each
+    visible object stands on it: one depth, the plane's at the object's lowest visible row minus 0-0.5 m;
+    0-3 % of the pixels are holes. The image is the scene every task sees, so the cues are the vertical
+    position and the objects' foot points (the texture and perspective cues of a dedicated renderer are
+    not drawn: they would change the scenes, and the measured demos, of every other task)."""
+    rng = np.random.default_rng([scenes.seed, scenes._split_code, int(index), DEPTH_STREAM])
+    height, width = scenes.size
+    a, b, c = rng.uniform(3, 6), rng.uniform(-1, 1), rng.uniform(1, 3)
+    depth = np.clip(a + b * (scenes._xs / width - 0.5) + c * (0.5 - scenes._ys / height), 0.5, 10.0)
+    depth = np.broadcast_to(depth, (height, width)).astype(np.float32)
+    plane = depth.copy()
+    for mask in sample["masks"]:
+        bottom = np.flatnonzero(mask.any(1))[-1]
+        foot = plane[bottom][mask[bottom]].mean()
+        depth[mask] = max(foot - rng.uniform(0, 0.5), 0.5)
+    depth[rng.random((height, width)) < rng.uniform(0, 0.03)] = 0.0
+    return depth
+
+
+class SyntheticDepthScenes:
+    """Depth view of :class:`SyntheticScenes`: the same scenes with their :func:`synthetic_depth`."""
+
+    def __init__(self, scenes: SyntheticScenes):
+        self.scenes = scenes
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.scenes[index]
+        return {"image": sample["image"], "depth": synthetic_depth(self.scenes, index, sample), "name": sample["name"]}
+
+
+def read_depth_png(path: str) -> np.ndarray:
+    """float32 HxW metres of a uint16 millimetre PNG (NYUDv2 toolbox / VNL layout); 0 stays invalid."""
+    depth, mode = _decode(path, "depth map")
+    if depth.dtype != np.uint16 and mode not in ("I;16", "I"):
+        raise ValueError(f"depth map {path}: expected a 16-bit PNG of millimetres, got mode {mode}")
+    return depth.astype(np.float32) / 1000.0
+
+
+class NYUDepth:
+    """NYUDv2 in the layout ``NYU_LAYOUT`` under ``root``: the split list (``train.txt`` for ``train``,
+    ``test.txt`` otherwise) names one ``<name>`` per line (Eigen split: 795 / 654 images of 480x640)."""
+
+    def __init__(self, root: str, split: str = "train"):
+        listing = os.path.join(root, "train.txt" if split == "train" else "test.txt")
+        if not os.path.isfile(listing):
+            raise FileNotFoundError(f"--data-root {root}: no split list {os.path.basename(listing)} (expected {NYU_LAYOUT})")
+        with open(listing) as handle:
+            self.names = [line.strip() for line in handle if line.strip()]
+        if not self.names:
+            raise ValueError(f"{listing}: lists no image")
+        self.root = root
+        for name in self.names[:1]:
+            for folder in ("rgb", "depth"):
+                path = os.path.join(root, folder, f"{name}.png")
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{path}: listed in {listing} but missing (expected {NYU_LAYOUT})")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> dict:
+        name = self.names[index]
+        image = read_image(os.path.join(self.root, "rgb", f"{name}.png"))
+        depth = read_depth_png(os.path.join(self.root, "depth", f"{name}.png"))
+        if depth.shape != image.shape[:2]:
+            raise ValueError(f"{name}: depth map {depth.shape} and image {image.shape[:2]} differ in size")
+        return {"image": image, "depth": depth, "name": f"{name}.png"}
+
+
+class DepthTransform:
+    """Training (``crop`` given): a random ``crop`` (zero-padded, depth 0, where the image is smaller) and a
+    horizontal flip with probability 0.5 (VNL's augmentation); evaluation (``crop=None``): the whole image.
+    Both normalise the image with ``normalization``."""
+
+    def __init__(self, crop: tuple | None, normalization: str = "imagenet_rgb"):
+        self.crop, self.normalization = crop, T.check_normalization(normalization)
+
+    def __call__(self, image: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> tuple:
+        image_t, depth_t = T.to_tensor(image), torch.from_numpy(np.ascontiguousarray(depth, np.float32))
+        if self.crop is not None:
+            crop_h, crop_w = self.crop
+            height, width = depth_t.shape
+            size = (max(height, crop_h), max(width, crop_w))
+            image_t, depth_t = T.pad_bottom_right(image_t, size, 0.0), T.pad_bottom_right(depth_t, size, 0.0)
+            top = int(rng.integers(0, size[0] - crop_h + 1))
+            left = int(rng.integers(0, size[1] - crop_w + 1))
+            image_t = image_t[:, top:top + crop_h, left:left + crop_w]
+            depth_t = depth_t[top:top + crop_h, left:left + crop_w]
+            if rng.random() < 0.5:
+                image_t, depth_t = image_t.flip(-1), depth_t.flip(-1)
+        return T.normalize(image_t, self.normalization), depth_t.contiguous()
+
+
+class DepthSet(TaskSet):
+    """``{"image": float (3,h,w), "target": float32 (h,w) metres, "name"}`` from a depth base data set."""
+
+    def get(self, index: int, rng: np.random.Generator) -> dict:
+        sample = self.base[index]
+        image, depth = self.transform(sample["image"], sample["depth"], rng)
+        return {"image": image, "target": depth, "name": sample["name"]}
+
+    @staticmethod
+    def collate(samples: list) -> dict:
+        return collate_depth(samples)
+
+
+def collate_depth(samples: list, size_divisor: int = 32) -> dict:
+    """Zero-pad images and depth (0 = invalid) bottom/right to a common multiple of ``size_divisor``."""
+    height = max(s["image"].shape[1] for s in samples)
+    width = max(s["image"].shape[2] for s in samples)
+    size = (math.ceil(height / size_divisor) * size_divisor, math.ceil(width / size_divisor) * size_divisor)
+    return {"images": _pad_stack([s["image"] for s in samples], size, 0.0),
+            "image_sizes": [tuple(s["image"].shape[1:]) for s in samples],
+            "targets": _pad_stack([s["target"] for s in samples], size, 0.0),
+            "names": [s["name"] for s in samples]}
+
+
+def build_depth_dataset(data: str, root: str | None, split: str, transform: DepthTransform, **options) -> DepthSet:
+    """Depth data: ``synthetic`` (``options`` go to SyntheticScenes) or ``nyu`` (``NYU_LAYOUT`` at ``root``)."""
+    if data == "synthetic":
+        return DepthSet(SyntheticDepthScenes(SyntheticScenes(split, **options)), transform)
+    if data == "nyu":
+        if root is None:
+            raise ValueError("--data nyu needs --data-root DIR (the folder of the data set)")
+        return DepthSet(NYUDepth(root, split), transform)
+    raise ValueError(f"--data {data}: --task depth supports synthetic, nyu")
+
+
+def _export_nyu(scenes: dict, out: str) -> None:
+    """train -> train.txt, val -> test.txt; depth as uint16 millimetres, holes 0."""
+    for split, data in scenes.items():
+        names = []
+        for index in range(len(data)):
+            sample, name = data[index], f"{split}_{index:06d}"
+            _save(sample["image"], os.path.join(out, "rgb", f"{name}.png"))
+            millimetres = np.round(synthetic_depth(data, index, sample) * 1000).astype(np.uint16)
+            _save(millimetres, os.path.join(out, "depth", f"{name}.png"))
+            names.append(name)
+        with open(os.path.join(out, "train.txt" if split == "train" else "test.txt"), "w") as handle:
+            handle.write("".join(f"{name}\n" for name in names))
+
+
+EXPORTERS["nyu"] = _export_nyu
+
+
 def export(format: str, out: str, num_train: int = 20, num_val: int = 10, size: tuple = (128, 128),
            seed: int = 0, style: str = "standard") -> str:
     """Write SyntheticScenes (splits ``train`` and ``val``) to ``out`` in a real data set's layout:
@@ -894,6 +1054,7 @@ def training_command(format: str, root: str, scenes: SyntheticScenes) -> str:
         "cifar100": ["--task", "cls", "--data", "cifar100", "--set", f"num_classes={len(classes)}"],
         "imagefolder": ["--task", "cls", "--data", "imagenet", "--set", f"num_classes={len(classes)}",
                         "--crop", str(min(height, width)), str(min(height, width))],
+        "nyu": ["--task", "depth", "--data", "nyu", "--crop", str(height), str(width)],
     }[format]
     # the detection presets count epochs (a few dozen iterations on a small tree); the others iterations
     length = [] if flags[1] == "det" else ["--iters", "100"]

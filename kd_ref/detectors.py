@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms, box_iou, roi_align, sigmoid_focal_loss
 
 from kd_ref.backbones import backbone_key_rules, build_backbone, rename_keys
+from kd_ref.mobilenet import build_mobilenet_v2
 
 SIZE_DIVISOR = 32
 MAX_LOG_RATIO = math.log(1000.0 / 16)
@@ -610,13 +611,16 @@ _ARCHITECTURES = {"retinanet": RetinaNet, "faster_rcnn": FasterRCNN}
 SUPPORTED_DETECTORS = tuple(f"{arch}_r{depth}" for arch in _ARCHITECTURES for depth in (18, 34, 50, 101))
 
 
-def build_detector(name, num_classes, pretrained_backbone=None, rcnn_rois_per_image=512):
+def build_detector(name, num_classes, pretrained_backbone=None, rcnn_rois_per_image=512, fcos_options=None):
     """``name`` in SUPPORTED_DETECTORS (e.g. "faster_rcnn_r50"); ResNet stem + stage 1 frozen, BN in eval.
-    ``rcnn_rois_per_image``: Faster R-CNN's training RoI sample per image (a one-stage detector has none)."""
+    ``rcnn_rois_per_image``: Faster R-CNN's training RoI sample per image (a one-stage detector has none);
+    ``fcos_options``: FCOS's options (``build_fcos``)."""
     if name not in SUPPORTED_DETECTORS:
         raise ValueError(f"unknown detector {name!r}; supported: {', '.join(SUPPORTED_DETECTORS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if name in FCOS_DETECTORS:
+        return build_fcos(name, num_classes, pretrained_backbone, **(fcos_options or {}))
     arch, depth = name.rsplit("_r", 1)
     backbone = build_backbone(int(depth), "torchvision", output_stride=32, pretrained=pretrained_backbone,
                               frozen_stages=1, norm_eval=True)
@@ -670,3 +674,311 @@ def convert_mmdet_state_dict(state_dict, source="mmdet checkpoint"):
     rule knows raise a ValueError naming them."""
     num_laterals = len({key.split(".")[2] for key in state_dict if key.startswith("neck.lateral_convs.")})
     return rename_keys(state_dict, _mmdet_rules(num_laterals), source)
+
+
+# ----------------------------------------------------------------------------------------------------
+# FCOS (Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection", arXiv:1904.01355; the
+# tianzhi0549/FCOS code, maskrcnn-benchmark based)
+# ----------------------------------------------------------------------------------------------------
+# Every location of P3..P7 predicts per-class sigmoid scores, a centerness logit and its distances
+# (l, t, r, b) to the four sides of a box. A location is positive for a box that contains it (with centre
+# sampling: only near the box centre) whose largest distance falls in the level's range; of several such
+# boxes the smallest wins. Losses: sigmoid focal (α 0.25, γ 2) over all locations / #pos; IoU loss on the
+# positives weighted by their centerness target / Σ weights; BCE of centerness / #pos. Under DDP #pos and
+# Σ weights are averaged over the ranks, as in the FCOS code. Test: p > 0.05, score = p · sigmoid(centerness),
+# top 1000 per level, class-wise NMS 0.6, 100 per image.
+FCOS_STRIDES = (8, 16, 32, 64, 128)
+FCOS_SIZES_OF_INTEREST = ((-1, 64), (64, 128), (128, 256), (256, 512), (512, 1e8))
+FCOS_IOU_LOSSES = ("iou", "linear_iou", "giou")
+
+
+def fcos_points(sizes, strides=FCOS_STRIDES, dtype=torch.float32, device=None):
+    """Locations of every level, (h*w, 2) (x, y) row-major: (j·s + s//2, i·s + s//2) for stride s."""
+    points = []
+    for (height, width), stride in zip(sizes, strides):
+        ys = torch.arange(height, dtype=dtype, device=device) * stride + stride // 2
+        xs = torch.arange(width, dtype=dtype, device=device) * stride + stride // 2
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        points.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
+    return points
+
+
+def fcos_targets(points, gt_boxes, gt_labels, num_classes, sizes_of_interest=FCOS_SIZES_OF_INTEREST,
+                 center_sampling_radius=0.0, strides=FCOS_STRIDES):
+    """Targets of one image: labels (P,) (background = ``num_classes``) and (l, t, r, b) (P, 4) to the
+    assigned box (also filled at background locations, where they are unused), over the levels of
+    ``points`` (a list of (h*w, 2)) concatenated in level order."""
+    counts = [len(level) for level in points]
+    xy = torch.cat(points)
+    lower = torch.cat([xy.new_full((n,), float(lo)) for n, (lo, _) in zip(counts, sizes_of_interest)])
+    upper = torch.cat([xy.new_full((n,), float(hi)) for n, (_, hi) in zip(counts, sizes_of_interest)])
+    if gt_boxes.shape[0] == 0:
+        return torch.full((xy.shape[0],), num_classes, dtype=torch.long, device=xy.device), xy.new_zeros(xy.shape[0], 4)
+    boxes = gt_boxes.to(xy)
+    xs, ys = xy[:, 0, None], xy[:, 1, None]
+    reg = torch.stack([xs - boxes[:, 0], ys - boxes[:, 1], boxes[:, 2] - xs, boxes[:, 3] - ys], dim=2)  # (P, G, 4)
+    if center_sampling_radius > 0:
+        radius = torch.cat([xy.new_full((n,), float(s) * center_sampling_radius) for n, s in zip(counts, strides)])
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        x1 = torch.maximum(cx - radius[:, None], boxes[:, 0])
+        y1 = torch.maximum(cy - radius[:, None], boxes[:, 1])
+        x2 = torch.minimum(cx + radius[:, None], boxes[:, 2])
+        y2 = torch.minimum(cy + radius[:, None], boxes[:, 3])
+        inside = torch.stack([xs - x1, ys - y1, x2 - xs, y2 - ys], dim=2).min(dim=2).values > 0
+    else:
+        inside = reg.min(dim=2).values > 0
+    largest = reg.max(dim=2).values
+    in_range = (largest >= lower[:, None]) & (largest <= upper[:, None])
+    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    areas = torch.where(inside & in_range, area[None, :].expand_as(largest), torch.full_like(largest, math.inf))
+    min_area, best = areas.min(dim=1)       # first index among equal areas
+    labels = gt_labels.to(xy.device).long()[best]
+    labels[min_area == math.inf] = num_classes
+    return labels, reg[torch.arange(xy.shape[0], device=xy.device), best]
+
+
+def fcos_centerness_target(reg_targets):
+    """sqrt(min(l, r)/max(l, r) · min(t, b)/max(t, b)) of (P, 4) (l, t, r, b) targets: (P,)."""
+    left_right, top_bottom = reg_targets[:, [0, 2]], reg_targets[:, [1, 3]]
+    return torch.sqrt(left_right.min(dim=1).values / left_right.max(dim=1).values
+                      * top_bottom.min(dim=1).values / top_bottom.max(dim=1).values)
+
+
+def fcos_iou_losses(pred, target, loss_type="iou"):
+    """Per-location IoU losses of (P, 4) (l, t, r, b) distances from the same points: "iou" -log IoU,
+    "linear_iou" 1 - IoU, "giou" 1 - GIoU, with IoU = (I + 1)/(U + 1)."""
+    if loss_type not in FCOS_IOU_LOSSES:
+        raise ValueError(f"loss_type must be one of {FCOS_IOU_LOSSES}, got {loss_type!r}")
+    pred_area = (pred[:, 0] + pred[:, 2]) * (pred[:, 1] + pred[:, 3])
+    target_area = (target[:, 0] + target[:, 2]) * (target[:, 1] + target[:, 3])
+    low, high = torch.minimum(pred, target), torch.maximum(pred, target)
+    intersection = (low[:, 0] + low[:, 2]) * (low[:, 1] + low[:, 3])
+    union = pred_area + target_area - intersection
+    iou = (intersection + 1.0) / (union + 1.0)
+    if loss_type == "iou":
+        return -torch.log(iou)
+    if loss_type == "linear_iou":
+        return 1 - iou
+    enclosing = (high[:, 0] + high[:, 2]) * (high[:, 1] + high[:, 3]) + 1e-7
+    return 1 - (iou - (enclosing - union) / enclosing)
+
+
+def fcos_iou_loss(pred, target, weight=None, loss_type="iou"):
+    """Σ w·loss / Σ w of ``fcos_iou_losses`` (the mean without weights, or when they sum to 0): 0-dim."""
+    losses = fcos_iou_losses(pred, target, loss_type)
+    if weight is not None and weight.sum() > 0:
+        return (losses * weight).sum() / weight.sum()
+    return losses.mean()
+
+
+def _mean_over_ranks(value: float, device) -> float:
+    """``value`` averaged over the DDP ranks (itself without DDP): FCOS's per-GPU normalisers."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        total = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(total)
+        return total.item() / torch.distributed.get_world_size()
+    return value
+
+
+class Scale(nn.Module):
+    """A learnable scalar (one per pyramid level) multiplying the shared regressor's output."""
+
+    def __init__(self, init=1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([float(init)]))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def _gn_tower(channels, depth):
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(32, channels), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class FCOSHead(nn.Module):
+    """Shared over levels: cls and bbox towers of 4 × (conv3x3 + GN(32) + ReLU); ``cls_logits`` (K),
+    ``centerness`` (1, on the cls tower, or on the bbox tower with ``centerness_on_reg``) and ``bbox_pred``
+    (4) convs; the regression is scaled per level, then exp (ReLU, and × stride at test time, with
+    ``norm_reg_targets``). Layout and init of the FCOS code: N(0, 0.01) weights, zero biases, the
+    classifier's bias at -log((1 - 0.01)/0.01)."""
+
+    def __init__(self, num_classes, channels=256, num_levels=5, stacked_convs=4, prior_prob=0.01,
+                 centerness_on_reg=False):
+        super().__init__()
+        self.cls_tower = _gn_tower(channels, stacked_convs)
+        self.bbox_tower = _gn_tower(channels, stacked_convs)
+        self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(channels, 4, 3, padding=1)
+        self.centerness = nn.Conv2d(channels, 1, 3, padding=1)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
+        self.centerness_on_reg = centerness_on_reg
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d):
+                _init_normal(conv, 0.01)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, levels):
+        """Per level: class logits (N, K, h, w), raw scaled regression (N, 4, h, w), centerness (N, 1, h, w)."""
+        cls_logits, bbox_raw, centerness = [], [], []
+        for level, x in enumerate(levels):
+            cls_feat, reg_feat = self.cls_tower(x), self.bbox_tower(x)
+            cls_logits.append(self.cls_logits(cls_feat))
+            centerness.append(self.centerness(reg_feat if self.centerness_on_reg else cls_feat))
+            bbox_raw.append(self.scales[level](self.bbox_pred(reg_feat)))
+        return cls_logits, bbox_raw, centerness
+
+
+class FCOSNeck(FPN):
+    """FPN on C3-C5 -> P3-P5, then P6 = conv3x3/2(P5) and P7 = conv3x3/2(ReLU(P6)) (FCOS's LastLevelP6P7
+    on P5). Every conv kaiming-uniform (a = 1) with zero bias, as maskrcnn-benchmark's
+    ``conv_with_kaiming_uniform``; top-down upsampling nearest."""
+
+    def __init__(self, in_channels, out_channels=256):
+        super().__init__(in_channels, out_channels, first_level=3, num_outs=3, extra="maxpool")
+        self.p6 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1)
+        self.names = ("p3", "p4", "p5", "p6", "p7")
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d):
+                nn.init.kaiming_uniform_(conv.weight, a=1)
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, backbone_feats):
+        outs = super().forward(backbone_feats)
+        outs["p6"] = self.p6(outs["p5"])
+        outs["p7"] = self.p7(F.relu(outs["p6"]))
+        return outs
+
+
+class FCOS(_FPNDetector):
+    """FCOS with its FPN (P3-P7); see the block comment above. ``backbone`` returns c2..c5 (a ResNet or
+    :class:`kd_ref.mobilenet.MobileNetV2Backbone`).
+
+    Options of the FCOS code: ``center_sampling`` radius (0 = off; its "imprv" configs use 1.5),
+    ``iou_loss`` ("iou" | "linear_iou" | "giou"), ``centerness_on_reg``, ``norm_reg_targets`` (regress
+    distances / stride). ``sizes_of_interest`` are the levels' ranges of max(l, t, r, b).
+
+    Output dict: ``feats`` (c2..c5, p3..p7), per level ``cls_logits`` (N, K, h, w), ``bbox_preds``
+    (N, 4, h, w) distances in pixels, ``centerness`` (N, 1, h, w); training with targets adds ``losses``
+    {loss_cls, loss_reg, loss_centerness}; eval with ``predict`` adds ``detections``.
+    """
+
+    strides = FCOS_STRIDES
+
+    def __init__(self, backbone, num_classes, out_channels=256, center_sampling=0.0, iou_loss="iou",
+                 centerness_on_reg=False, norm_reg_targets=False, sizes_of_interest=FCOS_SIZES_OF_INTEREST,
+                 score_thr=0.05, nms_iou=0.6, max_dets=100, nms_pre=1000):
+        if iou_loss not in FCOS_IOU_LOSSES:
+            raise ValueError(f"iou_loss must be one of {FCOS_IOU_LOSSES}, got {iou_loss!r}")
+        super().__init__(backbone, num_classes, FCOSNeck(backbone.out_channels, out_channels))
+        self.head = FCOSHead(num_classes, out_channels, centerness_on_reg=centerness_on_reg)
+        self.center_sampling, self.iou_loss, self.norm_reg_targets = center_sampling, iou_loss, norm_reg_targets
+        self.sizes_of_interest = tuple(tuple(bounds) for bounds in sizes_of_interest)
+        self.score_thr, self.nms_iou, self.max_dets, self.nms_pre = score_thr, nms_iou, max_dets, nms_pre
+
+    def distances(self, bbox_raw):
+        """Per-level (l, t, r, b) in pixels from the head's scaled regression."""
+        if self.norm_reg_targets:
+            return [F.relu(raw) * stride for raw, stride in zip(bbox_raw, self.strides)]
+        return [raw.exp() for raw in bbox_raw]
+
+    def forward(self, images, targets=None, image_sizes=None, predict=True):
+        image_sizes = _check_inputs(images, targets, image_sizes, self.num_classes)
+        feats = self.extract_feats(images)
+        cls_logits, bbox_raw, centerness = self.head(self.pyramid(feats))
+        bbox_preds = self.distances(bbox_raw)
+        out = {"feats": feats, "cls_logits": cls_logits, "bbox_preds": bbox_preds, "centerness": centerness}
+        points = fcos_points([tuple(x.shape[-2:]) for x in cls_logits], self.strides, cls_logits[0].dtype,
+                             images.device)
+        if self.training and targets is not None:
+            out["losses"] = self.loss(cls_logits, bbox_raw, bbox_preds, centerness, points, targets)
+        elif not self.training and predict:
+            out["detections"] = self.predict(cls_logits, bbox_preds, centerness, points, image_sizes)
+        return out
+
+    def loss(self, cls_logits, bbox_raw, bbox_preds, centerness, points, targets):
+        labels, reg_targets = [], []
+        level_stride = torch.cat([points[0].new_full((len(p),), float(s)) for p, s in zip(points, self.strides)])
+        for target in targets:
+            image_labels, image_reg = fcos_targets(points, target["boxes"], target["labels"], self.num_classes,
+                                                   self.sizes_of_interest, self.center_sampling, self.strides)
+            labels.append(image_labels)
+            reg_targets.append(image_reg)
+        labels, reg_targets = torch.cat(labels), torch.cat(reg_targets)
+        flat_cls = flatten_levels(cls_logits, self.num_classes).reshape(-1, self.num_classes)
+        # with normalised targets the network regresses distances / stride (ReLU, no exp) in training
+        flat_reg = flatten_levels(bbox_raw if self.norm_reg_targets else bbox_preds, 4).reshape(-1, 4)
+        flat_ctr = flatten_levels(centerness, 1).reshape(-1)
+        if self.norm_reg_targets:
+            flat_reg = F.relu(flat_reg)
+            reg_targets = reg_targets / level_stride.repeat(len(targets))[:, None]
+        positive = torch.nonzero(labels < self.num_classes).flatten()
+        num_pos = max(_mean_over_ranks(float(positive.numel()), labels.device), 1.0)
+        onehot = torch.zeros_like(flat_cls)
+        onehot[positive, labels[positive]] = 1.0
+        losses = {"loss_cls": focal_loss(flat_cls, onehot, num_pos)}
+        if positive.numel() == 0:
+            losses["loss_reg"] = flat_reg.sum() * 0.0
+            losses["loss_centerness"] = flat_ctr.sum() * 0.0
+            return losses
+        pos_targets = reg_targets[positive]
+        weight = fcos_centerness_target(pos_targets)
+        weight_sum = max(_mean_over_ranks(weight.sum().item(), labels.device), 1e-12)
+        losses["loss_reg"] = (fcos_iou_losses(flat_reg[positive], pos_targets, self.iou_loss) * weight).sum() / weight_sum
+        losses["loss_centerness"] = F.binary_cross_entropy_with_logits(flat_ctr[positive], weight,
+                                                                       reduction="sum") / num_pos
+        return losses
+
+    @torch.no_grad()
+    def predict(self, cls_logits, bbox_preds, centerness, points, image_sizes):
+        detections = []
+        for i, size in enumerate(image_sizes):
+            boxes, scores, labels = [], [], []
+            for level_cls, level_reg, level_ctr, level_points in zip(cls_logits, bbox_preds, centerness, points):
+                probs = flatten_levels([level_cls[i:i + 1]], self.num_classes)[0].sigmoid()
+                ctr = flatten_levels([level_ctr[i:i + 1]], 1)[0].sigmoid()
+                dist = flatten_levels([level_reg[i:i + 1]], 4)[0]
+                candidates = probs > self.score_thr
+                combined = torch.where(candidates, probs * ctr, torch.zeros_like(probs))
+                # rank by the combined score, among the locations above the threshold on p alone
+                top_scores, rows, top_labels = topk_above_threshold(combined, 0.0, self.nms_pre)
+                xy, d = level_points[rows], dist[rows]
+                decoded = torch.stack([xy[:, 0] - d[:, 0], xy[:, 1] - d[:, 1], xy[:, 0] + d[:, 2], xy[:, 1] + d[:, 3]],
+                                      dim=1)
+                height, width = size
+                boxes.append(torch.stack([decoded[:, 0].clamp(0, width), decoded[:, 1].clamp(0, height),
+                                          decoded[:, 2].clamp(0, width), decoded[:, 3].clamp(0, height)], dim=1))
+                scores.append(top_scores)
+                labels.append(top_labels)
+            detections.append(nms_detections(torch.cat(boxes), torch.cat(scores), torch.cat(labels),
+                                             self.nms_iou, self.max_dets))
+        return detections
+
+
+# name -> (backbone, FPN/head channels); "c128" / "c64": the narrow heads of FCOS's MNV2 configs and of
+# our synthetic student
+FCOS_DETECTORS = {"fcos_r18": ("r18", 256), "fcos_r50": ("r50", 256), "fcos_r101": ("r101", 256),
+                  "fcos_mv2": ("mv2", 256), "fcos_mv2_c128": ("mv2", 128), "fcos_mv2_c64": ("mv2", 64)}
+FCOS_OPTION_NAMES = ("center_sampling", "iou_loss", "centerness_on_reg", "norm_reg_targets", "sizes_of_interest")
+
+
+def build_fcos(name, num_classes, pretrained_backbone=None, **options):
+    """``name`` in FCOS_DETECTORS. ResNets: torchvision layout, stem + stage 1 frozen, BN frozen (the FCOS
+    R-50 config: FREEZE_CONV_BODY_AT 2, FrozenBatchNorm); MobileNetV2: every layer and BN trains
+    (FREEZE_CONV_BODY_AT 0). ``options``: FCOS's keyword options (FCOS_OPTION_NAMES)."""
+    unknown = sorted(set(options) - set(FCOS_OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown FCOS options {unknown}; expected some of {list(FCOS_OPTION_NAMES)}")
+    trunk, channels = FCOS_DETECTORS[name]
+    if trunk == "mv2":
+        backbone = build_mobilenet_v2(pretrained_backbone)
+    else:
+        backbone = build_backbone(int(trunk[1:]), "torchvision", output_stride=32, pretrained=pretrained_backbone,
+                                  frozen_stages=1, norm_eval=True)
+    return FCOS(backbone, num_classes, out_channels=channels, **options)
+
+
+SUPPORTED_DETECTORS = SUPPORTED_DETECTORS + tuple(FCOS_DETECTORS)

@@ -24,7 +24,7 @@ from kd_ref import datasets, detectors, segmentors, transforms
 from kd_ref.metrics import all_reduce_sum, confusion_matrix, segmentation_scores
 from kd_ref.metrics import coco_box_ap, coco_results, voc_map
 from kd_ref.metrics import coco_mask_results, coco_segm_eval
-from kd_ref import classifiers, convert, instance_seg
+from kd_ref import classifiers, convert, depth, instance_seg
 from kd_ref.metrics import topk_correct
 
 SYNTHETIC_NUM_CLASSES = datasets.SyntheticScenes.num_semantic_classes
@@ -171,7 +171,8 @@ class DetTask:
 
     def build_model(self, recipe, name: str, pretrained: str | None = None):
         return detectors.build_detector(name, recipe.num_classes, pretrained_backbone=pretrained,
-                                        rcnn_rois_per_image=recipe.rcnn_rois_per_image)
+                                        rcnn_rois_per_image=recipe.rcnn_rois_per_image,
+                                        fcos_options=recipe.model_options if name in detectors.FCOS_DETECTORS else None)
 
     def build_data(self, recipe, split: str, root: str | None):
         train = split == "train"
@@ -414,3 +415,61 @@ class InsTask(DetTask):
         if state["with_boxes"]:
             metrics.update({f"bbox_{name}": value for name, value in coco_box_ap(state["coco"], results["bbox"]).items()})
         return metrics
+# ------------------------------------------------------------------------------ depth (issue 17)
+class DepthTask:
+    """Monocular depth: :class:`kd_ref.depth.DepthNet` on synthetic scenes (their depth target) or NYUDv2
+    (``datasets.NYU_LAYOUT``). Training: a random ``recipe.crop`` and a flip; evaluation: the whole image,
+    padded to a multiple of 32, the prediction cropped back to it. Metrics (``depth_metrics``) are pooled
+    over every valid pixel of the set, inside the Eigen crop on NYUDv2's 480x640 maps. ``save_pred=DIR``
+    writes each prediction as a uint16 millimetre PNG under its image's name.
+
+    The main metric is delta1 (higher is better, as the engine's keep-best rule expects); rel, the
+    papers' headline, is reported next to it."""
+    main_metric = "delta1"
+    size_field = "crop"
+    find_unused_parameters = False
+    data_sets = datasets.SUPPORTED_DATA["depth"]
+    MIN_CROP = 32
+
+    def check_recipe(self, recipe) -> None:
+        if recipe.data not in self.data_sets:
+            raise ValueError(f"--data {recipe.data}: --task depth supports {list(self.data_sets)}")
+        for role, name in (("--student", recipe.student), ("--teacher", recipe.teacher)):
+            if name is not None and name not in depth.DEPTH_MODELS:
+                raise ValueError(f"{role} {name}: --task depth supports {', '.join(depth.DEPTH_MODELS)}")
+        unknown = sorted(set(recipe.model_options) - set(depth.DEPTH_OPTION_NAMES))
+        if unknown:
+            raise ValueError(f"model_options {unknown}: --task depth takes {list(depth.DEPTH_OPTION_NAMES)}")
+        if len(recipe.crop) != 2 or min(recipe.crop) < self.MIN_CROP:
+            raise ValueError(f"--crop {' '.join(map(str, recipe.crop))}: expected H W of at least {self.MIN_CROP} "
+                             "pixels (the encoders reach stride 32)")
+
+    def build_model(self, recipe, name: str, pretrained: str | None = None):
+        return depth.build_depth_model(name, pretrained, **recipe.model_options)
+
+    def build_data(self, recipe, split: str, root: str | None):
+        transform = datasets.DepthTransform(recipe.crop if split == "train" else None, recipe.normalization)
+        dataset = datasets.build_depth_dataset(recipe.data, root, split, transform, **synthetic_options(recipe, split))
+        return dataset, dataset.collate
+
+    def new_eval_state(self, recipe) -> dict:
+        return {"sums": None, "eigen_crop": recipe.data == "nyu"}
+
+    def update_eval_state(self, state: dict, outputs: dict, batch: dict, save_pred: str | None) -> None:
+        for prediction, gt, (height, width), name in zip(outputs["depth"], batch["targets"], batch["image_sizes"],
+                                                         batch["names"]):
+            prediction, gt = prediction[0, :height, :width].float().cpu(), gt[:height, :width].float().cpu()
+            valid = gt > depth.INVALID_DEPTH
+            if state["eigen_crop"] and (height, width) == (480, 640):
+                valid = depth.eigen_crop(valid)
+            state["sums"] = depth.merge_depth_metrics(state["sums"], depth.depth_metrics(prediction, gt, valid))
+            if save_pred:
+                millimetres = np.clip(np.round(prediction.numpy() * 1000), 0, 65535).astype(np.uint16)
+                os.makedirs(save_pred, exist_ok=True)
+                Image.fromarray(millimetres).save(os.path.join(save_pred, os.path.splitext(name)[0] + ".png"))
+
+    def finish_eval_state(self, state: dict, runtime) -> dict:
+        sums = state["sums"] or {name: torch.zeros((), dtype=torch.float64) for name in depth.DEPTH_SUM_NAMES}
+        names = sorted(sums)
+        totals = all_reduce_sum(torch.stack([sums[name].double() for name in names]))
+        return depth.finish_depth_metrics(dict(zip(names, totals)))

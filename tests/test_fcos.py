@@ -1,0 +1,221 @@
+"""FCOS: golden cases (depth_fcos 1-2), points, decoding, head sizes, losses and inference."""
+import math
+import os
+
+import pytest
+import torch
+
+from kd_ref import detectors
+from kd_ref.detectors import (build_detector, fcos_centerness_target, fcos_iou_loss, fcos_points, fcos_targets)
+from model_helpers import count_parameters
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "depth_fcos")
+GOLDEN_SIZES = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
+SMALL_RANGES = ((-1, 16), (16, 32), (32, 64), (64, 128), (128, 1e8))
+
+
+def load(name):
+    return torch.load(os.path.join(DATA, f"{name}.pt"))
+
+
+@pytest.mark.parametrize("loss_type", ["iou", "linear_iou", "giou"])
+def test_iou_losses_match_golden(loss_type):
+    case = load("case1_fcos_iou_centerness")
+    weighted = fcos_iou_loss(case["pred"], case["target"], weight=case["weight"], loss_type=loss_type)
+    plain = fcos_iou_loss(case["pred"], case["target"], loss_type=loss_type)
+    torch.testing.assert_close(weighted, case[f"expected_{loss_type}_w"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(plain, case[f"expected_{loss_type}_now"], rtol=1e-6, atol=1e-9)
+
+
+def test_centerness_target_matches_golden():
+    case = load("case1_fcos_iou_centerness")
+    torch.testing.assert_close(fcos_centerness_target(case["target"]), case["expected_centerness"],
+                               rtol=1e-6, atol=1e-9)
+
+
+def test_targets_match_golden():
+    case = load("case2_fcos_targets")
+    points = fcos_points(GOLDEN_SIZES, (8, 16, 32, 64, 128), dtype=torch.float64)
+    assert torch.equal(torch.cat(points), case["points"])
+    labels, reg = fcos_targets(points, case["gt_boxes"], case["gt_labels"], num_classes=6)
+    assert torch.equal(labels, case["expected_labels"])
+    assert (labels == 6).any() and (labels < 6).any()
+    positive = labels < 6
+    torch.testing.assert_close(reg[positive], case["expected_reg_targets"][positive], rtol=1e-9, atol=1e-9)
+
+
+def test_points_are_cell_centres_row_major():
+    level = fcos_points([(2, 3)], (16,))[0]
+    assert level.tolist() == [[8, 8], [24, 8], [40, 8], [8, 24], [24, 24], [40, 24]]
+
+
+def test_center_sampling_keeps_only_points_near_the_centre():
+    points = fcos_points([(8, 8)], (8,))
+    box = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+    labels, _ = fcos_targets(points, box, torch.tensor([0]), 1, ((-1, 1e8),), 0.0, (8,))
+    sampled, _ = fcos_targets(points, box, torch.tensor([0]), 1, ((-1, 1e8),), 1.5, (8,))
+    assert (labels == 0).sum() == 64
+    # centre (32, 32), radius 12: points 24 and 36 on each axis
+    assert (sampled == 0).sum() == 4
+
+
+def test_no_boxes_gives_background_everywhere():
+    points = fcos_points([(2, 2)], (8,))
+    labels, reg = fcos_targets(points, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), 5, ((-1, 1e8),))
+    assert labels.tolist() == [5] * 4 and reg.shape == (4, 4)
+
+
+def test_giou_differs_from_iou_only_when_boxes_do_not_enclose_each_other():
+    target = torch.tensor([[2.0, 2.0, 2.0, 2.0]])
+    inner = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    shifted = torch.tensor([[1.0, 3.0, 3.0, 1.0]])
+    assert torch.isclose(fcos_iou_loss(inner, target, loss_type="giou"), fcos_iou_loss(inner, target, loss_type="linear_iou"))
+    assert fcos_iou_loss(shifted, target, loss_type="giou") > fcos_iou_loss(shifted, target, loss_type="linear_iou")
+    with pytest.raises(ValueError, match="loss_type"):
+        fcos_iou_loss(inner, target, loss_type="l1")
+
+
+@pytest.mark.parametrize("name,channels,expected", [("fcos_r50", 256, 4_920_666), ("fcos_mv2_c128", 128, 1_280_730)])
+def test_head_parameter_counts(name, channels, expected):
+    model = build_detector(name, 80)
+    assert count_parameters(model.head) == expected
+    assert model.out_channels["p7"] == channels
+
+
+def test_mobilenet_student_taps_and_strides():
+    model = build_detector("fcos_mv2_c64", 3).eval()
+    out = model(torch.zeros(1, 3, 128, 160))
+    assert [out["feats"][f"c{i}"].shape[1] for i in (3, 4, 5)] == [32, 96, 320]
+    assert [tuple(x.shape[-2:]) for x in out["cls_logits"]] == [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    assert all(p.requires_grad for p in model.backbone.parameters())
+
+
+def _decoding_model():
+    torch.manual_seed(0)
+    model = build_detector("fcos_mv2_c64", 2, fcos_options={"sizes_of_interest": SMALL_RANGES}).eval()
+    return model
+
+
+def test_inference_decodes_known_distances():
+    model = _decoding_model()
+    points = fcos_points([(2, 2)], (8,))
+    cls = torch.full((1, 2, 2, 2), -10.0)
+    cls[0, 1, 1, 0] = 5.0                                  # location (4, 12), class 1
+    reg = torch.ones(1, 4, 2, 2)
+    reg[0, :, 1, 0] = torch.tensor([3.0, 2.0, 5.0, 4.0])   # l, t, r, b
+    found = model.predict([cls], [reg], [torch.zeros(1, 1, 2, 2)], points, [(16, 16)])[0]
+    assert found["labels"].tolist() == [1]
+    torch.testing.assert_close(found["boxes"], torch.tensor([[1.0, 10.0, 9.0, 16.0]]))   # y2 clipped to 16
+    torch.testing.assert_close(found["scores"], torch.sigmoid(torch.tensor([5.0])) * 0.5)
+
+
+def test_inference_keeps_at_most_100_sorted():
+    model = _decoding_model()
+    torch.manual_seed(1)
+    model.head.cls_logits.bias.data.fill_(2.0)           # every location above the threshold
+    found = model(torch.randn(1, 3, 128, 128))["detections"][0]
+    assert 0 < len(found["scores"]) <= 100
+    assert torch.all(found["scores"][:-1] >= found["scores"][1:])
+
+
+@pytest.mark.parametrize("options", [{}, {"center_sampling": 1.5, "iou_loss": "giou", "norm_reg_targets": True,
+                                          "centerness_on_reg": True}])
+def test_losses_are_finite_and_reach_every_parameter(options):
+    torch.manual_seed(0)
+    model = build_detector("fcos_mv2_c64", 3, fcos_options={"sizes_of_interest": SMALL_RANGES, **options}).train()
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 60.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    out = model(torch.randn(2, 3, 96, 96), targets)
+    assert set(out["losses"]) == {"loss_cls", "loss_reg", "loss_centerness"}
+    assert all(torch.isfinite(v) for v in out["losses"].values())
+    sum(out["losses"].values()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(ValueError, match="unknown FCOS options"):
+        detectors.build_fcos("fcos_mv2_c64", 3, anchors=9)
+
+
+# ---------------------------------------------------------------------------- SKD on FCOS (skd.py additions)
+def test_binary_pixel_wise_kd_zero_nonnegative_detached_and_matches_a_loop():
+    from kd_ref.skd import binary_pixel_wise_kd
+    generator = torch.Generator().manual_seed(0)
+    levels_s = [torch.randn(2, 3, 4, 5, generator=generator, dtype=torch.float64, requires_grad=True),
+                torch.randn(2, 3, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True)]
+    levels_t = [torch.randn(s.shape, generator=generator, dtype=torch.float64, requires_grad=True) for s in levels_s]
+    assert binary_pixel_wise_kd(levels_s, [s.detach() for s in levels_s]) == 0
+    tau = 2.0
+    loss = binary_pixel_wise_kd(levels_s, levels_t, tau=tau)
+    total, positions = 0.0, 0
+    for z_s, z_t in zip(levels_s, levels_t):
+        for n in range(z_s.shape[0]):
+            for i in range(z_s.shape[2]):
+                for j in range(z_s.shape[3]):
+                    positions += 1
+                    for k in range(z_s.shape[1]):
+                        p, q = torch.sigmoid(z_t[n, k, i, j] / tau).item(), torch.sigmoid(z_s[n, k, i, j] / tau).item()
+                        total += p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+    assert loss.item() == pytest.approx(tau ** 2 * total / positions, rel=1e-9) and loss > 0
+    loss.backward()
+    assert all(t.grad is None for t in levels_t) and all(s.grad is not None for s in levels_s)
+    with pytest.raises(ValueError, match="equal shapes"):
+        binary_pixel_wise_kd(levels_s, levels_t[:1])
+
+
+def test_fcos_pair_kernel_bounds_the_graph():
+    from kd_ref.skd import fcos_pair_kernel
+    assert fcos_pair_kernel(16, 16) == 1
+    assert fcos_pair_kernel(100, 136) == 4                 # 25 x 34 = 850 nodes
+    assert fcos_pair_kernel(13, 17) == 1
+
+
+def _to_fcos_code_keys(state_dict):
+    """Our FCOS-MNV2 keys renamed as the tianzhi0549/FCOS code names them (the inverse of the loader)."""
+    expanding = {"0.0": "0", "0.1": "1", "1.0": "3", "1.1": "4", "2": "6", "3": "7"}
+    first = {"0.0": "0", "0.1": "1", "1": "3", "2": "4"}
+    renamed = {}
+    for key, value in state_dict.items():
+        if key.startswith("backbone.features."):
+            parts = key.split(".")
+            block = parts[2]
+            if len(parts) > 4 and parts[3] == "conv":
+                tail = parts[-1]
+                position = ".".join(parts[4:-1])
+                table = first if block == "1" else expanding
+                key = f"backbone.body.features.{block}.conv.{table[position]}.{tail}"
+            else:
+                key = "backbone.body." + key[len("backbone."):]
+        elif key.startswith("neck.lateral_convs."):
+            index, rest = key[len("neck.lateral_convs."):].split(".", 1)
+            key = f"backbone.fpn.fpn_inner{int(index) + 2}.{rest}"
+        elif key.startswith("neck.output_convs."):
+            index, rest = key[len("neck.output_convs."):].split(".", 1)
+            key = f"backbone.fpn.fpn_layer{int(index) + 2}.{rest}"
+        elif key.startswith("neck.p"):
+            key = "backbone.fpn.top_blocks." + key[len("neck."):]
+        else:
+            key = "rpn." + key
+        renamed[key] = value
+    return renamed
+
+
+def test_fcos_code_checkpoint_loads_through_the_common_path():
+    from kd_ref import convert
+    source = build_detector("fcos_mv2_c64", 3)
+    with torch.no_grad():
+        for tensor in source.state_dict().values():
+            if tensor.dtype.is_floating_point:
+                tensor.copy_(torch.randn(tensor.shape))
+    released = {key: value for key, value in _to_fcos_code_keys(source.state_dict()).items()
+                if not key.endswith("num_batches_tracked")}
+    assert "rpn.head.cls_tower.3.weight" in released and "backbone.body.features.2.conv.7.weight" in released
+    target = build_detector("fcos_mv2_c64", 3)
+    layout = convert.load_weights(target, released, "fcos checkpoint")
+    assert layout.name == "FCOS (tianzhi0549/FCOS)"
+    for key, value in source.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(target.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="stride-in-1x1"):
+        convert.load_weights(target, {"rpn.head.cls_logits.weight": torch.zeros(1),
+                                      "backbone.body.stem.conv1.weight": torch.zeros(1)}, "fcos r50")
