@@ -136,8 +136,9 @@ def build_recipe(args: argparse.Namespace) -> tuple:
         raise ValueError(f"--method {recipe.method} does not support --task {recipe.task}; supported: "
                          f"{configs.supported_methods(recipe.task)}")
     if args.crop is not None and configs.TASKS[recipe.task].size_field == "image_scale":
-        raise ValueError(f"--crop {' '.join(map(str, args.crop))}: detection resizes whole images to image_scale "
-                         f"{tuple(recipe.image_scale)} (long side, short side); pass --set \"image_scale=(L, S)\"")
+        raise ValueError(f"--crop {' '.join(map(str, args.crop))}: --task {recipe.task} resizes whole images to "
+                         f"image_scale {tuple(recipe.image_scale)} (long side, short side); pass "
+                         "--set \"image_scale=(L, S)\"")
     configs.check_recipe(recipe)
     configs.check_schedule(recipe)
     if configs.METHODS[recipe.method].needs_teacher and recipe.teacher is None:

@@ -230,7 +230,7 @@ CASES = {
     "data_root_with_synthetic_data": lambda c: (*synthetic_train(c.tmp / "out", "--data-root", str(c.tmp)),
                                                 "--data synthetic is built in"),
     "crop_on_detection": lambda c: (train, ["--task", "det", "--crop", "64", "64", "--out", str(c.tmp / "out"),
-                                            "--quiet"], "detection resizes whole images to image_scale"),
+                                            "--quiet"], "--task det resizes whole images to image_scale"),
     "kd_on_a_one_stage_detector": lambda c: (
         train, ["--task", "det", "--method", "kd", "--student", "retinanet_r18", "--teacher", "retinanet_r18",
                 "--out", str(c.tmp / "out"), "--quiet"], "one-stage detector"),
