@@ -31,7 +31,6 @@ from kd_ref.sokd import SoKDDistiller
 
 
 # -------------------------------------------------------------------------------- GKD: PGM instances
-
 def select_pgm_instances(annotations: Iterable[Mapping], num_classes: int, min_size: float = 30,
                          max_images: int = 800, seed: int = 1) -> dict[int, list[tuple[int, int]]]:
     """PGM instances per class: ``{c: [(image_id, box_idx), ...]}``, computed once, reused every epoch.
