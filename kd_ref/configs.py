@@ -22,12 +22,11 @@ import torch
 from kd_ref import cli, tasks
 from kd_ref.detectors import flatten_levels
 from kd_ref.dist import DISTDistiller
+from kd_ref.drivers import BoundBase, ScheduledGKDDistiller, SoKDPlugin, anchor_level_features
 from kd_ref.gdd import GDDDistiller
-from kd_ref.gkd import ScheduledGKDDistiller, anchor_level_features
 from kd_ref.instance_seg import copy_non_backbone_weights
 from kd_ref.kd import KDDistiller
 from kd_ref.skd import DepthSKDDistiller, FCOSSKDDistiller, SKDDistiller
-from kd_ref.sokd import BoundBase, SoKDPlugin
 
 
 @dataclass

@@ -610,210 +610,293 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
           quiet: bool = False) -> dict:
     """Train ``recipe.student`` (distilled by ``recipe.method`` from ``recipe.teacher`` when the method
     needs one); returns the final evaluation metrics, also written to ``<out_dir>/metrics.json``."""
-    task = configs.TASKS[recipe.task]
-    method = configs.METHODS[recipe.method]
-    configs.check_recipe(recipe)
-    configs.check_schedule(recipe)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_path = os.path.join(out_dir, "last.pt")
-    log = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
+    run = TrainingRun(recipe, out_dir, runtime, resume, teacher_ckpt, workers, data_root, quiet)
+    run.restore()
+    run.start()
+    with PreemptionGuard() as guard:
+        while run.iteration < run.recipe.iters:
+            run.begin_epoch()
+            tick = time.perf_counter()
+            for batch in run.loader:
+                batch = move_to(batch, runtime.device)
+                step = run.train_step(batch, data_seconds=time.perf_counter() - tick)
+                run.extra_step(step)
+                run.step_hooks(batch, step)
+                run.iteration += 1
+                run.log(step, seconds=time.perf_counter() - tick)
+                run.evaluate_if_due()
+                if run.checkpoint(stop_signal=guard.requested(runtime)):
+                    break
+                tick = time.perf_counter()
+    return run.finish()
 
-    resume_state = load_checkpoint(ckpt_path) if resume else None
-    changed = configs.recipe_changes(resume_state["recipe"], recipe) if resume else []
-    if changed:
-        raise ValueError(f"--resume: the recipe differs from the one in {ckpt_path} in {changed}")
-    init_student = recipe.student_init is not None and resume_state is None  # a resumed run has its own weights
-    if init_student and not os.path.isfile(recipe.student_init):  # checked before the (slow) data set is read
-        raise FileNotFoundError(f"student_init {recipe.student_init}: no such file; the recipe starts {recipe.student} "
-                                "from a trained checkpoint of it: train one with train.py and pass its last.pt (or a "
-                                "state dict) with --student-init PATH")
-    torch.manual_seed(recipe.seed)
 
-    # The models and their weight files come first, so a wrong file stops the run before the data set is
-    # read; building the data draws nothing from the global torch RNG, so the initial weights are the same.
-    student = task.build_model(recipe, recipe.student, pretrained=recipe.pretrained)
-    if init_student:
-        convert.load_weights(student, recipe.student_init, f"student_init {recipe.student_init}")
-    student.to(runtime.device)
-    teacher = None
-    if method.needs_teacher:
-        teacher = task.build_model(recipe, recipe.teacher, pretrained=None)
-        if teacher_ckpt is None:
-            raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher-ckpt PATH "
-                             f"(a {recipe.teacher} checkpoint)")
-        convert.load_weights(teacher, teacher_ckpt, f"--teacher-ckpt {teacher_ckpt}")
-        teacher.to(runtime.device).eval().requires_grad_(False)
-    train_set, collate = task.build_data(recipe, "train", data_root)
-    val_set, _ = task.build_data(recipe, "val", data_root)
-    per_rank_batch = recipe.batch_size // runtime.world_size
-    if per_rank_batch * runtime.world_size != recipe.batch_size or per_rank_batch == 0:
-        raise ValueError(f"--batch-size {recipe.batch_size} must be a positive multiple of the number "
-                         f"of processes ({runtime.world_size})")
-    augmented = EpochAugmentation(train_set, recipe.seed, recipe.dataset_repeat)
-    sampler = ResumableSampler(augmented, runtime, recipe.seed)
-    if len(sampler) < per_rank_batch:
-        raise ValueError(f"training set has {len(train_set)} samples: fewer than one batch of "
-                         f"{recipe.batch_size} over {runtime.world_size} process(es)")
-    loader_generator = torch.Generator().manual_seed(recipe.seed)
-    loader = DataLoader(augmented, batch_size=per_rank_batch, sampler=sampler, num_workers=workers,
-                        collate_fn=collate, drop_last=True, persistent_workers=False,
-                        pin_memory=runtime.device.type == "cuda", generator=loader_generator)
-    iters_per_epoch = len(sampler) // per_rank_batch
-    recipe_record = dataclasses.asdict(recipe)  # checkpoints keep the recipe as given (epochs stay epochs)
-    recipe = configs.resolve_schedule(recipe, iters_per_epoch)
-    epochs = math.ceil(recipe.iters / iters_per_epoch)
+@dataclass
+class Step:
+    """One iteration's results: every named loss (task, distiller, extra), the student objective
+    ``total``, the teacher outputs and the distiller's bound inputs, the lr factor and the data wait."""
+    losses: dict
+    extra: dict
+    total: torch.Tensor
+    teacher_out: dict | None
+    bound: dict | None
+    lr_factor: float
+    data_seconds: float
 
-    distiller = method.build(recipe, student, teacher) if method.build else None
-    if distiller is not None:
-        distiller.to(runtime.device)
-    if runtime.device.type == "cuda":
-        student.to(memory_format=torch.channels_last)
-        if teacher is not None:
-            teacher.to(memory_format=torch.channels_last)
-    student = synchronise_batchnorm(student, distiller, runtime)
 
-    optimizers = build_optimizers(recipe, student, distiller)
-    optimizer, extra_optimizer = optimizers.student, optimizers.extra
-    bind = method.bind.get(recipe.task)
-    extra_base_lrs = [g["lr"] for g in extra_optimizer.param_groups] if extra_optimizer else []
-    use_scaler = runtime.amp and runtime.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    extra_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+class TrainingRun:
+    """The state of one training run and its named steps; :func:`train` is the loop over them.
 
-    start_iter = 0
-    best = None  # {"iteration", main metric} of the best evaluation so far (keep_best)
-    if resume_state is not None:
-        student.load_state_dict(resume_state["model"])
-        if distiller is not None:
-            distiller.load_state_dict(resume_state["distiller"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if extra_optimizer is not None:
-            extra_optimizer.load_state_dict(resume_state["extra_optimizer"])
-        scaler.load_state_dict(resume_state["scaler"])
-        extra_scaler.load_state_dict(resume_state["extra_scaler"])
-        start_iter = resume_state["iteration"]
-        log.truncate(start_iter)
-        best = resume_state.get("best")  # absent in checkpoints of runs without keep_best
-        set_rng_state(resume_state["rng"][min(runtime.rank, len(resume_state["rng"]) - 1)])
-        if runtime.is_main and not quiet:
-            print(f"resumed from {ckpt_path} at iteration {start_iter}")
+    Building checks the recipe and every input file before the (slow) data set is read, then builds the
+    models, the data, the distiller and the optimizers; :meth:`restore` loads a ``--resume`` checkpoint.
+    """
 
-    model = student
-    if runtime.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(
-            student, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
-            find_unused_parameters=task.find_unused_parameters)
+    def __init__(self, recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool,
+                 teacher_ckpt: str | None, workers: int, data_root: str | None, quiet: bool):
+        self.task, self.method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
+        configs.check_recipe(recipe)
+        configs.check_schedule(recipe)
+        self.out_dir, self.runtime, self.workers, self.quiet = out_dir, runtime, workers, quiet
+        self.teacher_ckpt = teacher_ckpt
+        os.makedirs(out_dir, exist_ok=True)
+        self.ckpt_path = os.path.join(out_dir, "last.pt")
+        self.log_file = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
+        self.resume_state = load_checkpoint(self.ckpt_path) if resume else None
+        changed = configs.recipe_changes(self.resume_state["recipe"], recipe) if resume else []
+        if changed:
+            raise ValueError(f"--resume: the recipe differs from the one in {self.ckpt_path} in {changed}")
+        self._build_models(recipe, teacher_ckpt)
+        self._build_data(recipe, data_root)
+        self._build_distiller_and_optimizers()
+        self.iteration = 0
+        self.best = None  # {"iteration", main metric} of the best evaluation so far (keep_best)
 
-    def save(iteration: int, path: str = ckpt_path) -> None:
+    def _build_models(self, recipe, teacher_ckpt) -> None:
+        runtime, task = self.runtime, self.task
+        init_student = recipe.student_init is not None and self.resume_state is None  # a resumed run has its own weights
+        if init_student and not os.path.isfile(recipe.student_init):  # checked before the (slow) data set is read
+            raise FileNotFoundError(f"student_init {recipe.student_init}: no such file; the recipe starts {recipe.student} "
+                                    "from a trained checkpoint of it: train one with train.py and pass its last.pt (or a "
+                                    "state dict) with --student-init PATH")
+        torch.manual_seed(recipe.seed)
+        # The models and their weight files come first, so a wrong file stops the run before the data set is
+        # read; building the data draws nothing from the global torch RNG, so the initial weights are the same.
+        self.student = task.build_model(recipe, recipe.student, pretrained=recipe.pretrained)
+        if init_student:
+            convert.load_weights(self.student, recipe.student_init, f"student_init {recipe.student_init}")
+        self.student.to(runtime.device)
+        self.teacher = None
+        if self.method.needs_teacher:
+            self.teacher = task.build_model(recipe, recipe.teacher, pretrained=None)
+            if teacher_ckpt is None:
+                raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher-ckpt PATH "
+                                 f"(a {recipe.teacher} checkpoint)")
+            convert.load_weights(self.teacher, teacher_ckpt, f"--teacher-ckpt {teacher_ckpt}")
+            self.teacher.to(runtime.device).eval().requires_grad_(False)
+
+    def _build_data(self, recipe, data_root) -> None:
+        runtime = self.runtime
+        self.train_set, self.collate = self.task.build_data(recipe, "train", data_root)
+        self.val_set, _ = self.task.build_data(recipe, "val", data_root)
+        self.per_rank_batch = recipe.batch_size // runtime.world_size
+        if self.per_rank_batch * runtime.world_size != recipe.batch_size or self.per_rank_batch == 0:
+            raise ValueError(f"--batch-size {recipe.batch_size} must be a positive multiple of the number "
+                             f"of processes ({runtime.world_size})")
+        self.augmented = EpochAugmentation(self.train_set, recipe.seed, recipe.dataset_repeat)
+        self.sampler = ResumableSampler(self.augmented, runtime, recipe.seed)
+        if len(self.sampler) < self.per_rank_batch:
+            raise ValueError(f"training set has {len(self.train_set)} samples: fewer than one batch of "
+                             f"{recipe.batch_size} over {runtime.world_size} process(es)")
+        self.loader = DataLoader(self.augmented, batch_size=self.per_rank_batch, sampler=self.sampler,
+                                 num_workers=self.workers, collate_fn=self.collate, drop_last=True,
+                                 persistent_workers=False, pin_memory=runtime.device.type == "cuda",
+                                 generator=torch.Generator().manual_seed(recipe.seed))
+        self.iters_per_epoch = len(self.sampler) // self.per_rank_batch
+        self.recipe_record = dataclasses.asdict(recipe)  # checkpoints keep the recipe as given (epochs stay epochs)
+        self.recipe = configs.resolve_schedule(recipe, self.iters_per_epoch)
+        self.epochs = math.ceil(self.recipe.iters / self.iters_per_epoch)
+
+    def _build_distiller_and_optimizers(self) -> None:
+        runtime, recipe = self.runtime, self.recipe
+        self.distiller = self.method.build(recipe, self.student, self.teacher) if self.method.build else None
+        if self.distiller is not None:
+            self.distiller.to(runtime.device)
+        if runtime.device.type == "cuda":
+            self.student.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher.to(memory_format=torch.channels_last)
+        self.student = synchronise_batchnorm(self.student, self.distiller, runtime)
+        self.optimizers = build_optimizers(recipe, self.student, self.distiller)
+        self.bind = self.method.bind.get(recipe.task)
+        extra = self.optimizers.extra
+        self.extra_base_lrs = [g["lr"] for g in extra.param_groups] if extra else []
+        use_scaler = runtime.amp and runtime.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.extra_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+
+    # ------------------------------------------------------------------------------------ restore
+    def restore(self) -> None:
+        """Load the ``--resume`` checkpoint (if any), then wrap the student in DDP for a distributed run."""
+        state, runtime = self.resume_state, self.runtime
+        self.start_iter = 0
+        if state is not None:
+            self.student.load_state_dict(state["model"])
+            if self.distiller is not None:
+                self.distiller.load_state_dict(state["distiller"])
+            self.optimizers.student.load_state_dict(state["optimizer"])
+            if self.optimizers.extra is not None:
+                self.optimizers.extra.load_state_dict(state["extra_optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.extra_scaler.load_state_dict(state["extra_scaler"])
+            self.start_iter = state["iteration"]
+            self.log_file.truncate(self.start_iter)
+            self.best = state.get("best")  # absent in checkpoints of runs without keep_best
+            set_rng_state(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
+            if runtime.is_main and not self.quiet:
+                print(f"resumed from {self.ckpt_path} at iteration {self.start_iter}")
+        self.iteration = self.start_iter
+        self.model = self.student
+        if runtime.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None,
+                find_unused_parameters=self.task.find_unused_parameters)
+
+    def start(self) -> None:
+        """A fresh run replaces the folder's previous outputs; the progress bar and the clock start."""
+        if self.resume_state is None and self.runtime.is_main:
+            discard_previous_run(self.out_dir)
+        recipe = self.recipe
+        self.bar = tqdm(total=recipe.iters, initial=self.start_iter, desc=f"train {recipe.student} [{recipe.method}]",
+                        disable=not self.runtime.is_main or self.quiet, dynamic_ncols=True)
+        self.started = time.perf_counter()
+
+    # -------------------------------------------------------------------------------- the steps
+    def begin_epoch(self) -> None:
+        """Position the data at the current iteration; at an epoch's start, the distiller's epoch hook."""
+        self.epoch, offset = divmod(self.iteration, self.iters_per_epoch)
+        self.augmented.epoch = self.epoch
+        self.sampler.set_position(self.epoch, offset * self.per_rank_batch)
+        if offset == 0 and hasattr(self.distiller, "before_epoch"):
+            self.distiller.before_epoch(EpochContext(self.epoch, unwrap(self.model), self.teacher, self.train_set,
+                                                     self.collate, self.runtime, self.epochs))
+        self.model.train()
+
+    def train_step(self, batch: dict, data_seconds: float) -> Step:
+        """Forward (task, distiller and extra losses), the finiteness check, then the student's update."""
+        recipe, runtime, optimizers = self.recipe, self.runtime, self.optimizers
+        factor = lr_factor(self.iteration, recipe)
+        set_lr(optimizers.student, recipe.lr, factor)
+        first = self.iteration == self.start_iter
+        watch = BatchNormWatch([unwrap(self.model), self.distiller], runtime.world_size) if first else None
+        with runtime.autocast():
+            losses, teacher_out, bound = forward_losses(self.model, self.teacher, self.distiller, self.bind, batch,
+                                                        recipe.task_loss_weight)
+            extra = self.distiller.extra_losses(**bound) if optimizers.extra is not None else {}
+        if first:
+            watch.close(warn=runtime.is_main)
+            if teacher_out is not None:
+                check_teacher_outputs(teacher_out, self.teacher_ckpt)
+        losses = {name: value.float() for name, value in losses.items()}
+        extra = {name: value.float() for name, value in extra.items()}
+        _check_finite({**losses, **extra}, self.iteration)
+        total = sum(losses.values())
+        optimizer_step(optimizers.student, self.scaler, total, self.iteration, "student",
+                       lambda: _average_gradients(optimizers.distiller_params, runtime), recipe.grad_clip)
+        return Step(losses, extra, total, teacher_out, bound, factor, data_seconds)
+
+    def extra_step(self, step: Step) -> None:
+        """The distiller's own optimizer (an adversary) on its extra losses, which join the logged ones."""
+        optimizers = self.optimizers
+        if optimizers.extra is None:
+            return
+        for group, base in zip(optimizers.extra.param_groups, self.extra_base_lrs):
+            group["lr"] = base * optimizers.extra_lr_lambda(self.iteration)
+        optimizer_step(optimizers.extra, self.extra_scaler, sum(step.extra.values()), self.iteration, "extra",
+                       lambda: _average_gradients(optimizers.extra_params, self.runtime))
+        step.losses.update(step.extra)
+
+    def step_hooks(self, batch: dict, step: Step) -> None:
+        """The distiller's ``after_step`` hook, with the objective at the updated parameters."""
+        if hasattr(self.distiller, "after_step"):
+            student = unwrap(self.model)
+            objective = search_objective(student, self.teacher, self.distiller, self.bind, step.teacher_out,
+                                         self.recipe.task_loss_weight)
+            self.distiller.after_step(StepContext(self.iteration, batch, student, self.teacher, objective, self.runtime))
+
+    def log(self, step: Step, seconds: float) -> None:
+        """The step's line of ``log.jsonl``, the progress bar, and once the measured time per iteration."""
+        recipe, runtime, iteration = self.recipe, self.runtime, self.iteration
+        if iteration - self.start_iter == ETA_AFTER and iteration < recipe.iters and runtime.is_main and not self.quiet:
+            rate = (time.perf_counter() - self.started) / ETA_AFTER
+            self.bar.write(f"train {recipe.student} [{recipe.method}]: {rate:.2f} s/it over the first {ETA_AFTER} "
+                           f"iterations, about {rate * (recipe.iters - iteration) / 60:.1f} min for the "
+                           f"{recipe.iters - iteration} left (evaluations not included)")
+        if runtime.is_main:
+            lr = recipe.lr * step.lr_factor
+            self.log_file.write({"iteration": iteration, "epoch": self.epoch, "lr": lr,
+                                 **{k: round(v.item(), 6) for k, v in step.losses.items()},
+                                 "loss": round(step.total.item(), 6), "seconds": round(seconds, 4),
+                                 "data_seconds": round(step.data_seconds, 4),
+                                 "peak_memory_mb": round(peak_memory_mb(runtime.device), 1)})
+            self.bar.set_postfix(loss=f"{step.total.item():.3f}", lr=f"{lr:.2e}")
+            self.bar.update(1)
+
+    def evaluate(self) -> dict:
+        """Score the student on the validation set; with ``keep_best``, a new best also goes to ``best.pt``."""
+        metrics = evaluate(self.task, unwrap(self.model), self.val_set, self.collate, self.runtime, self.recipe,
+                           self.workers, self.quiet)
+        self.log_file.write({"iteration": self.iteration, "eval": metrics})
+        main = self.task.main_metric
+        score = metrics[main]
+        if self.recipe.keep_best and (self.best is None or score > self.best[main]):  # NaN is never best
+            self.best = {"iteration": self.iteration, main: score}
+            self.save(os.path.join(self.out_dir, "best.pt"))
+            self.log_file.write({"iteration": self.iteration, "best": self.best})
+        return metrics
+
+    def evaluate_if_due(self) -> None:
+        every = self.recipe.eval_every
+        if every and self.iteration % every == 0 and self.iteration != self.recipe.iters:
+            self.evaluate()
+            self.model.train()
+
+    def checkpoint(self, stop_signal: int) -> bool:
+        """Save at the end, when asked to stop, or every ``ckpt_every``; raise :class:`TrainingInterrupted`
+        after a stop request. True after the last iteration."""
+        last = self.iteration == self.recipe.iters
+        every = self.recipe.ckpt_every
+        if last or stop_signal or (every and self.iteration % every == 0):
+            self.save()
+        if stop_signal:
+            self.bar.close()
+            raise TrainingInterrupted(stop_signal, self.iteration, self.ckpt_path)
+        return last
+
+    def save(self, path: str | None = None) -> None:
+        runtime, optimizers = self.runtime, self.optimizers
         rngs = [rng_state()]
         if runtime.world_size > 1:
             rngs = [None] * runtime.world_size
             dist.all_gather_object(rngs, rng_state())
         if runtime.is_main:
             atomic_save({
-                "model": unwrap(model).state_dict(), "distiller": distiller.state_dict() if distiller else None,
-                "optimizer": optimizer.state_dict(),
-                "extra_optimizer": extra_optimizer.state_dict() if extra_optimizer else None,
-                "scaler": scaler.state_dict(), "extra_scaler": extra_scaler.state_dict(),
-                "iteration": iteration, "recipe": recipe_record, "rng": rngs, "best": best,
-            }, path)
+                "model": unwrap(self.model).state_dict(),
+                "distiller": self.distiller.state_dict() if self.distiller else None,
+                "optimizer": optimizers.student.state_dict(),
+                "extra_optimizer": optimizers.extra.state_dict() if optimizers.extra else None,
+                "scaler": self.scaler.state_dict(), "extra_scaler": self.extra_scaler.state_dict(),
+                "iteration": self.iteration, "recipe": self.recipe_record, "rng": rngs, "best": self.best,
+            }, path or self.ckpt_path)
 
-    def run_eval(iteration: int) -> dict:
-        nonlocal best
-        metrics = evaluate(task, unwrap(model), val_set, collate, runtime, recipe, workers, quiet)
-        log.write({"iteration": iteration, "eval": metrics})
-        score = metrics[task.main_metric]
-        if recipe.keep_best and (best is None or score > best[task.main_metric]):  # NaN is never best
-            best = {"iteration": iteration, task.main_metric: score}
-            save(iteration, os.path.join(out_dir, "best.pt"))
-            log.write({"iteration": iteration, "best": best})
+    def finish(self) -> dict:
+        """The final evaluation, written to ``metrics.json`` (with the best one under ``keep_best``)."""
+        self.bar.close()
+        metrics = self.evaluate()
+        if self.recipe.keep_best:
+            metrics = {**metrics, "best": self.best}
+        if self.runtime.is_main:
+            write_json(os.path.join(self.out_dir, "metrics.json"), metrics)
         return metrics
-
-    if resume_state is None and runtime.is_main:
-        discard_previous_run(out_dir)
-    bar = tqdm(total=recipe.iters, initial=start_iter, desc=f"train {recipe.student} [{recipe.method}]",
-               disable=not runtime.is_main or quiet, dynamic_ncols=True)
-    iteration = start_iter
-    started = time.perf_counter()
-    with PreemptionGuard() as guard:
-        while iteration < recipe.iters:
-            epoch, offset = divmod(iteration, iters_per_epoch)
-            augmented.epoch = epoch
-            sampler.set_position(epoch, offset * per_rank_batch)
-            if offset == 0 and hasattr(distiller, "before_epoch"):
-                distiller.before_epoch(EpochContext(epoch, unwrap(model), teacher, train_set, collate, runtime,
-                                                    epochs))
-            model.train()
-            tick = time.perf_counter()
-            for batch in loader:
-                batch = move_to(batch, runtime.device)
-                data_seconds = time.perf_counter() - tick
-                factor = lr_factor(iteration, recipe)
-                set_lr(optimizer, recipe.lr, factor)
-                first = iteration == start_iter
-                watch = BatchNormWatch([unwrap(model), distiller], runtime.world_size) if first else None
-                with runtime.autocast():
-                    losses, teacher_out, bound = forward_losses(model, teacher, distiller, bind, batch,
-                                                                recipe.task_loss_weight)
-                    extra = distiller.extra_losses(**bound) if extra_optimizer is not None else {}
-                if first:
-                    watch.close(warn=runtime.is_main)
-                    if teacher_out is not None:
-                        check_teacher_outputs(teacher_out, teacher_ckpt)
-                losses = {name: value.float() for name, value in losses.items()}
-                extra = {name: value.float() for name, value in extra.items()}
-                _check_finite({**losses, **extra}, iteration)
-                total = sum(losses.values())
-                optimizer_step(optimizer, scaler, total, iteration, "student",
-                               lambda: _average_gradients(optimizers.distiller_params, runtime), recipe.grad_clip)
-
-                if extra_optimizer is not None:
-                    for group, base in zip(extra_optimizer.param_groups, extra_base_lrs):
-                        group["lr"] = base * optimizers.extra_lr_lambda(iteration)
-                    optimizer_step(extra_optimizer, extra_scaler, sum(extra.values()), iteration, "extra",
-                                   lambda: _average_gradients(optimizers.extra_params, runtime))
-                    losses.update(extra)
-
-                if hasattr(distiller, "after_step"):
-                    objective = search_objective(unwrap(model), teacher, distiller, bind, teacher_out,
-                                                 recipe.task_loss_weight)
-                    distiller.after_step(StepContext(iteration, batch, unwrap(model), teacher, objective, runtime))
-
-                iteration += 1
-                seconds = time.perf_counter() - tick
-                if iteration - start_iter == ETA_AFTER and iteration < recipe.iters and runtime.is_main and not quiet:
-                    rate = (time.perf_counter() - started) / ETA_AFTER
-                    bar.write(f"train {recipe.student} [{recipe.method}]: {rate:.2f} s/it over the first {ETA_AFTER} "
-                              f"iterations, about {rate * (recipe.iters - iteration) / 60:.1f} min for the "
-                              f"{recipe.iters - iteration} left (evaluations not included)")
-                if runtime.is_main:
-                    log.write({"iteration": iteration, "epoch": epoch, "lr": recipe.lr * factor,
-                               **{k: round(v.item(), 6) for k, v in losses.items()},
-                               "loss": round(total.item(), 6), "seconds": round(seconds, 4),
-                               "data_seconds": round(data_seconds, 4),
-                               "peak_memory_mb": round(peak_memory_mb(runtime.device), 1)})
-                    bar.set_postfix(loss=f"{total.item():.3f}", lr=f"{recipe.lr * factor:.2e}")
-                    bar.update(1)
-                last = iteration == recipe.iters
-                if recipe.eval_every and (iteration % recipe.eval_every == 0) and not last:
-                    run_eval(iteration)
-                    model.train()
-                stop_signal = guard.requested(runtime)
-                if last or stop_signal or (recipe.ckpt_every and iteration % recipe.ckpt_every == 0):
-                    save(iteration)
-                if stop_signal:
-                    bar.close()
-                    raise TrainingInterrupted(stop_signal, iteration, ckpt_path)
-                if last:
-                    break
-                tick = time.perf_counter()
-    bar.close()
-    metrics = run_eval(iteration)
-    if recipe.keep_best:
-        metrics = {**metrics, "best": best}
-    if runtime.is_main:
-        write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    return metrics
 
 
 RUN_OUTPUTS = ("log.jsonl", "metrics.json", "best.pt")  # last.pt is replaced atomically by the first save

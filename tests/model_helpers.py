@@ -19,3 +19,14 @@ def randomise_(module: nn.Module) -> nn.Module:
             else:
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
     return module
+
+
+def force_sub_policy(policy, pair, switches=(1.0, 1.0), levels=(0.75, 0.25)):
+    """Make the current sample of a SoKD ``AugmentPolicy`` the sub-policy ``pair`` with the given op switches
+    and magnitudes; returns its index."""
+    k = policy.sub_policies.index(pair)
+    with torch.no_grad():
+        policy.op_switches.copy_(torch.tensor(switches).expand(len(policy.sub_policies), 2))
+        policy.sub_policy_index.fill_(k)
+        policy.magnitude[k] = torch.tensor(levels)
+    return k

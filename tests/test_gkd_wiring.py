@@ -1,5 +1,5 @@
 """Detection distillation wiring (issue 5): the GKD registry entry and its per-epoch prototype schedule
-(kd_ref/gkd.py ScheduledGKDDistiller, kd_ref/configs.py "GKD (issue 5)"), and a few iterations of GKD,
+(kd_ref/drivers.py ScheduledGKDDistiller, kd_ref/configs.py "GKD (issue 5)"), and a few iterations of GKD,
 GDD and DIST on both detectors through train.py, with a prototype regeneration and an exact resume."""
 import dataclasses
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from kd_ref import configs, engine, gkd
+from kd_ref import configs, drivers, engine
 
 TINY = ["--task", "det", "--set", "synthetic_size=(64, 64)", "--set", "image_scale=(64, 64)",
         "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
@@ -60,8 +60,8 @@ def test_gkd_regenerates_prototypes_every_epoch_and_resumes_exactly(teachers, tm
     """RetinaNet, 3 iterations of 2 per epoch: PGM before epochs 0 and 1; a run stopped mid-epoch 0 keeps
     its prototypes and schedule through last.pt and ends with the same weights and prototypes."""
     calls = []
-    real_set = gkd.ScheduledGKDDistiller.set_prototypes
-    monkeypatch.setattr(gkd.ScheduledGKDDistiller, "set_prototypes",
+    real_set = drivers.ScheduledGKDDistiller.set_prototypes
+    monkeypatch.setattr(drivers.ScheduledGKDDistiller, "set_prototypes",
                         lambda self, *parts: calls.append(self.epoch) or real_set(self, *parts))
     flags = ["--iters", "3", "--ckpt-every", "1", *TINY_GKD]
     run(teachers, "retinanet_r18", "gkd", tmp_path / "straight", *flags)
@@ -127,7 +127,7 @@ def test_faster_rcnn_bind_keeps_the_positive_rois_split_per_image():
 def test_anchor_level_features_pool_each_box_on_its_own_level():
     feats = [torch.arange(2 * 16 * 16.).view(1, 2, 16, 16), torch.full((1, 2, 8, 8), -1.)]
     boxes = torch.tensor([[0, 0, 16, 16], [0, 0, 200, 200], [8, 8, 16, 16.]])   # levels 0, 1, 0 (finest_scale 56)
-    pooled, levels = gkd.anchor_level_features(feats, boxes, torch.zeros(3, dtype=torch.long), (8, 16))
+    pooled, levels = drivers.anchor_level_features(feats, boxes, torch.zeros(3, dtype=torch.long), (8, 16))
     assert levels.tolist() == [0, 1, 0] and pooled.shape == (3, 2, 1, 1)
     assert torch.equal(pooled[:, :, 0, 0], torch.stack([
         feats[0][0, :, 0:3, 0:3].mean(dim=(1, 2)), torch.tensor([-1., -1.]), feats[0][0, :, 1:3, 1:3].mean(dim=(1, 2))]))

@@ -4,15 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from kd_ref.kd import KDDistiller, kd_loss
 from kd_ref.sokd import (
-    OP_RANGES, SUB_POLICIES, AreaDetection, AugmentPolicy, FeatureAdapter, SoKDDistiller, SoKDSearch,
+    OP_RANGES, SUB_POLICIES, AreaDetection, AugmentPolicy, FeatureAdapter, SoKDDistiller,
     apply_feature_op, decode_regions, local_maximum, masked_feature_mse, region_masks,
     relaxed_bernoulli_sample, relaxed_categorical_sample,
 )
+from model_helpers import force_sub_policy
 
 DATA = Path(__file__).parent / "data" / "sokd"
 CASES = {case["name"]: case for case in json.loads((DATA / "cases.json").read_text())["cases"]}
@@ -196,18 +195,9 @@ def test_relax_grads_are_aligned_with_policy_parameters():
 
 
 # --------------------------------------------------------------------------------- straight-through
-def _force_sub_policy(policy, pair, switches=(1.0, 1.0), levels=(0.75, 0.25)):
-    k = policy.sub_policies.index(pair)
-    with torch.no_grad():
-        policy.op_switches.copy_(torch.tensor(switches).expand(len(policy.sub_policies), 2))
-        policy.sub_policy_index.fill_(k)
-        policy.magnitude[k] = torch.tensor(levels)
-    return k
-
-
 def test_straight_through_keeps_values_and_routes_gradients_to_magnitudes():
     policy = AugmentPolicy()
-    k = _force_sub_policy(policy, ("Rotate", "Noise"))
+    k = force_sub_policy(policy, ("Rotate", "Noise"))
     f_t = torch.randn(2, 3, 5, 6, requires_grad=True)
     g_t = policy.apply(f_t)
     generator = torch.Generator().manual_seed(int(policy.op_seed))
@@ -226,10 +216,10 @@ def test_straight_through_keeps_values_and_routes_gradients_to_magnitudes():
 def test_only_switched_on_ops_run_and_magnitudes_are_clamped():
     policy = AugmentPolicy()
     feat = torch.randn(1, 2, 4, 5)
-    _force_sub_policy(policy, ("ShearX", "Rotate"), switches=(0.0, 1.0), levels=(0.9, 1.7))
+    force_sub_policy(policy, ("ShearX", "Rotate"), switches=(0.0, 1.0), levels=(0.9, 1.7))
     assert policy.active_ops() == [(1, "Rotate", 1.0)]
     torch.testing.assert_close(policy.apply(feat), apply_feature_op(feat, "Rotate", 1.0))
-    _force_sub_policy(policy, ("ShearX", "Rotate"), switches=(0.0, 0.0))
+    force_sub_policy(policy, ("ShearX", "Rotate"), switches=(0.0, 0.0))
     out = policy.apply(feat)
     assert torch.equal(out, feat) and not out.requires_grad
 
@@ -316,7 +306,7 @@ def test_distiller_losses_are_weighted_terms_of_the_spec():
 def test_distiller_gradients_reach_student_side_and_magnitudes_but_not_the_teacher():
     torch.manual_seed(0)
     distiller = _distiller().train()
-    k = _force_sub_policy(distiller.policy, ("ShearX", "Noise"))
+    k = force_sub_policy(distiller.policy, ("ShearX", "Noise"))
     f_s = torch.randn(2, 6, 8, 8, requires_grad=True)
     f_t = torch.randn(2, 4, 4, 4, requires_grad=True)
     sum(distiller(f_s, f_t).values()).backward()
@@ -328,7 +318,7 @@ def test_distiller_gradients_reach_student_side_and_magnitudes_but_not_the_teach
 
 
 def test_distiller_parameter_groups_and_state_dict_keys():
-    distiller = _distiller(base=KDDistiller(tau=4.0))
+    distiller = _distiller()
     policy = {id(p) for p in distiller.policy_parameters()}
     student_side = {id(p) for p in distiller.student_side_parameters()}
     assert not policy & student_side and policy | student_side == {id(p) for p in distiller.parameters()}
@@ -339,170 +329,9 @@ def test_distiller_parameter_groups_and_state_dict_keys():
     assert not any(key.split(".")[1] in ("prob_u", "op_switches", "op_seed") for key in keys)
 
 
-def test_distiller_wraps_a_base_loss():
-    distiller = _distiller(base=KDDistiller(tau=4.0, loss_weight=0.5))
-    f_s, f_t = torch.randn(2, 6, 8, 8), torch.randn(2, 4, 4, 4)
-    logits_s, logits_t = torch.randn(2, 10), torch.randn(2, 10)
-    losses = distiller(f_s, f_t, targets=torch.tensor([1, 2]), logits_s=logits_s, logits_t=logits_t)
-    assert set(losses) == {"loss_sokd_feat", "loss_sokd_dam", "loss_sokd_base_kd"}
-    torch.testing.assert_close(losses["loss_sokd_base_kd"], 0.5 * kd_loss(logits_s, logits_t, 4.0))
-    plain = _distiller(base=lambda logits_s, logits_t: kd_loss(logits_s, logits_t))
-    assert "loss_sokd_base" in plain(f_s, f_t, logits_s=logits_s, logits_t=logits_t)
-
-
 def test_distiller_errors_are_clear():
-    f_s, f_t = torch.randn(2, 6, 8, 8), torch.randn(2, 4, 4, 4)
+    f_s = torch.randn(2, 6, 8, 8)
     with pytest.raises(ValueError, match="search_mode"):
         _distiller(search_mode="second_order")
     with pytest.raises(ValueError, match="must match the teacher"):
         _distiller()(f_s, torch.randn(2, 4, 5, 5))
-    with pytest.raises(ValueError, match="no base loss"):
-        _distiller()(f_s, f_t, logits_s=torch.randn(2, 3))
-    with pytest.raises(ValueError, match="'loss_\\*' keys"):
-        _distiller(base=lambda: {"kd": torch.tensor(1.0)})(f_s, f_t)
-
-
-# ------------------------------------------------------------------------------------------- search
-class TinyStudent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn = nn.BatchNorm2d(6)
-
-    def forward(self, images):
-        return torch.tanh(self.bn(self.conv(images)))
-
-
-def _search_setup(search_mode, **search_kwargs):
-    torch.manual_seed(0)
-    student = TinyStudent()
-    distiller = SoKDDistiller((2, 6, 8, 8), (2, 4, 4, 4), num_heat=2, k=2, w_feat=1.0, w_dam=1.0,
-                              search_mode=search_mode)
-    _force_sub_policy(distiller.policy, ("ShearX", "Rotate"), levels=(0.625, 0.25))
-    batch = {"images": torch.randn(2, 3, 8, 8), "teacher": torch.randn(2, 4, 4, 4)}
-    calls = []
-
-    def loss_fn(b):
-        calls.append(1)
-        return sum(distiller(student(b["images"]), b["teacher"]).values())
-
-    return student, distiller, batch, loss_fn, calls, SoKDSearch(distiller, student, **search_kwargs)
-
-
-def _magnitude_grad(loss_fn, batch, distiller):
-    return torch.autograd.grad(loss_fn(batch), distiller.policy.magnitude)[0]
-
-
-def test_unrolled_gradient_is_the_finite_difference_of_the_spec():
-    student, distiller, batch, loss_fn, calls, search = _search_setup("unrolled")
-    params = search.inner_params
-    before = [p.detach().clone() for p in params] + [b.clone() for b in search.buffers]
-
-    grads = search.policy_gradients(batch, loss_fn)
-    assert len(calls) == 4 and [g.shape for g in grads] == [p.shape for p in distiller.policy_parameters()]
-    after = [p.detach() for p in params] + list(search.buffers)
-    assert all(torch.equal(a, b) for a, b in zip(before, after))     # theta and BN statistics restored
-
-    # independent recomputation: theta' -> v -> central difference of dL/dmagnitude at theta +/- eps v
-    theta = [p.detach().clone() for p in params]
-    g = torch.autograd.grad(loss_fn(batch), params)
-    with torch.no_grad():
-        for p, gi in zip(params, g):
-            p.sub_(0.01 * (gi + 1e-4 * p))
-    v = torch.autograd.grad(loss_fn(batch), params)
-    eps = 0.01 / torch.sqrt(sum((vi ** 2).sum() for vi in v))
-
-    def grad_at(sign):
-        with torch.no_grad():
-            for p, t, vi in zip(params, theta, v):
-                p.copy_(t + sign * eps * vi)
-        return _magnitude_grad(loss_fn, batch, distiller)
-
-    expected = -(grad_at(1) - grad_at(-1)) / (2 * eps)
-    with torch.no_grad():
-        for p, t in zip(params, theta):
-            p.copy_(t)
-    torch.testing.assert_close(grads[2], expected, rtol=1e-3, atol=1e-4)
-
-    # with a radius small enough to keep the DAM's (piecewise constant) boxes fixed, the estimate is the
-    # mixed second derivative -(d^2 L / d magnitude d theta) v of the spec
-    loss = loss_fn(batch)
-    d_theta = torch.autograd.grad(loss, params, create_graph=True)
-    hvp = torch.autograd.grad(sum((dt * vi).sum() for dt, vi in zip(d_theta, v)), distiller.policy.magnitude)[0]
-    small_radius = SoKDSearch(distiller, student, fd_radius=1e-4).policy_gradients(batch, loss_fn)[2]
-    torch.testing.assert_close(small_radius, -hvp, rtol=2e-2, atol=1e-3)
-    assert hvp.abs().sum() > 0
-
-
-def test_search_step_moves_the_policy_against_its_gradient_estimate():
-    student, distiller, batch, loss_fn, calls, search = _search_setup("unrolled", lr=0.05)
-    with torch.random.fork_rng():
-        grads = search.policy_gradients(batch, loss_fn)
-    params = distiller.policy_parameters()
-    before = [p.detach().clone() for p in params]
-    seed_before = int(distiller.policy.op_seed)
-    search.step(batch, loss_fn)
-    for p, p0, g in zip(params, before, grads):
-        g = g + 1e-3 * p0                                             # Adam's L2 weight decay
-        torch.testing.assert_close(p.detach() - p0, -0.05 * g / (g.abs() + 1e-8), rtol=1e-3, atol=1e-6)
-    assert search.steps == 1 and int(distiller.policy.op_seed) != seed_before      # resampled afterwards
-
-
-def test_first_order_mode_uses_one_evaluation_at_theta():
-    student, distiller, batch, loss_fn, calls, search = _search_setup("first_order")
-    theta = [p.detach().clone() for p in search.inner_params]
-    grads = search.policy_gradients(batch, loss_fn)
-    assert len(calls) == 1
-    assert all(torch.equal(p, t) for p, t in zip(search.inner_params, theta))
-    torch.testing.assert_close(grads[2], _magnitude_grad(loss_fn, batch, distiller))    # + g(theta)
-    reference = distiller.policy.relax_grads(loss_fn(batch))
-    for got, want in zip(grads, reference):
-        torch.testing.assert_close(got, want)
-    prob_before = distiller.policy.prob.detach().clone()
-    search.step(batch, loss_fn)
-    expected = -3e-4 * torch.sign(grads[0] + 1e-3 * prob_before)
-    torch.testing.assert_close(distiller.policy.prob.detach() - prob_before, expected, rtol=1e-3, atol=1e-7)
-
-
-def test_policy_is_frozen_after_search_iters_but_still_resampled():
-    student, distiller, batch, loss_fn, calls, search = _search_setup("first_order", search_iters=1)
-    search.step(batch, loss_fn)
-    frozen = [p.detach().clone() for p in distiller.policy_parameters()]
-    seeds = set()
-    for _ in range(3):
-        search.step(batch, loss_fn)
-        seeds.add(int(distiller.policy.op_seed))
-    assert len(calls) == 1 and len(seeds) == 3
-    assert all(torch.equal(p, f) for p, f in zip(distiller.policy_parameters(), frozen))
-    state = search.state_dict()
-    fresh = SoKDSearch(distiller, student, search_iters=1)
-    fresh.load_state_dict(state)
-    assert fresh.steps == 4 and not fresh.searching
-
-
-def test_search_errors_are_clear():
-    student, distiller, batch, loss_fn, calls, search = _search_setup("first_order")
-    with pytest.raises(ValueError, match="scalar tensor"):
-        search.step(batch, lambda b: torch.ones(2, requires_grad=True))
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        search.step(batch, lambda b: loss_fn(b) * float("nan"))
-    with pytest.raises(ValueError, match="SoKDDistiller"):
-        SoKDSearch(KDDistiller(), student)
-    with pytest.raises(ValueError, match="policy parameters"):
-        SoKDSearch(distiller, nn.ModuleList([student, distiller.policy]))
-    with pytest.raises(ValueError, match="expected keys"):
-        search.load_state_dict({"steps": 0})
-
-
-def test_search_restores_the_buffers_the_modules_hold_after_a_device_move():
-    """Module.to(cuda) replaces buffer tensors (parameters keep their identity); ``_apply`` with a copy does
-    the same on the CPU. The search must restore the BN statistics the modules hold then, not stale ones."""
-    student, distiller, batch, loss_fn, _, search = _search_setup("unrolled")
-    for module in (student, distiller):
-        module._apply(lambda tensor: tensor.clone())
-    running_mean = distiller.adapter.bn.running_mean
-    before = {name: b.clone() for name, b in distiller.named_buffers()}
-    search.policy_gradients(batch, loss_fn)
-    assert distiller.adapter.bn.running_mean is running_mean
-    assert all(torch.equal(before[name], b) for name, b in distiller.named_buffers()), \
-        "the search's forwards leaked into the BatchNorm statistics"

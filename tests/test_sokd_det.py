@@ -60,7 +60,7 @@ def test_plugin_taps_the_last_fpn_level_over_the_feature_base_gdd():
     assert plugin.tap == "p6" and configs.sokd_tap(dataclasses.replace(recipe, student="retinanet_r18")) == "p7"
     assert plugin.sokd.adapter.conv.kernel_size == (1, 1) and plugin.sokd.adapter.conv.out_channels == 16
     assert plugin.sokd.dam.heatmap_head[2].out_channels == 2 and plugin.sokd.k == 2
-    assert isinstance(plugin.sokd.base.distiller, GDDDistiller)
+    assert isinstance(plugin.base.distiller, GDDDistiller)
 
     # Faster R-CNN outputs at a 64-pixel input: P2 16x16 ... P6 1x1; "rois" marks a two-stage detector
     feats_s = {f"p{level}": torch.randn(2, 8, 64 >> level, 64 >> level, requires_grad=True) for level in range(2, 7)}
@@ -108,6 +108,6 @@ def test_retinanet_demo_plugs_sokd_into_gdd_at_p6():
     assert recipe.method_options["base"] == "gdd" and recipe.method_options["search_iters"] == recipe.iters // 5
     assert recipe.method_options["base_options"]["gdd"] == configs.SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]
     plugin = configs.METHODS["sokd"].build(recipe, Pyramid(8), Pyramid(8))
-    assert plugin.tap == "p6" and isinstance(plugin.sokd.base.distiller, GDDDistiller)
-    assert all(loss.alpha == 65.0 for loss in plugin.sokd.base.distiller.losses.values())
+    assert plugin.tap == "p6" and isinstance(plugin.base.distiller, GDDDistiller)
+    assert all(loss.alpha == 65.0 for loss in plugin.base.distiller.losses.values())
     assert configs.default_preset("det", "kd", "synthetic") == "synthetic_det_frcnn_kd"

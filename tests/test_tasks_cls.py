@@ -11,7 +11,7 @@ import torch
 import evaluate
 import train
 from kd_ref import configs, datasets, engine
-from kd_ref.sokd import SoKDPlugin
+from kd_ref.drivers import SoKDPlugin
 from kd_ref.tasks import ClsTask, SyntheticObjects
 
 TASK = ClsTask()

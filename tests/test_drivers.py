@@ -1,0 +1,357 @@
+"""Engine-facing method drivers (kd_ref/drivers.py): GKD's PGM instance selection and epoch pass, SoKD's
+bi-level search and plug-in (the base method's loss next to SoKD's own terms), and the checkpoint layout
+written before these drivers left the method files (tests/data/legacy, see below), which must still load
+and resume."""
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import train
+from kd_ref import configs, engine
+from kd_ref.drivers import (BoundBase, SoKDPlugin, SoKDSearch, extract_instance_features, generate_epoch_prototypes,
+                            group_by_image, select_pgm_instances)
+from kd_ref.gkd import build_prototypes, pool_instance_features
+from kd_ref.kd import KDDistiller, kd_loss
+from kd_ref.sokd import SoKDDistiller
+from model_helpers import force_sub_policy
+
+LEGACY = Path(__file__).parent / "data" / "legacy"
+
+
+# ---------------------------------------------------------------------------------------- GKD: PGM
+def test_select_pgm_instances_filters_small_boxes_and_caps_images_reproducibly():
+    annotations = [{"image_id": 100 + i, "boxes": [[0, 0, 40, 40], [0, 0, 20, 50], [5, 5, 50, 36]],
+                    "labels": [0, 0, i % 2]} for i in range(6)]
+    full = select_pgm_instances(annotations, num_classes=2, min_size=30, max_images=10)
+    assert full[0] == [(100, 0), (100, 2), (101, 0), (102, 0), (102, 2), (103, 0), (104, 0), (104, 2), (105, 0)]
+    assert full[1] == [(101, 2), (103, 2), (105, 2)]
+    capped = select_pgm_instances(annotations, num_classes=2, max_images=4, seed=1)
+    order = np.arange(6)
+    np.random.RandomState(1).shuffle(order)
+    assert [image for image, _ in capped[0] if _ == 0] == [100 + i for i in order[:4]]
+    assert capped == select_pgm_instances(annotations, num_classes=2, max_images=4, seed=1)
+    assert group_by_image(capped)[100 + order[0]][0] == 0
+
+
+def test_generate_epoch_prototypes_from_maps_or_cached_vectors():
+    torch.manual_seed(0)
+    images = []
+    for _ in range(6):
+        boxes = torch.tensor([[0.0, 0.0, 40.0, 40.0], [16.0, 8.0, 60.0, 56.0], [32.0, 32.0, 63.0, 63.0]])
+        feats_s = [torch.randn(1, 4, 16, 16), torch.randn(1, 4, 8, 8)]
+        feats_t = [torch.randn(1, 3, 16, 16), torch.randn(1, 3, 8, 8)]
+        images.append((feats_s, feats_t, boxes, torch.tensor([0, 1, 0])))
+    ticks = []
+    result = generate_epoch_prototypes(images, num_classes=3, num_prototypes=2, finest_stride=4,
+                                       progress=ticks.append)
+    assert ticks == [1] * 6
+    assert [s.tolist() for s in result[2]] == [[0, 2, 4, 4]] * 2
+
+    pooled_s = [pool_instance_features(s, b, (64, 64)) for s, _, b, _ in images]
+    pooled_t = [pool_instance_features(t, b, (64, 64)) for _, t, b, _ in images]
+    per_class_s = [[torch.cat([p[level][lab == c] for p, (_, _, _, lab) in zip(pooled_s, images)])
+                    for level in range(2)] for c in (0, 1)] + [None]
+    per_class_t = [[torch.cat([p[level][lab == c] for p, (_, _, _, lab) in zip(pooled_t, images)])
+                    for level in range(2)] for c in (0, 1)] + [None]
+    expected = build_prototypes(per_class_s, per_class_t, num_prototypes=2)
+    cached = [(s, pt, b, lab) for (s, _, b, lab), pt in zip(images, pooled_t)]
+    for got in (result, generate_epoch_prototypes(cached, num_classes=3, num_prototypes=2)):
+        for part_got, part_expected in zip(got, expected):
+            for a, b in zip(part_got, part_expected):
+                torch.testing.assert_close(a, b)
+
+
+def test_extract_instance_features_pools_the_maps_of_fpn_fn():
+    feat = torch.arange(64.0).reshape(1, 1, 8, 8)
+    boxes = torch.tensor([[8.0, 0.0, 23.0, 15.0]])
+    via_fn = extract_instance_features(lambda img: [feat], torch.zeros(1, 3, 32, 32), boxes)
+    assert torch.equal(via_fn[0], pool_instance_features([feat], boxes, image_size=(32, 32))[0])
+    with pytest.raises(ValueError, match=r"image must be \(1, 3, H, W\)"):
+        extract_instance_features(lambda img: [feat], torch.zeros(2, 3, 32, 32), boxes)
+
+
+def test_select_pgm_instances_errors_are_clear():
+    with pytest.raises(ValueError, match="'image_id', 'boxes' and 'labels'"):
+        select_pgm_instances([{"boxes": []}], num_classes=1)
+    with pytest.raises(ValueError, match=r"label 3 of image 7 is outside \[0, 2\)"):
+        select_pgm_instances([{"image_id": 7, "boxes": [[0, 0, 40, 40]], "labels": [3]}], num_classes=2)
+
+
+# ------------------------------------------------------------------------------------- SoKD: search
+class TinyStudent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, images):
+        return torch.tanh(self.bn(self.conv(images)))
+
+
+def _search_setup(search_mode, **search_kwargs):
+    torch.manual_seed(0)
+    student = TinyStudent()
+    distiller = SoKDDistiller((2, 6, 8, 8), (2, 4, 4, 4), num_heat=2, k=2, w_feat=1.0, w_dam=1.0,
+                              search_mode=search_mode)
+    force_sub_policy(distiller.policy, ("ShearX", "Rotate"), levels=(0.625, 0.25))
+    batch = {"images": torch.randn(2, 3, 8, 8), "teacher": torch.randn(2, 4, 4, 4)}
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        return sum(distiller(student(b["images"]), b["teacher"]).values())
+
+    return student, distiller, batch, loss_fn, calls, SoKDSearch(distiller, student, **search_kwargs)
+
+
+def _magnitude_grad(loss_fn, batch, distiller):
+    return torch.autograd.grad(loss_fn(batch), distiller.policy.magnitude)[0]
+
+
+def test_unrolled_gradient_is_the_finite_difference_of_the_spec():
+    student, distiller, batch, loss_fn, calls, search = _search_setup("unrolled")
+    params = search.inner_params
+    before = [p.detach().clone() for p in params] + [b.clone() for b in search.buffers]
+
+    grads = search.policy_gradients(batch, loss_fn)
+    assert len(calls) == 4 and [g.shape for g in grads] == [p.shape for p in distiller.policy_parameters()]
+    after = [p.detach() for p in params] + list(search.buffers)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))     # theta and BN statistics restored
+
+    # independent recomputation: theta' -> v -> central difference of dL/dmagnitude at theta +/- eps v
+    theta = [p.detach().clone() for p in params]
+    g = torch.autograd.grad(loss_fn(batch), params)
+    with torch.no_grad():
+        for p, gi in zip(params, g):
+            p.sub_(0.01 * (gi + 1e-4 * p))
+    v = torch.autograd.grad(loss_fn(batch), params)
+    eps = 0.01 / torch.sqrt(sum((vi ** 2).sum() for vi in v))
+
+    def grad_at(sign):
+        with torch.no_grad():
+            for p, t, vi in zip(params, theta, v):
+                p.copy_(t + sign * eps * vi)
+        return _magnitude_grad(loss_fn, batch, distiller)
+
+    expected = -(grad_at(1) - grad_at(-1)) / (2 * eps)
+    with torch.no_grad():
+        for p, t in zip(params, theta):
+            p.copy_(t)
+    torch.testing.assert_close(grads[2], expected, rtol=1e-3, atol=1e-4)
+
+    # with a radius small enough to keep the DAM's (piecewise constant) boxes fixed, the estimate is the
+    # mixed second derivative -(d^2 L / d magnitude d theta) v of the spec
+    loss = loss_fn(batch)
+    d_theta = torch.autograd.grad(loss, params, create_graph=True)
+    hvp = torch.autograd.grad(sum((dt * vi).sum() for dt, vi in zip(d_theta, v)), distiller.policy.magnitude)[0]
+    small_radius = SoKDSearch(distiller, student, fd_radius=1e-4).policy_gradients(batch, loss_fn)[2]
+    torch.testing.assert_close(small_radius, -hvp, rtol=2e-2, atol=1e-3)
+    assert hvp.abs().sum() > 0
+
+
+def test_search_step_moves_the_policy_against_its_gradient_estimate():
+    student, distiller, batch, loss_fn, calls, search = _search_setup("unrolled", lr=0.05)
+    with torch.random.fork_rng():
+        grads = search.policy_gradients(batch, loss_fn)
+    params = distiller.policy_parameters()
+    before = [p.detach().clone() for p in params]
+    seed_before = int(distiller.policy.op_seed)
+    search.step(batch, loss_fn)
+    for p, p0, g in zip(params, before, grads):
+        g = g + 1e-3 * p0                                             # Adam's L2 weight decay
+        torch.testing.assert_close(p.detach() - p0, -0.05 * g / (g.abs() + 1e-8), rtol=1e-3, atol=1e-6)
+    assert search.steps == 1 and int(distiller.policy.op_seed) != seed_before      # resampled afterwards
+
+
+def test_first_order_mode_uses_one_evaluation_at_theta():
+    student, distiller, batch, loss_fn, calls, search = _search_setup("first_order")
+    theta = [p.detach().clone() for p in search.inner_params]
+    grads = search.policy_gradients(batch, loss_fn)
+    assert len(calls) == 1
+    assert all(torch.equal(p, t) for p, t in zip(search.inner_params, theta))
+    torch.testing.assert_close(grads[2], _magnitude_grad(loss_fn, batch, distiller))    # + g(theta)
+    reference = distiller.policy.relax_grads(loss_fn(batch))
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got, want)
+    prob_before = distiller.policy.prob.detach().clone()
+    search.step(batch, loss_fn)
+    expected = -3e-4 * torch.sign(grads[0] + 1e-3 * prob_before)
+    torch.testing.assert_close(distiller.policy.prob.detach() - prob_before, expected, rtol=1e-3, atol=1e-7)
+
+
+def test_policy_is_frozen_after_search_iters_but_still_resampled():
+    student, distiller, batch, loss_fn, calls, search = _search_setup("first_order", search_iters=1)
+    search.step(batch, loss_fn)
+    frozen = [p.detach().clone() for p in distiller.policy_parameters()]
+    seeds = set()
+    for _ in range(3):
+        search.step(batch, loss_fn)
+        seeds.add(int(distiller.policy.op_seed))
+    assert len(calls) == 1 and len(seeds) == 3
+    assert all(torch.equal(p, f) for p, f in zip(distiller.policy_parameters(), frozen))
+    state = search.state_dict()
+    fresh = SoKDSearch(distiller, student, search_iters=1)
+    fresh.load_state_dict(state)
+    assert fresh.steps == 4 and not fresh.searching
+
+
+def test_search_errors_are_clear():
+    student, distiller, batch, loss_fn, calls, search = _search_setup("first_order")
+    with pytest.raises(ValueError, match="scalar tensor"):
+        search.step(batch, lambda b: torch.ones(2, requires_grad=True))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        search.step(batch, lambda b: loss_fn(b) * float("nan"))
+    with pytest.raises(ValueError, match="SoKDDistiller"):
+        SoKDSearch(KDDistiller(), student)
+    with pytest.raises(ValueError, match="policy parameters"):
+        SoKDSearch(distiller, nn.ModuleList([student, distiller.policy]))
+    with pytest.raises(ValueError, match="expected keys"):
+        search.load_state_dict({"steps": 0})
+
+
+def test_search_restores_the_buffers_the_modules_hold_after_a_device_move():
+    """Module.to(cuda) replaces buffer tensors (parameters keep their identity); ``_apply`` with a copy does
+    the same on the CPU. The search must restore the BN statistics the modules hold then, not stale ones."""
+    student, distiller, batch, loss_fn, _, search = _search_setup("unrolled")
+    for module in (student, distiller):
+        module._apply(lambda tensor: tensor.clone())
+    running_mean = distiller.adapter.bn.running_mean
+    before = {name: b.clone() for name, b in distiller.named_buffers()}
+    search.policy_gradients(batch, loss_fn)
+    assert distiller.adapter.bn.running_mean is running_mean
+    assert all(torch.equal(before[name], b) for name, b in distiller.named_buffers()), \
+        "the search's forwards leaked into the BatchNorm statistics"
+
+
+# ------------------------------------------------------------------------------------ SoKD: plug-in
+class Logits(nn.Module):
+    """A base with a parameter and a buffer, so that the search and the state dict must see both."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, logits_s, logits_t):
+        self.calls += 1
+        return {"loss_scaled": self.scale * kd_loss(logits_s, logits_t)}
+
+
+def _outputs():
+    torch.manual_seed(0)
+    student_out = {"feats": {"c3": torch.randn(2, 6, 8, 8, requires_grad=True)}, "logits": torch.randn(2, 10)}
+    teacher_out = {"feats": {"c3": torch.randn(2, 4, 4, 4)}, "logits": torch.randn(2, 10)}
+    return student_out, teacher_out
+
+
+def _bind_logits(student_out, teacher_out, batch):
+    return {"logits_s": student_out["logits"], "logits_t": teacher_out["logits"]}
+
+
+def _plugin(base=None, **options):
+    return SoKDPlugin(nn.Conv2d(1, 1, 1), (6, 8, 8), (4, 4, 4), num_heat=3, tap="c3", k=3, base=base, **options)
+
+
+def test_plugin_adds_the_base_terms_to_sokds_own():
+    student_out, teacher_out = _outputs()
+    plugin = _plugin(BoundBase(KDDistiller(tau=4.0, loss_weight=0.5), _bind_logits)).eval()
+    losses = plugin(student_out, teacher_out, {})
+    assert list(losses) == ["loss_sokd_feat", "loss_sokd_dam", "loss_sokd_base_kd"]
+    torch.testing.assert_close(losses["loss_sokd_base_kd"],
+                               0.5 * kd_loss(student_out["logits"], teacher_out["logits"], 4.0))
+    own = plugin.sokd(student_out["feats"]["c3"], teacher_out["feats"]["c3"])
+    assert all(torch.equal(losses[name], own[name]) for name in own)
+    tensor_base = _plugin(BoundBase(lambda logits_s, logits_t: kd_loss(logits_s, logits_t), _bind_logits))
+    assert "loss_sokd_base" in tensor_base.eval()(student_out, teacher_out, {})
+    assert set(_plugin().eval()(student_out, teacher_out, {})) == {"loss_sokd_feat", "loss_sokd_dam"}
+
+
+def test_plugin_errors_are_clear():
+    student_out, teacher_out = _outputs()
+    with pytest.raises(ValueError, match=r"'loss_\*' keys"):
+        _plugin(BoundBase(lambda logits_s, logits_t: {"kd": logits_s.sum()}, _bind_logits))(student_out, teacher_out, {})
+    with pytest.raises(ValueError, match="the teacher outputs have no feature 'c3'"):
+        _plugin()(student_out, {"feats": {}}, {})
+    with pytest.raises(ValueError, match="engine hook extra_parameters"):
+        BoundBase(_plugin(), _bind_logits)
+
+
+def test_the_search_and_the_student_optimizer_train_the_base_with_the_student_side():
+    base = BoundBase(Logits(), _bind_logits)
+    plugin = _plugin(base)
+    inner = {id(p) for p in plugin.search.inner_params}
+    assert id(base.distiller.scale) in inner and not inner & {id(p) for p in plugin.extra_parameters()}
+    assert any(b is base.distiller.calls for b in plugin.search.buffers)
+    optimizers = engine.build_optimizers(configs.Recipe(), nn.Conv2d(1, 1, 1), plugin)
+    expected = [*plugin.sokd.student_side_parameters(), base.distiller.scale]
+    assert [id(p) for p in optimizers.distiller_params] == [id(p) for p in expected]
+
+
+def test_plugin_keeps_the_base_under_the_distillers_keys():
+    plugin = _plugin(BoundBase(Logits(), _bind_logits))
+    keys = list(plugin.state_dict())
+    assert keys[0] == "_extra_state" and keys[-2:] == ["sokd.base.distiller.scale", "sokd.base.distiller.calls"]
+    assert not any(key.startswith("base.") for key in keys)
+    other = _plugin(BoundBase(Logits(), _bind_logits))
+    with torch.no_grad():
+        plugin.base.distiller.scale.fill_(5.0)
+    other.load_state_dict(plugin.state_dict())
+    assert other.base.distiller.scale.item() == 5.0
+
+
+# ------------------------------------------------------------------------- checkpoints of the old layout
+# tests/data/legacy holds files written by the code before the drivers left gkd.py and sokd.py (commit b023dac): a CIFAR-style
+# SoKD run (resnet8 from a 2-iteration resnet8 teacher, cls_teacher.pt, DIST base, search in the first 2 of 3
+# iterations) stopped after its checkpoint at iteration 2 (sokd_cls_iteration2.pt), and the state dicts of a
+# SoKD plug-in over GDD on detector stand-ins and of a GKD distiller with prototypes (distiller_states.pt).
+LEGACY_CLS = ["--task", "cls", "--set", "synthetic_size=(48, 48)", "--crop", "16", "16", "--set", "synthetic_train=8",
+              "--set", "synthetic_val=3", "--batch-size", "4", "--quiet", "--method", "sokd", "--sokd-base", "dist",
+              "--iters", "3", "--ckpt-every", "1", "--set",
+              "method_options={'base': 'kd', 'base_options': {'kd': {'tau': 4.0}, 'dist': {'tau': 1.0, "
+              "'loss_weight': 2.0}}, 'search_iters': 2, 'w_feat': 10.0, 'w_dam': 10.0}",
+              "--teacher", "resnet8", "--teacher-ckpt", str(LEGACY / "cls_teacher.pt")]
+
+
+def test_a_sokd_checkpoint_of_the_old_layout_resumes(tmp_path):
+    """The old run's last iteration resumed by the current code; its keys are those a fresh run writes (not
+    its values: the old iterations ran on the synthetic data and initialisation of their time)."""
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(LEGACY / "sokd_cls_iteration2.pt", tmp_path / "resumed" / "last.pt")
+    train.main([*LEGACY_CLS, "--out", str(tmp_path / "resumed"), "--resume"])
+    train.main([*LEGACY_CLS, "--iters", "1", "--out", str(tmp_path / "fresh")])
+    legacy = engine.load_checkpoint(str(LEGACY / "sokd_cls_iteration2.pt"))
+    resumed, fresh = (engine.load_checkpoint(str(tmp_path / run / "last.pt")) for run in ("resumed", "fresh"))
+    assert resumed["iteration"] == 3 and resumed["distiller"]["_extra_state"]["search"]["steps"] == 3
+    for part in ("model", "distiller"):
+        assert list(resumed[part]) == list(legacy[part]) == list(fresh[part])
+    assert not torch.equal(resumed["model"]["fc.weight"], legacy["model"]["fc.weight"])
+    assert all(torch.isfinite(value).all() for value in resumed["model"].values() if value.is_floating_point())
+
+
+class Pyramid(nn.Module):
+    """A detector at build time: SoKD, GDD and GKD read only ``out_channels``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = {f"p{level}": channels for level in range(2, 8)}
+        self.scale = nn.Parameter(torch.ones(()))
+
+
+def test_distiller_states_of_the_old_layout_load_strictly_and_save_the_same_keys():
+    legacy = torch.load(LEGACY / "distiller_states.pt", weights_only=False)
+    preset = configs.PRESETS["synthetic_det_frcnn_sokd"]
+    recipe = dataclasses.replace(preset, method_options={**preset.method_options, "k": 2, "base": "gdd"})
+    built = {"sokd_det_gdd": configs.METHODS["sokd"].build(recipe, Pyramid(8), Pyramid(16)),
+             "gkd_frcnn": configs.METHODS["gkd"].build(configs.PRESETS["synthetic_det_frcnn_gkd"], Pyramid(8), Pyramid(8))}
+    assert any(key.startswith("sokd.base.distiller.") for key in legacy["sokd_det_gdd"])
+    for name, distiller in built.items():
+        distiller.load_state_dict(legacy[name])
+        state = distiller.state_dict()
+        assert list(state) == list(legacy[name]), name
+        assert all(torch.equal(state[key], legacy[name][key]) for key in state if key != "_extra_state")
+    assert built["gkd_frcnn"].get_extra_state() == {"epoch": 1, "max_epochs": 4}
