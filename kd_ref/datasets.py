@@ -1056,8 +1056,11 @@ def training_command(format: str, root: str, scenes: SyntheticScenes) -> str:
                         "--crop", str(min(height, width)), str(min(height, width))],
         "nyu": ["--task", "depth", "--data", "nyu", "--crop", str(height), str(width)],
     }[format]
-    # the detection presets count epochs (a few dozen iterations on a small tree); the others iterations
-    length = [] if flags[1] == "det" else ["--iters", "100"]
+    # presets that count epochs keep their epochs (a few hundred iterations on a small tree); the others run 100
+    from kd_ref import configs  # the registry reads the data sets of this module: imported only when asked
+
+    preset = configs.PRESETS[configs.default_preset(flags[1], "none", flags[3])]
+    length = [] if preset.epochs else ["--iters", "100"]
     words = ["python", "train.py", *flags, "--data-root", root, "--batch-size", str(batch), *length,
              "--pretrained", "none"]
     return " ".join(shlex.quote(word) for word in words)

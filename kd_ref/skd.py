@@ -557,7 +557,7 @@ def binary_pixel_wise_kd(logits_s, logits_t, tau: float = 1.0) -> torch.Tensor:
     if not tau > 0:
         raise ValueError(f"binary_pixel_wise_kd: tau must be > 0, got {tau}")
     total, positions = 0.0, 0
-    with _autocast_off(levels_s[0]):
+    with autocast_disabled(levels_s[0]):
         for z_s, z_t in zip(levels_s, levels_t):
             z_s, z_t = at_least_float32(z_s) / tau, at_least_float32(z_t.detach()) / tau
             p_t = torch.sigmoid(z_t)
