@@ -200,6 +200,7 @@ class SyntheticScenes:
               "easy": {"RADIUS": (0.15, 0.4), "OBJECTS": (1, 3), "BACKGROUND_CONTRAST": 0.5, "MAX_LINES": 2,
                        "BACKGROUND_GRAIN": 40.0}}
     DEFAULT_LENGTH = {"train": 2000}
+    CACHE_BYTES = 256 * 2 ** 20
 
     def __init__(self, split: str = "train", seed: int = 0, size: tuple = (128, 128), length: int | None = None,
                  num_classes: int = len(SHAPES), style: str = "standard"):
@@ -222,6 +223,7 @@ class SyntheticScenes:
         self.object_classes = self.classes[1:]
         self.num_semantic_classes = num_classes + 1
         self._split_code = zlib.crc32(split.encode())
+        self._cache, self._cached_bytes = {}, 0
         height, width = self.size
         self._ys = np.arange(height, dtype=np.float32)[:, None] + 0.5
         self._xs = np.arange(width, dtype=np.float32)[None, :] + 0.5
@@ -230,7 +232,17 @@ class SyntheticScenes:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        return self.sample(index)
+        """``sample(index)``, drawn once: a training run visits every scene once per epoch, and drawing one
+        costs about as much as a small model's step on it. Scenes are kept up to ``CACHE_BYTES``; the dict is
+        a copy, the arrays are shared and never written by the loaders or transforms."""
+        cached = self._cache.get(index)
+        if cached is None:
+            cached = self.sample(index)
+            size = sum(value.nbytes for value in cached.values() if isinstance(value, np.ndarray))
+            if self._cached_bytes + size <= self.CACHE_BYTES:
+                self._cache[index] = cached
+                self._cached_bytes += size
+        return dict(cached)
 
     def rng(self, index: int) -> np.random.Generator:
         """The generator of sample ``index``: SeedSequence hashes (seed, split, index) together."""

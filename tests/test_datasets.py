@@ -329,3 +329,12 @@ def test_each_export_prints_the_train_command_that_trains_on_it(fmt, tmp_path, c
     shorter = ["--iters", "1"] if "--iters" in words else ["--set", "epochs=1"]
     assert train.run([*words[2:], *shorter, "--out", str(tmp_path / "run"), "--quiet"]) == 0
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_scene_is_drawn_once_and_returned_as_a_fresh_dict():
+    data = scenes(length=3)
+    first = data[1]
+    first["image"] = None  # a caller's edit of its dict reaches neither the cache nor later callers
+    again, drawn = data[1], data.sample(1)
+    assert all(np.array_equal(again[key], drawn[key]) for key in drawn if isinstance(drawn[key], np.ndarray))
+    assert data._cached_bytes > 0 and again is not data[1]
