@@ -613,10 +613,11 @@ class TaskSet(torch.utils.data.Dataset):
 
 class SegmentationSet(TaskSet):
     """``{"image": float (3,h,w), "target": int64 (h,w), "name"}`` from a seg base data set."""
+    target_key = "semantic"  # the base sample's dense target
 
     def get(self, index: int, rng: np.random.Generator) -> dict:
         sample = self.base[index]
-        image, target = self.transform(sample["image"], sample["semantic"], rng)
+        image, target = self.transform(sample["image"], sample[self.target_key], rng)
         return {"image": image, "target": target, "name": sample["name"]}
 
     @staticmethod
@@ -980,13 +981,9 @@ class DepthTransform:
         return T.normalize(image_t, self.normalization), depth_t.contiguous()
 
 
-class DepthSet(TaskSet):
+class DepthSet(SegmentationSet):
     """``{"image": float (3,h,w), "target": float32 (h,w) metres, "name"}`` from a depth base data set."""
-
-    def get(self, index: int, rng: np.random.Generator) -> dict:
-        sample = self.base[index]
-        image, depth = self.transform(sample["image"], sample["depth"], rng)
-        return {"image": image, "target": depth, "name": sample["name"]}
+    target_key = "depth"
 
     @staticmethod
     def collate(samples: list) -> dict:
