@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kd_ref.recipe import Recipe, register
+from kd_ref.recipe import Recipe, register, register_demo
 
 PRESETS: dict[str, Recipe] = {}
 # Which preset a bare "--task T --method M [--data D]" means.
@@ -92,12 +92,9 @@ SYNTHETIC_CLS_METHOD_OPTIONS = {
 # (one seed; 48.4 vs 42.2 after 800, before accuracy takes off).
 register(PRESETS, "synthetic_cls_teacher", dataclasses.replace(SYNTHETIC_CLS, student=SYNTHETIC_CLS.teacher,
                                                                teacher=None, teacher_preset=None))
-for _method, _options in SYNTHETIC_CLS_METHOD_OPTIONS.items():
-    register(PRESETS, f"synthetic_cls_{_method}", dataclasses.replace(SYNTHETIC_CLS, method=_method,
-                                                                      method_options=_options), baseline=False)
+register_demo(PRESETS, "synthetic_cls", SYNTHETIC_CLS, SYNTHETIC_CLS_METHOD_OPTIONS, defaults=DEFAULT_PRESETS)
 
 DEFAULT_PRESETS.update({
-    **{("cls", method, "synthetic"): f"synthetic_cls_{method}" for method in SYNTHETIC_CLS_METHOD_OPTIONS},
     ("cls", "none", "cifar100"): "dist_resnet8x4_cifar100_baseline",
     ("cls", "kd", "cifar100"): "kd_resnet8x4_cifar100",
     ("cls", "dist", "cifar100"): "dist_resnet8x4_cifar100",

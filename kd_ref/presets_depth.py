@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kd_ref.recipe import Recipe, register
+from kd_ref.recipe import Recipe, register, register_demo
 
 PRESETS: dict[str, Recipe] = {}
 # Which preset a bare "--task T --method M [--data D]" means.
@@ -25,10 +25,7 @@ SYNTHETIC_DEPTH = Recipe(task="depth", data="synthetic", synthetic_style="easy",
 register(PRESETS, "synthetic_depth_teacher", dataclasses.replace(SYNTHETIC_DEPTH, student="depth_r50", teacher=None,
                                                                  teacher_preset=None, iters=900))
 SYNTHETIC_DEPTH_METHOD_OPTIONS = {"none": {}, "skd": {"use_ho": False}}
-for _method, _options in SYNTHETIC_DEPTH_METHOD_OPTIONS.items():
-    register(PRESETS, f"synthetic_depth_{_method}", dataclasses.replace(SYNTHETIC_DEPTH, method=_method,
-                                                                        method_options=_options), baseline=False)
-    DEFAULT_PRESETS[("depth", _method, "synthetic")] = f"synthetic_depth_{_method}"
+register_demo(PRESETS, "synthetic_depth", SYNTHETIC_DEPTH, SYNTHETIC_DEPTH_METHOD_OPTIONS, defaults=DEFAULT_PRESETS)
 
 # --- NYUDv2 row (depth_fcos.md §3, all [paper?], to verify against the PDF): MobileNetV2 VNL student,
 # ResNeXt-101 teacher (--teacher-ckpt; VNL's released checkpoint layout is not mapped here), 385x385 crops,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kd_ref.recipe import Recipe, register
+from kd_ref.recipe import Recipe, register, register_demo
 
 PRESETS: dict[str, Recipe] = {}
 # Which preset a bare "--task T --method M [--data D]" means.
@@ -190,7 +190,5 @@ register(PRESETS, "synthetic_det_fcos_teacher", dataclasses.replace(SYNTHETIC_FC
                                                                     lr_steps=(1500,)))
 # GDD at the RetinaNet demo's alpha on the same five levels; DIST at its defaults on the sigmoid maps.
 SYNTHETIC_FCOS_METHOD_OPTIONS = {"none": {}, "skd": {}, "dist": {}, "gdd": {"alpha": 65.0, "tau": 4.0}}
-for _method, _options in SYNTHETIC_FCOS_METHOD_OPTIONS.items():
-    register(PRESETS, f"synthetic_det_fcos_{_method}", dataclasses.replace(SYNTHETIC_FCOS, method=_method,
-                                                                           method_options=_options), baseline=False)
+register_demo(PRESETS, "synthetic_det_fcos", SYNTHETIC_FCOS, SYNTHETIC_FCOS_METHOD_OPTIONS)
 DEFAULT_PRESETS[("det", "skd", "synthetic")] = "synthetic_det_fcos_skd"

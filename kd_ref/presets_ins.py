@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from kd_ref.presets_det import COCO_DET, COCO_SCHEDULES, MMDET_CONFIGS, TORCHVISION_WEIGHTS
-from kd_ref.recipe import Recipe, register
+from kd_ref.recipe import Recipe, register, register_demo
 
 PRESETS: dict[str, Recipe] = {}
 # Which preset a bare "--task T --method M [--data D]" means.
@@ -60,10 +60,9 @@ SYNTHETIC_INS_METHOD_OPTIONS = {"none": {}, "gdd": {"alpha": 200.0, "tau": 4.0}}
 for _family, (_student, _teacher) in SYNTHETIC_INS_MODELS.items():
     register(PRESETS, f"synthetic_ins_{_family}_teacher", dataclasses.replace(
         SYNTHETIC_INS, student=_teacher, iters=3 * SYNTHETIC_INS.iters, lr_steps=(3 * SYNTHETIC_INS.lr_steps[0],)))
-    for _method, _options in SYNTHETIC_INS_METHOD_OPTIONS.items():
-        register(PRESETS, f"synthetic_ins_{_family}_{_method}", dataclasses.replace(
-            SYNTHETIC_INS, student=_student, teacher=_teacher, teacher_preset=f"synthetic_ins_{_family}_teacher",
-            method=_method, method_options=_options), baseline=False)
+    register_demo(PRESETS, f"synthetic_ins_{_family}", dataclasses.replace(
+        SYNTHETIC_INS, student=_student, teacher=_teacher, teacher_preset=f"synthetic_ins_{_family}_teacher"),
+        SYNTHETIC_INS_METHOD_OPTIONS)
 DEFAULT_PRESETS.update({
     **{("ins", method, "synthetic"): f"synthetic_ins_solo_{method}" for method in SYNTHETIC_INS_METHOD_OPTIONS},
     ("ins", "none", "coco"): "solo_r50_fpn_1x_coco",

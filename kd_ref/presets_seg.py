@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kd_ref.recipe import Recipe, register
+from kd_ref.recipe import Recipe, register, register_demo
 
 PRESETS: dict[str, Recipe] = {}
 # Which preset a bare "--task T --method M [--data D]" means.
@@ -114,12 +114,9 @@ SYNTHETIC_METHOD_OPTIONS = {"none": {}, "kd": {}, "dist": {"loss_weight": 0.25},
                             "skd": {"preset": "cirkd", "use_ho": False}}
 register(PRESETS, "synthetic_seg_teacher", dataclasses.replace(SYNTHETIC_SEG, teacher=None, teacher_preset=None,
                                                                iters=600))
-for _method, _options in SYNTHETIC_METHOD_OPTIONS.items():
-    register(PRESETS, f"synthetic_seg_{_method}", dataclasses.replace(SYNTHETIC_SEG, method=_method,
-                                                                      method_options=_options), baseline=False)
+register_demo(PRESETS, "synthetic_seg", SYNTHETIC_SEG, SYNTHETIC_METHOD_OPTIONS, defaults=DEFAULT_PRESETS)
 
 DEFAULT_PRESETS.update({
-    **{("seg", method, "synthetic"): f"synthetic_seg_{method}" for method in SYNTHETIC_METHOD_OPTIONS},
     ("seg", "none", "cityscapes"): "dist_deeplabv3_r18_cityscapes_baseline",
     ("seg", "kd", "cityscapes"): "kd_deeplabv3_r18_cityscapes",
     ("seg", "dist", "cityscapes"): "dist_deeplabv3_r18_cityscapes",

@@ -189,3 +189,15 @@ def register(presets: dict, name: str, recipe: Recipe, baseline: "bool | Recipe"
         twin = baseline if isinstance(baseline, Recipe) else recipe
         defaults = {key: _field_default(key) for key in DISTILLATION_FIELDS}
         presets[f"{name}_baseline"] = dataclasses.replace(twin, teacher=recipe.teacher, **defaults)
+
+
+def register_demo(presets: dict, prefix: str, recipe: Recipe, method_options: dict, defaults: dict | None = None):
+    """Add a synthetic demo's ``<prefix>_<method>`` presets, one per method of ``method_options`` ({method:
+    its options}): ``recipe`` with that method, without twins (the demo's ``none`` row is the baseline).
+    With ``defaults`` (a DEFAULT_PRESETS table), each becomes what ``--task/--method/--data`` of its
+    recipe mean."""
+    for method, options in method_options.items():
+        name = f"{prefix}_{method}"
+        register(presets, name, dataclasses.replace(recipe, method=method, method_options=options), baseline=False)
+        if defaults is not None:
+            defaults[(recipe.task, method, recipe.data)] = name
