@@ -13,17 +13,18 @@ DEFAULT_PRESETS: dict[tuple, str] = {}
 
 
 # --- CIFAR-100 (CRD / RepDistiller protocol, dist.md §4, sokd.md §2.5): 240 epochs of 50,000 images at
-# batch 64 (the engine drops the last partial batch: 781 iterations per epoch), SGD lr 0.05, x0.1 at
-# epochs 150 / 180 / 210, wd 5e-4. DIST: CE 1 + 2 x DIST at tau 4. SoKD: the final code's CIFAR row is
-# DAM + DAFA alone (its masked feature loss replaces FitNet's hint), 50 search epochs of 240.
-CIFAR_EPOCH = 50_000 // 64
+# batch 64, SGD lr 0.05, x0.1 at epochs 150 / 180 / 210, wd 5e-4 (we evaluate every 10 epochs). The
+# schedule counts epochs as the references do; the iterations follow from the training set at run time
+# (recipe.resolve_schedule; the engine drops the last partial batch: 781 per epoch of the full set).
+# DIST: CE 1 + 2 x DIST at tau 4. SoKD: the final code's CIFAR row is DAM + DAFA alone (its masked feature
+# loss replaces FitNet's hint), searching over the first 50 epochs of 240.
 DIST_CLS_CONFIGS = "hunto/DIST_KD classification configs/strategies/distill"
 MDISTILLER_KD = "megvii-research/mdistiller configs/cifar100/kd.yaml + mdistiller/engine/cfg.py"
 SOKD_CIFAR = "FabienCode/mdistiller configs/DFKD/cifar/res324_84.yaml (sokd.md §2.5)"
 CIFAR100 = Recipe(task="cls", data="cifar100", num_classes=100, crop=(32, 32), normalization="cifar100",
-                  batch_size=64, iters=240 * CIFAR_EPOCH, lr=0.05, weight_decay=5e-4, schedule="step",
-                  lr_steps=tuple(e * CIFAR_EPOCH for e in (150, 180, 210)), eval_every=10 * CIFAR_EPOCH,
-                  ckpt_every=CIFAR_EPOCH)
+                  batch_size=64, iters=None, epochs=240, lr=0.05, weight_decay=5e-4, schedule="step",
+                  lr_steps=(150, 180, 210), eval_every=10,
+                  ckpt_every=781)  # iterations, as in every recipe: once an epoch of the full set (50,000 // 64)
 CIFAR_DIST_OPTIONS = {"tau": 4.0, "loss_weight": 2.0}
 CIFAR_KD_OPTIONS = {"tau": 4.0}
 # KD as mdistiller, SoKD's code base, trains it on CIFAR (its cfg.py KD defaults): 0.1 CE + 0.9 KD at tau 4.
@@ -41,7 +42,7 @@ for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1")
 for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1"), ("wrn_40_2", "wrn_16_2"),
                            ("resnet56", "resnet20"), ("resnet110", "resnet32")):
     _pair = dataclasses.replace(CIFAR100, student=_student, teacher=_teacher, source=SOKD_CIFAR)
-    _sokd_search = {"search_iters": 50 * CIFAR_EPOCH}
+    _sokd_search = {"search_epochs": 50}
     register(PRESETS, f"sokd_{_student}_cifar100", dataclasses.replace(_pair, method="sokd", method_options={
         "base": "none", "base_options": {"kd": CIFAR_KD_OPTIONS, "dist": CIFAR_DIST_OPTIONS}, **_sokd_search}))
     register(PRESETS, f"kd_{_student}_cifar100", dataclasses.replace(
@@ -55,11 +56,10 @@ for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1")
 # at batch 256, SGD lr 0.1, x0.1 every 30 epochs, wd 1e-4. KD: CE 1 + KD at tau 4 (DIST's KD row).
 # DIST: CE 1 + 2 x DIST at tau 1. SoKD over KD, 5 search epochs (its ImageNet plug-in config). The
 # teacher is torchvision's ResNet-34 (passed to --teacher-ckpt as released; kd_ref.convert recognises its layout).
-IMAGENET_EPOCH = 1_281_167 // 256
+# In epochs, as CIFAR's (5,004 iterations per epoch of the full set); we evaluate every 10 epochs.
 IMAGENET = Recipe(task="cls", data="imagenet", num_classes=1000, crop=(224, 224), normalization="imagenet_rgb",
-                  batch_size=256, iters=100 * IMAGENET_EPOCH, lr=0.1, weight_decay=1e-4, schedule="step",
-                  lr_steps=tuple(e * IMAGENET_EPOCH for e in (30, 60, 90)), eval_every=10 * IMAGENET_EPOCH,
-                  ckpt_every=1000, student="resnet18", teacher="resnet34",
+                  batch_size=256, iters=None, epochs=100, lr=0.1, weight_decay=1e-4, schedule="step",
+                  lr_steps=(30, 60, 90), eval_every=10, ckpt_every=1000, student="resnet18", teacher="resnet34",
                   source=f"{DIST_CLS_CONFIGS}/resnet_dist.yaml (its baseline recipe, dist.md §4)")
 IMAGENET_KD_OPTIONS = {"tau": 4.0}
 IMAGENET_DIST_OPTIONS = {"tau": 1.0, "loss_weight": 2.0}
@@ -69,7 +69,7 @@ register(PRESETS, "dist_resnet18_imagenet", dataclasses.replace(IMAGENET, method
                                                                 method_options=IMAGENET_DIST_OPTIONS))
 register(PRESETS, "sokd_resnet18_imagenet", dataclasses.replace(IMAGENET, method="sokd", method_options={
     "base": "kd", "base_options": {"kd": IMAGENET_KD_OPTIONS, "dist": IMAGENET_DIST_OPTIONS},
-    "search_iters": 5 * IMAGENET_EPOCH}))
+    "search_epochs": 5}))
 
 # --- Built-in synthetic classification: a CPU demo in which the teacher clearly beats the student.
 # An image's label is one of the eight shapes of datasets.SyntheticScenes (tasks.SYNTHETIC_NUM_IMAGE_CLASSES,

@@ -86,30 +86,44 @@ def _field_default(name: str):
 DOCUMENTATION_FIELDS = ("source",)
 
 
+# Training-set sizes of the data sets whose presets counted iterations (epochs x size // batch) before they
+# counted epochs: the CIFAR-100 and ImageNet classification rows.
+ITERATION_COUNTED_SETS = {"cifar100": 50_000, "imagenet": 1_281_167}
+
+
 def recipe_changes(stored: dict, recipe: Recipe) -> list:
     """Fields in which ``recipe`` differs from a checkpoint's stored recipe (a dict). A field the stored
     recipe lacks was added after the checkpoint was written and counts as its default, which reproduces
-    the behaviour of the code that wrote it."""
-    changed = []
-    for spec in dataclasses.fields(Recipe):
-        if spec.name in DOCUMENTATION_FIELDS:
-            continue
-        old = stored[spec.name] if spec.name in stored else _field_default(spec.name)
-        if old != getattr(recipe, spec.name):
-            changed.append(spec.name)
-    return changed
+    the behaviour of the code that wrote it. A stored recipe in iterations on a data set of
+    ``ITERATION_COUNTED_SETS`` is compared with an epoch-based ``recipe`` in iterations, at that set's
+    iterations per epoch: a checkpoint of a preset that counted iterations then resumes under the preset
+    that counts epochs now, if the two are the same run."""
+    old = {spec.name: stored[spec.name] if spec.name in stored else _field_default(spec.name)
+           for spec in dataclasses.fields(Recipe)}
+    if old["epochs"] is None and recipe.epochs is not None and recipe.data in ITERATION_COUNTED_SETS:
+        recipe = resolve_schedule(recipe, ITERATION_COUNTED_SETS[recipe.data] // recipe.batch_size)
+    return [name for name, value in old.items() if name not in DOCUMENTATION_FIELDS and value != getattr(recipe, name)]
+
+
+# Method options that an epoch-based recipe may count in epochs, and the option in iterations each becomes
+# (resolve_schedule): SoKD's search length, which its reference counts in epochs (FabienCode/mdistiller
+# DFKDTrainer searches while epoch <= DFKD.SERACH_EPOCH).
+EPOCH_OPTIONS = {"search_epochs": "search_iters"}
 
 
 def resolve_schedule(recipe: Recipe, iters_per_epoch: int) -> Recipe:
     """The recipe in iterations for a training set of ``iters_per_epoch`` iterations per epoch: an
-    epoch-based recipe's ``iters`` = epochs x iterations per epoch, its ``lr_steps`` and ``eval_every``
-    times iterations per epoch (mmdet EpochBasedRunner: max_iters = max_epochs x len(data_loader), lr steps
-    at epoch boundaries). An iteration-based recipe is returned unchanged."""
+    epoch-based recipe's ``iters`` = epochs x iterations per epoch, its ``lr_steps``, ``eval_every`` and the
+    method options of ``EPOCH_OPTIONS`` times iterations per epoch (mmdet EpochBasedRunner: max_iters =
+    max_epochs x len(data_loader), lr steps at epoch boundaries; CRD/mdistiller classification loops the
+    same). An iteration-based recipe is returned unchanged."""
     if recipe.epochs is None:
         return recipe
+    options = {EPOCH_OPTIONS.get(name, name): value * iters_per_epoch if name in EPOCH_OPTIONS else value
+               for name, value in recipe.method_options.items()}
     return dataclasses.replace(recipe, epochs=None, iters=recipe.epochs * iters_per_epoch,
                                lr_steps=tuple(step * iters_per_epoch for step in recipe.lr_steps),
-                               eval_every=recipe.eval_every * iters_per_epoch)
+                               eval_every=recipe.eval_every * iters_per_epoch, method_options=options)
 
 
 def check_schedule(recipe: Recipe) -> None:
@@ -118,6 +132,11 @@ def check_schedule(recipe: Recipe) -> None:
     if (recipe.epochs or recipe.iters) < 1 or recipe.dataset_repeat < 1:
         raise ValueError(f"recipe: iters/epochs and dataset_repeat must be >= 1, got iters={recipe.iters}, "
                          f"epochs={recipe.epochs}, dataset_repeat={recipe.dataset_repeat}")
+    for in_epochs, in_iters in EPOCH_OPTIONS.items():
+        if in_epochs in recipe.method_options and (recipe.epochs is None or in_iters in recipe.method_options):
+            raise ValueError(f"method_options {in_epochs}: counts epochs of an epoch-based recipe, in place of "
+                             f"{in_iters} (the recipe has epochs={recipe.epochs}"
+                             f"{', and ' + in_iters if in_iters in recipe.method_options else ''})")
     if recipe.keep_best and recipe.eval_every <= 0:
         raise ValueError("--keep-best selects among the evaluations: it needs --eval-every N > 0 (the recipe has "
                          f"eval_every={recipe.eval_every})")

@@ -173,6 +173,47 @@ def test_resolve_schedule_multiplies_epochs_by_the_iterations_per_epoch():
         check_schedule(dataclasses.replace(voc, iters=10))
 
 
+def test_cifar_and_imagenet_presets_count_epochs_and_resolve_to_the_reference_iterations():
+    # CIFAR-100's 50,000 training images at batch 64, the last partial batch dropped: 781 iterations an epoch
+    sokd = presets.PRESETS["sokd_resnet8x4_cifar100"]
+    assert (sokd.epochs, sokd.iters, sokd.lr_steps, sokd.eval_every) == (240, None, (150, 180, 210), 10)
+    resolved = resolve_schedule(sokd, 50_000 // 64)
+    assert (resolved.iters, resolved.lr_steps, resolved.eval_every) == (187_440, (117_150, 140_580, 164_010), 7_810)
+    assert resolved.method_options == {"base": "none", "base_options": sokd.method_options["base_options"],
+                                       "search_iters": 39_050}  # SoKD searches over the first 50 epochs
+    imagenet = resolve_schedule(presets.PRESETS["sokd_resnet18_imagenet"], 1_281_167 // 256)
+    assert (imagenet.iters, imagenet.lr_steps, imagenet.method_options["search_iters"]) == (
+        500_400, (150_120, 300_240, 450_360), 25_020)
+    for name, recipe in presets.PRESETS.items():
+        if recipe.task == "cls" and recipe.data != "synthetic":
+            assert recipe.epochs is not None and "search_iters" not in recipe.method_options, name
+
+
+def test_a_checkpoint_of_a_cifar_preset_written_in_iterations_resumes_under_the_epoch_preset():
+    dist = presets.PRESETS["dist_resnet8x4_cifar100"]
+    stored = dataclasses.asdict(dataclasses.replace(dist, epochs=None, iters=240 * 781, eval_every=7810,
+                                                    lr_steps=(150 * 781, 180 * 781, 210 * 781)))
+    del stored["epochs"]  # as the preset was, and as a checkpoint before the field was added has it
+    assert recipe_changes(stored, dist) == []
+    sokd = presets.PRESETS["sokd_resnet8x4_cifar100"]
+    stored_sokd = {**stored, "method": "sokd", "method_options": {**sokd.method_options, "search_iters": 50 * 781}}
+    del stored_sokd["method_options"]["search_epochs"]
+    assert recipe_changes(stored_sokd, sokd) == []
+    # a different run stays different: 10 more epochs, or a search over the first 40 epochs
+    assert recipe_changes(stored, dataclasses.replace(dist, epochs=250)) == ["iters"]
+    stored_sokd["method_options"]["search_iters"] = 40 * 781
+    assert recipe_changes(stored_sokd, sokd) == ["method_options"]
+
+
+def test_a_method_option_in_epochs_needs_an_epoch_based_recipe_and_replaces_the_one_in_iterations():
+    sokd = presets.PRESETS["sokd_resnet8x4_cifar100"]
+    check_schedule(sokd)
+    with pytest.raises(ValueError, match=r"search_epochs: counts epochs .* \(the recipe has epochs=None\)"):
+        check_schedule(dataclasses.replace(sokd, epochs=None, iters=100))
+    with pytest.raises(ValueError, match="search_epochs: .*epochs=240, and search_iters"):
+        check_schedule(dataclasses.replace(sokd, method_options={**sokd.method_options, "search_iters": 5}))
+
+
 def test_check_pretrained_names_file_layout_and_origin(tmp_path):
     recipe = presets.PRESETS["retinanet_r50_fpn_2x_coco"]
     with pytest.raises(FileNotFoundError, match=r"resnet50-0676ba61.pth \(torchvision layout; .*IMAGENET1K_V1"):
