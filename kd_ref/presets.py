@@ -1,7 +1,7 @@
 """Every preset, by name: the rows of the per-task preset modules (``kd_ref/presets_<task>.py``, grouped
 there by paper, each row with its ``source``), which bare ``--task/--method/--data`` flags mean, and the
-listing of ``train.py --list-presets``. Torch-free, as the modules it reads: naming, listing and printing
-presets need no model code. Adding a preset is an edit of one preset module; the registries of
+listing of ``train.py --list-presets``. Torch-free, as the modules it reads: listing presets and refusing
+an unknown name need no model code. Adding a preset is an edit of one preset module; the registries of
 ``kd_ref.configs`` never change for it."""
 from __future__ import annotations
 
