@@ -103,16 +103,18 @@ def build_recipe(args: argparse.Namespace) -> tuple:
     that needs no file or data set is done here."""
     import dataclasses
 
+    from kd_ref import presets
+
+    if args.preset is not None and args.preset not in presets.PRESETS:  # answered before torch is imported
+        raise ValueError(f"--preset {args.preset}: unknown; python train.py --list-presets lists them")
     from kd_ref import configs
 
-    if args.preset is not None and args.preset not in configs.PRESETS:
-        raise ValueError(f"--preset {args.preset}: unknown; python train.py --list-presets lists them")
-    task = args.task or (configs.PRESETS[args.preset].task if args.preset is not None else "seg")
+    task = args.task or (presets.PRESETS[args.preset].task if args.preset is not None else "seg")
     if args.method is not None and args.method not in configs.supported_methods(task):
         raise ValueError(f"--method {args.method}: methods for --task {task} are "
                          f"{configs.supported_methods(task)}")
-    name = args.preset or configs.default_preset(task, args.method or "none", args.data or "synthetic")
-    recipe = configs.PRESETS[name]
+    name = args.preset or presets.default_preset(task, args.method or "none", args.data or "synthetic")
+    recipe = presets.PRESETS[name]
     if task != recipe.task:
         raise ValueError(f"--task {task} contradicts --preset {name} (a {recipe.task} recipe)")
     if args.iters is not None and recipe.epochs is not None:
@@ -233,16 +235,16 @@ def describe(name: str, recipe, runtime, out: str) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.list_presets:
-        from kd_ref import configs
+        from kd_ref import presets
 
-        print(configs.preset_listing())
+        print(presets.preset_listing())
         return {}
     import dataclasses
     import json
 
+    name, recipe = build_recipe(args)  # an unknown preset is refused before torch is imported
     from kd_ref import configs, engine
 
-    name, recipe = build_recipe(args)
     if args.print_recipe:
         print(engine.dumps(dataclasses.asdict(recipe)))
         return {}

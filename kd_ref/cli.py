@@ -2,8 +2,8 @@
 once (importing torch and torchvision takes seconds): the names the tools offer and a parser whose errors
 are one line.
 
-The registries (``kd_ref.configs.TASKS``, ``METHODS``) and the loaders (``kd_ref.datasets``) are the
-truth; ``tests/test_cli.py`` checks that these names equal theirs.
+The registries (``kd_ref.configs.TASKS`` with their ``size_field``, ``METHODS``) and the loaders
+(``kd_ref.datasets``) are the truth; ``tests/test_cli.py`` checks that these names equal theirs.
 """
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ METHODS = ("none", "kd", "dist", "gdd", "skd", "gkd", "sokd")
 DATA = {"seg": ("synthetic", "cityscapes"), "det": ("synthetic", "voc", "coco"),
         "cls": ("synthetic", "cifar100", "imagenet"), "ins": ("synthetic", "coco"), "depth": ("synthetic", "nyu")}
 ALL_DATA = tuple(dict.fromkeys(name for names in DATA.values() for name in names))
+# the recipe field of each task's training input size (the task objects' ``size_field``): a crop (H, W),
+# or the keep-ratio resize bounds of whole images (long side, short side)
+INPUT_SIZE_FIELD = {"seg": "crop", "det": "image_scale", "cls": "crop", "ins": "image_scale", "depth": "crop"}
 
 
 class OneLineParser(argparse.ArgumentParser):

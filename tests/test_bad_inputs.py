@@ -156,7 +156,7 @@ def evaluate_on_cityscapes(c):
 def cls_case(data, make_root, expected):
     def setup(c):
         return (train, ["--task", "cls", "--data", data, "--data-root", str(make_root(c.tmp)), "--student", "resnet8",
-                        "--set", f"num_classes={NUM_IMAGE_CLASSES}", "--crop", "32", "32", "--iters", "1",
+                        "--set", f"num_classes={NUM_IMAGE_CLASSES}", "--crop", "32", "32", "--set", "epochs=1",
                         "--batch-size", "2", "--out", str(c.tmp / "out"), "--quiet"], expected)
     return setup
 

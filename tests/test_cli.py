@@ -19,6 +19,7 @@ def test_names_offered_on_the_command_line_are_the_registries():
     for task in cli.TASKS:
         assert tuple(cli.DATA[task]) == tuple(configs.TASKS[task].data_sets), task
     assert datasets.SUPPORTED_DATA is cli.DATA
+    assert cli.INPUT_SIZE_FIELD == {name: task.size_field for name, task in configs.TASKS.items()}
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -31,6 +32,26 @@ def test_help_and_argument_errors_answer_before_torch_is_imported(argv):
                      f"try:\n    train.parse_args({argv!r})\nexcept SystemExit as done:\n    code = done.code\n"
                      f"print('torch' in sys.modules, code)")
     assert result.stdout.split()[-2:] == ["False", "0" if argv == ["--help"] else "2"], result.stderr
+
+
+TORCH_UNIMPORTABLE = "import sys\nsys.modules['torch'] = None  # any import of torch now fails\nimport train\n"
+
+
+def test_list_presets_and_an_unknown_preset_answer_without_torch():
+    listing = _python(TORCH_UNIMPORTABLE + "sys.exit(train.run(['--list-presets']))")
+    assert listing.returncode == 0, listing.stderr
+    assert "gdd_pspnet_r18_cityscapes_baseline" in listing.stdout and "synthetic_depth_skd" in listing.stdout
+    unknown = _python(TORCH_UNIMPORTABLE + "sys.exit(train.run(['--preset', 'gdd_nonsense']))")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == ("error: --preset gdd_nonsense: unknown; python train.py --list-presets "
+                                      "lists them")
+
+
+def test_presets_import_no_torch():
+    result = _python("import sys\nfrom kd_ref import presets\nprint(len(presets.PRESETS), "
+                     "presets.default_preset('det', 'gkd', 'coco'), 'torch' in sys.modules)")
+    assert result.stdout.split()[1:] == ["gkd_retinanet_r50_fpn_2x_coco", "False"], result.stderr
+    assert int(result.stdout.split()[0]) == len(configs.PRESETS)
 
 
 @pytest.mark.parametrize("tool", [train, evaluate])

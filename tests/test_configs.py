@@ -1,48 +1,64 @@
-"""Presets of kd_ref/configs.py: the baseline twins of ``register`` and the task-loss weights of the KD rows."""
+"""Presets (kd_ref/presets*.py) and the recipe helpers (kd_ref/recipe.py): the baseline twins of
+``register``, the task-loss weights of the KD rows, the pinning against the reference recipes."""
 import dataclasses
 
 import pytest
 
-from kd_ref import configs
+from kd_ref import presets, presets_cls, presets_depth, tasks
+from kd_ref.presets_det import TORCHVISION_WEIGHTS
+from kd_ref.recipe import (DISTILLATION_FIELDS, Recipe, check_pretrained, check_schedule, recipe_changes, register,
+                           resolve_schedule)
 
 
-def test_register_twin_drops_the_distillation_fields_or_takes_the_extended_recipe(monkeypatch):
-    monkeypatch.setattr(configs, "PRESETS", {})
-    plain = configs.Recipe(iters=10, grad_clip=1.0)
+def test_register_twin_drops_the_distillation_fields_or_takes_the_extended_recipe():
+    table = {}
+    plain = Recipe(iters=10, grad_clip=1.0)
     distilled = dataclasses.replace(plain, method="kd", teacher="pspnet_r101", method_options={"tau": 2.0},
                                     student_init="trained.pt", task_loss_weight=0.5)
-    configs.register("kd_row", distilled)
-    assert configs.PRESETS["kd_row_baseline"] == dataclasses.replace(plain, teacher="pspnet_r101")
+    register(table, "kd_row", distilled)
+    assert table["kd_row_baseline"] == dataclasses.replace(plain, teacher="pspnet_r101")
     # a distillation config that also changes the optimisation names the recipe it extends
-    configs.register("clipped_row", dataclasses.replace(distilled, grad_clip=35.0), baseline=configs.Recipe(iters=10))
-    assert configs.PRESETS["clipped_row_baseline"] == configs.Recipe(iters=10, teacher="pspnet_r101")
-    configs.register("demo", distilled, baseline=False)
-    assert "demo_baseline" not in configs.PRESETS
+    register(table, "clipped_row", dataclasses.replace(distilled, grad_clip=35.0), baseline=Recipe(iters=10))
+    assert table["clipped_row_baseline"] == Recipe(iters=10, teacher="pspnet_r101")
+    register(table, "demo", distilled, baseline=False)
+    assert "demo_baseline" not in table
 
 
 def test_every_baseline_twin_trains_the_student_alone_with_the_teacher_kept():
-    defaults = configs.Recipe()
-    twins = {name[:-len("_baseline")]: twin for name, twin in configs.PRESETS.items() if name.endswith("_baseline")}
+    defaults = Recipe()
+    twins = {name[:-len("_baseline")]: twin for name, twin in presets.PRESETS.items() if name.endswith("_baseline")}
     assert len(twins) > 30
     for name, twin in twins.items():
-        assert all(getattr(twin, key) == getattr(defaults, key) for key in configs.DISTILLATION_FIELDS), name
-        assert twin.teacher == configs.PRESETS[name].teacher and twin.student == configs.PRESETS[name].student
+        assert all(getattr(twin, key) == getattr(defaults, key) for key in DISTILLATION_FIELDS), name
+        assert twin.teacher == presets.PRESETS[name].teacher and twin.student == presets.PRESETS[name].student
     # GDD's detection config adds gradient clipping 35; the baseline (gdd.md §6) has none
-    assert configs.PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco"].grad_clip == 35.0
-    assert configs.PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco_baseline"].grad_clip is None
+    assert presets.PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco"].grad_clip == 35.0
+    assert presets.PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco_baseline"].grad_clip is None
+
+
+def test_preset_modules_are_merged_and_a_name_defined_twice_is_refused():
+    assert len(presets.PRESETS) == sum(len(module.PRESETS) for module in presets.PRESET_MODULES)
+    assert presets.PRESETS["synthetic_depth_skd"] is presets_depth.PRESETS["synthetic_depth_skd"]
+    with pytest.raises(ValueError, match=r"presets defined twice: \['kd_row'\]"):
+        presets._merge([{"kd_row": Recipe(), "a": Recipe()}, {"kd_row": Recipe()}])
+
+
+def test_synthetic_classification_presets_count_the_image_classes_of_the_task():
+    assert presets_cls.SYNTHETIC_NUM_IMAGE_CLASSES == tasks.SYNTHETIC_NUM_IMAGE_CLASSES
+    assert presets.PRESETS["synthetic_cls_kd"].num_classes == tasks.SYNTHETIC_NUM_IMAGE_CLASSES
 
 
 def test_cifar_kd_rows_weight_the_task_loss_as_mdistiller():
     for student in ("resnet8x4", "wrn_40_1", "wrn_16_2", "resnet20", "resnet32"):
-        kd = configs.PRESETS[f"kd_{student}_cifar100"]
+        kd = presets.PRESETS[f"kd_{student}_cifar100"]
         assert (kd.task_loss_weight, kd.method_options) == (0.1, {"tau": 4.0, "loss_weight": 0.9})
-        over_kd = configs.PRESETS[f"sokd_kd_{student}_cifar100"]
+        over_kd = presets.PRESETS[f"sokd_kd_{student}_cifar100"]
         assert over_kd.task_loss_weight == 0.1 and over_kd.method_options["base"] == "kd"
         assert over_kd.method_options["base_options"]["kd"] == kd.method_options
         # the final code's SoKD row (no base) and DIST keep CE at weight 1 (sokd.md §5, dist.md §4)
-        assert configs.PRESETS[f"sokd_{student}_cifar100"].task_loss_weight == 1.0
-    assert configs.PRESETS["dist_resnet8x4_cifar100"].task_loss_weight == 1.0
-    assert configs.default_preset("cls", "kd", "cifar100") == "kd_resnet8x4_cifar100"
+        assert presets.PRESETS[f"sokd_{student}_cifar100"].task_loss_weight == 1.0
+    assert presets.PRESETS["dist_resnet8x4_cifar100"].task_loss_weight == 1.0
+    assert presets.default_preset("cls", "kd", "cifar100") == "kd_resnet8x4_cifar100"
 
 
 # ------------------------------------------------------------------------ pinning against the references
@@ -92,13 +108,13 @@ REFERENCE = {
     # mmdetection 2.x coco_detection.py, schedule_2x.py (24 epochs, steps 16/22), faster_rcnn lr 0.02,
     # retinanet lr 0.01, torchvision ImageNet weights; GKD/DIST/GDD on the 2x baselines
     **{f"{arch}_r{depth}_fpn_{sched}_coco": {**MMDET, "lr": lr, "epochs": epochs, "lr_steps": steps,
-                                             "pretrained": configs.TORCHVISION_WEIGHTS[depth]}
+                                             "pretrained": TORCHVISION_WEIGHTS[depth]}
        for arch, lr in (("faster_rcnn", 0.02), ("retinanet", 0.01)) for depth in (50, 101)
        for sched, epochs, steps in (("1x", 12, (8, 11)), ("2x", 24, (16, 22)))},
     # mmdetection 2.x pascal_voc/*_voc0712.py: RepeatDataset times 3, 4 epochs, step 3, lr 0.01, 1000x600
     **{f"{arch}_r{depth}_fpn_voc0712": {**MMDET, "image_scale": (1000, 600), "lr": 0.01, "epochs": 4,
                                          "lr_steps": (3,), "dataset_repeat": 3, "warmup_iters": 0,
-                                         "pretrained": configs.TORCHVISION_WEIGHTS[depth]}
+                                         "pretrained": TORCHVISION_WEIGHTS[depth]}
        for arch in ("faster_rcnn", "retinanet") for depth in (50, 101)},
     "gkd_faster_rcnn_r50_fpn_2x_coco": {**MMDET, "lr": 0.02, "epochs": 24, "lr_steps": (16, 22),
                                         "student_init": "runs/faster_rcnn_r50_fpn_2x_coco/last.pt"},
@@ -124,44 +140,85 @@ DIFFERENCES = {
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_preset_equals_its_reference_config(name):
-    recipe = configs.PRESETS[name]
+    recipe = presets.PRESETS[name]
     assert {field: getattr(recipe, field) for field in REFERENCE[name]} == REFERENCE[name]
     assert recipe.source
 
 
 def test_every_real_data_preset_names_its_source_and_the_row_presets_are_pinned():
-    for name, recipe in configs.PRESETS.items():
+    for name, recipe in presets.PRESETS.items():
         if recipe.data != "synthetic":
             assert recipe.source, name
-    rows = {"seg": [n for n, r in configs.PRESETS.items() if r.task == "seg" and r.data != "synthetic"]}
+    rows = {"seg": [n for n, r in presets.PRESETS.items() if r.task == "seg" and r.data != "synthetic"]}
     assert set(rows["seg"]) <= set(REFERENCE) | set(DIFFERENCES), set(rows["seg"]) - set(REFERENCE) - set(DIFFERENCES)
     for name in DIFFERENCES:
-        assert name in configs.PRESETS and name.rsplit("_baseline", 1)[0] in configs.PRESETS
+        assert name in presets.PRESETS and name.rsplit("_baseline", 1)[0] in presets.PRESETS
     for name in ("teacher_pspnet_r101_cityscapes_skd", "gkd_retinanet_r50_fpn_2x_coco"):
-        assert configs.PRESETS[name].source.startswith("unknown")
+        assert presets.PRESETS[name].source.startswith("unknown")
 
 
 def test_recipe_changes_count_missing_fields_as_defaults_and_ignore_the_source():
-    stored = {k: v for k, v in dataclasses.asdict(configs.Recipe()).items() if k not in ("epochs", "source")}
-    assert configs.recipe_changes(stored, configs.Recipe(source="a config")) == []
-    assert configs.recipe_changes(stored, configs.Recipe(iters=None, epochs=2)) == ["iters", "epochs"]
+    stored = {k: v for k, v in dataclasses.asdict(Recipe()).items() if k not in ("epochs", "source")}
+    assert recipe_changes(stored, Recipe(source="a config")) == []
+    assert recipe_changes(stored, Recipe(iters=None, epochs=2)) == ["iters", "epochs"]
 
 
 def test_resolve_schedule_multiplies_epochs_by_the_iterations_per_epoch():
-    voc = configs.PRESETS["gkd_faster_rcnn_r50_fpn_voc0712"]
-    resolved = configs.resolve_schedule(voc, 3104)  # 16,551 x 3 images at batch 16
+    voc = presets.PRESETS["gkd_faster_rcnn_r50_fpn_voc0712"]
+    resolved = resolve_schedule(voc, 3104)  # 16,551 x 3 images at batch 16
     assert (resolved.iters, resolved.lr_steps, resolved.eval_every, resolved.epochs) == (12416, (9312,), 3104, None)
-    cirkd = configs.PRESETS["kd_deeplabv3_r18_cityscapes"]
-    assert configs.resolve_schedule(cirkd, 185) is cirkd
+    cirkd = presets.PRESETS["kd_deeplabv3_r18_cityscapes"]
+    assert resolve_schedule(cirkd, 185) is cirkd
     with pytest.raises(ValueError, match="exactly one of iters"):
-        configs.check_schedule(dataclasses.replace(voc, iters=10))
+        check_schedule(dataclasses.replace(voc, iters=10))
+
+
+def test_cifar_and_imagenet_presets_count_epochs_and_resolve_to_the_reference_iterations():
+    # CIFAR-100's 50,000 training images at batch 64, the last partial batch dropped: 781 iterations an epoch
+    sokd = presets.PRESETS["sokd_resnet8x4_cifar100"]
+    assert (sokd.epochs, sokd.iters, sokd.lr_steps, sokd.eval_every) == (240, None, (150, 180, 210), 10)
+    resolved = resolve_schedule(sokd, 50_000 // 64)
+    assert (resolved.iters, resolved.lr_steps, resolved.eval_every) == (187_440, (117_150, 140_580, 164_010), 7_810)
+    assert resolved.method_options == {"base": "none", "base_options": sokd.method_options["base_options"],
+                                       "search_iters": 39_050}  # SoKD searches over the first 50 epochs
+    imagenet = resolve_schedule(presets.PRESETS["sokd_resnet18_imagenet"], 1_281_167 // 256)
+    assert (imagenet.iters, imagenet.lr_steps, imagenet.method_options["search_iters"]) == (
+        500_400, (150_120, 300_240, 450_360), 25_020)
+    for name, recipe in presets.PRESETS.items():
+        if recipe.task == "cls" and recipe.data != "synthetic":
+            assert recipe.epochs is not None and "search_iters" not in recipe.method_options, name
+
+
+def test_a_checkpoint_of_a_cifar_preset_written_in_iterations_resumes_under_the_epoch_preset():
+    dist = presets.PRESETS["dist_resnet8x4_cifar100"]
+    stored = dataclasses.asdict(dataclasses.replace(dist, epochs=None, iters=240 * 781, eval_every=7810,
+                                                    lr_steps=(150 * 781, 180 * 781, 210 * 781)))
+    del stored["epochs"]  # as the preset was, and as a checkpoint before the field was added has it
+    assert recipe_changes(stored, dist) == []
+    sokd = presets.PRESETS["sokd_resnet8x4_cifar100"]
+    stored_sokd = {**stored, "method": "sokd", "method_options": {**sokd.method_options, "search_iters": 50 * 781}}
+    del stored_sokd["method_options"]["search_epochs"]
+    assert recipe_changes(stored_sokd, sokd) == []
+    # a different run stays different: 10 more epochs, or a search over the first 40 epochs
+    assert recipe_changes(stored, dataclasses.replace(dist, epochs=250)) == ["iters"]
+    stored_sokd["method_options"]["search_iters"] = 40 * 781
+    assert recipe_changes(stored_sokd, sokd) == ["method_options"]
+
+
+def test_a_method_option_in_epochs_needs_an_epoch_based_recipe_and_replaces_the_one_in_iterations():
+    sokd = presets.PRESETS["sokd_resnet8x4_cifar100"]
+    check_schedule(sokd)
+    with pytest.raises(ValueError, match=r"search_epochs: counts epochs .* \(the recipe has epochs=None\)"):
+        check_schedule(dataclasses.replace(sokd, epochs=None, iters=100))
+    with pytest.raises(ValueError, match="search_epochs: .*epochs=240, and search_iters"):
+        check_schedule(dataclasses.replace(sokd, method_options={**sokd.method_options, "search_iters": 5}))
 
 
 def test_check_pretrained_names_file_layout_and_origin(tmp_path):
-    recipe = configs.PRESETS["retinanet_r50_fpn_2x_coco"]
+    recipe = presets.PRESETS["retinanet_r50_fpn_2x_coco"]
     with pytest.raises(FileNotFoundError, match=r"resnet50-0676ba61.pth \(torchvision layout; .*IMAGENET1K_V1"):
-        configs.check_pretrained(recipe)
+        check_pretrained(recipe)
     weights = tmp_path / "r50.pth"
     weights.write_bytes(b"")
-    configs.check_pretrained(dataclasses.replace(recipe, pretrained=str(weights)))
-    configs.check_pretrained(dataclasses.replace(recipe, pretrained=None))
+    check_pretrained(dataclasses.replace(recipe, pretrained=str(weights)))
+    check_pretrained(dataclasses.replace(recipe, pretrained=None))

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import train
-from kd_ref import configs, engine
+from kd_ref import configs, engine, presets_det
 from kd_ref.gdd import GDDDistiller
 from train_helpers import train_crashing_in_step
 
@@ -106,7 +106,7 @@ def test_sokd_trains_faster_rcnn_with_the_search_and_resumes_exactly(tmp_path, m
 def test_retinanet_demo_plugs_sokd_into_gdd_at_p6():
     recipe = configs.PRESETS["synthetic_det_retinanet_sokd"]
     assert recipe.method_options["base"] == "gdd" and recipe.method_options["search_iters"] == recipe.iters // 5
-    assert recipe.method_options["base_options"]["gdd"] == configs.SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]
+    assert recipe.method_options["base_options"]["gdd"] == presets_det.SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]
     plugin = configs.METHODS["sokd"].build(recipe, Pyramid(8), Pyramid(8))
     assert plugin.tap == "p6" and isinstance(plugin.base.distiller, GDDDistiller)
     assert all(loss.alpha == 65.0 for loss in plugin.base.distiller.losses.values())

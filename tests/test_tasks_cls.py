@@ -78,13 +78,13 @@ def test_recipe_errors_are_clear():
 def test_presets_follow_the_reference_schedules():
     cifar = configs.PRESETS["dist_resnet8x4_cifar100"]
     assert (cifar.teacher, cifar.batch_size, cifar.lr, cifar.weight_decay) == ("resnet32x4", 64, 0.05, 5e-4)
-    assert cifar.iters == 240 * 781 and cifar.lr_steps == (150 * 781, 180 * 781, 210 * 781)
+    assert (cifar.epochs, cifar.lr_steps) == (240, (150, 180, 210))  # iterations: 781 an epoch (test_configs)
     assert cifar.method_options == {"tau": 4.0, "loss_weight": 2.0}
     assert configs.PRESETS["dist_resnet8x4_cifar100_baseline"].method == "none"
     imagenet = configs.PRESETS["sokd_resnet18_imagenet"]
     assert (imagenet.teacher, imagenet.batch_size, imagenet.lr, imagenet.weight_decay) == ("resnet34", 256, 0.1, 1e-4)
-    assert imagenet.lr_steps == tuple(e * 5004 for e in (30, 60, 90)) and imagenet.iters == 100 * 5004
-    assert configs.PRESETS["sokd_resnet8x4_cifar100"].method_options["search_iters"] == 50 * 781
+    assert (imagenet.epochs, imagenet.lr_steps, imagenet.method_options["search_epochs"]) == (100, (30, 60, 90), 5)
+    assert configs.PRESETS["sokd_resnet8x4_cifar100"].method_options["search_epochs"] == 50
     for method in ("none", "kd", "dist", "sokd"):
         assert configs.default_preset("cls", method, "synthetic") == f"synthetic_cls_{method}"
 

@@ -1,0 +1,194 @@
+"""Object detection presets: the mmdet 2.x baselines and teachers, the COCO/VOC rows of GKD, GDD, DIST and
+SoKD, SKD's FCOS row, and the synthetic CPU demos. Data only: each row is a :class:`~kd_ref.recipe.Recipe`
+with its ``source``, and every distillation row has a ``<row>_baseline`` twin
+(:func:`~kd_ref.recipe.register`)."""
+from __future__ import annotations
+
+import dataclasses
+
+from kd_ref.recipe import Recipe, register, register_demo
+
+PRESETS: dict[str, Recipe] = {}
+# Which preset a bare "--task T --method M [--data D]" means.
+DEFAULT_PRESETS: dict[tuple, str] = {}
+
+
+# --- mmdet 2.x baselines the detection papers start from (configs faster_rcnn_r50_fpn_{1x,2x}_coco,
+# retinanet_r50_fpn_{1x,2x}_coco, pascal_voc/{faster_rcnn,retinanet}_r50_fpn_1x_voc0712): batch 16 (8 GPUs
+# x 2), SGD momentum 0.9, wd 1e-4, flip 0.5, ImageNet mean/std, torchvision ResNet with stage 1 frozen and
+# BN in eval mode, from torchvision's ImageNet weights. Schedules in epochs, as mmdet's EpochBasedRunner
+# counts them (the iterations follow from the training set's length at run time): COCO 1x = 12 epochs,
+# x0.1 at 8 and 11; 2x = 24, x0.1 at 16 and 22 (_base_/schedules/schedule_{1x,2x}.py); linear warm-up over
+# 500 iterations from 0.001; lr 0.02 (Faster R-CNN) / 0.01 (RetinaNet); evaluation after every epoch, the
+# final one reported; no gradient clipping (the distillation configs that add it say so in their preset).
+MMDET_CONFIGS = "open-mmlab/mmdetection v2.x configs"
+COCO_DET = Recipe(task="det", data="coco", num_classes=80, image_scale=(1333, 800), normalization="imagenet_rgb",
+                  batch_size=16, weight_decay=1e-4, schedule="step", warmup_iters=500, warmup_ratio=0.001,
+                  iters=None, eval_every=1, ckpt_every=1000)
+COCO_SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}
+DETECTOR_LR = {"faster_rcnn": 0.02, "retinanet": 0.01}
+TORCHVISION_WEIGHTS = {18: "resnet18-f37072fd.pth", 50: "resnet50-0676ba61.pth", 101: "resnet101-63fe2227.pth"}
+# VOC 07+12 (mmdet pascal_voc/*_voc0712.py): 16,551 trainval images repeated 3 times per epoch (RepeatDataset
+# times=3), 4 epochs with x0.1 after 3; 1000x600; lr 0.01 for both detectors, no warm-up and no clipping
+# (those configs do not include mmdet's schedule_1x); VOC07 test.
+VOC_DET = dataclasses.replace(COCO_DET, data="voc", num_classes=20, image_scale=(1000, 600), lr=0.01,
+                              epochs=4, lr_steps=(3,), dataset_repeat=3, warmup_iters=0)
+for _arch, _lr in DETECTOR_LR.items():
+    for _depth in (50, 101):
+        for _schedule, (_epochs, _steps) in COCO_SCHEDULES.items():
+            register(PRESETS, f"{_arch}_r{_depth}_fpn_{_schedule}_coco", dataclasses.replace(
+                COCO_DET, student=f"{_arch}_r{_depth}", lr=_lr, epochs=_epochs, lr_steps=_steps,
+                pretrained=TORCHVISION_WEIGHTS[_depth],
+                source=f"{MMDET_CONFIGS}/{_arch}/{_arch}_r{_depth}_fpn_{_schedule}_coco.py"))
+        register(PRESETS, f"{_arch}_r{_depth}_fpn_voc0712", dataclasses.replace(
+            VOC_DET, student=f"{_arch}_r{_depth}", pretrained=TORCHVISION_WEIGHTS[_depth],
+            source=f"{MMDET_CONFIGS}/pascal_voc/{_arch}_r50_fpn_1x_voc0712.py" + ("" if _depth == 50 else
+                                                                              f" with the R{_depth} backbone (ours)")))
+
+# --- Built-in synthetic scenes: from scratch on a CPU (no pretrained weights, so the whole backbone trains).
+# Easy-style scenes with three shapes: RetinaNet-R18 reaches VOC mAP 0.0 / 4.0 / 19.3 after 200 / 400 / 600
+# iterations (one seed), Faster R-CNN-R18 61.7 after 600; on the standard scenes, and with all eight shapes,
+# RetinaNet-R18 is still at 0.0 after 300.
+# Faster R-CNN samples 128 RoIs per image (ours, mmdet 512): scenes hold 1-3 objects, and a CPU step is 3x
+# cheaper (the 2 x fc1024 box head on 4096 RoIs dominates it).
+SYNTHETIC_DET = Recipe(task="det", data="synthetic", num_classes=3, synthetic_style="easy",
+                       synthetic_size=(128, 128), image_scale=(128, 128), normalization="imagenet_rgb",
+                       rcnn_rois_per_image=128,
+                       batch_size=8, iters=600, lr=0.01, weight_decay=1e-4, schedule="step", lr_steps=(500,),
+                       warmup_iters=100, grad_clip=35.0, eval_every=0, ckpt_every=100)
+# As in the seg demo, the teacher is the student's architecture trained three times as long (RetinaNet-R18,
+# 1,800 iterations: mAP 69.8 against the student's 19.3 at 600; one seed, 36 min on one thread).
+SYNTHETIC_DETECTORS = {"retinanet": "retinanet_r18", "frcnn": "faster_rcnn_r18"}
+for _family, _arch in SYNTHETIC_DETECTORS.items():
+    register(PRESETS, f"synthetic_det_{_family}_teacher", dataclasses.replace(SYNTHETIC_DET, student=_arch,
+                                                                              iters=1800, lr_steps=(1500,)))
+    register(PRESETS, f"synthetic_det_{_family}_none", dataclasses.replace(
+        SYNTHETIC_DET, student=_arch, teacher=_arch, teacher_preset=f"synthetic_det_{_family}_teacher"))
+
+DEFAULT_PRESETS.update({
+    ("det", "none", "synthetic"): "synthetic_det_retinanet_none",
+    ("det", "none", "coco"): "retinanet_r50_fpn_2x_coco",
+    ("det", "none", "voc"): "retinanet_r50_fpn_voc0712",
+})
+
+
+# --- COCO 2x rows, R101-FPN 2x teacher (--teacher-ckpt) -> R50-FPN 2x student, on the mmdet baselines above.
+# GKD (gkd.md §6): fg 1, bg 4, soft 1, T 2, global 0, attenuation over the epochs, PGM M=10, alpha 10, boxes
+# wider and taller than 30 px, <= 800 images per class, every epoch: GKDDistiller's and
+# ScheduledGKDDistiller's defaults. The released config starts the student from the trained R50 2x
+# checkpoint (all of it): student_init is where train.py writes that baseline preset's run; the baseline
+# twin, without student_init (DISTILLATION_FIELDS), is the plain R50 2x recipe.
+GKD_SOURCE = ("hikvision-research/DAVAR-Lab-ML ObjectPerceptron/mmdetection/third_party/kd (the released COCO "
+              "Faster R-CNN R101->R50 config, gkd.md §6)")
+for _arch in DETECTOR_LR:
+    register(PRESETS, f"gkd_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
+        PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="gkd", teacher=f"{_arch}_r101",
+        student_init=f"runs/{_arch}_r50_fpn_2x_coco/last.pt",
+        source=GKD_SOURCE if _arch == "faster_rcnn" else f"unknown (no released RetinaNet config): {GKD_SOURCE} on "
+                                                       f"{PRESETS[f'{_arch}_r50_fpn_2x_coco'].source}, ours"),
+        baseline=PRESETS[f"{_arch}_r50_fpn_2x_coco"])
+    # VOC 07+12 (gkd.md §6): no released config or numbers; same KD settings on our VOC schedule (our choice).
+    register(PRESETS, f"gkd_{_arch}_r50_fpn_voc0712", dataclasses.replace(
+        PRESETS[f"{_arch}_r50_fpn_voc0712"], method="gkd", teacher=f"{_arch}_r101",
+        source=f"unknown (no released VOC config): GKD's COCO KD settings on "
+               f"{PRESETS[f'{_arch}_r50_fpn_voc0712'].source}, ours"), baseline=PRESETS[f"{_arch}_r50_fpn_voc0712"])
+# GDD (gdd.md §5/§6, row 3): alpha 4, tau 4 on P2-P5, gradient clipping 35 added by the distillation config.
+# The paper's teacher is a Cascade Mask R-CNN X101-32x4d-FPN-DCN (47.3); ours is Faster R-CNN R101-FPN 2x.
+register(PRESETS, "gdd_faster_rcnn_r50_fpn_2x_coco", dataclasses.replace(
+    PRESETS["faster_rcnn_r50_fpn_2x_coco"], method="gdd", teacher="faster_rcnn_r101", grad_clip=35.0,
+    method_options={"alpha": 4.0, "tau": 4.0},
+    source="ZhgLiu/GDD objectDet/configs/distillers/gdd/cascade_mask_rcnn_rx101_32x4d_distill_faster_rcnn_r50_fpn_2x_coco.py"),
+    baseline=PRESETS["faster_rcnn_r50_fpn_2x_coco"])
+# DIST (dist.md §3/§4): beta = gamma = 1, tau 1, weight 1; RetinaNet sigmoid per level, Faster R-CNN softmax
+# RoI logits. The paper's teachers are RetinaNet X101 (41.0) and Cascade Mask R-CNN X101-64x4d (45.6);
+# ours are the R101-FPN 2x of the same detector.
+DIST_DET_CONFIGS = {"retinanet": "dist_retinanet_x101-retinanet-r50_coco.py",
+                    "faster_rcnn": "dist_cascade_mask_rcnn_x101-fpn_x50_coco.py"}
+for _arch in DETECTOR_LR:
+    register(PRESETS, f"dist_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
+        PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="dist", teacher=f"{_arch}_r101",
+        source=f"hunto/MasKD mmrazor/configs/distill/dist/{DIST_DET_CONFIGS[_arch]} (DIST_KD README)"),
+        baseline=PRESETS[f"{_arch}_r50_fpn_2x_coco"])
+
+# ------------------------------------------------------------------------------ SoKD on detection (issue 6)
+# sokd.md §5, COCO row ([code], the RegKD branch on detectron2): DAM on the last FPN output, the student's
+# through a 256 -> 256 adapter; k 8 regions, K_h 2 heatmap channels; region (masked feature) loss weight 2,
+# area (DAM) loss weight 1; base: KD at T 4 on the RoI class logits. DAFA on, with the first-order search
+# over the first fifth of the run (ours, as CIFAR's 50 of 240 epochs; whether the paper's COCO runs used
+# DAFA is unknown). --sokd-base also takes dist (RoI logits) or gdd (the FPN features, row 3's alpha).
+SOKD_DET_OPTIONS = {"k": 8, "num_heat": 2, "w_feat": 2.0, "w_dam": 1.0, "search_mode": "first_order", "base": "kd",
+                    "base_options": {"kd": {"tau": 4.0}, "dist": {}, "gdd": {"alpha": 4.0, "tau": 4.0}}}
+# Faster R-CNN R101 -> R50 / R18 (the MobileNetV2 student is not built here): 180k iterations at batch 8,
+# lr 0.01, x0.1 at 120k / 160k; warm-up and data handling of our mmdet Faster R-CNN 2x recipe (ours).
+# detectron2 counts iterations, so this recipe does too (evaluation about once per epoch at batch 8).
+# Pretrained: torchvision's R50 (ours; detectron2 starts from its own R-50.pkl, a layout our loader does not read).
+SOKD_COCO = dataclasses.replace(PRESETS["faster_rcnn_r50_fpn_2x_coco"], batch_size=8, lr=0.01, epochs=None,
+                                iters=180_000, lr_steps=(120_000, 160_000), eval_every=117_266 // 8,
+                                teacher="faster_rcnn_r101", method="sokd",
+                                source="unknown config file: the RegKD branch of SoKD's detectron2 code (sokd.md §5)")
+for _depth in (50, 18):
+    register(PRESETS, f"sokd_faster_rcnn_r{_depth}_fpn_coco", dataclasses.replace(
+        SOKD_COCO, student=f"faster_rcnn_r{_depth}", pretrained=TORCHVISION_WEIGHTS[_depth],
+        method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5}))
+DEFAULT_PRESETS[("det", "sokd", "coco")] = "sokd_faster_rcnn_r50_fpn_coco"
+
+# --- Synthetic demos: the synthetic_det_<family>_none recipe with a method. PGM uses smaller boxes (8 px
+# of 128, as 30 px of a ~500-px COCO image) and at most 20 images per class (~150 images, under a minute
+# on a CPU) to keep the pass short;
+# GDD alpha 4 on Faster R-CNN (row 3) and 65 on RetinaNet (gdd.md §5, the one-stage analogue).
+SYNTHETIC_DET_METHOD_OPTIONS = {
+    "gkd": {"retinanet": {"pgm_min_size": 8.0, "pgm_max_images": 20},
+            "frcnn": {"pgm_min_size": 8.0, "pgm_max_images": 20}},
+    "gdd": {"retinanet": {"alpha": 65.0, "tau": 4.0}, "frcnn": {"alpha": 4.0, "tau": 4.0}},
+    "dist": {"retinanet": {}, "frcnn": {}},
+    "kd": {"frcnn": {"tau": 4.0}},  # softmax KD needs RoI class logits: Faster R-CNN only (SoKD's base, T 4)
+}
+# SoKD with the COCO row's settings, searching over the first fifth of the run. Faster R-CNN: over KD; its
+# 128-pixel inputs give a 2x2 P6, K_h x H x W = 8 = k cells. RetinaNet: over feature distillation (GDD
+# with the demo's options) at P6, as P7 is 1x1 at 128 pixels (2 cells cannot hold k = 8 regions).
+_sokd_demo = {**SOKD_DET_OPTIONS, "search_iters": SYNTHETIC_DET.iters // 5}
+SYNTHETIC_DET_METHOD_OPTIONS["sokd"] = {
+    "frcnn": _sokd_demo,
+    "retinanet": {**_sokd_demo, "base": "gdd", "tap": "p6", "base_options": {
+        **SOKD_DET_OPTIONS["base_options"], "gdd": SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]}}}
+for _method, _per_family in SYNTHETIC_DET_METHOD_OPTIONS.items():
+    for _family, _options in _per_family.items():
+        register(PRESETS, f"synthetic_det_{_family}_{_method}", dataclasses.replace(
+            PRESETS[f"synthetic_det_{_family}_none"], method=_method, method_options=_options), baseline=False)
+    DEFAULT_PRESETS[("det", _method, "synthetic")] = f"synthetic_det_{next(iter(_per_family))}_{_method}"
+DEFAULT_PRESETS.update({
+    ("det", "gkd", "coco"): "gkd_retinanet_r50_fpn_2x_coco",
+    ("det", "gkd", "voc"): "gkd_retinanet_r50_fpn_voc0712",
+    ("det", "gdd", "coco"): "gdd_faster_rcnn_r50_fpn_2x_coco",
+    ("det", "dist", "coco"): "dist_retinanet_r50_fpn_2x_coco",
+})
+
+
+# --- FCOS-MV2-C128 on COCO (depth_fcos.md §5, config fcos_syncbn_bs32_c128_MNV2_FPN_1x of tianzhi0549/FCOS):
+# batch 32, SGD lr 0.01, momentum 0.9, wd 1e-4, 90k iterations, x0.1 at 60k and 80k, warm-up 500 iterations
+# at 1/3 (FCOS: constant factor; ours is the engine's linear ramp from 1/3), 1333x800, flip 0.5; centre
+# sampling, GIoU, normalised targets and centerness-on-reg off. Teacher [ours]: FCOS R-101-FPN
+# (--teacher-ckpt); the paper's teacher is unknown here.
+FCOS_COCO = dataclasses.replace(COCO_DET, student="fcos_mv2_c128", teacher="fcos_r101", batch_size=32, lr=0.01,
+                                epochs=None, iters=90_000, lr_steps=(60_000, 80_000), warmup_iters=500,
+                                warmup_ratio=1 / 3, eval_every=0, pretrained="mobilenet_v2-b0353104.pth",
+                                source="tianzhi0549/FCOS configs/fcos/fcos_syncbn_bs32_c128_MNV2_FPN_1x.yaml")
+register(PRESETS, "skd_fcos_mv2_c128_coco", dataclasses.replace(FCOS_COCO, method="skd"))
+for _method in ("dist", "gdd"):
+    register(PRESETS, f"{_method}_fcos_mv2_c128_coco", dataclasses.replace(
+        FCOS_COCO, method=_method, method_options={"alpha": 65.0, "tau": 4.0} if _method == "gdd" else {},
+        source=FCOS_COCO.source + f"; {_method.upper()} on FCOS and its weights ours"), baseline=False)
+DEFAULT_PRESETS[("det", "skd", "coco")] = "skd_fcos_mv2_c128_coco"
+
+# --- Synthetic FCOS demo: the det demo's 128x128 easy scenes (ours; the spec's 256x320 is 4x the CPU time),
+# sizes of interest divided by 4, MobileNetV2-c64 student and ResNet-50 teacher trained three times as long.
+SYNTHETIC_FCOS_MODEL = {"sizes_of_interest": ((-1, 16), (16, 32), (32, 64), (64, 128), (128, 1e8))}
+SYNTHETIC_FCOS = dataclasses.replace(SYNTHETIC_DET, student="fcos_mv2_c64", teacher="fcos_r50",
+                                     model_options=SYNTHETIC_FCOS_MODEL, teacher_preset="synthetic_det_fcos_teacher")
+register(PRESETS, "synthetic_det_fcos_teacher", dataclasses.replace(SYNTHETIC_FCOS, student="fcos_r50", teacher=None,
+                                                                    teacher_preset=None, iters=1800,
+                                                                    lr_steps=(1500,)))
+# GDD at the RetinaNet demo's alpha on the same five levels; DIST at its defaults on the sigmoid maps.
+SYNTHETIC_FCOS_METHOD_OPTIONS = {"none": {}, "skd": {}, "dist": {}, "gdd": {"alpha": 65.0, "tau": 4.0}}
+register_demo(PRESETS, "synthetic_det_fcos", SYNTHETIC_FCOS, SYNTHETIC_FCOS_METHOD_OPTIONS)
+DEFAULT_PRESETS[("det", "skd", "synthetic")] = "synthetic_det_fcos_skd"

@@ -1,0 +1,70 @@
+"""Instance segmentation presets (mmdet SOLO and Mask R-CNN recipes, GDD's SOLO row, the synthetic demo).
+Data only: each row is a :class:`~kd_ref.recipe.Recipe` with its ``source``, and every distillation row
+has a ``<row>_baseline`` twin (:func:`~kd_ref.recipe.register`)."""
+from __future__ import annotations
+
+import dataclasses
+
+from kd_ref.presets_det import COCO_DET, COCO_SCHEDULES, MMDET_CONFIGS, TORCHVISION_WEIGHTS
+from kd_ref.recipe import Recipe, register, register_demo
+
+PRESETS: dict[str, Recipe] = {}
+# Which preset a bare "--task T --method M [--data D]" means.
+DEFAULT_PRESETS: dict[tuple, str] = {}
+
+
+# --- COCO (instance_seg.md §5-§7). mmdet 2.x data handling as the detectors (keep-ratio 1333x800, flip 0.5,
+# ImageNet mean/std, pad 32), torchvision ResNets with stage 1 frozen and BN in eval mode, epochs as mmdet's
+# EpochBasedRunner counts them. SOLO R50 1x (configs/solo/solo_r50_fpn_1x_coco.py on schedule_1x): lr 0.01,
+# 12 epochs, x0.1 at 8 and 11, warm-up 500 iterations from 0.001. Mask R-CNN: mmdet's mask_rcnn configs (lr
+# 0.02, schedule 1x / 2x). The SOLO 3x multi-scale recipes (R50 35.9, the R101 teacher 37.1) are not presets:
+# their short side in {640, ..., 800} needs a multi-scale resize the detection transform does not have.
+COCO_INS = dataclasses.replace(COCO_DET, task="ins")
+register(PRESETS, "solo_r50_fpn_1x_coco", dataclasses.replace(
+    COCO_INS, student="solo_r50", lr=0.01, epochs=12, lr_steps=(8, 11), pretrained=TORCHVISION_WEIGHTS[50],
+    source=f"{MMDET_CONFIGS}/solo/solo_r50_fpn_1x_coco.py (mask AP 33.1, mmdet SOLO README)"))
+for _depth in (50, 101):
+    for _schedule, (_epochs, _steps) in COCO_SCHEDULES.items():
+        register(PRESETS, f"maskrcnn_r{_depth}_fpn_{_schedule}_coco", dataclasses.replace(
+            COCO_INS, student=f"maskrcnn_r{_depth}", lr=0.02, epochs=_epochs, lr_steps=_steps,
+            pretrained=TORCHVISION_WEIGHTS[_depth],
+            source=f"{MMDET_CONFIGS}/mask_rcnn/mask_rcnn_r{_depth}_fpn_{_schedule}_coco.py" + (
+                " (box 38.2 / mask 34.7 at 1x, 39.2 / 35.4 at 2x, mmdet model zoo)" if _depth == 50 else "")))
+# GDD on SOLO, the paper row (instance_seg.md §6): SOLO R101-FPN 3x teacher (--teacher-ckpt, e.g. GDD's
+# Solo_r101_3x.pth, provenance unknown) -> SOLO R50 1x; alpha 200, tau 4, neck and head initialised from
+# the teacher, gradient clipping 35 added by the distillation config. The twin is the plain R50 1x.
+register(PRESETS, "gdd_solo_r50_fpn_1x_coco", dataclasses.replace(
+    PRESETS["solo_r50_fpn_1x_coco"], method="gdd", teacher="solo_r101", grad_clip=35.0,
+    method_options={"alpha": 200.0, "tau": 4.0, "init_student": True},
+    source="ZhgLiu/GDD instanceSeg/configs/distillers/gdd/solo_r101_ms_distill_solo_r50_coco.py"),
+    baseline=PRESETS["solo_r50_fpn_1x_coco"])
+# GDD on Mask R-CNN: ours, the Faster R-CNN row (alpha 4, tau 4 on P2-P5, clipping 35) moved to Mask R-CNN
+# R101 2x -> R50 2x; no paper or config distils Mask R-CNN with GDD.
+register(PRESETS, "gdd_maskrcnn_r50_fpn_2x_coco", dataclasses.replace(
+    PRESETS["maskrcnn_r50_fpn_2x_coco"], method="gdd", teacher="maskrcnn_r101", grad_clip=35.0,
+    method_options={"alpha": 4.0, "tau": 4.0},
+    source="unknown (ours): the Faster R-CNN row ZhgLiu/GDD objectDet/configs/distillers/gdd/"
+           "cascade_mask_rcnn_rx101_32x4d_distill_faster_rcnn_r50_fpn_2x_coco.py extrapolated to Mask R-CNN"),
+    baseline=PRESETS["maskrcnn_r50_fpn_2x_coco"])
+
+# --- Synthetic instances (instance_seg.md §9): easy-style 256-pixel scenes, three shapes, from scratch.
+# SOLO: ResNet-18 student with a 64-channel, 2-conv head and grids (12, 10, 8, 6, 4); teacher ResNet-50 with a
+# 128-channel, 4-conv head, trained longer. GDD taps P2-P5 (the FPN is 256 channels in both: no align conv).
+SYNTHETIC_INS = Recipe(task="ins", data="synthetic", num_classes=3, synthetic_style="easy",
+                       synthetic_size=(256, 256), image_scale=(256, 256), normalization="imagenet_rgb",
+                       rcnn_rois_per_image=128, batch_size=4, iters=300, lr=0.01, weight_decay=1e-4,
+                       schedule="step", lr_steps=(250,), warmup_iters=50, grad_clip=35.0, eval_every=0,
+                       ckpt_every=100, synthetic_val=50)
+SYNTHETIC_INS_MODELS = {"solo": ("solo_synth_r18", "solo_synth_r50"), "maskrcnn": ("maskrcnn_r18", "maskrcnn_r18")}
+SYNTHETIC_INS_METHOD_OPTIONS = {"none": {}, "gdd": {"alpha": 200.0, "tau": 4.0}}
+for _family, (_student, _teacher) in SYNTHETIC_INS_MODELS.items():
+    register(PRESETS, f"synthetic_ins_{_family}_teacher", dataclasses.replace(
+        SYNTHETIC_INS, student=_teacher, iters=3 * SYNTHETIC_INS.iters, lr_steps=(3 * SYNTHETIC_INS.lr_steps[0],)))
+    register_demo(PRESETS, f"synthetic_ins_{_family}", dataclasses.replace(
+        SYNTHETIC_INS, student=_student, teacher=_teacher, teacher_preset=f"synthetic_ins_{_family}_teacher"),
+        SYNTHETIC_INS_METHOD_OPTIONS)
+DEFAULT_PRESETS.update({
+    **{("ins", method, "synthetic"): f"synthetic_ins_solo_{method}" for method in SYNTHETIC_INS_METHOD_OPTIONS},
+    ("ins", "none", "coco"): "solo_r50_fpn_1x_coco",
+    ("ins", "gdd", "coco"): "gdd_solo_r50_fpn_1x_coco",
+})

@@ -1,0 +1,222 @@
+"""What a run is, with no torch import: the :class:`Recipe` type, the checks and conversions that read
+only a recipe (schedule, ImageNet weights file, ``--set`` overrides, the digest and the fields a resumed
+run may change), and :func:`register`, with which the preset modules (``kd_ref/presets_*.py``) add a
+paper row and its baseline twin. ``kd_ref.configs`` holds the registries that build models and
+distillers; the command-line tools read presets through this module alone, so listing them or naming an
+unknown one answers before torch is imported."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Recipe:
+    """Everything a run needs besides the data root and the machine."""
+    task: str = "seg"
+    method: str = "none"
+    data: str = "synthetic"
+    student: str = "pspnet_r18"
+    teacher: str | None = None
+    flavour: str = "cirkd"           # model/backbone family of the reference tables (segmentors)
+    num_classes: int = 19
+    # ImageNet weights the student backbone starts from: a local file (PRETRAINED_WEIGHTS names the file each
+    # preset expects, its layout and where the reference gets it); None: from scratch
+    pretrained: str | None = None
+    # data
+    crop: tuple = (512, 1024)
+    scales: tuple = (0.5, 2.0)       # random rescale range
+    scale_step: float | None = 0.1   # 0.5 + k/10 as CIRKD/SKD; None = continuous as mmseg
+    cat_max_ratio: float | None = None  # mmseg re-draws crops dominated by one class (0.75)
+    photometric_distortion: bool = False  # mmseg PhotoMetricDistortion after the flip (transforms.py)
+    normalization: str = "bgr_mean"  # "bgr_mean" (CIRKD/SKD) or "imagenet_rgb" (mmseg, torchvision)
+    synthetic_size: tuple = (128, 128)
+    synthetic_train: int = 2000
+    synthetic_val: int = 100
+    synthetic_style: str = "standard"  # SyntheticScenes.STYLES
+    # a trained checkpoint of the student architecture to start from (a train.py last.pt or a plain state
+    # dict); GKD's released configs start from the trained baseline detector
+    student_init: str | None = None
+    image_scale: tuple = (1333, 800)  # det: keep-ratio resize bounds (long side, short side), mmdet img_scale
+    rcnn_rois_per_image: int = 512   # det, Faster R-CNN: RoIs sampled per training image (mmdet 512)
+    classes: tuple | None = None     # det, VOC layout: the tree's class names (None: the 20 VOC classes)
+    # optimisation
+    batch_size: int = 16             # total over all processes
+    iters: int | None = 40000        # None when ``epochs`` counts the schedule
+    # epoch-based references (mmdet EpochBasedRunner): the run is ``epochs`` passes over the training set
+    # (repeated ``dataset_repeat`` times, mmdet RepeatDataset), ``lr_steps`` and ``eval_every`` count epochs,
+    # and the iterations follow from the set's length at run time (resolve_schedule)
+    epochs: int | None = None
+    dataset_repeat: int = 1
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "poly"
+    poly_power: float = 0.9
+    min_lr: float = 0.0
+    lr_steps: tuple = ()
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.001
+    grad_clip: float | None = None
+    # weight of the model's own (task) losses in the objective: mdistiller's CIFAR KD is 0.1 CE + 0.9 KD
+    task_loss_weight: float = 1.0
+    # bookkeeping
+    eval_every: int = 0
+    keep_best: bool = False          # keep best.pt by the task's main metric over the evaluations
+    ckpt_every: int = 1000           # iterations, also in epoch-based recipes
+    seed: int = 0
+    method_options: dict = field(default_factory=dict)
+    # keyword options of the model builders, shared by student and teacher: DepthNet's bins, range, focal
+    # and loss weight (depth), FCOS's options (det, FCOS only); empty = the builders' defaults
+    model_options: dict = field(default_factory=dict)
+    teacher_preset: str | None = None  # recipe that trains the teacher on synthetic data
+    source: str = ""                 # the reference config(s) the preset mirrors; documentation only
+
+
+def _field_default(name: str):
+    spec = next(f for f in dataclasses.fields(Recipe) if f.name == name)
+    return spec.default if spec.default_factory is dataclasses.MISSING else spec.default_factory()
+
+
+# Fields that document a recipe without changing the run: a resumed run may differ in them.
+DOCUMENTATION_FIELDS = ("source",)
+
+
+# Training-set sizes of the data sets whose presets counted iterations (epochs x size // batch) before they
+# counted epochs: the CIFAR-100 and ImageNet classification rows.
+ITERATION_COUNTED_SETS = {"cifar100": 50_000, "imagenet": 1_281_167}
+
+
+def recipe_changes(stored: dict, recipe: Recipe) -> list:
+    """Fields in which ``recipe`` differs from a checkpoint's stored recipe (a dict). A field the stored
+    recipe lacks was added after the checkpoint was written and counts as its default, which reproduces
+    the behaviour of the code that wrote it. A stored recipe in iterations on a data set of
+    ``ITERATION_COUNTED_SETS`` is compared with an epoch-based ``recipe`` in iterations, at that set's
+    iterations per epoch: a checkpoint of a preset that counted iterations then resumes under the preset
+    that counts epochs now, if the two are the same run."""
+    old = {spec.name: stored[spec.name] if spec.name in stored else _field_default(spec.name)
+           for spec in dataclasses.fields(Recipe)}
+    if old["epochs"] is None and recipe.epochs is not None and recipe.data in ITERATION_COUNTED_SETS:
+        recipe = resolve_schedule(recipe, ITERATION_COUNTED_SETS[recipe.data] // recipe.batch_size)
+    return [name for name, value in old.items() if name not in DOCUMENTATION_FIELDS and value != getattr(recipe, name)]
+
+
+# Method options that an epoch-based recipe may count in epochs, and the option in iterations each becomes
+# (resolve_schedule): SoKD's search length, which its reference counts in epochs (FabienCode/mdistiller
+# DFKDTrainer searches while epoch <= DFKD.SERACH_EPOCH).
+EPOCH_OPTIONS = {"search_epochs": "search_iters"}
+
+
+def resolve_schedule(recipe: Recipe, iters_per_epoch: int) -> Recipe:
+    """The recipe in iterations for a training set of ``iters_per_epoch`` iterations per epoch: an
+    epoch-based recipe's ``iters`` = epochs x iterations per epoch, its ``lr_steps``, ``eval_every`` and the
+    method options of ``EPOCH_OPTIONS`` times iterations per epoch (mmdet EpochBasedRunner: max_iters =
+    max_epochs x len(data_loader), lr steps at epoch boundaries; CRD/mdistiller classification loops the
+    same). An iteration-based recipe is returned unchanged."""
+    if recipe.epochs is None:
+        return recipe
+    options = {EPOCH_OPTIONS.get(name, name): value * iters_per_epoch if name in EPOCH_OPTIONS else value
+               for name, value in recipe.method_options.items()}
+    return dataclasses.replace(recipe, epochs=None, iters=recipe.epochs * iters_per_epoch,
+                               lr_steps=tuple(step * iters_per_epoch for step in recipe.lr_steps),
+                               eval_every=recipe.eval_every * iters_per_epoch, method_options=options)
+
+
+def check_schedule(recipe: Recipe) -> None:
+    if (recipe.iters is None) == (recipe.epochs is None):
+        raise ValueError(f"recipe: exactly one of iters ({recipe.iters}) and epochs ({recipe.epochs}) must be set")
+    if (recipe.epochs or recipe.iters) < 1 or recipe.dataset_repeat < 1:
+        raise ValueError(f"recipe: iters/epochs and dataset_repeat must be >= 1, got iters={recipe.iters}, "
+                         f"epochs={recipe.epochs}, dataset_repeat={recipe.dataset_repeat}")
+    for in_epochs, in_iters in EPOCH_OPTIONS.items():
+        if in_epochs in recipe.method_options and (recipe.epochs is None or in_iters in recipe.method_options):
+            raise ValueError(f"method_options {in_epochs}: counts epochs of an epoch-based recipe, in place of "
+                             f"{in_iters} (the recipe has epochs={recipe.epochs}"
+                             f"{', and ' + in_iters if in_iters in recipe.method_options else ''})")
+    if recipe.keep_best and recipe.eval_every <= 0:
+        raise ValueError("--keep-best selects among the evaluations: it needs --eval-every N > 0 (the recipe has "
+                         f"eval_every={recipe.eval_every})")
+
+
+# ImageNet weights the real-data presets start from: file -> (layout read by backbones.load_pretrained,
+# where the reference gets it). Download the file and pass --pretrained PATH (or place it under this name
+# in the working directory).
+PRETRAINED_WEIGHTS = {
+    **{f"resnet{depth}-imagenet.pth": (
+        "CIRKD deep-stem ResNetV1b", "the 'Backbones pretrained on ImageNet' table of winycg/CIRKD's README "
+        "(SKD's run_train_val.sh loads a file of this name too: --student-pretrain-model-imgnet)")
+       for depth in (18, 101)},
+    **{f"resnet{depth}_v1c.pth": (
+        "mmcv ResNetV1c", f"mmcv's open-mmlab://resnet{depth}_v1c, which the mmseg configs name as pretrained")
+       for depth in (18, 101)},
+    **{name: ("torchvision", f"torchvision's ResNet-{name.split('-')[0][6:]} IMAGENET1K_V1 weights "
+              f"(https://download.pytorch.org/models/{name}), mmdet 2.x torchvision://resnet{name.split('-')[0][6:]}")
+       for name in ("resnet18-f37072fd.pth", "resnet50-0676ba61.pth", "resnet101-63fe2227.pth")},
+}
+
+
+def check_pretrained(recipe: Recipe) -> None:
+    """A recipe that names ImageNet weights must find them: a run never silently starts a student the
+    reference pre-trains from random weights. (``pretrained=None`` is from scratch, by the preset or by
+    ``--pretrained none``.)"""
+    if recipe.pretrained is None or os.path.isfile(recipe.pretrained):
+        return
+    name = os.path.basename(recipe.pretrained)
+    layout, origin = PRETRAINED_WEIGHTS.get(name, ("any layout backbones.load_pretrained reads", "-"))
+    raise FileNotFoundError(f"--pretrained {recipe.pretrained}: no such file; {recipe.student} starts from ImageNet "
+                            f"weights {name} ({layout} layout; the reference gets them from {origin}): pass "
+                            "--pretrained PATH, or --pretrained none to train from random weights")
+
+
+def parse_overrides(items: list) -> dict:
+    """``["iters=10", "crop=(64, 64)"]`` -> recipe fields, values read as Python literals."""
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise ValueError(f"--set {item}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            overrides[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[name] = text  # a bare word such as a model name
+    return overrides
+
+
+def recipe_digest(recipe: Recipe) -> str:
+    """A short digest of every field of ``recipe``: equal recipes, equal digests."""
+    text = json.dumps(dataclasses.asdict(recipe), sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+# Recipe fields that only a distillation config sets (the method, its options, the student's starting
+# checkpoint, the down-weighted task loss next to a KD term): a baseline twin has their defaults.
+DISTILLATION_FIELDS = ("method", "method_options", "student_init", "task_loss_weight")
+
+
+def register(presets: dict, name: str, recipe: Recipe, baseline: "bool | Recipe" = True) -> None:
+    """Add to ``presets`` the preset ``name`` and, for a distillation preset, its ``<name>_baseline`` twin:
+    the recipe with the defaults of ``DISTILLATION_FIELDS`` (``--method none``), or, when the distillation
+    config also changes the optimisation (e.g. adds gradient clipping), ``baseline`` given as the recipe
+    that config extends. The twin keeps the teacher, for reference. ``False``: no twin."""
+    presets[name] = recipe
+    if baseline is not False and recipe.method != "none":
+        twin = baseline if isinstance(baseline, Recipe) else recipe
+        defaults = {key: _field_default(key) for key in DISTILLATION_FIELDS}
+        presets[f"{name}_baseline"] = dataclasses.replace(twin, teacher=recipe.teacher, **defaults)
+
+
+def register_demo(presets: dict, prefix: str, recipe: Recipe, method_options: dict, defaults: dict | None = None):
+    """Add a synthetic demo's ``<prefix>_<method>`` presets, one per method of ``method_options`` ({method:
+    its options}): ``recipe`` with that method, without twins (the demo's ``none`` row is the baseline).
+    With ``defaults`` (a DEFAULT_PRESETS table), each becomes what ``--task/--method/--data`` of its
+    recipe mean."""
+    for method, options in method_options.items():
+        name = f"{prefix}_{method}"
+        register(presets, name, dataclasses.replace(recipe, method=method, method_options=options), baseline=False)
+        if defaults is not None:
+            defaults[(recipe.task, method, recipe.data)] = name
