@@ -59,6 +59,9 @@ class Recipe:
     image_scale: tuple = (1333, 800)  # det: keep-ratio resize bounds (long side, short side), mmdet img_scale
     rcnn_rois_per_image: int = 512   # det, Faster R-CNN: RoIs sampled per training image (mmdet 512)
     classes: tuple | None = None     # det, VOC layout: the tree's class names (None: the 20 VOC classes)
+    # det: per-GPU batches of one aspect group (w/h > 1), each group padded to whole batches by repeating
+    # its images (mmdet GroupSampler); False: plain shuffling, the last partial batch dropped
+    group_by_aspect: bool = False
     # optimisation
     batch_size: int = 16             # total over all processes
     iters: int | None = 40000        # None when ``epochs`` counts the schedule

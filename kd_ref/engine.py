@@ -159,13 +159,67 @@ class ResumableSampler(DistributedSampler):
         self.set_epoch(epoch)
         self.start = start
 
+    def epoch_indices(self) -> list:
+        """This rank's indices of the current epoch, from its start."""
+        return list(super().__iter__())
+
     def __iter__(self):
-        indices = list(super().__iter__())[self.start:]
+        indices = self.epoch_indices()[self.start:]
         self.start = 0
         return iter(indices)
 
     def __len__(self):
         return self.num_samples - self.start
+
+
+class AspectGroupSampler(ResumableSampler):
+    """mmdet 2.x DistributedGroupSampler (``mmdet/datasets/samplers/group_sampler.py``), resumable as
+    :class:`ResumableSampler`: every per-process batch holds images of one aspect group (``groups[i]``, 1
+    for w/h > 1), so that padding the batch to its largest image wastes little.
+
+    Each epoch, from a generator seeded ``seed + epoch``: the members of every group in random order,
+    padded by repeating that order from its start to a whole number of global batches (``batch`` per
+    process x processes), all groups' indices cut into per-process batches, the batches shuffled, and
+    process ``r`` takes the ``r``-th contiguous share. So no image is dropped: an epoch has
+    ``sum_g ceil(|g| / (batch x processes))`` iterations, where a plain sampler drops the last partial
+    batch."""
+
+    def __init__(self, dataset, groups, runtime: Runtime, seed: int, batch: int):
+        super().__init__(dataset, runtime, seed)
+        self.groups, self.batch = np.asarray(groups, np.int64), batch
+        if len(self.groups) != len(dataset):
+            raise ValueError(f"AspectGroupSampler: {len(self.groups)} group flags for {len(dataset)} samples")
+        self.group_sizes = np.bincount(self.groups)
+        global_batch = batch * self.num_replicas
+        self.num_samples = int(sum(math.ceil(size / global_batch) for size in self.group_sizes)) * batch
+        self.total_size = self.num_samples * self.num_replicas
+
+    def epoch_indices(self) -> list:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        global_batch = self.batch * self.num_replicas
+        padded = []
+        for group, size in enumerate(self.group_sizes):
+            if size == 0:
+                continue
+            members = np.flatnonzero(self.groups == group)[torch.randperm(int(size), generator=generator).numpy()]
+            padded.append(np.resize(members, math.ceil(size / global_batch) * global_batch))  # cyclic repeat
+        batches = np.concatenate(padded).reshape(-1, self.batch)
+        order = torch.randperm(len(batches), generator=generator).numpy()
+        shuffled = batches[order].reshape(-1)
+        return shuffled[self.rank * self.num_samples:(self.rank + 1) * self.num_samples].tolist()
+
+
+def build_train_sampler(recipe: "configs.Recipe", augmented: "EpochAugmentation", runtime: Runtime,
+                        batch: int) -> ResumableSampler:
+    """The training sampler of ``recipe``: aspect-grouped batches (``group_by_aspect``, mmdet's
+    GroupSampler) over the data set repeated ``dataset_repeat`` times, or plain shuffling."""
+    if not recipe.group_by_aspect:
+        return ResumableSampler(augmented, runtime, recipe.seed)
+    if not hasattr(augmented.dataset, "aspect_groups"):
+        raise ValueError(f"group_by_aspect: --task {recipe.task} data has no image aspect ratios to group by "
+                         "(detection and instance segmentation data have)")
+    groups = np.tile(augmented.dataset.aspect_groups(), augmented.repeat)  # as mmdet's RepeatDataset.flag
+    return AspectGroupSampler(augmented, groups, runtime, recipe.seed, batch)
 
 
 class EpochAugmentation(torch.utils.data.Dataset):
@@ -703,7 +757,7 @@ class TrainingRun:
             raise ValueError(f"--batch-size {recipe.batch_size} must be a positive multiple of the number "
                              f"of processes ({runtime.world_size})")
         self.augmented = EpochAugmentation(self.train_set, recipe.seed, recipe.dataset_repeat)
-        self.sampler = ResumableSampler(self.augmented, runtime, recipe.seed)
+        self.sampler = build_train_sampler(recipe, self.augmented, runtime, self.per_rank_batch)
         if len(self.sampler) < self.per_rank_batch:
             raise ValueError(f"training set has {len(self.train_set)} samples: fewer than one batch of "
                              f"{recipe.batch_size} over {runtime.world_size} process(es)")
