@@ -1070,6 +1070,18 @@ for _method, _options in SYNTHETIC_FCOS_METHOD_OPTIONS.items():
 DEFAULT_PRESETS[("det", "skd", "synthetic")] = "synthetic_det_fcos_skd"
 
 
+# ------------------------------------------------------------- mmdet's aspect-ratio grouping (issue 12)
+# mmdet 2.x trains with (Distributed)GroupSampler: per-GPU batches of one aspect group, every group padded
+# to whole batches. The presets of mmdet configs and of distillation codes built on mmdet (GKD's DAVAR-Lab
+# mmdetection, GDD, MasKD/mmrazor) sample so. SoKD's detectron2 rows and FCOS's maskrcnn-benchmark rows
+# group by aspect in their own ways, which are not reproduced: they keep plain shuffling.
+MMDET_SAMPLED = tuple(name for name, recipe in PRESETS.items()
+                      if recipe.task in ("det", "ins") and recipe.data in ("coco", "voc")
+                      and recipe.student not in tasks.detectors.FCOS_DETECTORS and not name.startswith("sokd_"))
+for _name in MMDET_SAMPLED:
+    PRESETS[_name] = dataclasses.replace(PRESETS[_name], group_by_aspect=True)
+
+
 # ---------------------------------------------------------------------------------------- listing
 PRESET_GROUPS = {
     "gdd": "GDD, Generative Denoise Distillation (arXiv:2401.08332)",

@@ -56,7 +56,8 @@ MMSEG = {"crop": (512, 512), "scales": (0.5, 2.0), "scale_step": None, "cat_max_
          "eval_every": 4000, "keep_best": False, "grad_clip": None}
 MMDET = {"image_scale": (1333, 800), "normalization": "imagenet_rgb", "batch_size": 16, "iters": None,
          "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step", "warmup_iters": 500, "warmup_ratio": 0.001,
-         "grad_clip": None, "eval_every": 1, "keep_best": False, "dataset_repeat": 1}
+         "grad_clip": None, "eval_every": 1, "keep_best": False, "dataset_repeat": 1,
+         "group_by_aspect": True}  # mmdet 2.x (Distributed)GroupSampler
 # preset -> (reference values, where they come from). Fields we set differently from the reference are
 # not listed here but in DIFFERENCES below, with the reason.
 REFERENCE = {
@@ -165,3 +166,10 @@ def test_check_pretrained_names_file_layout_and_origin(tmp_path):
     weights.write_bytes(b"")
     configs.check_pretrained(dataclasses.replace(recipe, pretrained=str(weights)))
     configs.check_pretrained(dataclasses.replace(recipe, pretrained=None))
+
+
+def test_mmdet_rows_group_batches_by_aspect_and_the_other_codes_shuffle_plainly():
+    for name, recipe in configs.PRESETS.items():
+        mmdet_based = (recipe.task in ("det", "ins") and recipe.data in ("coco", "voc")
+                       and not name.startswith(("sokd_", "skd_fcos", "dist_fcos", "gdd_fcos")))
+        assert recipe.group_by_aspect == mmdet_based, name
