@@ -85,6 +85,9 @@ class Recipe:
     # bookkeeping
     eval_every: int = 0
     keep_best: bool = False          # keep best.pt by the task's main metric over the evaluations
+    # iterations (updates done, in epoch-based recipes too) at which the student is also evaluated; with
+    # keep_best only these evaluations compete for best.pt (SKD's code scores snapshots at fixed steps)
+    eval_at: tuple = ()
     ckpt_every: int = 1000           # iterations, also in epoch-based recipes
     seed: int = 0
     method_options: dict = field(default_factory=dict)
@@ -136,9 +139,11 @@ def check_schedule(recipe: Recipe) -> None:
     if (recipe.epochs or recipe.iters) < 1 or recipe.dataset_repeat < 1:
         raise ValueError(f"recipe: iters/epochs and dataset_repeat must be >= 1, got iters={recipe.iters}, "
                          f"epochs={recipe.epochs}, dataset_repeat={recipe.dataset_repeat}")
-    if recipe.keep_best and recipe.eval_every <= 0:
-        raise ValueError("--keep-best selects among the evaluations: it needs --eval-every N > 0 (the recipe has "
-                         f"eval_every={recipe.eval_every})")
+    if recipe.keep_best and recipe.eval_every <= 0 and not recipe.eval_at:
+        raise ValueError("--keep-best selects among the evaluations: it needs --eval-every N > 0 or "
+                         f"--set eval_at=(N, ...) (the recipe has eval_every={recipe.eval_every})")
+    if any(not 1 <= at <= (recipe.iters or at) for at in recipe.eval_at):
+        raise ValueError(f"eval_at {tuple(recipe.eval_at)}: expected iterations in 1..{recipe.iters}")
 
 
 # ImageNet weights the real-data presets start from: file -> (layout read by backbones.load_pretrained,
@@ -389,8 +394,8 @@ for _student, _config, _alpha in (("pspnet_r18", "psp_r101_distill_psp_r18_40k_5
 
 # --- SKD authors' recipe (irfanICMLL/structure_knowledge_distillation master, run_train_val.sh +
 # utils/train_options.py + dataset/datasets.py CSDataSet; skd.md §7): PSPNet-R101 -> PSPNet-R18, 512x512,
-# scales 0.7 + k/10 (k <= 14), batch 8 on one GPU, lr 0.01, wd 5e-4, poly to 0. The code evaluates its
-# snapshots after iteration 39,000 (every 371 = 2975 // 8 iterations, and the final one); we report the last.
+# scales 0.7 + k/10 (k <= 14), batch 8 on one GPU, lr 0.01, wd 5e-4, poly to 0. Which snapshots it scores:
+# SKD_SNAPSHOTS below.
 SKD_SOURCE = "irfanICMLL/structure_knowledge_distillation run_train_val.sh + train_and_eval.py"
 SKD_ORIGINAL_CITYSCAPES = Recipe(data="cityscapes", flavour="skd", crop=(512, 512), scales=(0.7, 2.1),
                                  normalization="bgr_mean", batch_size=8, iters=40000, lr=0.01,
@@ -1080,6 +1085,15 @@ MMDET_SAMPLED = tuple(name for name, recipe in PRESETS.items()
                       and recipe.student not in tasks.detectors.FCOS_DETECTORS and not name.startswith("sokd_"))
 for _name in MMDET_SAMPLED:
     PRESETS[_name] = dataclasses.replace(PRESETS[_name], group_by_aspect=True)
+
+# ---------------------------------------------------- SKD's snapshot selection (issue 12)
+# irfanICMLL/structure_knowledge_distillation train_and_eval.py counts steps from 1 and, with save_steps =
+# int(2975 / 8) = 371, evaluates and saves the student after step s when s > 39,000 and s % 371 == 0, or
+# s == num_steps - 1: after 39,326, 39,697 and 39,999 of its 40,000 updates (never after the last one),
+# each file named with its mIoU. No periodic validation otherwise. We keep the best of those three.
+SKD_SNAPSHOTS = (39_326, 39_697, 39_999)
+for _name in ("skd_pspnet_r18_cityscapes_original", "skd_pspnet_r18_cityscapes_original_baseline"):
+    PRESETS[_name] = dataclasses.replace(PRESETS[_name], eval_every=0, eval_at=SKD_SNAPSHOTS, keep_best=True)
 
 
 # ---------------------------------------------------------------------------------------- listing

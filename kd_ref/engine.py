@@ -39,7 +39,9 @@ iterations, lr steps and evaluation interval derived from that set's length when
 
 Checkpoint selection (``recipe.keep_best``): every evaluation whose main metric beats the best so far is
 also written to ``best.pt``; ``metrics.json`` then holds ``"best": {"iteration", <metric>}`` next to the
-final scores.
+final scores. Evaluations run every ``eval_every`` iterations, at the iterations of ``eval_at`` and at
+the end; when ``eval_at`` is set, only its evaluations compete for ``best.pt`` (a reference that scores
+a few fixed snapshots, as SKD's code does).
 
 Step hook (SoKD's policy search): a distiller may define ``after_step(context)``; the engine calls it
 after the optimizer steps of every iteration with a :class:`StepContext`, whose ``loss_fn(batch)``
@@ -900,9 +902,10 @@ class TrainingRun:
         metrics = evaluate(self.task, unwrap(self.model), self.val_set, self.collate, self.runtime, self.recipe,
                            self.workers, self.quiet)
         self.log_file.write({"iteration": self.iteration, "eval": metrics})
-        main = self.task.main_metric
+        main, recipe = self.task.main_metric, self.recipe
         score = metrics[main]
-        if self.recipe.keep_best and (self.best is None or score > self.best[main]):  # NaN is never best
+        competes = recipe.keep_best and (not recipe.eval_at or self.iteration in recipe.eval_at)
+        if competes and (self.best is None or score > self.best[main]):  # NaN is never best
             self.best = {"iteration": self.iteration, main: score}
             self.save(os.path.join(self.out_dir, "best.pt"))
             self.log_file.write({"iteration": self.iteration, "best": self.best})
@@ -910,7 +913,8 @@ class TrainingRun:
 
     def evaluate_if_due(self) -> None:
         every = self.recipe.eval_every
-        if every and self.iteration % every == 0 and self.iteration != self.recipe.iters:
+        due = every and self.iteration % every == 0 or self.iteration in self.recipe.eval_at
+        if due and self.iteration != self.recipe.iters:
             self.evaluate()
             self.model.train()
 

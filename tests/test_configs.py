@@ -87,9 +87,12 @@ REFERENCE = {
     "skd_pspnet_r18_cityscapes_original": {
         "crop": (512, 512), "scales": (0.7, 2.1), "scale_step": 0.1, "normalization": "bgr_mean", "batch_size": 8,
         "iters": 40000, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "poly_power": 0.9, "min_lr": 0.0,
-        "pretrained": "resnet18-imagenet.pth", "method_options": {"preset": "original"}, "keep_best": False},
+        "pretrained": "resnet18-imagenet.pth", "method_options": {"preset": "original"}, "keep_best": True,
+        "eval_every": 0, "eval_at": (39_326, 39_697, 39_999)},  # train_and_eval.py's three scored snapshots
     "skd_pspnet_r18_cityscapes_original_baseline": {"scales": (0.7, 2.1), "batch_size": 8, "lr": 0.01,
-                                                    "weight_decay": 5e-4, "pretrained": "resnet18-imagenet.pth"},
+                                                    "weight_decay": 5e-4, "pretrained": "resnet18-imagenet.pth",
+                                                    "keep_best": True, "eval_every": 0,
+                                                    "eval_at": (39_326, 39_697, 39_999)},
     # mmdetection 2.x coco_detection.py, schedule_2x.py (24 epochs, steps 16/22), faster_rcnn lr 0.02,
     # retinanet lr 0.01, torchvision ImageNet weights; GKD/DIST/GDD on the 2x baselines
     **{f"{arch}_r{depth}_fpn_{sched}_coco": {**MMDET, "lr": lr, "epochs": epochs, "lr_steps": steps,
@@ -112,8 +115,9 @@ REFERENCE = {
 DIFFERENCES = {
     "teacher_pspnet_r101_cityscapes_skd": "unknown: the SKD teacher's recipe is not released (only its checkpoint); "
                                           "the preset trains it with the student's recipe",
-    "skd_pspnet_r18_cityscapes_original": "eval_every 4000: the code evaluates the snapshots after iteration "
-                                          "39,000; we report the last",
+    "skd_pspnet_r18_cityscapes_original": "reports the best of the three snapshots the code scores (keep_best "
+                                          "over eval_at): the code names each file with its mIoU and does not "
+                                          "say which one the paper reports",
     "gkd_retinanet_r50_fpn_2x_coco": "unknown: no released RetinaNet config; the Faster R-CNN config's settings",
     "gkd_faster_rcnn_r50_fpn_voc0712": "unknown: no released VOC config; the COCO KD settings on mmdet's VOC schedule",
     "gkd_retinanet_r50_fpn_voc0712": "unknown: as the Faster R-CNN VOC row",
@@ -173,3 +177,15 @@ def test_mmdet_rows_group_batches_by_aspect_and_the_other_codes_shuffle_plainly(
         mmdet_based = (recipe.task in ("det", "ins") and recipe.data in ("coco", "voc")
                        and not name.startswith(("sokd_", "skd_fcos", "dist_fcos", "gdd_fcos")))
         assert recipe.group_by_aspect == mmdet_based, name
+
+
+def test_skd_original_keeps_the_best_of_the_snapshots_train_and_eval_scores():
+    """train_and_eval.py: steps count from 1; it evaluates after step s if (s > 1 and s % save_steps == 0
+    and s > num_steps - 1000) or s == num_steps - 1, save_steps = int(2975 / batch)."""
+    num_steps, save_steps = 40_000, int(2975 / 8)
+    scored = tuple(s for s in range(1, num_steps + 1)
+                   if (s > 1 and s % save_steps == 0 and s > num_steps - 1000) or s == num_steps - 1)
+    assert scored == configs.SKD_SNAPSHOTS == (39_326, 39_697, 39_999)
+    recipe = configs.PRESETS["skd_pspnet_r18_cityscapes_original"]
+    assert (recipe.eval_at, recipe.keep_best, recipe.iters) == (scored, True, num_steps)
+    configs.check_schedule(recipe)

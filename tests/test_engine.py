@@ -221,8 +221,33 @@ def test_keep_best_keeps_the_best_evaluation_and_names_its_iteration(tmp_path, m
     assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
 
 
+def test_eval_at_scores_fixed_snapshots_and_only_they_compete_for_best(tmp_path, monkeypatch):
+    """SKD's code: evaluations at fixed iterations (here 2 and 3 of 5, plus every 2), the best of the fixed
+    ones kept; the periodic and the final evaluations are logged but do not compete."""
+    from kd_ref import engine
+    scores = iter([90.0, 50.0, 70.0, 95.0])  # at iterations 2, 3, 4 (eval_every) and 5 (final)
+
+    def fake_evaluate(*args, **kwargs):
+        return {"top1": next(scores)}
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    recipe = tiny_cls_recipe(iters=5, eval_every=2, eval_at=(2, 3), keep_best=True)
+    metrics = engine.train(recipe, str(tmp_path), Runtime(torch.device("cpu")), workers=0, quiet=True)
+    assert metrics == {"top1": 95.0, "best": {"iteration": 2, "top1": 90.0}}
+    with open(tmp_path / "log.jsonl") as handle:
+        evaluated = [line["iteration"] for line in map(json.loads, handle) if "eval" in line]
+    assert evaluated == [2, 3, 4, 5]
+    assert load_checkpoint(str(tmp_path / "best.pt"))["iteration"] == 2
+    # eval_at alone satisfies --keep-best; iterations outside the run are refused
+    configs.check_schedule(tiny_cls_recipe(iters=5, eval_at=(5,), keep_best=True))
+    with pytest.raises(ValueError, match=r"eval_at \(0, 6\): expected iterations in 1..5"):
+        configs.check_schedule(tiny_cls_recipe(iters=5, eval_at=(0, 6)))
+    with pytest.raises(ValueError, match="needs --eval-every N > 0 or --set eval_at"):
+        configs.check_schedule(tiny_cls_recipe(iters=5, keep_best=True))
+
+
 def test_old_checkpoint_without_the_new_recipe_fields_resumes(tmp_path, monkeypatch):
-    """A checkpoint written before photometric_distortion/epochs/dataset_repeat/keep_best/source existed
+    """A checkpoint written before photometric_distortion/epochs/dataset_repeat/keep_best/source/eval_at/
+    group_by_aspect existed
     resumes with those fields at their defaults, and refuses a recipe that changes one of them."""
     from kd_ref import engine
     recipe = tiny_cls_recipe(iters=2, ckpt_every=1)
@@ -230,7 +255,8 @@ def test_old_checkpoint_without_the_new_recipe_fields_resumes(tmp_path, monkeypa
                  quiet=True)
     path = str(tmp_path / "last.pt")
     ckpt = load_checkpoint(path)
-    new_fields = ("photometric_distortion", "epochs", "dataset_repeat", "keep_best", "source")
+    new_fields = ("photometric_distortion", "epochs", "dataset_repeat", "keep_best", "source", "eval_at",
+                  "group_by_aspect")
     ckpt["recipe"] = {k: v for k, v in ckpt["recipe"].items() if k not in new_fields}
     ckpt["recipe"]["iters"] = 2
     atomic_save(ckpt, path)
