@@ -2,6 +2,7 @@
 import dataclasses
 
 import pytest
+import torch
 
 from kd_ref import configs
 
@@ -189,3 +190,36 @@ def test_skd_original_keeps_the_best_of_the_snapshots_train_and_eval_scores():
     recipe = configs.PRESETS["skd_pspnet_r18_cityscapes_original"]
     assert (recipe.eval_at, recipe.keep_best, recipe.iters) == (scored, True, num_steps)
     configs.check_schedule(recipe)
+
+
+# Auxiliary head and BatchNorm of every seg row, re-checked against the model code of each reference:
+# - winycg/CIRKD@05a2753 models/{deeplabv3,pspnet}.py: auxlayer = _FCNHead(layer3 channels -> /4) on c3 (their
+#   layer3, our c4); train_baseline.py / train_kd.py: CE + 0.4 CE(aux); the student's norm_layer is
+#   nn.SyncBatchNorm under distributed training (hunto/DIST_KD segmentation/train_kd.py the same).
+# - ZhgLiu/GDD semanticSeg configs/_base_/models/{pspnet,deeplabv3}_r50-d8.py (+ the r18-d8 overrides):
+#   FCNHead in_index 2 (layer3), channels 256 (R18: 64), loss_weight 0.4, norm_cfg SyncBN, norm_eval False.
+# - irfanICMLL/structure_knowledge_distillation networks/pspnet_combine.py: dsn on layer3, conv 1024 -> 512
+#   (R18: 256 -> 128) + InPlaceABNSync; utils/criterion.py CriterionDSN: loss1 + 0.4 loss2; one GPU at
+#   batch 8, so its synchronised BN normalises over the batch of 8, as SyncBN over 8 processes of 1 does.
+# No difference was found; this table pins (aux input level, aux input channels, aux width).
+AUX_HEADS = {("cirkd", 18): ("c4", 256, 64), ("cirkd", 101): ("c4", 1024, 256),
+             ("mmseg", 18): ("c4", 256, 64), ("mmseg", 101): ("c4", 1024, 256),
+             ("skd", 18): ("c4", 256, 128), ("skd", 101): ("c4", 1024, 512)}
+
+
+def test_every_seg_row_has_the_references_aux_head_weight_and_syncbn():
+    from kd_ref import engine, segmentors
+    assert segmentors.AUX_LOSS_WEIGHT == 0.4
+    cuda_ddp = engine.Runtime(torch.device("cuda", 0), rank=0, world_size=8)
+    rows = [r for r in configs.PRESETS.values() if r.task == "seg" and r.data != "synthetic"]
+    assert len(rows) >= 13
+    for recipe in rows:
+        for arch in {recipe.student, recipe.teacher} - {None}:
+            with torch.device("meta"):
+                model = configs.TASKS["seg"].build_model(recipe, arch)
+            level, in_channels, width = AUX_HEADS[recipe.flavour, int(arch.split("_r")[1])]
+            conv = model.aux_head.block[0]
+            assert (model.backbone.out_channels[level], conv.in_channels, conv.out_channels) == (
+                in_channels, in_channels, width), (recipe.source, arch)
+        synced = engine.synchronise_batchnorm(model, None, cuda_ddp)
+        assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules()), recipe.source
