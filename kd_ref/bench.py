@@ -4,6 +4,7 @@
     python -m kd_ref.bench cost [--tasks seg det cls] [--methods ...] [--student A --teacher B]
                                 [--size H W] [--batch-size N] [--rounds N] [--device cuda] [--amp]
     python -m kd_ref.bench pairwise [--nodes 1024 4096 16384 65536] [--channels 128 512] [--device cuda]
+    python -m kd_ref.bench flops --preset NAME [NAME ...] [--peak-tflops 125] [--utilisation 0.25]
 
 ``effect`` trains one teacher per seed on the synthetic data (the preset's teacher recipe), then the
 student with every method from the same initialisation seed and data order, and prints the mean and
@@ -25,6 +26,12 @@ the task's synthetic-demo pair at the demo sizes, a few minutes on a CPU; for re
 (``kd_ref.skd.pair_wise_kd``) on one image of N nodes: seconds for forward + backward, peak memory, and
 the relative difference of the loss and of its gradient. Dense sizes whose estimated memory exceeds
 ``--memory-budget-gib`` (default half of the memory available now) are skipped and the table says so.
+
+``flops`` counts the FLOPs of one training iteration of each preset at its input size and total batch
+(student forward and backward, teacher forward, distiller, extra optimizer step, per-step hook) with
+torch.utils.flop_counter on fake tensors (no compute, no weights), multiplies by the run's iterations
+(epochs from the reference training-set sizes) and converts to GPU-hours at a stated sustained
+throughput; it prints the formula. Detection steps size tensors by their values and are not counted.
 """
 from __future__ import annotations
 
@@ -518,12 +525,11 @@ def _pairwise_cells(row: dict) -> list:
             f"{row['loss_rel_diff']:.1e}", f"{row['grad_rel_diff']:.1e}"]
 
 
-# ------------------------------------------------------------------------------------------- output
 # ------------------------------------------------------------------------------------------- flops
 # Training-set sizes of the references' data sets, in images per epoch before mmdet's RepeatDataset:
 # Cityscapes train 2975; COCO train2017 117,266 (118,287 minus the images without usable boxes that
 # mmdet's filter_empty_gt drops); VOC 07+12 trainval 16,551; CIFAR-100 train 50,000; ImageNet-1k train
-# 1,281,167; NYUv2 (VNL) 795 labelled training images.
+# 1,281,167.
 REFERENCE_TRAIN_SIZES = {"cityscapes": 2975, "coco": 117_266, "voc": 16_551, "cifar100": 50_000,
                          "imagenet": 1_281_167}
 # Assumed sustained throughput of one GPU: a V100's fp16 tensor-core peak (125 TFLOP/s) at 25 %
@@ -538,7 +544,8 @@ FLOPS_FORMULA = ("GPU-hours = FLOPs per iteration x iterations / (peak FLOP/s x 
 
 class PlausibleScalars(TorchDispatchMode):
     """Reading a fake tensor's value (``.item()``, ``bool(t)``) gives 1 / True: the value of a sanity check
-    that passes (``torch.isfinite(loss).all()``). No branch of a counted step reads a value for more."""
+    that passes (``torch.isfinite(loss).all()``). The counted seg and cls steps read values only in such
+    checks, so their FLOPs do not depend on it."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
@@ -593,15 +600,19 @@ def counted(work: Callable[[], object]) -> tuple:
     return result, counter.get_total_flops()
 
 
+def check_countable(recipe: configs.Recipe) -> None:
+    if recipe.task not in FLOP_BATCHES:
+        raise ValueError(f"bench flops: --task {recipe.task} is not counted: its training step sizes tensors by "
+                         f"their values (target assignment), which fake tensors cannot run; counted tasks: "
+                         f"{', '.join(FLOP_BATCHES)}")
+
+
 def iteration_flops(recipe: configs.Recipe) -> dict:
     """FLOPs of one training iteration of ``recipe`` at its input size and total batch, by part: student
     forward (with its task losses), teacher forward, distiller forward, backward of the student objective,
     the distiller's extra optimizer step (forward + backward; e.g. SKD's discriminator) and its per-step
     hook (e.g. SoKD's search). Models are built on fake tensors, so no weights are needed."""
-    if recipe.task not in FLOP_BATCHES:
-        raise ValueError(f"bench flops: --task {recipe.task} is not counted: its training step sizes tensors by "
-                         f"their values (target assignment), which fake tensors cannot run; counted tasks: "
-                         f"{', '.join(FLOP_BATCHES)}")
+    check_countable(recipe)
     task, method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
     parts = {}
     with fake_tensors():
@@ -656,11 +667,14 @@ def flops(presets: list, peak_tflops: float = V100_FP16_PEAK_TFLOPS, utilisation
           overrides: dict | None = None) -> list:
     """Per preset: FLOPs of one iteration by part, the iterations, the run's FLOPs and its GPU-hours at
     ``peak_tflops`` x ``utilisation``; printed as a Markdown table with the formula."""
+    unknown = [name for name in presets if name not in configs.PRESETS]
+    if unknown:
+        raise ValueError(f"--preset {' '.join(unknown)}: no such preset (python train.py --list-presets)")
+    recipes = {name: dataclasses.replace(configs.PRESETS[name], **(overrides or {})) for name in presets}
+    for recipe in recipes.values():  # every preset is checked before any is counted
+        check_countable(recipe)
     rows = []
-    for name in presets:
-        if name not in configs.PRESETS:
-            raise ValueError(f"--preset {name}: no such preset (python train.py --list-presets)")
-        recipe = dataclasses.replace(configs.PRESETS[name], **(overrides or {}))
+    for name, recipe in recipes.items():
         parts = iteration_flops(recipe)
         per_iteration = sum(parts.values())
         iterations = training_iterations(recipe)
@@ -678,6 +692,7 @@ def flops(presets: list, peak_tflops: float = V100_FP16_PEAK_TFLOPS, utilisation
     return rows
 
 
+# ------------------------------------------------------------------------------------------- output
 def print_table(title: str, header: list, rows: list) -> None:
     """A Markdown table (pastes into the README as it is) under a title line."""
     print(f"\n{title}\n")

@@ -125,6 +125,7 @@ def test_flops_prints_the_formula_and_refuses_tasks_with_data_dependent_shapes(c
     assert rows[0]["gpu_hours"] == pytest.approx(rows[0]["total"] / 50e12 / 3600)
     assert "GPU-hours = FLOPs per iteration x iterations / (peak FLOP/s x utilisation) / 3600" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--task det is not counted"):
-        bench.flops(["dist_retinanet_r50_fpn_2x_coco"])
+        bench.flops(["synthetic_cls_kd", "dist_retinanet_r50_fpn_2x_coco"])
     with pytest.raises(ValueError, match="--preset nope: no such preset"):
-        bench.flops(["nope"])
+        bench.flops(["synthetic_cls_kd", "nope"])
+    assert "training FLOPs" not in capsys.readouterr().out  # refused before anything was counted
