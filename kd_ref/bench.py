@@ -641,22 +641,27 @@ def iteration_flops(recipe: configs.Recipe) -> dict:
     return parts
 
 
-def training_iterations(recipe: configs.Recipe) -> int:
-    """The run's iterations: ``iters``, or for an epoch-based recipe epochs x the iterations per epoch of
-    the reference training set (repeated ``dataset_repeat`` times, last partial batch dropped)."""
+def reference_schedule(recipe: configs.Recipe) -> configs.Recipe:
+    """The recipe in iterations, an epoch-based one resolved (configs.resolve_schedule) at the iterations
+    per epoch of the reference training set (repeated ``dataset_repeat`` times, last partial batch dropped)."""
     if recipe.epochs is None:
-        return recipe.iters
+        return recipe
     if recipe.data not in REFERENCE_TRAIN_SIZES:
         raise ValueError(f"bench flops: no reference training-set size for --data {recipe.data}")
     return configs.resolve_schedule(
-        recipe, recipe.dataset_repeat * REFERENCE_TRAIN_SIZES[recipe.data] // recipe.batch_size).iters
+        recipe, recipe.dataset_repeat * REFERENCE_TRAIN_SIZES[recipe.data] // recipe.batch_size)
 
 
-def searching_iterations(recipe: configs.Recipe, iterations: int) -> int:
+def training_iterations(recipe: configs.Recipe) -> int:
+    return reference_schedule(recipe).iters
+
+
+def searching_iterations(recipe: configs.Recipe) -> int:
     """Iterations that run the per-step hook: SoKD searches for its first ``search_iters`` (None: all;
     see COST_VARIANTS), every other hook in every iteration."""
-    search = recipe.method_options.get("search_iters")
-    return iterations if search is None else min(iterations, search)
+    resolved = reference_schedule(recipe)
+    search = resolved.method_options.get("search_iters")
+    return resolved.iters if search is None else min(resolved.iters, search)
 
 
 def gpu_hours(flops: float, peak_tflops: float, utilisation: float) -> float:
@@ -679,7 +684,7 @@ def flops(presets: list, peak_tflops: float = V100_FP16_PEAK_TFLOPS, utilisation
         per_iteration = sum(parts.values())
         iterations = training_iterations(recipe)
         total = (per_iteration - parts.get("step hook", 0)) * iterations
-        total += parts.get("step hook", 0) * searching_iterations(recipe, iterations)
+        total += parts.get("step hook", 0) * searching_iterations(recipe)
         rows.append({"preset": name, "parts": parts, "per_iteration": per_iteration, "iterations": iterations,
                      "total": total, "gpu_hours": gpu_hours(total, peak_tflops, utilisation)})
     print_table(f"training FLOPs (batch and input size of each preset; {peak_tflops:g} TFLOP/s peak at "

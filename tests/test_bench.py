@@ -116,12 +116,14 @@ def test_iterations_follow_the_reference_set_sizes_and_gpu_hours_the_stated_thro
     assert bench.training_iterations(configs.PRESETS["dist_deeplabv3_r18_cityscapes"]) == 40_000
     assert bench.gpu_hours(125e12 * 0.25 * 3600, 125.0, 0.25) == pytest.approx(1.0)
     sokd = configs.PRESETS["sokd_resnet18_imagenet"]
-    assert bench.searching_iterations(sokd, 10 ** 9) == 5 * (1_281_167 // 256)
+    assert bench.searching_iterations(sokd) == 5 * (1_281_167 // 256)
+    assert bench.searching_iterations(configs.PRESETS["dist_resnet18_imagenet"]) == 100 * (1_281_167 // 256)
 
 
 def test_flops_prints_the_formula_and_refuses_tasks_with_data_dependent_shapes(capsys):
     rows = bench.flops(["synthetic_cls_kd"], peak_tflops=100.0, utilisation=0.5, overrides={"batch_size": 2})
-    assert rows[0]["total"] == rows[0]["per_iteration"] * configs.PRESETS["synthetic_cls_kd"].iters
+    iterations = bench.training_iterations(dataclasses.replace(configs.PRESETS["synthetic_cls_kd"], batch_size=2))
+    assert rows[0]["iterations"] == iterations and rows[0]["total"] == rows[0]["per_iteration"] * iterations
     assert rows[0]["gpu_hours"] == pytest.approx(rows[0]["total"] / 50e12 / 3600)
     assert "GPU-hours = FLOPs per iteration x iterations / (peak FLOP/s x utilisation) / 3600" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--task det is not counted"):
