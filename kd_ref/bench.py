@@ -4,6 +4,7 @@
     python -m kd_ref.bench cost [--tasks seg det cls] [--methods ...] [--student A --teacher B]
                                 [--size H W] [--batch-size N] [--rounds N] [--device cuda] [--amp]
     python -m kd_ref.bench pairwise [--nodes 1024 4096 16384 65536] [--channels 128 512] [--device cuda]
+    python -m kd_ref.bench flops --preset NAME [NAME ...] [--peak-tflops 125] [--utilisation 0.25]
 
 ``effect`` trains one teacher per seed on the synthetic data (the preset's teacher recipe), then the
 student with every method from the same initialisation seed and data order, and prints the mean and
@@ -25,10 +26,17 @@ the task's synthetic-demo pair at the demo sizes, a few minutes on a CPU; for re
 (``kd_ref.skd.pair_wise_kd``) on one image of N nodes: seconds for forward + backward, peak memory, and
 the relative difference of the loss and of its gradient. Dense sizes whose estimated memory exceeds
 ``--memory-budget-gib`` (default half of the memory available now) are skipped and the table says so.
+
+``flops`` counts the FLOPs of one training iteration of each preset at its input size and total batch
+(student forward and backward, teacher forward, distiller, extra optimizer step, per-step hook) with
+torch.utils.flop_counter on fake tensors (no compute, no weights), multiplies by the run's iterations
+(epochs from the reference training-set sizes) and converts to GPU-hours at a stated sustained
+throughput; it prints the formula. Detection steps size tensors by their values and are not counted.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import itertools
@@ -41,6 +49,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd_ref import configs, engine
 from kd_ref.skd import pair_wise_kd
@@ -516,6 +525,178 @@ def _pairwise_cells(row: dict) -> list:
             f"{row['loss_rel_diff']:.1e}", f"{row['grad_rel_diff']:.1e}"]
 
 
+# ------------------------------------------------------------------------------------------- flops
+# Training-set sizes of the references' data sets, in images per epoch before mmdet's RepeatDataset:
+# Cityscapes train 2975; COCO train2017 117,266 (118,287 minus the images without usable boxes that
+# mmdet's filter_empty_gt drops); VOC 07+12 trainval 16,551; CIFAR-100 train 50,000; ImageNet-1k train
+# 1,281,167.
+REFERENCE_TRAIN_SIZES = {"cityscapes": 2975, "coco": 117_266, "voc": 16_551, "cifar100": 50_000,
+                         "imagenet": 1_281_167}
+# Assumed sustained throughput of one GPU: a V100's fp16 tensor-core peak (125 TFLOP/s) at 25 %
+# utilisation, our assumption for convolutional training with AMP; both are flags of the subcommand.
+V100_FP16_PEAK_TFLOPS = 125.0
+ASSUMED_UTILISATION = 0.25
+FLOPS_FORMULA = ("GPU-hours = FLOPs per iteration x iterations / (peak FLOP/s x utilisation) / 3600; "
+                 "FLOPs as torch.utils.flop_counter counts them (2 per multiply-add; convolutions, "
+                 "matrix products and attention only); a per-step hook (SoKD's search) only in the "
+                 "iterations that run it")
+
+
+class PlausibleScalars(TorchDispatchMode):
+    """Reading a fake tensor's value (``.item()``, ``bool(t)``) gives 1 / True: the value of a sanity check
+    that passes (``torch.isfinite(loss).all()``). The counted seg and cls steps read values only in such
+    checks, so their FLOPs do not depend on it."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return {torch.bool: True}.get(args[0].dtype, 1)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def fake_tensors():
+    """Tensors with shapes and dtypes but meta-device storage: nothing is computed and no weight is
+    allocated, yet they report the CPU device, so the losses' autocast contexts and dtype rules run as in
+    training (plain meta tensors do not: autocast refuses the meta device)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True), PlausibleScalars():
+        yield
+
+
+def _seg_batch(recipe: configs.Recipe) -> dict:
+    return {"images": torch.zeros(recipe.batch_size, 3, *recipe.crop),
+            "targets": torch.zeros(recipe.batch_size, *recipe.crop, dtype=torch.long)}
+
+
+def _cls_batch(recipe: configs.Recipe) -> dict:
+    return {"images": torch.zeros(recipe.batch_size, 3, *recipe.crop),
+            "targets": torch.zeros(recipe.batch_size, dtype=torch.long)}
+
+
+# Tasks whose training step has no data-dependent shapes, so that it runs on fake tensors. A detector's
+# step does not: its target assignment (anchor/RoI matching, sampling, NMS) sizes tensors by values.
+FLOP_BATCHES = {"seg": _seg_batch, "cls": _cls_batch}
+
+
+class GlobalOnly:
+    """Stands in for FlopCounterMode's per-module tracker, whose backward hooks torch.autograd.grad refuses
+    (SKD's gradient penalty): every FLOP is counted under "Global", the total that is read."""
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def counted(work: Callable[[], object]) -> tuple:
+    """``(result, FLOPs)`` of ``work()`` under torch.utils.flop_counter.FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = GlobalOnly()
+    with counter:
+        result = work()
+    return result, counter.get_total_flops()
+
+
+def check_countable(recipe: configs.Recipe) -> None:
+    if recipe.task not in FLOP_BATCHES:
+        raise ValueError(f"bench flops: --task {recipe.task} is not counted: its training step sizes tensors by "
+                         f"their values (target assignment), which fake tensors cannot run; counted tasks: "
+                         f"{', '.join(FLOP_BATCHES)}")
+
+
+def iteration_flops(recipe: configs.Recipe) -> dict:
+    """FLOPs of one training iteration of ``recipe`` at its input size and total batch, by part: student
+    forward (with its task losses), teacher forward, distiller forward, backward of the student objective,
+    the distiller's extra optimizer step (forward + backward; e.g. SKD's discriminator) and its per-step
+    hook (e.g. SoKD's search). Models are built on fake tensors, so no weights are needed."""
+    check_countable(recipe)
+    task, method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
+    parts = {}
+    with fake_tensors():
+        student = task.build_model(recipe, recipe.student).train()
+        teacher = distiller = None
+        if method.needs_teacher:
+            teacher = task.build_model(recipe, recipe.teacher).eval().requires_grad_(False)
+            distiller = method.build(recipe, student, teacher)
+        batch = FLOP_BATCHES[recipe.task](recipe)
+        student_out, parts["student forward"] = counted(
+            lambda: student(batch["images"], batch["targets"], batch.get("image_sizes")))
+        losses = engine.weighted_task_losses(student_out, recipe.task_loss_weight)
+        if distiller is not None:
+            teacher_out, parts["teacher forward"] = counted(lambda: engine.teacher_forward(teacher, batch, student_out))
+            bound = method.bind[recipe.task](student_out, teacher_out, batch)
+            kd_losses, parts["distiller forward"] = counted(lambda: distiller(**bound))
+            losses.update(kd_losses)
+        _, parts["backward"] = counted(lambda: sum(losses.values()).backward())
+        if hasattr(distiller, "extra_losses"):
+            _, parts["extra step"] = counted(lambda: sum(distiller.extra_losses(**bound).values()).backward())
+        if hasattr(distiller, "after_step"):
+            objective = engine.search_objective(student, teacher, distiller, method.bind[recipe.task], teacher_out,
+                                                recipe.task_loss_weight)
+            context = engine.StepContext(0, batch, student, teacher, objective, engine.Runtime(torch.device("cpu")))
+            _, parts["step hook"] = counted(lambda: distiller.after_step(context))
+    return parts
+
+
+def reference_schedule(recipe: configs.Recipe) -> configs.Recipe:
+    """The recipe in iterations, an epoch-based one resolved (configs.resolve_schedule) at the iterations
+    per epoch of the reference training set (repeated ``dataset_repeat`` times, last partial batch dropped)."""
+    if recipe.epochs is None:
+        return recipe
+    if recipe.data not in REFERENCE_TRAIN_SIZES:
+        raise ValueError(f"bench flops: no reference training-set size for --data {recipe.data}")
+    return configs.resolve_schedule(
+        recipe, recipe.dataset_repeat * REFERENCE_TRAIN_SIZES[recipe.data] // recipe.batch_size)
+
+
+def training_iterations(recipe: configs.Recipe) -> int:
+    return reference_schedule(recipe).iters
+
+
+def searching_iterations(recipe: configs.Recipe) -> int:
+    """Iterations that run the per-step hook: SoKD searches for its first ``search_iters`` (None: all;
+    see COST_VARIANTS), every other hook in every iteration."""
+    resolved = reference_schedule(recipe)
+    search = resolved.method_options.get("search_iters")
+    return resolved.iters if search is None else min(resolved.iters, search)
+
+
+def gpu_hours(flops: float, peak_tflops: float, utilisation: float) -> float:
+    return flops / (peak_tflops * 1e12 * utilisation) / 3600
+
+
+def flops(presets: list, peak_tflops: float = V100_FP16_PEAK_TFLOPS, utilisation: float = ASSUMED_UTILISATION,
+          overrides: dict | None = None) -> list:
+    """Per preset: FLOPs of one iteration by part, the iterations, the run's FLOPs and its GPU-hours at
+    ``peak_tflops`` x ``utilisation``; printed as a Markdown table with the formula."""
+    unknown = [name for name in presets if name not in configs.PRESETS]
+    if unknown:
+        raise ValueError(f"--preset {' '.join(unknown)}: no such preset (python train.py --list-presets)")
+    recipes = {name: dataclasses.replace(configs.PRESETS[name], **(overrides or {})) for name in presets}
+    for recipe in recipes.values():  # every preset is checked before any is counted
+        check_countable(recipe)
+    rows = []
+    for name, recipe in recipes.items():
+        parts = iteration_flops(recipe)
+        per_iteration = sum(parts.values())
+        iterations = training_iterations(recipe)
+        total = (per_iteration - parts.get("step hook", 0)) * iterations
+        total += parts.get("step hook", 0) * searching_iterations(recipe)
+        rows.append({"preset": name, "parts": parts, "per_iteration": per_iteration, "iterations": iterations,
+                     "total": total, "gpu_hours": gpu_hours(total, peak_tflops, utilisation)})
+    print_table(f"training FLOPs (batch and input size of each preset; {peak_tflops:g} TFLOP/s peak at "
+                f"{utilisation:.0%} utilisation)",
+                ["preset", "TFLOPs / iteration (parts)", "iterations", "PFLOPs", "GPU-hours"],
+                [[row["preset"], f"{row['per_iteration'] / 1e12:.2f} ("
+                  + ", ".join(f"{part} {value / 1e12:.2f}" for part, value in row["parts"].items()) + ")",
+                  str(row["iterations"]), f"{row['total'] / 1e15:.0f}", f"{row['gpu_hours']:.1f}"] for row in rows])
+    print(FLOPS_FORMULA)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------- output
 def print_table(title: str, header: list, rows: list) -> None:
     """A Markdown table (pastes into the README as it is) under a title line."""
@@ -570,6 +751,15 @@ def main(argv=None) -> None:
                                  help="skip dense sizes estimated above this (default: half the available memory)")
     pairwise_parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
 
+    flops_parser = commands.add_parser("flops", help="FLOPs and GPU-hours of a preset's training run")
+    flops_parser.add_argument("--preset", nargs="+", required=True, metavar="NAME")
+    flops_parser.add_argument("--peak-tflops", type=float, default=V100_FP16_PEAK_TFLOPS,
+                              help="peak throughput of one GPU (default: V100 fp16 tensor cores)")
+    flops_parser.add_argument("--utilisation", type=float, default=ASSUMED_UTILISATION,
+                              help="sustained fraction of the peak (default: our assumption)")
+    flops_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                              help="recipe override for every preset, as in train.py")
+
     args = parser.parse_args(argv)
     if args.command == "effect":
         methods = args.methods or default_effect_methods(args.task)
@@ -581,6 +771,8 @@ def main(argv=None) -> None:
         overrides = {**{k: v for k, v in flags.items() if v is not None}, **configs.parse_overrides(args.overrides)}
         cost(args.tasks, args.methods, overrides, tuple(args.size) if args.size else None, args.device, args.amp,
              args.warmup, args.rounds)
+    elif args.command == "flops":
+        flops(args.preset, args.peak_tflops, args.utilisation, configs.parse_overrides(args.overrides))
     else:
         pairwise(args.nodes, tuple(args.channels), args.batch_size, args.repeats, args.device,
                  args.memory_budget_gib)

@@ -26,7 +26,7 @@ from kd_ref.kd import KDDistiller
 from kd_ref.presets import DEFAULT_PRESETS, PRESETS, default_preset, preset_listing, teacher_recipe  # noqa: F401
 from kd_ref.recipe import (DISTILLATION_FIELDS, DOCUMENTATION_FIELDS, PRETRAINED_WEIGHTS, Recipe,  # noqa: F401
                            check_pretrained, check_schedule, parse_overrides, recipe_changes, recipe_digest,
-                           resolve_schedule)
+                           resolve_schedule, resumed_recipe)
 from kd_ref.skd import DepthSKDDistiller, FCOSSKDDistiller, SKDDistiller
 
 # ------------------------------------------------------------------------------------------ methods

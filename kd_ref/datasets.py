@@ -231,6 +231,9 @@ class SyntheticScenes:
     def __len__(self) -> int:
         return self.length
 
+    def image_sizes(self) -> list:
+        return [self.size] * self.length
+
     def __getitem__(self, index: int) -> dict:
         """``sample(index)``, drawn once: a training run visits every scene once per epoch, and drawing one
         costs about as much as a small model's step on it. Scenes are kept up to ``CACHE_BYTES``; the dict is
@@ -437,14 +440,17 @@ class VOCDetection:
 
     def _parse(self, xml_path: str) -> dict:
         try:
-            objects = ET.parse(xml_path).getroot().findall("object")
+            annotation = ET.parse(xml_path).getroot()
+            objects = annotation.findall("object")
+            size = annotation.find("size")
+            image_size = None if size is None else (int(size.findtext("height")), int(size.findtext("width")))
             names = [obj.find("name").text.strip() for obj in objects]
             difficult = [int(obj.findtext("difficult", "0")) == 1 for obj in objects]
             corners = [[float(obj.find("bndbox").find(key).text) for key in ("xmin", "ymin", "xmax", "ymax")]
                        for obj in objects]
         except FileNotFoundError:
             raise FileNotFoundError(f"VOC annotation {xml_path}: no such file") from None
-        except (ET.ParseError, AttributeError, ValueError) as err:
+        except (ET.ParseError, AttributeError, ValueError, TypeError) as err:
             raise ValueError(f"VOC annotation {xml_path} is malformed: {err}") from err
         unknown = sorted(set(names) - set(self._label_of))
         if unknown:
@@ -452,10 +458,15 @@ class VOCDetection:
                              "pass classes= with the tree's class names")
         return {"boxes": np.array(corners, np.float32).reshape(-1, 4) - 1,
                 "labels": np.array([self._label_of[n] for n in names], np.int64),
-                "difficult": np.array(difficult, bool)}
+                "difficult": np.array(difficult, bool), "size": image_size}
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def image_sizes(self) -> list:
+        """``(h, w)`` per image from its annotation's ``<size>``, or from the image where that is missing
+        (as mmdet's XMLDataset)."""
+        return [record["size"] or read_image(record["path"]).shape[:2] for record in self.records]
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
@@ -501,6 +512,9 @@ class COCODetection:
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def image_sizes(self) -> list:
+        return [(self.coco.imgs[i]["height"], self.coco.imgs[i]["width"]) for i in self.image_ids]
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.image_ids[index]
@@ -632,6 +646,11 @@ class DetectionSet(TaskSet):
     def __init__(self, base, transform, train: bool = True, with_masks: bool = False):
         super().__init__(base, transform)
         self.train, self.with_masks = train, with_masks
+
+    def aspect_groups(self) -> np.ndarray:
+        """mmdet's group flag per image: 1 if its width exceeds its height, else 0 (read from the
+        annotations, no image is decoded)."""
+        return np.array([int(w / h > 1) for h, w in self.base.image_sizes()], np.int64)
 
     def get(self, index: int, rng: np.random.Generator) -> dict:
         sample = self.base[index]

@@ -39,7 +39,9 @@ iterations, lr steps and evaluation interval derived from that set's length when
 
 Checkpoint selection (``recipe.keep_best``): every evaluation whose main metric beats the best so far is
 also written to ``best.pt``; ``metrics.json`` then holds ``"best": {"iteration", <metric>}`` next to the
-final scores.
+final scores. Evaluations run every ``eval_every`` iterations, at the iterations of ``eval_at`` and at
+the end; when ``eval_at`` is set, only its evaluations compete for ``best.pt`` (a reference that scores
+a few fixed snapshots, as SKD's code does).
 
 Step hook (SoKD's policy search): a distiller may define ``after_step(context)``; the engine calls it
 after the optimizer steps of every iteration with a :class:`StepContext`, whose ``loss_fn(batch)``
@@ -159,13 +161,67 @@ class ResumableSampler(DistributedSampler):
         self.set_epoch(epoch)
         self.start = start
 
+    def epoch_indices(self) -> list:
+        """This rank's indices of the current epoch, from its start."""
+        return list(super().__iter__())
+
     def __iter__(self):
-        indices = list(super().__iter__())[self.start:]
+        indices = self.epoch_indices()[self.start:]
         self.start = 0
         return iter(indices)
 
     def __len__(self):
         return self.num_samples - self.start
+
+
+class AspectGroupSampler(ResumableSampler):
+    """mmdet 2.x DistributedGroupSampler (``mmdet/datasets/samplers/group_sampler.py``), resumable as
+    :class:`ResumableSampler`: every per-process batch holds images of one aspect group (``groups[i]``, 1
+    for w/h > 1), so that padding the batch to its largest image wastes little.
+
+    Each epoch, from a generator seeded ``seed + epoch``: the members of every group in random order,
+    padded by repeating that order from its start to a whole number of global batches (``batch`` per
+    process x processes), all groups' indices cut into per-process batches, the batches shuffled, and
+    process ``r`` takes the ``r``-th contiguous share. So no image is dropped: an epoch has
+    ``sum_g ceil(|g| / (batch x processes))`` iterations, where a plain sampler drops the last partial
+    batch."""
+
+    def __init__(self, dataset, groups, runtime: Runtime, seed: int, batch: int):
+        super().__init__(dataset, runtime, seed)
+        self.groups, self.batch = np.asarray(groups, np.int64), batch
+        if len(self.groups) != len(dataset):
+            raise ValueError(f"AspectGroupSampler: {len(self.groups)} group flags for {len(dataset)} samples")
+        self.group_sizes = np.bincount(self.groups)
+        global_batch = batch * self.num_replicas
+        self.num_samples = int(sum(math.ceil(size / global_batch) for size in self.group_sizes)) * batch
+        self.total_size = self.num_samples * self.num_replicas
+
+    def epoch_indices(self) -> list:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        global_batch = self.batch * self.num_replicas
+        padded = []
+        for group, size in enumerate(self.group_sizes):
+            if size == 0:
+                continue
+            members = np.flatnonzero(self.groups == group)[torch.randperm(int(size), generator=generator).numpy()]
+            padded.append(np.resize(members, math.ceil(size / global_batch) * global_batch))  # cyclic repeat
+        batches = np.concatenate(padded).reshape(-1, self.batch)
+        order = torch.randperm(len(batches), generator=generator).numpy()
+        shuffled = batches[order].reshape(-1)
+        return shuffled[self.rank * self.num_samples:(self.rank + 1) * self.num_samples].tolist()
+
+
+def build_train_sampler(recipe: "configs.Recipe", augmented: "EpochAugmentation", runtime: Runtime,
+                        batch: int) -> ResumableSampler:
+    """The training sampler of ``recipe``: aspect-grouped batches (``group_by_aspect``, mmdet's
+    GroupSampler) over the data set repeated ``dataset_repeat`` times, or plain shuffling."""
+    if not recipe.group_by_aspect:
+        return ResumableSampler(augmented, runtime, recipe.seed)
+    if not hasattr(augmented.dataset, "aspect_groups"):
+        raise ValueError(f"group_by_aspect: --task {recipe.task} data has no image aspect ratios to group by "
+                         "(detection and instance segmentation data have)")
+    groups = np.tile(augmented.dataset.aspect_groups(), augmented.repeat)  # as mmdet's RepeatDataset.flag
+    return AspectGroupSampler(augmented, groups, runtime, recipe.seed, batch)
 
 
 class EpochAugmentation(torch.utils.data.Dataset):
@@ -662,6 +718,11 @@ class TrainingRun:
         self.ckpt_path = os.path.join(out_dir, "last.pt")
         self.log_file = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
         self.resume_state = load_checkpoint(self.ckpt_path) if resume else None
+        if resume:
+            recipe, reset = configs.resumed_recipe(self.resume_state["recipe"], recipe)
+            if reset and runtime.is_main:
+                print(f"--resume: {self.ckpt_path} predates the recipe fields {reset}; the run continues with "
+                      "their defaults, as it was trained")
         changed = configs.recipe_changes(self.resume_state["recipe"], recipe) if resume else []
         if changed:
             raise ValueError(f"--resume: the recipe differs from the one in {self.ckpt_path} in {changed}")
@@ -703,7 +764,7 @@ class TrainingRun:
             raise ValueError(f"--batch-size {recipe.batch_size} must be a positive multiple of the number "
                              f"of processes ({runtime.world_size})")
         self.augmented = EpochAugmentation(self.train_set, recipe.seed, recipe.dataset_repeat)
-        self.sampler = ResumableSampler(self.augmented, runtime, recipe.seed)
+        self.sampler = build_train_sampler(recipe, self.augmented, runtime, self.per_rank_batch)
         if len(self.sampler) < self.per_rank_batch:
             raise ValueError(f"training set has {len(self.train_set)} samples: fewer than one batch of "
                              f"{recipe.batch_size} over {runtime.world_size} process(es)")
@@ -846,9 +907,10 @@ class TrainingRun:
         metrics = evaluate(self.task, unwrap(self.model), self.val_set, self.collate, self.runtime, self.recipe,
                            self.workers, self.quiet)
         self.log_file.write({"iteration": self.iteration, "eval": metrics})
-        main = self.task.main_metric
+        main, recipe = self.task.main_metric, self.recipe
         score = metrics[main]
-        if self.recipe.keep_best and (self.best is None or score > self.best[main]):  # NaN is never best
+        competes = recipe.keep_best and (not recipe.eval_at or self.iteration in recipe.eval_at)
+        if competes and (self.best is None or score > self.best[main]):  # NaN is never best
             self.best = {"iteration": self.iteration, main: score}
             self.save(os.path.join(self.out_dir, "best.pt"))
             self.log_file.write({"iteration": self.iteration, "best": self.best})
@@ -856,7 +918,8 @@ class TrainingRun:
 
     def evaluate_if_due(self) -> None:
         every = self.recipe.eval_every
-        if every and self.iteration % every == 0 and self.iteration != self.recipe.iters:
+        due = every and self.iteration % every == 0 or self.iteration in self.recipe.eval_at
+        if due and self.iteration != self.recipe.iters:
             self.evaluate()
             self.model.train()
 

@@ -21,10 +21,14 @@ DEFAULT_PRESETS: dict[tuple, str] = {}
 # x0.1 at 8 and 11; 2x = 24, x0.1 at 16 and 22 (_base_/schedules/schedule_{1x,2x}.py); linear warm-up over
 # 500 iterations from 0.001; lr 0.02 (Faster R-CNN) / 0.01 (RetinaNet); evaluation after every epoch, the
 # final one reported; no gradient clipping (the distillation configs that add it say so in their preset).
+# Batches as mmdet's (Distributed)GroupSampler: per-GPU batches of one aspect group, every group padded to
+# whole batches (group_by_aspect); so do the distillation codes built on mmdet (GKD's DAVAR-Lab mmdetection,
+# GDD, MasKD/mmrazor). SoKD's detectron2 rows and FCOS's maskrcnn-benchmark rows group by aspect in their own
+# ways, which are not reproduced: they shuffle plainly.
 MMDET_CONFIGS = "open-mmlab/mmdetection v2.x configs"
 COCO_DET = Recipe(task="det", data="coco", num_classes=80, image_scale=(1333, 800), normalization="imagenet_rgb",
                   batch_size=16, weight_decay=1e-4, schedule="step", warmup_iters=500, warmup_ratio=0.001,
-                  iters=None, eval_every=1, ckpt_every=1000)
+                  iters=None, eval_every=1, ckpt_every=1000, group_by_aspect=True)
 COCO_SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}
 DETECTOR_LR = {"faster_rcnn": 0.02, "retinanet": 0.01}
 TORCHVISION_WEIGHTS = {18: "resnet18-f37072fd.pth", 50: "resnet50-0676ba61.pth", 101: "resnet101-63fe2227.pth"}
@@ -124,6 +128,7 @@ SOKD_DET_OPTIONS = {"k": 8, "num_heat": 2, "w_feat": 2.0, "w_dam": 1.0, "search_
 # Pretrained: torchvision's R50 (ours; detectron2 starts from its own R-50.pkl, a layout our loader does not read).
 SOKD_COCO = dataclasses.replace(PRESETS["faster_rcnn_r50_fpn_2x_coco"], batch_size=8, lr=0.01, epochs=None,
                                 iters=180_000, lr_steps=(120_000, 160_000), eval_every=117_266 // 8,
+                                group_by_aspect=False,
                                 teacher="faster_rcnn_r101", method="sokd",
                                 source="unknown config file: the RegKD branch of SoKD's detectron2 code (sokd.md §5)")
 for _depth in (50, 18):
@@ -171,7 +176,8 @@ DEFAULT_PRESETS.update({
 # (--teacher-ckpt); the paper's teacher is unknown here.
 FCOS_COCO = dataclasses.replace(COCO_DET, student="fcos_mv2_c128", teacher="fcos_r101", batch_size=32, lr=0.01,
                                 epochs=None, iters=90_000, lr_steps=(60_000, 80_000), warmup_iters=500,
-                                warmup_ratio=1 / 3, eval_every=0, pretrained="mobilenet_v2-b0353104.pth",
+                                warmup_ratio=1 / 3, eval_every=0, group_by_aspect=False,
+                                pretrained="mobilenet_v2-b0353104.pth",
                                 source="tianzhi0549/FCOS configs/fcos/fcos_syncbn_bs32_c128_MNV2_FPN_1x.yaml")
 register(PRESETS, "skd_fcos_mv2_c128_coco", dataclasses.replace(FCOS_COCO, method="skd"))
 for _method in ("dist", "gdd"):

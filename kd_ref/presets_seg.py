@@ -75,8 +75,8 @@ for _student, _config, _alpha in (("pspnet_r18", "psp_r101_distill_psp_r18_40k_5
 
 # --- SKD authors' recipe (irfanICMLL/structure_knowledge_distillation master, run_train_val.sh +
 # utils/train_options.py + dataset/datasets.py CSDataSet; skd.md §7): PSPNet-R101 -> PSPNet-R18, 512x512,
-# scales 0.7 + k/10 (k <= 14), batch 8 on one GPU, lr 0.01, wd 5e-4, poly to 0. The code evaluates its
-# snapshots after iteration 39,000 (every 371 = 2975 // 8 iterations, and the final one); we report the last.
+# scales 0.7 + k/10 (k <= 14), batch 8 on one GPU, lr 0.01, wd 5e-4, poly to 0. Which snapshots it scores:
+# SKD_SNAPSHOTS below.
 SKD_SOURCE = "irfanICMLL/structure_knowledge_distillation run_train_val.sh + train_and_eval.py"
 SKD_ORIGINAL_CITYSCAPES = Recipe(data="cityscapes", flavour="skd", crop=(512, 512), scales=(0.7, 2.1),
                                  normalization="bgr_mean", batch_size=8, iters=40000, lr=0.01,
@@ -87,9 +87,14 @@ SKD_ORIGINAL_CITYSCAPES = Recipe(data="cityscapes", flavour="skd", crop=(512, 51
 register(PRESETS, "teacher_pspnet_r101_cityscapes_skd", dataclasses.replace(
     SKD_ORIGINAL_CITYSCAPES, student="pspnet_r101", pretrained="resnet101-imagenet.pth",
     source="unknown: the SKD teacher's recipe is not released; the student's recipe of " + SKD_SOURCE))
+# train_and_eval.py counts steps from 1 and, with save_steps = int(2975 / 8) = 371, evaluates and saves the
+# student after step s when s > 39,000 and s % 371 == 0, or s == num_steps - 1: after 39,326, 39,697 and
+# 39,999 of its 40,000 updates (never after the last one), each file named with its mIoU. No periodic
+# validation otherwise. We keep the best of those three.
+SKD_SNAPSHOTS = (39_326, 39_697, 39_999)
 register(PRESETS, "skd_pspnet_r18_cityscapes_original", dataclasses.replace(
     SKD_ORIGINAL_CITYSCAPES, method="skd", student="pspnet_r18", teacher="pspnet_r101",
-    method_options={"preset": "original"}, source=SKD_SOURCE))
+    method_options={"preset": "original"}, source=SKD_SOURCE, eval_every=0, eval_at=SKD_SNAPSHOTS, keep_best=True))
 
 # --- Built-in synthetic scenes, the CPU demo. Everything trains from scratch (no pretrained weights), so the
 # demo uses the "easy" style at 64 px with three shapes (disc, ring, square: two look-alike pairs), which a

@@ -44,6 +44,9 @@ class Recipe:
     image_scale: tuple = (1333, 800)  # det: keep-ratio resize bounds (long side, short side), mmdet img_scale
     rcnn_rois_per_image: int = 512   # det, Faster R-CNN: RoIs sampled per training image (mmdet 512)
     classes: tuple | None = None     # det, VOC layout: the tree's class names (None: the 20 VOC classes)
+    # det: per-GPU batches of one aspect group (w/h > 1), each group padded to whole batches by repeating
+    # its images (mmdet GroupSampler); False: plain shuffling, the last partial batch dropped
+    group_by_aspect: bool = False
     # optimisation
     batch_size: int = 16             # total over all processes
     iters: int | None = 40000        # None when ``epochs`` counts the schedule
@@ -67,6 +70,9 @@ class Recipe:
     # bookkeeping
     eval_every: int = 0
     keep_best: bool = False          # keep best.pt by the task's main metric over the evaluations
+    # iterations (updates done, in epoch-based recipes too) at which the student is also evaluated; with
+    # keep_best only these evaluations compete for best.pt (SKD's code scores snapshots at fixed steps)
+    eval_at: tuple = ()
     ckpt_every: int = 1000           # iterations, also in epoch-based recipes
     seed: int = 0
     method_options: dict = field(default_factory=dict)
@@ -89,6 +95,16 @@ DOCUMENTATION_FIELDS = ("source",)
 # Training-set sizes of the data sets whose presets counted iterations (epochs x size // batch) before they
 # counted epochs: the CIFAR-100 and ImageNet classification rows.
 ITERATION_COUNTED_SETS = {"cifar100": 50_000, "imagenet": 1_281_167}
+
+
+def resumed_recipe(stored: dict, recipe: Recipe) -> tuple:
+    """The recipe a resumed run continues, and the fields it reset: a field the checkpoint's stored recipe
+    lacks was added after the checkpoint was written, so the run goes on with that field's default, which
+    reproduces the behaviour of the code that wrote it, even where a preset now sets it otherwise (e.g. the
+    mmdet rows' ``group_by_aspect``)."""
+    reset = {spec.name: _field_default(spec.name) for spec in dataclasses.fields(Recipe)
+             if spec.name not in stored and getattr(recipe, spec.name) != _field_default(spec.name)}
+    return dataclasses.replace(recipe, **reset), sorted(reset)
 
 
 def recipe_changes(stored: dict, recipe: Recipe) -> list:
@@ -137,9 +153,11 @@ def check_schedule(recipe: Recipe) -> None:
             raise ValueError(f"method_options {in_epochs}: counts epochs of an epoch-based recipe, in place of "
                              f"{in_iters} (the recipe has epochs={recipe.epochs}"
                              f"{', and ' + in_iters if in_iters in recipe.method_options else ''})")
-    if recipe.keep_best and recipe.eval_every <= 0:
-        raise ValueError("--keep-best selects among the evaluations: it needs --eval-every N > 0 (the recipe has "
-                         f"eval_every={recipe.eval_every})")
+    if recipe.keep_best and recipe.eval_every <= 0 and not recipe.eval_at:
+        raise ValueError("--keep-best selects among the evaluations: it needs --eval-every N > 0 or "
+                         f"--set eval_at=(N, ...) (the recipe has eval_every={recipe.eval_every})")
+    if any(not 1 <= at <= (recipe.iters or at) for at in recipe.eval_at):
+        raise ValueError(f"eval_at {tuple(recipe.eval_at)}: expected iterations in 1..{recipe.iters}")
 
 
 # ImageNet weights the real-data presets start from: file -> (layout read by backbones.load_pretrained,

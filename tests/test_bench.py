@@ -1,8 +1,10 @@
+import dataclasses
 import math
 
 import pytest
+import torch
 
-from kd_ref import bench
+from kd_ref import bench, configs
 
 TINY = {"synthetic_size": (64, 64), "crop": (64, 64), "synthetic_train": 4, "synthetic_val": 2, "batch_size": 2}
 
@@ -79,3 +81,53 @@ def test_cost_times_each_method_against_its_own_pair_and_names_what_it_skips(cap
     forced = {**small, "student": "retinanet_r18", "teacher": "retinanet_r18"}
     assert [r.name for r in bench.cost(["det"], ["kd"], forced, warmup=0, rounds=1)["det"]] == ["none", "teacher forward"]
     assert "skipped kd for retinanet_r18 <- retinanet_r18: --method kd on detection" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------- flops
+def test_flop_count_of_a_tiny_model_on_fake_tensors_equals_the_hand_count():
+    with bench.fake_tensors():
+        conv, linear = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4 * 8 * 8, 5)
+        images = torch.zeros(2, 3, 8, 8)
+        out, forward = bench.counted(lambda: linear(conv(images).flatten(1)))
+        _, backward = bench.counted(lambda: out.sum().backward())
+    conv_macs = 2 * 8 * 8 * 4 * 3 * 3 * 3          # batch x output pixels x C_out x C_in x k x k
+    linear_macs = 2 * 256 * 5
+    assert forward == 2 * (conv_macs + linear_macs)
+    # conv: weight gradient only (the images need none); linear: weight and input gradients
+    assert backward == 2 * (conv_macs + 2 * linear_macs)
+    assert isinstance(conv.weight, torch._subclasses.fake_tensor.FakeTensor)  # nothing was allocated
+
+
+def test_iteration_flops_splits_a_kd_step_into_its_parts():
+    recipe = configs.Recipe(task="cls", data="synthetic", method="kd", student="resnet8", teacher="resnet8",
+                            num_classes=8, crop=(32, 32), batch_size=4, iters=10)
+    parts = bench.iteration_flops(recipe)
+    assert list(parts) == ["student forward", "teacher forward", "distiller forward", "backward"]
+    assert parts["teacher forward"] == parts["student forward"] > 0   # the same network, same batch
+    assert parts["distiller forward"] == 0                            # softmax KD: no products
+    # backward: two products per forward one, but the first convolution needs no input gradient
+    assert parts["student forward"] < parts["backward"] < 2 * parts["student forward"]
+    assert bench.iteration_flops(dataclasses.replace(recipe, batch_size=8))["backward"] == 2 * parts["backward"]
+
+
+def test_iterations_follow_the_reference_set_sizes_and_gpu_hours_the_stated_throughput():
+    assert bench.training_iterations(configs.PRESETS["gkd_faster_rcnn_r50_fpn_2x_coco"]) == 24 * (117_266 // 16)
+    assert bench.training_iterations(configs.PRESETS["gkd_faster_rcnn_r50_fpn_voc0712"]) == 4 * (3 * 16_551 // 16)
+    assert bench.training_iterations(configs.PRESETS["dist_deeplabv3_r18_cityscapes"]) == 40_000
+    assert bench.gpu_hours(125e12 * 0.25 * 3600, 125.0, 0.25) == pytest.approx(1.0)
+    sokd = configs.PRESETS["sokd_resnet18_imagenet"]
+    assert bench.searching_iterations(sokd) == 5 * (1_281_167 // 256)
+    assert bench.searching_iterations(configs.PRESETS["dist_resnet18_imagenet"]) == 100 * (1_281_167 // 256)
+
+
+def test_flops_prints_the_formula_and_refuses_tasks_with_data_dependent_shapes(capsys):
+    rows = bench.flops(["synthetic_cls_kd"], peak_tflops=100.0, utilisation=0.5, overrides={"batch_size": 2})
+    iterations = bench.training_iterations(dataclasses.replace(configs.PRESETS["synthetic_cls_kd"], batch_size=2))
+    assert rows[0]["iterations"] == iterations and rows[0]["total"] == rows[0]["per_iteration"] * iterations
+    assert rows[0]["gpu_hours"] == pytest.approx(rows[0]["total"] / 50e12 / 3600)
+    assert "GPU-hours = FLOPs per iteration x iterations / (peak FLOP/s x utilisation) / 3600" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--task det is not counted"):
+        bench.flops(["synthetic_cls_kd", "dist_retinanet_r50_fpn_2x_coco"])
+    with pytest.raises(ValueError, match="--preset nope: no such preset"):
+        bench.flops(["synthetic_cls_kd", "nope"])
+    assert "training FLOPs" not in capsys.readouterr().out  # refused before anything was counted

@@ -3,11 +3,12 @@
 import dataclasses
 
 import pytest
+import torch
 
 from kd_ref import presets, presets_cls, presets_depth, tasks
 from kd_ref.presets_det import TORCHVISION_WEIGHTS
 from kd_ref.recipe import (DISTILLATION_FIELDS, Recipe, check_pretrained, check_schedule, recipe_changes, register,
-                           resolve_schedule)
+                           resolve_schedule, resumed_recipe)
 
 
 def test_register_twin_drops_the_distillation_fields_or_takes_the_extended_recipe():
@@ -72,7 +73,8 @@ MMSEG = {"crop": (512, 512), "scales": (0.5, 2.0), "scale_step": None, "cat_max_
          "eval_every": 4000, "keep_best": False, "grad_clip": None}
 MMDET = {"image_scale": (1333, 800), "normalization": "imagenet_rgb", "batch_size": 16, "iters": None,
          "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step", "warmup_iters": 500, "warmup_ratio": 0.001,
-         "grad_clip": None, "eval_every": 1, "keep_best": False, "dataset_repeat": 1}
+         "grad_clip": None, "eval_every": 1, "keep_best": False, "dataset_repeat": 1,
+         "group_by_aspect": True}  # mmdet 2.x (Distributed)GroupSampler
 # preset -> (reference values, where they come from). Fields we set differently from the reference are
 # not listed here but in DIFFERENCES below, with the reason.
 REFERENCE = {
@@ -102,9 +104,12 @@ REFERENCE = {
     "skd_pspnet_r18_cityscapes_original": {
         "crop": (512, 512), "scales": (0.7, 2.1), "scale_step": 0.1, "normalization": "bgr_mean", "batch_size": 8,
         "iters": 40000, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4, "poly_power": 0.9, "min_lr": 0.0,
-        "pretrained": "resnet18-imagenet.pth", "method_options": {"preset": "original"}, "keep_best": False},
+        "pretrained": "resnet18-imagenet.pth", "method_options": {"preset": "original"}, "keep_best": True,
+        "eval_every": 0, "eval_at": (39_326, 39_697, 39_999)},  # train_and_eval.py's three scored snapshots
     "skd_pspnet_r18_cityscapes_original_baseline": {"scales": (0.7, 2.1), "batch_size": 8, "lr": 0.01,
-                                                    "weight_decay": 5e-4, "pretrained": "resnet18-imagenet.pth"},
+                                                    "weight_decay": 5e-4, "pretrained": "resnet18-imagenet.pth",
+                                                    "keep_best": True, "eval_every": 0,
+                                                    "eval_at": (39_326, 39_697, 39_999)},
     # mmdetection 2.x coco_detection.py, schedule_2x.py (24 epochs, steps 16/22), faster_rcnn lr 0.02,
     # retinanet lr 0.01, torchvision ImageNet weights; GKD/DIST/GDD on the 2x baselines
     **{f"{arch}_r{depth}_fpn_{sched}_coco": {**MMDET, "lr": lr, "epochs": epochs, "lr_steps": steps,
@@ -127,8 +132,9 @@ REFERENCE = {
 DIFFERENCES = {
     "teacher_pspnet_r101_cityscapes_skd": "unknown: the SKD teacher's recipe is not released (only its checkpoint); "
                                           "the preset trains it with the student's recipe",
-    "skd_pspnet_r18_cityscapes_original": "eval_every 4000: the code evaluates the snapshots after iteration "
-                                          "39,000; we report the last",
+    "skd_pspnet_r18_cityscapes_original": "reports the best of the three snapshots the code scores (keep_best "
+                                          "over eval_at): the code names each file with its mIoU and does not "
+                                          "say which one the paper reports",
     "gkd_retinanet_r50_fpn_2x_coco": "unknown: no released RetinaNet config; the Faster R-CNN config's settings",
     "gkd_faster_rcnn_r50_fpn_voc0712": "unknown: no released VOC config; the COCO KD settings on mmdet's VOC schedule",
     "gkd_retinanet_r50_fpn_voc0712": "unknown: as the Faster R-CNN VOC row",
@@ -222,3 +228,64 @@ def test_check_pretrained_names_file_layout_and_origin(tmp_path):
     weights.write_bytes(b"")
     check_pretrained(dataclasses.replace(recipe, pretrained=str(weights)))
     check_pretrained(dataclasses.replace(recipe, pretrained=None))
+
+
+def test_mmdet_rows_group_batches_by_aspect_and_the_other_codes_shuffle_plainly():
+    for name, recipe in presets.PRESETS.items():
+        mmdet_based = (recipe.task in ("det", "ins") and recipe.data in ("coco", "voc")
+                       and not name.startswith(("sokd_", "skd_fcos", "dist_fcos", "gdd_fcos")))
+        assert recipe.group_by_aspect == mmdet_based, name
+
+
+def test_skd_original_keeps_the_best_of_the_snapshots_train_and_eval_scores():
+    """train_and_eval.py: steps count from 1; it evaluates after step s if (s > 1 and s % save_steps == 0
+    and s > num_steps - 1000) or s == num_steps - 1, save_steps = int(2975 / batch)."""
+    num_steps, save_steps = 40_000, int(2975 / 8)
+    scored = tuple(s for s in range(1, num_steps + 1)
+                   if (s > 1 and s % save_steps == 0 and s > num_steps - 1000) or s == num_steps - 1)
+    assert scored == (39_326, 39_697, 39_999)
+    recipe = presets.PRESETS["skd_pspnet_r18_cityscapes_original"]
+    assert (recipe.eval_at, recipe.keep_best, recipe.iters) == (scored, True, num_steps)
+    check_schedule(recipe)
+
+
+# Auxiliary head and BatchNorm of every seg row, re-checked against the model code of each reference:
+# - winycg/CIRKD@05a2753 models/{deeplabv3,pspnet}.py: auxlayer = _FCNHead(layer3 channels -> /4) on c3 (their
+#   layer3, our c4); train_baseline.py / train_kd.py: CE + 0.4 CE(aux); the student's norm_layer is
+#   nn.SyncBatchNorm under distributed training (hunto/DIST_KD segmentation/train_kd.py the same).
+# - ZhgLiu/GDD semanticSeg configs/_base_/models/{pspnet,deeplabv3}_r50-d8.py (+ the r18-d8 overrides):
+#   FCNHead in_index 2 (layer3), channels 256 (R18: 64), loss_weight 0.4, norm_cfg SyncBN, norm_eval False.
+# - irfanICMLL/structure_knowledge_distillation networks/pspnet_combine.py: dsn on layer3, conv 1024 -> 512
+#   (R18: 256 -> 128) + InPlaceABNSync; utils/criterion.py CriterionDSN: loss1 + 0.4 loss2; one GPU at
+#   batch 8, so its synchronised BN normalises over the batch of 8, as SyncBN over 8 processes of 1 does.
+# No difference was found; this table pins (aux input level, aux input channels, aux width).
+AUX_HEADS = {("cirkd", 18): ("c4", 256, 64), ("cirkd", 101): ("c4", 1024, 256),
+             ("mmseg", 18): ("c4", 256, 64), ("mmseg", 101): ("c4", 1024, 256),
+             ("skd", 18): ("c4", 256, 128), ("skd", 101): ("c4", 1024, 512)}
+
+
+def test_every_seg_row_has_the_references_aux_head_weight_and_syncbn():
+    from kd_ref import configs, engine, segmentors
+    assert segmentors.AUX_LOSS_WEIGHT == 0.4
+    cuda_ddp = engine.Runtime(torch.device("cuda", 0), rank=0, world_size=8)
+    rows = [r for r in presets.PRESETS.values() if r.task == "seg" and r.data != "synthetic"]
+    assert len(rows) >= 13
+    for recipe in rows:
+        for arch in {recipe.student, recipe.teacher} - {None}:
+            with torch.device("meta"):
+                model = configs.TASKS["seg"].build_model(recipe, arch)
+            level, in_channels, width = AUX_HEADS[recipe.flavour, int(arch.split("_r")[1])]
+            conv = model.aux_head.block[0]
+            assert (model.backbone.out_channels[level], conv.in_channels, conv.out_channels) == (
+                in_channels, in_channels, width), (recipe.source, arch)
+        synced = engine.synchronise_batchnorm(model, None, cuda_ddp)
+        assert not any(type(m) is torch.nn.BatchNorm2d for m in synced.modules()), recipe.source
+
+
+def test_a_resumed_run_keeps_the_defaults_of_fields_its_checkpoint_predates():
+    recipe = presets.PRESETS["faster_rcnn_r50_fpn_2x_coco"]
+    stored = {name: value for name, value in dataclasses.asdict(recipe).items() if name != "group_by_aspect"}
+    resumed, reset = resumed_recipe(stored, recipe)
+    assert recipe.group_by_aspect and not resumed.group_by_aspect and reset == ["group_by_aspect"]
+    assert recipe_changes(stored, resumed) == []
+    assert resumed_recipe(dataclasses.asdict(recipe), recipe) == (recipe, [])

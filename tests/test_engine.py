@@ -1,7 +1,9 @@
 import dataclasses
 import json
 import os
+from math import ceil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -44,6 +46,62 @@ def test_resumable_sampler_continues_the_same_order():
     other = ResumableSampler(data, runtime, seed=3)
     other.set_position(epoch=3, start=0)
     assert list(other) != order
+
+
+# mmdet's DistributedGroupSampler, by hand: 7 images, group 0 = {0, 3} (w <= h), group 1 = {1, 2, 4, 5, 6}
+HAND_GROUPS = [0, 1, 1, 0, 1, 1, 1]
+
+
+def _batches(indices: list, batch: int) -> list:
+    return [indices[i:i + batch] for i in range(0, len(indices), batch)]
+
+
+def test_aspect_group_sampler_pads_each_group_to_whole_batches_of_one_group():
+    runtime = Runtime(torch.device("cpu"))
+    sampler = engine.AspectGroupSampler(list(range(7)), HAND_GROUPS, runtime, seed=0, batch=2)
+    # ceil(2 / 2) + ceil(5 / 2) = 4 batches per epoch, where dropping the last partial batch gives 7 // 2 = 3
+    assert len(sampler) == 8 and len(ResumableSampler(list(range(7)), runtime, seed=0)) // 2 == 3
+    for epoch in range(3):
+        sampler.set_position(epoch, 0)
+        order = list(sampler)
+        assert sorted(set(order)) == list(range(7))  # nothing dropped; one group-1 image twice
+        assert sorted(order.count(i) for i in range(7)) == [1] * 6 + [2]
+        assert all(len({HAND_GROUPS[i] for i in batch}) == 1 for batch in _batches(order, 2))
+    # two processes at batch 2 (a global batch of 4): ceil(2 / 4) + ceil(5 / 4) = 3 batches per process
+    shares = [engine.AspectGroupSampler(list(range(7)), HAND_GROUPS, Runtime(torch.device("cpu"), rank, 2),
+                                        seed=0, batch=2) for rank in (0, 1)]
+    orders = [list(share) for share in shares]
+    assert [len(order) for order in orders] == [6, 6] and set(orders[0] + orders[1]) == set(range(7))
+    assert all(len({HAND_GROUPS[i] for i in batch}) == 1 for order in orders for batch in _batches(order, 2))
+    # group 0 (2 images) fills a global batch of 4 by repeating its shuffled order: each image twice
+    group0 = [i for order in orders for i in order if HAND_GROUPS[i] == 0]
+    assert sorted(group0) == [0, 0, 3, 3]
+
+
+def test_aspect_group_sampler_resumes_mid_epoch_and_follows_the_repeated_set():
+    runtime = Runtime(torch.device("cpu"))
+    full = engine.AspectGroupSampler(list(range(7)), HAND_GROUPS, runtime, seed=5, batch=2)
+    full.set_position(epoch=1, start=0)
+    order = list(full)
+    part = engine.AspectGroupSampler(list(range(7)), HAND_GROUPS, runtime, seed=5, batch=2)
+    part.set_position(epoch=1, start=4)
+    assert len(part) == 4 and list(part) == order[4:]
+    assert list(part) == order, "the start offset applies to one pass only"
+    part.set_position(epoch=2, start=0)
+    assert list(part) != order
+    recipe = configs.Recipe(task="det", group_by_aspect=True, dataset_repeat=2)
+
+    class Flagged(list):
+        def aspect_groups(self):
+            return np.array(HAND_GROUPS)
+    repeated = engine.build_train_sampler(recipe, engine.EpochAugmentation(Flagged(range(7)), seed=0, repeat=2),
+                                          runtime, batch=2)
+    assert list(repeated.groups) == HAND_GROUPS * 2 and len(repeated) == 2 * (ceil(4 / 2) + ceil(10 / 2))
+    plain = engine.build_train_sampler(dataclasses.replace(recipe, group_by_aspect=False),
+                                       engine.EpochAugmentation(Flagged(range(7)), seed=0), runtime, batch=2)
+    assert type(plain) is ResumableSampler
+    with pytest.raises(ValueError, match="group_by_aspect: --task det data has no image aspect ratios"):
+        engine.build_train_sampler(recipe, engine.EpochAugmentation(list(range(7)), seed=0), runtime, batch=2)
 
 
 def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatch):
@@ -163,8 +221,33 @@ def test_keep_best_keeps_the_best_evaluation_and_names_its_iteration(tmp_path, m
     assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
 
 
+def test_eval_at_scores_fixed_snapshots_and_only_they_compete_for_best(tmp_path, monkeypatch):
+    """SKD's code: evaluations at fixed iterations (here 2 and 3 of 5, plus every 2), the best of the fixed
+    ones kept; the periodic and the final evaluations are logged but do not compete."""
+    from kd_ref import engine
+    scores = iter([90.0, 50.0, 70.0, 95.0])  # at iterations 2, 3, 4 (eval_every) and 5 (final)
+
+    def fake_evaluate(*args, **kwargs):
+        return {"top1": next(scores)}
+    monkeypatch.setattr(engine, "evaluate", fake_evaluate)
+    recipe = tiny_cls_recipe(iters=5, eval_every=2, eval_at=(2, 3), keep_best=True)
+    metrics = engine.train(recipe, str(tmp_path), Runtime(torch.device("cpu")), workers=0, quiet=True)
+    assert metrics == {"top1": 95.0, "best": {"iteration": 2, "top1": 90.0}}
+    with open(tmp_path / "log.jsonl") as handle:
+        evaluated = [line["iteration"] for line in map(json.loads, handle) if "eval" in line]
+    assert evaluated == [2, 3, 4, 5]
+    assert load_checkpoint(str(tmp_path / "best.pt"))["iteration"] == 2
+    # eval_at alone satisfies --keep-best; iterations outside the run are refused
+    configs.check_schedule(tiny_cls_recipe(iters=5, eval_at=(5,), keep_best=True))
+    with pytest.raises(ValueError, match=r"eval_at \(0, 6\): expected iterations in 1..5"):
+        configs.check_schedule(tiny_cls_recipe(iters=5, eval_at=(0, 6)))
+    with pytest.raises(ValueError, match="needs --eval-every N > 0 or --set eval_at"):
+        configs.check_schedule(tiny_cls_recipe(iters=5, keep_best=True))
+
+
 def test_old_checkpoint_without_the_new_recipe_fields_resumes(tmp_path, monkeypatch):
-    """A checkpoint written before photometric_distortion/epochs/dataset_repeat/keep_best/source existed
+    """A checkpoint written before photometric_distortion/epochs/dataset_repeat/keep_best/source/eval_at/
+    group_by_aspect existed
     resumes with those fields at their defaults, and refuses a recipe that changes one of them."""
     from kd_ref import engine
     recipe = tiny_cls_recipe(iters=2, ckpt_every=1)
@@ -172,7 +255,8 @@ def test_old_checkpoint_without_the_new_recipe_fields_resumes(tmp_path, monkeypa
                  quiet=True)
     path = str(tmp_path / "last.pt")
     ckpt = load_checkpoint(path)
-    new_fields = ("photometric_distortion", "epochs", "dataset_repeat", "keep_best", "source")
+    new_fields = ("photometric_distortion", "epochs", "dataset_repeat", "keep_best", "source", "eval_at",
+                  "group_by_aspect")
     ckpt["recipe"] = {k: v for k, v in ckpt["recipe"].items() if k not in new_fields}
     ckpt["recipe"]["iters"] = 2
     atomic_save(ckpt, path)

@@ -219,3 +219,31 @@ def test_coco_tree_trains_and_evaluates_through_the_clis(coco_tree, tmp_path):
                             str(tmp_path / "pred"), "--quiet"])
     assert set(scores) == {"mAP", "AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert (tmp_path / "pred/detections.json").is_file()
+
+
+def test_aspect_groups_come_from_the_annotations(voc_tree, coco_tree):
+    coco, _ = configs.TASKS["det"].build_data(det_recipe("coco"), "train", str(coco_tree))
+    voc = datasets.DetectionSet(datasets.VOCDetection(str(voc_tree), image_sets=("2007/test",)), transform=None)
+    for train_set in (coco, voc):
+        assert list(train_set.aspect_groups()) == [1] * len(train_set)  # 128 wide, 96 high: w / h > 1
+    # an annotation without <size>: the image is read, as mmdet's XMLDataset does
+    voc.base.records[0]["size"] = None
+    assert voc.base.image_sizes()[0] == SIZE
+    synthetic, _ = configs.TASKS["det"].build_data(det_recipe("synthetic", synthetic_train=3, synthetic_size=(64, 64)),
+                                                   "train", None)
+    assert list(synthetic.aspect_groups()) == [0, 0, 0]                 # square scenes: w / h = 1
+
+
+def test_group_by_aspect_pads_the_epoch_and_resumes_exactly_mid_epoch(tmp_path, monkeypatch):
+    flags = [*TINY_TRAIN, "--set", "synthetic_train=5", "--set", "group_by_aspect=True", "--iters", "4",
+             "--ckpt-every", "1"]
+    train.main([*flags, "--out", str(tmp_path / "straight")])
+    steps = [json.loads(line) for line in (tmp_path / "straight/log.jsonl").read_text().splitlines()]
+    # 5 images at batch 2: ceil(5 / 2) = 3 iterations per epoch (plain shuffling: 2)
+    assert [s["epoch"] for s in steps if "epoch" in s] == [0, 0, 0, 1]
+    train_crashing_in_step(monkeypatch, 2, [*flags, "--out", str(tmp_path / "resumed")])
+    train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
+    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
+    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    assert resumed["iteration"] == 4
+    assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
