@@ -79,6 +79,46 @@ def resize_label(label: torch.Tensor, size: tuple) -> torch.Tensor:
     return out.to(label.dtype).reshape(*label.shape[:-2], *size)
 
 
+def _linear_taps(first: int, count: int, in_size: int, out_size: int) -> tuple:
+    """Source indices and weights of output positions ``first .. first + count - 1`` of a bilinear resize
+    from ``in_size`` to ``out_size`` (``F.interpolate`` with ``align_corners=False``: half-pixel centres,
+    source positions clamped at 0, the last pixel repeated at the far edge)."""
+    scale = torch.tensor(float(in_size), dtype=torch.float32) / out_size
+    source = ((torch.arange(first, first + count, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    low = source.long().clamp(max=in_size - 1)
+    weight_high = (source - low).clamp(0, 1)
+    return low, (low + 1).clamp(max=in_size - 1), 1 - weight_high, weight_high
+
+
+def resized_window(image: torch.Tensor, size: tuple, window: tuple) -> torch.Tensor:
+    """``window = (top, left, h, w)`` of the bilinear resize of a ``(C, H, W)`` image to ``size``, computed
+    from the source pixels that window needs only (float; equal to ``resize_image(image.float(), size)``
+    then cropping up to float rounding, a few 1e-5 of an intensity level)."""
+    top, left, height, width = window
+    row_low, row_high, row_w0, row_w1 = _linear_taps(top, height, image.shape[-2], size[0])
+    col_low, col_high, col_w0, col_w1 = _linear_taps(left, width, image.shape[-1], size[1])
+    rows, row_at = torch.unique(torch.cat([row_low, row_high]), return_inverse=True)
+    cols, col_at = torch.unique(torch.cat([col_low, col_high]), return_inverse=True)
+    source = image[:, rows][:, :, cols].float()
+    across = source[:, :, col_at[:width]] * col_w0 + source[:, :, col_at[width:]] * col_w1
+    return across[:, row_at[:height]] * row_w0[:, None] + across[:, row_at[height:]] * row_w1[:, None]
+
+
+def resized_label_window(label: torch.Tensor, size: tuple, window: tuple) -> torch.Tensor:
+    """``window = (top, left, h, w)`` of the nearest resize of an ``(H, W)`` label to ``size``, reading the
+    needed source pixels only; equal to ``resize_label(label, size)`` then cropping (same index rule:
+    source = floor(destination x in / out), in float32 as ``F.interpolate``)."""
+    top, left, height, width = window
+
+    def taps(first: int, count: int, in_size: int, out_size: int) -> torch.Tensor:
+        scale = torch.tensor(float(in_size), dtype=torch.float32) / out_size
+        positions = torch.arange(first, first + count, dtype=torch.float32)
+        return (positions * scale).floor().long().clamp(max=in_size - 1)
+
+    rows = taps(top, height, label.shape[0], size[0])
+    return label[rows][:, taps(left, width, label.shape[1], size[1])]
+
+
 def pad_bottom_right(tensor: torch.Tensor, size: tuple, value: float) -> torch.Tensor:
     """Pad the last two dims of ``tensor`` at the bottom/right up to at least ``size = (h, w)``."""
     pad_h, pad_w = max(size[0] - tensor.shape[-2], 0), max(size[1] - tensor.shape[-1], 0)
@@ -177,13 +217,14 @@ class SegTrainTransform:
         self.photometric = PhotoMetricDistortion() if photometric else None
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-        image, label = to_tensor(image), torch.from_numpy(np.asarray(label, dtype=np.int64))
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image: expected a uint8 H x W x 3 array, got {image.dtype} {image.shape}")
+        label = torch.from_numpy(np.asarray(label))
         scale = draw_scale(rng, self.scales, self.scale_step)
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[2] * scale)))
-        image, label = resize_image(image, size), resize_label(label, size)
-        top, left = self._crop_origin(label, rng)
-        image = image[:, top:top + self.crop[0], left:left + self.crop[1]]
-        label = label[top:top + self.crop[0], left:left + self.crop[1]]
+        size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
+        window = self._crop_window(label, size, rng)
+        image = resized_window(torch.from_numpy(image).permute(2, 0, 1), size, window)
+        label = resized_label_window(label, size, window).long()
         if rng.random() < self.flip_prob:
             image, label = image.flip(-1), label.flip(-1)
         if self.photometric is not None:
@@ -191,18 +232,21 @@ class SegTrainTransform:
         image = pad_bottom_right(normalize(image, self.normalization), self.crop, 0.0)
         return image.contiguous(), pad_bottom_right(label, self.crop, IGNORE_INDEX).contiguous()
 
-    def _crop_origin(self, label: torch.Tensor, rng: np.random.Generator) -> tuple:
-        spare_h, spare_w = max(label.shape[0] - self.crop[0], 0), max(label.shape[1] - self.crop[1], 0)
+    def _crop_window(self, label: torch.Tensor, size: tuple, rng: np.random.Generator) -> tuple:
+        """(top, left, height, width) of the crop in the image resized to ``size``; with ``cat_max_ratio``
+        each candidate's label window is resampled alone (as cheap as the crop itself)."""
+        spare_h, spare_w = max(size[0] - self.crop[0], 0), max(size[1] - self.crop[1], 0)
+        extent = (min(self.crop[0], size[0]), min(self.crop[1], size[1]))
         for _ in range(10 if self.cat_max_ratio else 1):
-            top, left = int(rng.integers(spare_h + 1)), int(rng.integers(spare_w + 1))
+            window = (int(rng.integers(spare_h + 1)), int(rng.integers(spare_w + 1)), *extent)
             if not self.cat_max_ratio:
                 break
-            window = label[top:top + self.crop[0], left:left + self.crop[1]]
-            counts = torch.bincount(window[window != IGNORE_INDEX].flatten())
+            labels = resized_label_window(label, size, window).long()
+            counts = torch.bincount(labels[labels != IGNORE_INDEX].flatten())
             counts = counts[counts > 0]
             if len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio:
                 break
-        return top, left
+        return window
 
 
 class SegEvalTransform:
