@@ -270,23 +270,54 @@ def rescale_size(height: int, width: int, scale: tuple) -> tuple:
     return (int(height * factor + 0.5), int(width * factor + 0.5)), factor
 
 
+MULTISCALE_MODES = ("value", "range")
+
+
+def check_multiscale(scales: tuple, mode: str) -> None:
+    """mmdet 2.x ``Resize(img_scale=[...], multiscale_mode=...)`` arguments: 'value' picks one of the
+    (long, short) scales, 'range' takes exactly two bounds."""
+    if mode not in MULTISCALE_MODES:
+        raise ValueError(f"multiscale_mode {mode!r}: expected one of {list(MULTISCALE_MODES)}")
+    if any(len(scale) != 2 for scale in scales):
+        raise ValueError(f"train_image_scales {scales}: expected (long side, short side) pairs")
+    if mode == "range" and len(scales) != 2:
+        raise ValueError(f"train_image_scales {scales}: multiscale_mode 'range' takes two (long, short) bounds")
+
+
+def draw_image_scale(rng: np.random.Generator, scales: tuple, mode: str) -> tuple:
+    """One training scale (mmdet 2.x ``Resize._random_scale``): 'value' one of ``scales`` at random, 'range'
+    a long side and then a short side, each uniform over the integers between the two bounds' sides."""
+    if mode == "value":
+        return tuple(scales[int(rng.integers(len(scales)))])
+    longs, shorts = [max(scale) for scale in scales], [min(scale) for scale in scales]
+    return int(rng.integers(min(longs), max(longs) + 1)), int(rng.integers(min(shorts), max(shorts) + 1))
+
+
 class DetTransform:
     """mmdet 2.x pipeline: resize keeping the ratio to fit ``scale`` (default (1333, 800)), random flip
     (``flip_prob``; 0 for evaluation), normalise. Padding to a multiple of 32 happens in the collate.
+    Multi-scale training: ``scales`` (more than one (long, short) pair, or two bounds with
+    ``multiscale_mode='range'``) draws the scale of every sample first (:func:`draw_image_scale`); a single
+    scale draws nothing, so the generator's stream is that of the single-scale pipeline.
 
     ``__call__(image, boxes (K,4) xyxy, rng, masks=None) -> (image (3,h,w), boxes, masks, meta)`` with
     ``meta = {"orig_size": (H, W), "size": (h, w), "scale_factor": factor, "flipped": bool}``. Boxes are
     scaled per axis by h/H and w/W (as mmdet), which :func:`boxes_to_original` undoes.
     """
 
-    def __init__(self, scale: tuple = (1333, 800), flip_prob: float = 0.5, normalization: str = "imagenet_rgb"):
+    def __init__(self, scale: tuple = (1333, 800), flip_prob: float = 0.5, normalization: str = "imagenet_rgb",
+                 scales: tuple = (), multiscale_mode: str = "value"):
+        check_multiscale(tuple(scales), multiscale_mode)
         self.scale, self.flip_prob = tuple(scale), flip_prob
+        self.scales = tuple(tuple(s) for s in scales) or (self.scale,)
+        self.multiscale_mode = multiscale_mode
         self.normalization = check_normalization(normalization)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator | None,
                  masks: np.ndarray | None = None):
         height, width = image.shape[:2]
-        size, factor = rescale_size(height, width, self.scale)
+        scale = self.scales[0] if len(self.scales) == 1 else draw_image_scale(rng, self.scales, self.multiscale_mode)
+        size, factor = rescale_size(height, width, scale)
         tensor = normalize(resize_image(to_tensor(image), size), self.normalization)
         boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
         boxes = boxes * torch.tensor([size[1] / width, size[0] / height] * 2)

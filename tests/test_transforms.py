@@ -166,6 +166,25 @@ def test_seg_eval_transform_keeps_whole_image():
     assert out_image.shape == (3, 7, 9) and out_label.shape == (7, 9) and (out_label == 255).all()
 
 
+def test_det_multiscale_value_range_and_single_scale_draws_nothing():
+    image, boxes = np.zeros((100, 150, 3), np.uint8), np.array([[10, 10, 50, 40]], np.float32)
+    value = T.DetTransform((1333, 800), flip_prob=0.0, scales=((300, 200), (300, 100)))
+    assert {value(image, boxes, rng(seed))[3]["size"] for seed in range(30)} == {(200, 300), (100, 150)}
+    ranged = T.DetTransform(flip_prob=0.0, scales=((400, 60), (400, 90)), multiscale_mode="range")
+    short_sides = {ranged(image, boxes, rng(seed))[3]["size"][0] for seed in range(60)}
+    assert min(short_sides) >= 60 and max(short_sides) <= 90 and len(short_sides) > 10
+    generator = rng(4)  # mmdet 'range': long side, then short side, each over the integers of the bounds
+    long_side, short_side = int(generator.integers(400, 401)), int(generator.integers(60, 91))
+    assert ranged(image, boxes, rng(4))[3]["size"] == T.rescale_size(100, 150, (long_side, short_side))[0]
+    single, plain = T.DetTransform((300, 200), scales=((300, 200),)), T.DetTransform((300, 200))
+    first, second = single(image, boxes, rng(9)), plain(image, boxes, rng(9))
+    assert torch.equal(first[0], second[0]) and first[3] == second[3]
+    with pytest.raises(ValueError, match="multiscale_mode 'range' takes two"):
+        T.DetTransform(scales=((300, 200),), multiscale_mode="range")
+    with pytest.raises(ValueError, match="multiscale_mode 'random'"):
+        T.DetTransform(multiscale_mode="random")
+
+
 def test_rescale_size_follows_mmcv_imrescale():
     assert T.rescale_size(480, 640, (1333, 800)) == ((800, 1067), pytest.approx(800 / 480))
     assert T.rescale_size(500, 2000, (1333, 800)) == ((333, 1333), pytest.approx(1333 / 2000))
