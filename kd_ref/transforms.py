@@ -44,9 +44,13 @@ NORMALIZATIONS = {
 # ------------------------------------------------------------------------------------- functional
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 ``H x W x 3`` RGB array -> float32 ``(3, H, W)`` tensor on the 0..255 scale."""
+    return torch.from_numpy(np.ascontiguousarray(check_image(image).transpose(2, 0, 1))).float()
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image: expected a uint8 H x W x 3 array, got {image.dtype} {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+    return image
 
 
 def check_normalization(normalization: str) -> str:
@@ -77,6 +81,16 @@ def resize_label(label: torch.Tensor, size: tuple) -> torch.Tensor:
     flat = label.reshape(-1, 1, *label.shape[-2:]).float()
     out = F.interpolate(flat, size=tuple(size), mode="nearest")
     return out.to(label.dtype).reshape(*label.shape[:-2], *size)
+
+
+def resize_uint8(image: np.ndarray, size: tuple, antialias: bool = False) -> torch.Tensor:
+    """Bilinear resize of a uint8 ``H x W x 3`` array to ``size = (h, w)`` in uint8 (torch's vectorised
+    channels-last kernel: about 3x faster than resizing in float, within one intensity level of it), as a
+    float ``(3, h, w)`` tensor on the 0..255 scale; the same size is returned unchanged."""
+    tensor = torch.from_numpy(check_image(image)).permute(2, 0, 1)[None]  # an H x W x 3 array is channels-last
+    if tuple(size) != tuple(tensor.shape[-2:]):
+        tensor = F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False, antialias=antialias)
+    return tensor[0].float()
 
 
 def _source_positions(first: int, count: int, in_size: int, out_size: int) -> torch.Tensor:
@@ -219,8 +233,7 @@ class SegTrainTransform:
         self.photometric = PhotoMetricDistortion() if photometric else None
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image: expected a uint8 H x W x 3 array, got {image.dtype} {image.shape}")
+        check_image(image)
         label = torch.from_numpy(np.asarray(label))
         scale = draw_scale(rng, self.scales, self.scale_step)
         size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
@@ -318,7 +331,7 @@ class DetTransform:
         height, width = image.shape[:2]
         scale = self.scales[0] if len(self.scales) == 1 else draw_image_scale(rng, self.scales, self.multiscale_mode)
         size, factor = rescale_size(height, width, scale)
-        tensor = normalize(resize_image(to_tensor(image), size), self.normalization)
+        tensor = normalize(resize_uint8(image, size), self.normalization)
         boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
         boxes = boxes * torch.tensor([size[1] / width, size[0] / height] * 2)
         masks = None if masks is None else resize_label(torch.from_numpy(np.asarray(masks, dtype=bool)), size)
@@ -383,7 +396,7 @@ class RandomResizedCropFlip:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
         top, left, h, w = self._window(image.shape[0], image.shape[1], rng)
-        tensor = resize_image(to_tensor(image[top:top + h, left:left + w]), (self.size, self.size), antialias=True)
+        tensor = resize_uint8(image[top:top + h, left:left + w], (self.size, self.size), antialias=True)
         if rng.random() < 0.5:
             tensor = tensor.flip(-1)
         return normalize(tensor, self.normalization).contiguous()
@@ -398,15 +411,16 @@ class ResizeCenterCrop:
         self.normalization = check_normalization(normalization)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
-        tensor = to_tensor(image)
-        if self.resize is not None:
+        if self.resize is None:
+            tensor = to_tensor(image)
+        else:
             # torchvision Resize(int): short side -> resize, long side truncated
-            height, width = tensor.shape[1:]
+            height, width = image.shape[:2]
             if height <= width:
                 size = (self.resize, int(self.resize * width / height))
             else:
                 size = (int(self.resize * height / width), self.resize)
-            tensor = resize_image(tensor, size, antialias=True)
+            tensor = resize_uint8(image, size, antialias=True)
         if self.size is not None:
             top = int(round((tensor.shape[1] - self.size) / 2))
             left = int(round((tensor.shape[2] - self.size) / 2))

@@ -185,6 +185,19 @@ def test_det_multiscale_value_range_and_single_scale_draws_nothing():
         T.DetTransform(multiscale_mode="random")
 
 
+def test_resize_uint8_is_within_one_level_of_the_float_resize():
+    generator = rng(11)
+    for antialias in (False, True):
+        for _ in range(10):
+            image = generator.integers(0, 256, (*generator.integers(5, 60, 2), 3), dtype=np.uint8)
+            size = tuple(int(v) for v in generator.integers(3, 90, 2))
+            reference = T.resize_image(T.to_tensor(image), size, antialias=antialias)
+            assert (T.resize_uint8(image, size, antialias) - reference).abs().max() < 1.001  # rounding + fixed-point weights
+    assert torch.equal(T.resize_uint8(image, image.shape[:2]), T.to_tensor(image))  # same size: untouched
+    with pytest.raises(ValueError, match="uint8 H x W x 3"):
+        T.resize_uint8(image.astype(np.float32), (4, 4))
+
+
 def test_rescale_size_follows_mmcv_imrescale():
     assert T.rescale_size(480, 640, (1333, 800)) == ((800, 1067), pytest.approx(800 / 480))
     assert T.rescale_size(500, 2000, (1333, 800)) == ((333, 1333), pytest.approx(1333 / 2000))
