@@ -731,8 +731,11 @@ def main(argv=None) -> None:
     if args.command == "data":
         if args.root is not None and args.task is None:
             parser.error("--root: name the tree's task with --task seg|det|cls")
-        data([args.task] if args.task else list(DATA_TREES), args.root, args.rounds, args.gpu_images_per_second,
-             args.num_images)
+        try:
+            data([args.task] if args.task else list(DATA_TREES), args.root, args.rounds, args.gpu_images_per_second,
+                 args.num_images)
+        except (ValueError, OSError) as err:  # a tree that is missing or not of the task's layout
+            parser.error(str(err))
     elif args.command == "effect":
         methods = args.methods or default_effect_methods(args.task)
         effect(args.task, methods, args.seeds, args.iters, args.teacher_iters,

@@ -101,3 +101,6 @@ def test_data_cli_wants_the_task_of_a_given_tree(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["data", "--root", str(tmp_path)])
     assert "--root: name the tree's task with --task seg|det|cls" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["data", "--task", "seg", "--root", str(tmp_path / "absent")])
+    assert f"Cityscapes root {tmp_path / 'absent'}: no such directory" in capsys.readouterr().err
