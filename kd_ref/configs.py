@@ -1109,6 +1109,7 @@ def preset_listing() -> str:
         lines += ["", heading] + [f"  {name:<{width}}  {describe_preset(PRESETS[name])}" for name in names]
     return "\n".join(lines[1:])
 
+
 # --- issue 18: SOLO R101 3x multi-scale, the GDD SOLO row's teacher (instance_seg.md §5-§7). mmdet's SOLO 3x
 # config on R101: short side one of 800, 768, ..., 640 per image (multiscale_mode 'value', long side <= 1333),
 # 36 epochs, x0.1 at 27 and 33, warm-up 500 iterations from 1/3. mmdet publishes no R101 3x SOLO; the
