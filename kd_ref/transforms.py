@@ -3,8 +3,10 @@
 Every random transform takes an explicit ``numpy.random.Generator``: the engine gives each sample its
 own generator seeded by (seed, epoch, index), so augmentation never depends on which worker loads a
 sample and never touches the global RNGs. Images enter as uint8 ``H x W x 3`` RGB arrays and leave as
-normalised float ``(3, H, W)`` tensors; resizing uses ``torch.nn.functional.interpolate`` (bilinear
-for images, nearest for labels and masks).
+normalised float ``(3, H, W)`` tensors; resizing follows ``torch.nn.functional.interpolate`` (bilinear
+for images, nearest for labels and masks). Whole-image resizes (detection, ImageNet) run on uint8
+(:func:`resize_uint8`); the segmentation crop resamples only the window it keeps (:func:`resized_window`,
+:func:`resized_label_window`), equal to resize-then-crop (labels exactly, images to 1e-2 of a level).
 
 Normalisations (pixel values on the 0..255 scale throughout):
 
