@@ -5,6 +5,7 @@
                                 [--size H W] [--batch-size N] [--rounds N] [--device cuda] [--amp]
     python -m kd_ref.bench pairwise [--nodes 1024 4096 16384 65536] [--channels 128 512] [--device cuda]
     python -m kd_ref.bench flops --preset NAME [NAME ...] [--peak-tflops 125] [--utilisation 0.25]
+    python -m kd_ref.bench data [--task seg|det|cls] [--root DIR] [--rounds N] [--gpu-images-per-second N]
 
 ``effect`` trains one teacher per seed on the synthetic data (the preset's teacher recipe), then the
 student with every method from the same initialisation seed and data order, and prints the mean and
@@ -32,6 +33,15 @@ the relative difference of the loss and of its gradient. Dense sizes whose estim
 torch.utils.flop_counter on fake tensors (no compute, no weights), multiplies by the run's iterations
 (epochs from the reference training-set sizes) and converts to GPU-hours at a stated sustained
 throughput; it prints the formula. Detection steps size tensors by their values and are not counted.
+``data`` measures images/s of one worker thread on the same files for each task's real-data recipe
+(seg: the Cityscapes default preset, det: the COCO one, cls: ImageNet): our training sample (decode +
+augmentation, as the task builds it), our evaluation sample (decode + evaluation transform), decode alone
+(image, and label for seg), and a plain PIL / torchvision.transforms pipeline doing the same augmentation.
+The pipelines run round-robin, one pass over the files each per round, so machine load affects all
+alike; the ratio training / decode is the figure to compare between machines. Without ``--root`` it
+exports a small tree of the real resolution into a temporary folder (Cityscapes 1024x2048 PNGs, COCO-size
+480x640 JPEGs, ImageNet-size 375x500 JPEGs). The last line turns the training rate into the DataLoader
+workers one GPU needs at ``--gpu-images-per-second``.
 """
 from __future__ import annotations
 
@@ -44,6 +54,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -51,7 +62,7 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd_ref import configs, engine
+from kd_ref import configs, datasets, engine, transforms
 from kd_ref.skd import pair_wise_kd
 
 
@@ -708,6 +719,142 @@ def print_table(title: str, header: list, rows: list) -> None:
     print(flush=True)
 
 
+# ------------------------------------------------------------------------------------------- data
+DATA_TREES = {  # task: (export format, data, the real resolution (H, W) of its images)
+    "seg": ("cityscapes", "cityscapes", (1024, 2048)),
+    "det": ("coco", "coco", (480, 640)),
+    "cls": ("imagefolder", "imagenet", (375, 500)),
+}
+
+
+def _pil_rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _plain_normalise(array, normalization: str):
+    """numpy (H, W, 3) uint8 -> float32 (3, H, W) normalised, as a plain pipeline writes it."""
+    import numpy as np
+
+    spec = transforms.NORMALIZATIONS[normalization]
+    array = array[..., ::-1] if spec["bgr"] else array
+    return ((array.astype(np.float32) - np.float32(spec["mean"][::-1] if spec["bgr"] else spec["mean"]))
+            / np.float32(spec["std"])).transpose(2, 0, 1)
+
+
+def _plain_seg(recipe, image_path: str, label_path: str, rng) -> tuple:
+    """Decode with PIL, resize the whole image and label, crop, flip, normalise (numpy)."""
+    import numpy as np
+    from PIL import Image
+
+    image, label = _pil_rgb(image_path), Image.open(label_path)
+    scale = transforms.draw_scale(rng, recipe.scales, recipe.scale_step)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = np.asarray(image.resize(size, Image.Resampling.BILINEAR))
+    label = datasets.LABEL_ID_TO_TRAIN_ID[np.asarray(label.resize(size, Image.Resampling.NEAREST))]
+    top = int(rng.integers(max(size[1] - recipe.crop[0], 0) + 1))
+    left = int(rng.integers(max(size[0] - recipe.crop[1], 0) + 1))
+    window = (slice(top, top + recipe.crop[0]), slice(left, left + recipe.crop[1]))
+    image, label = image[window], label[window]
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return _plain_normalise(image, recipe.normalization), label.astype(np.int64)
+
+
+def _plain_det(recipe, image_path: str, rng):
+    """Decode with PIL, keep-ratio resize (PIL bilinear), flip, normalise (numpy)."""
+    import numpy as np
+    from PIL import Image
+
+    image = _pil_rgb(image_path)
+    (height, width), _ = transforms.rescale_size(image.height, image.width, recipe.image_scale)
+    image = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+    return _plain_normalise(image[:, ::-1] if rng.random() < 0.5 else image, recipe.normalization)
+
+
+def _data_pipelines(task: str, root: str) -> tuple:
+    """(recipe, the files' count, {pipeline name: callable(index, rng)}) of ``task`` on the tree at ``root``."""
+    import torchvision.transforms as tv
+
+    export_format, data, _ = DATA_TREES[task]
+    recipe = configs.PRESETS[configs.default_preset(task, "none", data)]
+    if task == "det":
+        recipe = dataclasses.replace(recipe, num_classes=len(datasets.COCODetection(root, "train2017").classes))
+    if task == "cls":
+        recipe = dataclasses.replace(recipe, num_classes=len(datasets.ImageFolder(root, "train").classes))
+    task_object = configs.TASKS[task]
+    train_set, _ = task_object.build_data(recipe, "train", root)
+    base = train_set.base
+    if task == "seg":
+        files = [(image, label) for image, label, _ in base.items]
+        eval_set = datasets.SegmentationSet(base, transforms.SegEvalTransform(recipe.normalization))
+        decode = lambda i, rng: (datasets.read_image(files[i][0]), datasets.read_label(files[i][1]))
+        plain = lambda i, rng: _plain_seg(recipe, *files[i], rng)
+    elif task == "det":
+        files = [os.path.join(base.image_dir, base.coco.imgs[image_id]["file_name"]) for image_id in base.image_ids]
+        eval_set = datasets.DetectionSet(base, transforms.DetTransform(recipe.image_scale, 0.0, recipe.normalization),
+                                         train=False)
+        decode = lambda i, rng: datasets.read_image(files[i])
+        plain = lambda i, rng: _plain_det(recipe, files[i], rng)
+    else:
+        files = [path for path, _ in base.items]
+        eval_set = datasets.ClassificationSet(base, task_object._transform(recipe, train=False))
+        spec = transforms.NORMALIZATIONS[recipe.normalization]
+        reference = tv.Compose([tv.RandomResizedCrop(recipe.crop[0]), tv.RandomHorizontalFlip(), tv.PILToTensor(),
+                                tv.ConvertImageDtype(torch.float32),
+                                tv.Normalize([m / 255 for m in spec["mean"]], [s / 255 for s in spec["std"]])])
+        decode = lambda i, rng: datasets.read_image(files[i])
+        plain = lambda i, rng: reference(_pil_rgb(files[i]))
+    return recipe, len(files), {"training (ours)": train_set.get, "evaluation (ours)": lambda i, rng: eval_set[i],
+                                "decode alone": decode, "plain reference": plain}
+
+
+def data_rates(pipelines: dict, count: int, rounds: int) -> dict:
+    """Images/s of every pipeline, one pass over ``count`` files per pipeline and round, round-robin."""
+    import numpy as np
+
+    seconds = dict.fromkeys(pipelines, 0.0)
+    for round_index in range(rounds):
+        for name, pipeline in pipelines.items():
+            started = time.perf_counter()
+            for index in range(count):
+                pipeline(index, np.random.default_rng([round_index, index]))
+            seconds[name] += time.perf_counter() - started
+    return {name: rounds * count / total for name, total in seconds.items()}
+
+
+def data(tasks: list, root: str | None = None, rounds: int = 3, gpu_images_per_second: float = 200.0,
+         num_images: int = 4) -> dict:
+    """Print the ``data`` table of every task (module docstring); returns {task: {pipeline: images/s}}."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # rates per worker thread: a DataLoader worker runs one
+    results = {}
+    try:
+        for task in tasks:
+            export_format, _, size = DATA_TREES[task]
+            with tempfile.TemporaryDirectory(prefix=f"kd_ref_bench_data_{task}_") as scratch:
+                tree = root
+                if tree is None:
+                    tree = scratch
+                    datasets.export(export_format, tree, num_train=num_images, num_val=1, size=size)
+                _, count, pipelines = _data_pipelines(task, tree)
+                rates = data_rates(pipelines, count, rounds)
+            results[task] = rates
+            where = root or f"an exported {export_format} tree of {count} {size[0]}x{size[1]} images"
+            print_table(f"{task}: images/s per worker thread, {rounds} interleaved rounds over {where}",
+                        ["pipeline", "images/s", "/ decode"],
+                        [[name, f"{rate:.1f}", f"{rate / rates['decode alone']:.2f}x"] for name, rate in rates.items()])
+            workers = math.ceil(gpu_images_per_second / rates["training (ours)"])
+            print(f"  a GPU consuming {gpu_images_per_second:g} images/s needs {workers} DataLoader workers "
+                  f"of this speed (num_workers={workers}; prefetch_factor=2, two batches queued per worker, "
+                  "covers a slow sample)")
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kd_ref.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -759,9 +906,25 @@ def main(argv=None) -> None:
                               help="sustained fraction of the peak (default: our assumption)")
     flops_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                               help="recipe override for every preset, as in train.py")
+    data_parser = commands.add_parser("data", help="images/s of the input pipelines, per worker thread")
+    data_parser.add_argument("--task", choices=sorted(DATA_TREES), default=None, help="default: all three")
+    data_parser.add_argument("--root", default=None, help="a tree of the task's real data set (default: export "
+                                                         "a small one of the real resolution into a temp folder)")
+    data_parser.add_argument("--rounds", type=int, default=3)
+    data_parser.add_argument("--num-images", type=int, default=4, help="images of an exported tree")
+    data_parser.add_argument("--gpu-images-per-second", type=float, default=200.0,
+                             help="what one GPU consumes, for the implied loader settings (default: 200)")
 
     args = parser.parse_args(argv)
-    if args.command == "effect":
+    if args.command == "data":
+        if args.root is not None and args.task is None:
+            parser.error("--root: name the tree's task with --task seg|det|cls")
+        try:
+            data([args.task] if args.task else list(DATA_TREES), args.root, args.rounds, args.gpu_images_per_second,
+                 args.num_images)
+        except (ValueError, OSError) as err:  # a tree that is missing or not of the task's layout
+            parser.error(str(err))
+    elif args.command == "effect":
         methods = args.methods or default_effect_methods(args.task)
         effect(args.task, methods, args.seeds, args.iters, args.teacher_iters,
                args.out or os.path.join("runs", f"bench_effect_{args.task}"), args.device,

@@ -42,6 +42,10 @@ class Recipe:
     # dict); GKD's released configs start from the trained baseline detector
     student_init: str | None = None
     image_scale: tuple = (1333, 800)  # det: keep-ratio resize bounds (long side, short side), mmdet img_scale
+    # det multi-scale training (mmdet 2.x Resize img_scale list): () trains at image_scale; 'value' picks one
+    # pair per sample, 'range' draws long and short side between two pairs. Evaluation stays at image_scale.
+    train_image_scales: tuple = ()
+    multiscale_mode: str = "value"
     rcnn_rois_per_image: int = 512   # det, Faster R-CNN: RoIs sampled per training image (mmdet 512)
     classes: tuple | None = None     # det, VOC layout: the tree's class names (None: the 20 VOC classes)
     # det: per-GPU batches of one aspect group (w/h > 1), each group padded to whole batches by repeating

@@ -162,9 +162,11 @@ class DetTask:
         for role, name in (("--student", recipe.student), ("--teacher", recipe.teacher)):
             if name is not None and name not in self.models:
                 raise ValueError(f"{role} {name}: --task {self.name} supports {', '.join(self.models)}")
-        if len(recipe.image_scale) != 2 or min(recipe.image_scale) < self.min_image_scale:
-            raise ValueError(f"image_scale {recipe.image_scale}: expected (long side, short side) bounds >= "
-                             f"{self.min_image_scale}")
+        named = [("image_scale", recipe.image_scale)] + [("train_image_scales", s) for s in recipe.train_image_scales]
+        for field, scale in named:
+            if len(scale) != 2 or min(scale) < self.min_image_scale:
+                raise ValueError(f"{field} {scale}: expected (long side, short side) bounds >= {self.min_image_scale}")
+        transforms.check_multiscale(tuple(recipe.train_image_scales), recipe.multiscale_mode)
         if recipe.data == "synthetic" and not 1 <= recipe.num_classes <= SYNTHETIC_NUM_OBJECT_CLASSES:
             raise ValueError(f"num_classes {recipe.num_classes}: synthetic scenes have "
                              f"1..{SYNTHETIC_NUM_OBJECT_CLASSES} object classes")
@@ -177,7 +179,9 @@ class DetTask:
     def build_data(self, recipe, split: str, root: str | None):
         train = split == "train"
         transform = transforms.DetTransform(recipe.image_scale, flip_prob=0.5 if train else 0.0,
-                                            normalization=recipe.normalization)
+                                            normalization=recipe.normalization,
+                                            scales=recipe.train_image_scales if train else (),
+                                            multiscale_mode=recipe.multiscale_mode)
         options = synthetic_options(recipe, split)
         if recipe.data == "synthetic":
             options["num_classes"] = recipe.num_classes

@@ -131,3 +131,28 @@ def test_flops_prints_the_formula_and_refuses_tasks_with_data_dependent_shapes(c
     with pytest.raises(ValueError, match="--preset nope: no such preset"):
         bench.flops(["synthetic_cls_kd", "nope"])
     assert "training FLOPs" not in capsys.readouterr().out  # refused before anything was counted
+
+
+@pytest.mark.parametrize("task,export_format,size", [("seg", "cityscapes", (32, 64)), ("det", "coco", (48, 64)),
+                                                     ("cls", "imagefolder", (48, 64))])
+def test_data_prints_every_pipeline_of_a_tree_and_the_loader_settings(task, export_format, size, tmp_path, capsys):
+    from kd_ref import datasets
+
+    datasets.export(export_format, str(tmp_path), num_train=2, num_val=1, size=size)
+    rates = bench.data([task], root=str(tmp_path), rounds=1, gpu_images_per_second=1e6)[task]
+    assert set(rates) == {"training (ours)", "evaluation (ours)", "decode alone", "plain reference"}
+    assert all(math.isfinite(rate) and rate > 0 for rate in rates.values())
+    printed = capsys.readouterr().out
+    assert f"{task}: images/s per worker thread, 1 interleaved rounds over {tmp_path}" in printed
+    assert "| decode alone |" in printed and "| 1.00x |" in printed
+    workers = math.ceil(1e6 / rates["training (ours)"])
+    assert f"a GPU consuming 1e+06 images/s needs {workers} DataLoader workers" in printed
+
+
+def test_data_cli_wants_the_task_of_a_given_tree(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bench.main(["data", "--root", str(tmp_path)])
+    assert "--root: name the tree's task with --task seg|det|cls" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["data", "--task", "seg", "--root", str(tmp_path / "absent")])
+    assert f"Cityscapes root {tmp_path / 'absent'}: no such directory" in capsys.readouterr().err

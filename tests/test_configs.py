@@ -127,6 +127,12 @@ REFERENCE = {
                                         "method_options": {"alpha": 4.0, "tau": 4.0}},
     "dist_retinanet_r50_fpn_2x_coco": {**MMDET, "lr": 0.01, "epochs": 24, "lr_steps": (16, 22)},
     "dist_faster_rcnn_r50_fpn_2x_coco": {**MMDET, "lr": 0.02, "epochs": 24, "lr_steps": (16, 22)},
+    # mmdetection solo/solo_r50_fpn_3x_coco.py (R101 backbone): Resize img_scale (1333, 800) ... (1333, 640),
+    # multiscale_mode 'value'; 36 epochs, steps 27/33, warm-up 500 from 1/3; SOLO lr 0.01
+    "solo_r101_fpn_3x_coco": {**MMDET, "lr": 0.01, "epochs": 36, "lr_steps": (27, 33), "warmup_ratio": 1.0 / 3,
+                              "train_image_scales": ((1333, 800), (1333, 768), (1333, 736), (1333, 704),
+                                                     (1333, 672), (1333, 640)),
+                              "multiscale_mode": "value", "pretrained": configs.TORCHVISION_WEIGHTS[101]},
 }
 # Fields set differently from (or not given by) the reference, and why.
 DIFFERENCES = {
