@@ -17,6 +17,7 @@ Segmentation layouts also fix the flavour: mmseg files fit the ``mmseg`` flavour
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -60,6 +61,10 @@ class Layout:
     recognise: Callable[[set], bool]
     to_ours: Callable[[Mapping[str, Tensor], str], dict[str, Tensor]]
     flavours: tuple = ()  # segmentation: the flavours whose models the layout's code defines
+    # what the layout demands of the model beyond its keys and shapes: raises a one-line ValueError
+    check_model: Callable[[nn.Module, Mapping[str, Tensor], str], None] | None = None
+    # recipe fields (input normalisation, model options) the layout's code fixes, from the converted keys
+    recipe_fields: Callable[[Mapping[str, Tensor]], dict] | None = None
 
 
 # First match wins: the released layouts carry marker keys no other layout has; ours come after them.
@@ -187,6 +192,8 @@ def to_model_keys(model: nn.Module, state_dict: Mapping[str, Tensor], source: st
                          f"the recipe expects {expected} (--set flavour={layout.flavours[0]})")
     if found != describe(model.state_dict()):
         raise ValueError(f"{source}: a {layout.name} file holding {found}; the recipe expects {expected}")
+    if layout.check_model is not None:
+        layout.check_model(model, converted, source)
     return layout, converted
 
 
@@ -212,19 +219,26 @@ def _trunk(state_dict: Mapping[str, Tensor]) -> str:
 _FCOS_HEAD = ("cls_tower.", "bbox_tower.", "cls_logits.", "bbox_pred.", "centerness.", "scales.")
 
 
+_FCOS_STEM = {"backbone.body.stem.conv1.": "backbone.stem.0.", "backbone.body.stem.bn1.": "backbone.stem.1."}
+
+
 def convert_fcos_state_dict(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
-    """tianzhi0549/FCOS (maskrcnn-benchmark) keys of an MNV2-FPN model -> ours: ``backbone.body.features`` ->
-    ``backbone.features`` (``convert_fcos_mobilenet_keys``), ``fpn_inner{2,3,4}`` / ``fpn_layer{2,3,4}`` ->
-    the lateral / output convs of P3-P5, ``top_blocks.p6/p7`` -> ``neck.p6/p7``, ``rpn.head.*`` -> ``head.*``
-    (same tower indices: conv, GN, ReLU triplets). The FCOS code's ResNets put the stride of a bottleneck on
-    its 1x1 conv (MSRA weights, STRIDE_IN_1X1), a block kd_ref's ResNets do not build: refused."""
+    """tianzhi0549/FCOS (maskrcnn-benchmark) keys -> ours. Trunk: MobileNetV2 ``backbone.body.features`` ->
+    ``backbone.features`` (``convert_fcos_mobilenet_keys``); ResNet ``backbone.body.stem.conv1/bn1`` -> our
+    stem, ``backbone.body.layerN`` -> ``backbone.layerN`` (block names as torchvision's; FrozenBatchNorm
+    keeps weight, bias, running_mean, running_var, as our BN does). FPN: ``fpn_inner{2,3,4}`` /
+    ``fpn_layer{2,3,4}`` -> the lateral / output convs of P3-P5, ``top_blocks.p6/p7`` -> ``neck.p6/p7``;
+    ``rpn.head.*`` -> ``head.*`` (same tower indices: conv, GN, ReLU triplets). The ResNet files put a
+    bottleneck's stride on its 1x1 conv, which their model must build too (``fcos_resnet_check``)."""
     converted = {}
     for key, value in state_dict.items():
+        stem = next((prefix for prefix in _FCOS_STEM if key.startswith(prefix)), None)
         if key.startswith("backbone.body.features."):
             converted["backbone." + convert_fcos_mobilenet_keys(key[len("backbone.body."):])] = value
-        elif key.startswith("backbone.body."):
-            raise ValueError(f"{source}: an FCOS ResNet checkpoint ({key}); its stride-in-1x1 bottlenecks are not "
-                             "built by kd_ref, only FCOS MobileNetV2 checkpoints load")
+        elif stem is not None:
+            converted[_FCOS_STEM[stem] + key[len(stem):]] = value
+        elif key.startswith("backbone.body.layer"):
+            converted["backbone." + key[len("backbone.body."):]] = value
         elif key.startswith("backbone.fpn.fpn_inner") or key.startswith("backbone.fpn.fpn_layer"):
             kind, rest = key[len("backbone.fpn.fpn_"):].split(".", 1)
             index = int(kind[-1]) - 2                          # fpn_inner2 reads C3
@@ -235,12 +249,42 @@ def convert_fcos_state_dict(state_dict: Mapping[str, Tensor], source: str) -> di
         elif key.startswith("rpn.head.") and key[len("rpn.head."):].startswith(_FCOS_HEAD):
             converted["head." + key[len("rpn.head."):]] = value
         else:
-            raise ValueError(f"{source}: key {key} is not part of an FCOS MNV2-FPN model")
+            raise ValueError(f"{source}: key {key} is not part of an FCOS ResNet-FPN or MNV2-FPN model")
     return converted
 
 
+def fcos_resnet_check(model: nn.Module, converted: Mapping[str, Tensor], source: str) -> None:
+    """An FCOS-code ResNet file loads into a ResNet whose bottlenecks stride in their 1x1 conv only: the
+    weights have the same shapes either way, the outputs do not."""
+    if "backbone.layer1.0.conv1.weight" in converted and not getattr(model.backbone, "stride_in_1x1", False):
+        raise ValueError(f"{source}: an FCOS-code ResNet file, whose bottlenecks stride in their 1x1 conv; the "
+                         f"recipe's {describe(model.state_dict())} strides in the 3x3 conv "
+                         "(--set \"model_options={'stride_in_1x1': True}\")")
+
+
+def recipe_for_file(recipe, state_dict: Mapping[str, Tensor], source: str):
+    """The recipe a file without one (released weights) is run with: ``recipe`` with the input normalisation
+    and the model options its layout's code fixes (e.g. an FCOS-code ResNet: caffe2 BGR input statistics and
+    stride-in-1x1 bottlenecks); ``recipe`` itself for every other layout."""
+    layout = recognise(state_dict, source)
+    if layout.recipe_fields is None:
+        return recipe
+    fields = layout.recipe_fields(layout.to_ours(state_dict, source))
+    options = {**recipe.model_options, **fields.pop("model_options", {})}
+    return dataclasses.replace(recipe, model_options=options, **fields)
+
+
+def _fcos_recipe_fields(converted: Mapping[str, Tensor]) -> dict:
+    # every FCOS config keeps maskrcnn-benchmark's input defaults, the MobileNetV2 ones included
+    fields = {"normalization": "caffe2_bgr"}
+    if "backbone.layer1.0.conv1.weight" in converted:
+        fields["model_options"] = {"stride_in_1x1": True}
+    return fields
+
+
 LAYOUTS = LAYOUTS + (
-    Layout("FCOS (tianzhi0549/FCOS)", "det", _has("rpn.head.cls_logits.weight"), convert_fcos_state_dict),
+    Layout("FCOS (tianzhi0549/FCOS)", "det", _has("rpn.head.cls_logits.weight"), convert_fcos_state_dict,
+           check_model=fcos_resnet_check, recipe_fields=_fcos_recipe_fields),
     Layout("kd_ref depth model", "depth", _has("laterals.c5.0.weight"), _ours),
 )
 

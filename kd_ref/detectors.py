@@ -962,13 +962,16 @@ class FCOS(_FPNDetector):
 # our synthetic student
 FCOS_DETECTORS = {"fcos_r18": ("r18", 256), "fcos_r50": ("r50", 256), "fcos_r101": ("r101", 256),
                   "fcos_mv2": ("mv2", 256), "fcos_mv2_c128": ("mv2", 128), "fcos_mv2_c64": ("mv2", 64)}
-FCOS_OPTION_NAMES = ("center_sampling", "iou_loss", "centerness_on_reg", "norm_reg_targets", "sizes_of_interest")
+FCOS_OPTION_NAMES = ("center_sampling", "iou_loss", "centerness_on_reg", "norm_reg_targets", "sizes_of_interest",
+                     "stride_in_1x1")
 
 
-def build_fcos(name, num_classes, pretrained_backbone=None, **options):
+def build_fcos(name, num_classes, pretrained_backbone=None, stride_in_1x1=False, **options):
     """``name`` in FCOS_DETECTORS. ResNets: torchvision layout, stem + stage 1 frozen, BN frozen (the FCOS
     R-50 config: FREEZE_CONV_BODY_AT 2, FrozenBatchNorm); MobileNetV2: every layer and BN trains
-    (FREEZE_CONV_BODY_AT 0). ``options``: FCOS's keyword options (FCOS_OPTION_NAMES)."""
+    (FREEZE_CONV_BODY_AT 0). ``options``: FCOS's keyword options (FCOS_OPTION_NAMES). ``stride_in_1x1``:
+    the ResNet-50/101 bottlenecks of the FCOS code (MSRA weights), so that its released files load; it
+    concerns ResNet trunks only (a MobileNetV2 student next to such a teacher shares the recipe's options)."""
     unknown = sorted(set(options) - set(FCOS_OPTION_NAMES))
     if unknown:
         raise ValueError(f"unknown FCOS options {unknown}; expected some of {list(FCOS_OPTION_NAMES)}")
@@ -976,8 +979,9 @@ def build_fcos(name, num_classes, pretrained_backbone=None, **options):
     if trunk == "mv2":
         backbone = build_mobilenet_v2(pretrained_backbone)
     else:
-        backbone = build_backbone(int(trunk[1:]), "torchvision", output_stride=32, pretrained=pretrained_backbone,
-                                  frozen_stages=1, norm_eval=True)
+        depth = int(trunk[1:])
+        backbone = build_backbone(depth, "torchvision", output_stride=32, pretrained=pretrained_backbone,
+                                  frozen_stages=1, norm_eval=True, stride_in_1x1=stride_in_1x1 and depth >= 50)
     return FCOS(backbone, num_classes, out_channels=channels, **options)
 
 

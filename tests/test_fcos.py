@@ -216,6 +216,151 @@ def test_fcos_code_checkpoint_loads_through_the_common_path():
     for key, value in source.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             assert torch.equal(target.state_dict()[key], value), key
-    with pytest.raises(ValueError, match="stride-in-1x1"):
-        convert.load_weights(target, {"rpn.head.cls_logits.weight": torch.zeros(1),
-                                      "backbone.body.stem.conv1.weight": torch.zeros(1)}, "fcos r50")
+
+
+FCOS_CODE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+
+
+def fcos_code_resnet_file(depth, num_classes=80, channels=256):
+    """A checkpoint laid out as tianzhi0549/FCOS saves FCOS_imprv_R_{50,101}_FPN_1x (maskrcnn-benchmark
+    Checkpointer ``{"model": ...}`` under DDP's ``module.``), written from that code's module names: stem
+    conv1/bn1, bottlenecks conv1-3/bn1-3/downsample, FrozenBatchNorm buffers (weight, bias, running_mean,
+    running_var), FPN fpn_inner2-4/fpn_layer2-4 on C3-C5, top_blocks p6/p7 on P5, GN towers of
+    conv/GN/ReLU, 80 sigmoid classes, one Scale per level. Random values."""
+    generator = torch.Generator().manual_seed(depth)
+    weights = {}
+
+    def conv(name, out_channels, in_channels, kernel, bias=False):
+        weights[f"{name}.weight"] = torch.randn(out_channels, in_channels, kernel, kernel, generator=generator) * 0.05
+        if bias:
+            weights[f"{name}.bias"] = torch.randn(out_channels, generator=generator) * 0.05
+
+    def frozen_bn(name, width):
+        weights[f"{name}.weight"] = torch.rand(width, generator=generator) + 0.5
+        weights[f"{name}.bias"] = torch.randn(width, generator=generator) * 0.05
+        weights[f"{name}.running_mean"] = torch.randn(width, generator=generator) * 0.05
+        weights[f"{name}.running_var"] = torch.rand(width, generator=generator) + 0.5
+
+    body = "module.backbone.body."
+    conv(body + "stem.conv1", 64, 3, 7)
+    frozen_bn(body + "stem.bn1", 64)
+    in_channels = 64
+    for stage, num_blocks in enumerate(FCOS_CODE_BLOCKS[depth]):
+        width, out_channels = 64 * 2 ** stage, 256 * 2 ** stage
+        for index in range(num_blocks):
+            block = f"{body}layer{stage + 1}.{index}."
+            conv(block + "conv1", width, in_channels if index == 0 else out_channels, 1)
+            frozen_bn(block + "bn1", width)
+            conv(block + "conv2", width, width, 3)
+            frozen_bn(block + "bn2", width)
+            conv(block + "conv3", out_channels, width, 1)
+            frozen_bn(block + "bn3", out_channels)
+            if index == 0:
+                conv(block + "downsample.0", out_channels, in_channels, 1)
+                frozen_bn(block + "downsample.1", out_channels)
+        in_channels = out_channels
+    for level, c in ((2, 512), (3, 1024), (4, 2048)):
+        conv(f"module.backbone.fpn.fpn_inner{level}", channels, c, 1, bias=True)
+        conv(f"module.backbone.fpn.fpn_layer{level}", channels, channels, 3, bias=True)
+    for extra in ("p6", "p7"):
+        conv(f"module.backbone.fpn.top_blocks.{extra}", channels, channels, 3, bias=True)
+    for tower in ("cls_tower", "bbox_tower"):
+        for j in range(4):
+            conv(f"module.rpn.head.{tower}.{3 * j}", channels, channels, 3, bias=True)
+            weights[f"module.rpn.head.{tower}.{3 * j + 1}.weight"] = torch.rand(channels, generator=generator) + 0.5
+            weights[f"module.rpn.head.{tower}.{3 * j + 1}.bias"] = torch.randn(channels, generator=generator) * 0.05
+    conv("module.rpn.head.cls_logits", num_classes, channels, 3, bias=True)
+    conv("module.rpn.head.bbox_pred", 4, channels, 3, bias=True)
+    conv("module.rpn.head.centerness", 1, channels, 3, bias=True)
+    for level in range(5):
+        weights[f"module.rpn.head.scales.{level}.scale"] = torch.rand(1, generator=generator) + 0.5
+    return {"model": weights, "iteration": 90000}
+
+
+IMPRV = {"stride_in_1x1": True, "center_sampling": 1.5, "iou_loss": "giou", "centerness_on_reg": True,
+         "norm_reg_targets": True}
+
+
+def place_by_hand(model, weights):
+    """The file's tensors copied into ``model`` module by module (no key map involved)."""
+    def put(module, prefix, names=("weight", "bias")):
+        for name in names:
+            getattr(module, name).data.copy_(weights[f"{prefix}.{name}"])
+    bn_names = ("weight", "bias", "running_mean", "running_var")
+    body, backbone = "module.backbone.body.", model.backbone
+    put(backbone.stem[0], body + "stem.conv1", ("weight",))
+    put(backbone.stem[1], body + "stem.bn1", bn_names)
+    for stage in range(1, 5):
+        for index, block in enumerate(getattr(backbone, f"layer{stage}")):
+            prefix = f"{body}layer{stage}.{index}."
+            for k in (1, 2, 3):
+                put(getattr(block, f"conv{k}"), prefix + f"conv{k}", ("weight",))
+                put(getattr(block, f"bn{k}"), prefix + f"bn{k}", bn_names)
+            if block.downsample is not None:
+                put(block.downsample[0], prefix + "downsample.0", ("weight",))
+                put(block.downsample[1], prefix + "downsample.1", bn_names)
+    for index, level in enumerate((2, 3, 4)):
+        put(model.neck.lateral_convs[index], f"module.backbone.fpn.fpn_inner{level}")
+        put(model.neck.output_convs[index], f"module.backbone.fpn.fpn_layer{level}")
+    put(model.neck.p6, "module.backbone.fpn.top_blocks.p6")
+    put(model.neck.p7, "module.backbone.fpn.top_blocks.p7")
+    for tower in ("cls_tower", "bbox_tower"):
+        for j in range(4):
+            put(getattr(model.head, tower)[3 * j], f"module.rpn.head.{tower}.{3 * j}")
+            put(getattr(model.head, tower)[3 * j + 1], f"module.rpn.head.{tower}.{3 * j + 1}")
+    for name in ("cls_logits", "bbox_pred", "centerness"):
+        put(getattr(model.head, name), f"module.rpn.head.{name}")
+    for level, scale in enumerate(model.head.scales):
+        put(scale, f"module.rpn.head.scales.{level}", ("scale",))
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_fcos_code_resnet_checkpoint_loads_strictly_and_predicts_as_placed_by_hand(tmp_path, depth):
+    from kd_ref import convert
+    path = tmp_path / f"FCOS_imprv_R_{depth}_FPN_1x.pth"
+    torch.save(fcos_code_resnet_file(depth), path)
+    weights = torch.load(path)["model"]
+    loaded = build_detector(f"fcos_r{depth}", 80, fcos_options=IMPRV).eval()
+    layout = convert.load_weights(loaded, str(path), f"--teacher-ckpt {path.name}")
+    assert layout.name == "FCOS (tianzhi0549/FCOS)"
+    if depth == 101:  # one forward (the 50 case) shows where each tensor lands; here: every key, strictly
+        return
+    by_hand = build_detector("fcos_r50", 80, fcos_options=IMPRV).eval()
+    place_by_hand(by_hand, weights)
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected, actual = by_hand(images), loaded(images)
+    for key in ("cls_logits", "bbox_preds", "centerness"):
+        for want, got in zip(expected[key], actual[key]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    stride_in_3x3 = build_detector("fcos_r50", 80).eval()
+    with pytest.raises(ValueError) as error:
+        convert.load_weights(stride_in_3x3, str(path), f"--teacher-ckpt {path.name}")
+    assert str(error.value) == (
+        f"--teacher-ckpt {path.name}: an FCOS-code ResNet file, whose bottlenecks stride in their 1x1 conv; the "
+        "recipe's fcos on a ResNet-50 (7x7 stem) with a 256-channel head, 80 classes strides in the 3x3 conv "
+        "(--set \"model_options={'stride_in_1x1': True}\")")
+
+
+def test_fcos_code_files_are_evaluated_with_the_codes_input_statistics(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import evaluate
+    from kd_ref import configs, convert
+    name = "synthetic_det_fcos_teacher"
+    preset = dataclasses.replace(configs.PRESETS[name], synthetic_val=2, synthetic_size=(64, 64),
+                                 image_scale=(64, 64))
+    monkeypatch.setitem(configs.PRESETS, name, preset)
+    resnet_file = {key.removeprefix("module."): value
+                   for key, value in fcos_code_resnet_file(50, num_classes=preset.num_classes)["model"].items()}
+    recipe = convert.recipe_for_file(preset, resnet_file, "--ckpt r50.pth")
+    assert recipe.normalization == "caffe2_bgr" and preset.normalization == "imagenet_rgb"
+    assert recipe.model_options == {**preset.model_options, "stride_in_1x1": True}
+    mobilenet_file = _to_fcos_code_keys(build_detector("fcos_mv2_c64", 3).state_dict())
+    assert convert.recipe_for_file(preset, mobilenet_file, "mv2").normalization == "caffe2_bgr"
+    assert convert.recipe_for_file(preset, build_detector("fcos_r50", 3).state_dict(), "ours") == preset
+    path = tmp_path / "FCOS_imprv_R_50_FPN_1x.pth"
+    torch.save({"model": resnet_file}, path)
+    scores = evaluate.main(["--ckpt", str(path), "--preset", name, "--quiet", "--device", "cpu",
+                            "--out", str(tmp_path / "scores.json")])
+    assert "AP" in " ".join(scores)
+    assert f"--ckpt {path}: run with the input normalisation caffe2_bgr and model options" in capsys.readouterr().out
