@@ -7,7 +7,7 @@ import torch
 
 from kd_ref import detectors
 from kd_ref.detectors import (build_detector, fcos_centerness_target, fcos_iou_loss, fcos_points, fcos_targets)
-from model_helpers import count_parameters
+from model_helpers import ReferenceFile, count_parameters, place_resnet_by_hand, put
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "depth_fcos")
 GOLDEN_SIZES = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
@@ -218,63 +218,29 @@ def test_fcos_code_checkpoint_loads_through_the_common_path():
             assert torch.equal(target.state_dict()[key], value), key
 
 
-FCOS_CODE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-
-
 def fcos_code_resnet_file(depth, num_classes=80, channels=256):
     """A checkpoint laid out as tianzhi0549/FCOS saves FCOS_imprv_R_{50,101}_FPN_1x (maskrcnn-benchmark
     Checkpointer ``{"model": ...}`` under DDP's ``module.``), written from that code's module names: stem
     conv1/bn1, bottlenecks conv1-3/bn1-3/downsample, FrozenBatchNorm buffers (weight, bias, running_mean,
     running_var), FPN fpn_inner2-4/fpn_layer2-4 on C3-C5, top_blocks p6/p7 on P5, GN towers of
     conv/GN/ReLU, 80 sigmoid classes, one Scale per level. Random values."""
-    generator = torch.Generator().manual_seed(depth)
-    weights = {}
-
-    def conv(name, out_channels, in_channels, kernel, bias=False):
-        weights[f"{name}.weight"] = torch.randn(out_channels, in_channels, kernel, kernel, generator=generator) * 0.05
-        if bias:
-            weights[f"{name}.bias"] = torch.randn(out_channels, generator=generator) * 0.05
-
-    def frozen_bn(name, width):
-        weights[f"{name}.weight"] = torch.rand(width, generator=generator) + 0.5
-        weights[f"{name}.bias"] = torch.randn(width, generator=generator) * 0.05
-        weights[f"{name}.running_mean"] = torch.randn(width, generator=generator) * 0.05
-        weights[f"{name}.running_var"] = torch.rand(width, generator=generator) + 0.5
-
-    body = "module.backbone.body."
-    conv(body + "stem.conv1", 64, 3, 7)
-    frozen_bn(body + "stem.bn1", 64)
-    in_channels = 64
-    for stage, num_blocks in enumerate(FCOS_CODE_BLOCKS[depth]):
-        width, out_channels = 64 * 2 ** stage, 256 * 2 ** stage
-        for index in range(num_blocks):
-            block = f"{body}layer{stage + 1}.{index}."
-            conv(block + "conv1", width, in_channels if index == 0 else out_channels, 1)
-            frozen_bn(block + "bn1", width)
-            conv(block + "conv2", width, width, 3)
-            frozen_bn(block + "bn2", width)
-            conv(block + "conv3", out_channels, width, 1)
-            frozen_bn(block + "bn3", out_channels)
-            if index == 0:
-                conv(block + "downsample.0", out_channels, in_channels, 1)
-                frozen_bn(block + "downsample.1", out_channels)
-        in_channels = out_channels
+    file = ReferenceFile(depth)
+    file.resnet("module.backbone.body.", "module.backbone.body.stem.", depth, counter=False)
     for level, c in ((2, 512), (3, 1024), (4, 2048)):
-        conv(f"module.backbone.fpn.fpn_inner{level}", channels, c, 1, bias=True)
-        conv(f"module.backbone.fpn.fpn_layer{level}", channels, channels, 3, bias=True)
+        file.conv(f"module.backbone.fpn.fpn_inner{level}", channels, c, 1)
+        file.conv(f"module.backbone.fpn.fpn_layer{level}", channels, channels, 3)
     for extra in ("p6", "p7"):
-        conv(f"module.backbone.fpn.top_blocks.{extra}", channels, channels, 3, bias=True)
+        file.conv(f"module.backbone.fpn.top_blocks.{extra}", channels, channels, 3)
     for tower in ("cls_tower", "bbox_tower"):
         for j in range(4):
-            conv(f"module.rpn.head.{tower}.{3 * j}", channels, channels, 3, bias=True)
-            weights[f"module.rpn.head.{tower}.{3 * j + 1}.weight"] = torch.rand(channels, generator=generator) + 0.5
-            weights[f"module.rpn.head.{tower}.{3 * j + 1}.bias"] = torch.randn(channels, generator=generator) * 0.05
-    conv("module.rpn.head.cls_logits", num_classes, channels, 3, bias=True)
-    conv("module.rpn.head.bbox_pred", 4, channels, 3, bias=True)
-    conv("module.rpn.head.centerness", 1, channels, 3, bias=True)
+            file.conv(f"module.rpn.head.{tower}.{3 * j}", channels, channels, 3)
+            file.affine(f"module.rpn.head.{tower}.{3 * j + 1}", channels)
+    file.conv("module.rpn.head.cls_logits", num_classes, channels, 3)
+    file.conv("module.rpn.head.bbox_pred", 4, channels, 3)
+    file.conv("module.rpn.head.centerness", 1, channels, 3)
     for level in range(5):
-        weights[f"module.rpn.head.scales.{level}.scale"] = torch.rand(1, generator=generator) + 0.5
-    return {"model": weights, "iteration": 90000}
+        file.weights[f"module.rpn.head.scales.{level}.scale"] = torch.rand(1, generator=file.generator) + 0.5
+    return {"model": file.weights, "iteration": 90000}
 
 
 IMPRV = {"stride_in_1x1": True, "center_sampling": 1.5, "iou_loss": "giou", "centerness_on_reg": True,
@@ -283,35 +249,20 @@ IMPRV = {"stride_in_1x1": True, "center_sampling": 1.5, "iou_loss": "giou", "cen
 
 def place_by_hand(model, weights):
     """The file's tensors copied into ``model`` module by module (no key map involved)."""
-    def put(module, prefix, names=("weight", "bias")):
-        for name in names:
-            getattr(module, name).data.copy_(weights[f"{prefix}.{name}"])
-    bn_names = ("weight", "bias", "running_mean", "running_var")
-    body, backbone = "module.backbone.body.", model.backbone
-    put(backbone.stem[0], body + "stem.conv1", ("weight",))
-    put(backbone.stem[1], body + "stem.bn1", bn_names)
-    for stage in range(1, 5):
-        for index, block in enumerate(getattr(backbone, f"layer{stage}")):
-            prefix = f"{body}layer{stage}.{index}."
-            for k in (1, 2, 3):
-                put(getattr(block, f"conv{k}"), prefix + f"conv{k}", ("weight",))
-                put(getattr(block, f"bn{k}"), prefix + f"bn{k}", bn_names)
-            if block.downsample is not None:
-                put(block.downsample[0], prefix + "downsample.0", ("weight",))
-                put(block.downsample[1], prefix + "downsample.1", bn_names)
+    place_resnet_by_hand(model.backbone, weights, "module.backbone.body.", "module.backbone.body.stem.")
     for index, level in enumerate((2, 3, 4)):
-        put(model.neck.lateral_convs[index], f"module.backbone.fpn.fpn_inner{level}")
-        put(model.neck.output_convs[index], f"module.backbone.fpn.fpn_layer{level}")
-    put(model.neck.p6, "module.backbone.fpn.top_blocks.p6")
-    put(model.neck.p7, "module.backbone.fpn.top_blocks.p7")
+        put(model.neck.lateral_convs[index], weights, f"module.backbone.fpn.fpn_inner{level}")
+        put(model.neck.output_convs[index], weights, f"module.backbone.fpn.fpn_layer{level}")
+    put(model.neck.p6, weights, "module.backbone.fpn.top_blocks.p6")
+    put(model.neck.p7, weights, "module.backbone.fpn.top_blocks.p7")
     for tower in ("cls_tower", "bbox_tower"):
         for j in range(4):
-            put(getattr(model.head, tower)[3 * j], f"module.rpn.head.{tower}.{3 * j}")
-            put(getattr(model.head, tower)[3 * j + 1], f"module.rpn.head.{tower}.{3 * j + 1}")
+            put(getattr(model.head, tower)[3 * j], weights, f"module.rpn.head.{tower}.{3 * j}")
+            put(getattr(model.head, tower)[3 * j + 1], weights, f"module.rpn.head.{tower}.{3 * j + 1}")
     for name in ("cls_logits", "bbox_pred", "centerness"):
-        put(getattr(model.head, name), f"module.rpn.head.{name}")
+        put(getattr(model.head, name), weights, f"module.rpn.head.{name}")
     for level, scale in enumerate(model.head.scales):
-        put(scale, f"module.rpn.head.scales.{level}", ("scale",))
+        put(scale, weights, f"module.rpn.head.scales.{level}", ("scale",))
 
 
 @pytest.mark.parametrize("depth", [50, 101])
