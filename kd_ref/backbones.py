@@ -272,9 +272,10 @@ def _first_line(error: Exception) -> str:
 
 
 def tensors_of(content, source: str) -> dict[str, Tensor]:
-    """The state dict a loaded file holds: the file itself, or its ``state_dict`` (mmcv: mmdet, mmseg)
-    or ``model`` (train.py, RepDistiller) entry; DataParallel's leading ``module.`` is stripped."""
-    for key in ("state_dict", "model"):
+    """The state dict a loaded file holds: the file itself, or its ``state_dict`` (mmcv: mmdet, mmseg),
+    ``model`` (train.py, RepDistiller, maskrcnn-benchmark) or ``model_state_dict`` (VNL) entry; DataParallel's
+    leading ``module.`` is stripped."""
+    for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(content, Mapping) and isinstance(content.get(key), Mapping):
             content = content[key]
             break

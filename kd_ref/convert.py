@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_ref import classifiers, depth, detectors, instance_seg, segmentors
-from kd_ref.mobilenet import convert_fcos_mobilenet_keys
+from kd_ref.mobilenet import VNL_ENCODER, tonylins_key
 from kd_ref.backbones import describe_backbone, load_state_dict_checked, read_checkpoint
 
 TASKS = ("seg", "det", "cls", "ins", "depth")
@@ -224,7 +224,7 @@ _FCOS_STEM = {"backbone.body.stem.conv1.": "backbone.stem.0.", "backbone.body.st
 
 def convert_fcos_state_dict(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
     """tianzhi0549/FCOS (maskrcnn-benchmark) keys -> ours. Trunk: MobileNetV2 ``backbone.body.features`` ->
-    ``backbone.features`` (``convert_fcos_mobilenet_keys``); ResNet ``backbone.body.stem.conv1/bn1`` -> our
+    ``backbone.features`` (``tonylins_key``: the FCOS code's MobileNetV2 is tonylins's); ResNet ``backbone.body.stem.conv1/bn1`` -> our
     stem, ``backbone.body.layerN`` -> ``backbone.layerN`` (block names as torchvision's; FrozenBatchNorm
     keeps weight, bias, running_mean, running_var, as our BN does). FPN: ``fpn_inner{2,3,4}`` /
     ``fpn_layer{2,3,4}`` -> the lateral / output convs of P3-P5, ``top_blocks.p6/p7`` -> ``neck.p6/p7``;
@@ -234,7 +234,7 @@ def convert_fcos_state_dict(state_dict: Mapping[str, Tensor], source: str) -> di
     for key, value in state_dict.items():
         stem = next((prefix for prefix in _FCOS_STEM if key.startswith(prefix)), None)
         if key.startswith("backbone.body.features."):
-            converted["backbone." + convert_fcos_mobilenet_keys(key[len("backbone.body."):])] = value
+            converted["backbone." + tonylins_key(key[len("backbone.body."):])] = value
         elif stem is not None:
             converted[_FCOS_STEM[stem] + key[len(stem):]] = value
         elif key.startswith("backbone.body.layer"):
@@ -282,7 +282,21 @@ def _fcos_recipe_fields(converted: Mapping[str, Tensor]) -> dict:
     return fields
 
 
+def refuse_vnl_model(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """A VNL depth model (YvanYin/VNL_Monocular_Depth_Prediction ``MetricDepthModel``) does not map onto our
+    DepthNet: its decoder (``encoder_modules.topdown_lateral_modules`` FTB laterals, an ASPP or global-pool
+    ``bottomup_top``, ``decoder_modules`` AFA/FTB blocks and a dilated 3x3 predictor) has no counterpart in
+    DepthNet's FPN-style decoder, and its released encoder is a ResNeXt-101 32x4d (ours: 32x8d). Only a
+    MobileNetV2 encoder carries over, as ImageNet-style initial weights through ``--pretrained``."""
+    mobilenet = any(key.startswith(VNL_ENCODER + "res2.0.conv.") for key in state_dict)  # ResNeXt: res2.0.conv1
+    hint = ("its MobileNetV2 encoder loads with --pretrained" if mobilenet else
+            "its ResNeXt encoder (32x4d in the released files) does not match kd_ref's ResNeXt-101 32x8d either")
+    raise ValueError(f"{source}: a VNL depth model (YvanYin/VNL_Monocular_Depth_Prediction), whose decoder "
+                     f"(FTB/AFA blocks, ASPP or global-pool top) kd_ref's DepthNet does not build; {hint}")
+
+
 LAYOUTS = LAYOUTS + (
+    Layout("VNL depth model", "depth", _any_prefixed("depth_model.encoder_modules."), refuse_vnl_model),
     Layout("FCOS (tianzhi0549/FCOS)", "det", _has("rpn.head.cls_logits.weight"), convert_fcos_state_dict,
            check_model=fcos_resnet_check, recipe_fields=_fcos_recipe_fields),
     Layout("kd_ref depth model", "depth", _has("laterals.c5.0.weight"), _ours),
