@@ -1067,6 +1067,21 @@ for _method, _options in SYNTHETIC_FCOS_METHOD_OPTIONS.items():
 DEFAULT_PRESETS[("det", "skd", "synthetic")] = "synthetic_det_fcos_skd"
 
 
+# ------------------------------------------------------------ SoKD's MobileNetV2 detection student (issue 17)
+# FabienCode/mdistiller detection/configs/RegKD/DKD-MV2-R50.yaml (the R50 -> MV2 row of sokd.md §7): Faster
+# R-CNN MobileNetV2-FPN student (build_mobilenetv2_fpn_backbone, FPN on m2..m5, FrozenBN, FREEZE_AT 0) of a
+# Faster R-CNN R50-FPN teacher, KD.TYPE RegKD, 180k iterations, lr 0.01, x0.1 at 120k / 160k, IMS_PER_BATCH 1
+# (the R50 and R18 rows' configs use 8). Ours: the student starts from torchvision's ImageNet MobileNetV2 (the
+# config's WEIGHTS, pretrained/mv2-r50.pth, a student-and-teacher file, is not public), evaluation once per
+# epoch at batch 1, the SoKD options and search length of the R50/R18 rows.
+PRETRAINED_WEIGHTS["mobilenet_v2-b0353104.pth"] = (
+    "torchvision MobileNetV2", "torchvision's MobileNet_V2 IMAGENET1K_V1 weights "
+    "(https://download.pytorch.org/models/mobilenet_v2-b0353104.pth)")
+register("sokd_faster_rcnn_mv2_fpn_coco", dataclasses.replace(
+    SOKD_COCO, student="faster_rcnn_mv2", teacher="faster_rcnn_r50", batch_size=1, eval_every=117_266,
+    pretrained="mobilenet_v2-b0353104.pth", method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5},
+    source="FabienCode/mdistiller detection/configs/RegKD/DKD-MV2-R50.yaml"))
+
 # ---------------------------------------------------------------------------------------- listing
 PRESET_GROUPS = {
     "gdd": "GDD, Generative Denoise Distillation (arXiv:2401.08332)",

@@ -137,7 +137,7 @@ def implied_model(state_dict: Mapping[str, Tensor]) -> tuple[str, int | None]:
         aux = "" if "aux_head.classifier.weight" in sd else " without aux head"
         return f"{arch}{aux} on a {describe_backbone(sd, 'backbone.')}", sd["decode_head.classifier.weight"].shape[0]
     if "rpn_head.cls_out.weight" in sd and "box_head.cls_out.weight" in sd:
-        return f"faster_rcnn on a {describe_backbone(sd, 'backbone.')}", sd["box_head.cls_out.weight"].shape[0] - 1
+        return f"faster_rcnn on a {_trunk(sd)}", sd["box_head.cls_out.weight"].shape[0] - 1
     if "head.cls_out.weight" in sd and "head.reg_out.weight" in sd:
         anchors = sd["head.reg_out.weight"].shape[0] // 4
         return f"retinanet on a {describe_backbone(sd, 'backbone.')}", sd["head.cls_out.weight"].shape[0] // anchors

@@ -5,7 +5,8 @@ The trunk is torchvision's ``mobilenet_v2().features[:18]`` (the 1x1 conv to 128
 classifier are dropped), so torchvision's ImageNet file (``mobilenet_v2-b0353104.pth`` /
 ``mobilenet_v2-7ebf99e0.pth``) loads key for key. Features are tapped after ``features[3]``, ``[6]``,
 ``[13]`` and ``[17]`` (strides 4, 8, 16, 32; 24, 32, 96 and 320 channels) and named c2..c5 like the
-ResNet stages, which is also where FCOS's MNV2-FPN reads them (``return_features_indices``).
+ResNet stages, which is also where FCOS's MNV2-FPN reads them (``return_features_indices``) and where the
+FPN of SoKD's detectron2 MobileNetV2 student reads its m2..m5 (``kd_ref.detectors.MOBILENET_DETECTORS``).
 
 Three other codes lay the same weights out differently, and ``--pretrained`` takes each of them:
 
