@@ -306,14 +306,19 @@ LAYOUTS = LAYOUTS + (
 # ----------------------------------------------------------------------------------------------
 # python -m kd_ref.convert
 
-def build_model(task: str, arch: str, num_classes: int, flavour: str | None) -> nn.Module:
-    """The kd_ref model the converted weights are loaded into (``flavour``: segmentation only)."""
+def build_model(task: str, arch: str, num_classes: int | None, flavour: str | None,
+                model_options: dict | None = None) -> nn.Module:
+    """The kd_ref model the converted weights are loaded into (``flavour``: segmentation only;
+    ``model_options``: those a layout's code fixes, e.g. an FCOS-code ResNet's stride-in-1x1 bottlenecks)."""
     if task == "seg":
         return segmentors.build_segmentor(arch, num_classes=num_classes, flavour=flavour or "cirkd")
     if flavour is not None:
         raise ValueError(f"--flavour {flavour}: only segmentors have flavours (--task seg)")
+    if task == "depth":
+        return depth.build_depth_model(arch)
     if task == "det":
-        return detectors.build_detector(arch, num_classes)
+        fcos = arch in detectors.FCOS_DETECTORS
+        return detectors.build_detector(arch, num_classes, fcos_options=model_options if fcos else None)
     if task == "ins":
         return instance_seg.build_instance_model(arch, num_classes)
     return classifiers.build_classifier(arch, num_classes)
@@ -332,10 +337,12 @@ def convert(task: str, arch: str, src: str, dst: str, num_classes: int | None = 
     layout = recognise(state_dict, source)
     if layout.task != task:
         raise ValueError(f"{source}: a {layout.name} file (a {layout.task} model), not a --task {task} one")
-    file_classes = implied_model(layout.to_ours(state_dict, source))[1]
-    if num_classes is None and file_classes is None:
+    converted = layout.to_ours(state_dict, source)
+    file_classes = implied_model(converted)[1]
+    if num_classes is None and file_classes is None and task != "depth":  # a depth model has no classes
         raise ValueError(f"{source}: the file does not show its class count; pass --num-classes")
-    model = build_model(task, arch, num_classes or file_classes, flavour or (layout.flavours or (None,))[0])
+    options = layout.recipe_fields(converted).get("model_options") if layout.recipe_fields else None
+    model = build_model(task, arch, num_classes or file_classes, flavour or (layout.flavours or (None,))[0], options)
     load_weights(model, state_dict, source)
     tmp = f"{dst}.tmp"
     torch.save({"model": model.state_dict(), "source": os.path.abspath(src), "layout": layout.name,

@@ -315,3 +315,15 @@ def test_fcos_code_files_are_evaluated_with_the_codes_input_statistics(tmp_path,
                             "--out", str(tmp_path / "scores.json")])
     assert "AP" in " ".join(scores)
     assert f"--ckpt {path}: run with the input normalisation caffe2_bgr and model options" in capsys.readouterr().out
+
+
+def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(tmp_path, capsys):
+    from kd_ref import convert, engine
+    src, dst = tmp_path / "FCOS_imprv_R_50_FPN_1x.pth", tmp_path / "fcos_r50.pt"
+    torch.save(fcos_code_resnet_file(50), src)
+    assert convert.main(["--task", "det", "--arch", "fcos_r50", str(src), str(dst)]) == 0
+    assert "recognised a FCOS (tianzhi0549/FCOS) file" in capsys.readouterr().out
+    loaded = build_detector("fcos_r50", 80, fcos_options={"stride_in_1x1": True})
+    convert.load_weights(loaded, engine.load_checkpoint(str(dst))["model"], "ours")
+    weights = torch.load(src)["model"]
+    assert torch.equal(loaded.backbone.layer3[0].conv1.weight, weights["module.backbone.body.layer3.0.conv1.weight"])
