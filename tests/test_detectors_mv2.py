@@ -7,9 +7,8 @@ import numpy as np
 import torch
 from torchvision.models import mobilenet_v2
 
-import train
-from kd_ref import configs, detectors, engine, tasks
-from train_helpers import train_crashing_in_step
+from kd_ref import configs, detectors, tasks
+from train_helpers import straight_and_resumed
 
 TINY = ["--task", "det", "--set", "synthetic_size=(32, 32)", "--set", "image_scale=(32, 32)",
         "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet", "--device", "cpu"]
@@ -50,15 +49,11 @@ def test_sokd_trains_the_mobilenet_student_and_resumes_exactly(tmp_path, monkeyp
     flags = [*TINY, "--method", "sokd", "--student", "faster_rcnn_mv2", "--teacher", "faster_rcnn_r18",
              "--teacher-ckpt", str(teacher), "--set", f"method_options={TINY_SOKD!r}", "--iters", "2",
              "--ckpt-every", "1"]
-    train.main([*flags, "--out", str(tmp_path / "straight")])
-    steps = [json.loads(line) for line in (tmp_path / "straight/log.jsonl").read_text().splitlines()][:2]
-    assert {"loss_sokd_feat", "loss_sokd_dam", "loss_sokd_base_kd", "loss_cls", "loss_rpn_cls"} <= set(steps[0])
-    assert all(np.isfinite(step[key]) for step in steps for key in step if key.startswith("loss"))
-    train_crashing_in_step(monkeypatch, 1, [*flags, "--out", str(tmp_path / "resumed")])
-    train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
-    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
-    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    straight, resumed = straight_and_resumed(tmp_path, monkeypatch, flags, crash_at=1)
+    first = json.loads((tmp_path / "straight/log.jsonl").read_text().splitlines()[0])
+    assert {"loss_sokd_feat", "loss_sokd_dam", "loss_sokd_base_kd", "loss_cls", "loss_rpn_cls"} <= set(first)
+    assert all(np.isfinite(value) for key, value in first.items() if key.startswith("loss"))
     assert "backbone.features.17.conv.2.weight" in straight["model"]
     for part in ("model", "distiller"):
-        keys = [key for key in straight[part] if key != "_extra_state"]
-        assert all(torch.equal(straight[part][key], resumed[part][key]) for key in keys)
+        assert all(torch.equal(value, resumed[part][key]) for key, value in straight[part].items()
+                   if key != "_extra_state")
