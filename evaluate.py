@@ -93,7 +93,8 @@ def main(argv=None) -> dict:
     stored = content.get("recipe") if isinstance(content, dict) else None
     recipe = recipe_for(args, stored)
     if stored is None:
-        released = convert.recipe_for_file(recipe, weights, source)
+        released = convert.recipe_for_file(recipe, weights, source,
+                                           content.get("layout") if isinstance(content, dict) else None)
         if released != recipe:
             print(f"{source}: run with the input normalisation {released.normalization} and model options "
                   f"{released.model_options} of its code")

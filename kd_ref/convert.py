@@ -224,8 +224,9 @@ _FCOS_STEM = {"backbone.body.stem.conv1.": "backbone.stem.0.", "backbone.body.st
 
 def convert_fcos_state_dict(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
     """tianzhi0549/FCOS (maskrcnn-benchmark) keys -> ours. Trunk: MobileNetV2 ``backbone.body.features`` ->
-    ``backbone.features`` (``tonylins_key``: the FCOS code's MobileNetV2 is tonylins's); ResNet ``backbone.body.stem.conv1/bn1`` -> our
-    stem, ``backbone.body.layerN`` -> ``backbone.layerN`` (block names as torchvision's; FrozenBatchNorm
+    ``backbone.features`` (``tonylins_key``: the FCOS code's MobileNetV2 is tonylins's); ResNet
+    ``backbone.body.stem.conv1/bn1`` -> our stem, ``backbone.body.layerN`` -> ``backbone.layerN`` (block names
+    as torchvision's; FrozenBatchNorm
     keeps weight, bias, running_mean, running_var, as our BN does). FPN: ``fpn_inner{2,3,4}`` /
     ``fpn_layer{2,3,4}`` -> the lateral / output convs of P3-P5, ``top_blocks.p6/p7`` -> ``neck.p6/p7``;
     ``rpn.head.*`` -> ``head.*`` (same tower indices: conv, GN, ReLU triplets). The ResNet files put a
@@ -262,14 +263,16 @@ def fcos_resnet_check(model: nn.Module, converted: Mapping[str, Tensor], source:
                          "(--set \"model_options={'stride_in_1x1': True}\")")
 
 
-def recipe_for_file(recipe, state_dict: Mapping[str, Tensor], source: str):
+def recipe_for_file(recipe, state_dict: Mapping[str, Tensor], source: str, converted_from: str | None = None):
     """The recipe a file without one (released weights) is run with: ``recipe`` with the input normalisation
     and the model options its layout's code fixes (e.g. an FCOS-code ResNet: caffe2 BGR input statistics and
-    stride-in-1x1 bottlenecks); ``recipe`` itself for every other layout."""
-    layout = recognise(state_dict, source)
+    stride-in-1x1 bottlenecks); ``recipe`` itself for every other layout. ``converted_from``: the layout a
+    ``python -m kd_ref.convert`` output was written from (its ``layout`` entry), whose keys are ours."""
+    layouts = {layout.name: layout for layout in LAYOUTS}
+    layout = layouts.get(converted_from) or recognise(state_dict, source)
     if layout.recipe_fields is None:
         return recipe
-    fields = layout.recipe_fields(layout.to_ours(state_dict, source))
+    fields = layout.recipe_fields(state_dict if converted_from in layouts else layout.to_ours(state_dict, source))
     options = {**recipe.model_options, **fields.pop("model_options", {})}
     return dataclasses.replace(recipe, model_options=options, **fields)
 

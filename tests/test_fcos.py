@@ -318,7 +318,7 @@ def test_fcos_code_files_are_evaluated_with_the_codes_input_statistics(tmp_path,
 
 
 def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(tmp_path, capsys):
-    from kd_ref import convert, engine
+    from kd_ref import configs, convert, engine
     src, dst = tmp_path / "FCOS_imprv_R_50_FPN_1x.pth", tmp_path / "fcos_r50.pt"
     torch.save(fcos_code_resnet_file(50), src)
     assert convert.main(["--task", "det", "--arch", "fcos_r50", str(src), str(dst)]) == 0
@@ -327,3 +327,7 @@ def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(
     convert.load_weights(loaded, engine.load_checkpoint(str(dst))["model"], "ours")
     weights = torch.load(src)["model"]
     assert torch.equal(loaded.backbone.layer3[0].conv1.weight, weights["module.backbone.body.layer3.0.conv1.weight"])
+    written = engine.load_checkpoint(str(dst))  # its keys are ours; its layout entry keeps the code's options
+    recipe = convert.recipe_for_file(configs.PRESETS["synthetic_det_fcos_teacher"], written["model"], "dst",
+                                     written["layout"])
+    assert recipe.normalization == "caffe2_bgr" and recipe.model_options["stride_in_1x1"]
