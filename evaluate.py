@@ -7,7 +7,9 @@
 
 A train.py checkpoint carries its recipe. A file without one (released weights in a layout
 ``kd_ref.convert`` knows, a plain state dict, a ``python -m kd_ref.convert`` output) is evaluated with
-the recipe of ``--preset`` and the architecture ``--arch`` (default: the preset's student).
+the recipe of ``--preset`` and the architecture ``--arch`` (default: the preset's student), with the
+input normalisation and model options its layout's code fixes (FCOS files: caffe2 BGR statistics, and
+stride-in-1x1 bottlenecks for their ResNets; ``kd_ref.convert.recipe_for_file``).
 
 Segmentation is whole-image single-scale inference, as the references evaluate. The scores are
 printed and written next to the checkpoint (``<ckpt dir>/eval_<data>.json``) or to ``--out``.
@@ -88,7 +90,15 @@ def main(argv=None) -> dict:
     source = f"--ckpt {args.ckpt}"
     content = read_torch_file(args.ckpt, source)
     weights = tensors_of(content, source)
-    recipe = recipe_for(args, content.get("recipe") if isinstance(content, dict) else None)
+    stored = content.get("recipe") if isinstance(content, dict) else None
+    recipe = recipe_for(args, stored)
+    if stored is None:
+        released = convert.recipe_for_file(recipe, weights, source,
+                                           content.get("layout") if isinstance(content, dict) else None)
+        if released != recipe:
+            print(f"{source}: run with the input normalisation {released.normalization} and model options "
+                  f"{released.model_options} of its code")
+        recipe = released
     if args.task is not None and args.task != recipe.task:
         raise ValueError(f"--task {args.task}: the checkpoint {args.ckpt} holds a {recipe.task} model")
     if args.data is not None:

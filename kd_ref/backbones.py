@@ -11,7 +11,9 @@ stride-1 stage with dilation d keeps every later receptive field unchanged while
 stays at output stride (OS) 8 (d = 2 for layer3, 4 for layer4) or 16 (d = 2 for layer4).
 
 The stride of a down-sampling block sits on its 3x3 conv (torchvision "V1.5"/"V1b"), and the
-projection shortcut is a strided 1x1 conv + BN, in every flavour.
+projection shortcut is a strided 1x1 conv + BN, in every flavour. ``stride_in_1x1=True`` moves a
+Bottleneck's stride onto its first 1x1 conv instead: the original MSRA ResNet, whose ImageNet weights
+maskrcnn-benchmark and tianzhi0549/FCOS start from (their ``STRIDE_IN_1X1``); parameter shapes are the same.
 
 Flavours (all facts from ../shared/specs/seg_models.md, checked against the public code):
 
@@ -123,11 +125,12 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_channels: int, planes: int, stride: int, dilations: tuple[int, int],
-                 downsample: nn.Module | None):
+                 downsample: nn.Module | None, stride_in_1x1: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, stride=stride_1x1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride, dilations[0])
+        self.conv2 = _conv3x3(planes, planes, stride_3x3, dilations[0])
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
@@ -158,20 +161,25 @@ def _make_stem(widths: tuple[int, ...], ceil_mode: bool) -> nn.Sequential:
 
 
 class ResNet(nn.Module):
-    """ResNet trunk (no pooling / fc) returning OrderedDict(c2=layer1, c3=layer2, c4=layer3, c5=layer4)."""
+    """ResNet trunk (no pooling / fc) returning OrderedDict(c2=layer1, c3=layer2, c4=layer3, c5=layer4).
+
+    ``stride_in_1x1`` (Bottleneck depths only): the stride of each down-sampling block on its first 1x1 conv."""
 
     def __init__(self, depth: int, flavour: str, output_stride: int = 8, frozen_stages: int = -1,
-                 norm_eval: bool = False):
+                 norm_eval: bool = False, stride_in_1x1: bool = False):
         super().__init__()
         _check_choice("depth", depth, DEPTHS)
         _check_choice("flavour", flavour, FLAVOURS)
         _check_choice("output_stride", output_stride, OUTPUT_STRIDES)
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages must be in -1..4 (-1 = nothing frozen), got {frozen_stages}")
+        if stride_in_1x1 and depth < 50:
+            raise ValueError(f"stride_in_1x1 applies to Bottleneck ResNets (depth 50, 101), got depth {depth}")
         self.depth, self.flavour, self.output_stride = depth, flavour, output_stride
-        self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
+        self.frozen_stages, self.norm_eval, self.stride_in_1x1 = frozen_stages, norm_eval, stride_in_1x1
 
         block = BasicBlock if depth in (18, 34) else Bottleneck
+        block_options = {"stride_in_1x1": True} if stride_in_1x1 else {}
         stem_widths = _STEM_WIDTHS[flavour]
         self.stem = _make_stem(stem_widths, ceil_mode=flavour == "skd")
         strides, dilations = _STAGE_GEOMETRY[output_stride]
@@ -190,7 +198,7 @@ class ResNet(nn.Module):
                 blocks.append(block(in_channels if index == 0 else out_channels, planes,
                                     stride if index == 0 else 1,
                                     block_dilations(_DILATION_RULE[flavour], dilation, index),
-                                    downsample if index == 0 else None))
+                                    downsample if index == 0 else None, **block_options))
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
             self.out_channels[FEATURE_NAMES[stage]] = out_channels
             in_channels = out_channels
@@ -230,9 +238,9 @@ class ResNet(nn.Module):
 
 
 def build_backbone(depth: int, flavour: str, output_stride: int = 8, pretrained: str | None = None,
-                   frozen_stages: int = -1, norm_eval: bool = False) -> ResNet:
+                   frozen_stages: int = -1, norm_eval: bool = False, stride_in_1x1: bool = False) -> ResNet:
     """Build a (dilated) ResNet; ``pretrained`` is a local checkpoint path (see ``load_backbone_weights``)."""
-    backbone = ResNet(depth, flavour, output_stride, frozen_stages, norm_eval)
+    backbone = ResNet(depth, flavour, output_stride, frozen_stages, norm_eval, stride_in_1x1)
     if pretrained is not None:
         load_backbone_weights(backbone, pretrained)
     return backbone
@@ -264,9 +272,10 @@ def _first_line(error: Exception) -> str:
 
 
 def tensors_of(content, source: str) -> dict[str, Tensor]:
-    """The state dict a loaded file holds: the file itself, or its ``state_dict`` (mmcv: mmdet, mmseg)
-    or ``model`` (train.py, RepDistiller) entry; DataParallel's leading ``module.`` is stripped."""
-    for key in ("state_dict", "model"):
+    """The state dict a loaded file holds: the file itself, or its ``state_dict`` (mmcv: mmdet, mmseg),
+    ``model`` (train.py, RepDistiller, maskrcnn-benchmark) or ``model_state_dict`` (VNL) entry; DataParallel's
+    leading ``module.`` is stripped."""
+    for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(content, Mapping) and isinstance(content.get(key), Mapping):
             content = content[key]
             break

@@ -17,6 +17,7 @@ Segmentation layouts also fix the flavour: mmseg files fit the ``mmseg`` flavour
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_ref import classifiers, depth, detectors, instance_seg, segmentors
-from kd_ref.mobilenet import convert_fcos_mobilenet_keys
+from kd_ref.mobilenet import VNL_ENCODER, tonylins_key
 from kd_ref.backbones import describe_backbone, load_state_dict_checked, read_checkpoint
 
 TASKS = ("seg", "det", "cls", "ins", "depth")
@@ -60,6 +61,10 @@ class Layout:
     recognise: Callable[[set], bool]
     to_ours: Callable[[Mapping[str, Tensor], str], dict[str, Tensor]]
     flavours: tuple = ()  # segmentation: the flavours whose models the layout's code defines
+    # what the layout demands of the model beyond its keys and shapes: raises a one-line ValueError
+    check_model: Callable[[nn.Module, Mapping[str, Tensor], str], None] | None = None
+    # recipe fields (input normalisation, model options) the layout's code fixes, from the converted keys
+    recipe_fields: Callable[[Mapping[str, Tensor]], dict] | None = None
 
 
 # First match wins: the released layouts carry marker keys no other layout has; ours come after them.
@@ -132,7 +137,7 @@ def implied_model(state_dict: Mapping[str, Tensor]) -> tuple[str, int | None]:
         aux = "" if "aux_head.classifier.weight" in sd else " without aux head"
         return f"{arch}{aux} on a {describe_backbone(sd, 'backbone.')}", sd["decode_head.classifier.weight"].shape[0]
     if "rpn_head.cls_out.weight" in sd and "box_head.cls_out.weight" in sd:
-        return f"faster_rcnn on a {describe_backbone(sd, 'backbone.')}", sd["box_head.cls_out.weight"].shape[0] - 1
+        return f"faster_rcnn on a {_trunk(sd)}", sd["box_head.cls_out.weight"].shape[0] - 1
     if "head.cls_out.weight" in sd and "head.reg_out.weight" in sd:
         anchors = sd["head.reg_out.weight"].shape[0] // 4
         return f"retinanet on a {describe_backbone(sd, 'backbone.')}", sd["head.cls_out.weight"].shape[0] // anchors
@@ -187,6 +192,8 @@ def to_model_keys(model: nn.Module, state_dict: Mapping[str, Tensor], source: st
                          f"the recipe expects {expected} (--set flavour={layout.flavours[0]})")
     if found != describe(model.state_dict()):
         raise ValueError(f"{source}: a {layout.name} file holding {found}; the recipe expects {expected}")
+    if layout.check_model is not None:
+        layout.check_model(model, converted, source)
     return layout, converted
 
 
@@ -212,19 +219,27 @@ def _trunk(state_dict: Mapping[str, Tensor]) -> str:
 _FCOS_HEAD = ("cls_tower.", "bbox_tower.", "cls_logits.", "bbox_pred.", "centerness.", "scales.")
 
 
+_FCOS_STEM = {"backbone.body.stem.conv1.": "backbone.stem.0.", "backbone.body.stem.bn1.": "backbone.stem.1."}
+
+
 def convert_fcos_state_dict(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
-    """tianzhi0549/FCOS (maskrcnn-benchmark) keys of an MNV2-FPN model -> ours: ``backbone.body.features`` ->
-    ``backbone.features`` (``convert_fcos_mobilenet_keys``), ``fpn_inner{2,3,4}`` / ``fpn_layer{2,3,4}`` ->
-    the lateral / output convs of P3-P5, ``top_blocks.p6/p7`` -> ``neck.p6/p7``, ``rpn.head.*`` -> ``head.*``
-    (same tower indices: conv, GN, ReLU triplets). The FCOS code's ResNets put the stride of a bottleneck on
-    its 1x1 conv (MSRA weights, STRIDE_IN_1X1), a block kd_ref's ResNets do not build: refused."""
+    """tianzhi0549/FCOS (maskrcnn-benchmark) keys -> ours. Trunk: MobileNetV2 ``backbone.body.features`` ->
+    ``backbone.features`` (``tonylins_key``: the FCOS code's MobileNetV2 is tonylins's); ResNet
+    ``backbone.body.stem.conv1/bn1`` -> our stem, ``backbone.body.layerN`` -> ``backbone.layerN`` (block names
+    as torchvision's; FrozenBatchNorm
+    keeps weight, bias, running_mean, running_var, as our BN does). FPN: ``fpn_inner{2,3,4}`` /
+    ``fpn_layer{2,3,4}`` -> the lateral / output convs of P3-P5, ``top_blocks.p6/p7`` -> ``neck.p6/p7``;
+    ``rpn.head.*`` -> ``head.*`` (same tower indices: conv, GN, ReLU triplets). The ResNet files put a
+    bottleneck's stride on its 1x1 conv, which their model must build too (``fcos_resnet_check``)."""
     converted = {}
     for key, value in state_dict.items():
+        stem = next((prefix for prefix in _FCOS_STEM if key.startswith(prefix)), None)
         if key.startswith("backbone.body.features."):
-            converted["backbone." + convert_fcos_mobilenet_keys(key[len("backbone.body."):])] = value
-        elif key.startswith("backbone.body."):
-            raise ValueError(f"{source}: an FCOS ResNet checkpoint ({key}); its stride-in-1x1 bottlenecks are not "
-                             "built by kd_ref, only FCOS MobileNetV2 checkpoints load")
+            converted["backbone." + tonylins_key(key[len("backbone.body."):])] = value
+        elif stem is not None:
+            converted[_FCOS_STEM[stem] + key[len(stem):]] = value
+        elif key.startswith("backbone.body.layer"):
+            converted["backbone." + key[len("backbone.body."):]] = value
         elif key.startswith("backbone.fpn.fpn_inner") or key.startswith("backbone.fpn.fpn_layer"):
             kind, rest = key[len("backbone.fpn.fpn_"):].split(".", 1)
             index = int(kind[-1]) - 2                          # fpn_inner2 reads C3
@@ -235,12 +250,58 @@ def convert_fcos_state_dict(state_dict: Mapping[str, Tensor], source: str) -> di
         elif key.startswith("rpn.head.") and key[len("rpn.head."):].startswith(_FCOS_HEAD):
             converted["head." + key[len("rpn.head."):]] = value
         else:
-            raise ValueError(f"{source}: key {key} is not part of an FCOS MNV2-FPN model")
+            raise ValueError(f"{source}: key {key} is not part of an FCOS ResNet-FPN or MNV2-FPN model")
     return converted
 
 
+def fcos_resnet_check(model: nn.Module, converted: Mapping[str, Tensor], source: str) -> None:
+    """An FCOS-code ResNet file loads into a ResNet whose bottlenecks stride in their 1x1 conv only: the
+    weights have the same shapes either way, the outputs do not."""
+    if "backbone.layer1.0.conv1.weight" in converted and not getattr(model.backbone, "stride_in_1x1", False):
+        raise ValueError(f"{source}: an FCOS-code ResNet file, whose bottlenecks stride in their 1x1 conv; the "
+                         f"recipe's {describe(model.state_dict())} strides in the 3x3 conv "
+                         "(--set \"model_options={'stride_in_1x1': True}\")")
+
+
+def recipe_for_file(recipe, state_dict: Mapping[str, Tensor], source: str, converted_from: str | None = None):
+    """The recipe a file without one (released weights) is run with: ``recipe`` with the input normalisation
+    and the model options its layout's code fixes (e.g. an FCOS-code ResNet: caffe2 BGR input statistics and
+    stride-in-1x1 bottlenecks); ``recipe`` itself for every other layout. ``converted_from``: the layout a
+    ``python -m kd_ref.convert`` output was written from (its ``layout`` entry), whose keys are ours."""
+    layouts = {layout.name: layout for layout in LAYOUTS}
+    layout = layouts.get(converted_from) or recognise(state_dict, source)
+    if layout.recipe_fields is None:
+        return recipe
+    fields = layout.recipe_fields(state_dict if converted_from in layouts else layout.to_ours(state_dict, source))
+    options = {**recipe.model_options, **fields.pop("model_options", {})}
+    return dataclasses.replace(recipe, model_options=options, **fields)
+
+
+def _fcos_recipe_fields(converted: Mapping[str, Tensor]) -> dict:
+    # every FCOS config keeps maskrcnn-benchmark's input defaults, the MobileNetV2 ones included
+    fields = {"normalization": "caffe2_bgr"}
+    if "backbone.layer1.0.conv1.weight" in converted:
+        fields["model_options"] = {"stride_in_1x1": True}
+    return fields
+
+
+def refuse_vnl_model(state_dict: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """A VNL depth model (YvanYin/VNL_Monocular_Depth_Prediction ``MetricDepthModel``) does not map onto our
+    DepthNet: its decoder (``encoder_modules.topdown_lateral_modules`` FTB laterals, an ASPP or global-pool
+    ``bottomup_top``, ``decoder_modules`` AFA/FTB blocks and a dilated 3x3 predictor) has no counterpart in
+    DepthNet's FPN-style decoder, and its released encoder is a ResNeXt-101 32x4d (ours: 32x8d). Only a
+    MobileNetV2 encoder carries over, as ImageNet-style initial weights through ``--pretrained``."""
+    mobilenet = any(key.startswith(VNL_ENCODER + "res2.0.conv.") for key in state_dict)  # ResNeXt: res2.0.conv1
+    hint = ("its MobileNetV2 encoder loads with --pretrained" if mobilenet else
+            "its ResNeXt encoder (32x4d in the released files) does not match kd_ref's ResNeXt-101 32x8d either")
+    raise ValueError(f"{source}: a VNL depth model (YvanYin/VNL_Monocular_Depth_Prediction), whose decoder "
+                     f"(FTB/AFA blocks, ASPP or global-pool top) kd_ref's DepthNet does not build; {hint}")
+
+
 LAYOUTS = LAYOUTS + (
-    Layout("FCOS (tianzhi0549/FCOS)", "det", _has("rpn.head.cls_logits.weight"), convert_fcos_state_dict),
+    Layout("VNL depth model", "depth", _any_prefixed("depth_model.encoder_modules."), refuse_vnl_model),
+    Layout("FCOS (tianzhi0549/FCOS)", "det", _has("rpn.head.cls_logits.weight"), convert_fcos_state_dict,
+           check_model=fcos_resnet_check, recipe_fields=_fcos_recipe_fields),
     Layout("kd_ref depth model", "depth", _has("laterals.c5.0.weight"), _ours),
 )
 
@@ -248,14 +309,19 @@ LAYOUTS = LAYOUTS + (
 # ----------------------------------------------------------------------------------------------
 # python -m kd_ref.convert
 
-def build_model(task: str, arch: str, num_classes: int, flavour: str | None) -> nn.Module:
-    """The kd_ref model the converted weights are loaded into (``flavour``: segmentation only)."""
+def build_model(task: str, arch: str, num_classes: int | None, flavour: str | None,
+                model_options: dict | None = None) -> nn.Module:
+    """The kd_ref model the converted weights are loaded into (``flavour``: segmentation only;
+    ``model_options``: those a layout's code fixes, e.g. an FCOS-code ResNet's stride-in-1x1 bottlenecks)."""
     if task == "seg":
         return segmentors.build_segmentor(arch, num_classes=num_classes, flavour=flavour or "cirkd")
     if flavour is not None:
         raise ValueError(f"--flavour {flavour}: only segmentors have flavours (--task seg)")
+    if task == "depth":
+        return depth.build_depth_model(arch)
     if task == "det":
-        return detectors.build_detector(arch, num_classes)
+        fcos = arch in detectors.FCOS_DETECTORS
+        return detectors.build_detector(arch, num_classes, fcos_options=model_options if fcos else None)
     if task == "ins":
         return instance_seg.build_instance_model(arch, num_classes)
     return classifiers.build_classifier(arch, num_classes)
@@ -274,10 +340,12 @@ def convert(task: str, arch: str, src: str, dst: str, num_classes: int | None = 
     layout = recognise(state_dict, source)
     if layout.task != task:
         raise ValueError(f"{source}: a {layout.name} file (a {layout.task} model), not a --task {task} one")
-    file_classes = implied_model(layout.to_ours(state_dict, source))[1]
-    if num_classes is None and file_classes is None:
+    converted = layout.to_ours(state_dict, source)
+    file_classes = implied_model(converted)[1]
+    if num_classes is None and file_classes is None and task != "depth":  # a depth model has no classes
         raise ValueError(f"{source}: the file does not show its class count; pass --num-classes")
-    model = build_model(task, arch, num_classes or file_classes, flavour or (layout.flavours or (None,))[0])
+    options = layout.recipe_fields(converted).get("model_options") if layout.recipe_fields else None
+    model = build_model(task, arch, num_classes or file_classes, flavour or (layout.flavours or (None,))[0], options)
     load_weights(model, state_dict, source)
     tmp = f"{dst}.tmp"
     torch.save({"model": model.state_dict(), "source": os.path.abspath(src), "layout": layout.name,

@@ -608,11 +608,17 @@ class FasterRCNN(_FPNDetector):
 # Builder
 # ----------------------------------------------------------------------------------------------------
 _ARCHITECTURES = {"retinanet": RetinaNet, "faster_rcnn": FasterRCNN}
-SUPPORTED_DETECTORS = tuple(f"{arch}_r{depth}" for arch in _ARCHITECTURES for depth in (18, 34, 50, 101))
+# SoKD's MobileNetV2 student (its detectron2 code's build_mobilenetv2_fpn_backbone): the FPN reads m2..m5, the
+# outputs of the 24-, 32-, 96- and 320-channel stages (our c2..c5 taps); norm "FrozenBN" with FREEZE_AT 0,
+# i.e. no layer frozen and every BN in eval mode (its affine parameters train here, as in our ResNets).
+MOBILENET_DETECTORS = ("faster_rcnn_mv2",)
+SUPPORTED_DETECTORS = tuple(f"{arch}_r{depth}" for arch in _ARCHITECTURES for depth in (18, 34, 50, 101)) \
+    + MOBILENET_DETECTORS
 
 
 def build_detector(name, num_classes, pretrained_backbone=None, rcnn_rois_per_image=512, fcos_options=None):
-    """``name`` in SUPPORTED_DETECTORS (e.g. "faster_rcnn_r50"); ResNet stem + stage 1 frozen, BN in eval.
+    """``name`` in SUPPORTED_DETECTORS (e.g. "faster_rcnn_r50"); ResNet stem + stage 1 frozen, BN in eval;
+    ``faster_rcnn_mv2``: a MobileNetV2 trunk (torchvision layout) with BN in eval, nothing frozen.
     ``rcnn_rois_per_image``: Faster R-CNN's training RoI sample per image (a one-stage detector has none);
     ``fcos_options``: FCOS's options (``build_fcos``)."""
     if name not in SUPPORTED_DETECTORS:
@@ -621,6 +627,9 @@ def build_detector(name, num_classes, pretrained_backbone=None, rcnn_rois_per_im
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if name in FCOS_DETECTORS:
         return build_fcos(name, num_classes, pretrained_backbone, **(fcos_options or {}))
+    if name in MOBILENET_DETECTORS:
+        return FasterRCNN(build_mobilenet_v2(pretrained_backbone, norm_eval=True), num_classes,
+                          num_rois=rcnn_rois_per_image)
     arch, depth = name.rsplit("_r", 1)
     backbone = build_backbone(int(depth), "torchvision", output_stride=32, pretrained=pretrained_backbone,
                               frozen_stages=1, norm_eval=True)
@@ -962,13 +971,16 @@ class FCOS(_FPNDetector):
 # our synthetic student
 FCOS_DETECTORS = {"fcos_r18": ("r18", 256), "fcos_r50": ("r50", 256), "fcos_r101": ("r101", 256),
                   "fcos_mv2": ("mv2", 256), "fcos_mv2_c128": ("mv2", 128), "fcos_mv2_c64": ("mv2", 64)}
-FCOS_OPTION_NAMES = ("center_sampling", "iou_loss", "centerness_on_reg", "norm_reg_targets", "sizes_of_interest")
+FCOS_OPTION_NAMES = ("center_sampling", "iou_loss", "centerness_on_reg", "norm_reg_targets", "sizes_of_interest",
+                     "stride_in_1x1")
 
 
-def build_fcos(name, num_classes, pretrained_backbone=None, **options):
+def build_fcos(name, num_classes, pretrained_backbone=None, stride_in_1x1=False, **options):
     """``name`` in FCOS_DETECTORS. ResNets: torchvision layout, stem + stage 1 frozen, BN frozen (the FCOS
     R-50 config: FREEZE_CONV_BODY_AT 2, FrozenBatchNorm); MobileNetV2: every layer and BN trains
-    (FREEZE_CONV_BODY_AT 0). ``options``: FCOS's keyword options (FCOS_OPTION_NAMES)."""
+    (FREEZE_CONV_BODY_AT 0). ``options``: FCOS's keyword options (FCOS_OPTION_NAMES). ``stride_in_1x1``:
+    the ResNet-50/101 bottlenecks of the FCOS code (MSRA weights), so that its released files load; it
+    concerns ResNet trunks only (a MobileNetV2 student next to such a teacher shares the recipe's options)."""
     unknown = sorted(set(options) - set(FCOS_OPTION_NAMES))
     if unknown:
         raise ValueError(f"unknown FCOS options {unknown}; expected some of {list(FCOS_OPTION_NAMES)}")
@@ -976,8 +988,9 @@ def build_fcos(name, num_classes, pretrained_backbone=None, **options):
     if trunk == "mv2":
         backbone = build_mobilenet_v2(pretrained_backbone)
     else:
-        backbone = build_backbone(int(trunk[1:]), "torchvision", output_stride=32, pretrained=pretrained_backbone,
-                                  frozen_stages=1, norm_eval=True)
+        depth = int(trunk[1:])
+        backbone = build_backbone(depth, "torchvision", output_stride=32, pretrained=pretrained_backbone,
+                                  frozen_stages=1, norm_eval=True, stride_in_1x1=stride_in_1x1 and depth >= 50)
     return FCOS(backbone, num_classes, out_channels=channels, **options)
 
 

@@ -5,10 +5,17 @@ The trunk is torchvision's ``mobilenet_v2().features[:18]`` (the 1x1 conv to 128
 classifier are dropped), so torchvision's ImageNet file (``mobilenet_v2-b0353104.pth`` /
 ``mobilenet_v2-7ebf99e0.pth``) loads key for key. Features are tapped after ``features[3]``, ``[6]``,
 ``[13]`` and ``[17]`` (strides 4, 8, 16, 32; 24, 32, 96 and 320 channels) and named c2..c5 like the
-ResNet stages, which is also where FCOS's MNV2-FPN reads them (``return_features_indices``).
+ResNet stages, which is also where FCOS's MNV2-FPN reads them (``return_features_indices``) and where the
+FPN of SoKD's detectron2 MobileNetV2 student reads its m2..m5 (``kd_ref.detectors.MOBILENET_DETECTORS``).
 
-``convert_fcos_mobilenet_keys`` maps the MobileNetV2 of the FCOS code (tonylins/pytorch-mobilenet-v2:
-a flat ``conv`` Sequential per block) onto these keys.
+Three other codes lay the same weights out differently, and ``--pretrained`` takes each of them:
+
+* tonylins/pytorch-mobilenet-v2 (its ImageNet ``mobilenet_v2.pth.tar``; the FCOS code's MobileNetV2 is a
+  copy): ``features.0`` conv-BN stem, a flat ``conv`` Sequential per block (conv, BN, ReLU6 triplets and a
+  final conv, BN), ``features.18`` (1x1 to 1280) and ``classifier.1``; ``tonylins_key`` renames a key.
+* VNL (YvanYin/VNL_Monocular_Depth_Prediction, ``lib/models/MobileNetV2.py``) keeps tonylins's blocks in
+  five stages ``depth_model.encoder_modules.bottomup.res1..res5`` (features 0, 1-3, 4-6, 7-13, 14-17);
+  its stride-8 encoder dilates res4/res5 where ours strides, with the same parameter shapes.
 """
 from __future__ import annotations
 
@@ -55,42 +62,59 @@ class MobileNetV2Backbone(nn.Module):
         return feats
 
 
+VNL_ENCODER = "depth_model.encoder_modules.bottomup."
+_VNL_STAGE_START = {"res1": 0, "res2": 1, "res3": 4, "res4": 7, "res5": 14}
+
+
+def _vnl_to_tonylins(key: str) -> str:
+    stage, index, rest = key[len(VNL_ENCODER):].split(".", 2)
+    if stage == "res1":  # Sequential(conv_bn): res1.0.{0,1} is features.0.{0,1}
+        return f"features.0.{rest}"
+    return f"features.{_VNL_STAGE_START[stage] + int(index)}.{rest}"
+
+
 def mobilenet_trunk_part(state_dict: dict) -> dict[str, Tensor]:
-    """The trunk's keys of a torchvision MobileNetV2 file or of a whole model holding one under
-    ``backbone.``: ``features.0..17``; the last 1x1 conv (``features.18``) and ``classifier`` are dropped."""
-    part = backbone_part(state_dict)
+    """The trunk's keys, in torchvision's names, of a torchvision, tonylins or VNL MobileNetV2 file or of a
+    whole model holding one under ``backbone.``: ``features.0..17``; the last 1x1 conv (``features.18``),
+    ``classifier`` and VNL's decoder are dropped."""
+    if any(key.startswith(VNL_ENCODER) for key in state_dict):
+        part = {_vnl_to_tonylins(key): value for key, value in state_dict.items() if key.startswith(VNL_ENCODER)}
+    else:
+        part = backbone_part(state_dict)
+    if "features.1.conv.0.weight" in part:  # tonylins's flat blocks (torchvision: features.1.conv.0.0.weight)
+        part = {tonylins_key(key): value for key, value in part.items()
+                if not key.startswith("features.") or int(key.split(".")[1]) < NUM_TRUNK_BLOCKS}
     return {key: value for key, value in part.items()
             if key.startswith("features.") and int(key.split(".")[1]) < NUM_TRUNK_BLOCKS}
 
 
 def load_mobilenet_weights(backbone: MobileNetV2Backbone, path: str) -> None:
-    """Load torchvision's ImageNet MobileNetV2 file (or our backbone's keys) into ``backbone``."""
+    """Load an ImageNet MobileNetV2 file (torchvision's or tonylins's), a VNL model's MobileNetV2 encoder or
+    our backbone's keys into ``backbone``."""
     source = f"pretrained weights {path}"
     trunk = mobilenet_trunk_part(read_checkpoint(path, source, weights_only=True))
     if not trunk:
-        raise ValueError(f"{source}: holds no MobileNetV2 'features.*' keys (expected torchvision's "
-                         "mobilenet_v2 ImageNet file)")
-    load_state_dict_checked(backbone, {f"features.{key[len('features.'):]}": value for key, value in trunk.items()},
-                            source)
+        raise ValueError(f"{source}: holds no MobileNetV2 'features.*' keys (expected torchvision's or tonylins's "
+                         "mobilenet_v2 ImageNet file, or a VNL MobileNetV2 depth model)")
+    load_state_dict_checked(backbone, trunk, source)
 
 
-# In the FCOS code's MobileNetV2, block k's ``conv`` Sequential is flat: conv, BN, ReLU6 triplets and a
-# final conv, BN; torchvision nests each conv-BN-ReLU6 in its own Sequential. Position -> ours, for the
-# expanding blocks (pw, dw, pw-linear) and the first block (expand ratio 1: dw, pw-linear).
-_FCOS_EXPANDING = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
-_FCOS_FIRST_BLOCK = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
-_FCOS_BLOCK_KEY = re.compile(r"features\.(\d+)\.conv\.(\d+)\.(.+)")
+# Position in tonylins's flat ``conv`` Sequential -> torchvision's nested one, for the expanding blocks (pw,
+# dw, pw-linear) and the first block (expand ratio 1: dw, pw-linear).
+_TONYLINS_EXPANDING = {"0": "0.0", "1": "0.1", "3": "1.0", "4": "1.1", "6": "2", "7": "3"}
+_TONYLINS_FIRST_BLOCK = {"0": "0.0", "1": "0.1", "3": "1", "4": "2"}
+_TONYLINS_BLOCK_KEY = re.compile(r"features\.(\d+)\.conv\.(\d+)\.(.+)")
 
 
-def convert_fcos_mobilenet_keys(key: str) -> str:
-    """One ``features.*`` key of the FCOS code's MobileNetV2 -> torchvision's (the stem is the same)."""
-    match = _FCOS_BLOCK_KEY.fullmatch(key)
+def tonylins_key(key: str) -> str:
+    """One ``features.*`` key of tonylins's MobileNetV2 -> torchvision's (the stem is the same)."""
+    match = _TONYLINS_BLOCK_KEY.fullmatch(key)
     if match is None:
         return key
     block, position, rest = match.groups()
-    table = _FCOS_FIRST_BLOCK if block == "1" else _FCOS_EXPANDING
+    table = _TONYLINS_FIRST_BLOCK if block == "1" else _TONYLINS_EXPANDING
     if position not in table:
-        raise ValueError(f"{key}: not a conv or BN position of an FCOS MobileNetV2 block")
+        raise ValueError(f"{key}: not a conv or BN position of a tonylins MobileNetV2 block")
     return f"features.{block}.conv.{table[position]}.{rest}"
 
 

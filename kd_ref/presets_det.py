@@ -135,6 +135,17 @@ for _depth in (50, 18):
     register(PRESETS, f"sokd_faster_rcnn_r{_depth}_fpn_coco", dataclasses.replace(
         SOKD_COCO, student=f"faster_rcnn_r{_depth}", pretrained=TORCHVISION_WEIGHTS[_depth],
         method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5}))
+# SoKD's MobileNetV2 row: FabienCode/mdistiller detection/configs/RegKD/DKD-MV2-R50.yaml (the R50 -> MV2 row
+# of sokd.md §7): Faster R-CNN MobileNetV2-FPN student (build_mobilenetv2_fpn_backbone, FPN on the 24/32/96/
+# 320-channel stages, FrozenBN, FREEZE_AT 0) of a Faster R-CNN R50-FPN teacher, 180k iterations, lr 0.01, x0.1
+# at 120k / 160k, IMS_PER_BATCH 1 (the R50 and R18 rows' configs use 8). Ours: the student starts from
+# torchvision's ImageNet MobileNetV2 (the config's WEIGHTS, pretrained/mv2-r50.pth, a student-and-teacher
+# file, is not public), evaluation once per epoch at batch 1, the SoKD options and search length of the
+# R50/R18 rows.
+register(PRESETS, "sokd_faster_rcnn_mv2_fpn_coco", dataclasses.replace(
+    SOKD_COCO, student="faster_rcnn_mv2", teacher="faster_rcnn_r50", batch_size=1, eval_every=117_266,
+    pretrained="mobilenet_v2-b0353104.pth", method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5},
+    source="FabienCode/mdistiller detection/configs/RegKD/DKD-MV2-R50.yaml"))
 DEFAULT_PRESETS[("det", "sokd", "coco")] = "sokd_faster_rcnn_r50_fpn_coco"
 
 # --- Synthetic demos: the synthetic_det_<family>_none recipe with a method. PGM uses smaller boxes (8 px

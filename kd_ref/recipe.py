@@ -178,6 +178,8 @@ PRETRAINED_WEIGHTS = {
     **{name: ("torchvision", f"torchvision's ResNet-{name.split('-')[0][6:]} IMAGENET1K_V1 weights "
               f"(https://download.pytorch.org/models/{name}), mmdet 2.x torchvision://resnet{name.split('-')[0][6:]}")
        for name in ("resnet18-f37072fd.pth", "resnet50-0676ba61.pth", "resnet101-63fe2227.pth")},
+    "mobilenet_v2-b0353104.pth": ("torchvision MobileNetV2", "torchvision's MobileNet_V2 IMAGENET1K_V1 weights "
+                                  "(https://download.pytorch.org/models/mobilenet_v2-b0353104.pth)"),
 }
 
 

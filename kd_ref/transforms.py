@@ -16,6 +16,8 @@ Normalisations (pixel values on the 0..255 scale throughout):
   (123.675, 116.28, 103.53) and std (58.395, 57.12, 57.375), i.e. 255 x (0.485, 0.456, 0.406) etc.
 * ``"cifar100"``     -- the CIFAR-100 statistics of the CRD code base most CIFAR KD papers build on,
   mean 255 x (0.5071, 0.4867, 0.4408), std 255 x (0.2675, 0.2565, 0.2761).
+* ``"caffe2_bgr"``   -- maskrcnn-benchmark and tianzhi0549/FCOS (``INPUT.PIXEL_MEAN``, ``PIXEL_STD`` 1,
+  ``TO_BGR255``; every FCOS config keeps these defaults): B, G, R minus (102.9801, 115.9465, 122.7717).
 
 Segmentation training: random scale from the discrete set ``lo, lo + 0.1, ..., hi`` (CIRKD / SKD
 ``generate_scale_label``; ``scale_step=None`` draws it uniformly from ``[lo, hi]`` as mmseg does), random
@@ -40,6 +42,7 @@ NORMALIZATIONS = {
     "bgr_mean": {"bgr": True, "mean": (104.00698793, 116.66876762, 122.67891434), "std": (1.0, 1.0, 1.0)},
     "imagenet_rgb": {"bgr": False, "mean": (123.675, 116.28, 103.53), "std": (58.395, 57.12, 57.375)},
     "cifar100": {"bgr": False, "mean": (129.3105, 124.1085, 112.404), "std": (68.2125, 65.4075, 70.4055)},
+    "caffe2_bgr": {"bgr": True, "mean": (102.9801, 115.9465, 122.7717), "std": (1.0, 1.0, 1.0)},
 }
 
 

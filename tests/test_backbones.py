@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from torch.nn import functional as F
 
 from kd_ref.backbones import FLAVOURS, build_backbone, convert_backbone_state_dict
 from model_helpers import count_parameters, randomise_
@@ -259,3 +260,29 @@ def test_frozen_stages_and_norm_eval():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         build_backbone(**kwargs)
+
+
+def test_stride_in_1x1_moves_the_stride_onto_the_first_conv_with_the_same_shapes():
+    torch.manual_seed(0)
+    msra = randomise_(build_backbone(50, "torchvision", 32, stride_in_1x1=True)).eval()
+    default = build_backbone(50, "torchvision", 32).eval()
+    assert {k: v.shape for k, v in msra.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    default.load_state_dict(msra.state_dict())
+    block = msra.layer2[0]
+    x = torch.randn(1, 256, 16, 16)
+
+    def bn(name, t):  # the FCOS code's FrozenBatchNorm2d: x * w / sqrt(var) + (b - mean * w / sqrt(var))
+        module = getattr(block, name) if name != "downsample" else block.downsample[1]
+        scale = module.weight / (module.running_var + module.eps).sqrt()
+        return t * scale[:, None, None] + (module.bias - module.running_mean * scale)[:, None, None]
+
+    with torch.no_grad():
+        out = F.relu(bn("bn1", F.conv2d(x, block.conv1.weight, stride=2)))
+        out = F.relu(bn("bn2", F.conv2d(out, block.conv2.weight, padding=1)))
+        expected = F.relu(bn("bn3", F.conv2d(out, block.conv3.weight))
+                          + bn("downsample", F.conv2d(x, block.downsample[0].weight, stride=2)))
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(default.layer2[0](x), expected, atol=1e-3)
+        assert [f.shape[-1] for f in msra(torch.randn(1, 3, 64, 64)).values()] == [16, 8, 4, 2]
+    with pytest.raises(ValueError, match="stride_in_1x1 applies to Bottleneck ResNets"):
+        build_backbone(18, "torchvision", 32, stride_in_1x1=True)

@@ -132,7 +132,11 @@ REFERENCE = {
     "solo_r101_fpn_3x_coco": {**MMDET, "lr": 0.01, "epochs": 36, "lr_steps": (27, 33), "warmup_ratio": 1.0 / 3,
                               "train_image_scales": ((1333, 800), (1333, 768), (1333, 736), (1333, 704),
                                                      (1333, 672), (1333, 640)),
-                              "multiscale_mode": "value", "pretrained": configs.TORCHVISION_WEIGHTS[101]},
+                              "multiscale_mode": "value", "pretrained": TORCHVISION_WEIGHTS[101]},
+    # FabienCode/mdistiller detection/configs/RegKD/DKD-MV2-R50.yaml: IMS_PER_BATCH 1, BASE_LR 0.01, MAX_ITER
+    # 180000, STEPS (120000, 160000), R50-FPN teacher
+    "sokd_faster_rcnn_mv2_fpn_coco": {"batch_size": 1, "lr": 0.01, "iters": 180_000, "lr_steps": (120_000, 160_000),
+                                      "student": "faster_rcnn_mv2", "teacher": "faster_rcnn_r50"},
 }
 # Fields set differently from (or not given by) the reference, and why.
 DIFFERENCES = {
@@ -147,6 +151,9 @@ DIFFERENCES = {
     "gdd_faster_rcnn_r50_fpn_2x_coco": "teacher Faster R-CNN R101 instead of Cascade Mask R-CNN X101-32x4d-DCN",
     "dist_retinanet_r50_fpn_2x_coco": "teacher RetinaNet R101 instead of X101",
     "dist_faster_rcnn_r50_fpn_2x_coco": "teacher Faster R-CNN R101 instead of Cascade Mask R-CNN X101",
+    "sokd_faster_rcnn_mv2_fpn_coco": "pretrained: torchvision's mobilenet_v2-b0353104.pth instead of the config's "
+                                     "pretrained/mv2-r50.pth (not public); evaluation once per epoch at batch 1 and "
+                                     "the SoKD options and search length of the R50/R18 rows are ours",
 }
 
 

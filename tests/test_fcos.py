@@ -7,7 +7,7 @@ import torch
 
 from kd_ref import detectors
 from kd_ref.detectors import (build_detector, fcos_centerness_target, fcos_iou_loss, fcos_points, fcos_targets)
-from model_helpers import count_parameters
+from model_helpers import ReferenceFile, count_parameters, place_resnet_by_hand, put
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "depth_fcos")
 GOLDEN_SIZES = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
@@ -216,6 +216,118 @@ def test_fcos_code_checkpoint_loads_through_the_common_path():
     for key, value in source.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             assert torch.equal(target.state_dict()[key], value), key
-    with pytest.raises(ValueError, match="stride-in-1x1"):
-        convert.load_weights(target, {"rpn.head.cls_logits.weight": torch.zeros(1),
-                                      "backbone.body.stem.conv1.weight": torch.zeros(1)}, "fcos r50")
+
+
+def fcos_code_resnet_file(depth, num_classes=80, channels=256):
+    """A checkpoint laid out as tianzhi0549/FCOS saves FCOS_imprv_R_{50,101}_FPN_1x (maskrcnn-benchmark
+    Checkpointer ``{"model": ...}`` under DDP's ``module.``), written from that code's module names: stem
+    conv1/bn1, bottlenecks conv1-3/bn1-3/downsample, FrozenBatchNorm buffers (weight, bias, running_mean,
+    running_var), FPN fpn_inner2-4/fpn_layer2-4 on C3-C5, top_blocks p6/p7 on P5, GN towers of
+    conv/GN/ReLU, 80 sigmoid classes, one Scale per level. Random values."""
+    file = ReferenceFile(depth)
+    file.resnet("module.backbone.body.", "module.backbone.body.stem.", depth, counter=False)
+    for level, c in ((2, 512), (3, 1024), (4, 2048)):
+        file.conv(f"module.backbone.fpn.fpn_inner{level}", channels, c, 1)
+        file.conv(f"module.backbone.fpn.fpn_layer{level}", channels, channels, 3)
+    for extra in ("p6", "p7"):
+        file.conv(f"module.backbone.fpn.top_blocks.{extra}", channels, channels, 3)
+    for tower in ("cls_tower", "bbox_tower"):
+        for j in range(4):
+            file.conv(f"module.rpn.head.{tower}.{3 * j}", channels, channels, 3)
+            file.affine(f"module.rpn.head.{tower}.{3 * j + 1}", channels)
+    file.conv("module.rpn.head.cls_logits", num_classes, channels, 3)
+    file.conv("module.rpn.head.bbox_pred", 4, channels, 3)
+    file.conv("module.rpn.head.centerness", 1, channels, 3)
+    for level in range(5):
+        file.weights[f"module.rpn.head.scales.{level}.scale"] = torch.rand(1, generator=file.generator) + 0.5
+    return {"model": file.weights, "iteration": 90000}
+
+
+IMPRV = {"stride_in_1x1": True, "center_sampling": 1.5, "iou_loss": "giou", "centerness_on_reg": True,
+         "norm_reg_targets": True}
+
+
+def place_by_hand(model, weights):
+    """The file's tensors copied into ``model`` module by module (no key map involved)."""
+    place_resnet_by_hand(model.backbone, weights, "module.backbone.body.", "module.backbone.body.stem.")
+    for index, level in enumerate((2, 3, 4)):
+        put(model.neck.lateral_convs[index], weights, f"module.backbone.fpn.fpn_inner{level}")
+        put(model.neck.output_convs[index], weights, f"module.backbone.fpn.fpn_layer{level}")
+    put(model.neck.p6, weights, "module.backbone.fpn.top_blocks.p6")
+    put(model.neck.p7, weights, "module.backbone.fpn.top_blocks.p7")
+    for tower in ("cls_tower", "bbox_tower"):
+        for j in range(4):
+            put(getattr(model.head, tower)[3 * j], weights, f"module.rpn.head.{tower}.{3 * j}")
+            put(getattr(model.head, tower)[3 * j + 1], weights, f"module.rpn.head.{tower}.{3 * j + 1}")
+    for name in ("cls_logits", "bbox_pred", "centerness"):
+        put(getattr(model.head, name), weights, f"module.rpn.head.{name}")
+    for level, scale in enumerate(model.head.scales):
+        put(scale, weights, f"module.rpn.head.scales.{level}", ("scale",))
+
+
+@pytest.mark.parametrize("depth", [50, 101])
+def test_fcos_code_resnet_checkpoint_loads_strictly_and_predicts_as_placed_by_hand(tmp_path, depth):
+    from kd_ref import convert
+    path = tmp_path / f"FCOS_imprv_R_{depth}_FPN_1x.pth"
+    torch.save(fcos_code_resnet_file(depth), path)
+    weights = torch.load(path)["model"]
+    loaded = build_detector(f"fcos_r{depth}", 80, fcos_options=IMPRV).eval()
+    layout = convert.load_weights(loaded, str(path), f"--teacher-ckpt {path.name}")
+    assert layout.name == "FCOS (tianzhi0549/FCOS)"
+    if depth == 101:  # one forward (the 50 case) shows where each tensor lands; here: every key, strictly
+        return
+    by_hand = build_detector("fcos_r50", 80, fcos_options=IMPRV).eval()
+    place_by_hand(by_hand, weights)
+    images = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected, actual = by_hand(images), loaded(images)
+    for key in ("cls_logits", "bbox_preds", "centerness"):
+        for want, got in zip(expected[key], actual[key]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    stride_in_3x3 = build_detector("fcos_r50", 80).eval()
+    with pytest.raises(ValueError) as error:
+        convert.load_weights(stride_in_3x3, str(path), f"--teacher-ckpt {path.name}")
+    assert str(error.value) == (
+        f"--teacher-ckpt {path.name}: an FCOS-code ResNet file, whose bottlenecks stride in their 1x1 conv; the "
+        "recipe's fcos on a ResNet-50 (7x7 stem) with a 256-channel head, 80 classes strides in the 3x3 conv "
+        "(--set \"model_options={'stride_in_1x1': True}\")")
+
+
+def test_fcos_code_files_are_evaluated_with_the_codes_input_statistics(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import evaluate
+    from kd_ref import configs, convert
+    name = "synthetic_det_fcos_teacher"
+    preset = dataclasses.replace(configs.PRESETS[name], synthetic_val=2, synthetic_size=(64, 64),
+                                 image_scale=(64, 64))
+    monkeypatch.setitem(configs.PRESETS, name, preset)
+    resnet_file = {key.removeprefix("module."): value
+                   for key, value in fcos_code_resnet_file(50, num_classes=preset.num_classes)["model"].items()}
+    recipe = convert.recipe_for_file(preset, resnet_file, "--ckpt r50.pth")
+    assert recipe.normalization == "caffe2_bgr" and preset.normalization == "imagenet_rgb"
+    assert recipe.model_options == {**preset.model_options, "stride_in_1x1": True}
+    mobilenet_file = _to_fcos_code_keys(build_detector("fcos_mv2_c64", 3).state_dict())
+    assert convert.recipe_for_file(preset, mobilenet_file, "mv2").normalization == "caffe2_bgr"
+    assert convert.recipe_for_file(preset, build_detector("fcos_r50", 3).state_dict(), "ours") == preset
+    path = tmp_path / "FCOS_imprv_R_50_FPN_1x.pth"
+    torch.save({"model": resnet_file}, path)
+    scores = evaluate.main(["--ckpt", str(path), "--preset", name, "--quiet", "--device", "cpu",
+                            "--out", str(tmp_path / "scores.json")])
+    assert "AP" in " ".join(scores)
+    assert f"--ckpt {path}: run with the input normalisation caffe2_bgr and model options" in capsys.readouterr().out
+
+
+def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(tmp_path, capsys):
+    from kd_ref import configs, convert, engine
+    src, dst = tmp_path / "FCOS_imprv_R_50_FPN_1x.pth", tmp_path / "fcos_r50.pt"
+    torch.save(fcos_code_resnet_file(50), src)
+    assert convert.main(["--task", "det", "--arch", "fcos_r50", str(src), str(dst)]) == 0
+    assert "recognised a FCOS (tianzhi0549/FCOS) file" in capsys.readouterr().out
+    loaded = build_detector("fcos_r50", 80, fcos_options={"stride_in_1x1": True})
+    convert.load_weights(loaded, engine.load_checkpoint(str(dst))["model"], "ours")
+    weights = torch.load(src)["model"]
+    assert torch.equal(loaded.backbone.layer3[0].conv1.weight, weights["module.backbone.body.layer3.0.conv1.weight"])
+    written = engine.load_checkpoint(str(dst))  # its keys are ours; its layout entry keeps the code's options
+    recipe = convert.recipe_for_file(configs.PRESETS["synthetic_det_fcos_teacher"], written["model"], "dst",
+                                     written["layout"])
+    assert recipe.normalization == "caffe2_bgr" and recipe.model_options["stride_in_1x1"]

@@ -9,7 +9,7 @@ import torch
 
 from kd_ref import convert
 from kd_ref import instance_seg as I
-from model_helpers import count_parameters
+from model_helpers import ReferenceFile, count_parameters, place_resnet_by_hand, put
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "instance_seg")
 CASES = {case["name"]: case for case in json.load(open(os.path.join(GOLDEN, "cases.json")))["cases"]}
@@ -241,3 +241,67 @@ def test_mmdet_solo_checkpoint_loads_through_the_released_weights_path(tmp_path)
     with pytest.raises(ValueError, match="a ins model"):
         convert.load_weights(__import__("kd_ref.detectors").detectors.build_detector("faster_rcnn_r18", 3),
                              str(path), "--teacher-ckpt x")
+
+
+def mmdet_mask_rcnn_r50_fpn_2x_coco_file():
+    """``{"meta", "state_dict"}`` as mmdet 2.x saves mask_rcnn_r50_fpn_2x_coco, from mmdet's module names
+    (ResNet conv1/bn1/layerN with BatchNorm2d counters, FPN ConvModules ``lateral_convs.i.conv`` /
+    ``fpn_convs.i.conv``, RPNHead rpn_conv/rpn_cls (3 sigmoid anchors)/rpn_reg, Shared2FCBBoxHead
+    shared_fcs.0-1/fc_cls (81)/fc_reg (80 x 4), FCNMaskHead convs.i.conv/upsample (deconv)/conv_logits (80)).
+    Random values."""
+    file = ReferenceFile(50)
+    file.resnet("backbone.", "backbone.", 50, counter=True)
+    for i, c in enumerate((256, 512, 1024, 2048)):
+        file.conv(f"neck.lateral_convs.{i}.conv", 256, c, 1)
+        file.conv(f"neck.fpn_convs.{i}.conv", 256, 256, 3)
+    file.conv("rpn_head.rpn_conv", 256, 256, 3)
+    file.conv("rpn_head.rpn_cls", 3, 256, 1)
+    file.conv("rpn_head.rpn_reg", 12, 256, 1)
+    file.linear("roi_head.bbox_head.shared_fcs.0", 1024, 256 * 7 * 7)
+    file.linear("roi_head.bbox_head.shared_fcs.1", 1024, 1024)
+    file.linear("roi_head.bbox_head.fc_cls", 81, 1024)
+    file.linear("roi_head.bbox_head.fc_reg", 320, 1024)
+    for i in range(4):
+        file.conv(f"roi_head.mask_head.convs.{i}.conv", 256, 256, 3)
+    file.conv("roi_head.mask_head.upsample", 256, 256, 2)  # ConvTranspose2d: (in, out, k, k), in = out
+    file.conv("roi_head.mask_head.conv_logits", 80, 256, 1)
+    return {"meta": {"mmdet_version": "2.2.0", "CLASSES": tuple(f"class{i}" for i in range(80))},
+            "state_dict": file.weights}
+
+
+def place_mask_rcnn_by_hand(model, weights):
+    place_resnet_by_hand(model.backbone, weights, "backbone.", "backbone.")
+    for i in range(4):
+        put(model.neck.lateral_convs[i], weights, f"neck.lateral_convs.{i}.conv")
+        put(model.neck.output_convs[i], weights, f"neck.fpn_convs.{i}.conv")
+    for ours, theirs in (("conv", "rpn_conv"), ("cls_out", "rpn_cls"), ("reg_out", "rpn_reg")):
+        put(getattr(model.rpn_head, ours), weights, f"rpn_head.{theirs}")
+    put(model.box_head.shared_fcs[1], weights, "roi_head.bbox_head.shared_fcs.0")
+    put(model.box_head.shared_fcs[3], weights, "roi_head.bbox_head.shared_fcs.1")
+    put(model.box_head.cls_out, weights, "roi_head.bbox_head.fc_cls")
+    put(model.box_head.reg_out, weights, "roi_head.bbox_head.fc_reg")
+    for i, conv in enumerate(model.mask_head.convs):
+        put(conv, weights, f"roi_head.mask_head.convs.{i}.conv")
+    put(model.mask_head.upsample, weights, "roi_head.mask_head.upsample")
+    put(model.mask_head.logits, weights, "roi_head.mask_head.conv_logits")
+
+
+def test_mmdet_mask_rcnn_r50_fpn_2x_coco_loads_strictly_and_predicts_as_placed_by_hand(tmp_path):
+    path = tmp_path / "mask_rcnn_r50_fpn_2x_coco.pth"
+    released = mmdet_mask_rcnn_r50_fpn_2x_coco_file()
+    released["state_dict"]["roi_head.bbox_head.fc_cls.bias"][:3] += 6.0  # scores above 0.05: detections to compare
+    torch.save(released, path)
+    loaded = I.build_instance_model("maskrcnn_r50", 80).eval()
+    layout = convert.load_weights(loaded, str(path), f"--teacher-ckpt {path.name}")
+    assert layout.name == "mmdet 2.x Mask R-CNN"
+    by_hand = I.build_instance_model("maskrcnn_r50", 80).eval()
+    place_mask_rcnn_by_hand(by_hand, torch.load(path)["state_dict"])
+    images = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected, actual = by_hand(images), loaded(images)
+    assert len(expected["detections"][0]["boxes"]) > 0
+    for name in ("boxes", "scores", "labels", "mask_probs"):
+        assert torch.equal(actual["instances"][0][name], expected["instances"][0][name]), name
+    with pytest.raises(ValueError, match=r"holding maskrcnn on a ResNet-50 \(7x7 stem\), 80 classes; the recipe "
+                                         r"expects maskrcnn on a ResNet-50 \(7x7 stem\), 3 classes$"):
+        convert.load_weights(I.build_instance_model("maskrcnn_r50", 3), str(path), "--teacher-ckpt x")

@@ -19,3 +19,13 @@ def train_crashing_in_step(monkeypatch, iteration: int, argv: list) -> None:
         patch.setattr(engine, "_check_finite", crash)
         with pytest.raises(KeyboardInterrupt):
             train.main(argv)
+
+
+def straight_and_resumed(tmp_path, monkeypatch, flags: list, crash_at: int) -> tuple[dict, dict]:
+    """The last checkpoints of ``train.main(flags)`` run straight through and of the same run crashed in
+    iteration ``crash_at`` then resumed (``--out`` is ``tmp_path/straight`` and ``tmp_path/resumed``)."""
+    train.main([*flags, "--out", str(tmp_path / "straight")])
+    train_crashing_in_step(monkeypatch, crash_at, [*flags, "--out", str(tmp_path / "resumed")])
+    train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
+    return (engine.load_checkpoint(str(tmp_path / "straight/last.pt")),
+            engine.load_checkpoint(str(tmp_path / "resumed/last.pt")))
