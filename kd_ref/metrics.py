@@ -250,12 +250,14 @@ def coco_results(detections: list, image_ids: list, category_ids: list) -> list:
     """
     results = []
     for det, image_id in zip(detections, image_ids):
+        # whole columns to Python numbers at once: per-box numpy scalars would cost as much as COCOeval
         boxes = _as_numpy(det["boxes"], np.float64).reshape(-1, 4)
-        for box, score, label in zip(boxes, _as_numpy(det["scores"], np.float64).reshape(-1),
-                                     _as_numpy(det["labels"], np.int64).reshape(-1)):
-            x1, y1, x2, y2 = box.tolist()
-            results.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
+        scores = _as_numpy(det["scores"], np.float64).reshape(-1).tolist()
+        labels = _as_numpy(det["labels"], np.int64).reshape(-1).tolist()
+        image_id = int(image_id)
+        results.extend({"image_id": image_id, "category_id": int(category_ids[label]), "bbox": box, "score": score}
+                       for box, score, label in zip(xywh, scores, labels))
     return results
 
 
