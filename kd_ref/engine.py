@@ -347,13 +347,19 @@ class PreemptionGuard:
         self.signum = signum
         signal.signal(signum, self.previous[signum])
 
-    def requested(self, runtime: Runtime) -> int:
-        """The signal number to stop for (0: keep going), the same on every rank."""
+    def agreed_flag(self, runtime: Runtime) -> torch.Tensor | None:
+        """Under DDP, the largest signal number of all ranks (all-reduced, MAX) as a tensor left on the device, to
+        travel in the step's one read; None in a single process, whose request is on the host."""
         if runtime.world_size == 1:
-            return self.signum
-        flag = torch.tensor([self.signum], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            return None
+        flag = torch.full((1,), float(self.signum), device=runtime.device)  # a fill: no copy from the host
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return flag[0]
+
+    def requested(self, step: "Step") -> int:
+        """The signal number to stop for after ``step`` (0: keep going), the same on every rank: under DDP the
+        agreed flag that step read, otherwise this process's own."""
+        return self.signum if step.stop_signal is None else step.stop_signal
 
 
 # ------------------------------------------------------------------------------------- epoch hook
@@ -652,13 +658,14 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
             tick = time.perf_counter()
             for batch in run.loader:
                 batch = move_to(batch, runtime.device)
-                step = run.train_step(batch, data_seconds=time.perf_counter() - tick)
+                step = run.train_step(batch, data_seconds=time.perf_counter() - tick,
+                                      stop_flag=guard.agreed_flag(runtime))
                 run.extra_step(step)
                 run.step_hooks(batch, step)
                 run.iteration += 1
                 run.log(step, seconds=time.perf_counter() - tick)
                 run.evaluate_if_due()
-                if run.checkpoint(stop_signal=guard.requested(runtime)):
+                if run.checkpoint(stop_signal=guard.requested(step)):
                     break
                 tick = time.perf_counter()
     return run.finish()
@@ -669,7 +676,8 @@ class Step:
     """One iteration's results: the values of every named loss (task and distiller; the extra ones apart
     until their update) and of the student objective ``total``, read from the device once, the extra
     objective's gradient norm (None without an extra optimizer), the teacher outputs and the distiller's
-    bound inputs, the lr factor and the data wait."""
+    bound inputs, the lr factor, the data wait and, under DDP, the stop request agreed by all ranks (read with
+    the losses; None in a single process)."""
     losses: dict
     extra: dict
     total: float
@@ -678,6 +686,7 @@ class Step:
     bound: dict | None
     lr_factor: float
     data_seconds: float
+    stop_signal: int | None = None
 
 
 class TrainingRun:
@@ -817,14 +826,15 @@ class TrainingRun:
                                                      self.collate, self.runtime, self.epochs))
         self.model.train()
 
-    def train_step(self, batch: dict, data_seconds: float) -> Step:
+    def train_step(self, batch: dict, data_seconds: float, stop_flag: torch.Tensor | None = None) -> Step:
         """Forward (task, distiller and extra losses), backward of the student's and the extra objective, the
         iteration's one read from the device (every loss and gradient norm, stacked: the finiteness checks
         and the logged values), then the student's update.
 
         The extra objective's backward comes before the student's update although its step follows it: its
         graph holds only the distiller's extra parameters and detached inputs, which the student's update does
-        not change, so its gradients are the same, and both norms travel in the one read."""
+        not change, so its gradients are the same, and both norms travel in the one read, as does the DDP
+        stop request ``stop_flag`` (:meth:`PreemptionGuard.agreed_flag`)."""
         recipe, runtime, optimizers = self.recipe, self.runtime, self.optimizers
         factor = lr_factor(self.iteration, recipe)
         set_lr(optimizers.student, recipe.lr, factor)
@@ -847,17 +857,20 @@ class TrainingRun:
             norms.append(backward(optimizers.extra, self.extra_scaler, sum(extra.values()),
                                   lambda: _average_gradients(optimizers.extra_params, runtime)))
         names = [*losses, *extra]
+        flags = [] if stop_flag is None else [stop_flag]
         values = torch.stack([value.detach().float().reshape(()) for value in
-                              [*losses.values(), *extra.values(), total, *norms]]).tolist()
+                              [*losses.values(), *extra.values(), total, *flags, *norms]]).tolist()
         named = dict(zip(names, values))
         _check_finite(named, self.iteration)
-        total_value, student_norm, *extra_norm = values[len(names):]
+        total_value, *stop_signal = values[len(names):len(names) + 1 + len(flags)]
+        student_norm, *extra_norm = values[len(names) + 1 + len(flags):]
         check_gradient(self.scaler, student_norm, self.iteration, "student")
         if extra_norm:
             check_gradient(self.extra_scaler, extra_norm[0], self.iteration, "extra")
         update(optimizers.student, self.scaler, student_norm)
         return Step({name: named[name] for name in losses}, {name: named[name] for name in extra}, total_value,
-                    extra_norm[0] if extra_norm else None, teacher_out, bound, factor, data_seconds)
+                    extra_norm[0] if extra_norm else None, teacher_out, bound, factor, data_seconds,
+                    int(stop_signal[0]) if stop_signal else None)
 
     def extra_step(self, step: Step) -> None:
         """The update of the distiller's own optimizer (an adversary) from the gradients of its extra losses
