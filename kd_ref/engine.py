@@ -21,8 +21,9 @@ must not be trained by the student loss defines::
 
 The engine computes ``extra_losses`` right after the step's forward (so that a non-finite one stops the
 run before any update; their graph must not reach parameters of the student optimizer, e.g. use
-detached student outputs), and after the student step minimises their sum with that optimizer (lr scaled
-by ``lr_lambda(iteration)``; ``None`` keeps it constant); the optimizer is stored in checkpoints.
+detached student outputs), backpropagates their sum with the student's objective (before any update, so
+that both gradient norms are read at once) and after the student step minimises it with that optimizer
+(lr scaled by ``lr_lambda(iteration)``; ``None`` keeps it constant); the optimizer is stored in checkpoints.
 
 SyncBatchNorm hook: a distiller whose own BatchNorm layers the references synchronise under DDP (SKD's
 discriminator) returns the modules holding them from ``sync_batchnorm_modules()``; with the student they
@@ -64,11 +65,12 @@ Non-finite values, for both optimizers (the student's and a distiller's extra on
   skips that optimizer's step and lowers its scale, the normal fp16 dynamics; without a scaler (float32,
   CPU bf16) nothing can rescale them, so the run stops before the update as for a non-finite loss.
 
-One read from the device per iteration: every loss value and the gradient norm of every optimizer are
-stacked into one tensor and read at once, after both backward passes and before any update; the
-finiteness checks, the fp16 skip decision and the log line all use that read (``GradScaler.step``, which
-reads its inf flag on its own, is replaced by the same decision from the norm). Only the first iteration
-reads more: the teacher's output range (:func:`check_teacher_outputs`).
+One read from the device per iteration: every loss value, the gradient norm of every optimizer and, under
+DDP, the all-reduced stop request (:class:`PreemptionGuard`) are stacked into one tensor and read at once,
+after both backward passes and before any update; the finiteness checks, the fp16 skip decision and the
+log line all use that read (``GradScaler.step``, which reads its inf flag on its own, is replaced by the
+same decision from the norm). Only the first iteration reads more: the teacher's output range
+(:func:`check_teacher_outputs`); evaluations and checkpoints read what they need when they are due.
 
 Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
 scaler, the iteration, the recipe and all RNG states. They are written to a temporary file and renamed,
