@@ -96,8 +96,9 @@ class SegTask:
         try:  # on the device of the predictions: only the small matrix travels, not the label maps
             state["cm"] += confusion_matrix(pred, target, state["num_classes"], datasets.IGNORE_INDEX).cpu()
         except ValueError as error:  # predictions are argmax indices, so what is out of range is a label
-            raise ValueError(f"--data {state['data']}: {', '.join(batch['names'])} hold labels the model cannot "
-                             f"predict ({error}); evaluate it on data of its own classes") from None
+            raise ValueError(f"--data {state['data']}: {', '.join(batch['names'])} has labels the model cannot predict "
+                             f"({error}): the model predicts {state['num_classes']} classes; evaluate it on data of "
+                             "its own classes") from None
         if save_pred:
             if not state["legend_written"]:
                 datasets.write_legend(save_pred, state["classes"], state["palette"])

@@ -22,7 +22,7 @@ def test_seg_eval_counts_upsampled_argmax_against_the_labels():
 def test_seg_eval_names_the_images_whose_labels_the_model_cannot_predict():
     state = TASK.new_eval_state(RECIPE)
     target = torch.tensor([[[0, 7], [255, 1]]], dtype=torch.uint8)
-    with pytest.raises(ValueError, match=r"--data synthetic: city/b.png hold labels the model cannot predict "
-                                         r"\(confusion_matrix: values \[7\] outside \[0, 3\)"):
+    with pytest.raises(ValueError, match=r"--data synthetic: city/b.png has labels the model cannot predict "
+                                         r"\(confusion_matrix: values \[7\] outside \[0, 3\).*\): the model predicts 3 "):
         TASK.update_eval_state(state, {"logits": torch.zeros(1, 3, 2, 2)}, {"targets": target, "names": ["city/b.png"]},
                                None)
