@@ -49,6 +49,8 @@ import argparse
 import contextlib
 import ctypes
 import dataclasses
+import glob
+import io
 import itertools
 import json
 import math
@@ -57,12 +59,15 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd_ref import configs, datasets, engine, transforms
+from kd_ref import configs, datasets, engine, tasks, transforms
+from kd_ref.metrics import COCO_STAT_NAMES, confusion_matrix, segmentation_scores
 from kd_ref.skd import pair_wise_kd
 
 
@@ -709,6 +714,163 @@ def flops(presets: list, peak_tflops: float = V100_FP16_PEAK_TFLOPS, utilisation
 
 
 # ------------------------------------------------------------------------------------------- output
+# ---------------------------------------------------------------------------------- evaluation rates
+def _cityscapes_pairs(root: str, images: int, out: str) -> list:
+    """``(prediction, ground truth)`` labelIds PNG pairs of the first ``images`` labels of ``root``'s val split.
+
+    The predictions are the ground truth's train ids shifted 8 pixels to the right (ignored pixels become
+    road), written as labelIds in ``out``: a prediction that is mostly right, with errors along every edge,
+    in the format the official evaluator reads."""
+    from PIL import Image
+
+    labels = sorted(glob.glob(os.path.join(root, "gtFine", "val", "*", "*_gtFine_labelIds.png")))[:images]
+    if not labels:
+        raise FileNotFoundError(f"Cityscapes root {root}: no gtFine/val/<city>/*_gtFine_labelIds.png "
+                                "(python -m kd_ref.datasets export --format cityscapes --size 1024 2048 DIR)")
+    train_to_label_id = np.array(datasets.CITYSCAPES_LABEL_IDS, np.uint8)
+    pairs = []
+    for label in labels:
+        shifted = np.roll(datasets.LABEL_ID_TO_TRAIN_ID[datasets.read_label(label)], 8, axis=1)
+        prediction = os.path.join(out, os.path.basename(label).replace("_gtFine_labelIds", "_pred_labelIds"))
+        Image.fromarray(train_to_label_id[np.where(shifted == datasets.IGNORE_INDEX, 0, shifted)]).save(prediction)
+        pairs.append((prediction, label))
+    return pairs
+
+
+def kd_ref_cityscapes_scores(pairs: list) -> tuple:
+    """``(confusion matrix, scores)`` of labelIds PNG pairs by kd_ref's path: decode (``datasets.read_label``),
+    ``confusion_matrix`` with the data set's labelId -> train id map, ``segmentation_scores``."""
+    num_classes = len(datasets.CITYSCAPES_CLASSES)
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    id_map = torch.from_numpy(datasets.LABEL_ID_TO_TRAIN_ID)
+    for prediction, label in pairs:
+        # read_label returns a read-only view of the decoded image; torch wants a writable array
+        pred, target = (torch.from_numpy(np.array(datasets.read_label(path))) for path in (prediction, label))
+        counts += confusion_matrix(pred, target, num_classes, datasets.IGNORE_INDEX, value_map=id_map)
+    return counts, segmentation_scores(counts)
+
+
+def official_cityscapes_scores(pairs: list):
+    """``(confusion matrix over the 19 classes, mIoU in percent)`` by cityscapesscripts'
+    ``evaluateImgLists`` (pixel level only, quiet, no result file), or None when it is not installed."""
+    try:
+        from cityscapesscripts.evaluation import evalPixelLevelSemanticLabeling as official
+    except ImportError:
+        return None
+    official.args.quiet, official.args.JSONOutput, official.args.evalInstLevelScore = True, False, False
+    result = official.evaluateImgLists([p for p, _ in pairs], [g for _, g in pairs], official.args)
+    ids = list(datasets.CITYSCAPES_LABEL_IDS)
+    return torch.tensor(result["confMatrix"], dtype=torch.int64)[ids][:, ids], result["averageScoreClasses"] * 100
+
+
+def coco_detections(base, image_ids: list, per_image: int, seed: int = 0) -> tuple:
+    """Detector-like outputs on the inputs DetTask evaluates: for every image, ``per_image`` boxes (its ground
+    truth boxes jittered, the rest random) with random scores and labels, on the image resized to
+    1333x800 (mmdet's COCO scale), and the matching targets."""
+    generator = torch.Generator().manual_seed(seed)
+    outputs, targets = [], []
+    for image_id in image_ids:
+        info = base.coco.imgs[image_id]
+        height, width = info["height"], info["width"]
+        scale = min(1333 / max(height, width), 800 / min(height, width))
+        size = (round(height * scale), round(width * scale))
+        truth = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in
+                              (a["bbox"] for a in base.coco.imgToAnns[image_id])], dtype=torch.float32)
+        truth = truth.reshape(-1, 4)[torch.randint(max(len(truth), 1), (per_image,), generator=generator)
+                                     % max(len(truth), 1)] if len(truth) else torch.zeros(0, 4)
+        corners = torch.rand(per_image, 2, generator=generator) * torch.tensor([width, height]) * 0.8
+        sides = torch.rand(per_image, 2, generator=generator) * torch.tensor([width, height]) * 0.2 + 4
+        boxes = torch.cat([corners, corners + sides], 1)
+        boxes[:len(truth)] = truth + torch.randn(len(truth), 4, generator=generator) * 3
+        outputs.append({"boxes": boxes * scale, "scores": torch.rand(per_image, generator=generator),
+                        "labels": torch.randint(len(base.category_ids), (per_image,), generator=generator)})
+        targets.append({"image_id": image_id, "flipped": False, "size": size, "orig_size": (height, width)})
+    return outputs, targets
+
+
+def kd_ref_coco_scores(base, outputs: list, targets: list, save_pred: str | None = None) -> dict:
+    """COCO box AP of detector outputs by kd_ref's evaluation path: ``DetTask``'s eval state (boxes to original
+    pixels, results, pycocotools ``COCOeval``); ``save_pred=DIR`` also writes the results file."""
+    task = tasks.DetTask()
+    task.eval_base = base
+    state = task.new_eval_state(SimpleNamespace(data="coco", num_classes=len(base.category_ids)))
+    for found, target in zip(outputs, targets):
+        task.update_eval_state(state, {"detections": [found]}, {"targets": [target]}, save_pred)
+    return task.finish_eval_state(state, engine.Runtime(torch.device("cpu")))
+
+
+def official_coco_stats(coco_gt, results: list) -> list:
+    """AP ... APl in percent of COCO results by pycocotools alone: ``loadRes``, ``COCOeval`` evaluate,
+    accumulate, summarize."""
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(value) * 100 for value in evaluator.stats[:len(COCO_STAT_NAMES)]]
+
+
+def evaluation_rates(seg_root: str | None = None, coco_root: str | None = None, images: int = 8,
+                     coco_images: int = 100, detections_per_image: int = 100, warmup: int = 1,
+                     rounds: int = 3) -> dict:
+    """Images/s of kd_ref's evaluation next to the official evaluators' on the same files, interleaved round
+    by round (:func:`measure`, median of ``rounds``), with a check that both give the same results.
+
+    * mIoU (``seg_root``, a Cityscapes-layout tree): ``images`` ground-truth labels of the val split and
+      predictions made from them (:func:`_cityscapes_pairs`), scored by :func:`kd_ref_cityscapes_scores` and
+      by cityscapesscripts (skipped with one line when it is not installed; it is no dependency).
+    * COCO box AP (``coco_root``, a COCO-layout tree): ``detections_per_image`` detections on each of
+      ``coco_images`` val2017 images (:func:`coco_detections`), through DetTask's evaluation and through
+      pycocotools alone on the results that evaluation writes.
+
+    Returns ``{case: images/s}`` plus ``"seg identical"`` / ``"coco identical"`` (booleans)."""
+    cpu = torch.device("cpu")
+    rates = {}
+    if seg_root is not None:
+        with tempfile.TemporaryDirectory() as predictions:
+            pairs = _cityscapes_pairs(seg_root, images, predictions)
+            cases = [CostCase("kd_ref mIoU", lambda: kd_ref_cityscapes_scores(pairs), lambda: 0)]
+            official = official_cityscapes_scores(pairs)
+            if official is None:
+                print("cityscapesscripts is not installed: the official mIoU evaluator is skipped "
+                      "(pip install cityscapesscripts to compare with it)")
+            else:
+                cases.append(CostCase("cityscapesscripts", lambda: official_cityscapes_scores(pairs), lambda: 0))
+                counts, scores = kd_ref_cityscapes_scores(pairs)
+                rates["seg identical"] = bool(torch.equal(counts, official[0])) and math.isclose(
+                    scores["mIoU"], official[1], rel_tol=1e-12)
+            for name, measured in measure(cases, warmup, rounds, cpu).items():
+                rates[name] = len(pairs) / statistics.median(measured.seconds)
+        _print_rates(f"mIoU evaluation of {len(pairs)} PNG pairs from {seg_root}, one thread", rates,
+                     "kd_ref mIoU", "cityscapesscripts", rates.get("seg identical"))
+    if coco_root is not None:
+        base = datasets.COCODetection(coco_root, "val2017")
+        outputs, targets = coco_detections(base, base.image_ids[:coco_images], detections_per_image)
+        with tempfile.TemporaryDirectory() as written:
+            ours = kd_ref_coco_scores(base, outputs, targets, save_pred=written)
+            with open(os.path.join(written, "detections.json")) as handle:
+                results = json.load(handle)
+        rates["coco identical"] = [ours[name] for name in COCO_STAT_NAMES] == official_coco_stats(base.coco, results)
+        cases = [CostCase("kd_ref COCO AP", lambda: kd_ref_coco_scores(base, outputs, targets), lambda: 0),
+                 CostCase("pycocotools COCOeval", lambda: official_coco_stats(base.coco, results), lambda: 0)]
+        for name, measured in measure(cases, warmup, rounds, cpu).items():
+            rates[name] = len(targets) / statistics.median(measured.seconds)
+        _print_rates(f"COCO box AP of {len(targets)} images x {detections_per_image} detections from {coco_root}, "
+                     "one thread", rates, "kd_ref COCO AP", "pycocotools COCOeval", rates["coco identical"])
+    return rates
+
+
+def _print_rates(title: str, rates: dict, ours: str, official: str, identical) -> None:
+    rows = [[ours, f"{rates[ours]:.1f}", f"{rates[ours] / rates[official]:.2f}" if official in rates else "-"]]
+    if official in rates:
+        rows.append([official, f"{rates[official]:.1f}", "1.00"])
+    print_table(title, ["evaluator", "images/s", f"rate / {official}'s"], rows)
+    if identical is not None:
+        print(f"identical results: {'yes' if identical else 'NO'}")
+
+
 def print_table(title: str, header: list, rows: list) -> None:
     """A Markdown table (pastes into the README as it is) under a title line."""
     print(f"\n{title}\n")

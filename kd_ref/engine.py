@@ -21,8 +21,9 @@ must not be trained by the student loss defines::
 
 The engine computes ``extra_losses`` right after the step's forward (so that a non-finite one stops the
 run before any update; their graph must not reach parameters of the student optimizer, e.g. use
-detached student outputs), and after the student step minimises their sum with that optimizer (lr scaled
-by ``lr_lambda(iteration)``; ``None`` keeps it constant); the optimizer is stored in checkpoints.
+detached student outputs), backpropagates their sum with the student's objective (before any update, so
+that both gradient norms are read at once) and after the student step minimises it with that optimizer
+(lr scaled by ``lr_lambda(iteration)``; ``None`` keeps it constant); the optimizer is stored in checkpoints.
 
 SyncBatchNorm hook: a distiller whose own BatchNorm layers the references synchronise under DDP (SKD's
 discriminator) returns the modules holding them from ``sync_batchnorm_modules()``; with the student they
@@ -65,6 +66,13 @@ Non-finite values, for both optimizers (the student's and a distiller's extra on
 * finite losses with non-finite gradients: under fp16 (``--amp`` on CUDA) the optimizer's own GradScaler
   skips that optimizer's step and lowers its scale, the normal fp16 dynamics; without a scaler (float32,
   CPU bf16) nothing can rescale them, so the run stops before the update as for a non-finite loss.
+
+One read from the device per iteration: every loss value, the gradient norm of every optimizer and, under
+DDP, the all-reduced stop request (:class:`PreemptionGuard`) are stacked into one tensor and read at once,
+after both backward passes and before any update; the finiteness checks, the fp16 skip decision and the
+log line all use that read (``GradScaler.step``, which reads its inf flag on its own, is replaced by the
+same decision from the norm). Only the first iteration reads more: the teacher's output range
+(:func:`check_teacher_outputs`); evaluations and checkpoints read what they need when they are due.
 
 Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
 scaler, the iteration, the recipe and all RNG states. They are written to a temporary file and renamed,
@@ -397,13 +405,19 @@ class PreemptionGuard:
         self.signum = signum
         signal.signal(signum, self.previous[signum])
 
-    def requested(self, runtime: Runtime) -> int:
-        """The signal number to stop for (0: keep going), the same on every rank."""
+    def agreed_flag(self, runtime: Runtime) -> torch.Tensor | None:
+        """Under DDP, the largest signal number of all ranks (all-reduced, MAX) as a tensor left on the device, to
+        travel in the step's one read; None in a single process, whose request is on the host."""
         if runtime.world_size == 1:
-            return self.signum
-        flag = torch.tensor([self.signum], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            return None
+        flag = torch.full((1,), float(self.signum), device=runtime.device)  # a fill: no copy from the host
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        return flag[0]
+
+    def requested(self, step: "Step") -> int:
+        """The signal number to stop for after ``step`` (0: keep going), the same on every rank: under DDP the
+        agreed flag that step read, otherwise this process's own."""
+        return self.signum if step.stop_signal is None else step.stop_signal
 
 
 # ------------------------------------------------------------------------------------- epoch hook
@@ -571,28 +585,51 @@ def synchronise_batchnorm(student: nn.Module, distiller: nn.Module | None, runti
     return nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
-                   iteration: int, name: str, average=None, grad_clip: float | None = None) -> None:
-    """Backpropagate ``loss`` and step ``optimizer``; ``average()`` runs between backward and step (DDP
-    averaging of gradients outside DDP), ``grad_clip`` clips the global norm. Non-finite gradients: an
-    enabled ``scaler`` (fp16) skips the step and lowers its scale; without one the run stops with
-    FloatingPointError before the update."""
+def backward(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, average=None,
+             grad_clip: float | None = None) -> torch.Tensor:
+    """Backpropagate ``loss`` into the freshly zeroed gradients of ``optimizer``'s parameters, ``average()`` them
+    (DDP averaging outside DDP), unscale them and clip their global norm to ``grad_clip``. Returns that norm
+    (before clipping; 0 without gradients) as a tensor left on the device: the caller reads it together with
+    the step's other values (:func:`update`)."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if average is not None:
         average()
     scaler.unscale_(optimizer)
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return loss.detach().new_zeros((), dtype=torch.float32)
     if grad_clip:
-        norm = nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
-    elif not scaler.is_enabled() and grads:
-        norm = nn.utils.get_total_norm(grads)
-    if not scaler.is_enabled() and grads and not torch.isfinite(norm):
+        return nn.utils.clip_grad_norm_(params, grad_clip)
+    return nn.utils.get_total_norm(grads)
+
+
+def check_gradient(scaler: torch.amp.GradScaler, gradient_norm: float, iteration: int, name: str) -> None:
+    """Stop with FloatingPointError on a non-finite gradient norm (read on the host) that no enabled ``scaler``
+    (fp16) will handle by skipping the step."""
+    if not math.isfinite(gradient_norm) and not scaler.is_enabled():
         raise FloatingPointError(f"non-finite gradient of the {name} loss at iteration {iteration} (finite loss, "
-                                 f"gradient norm {norm.item()}); no GradScaler runs without fp16 --amp on CUDA, so "
+                                 f"gradient norm {gradient_norm}); no GradScaler runs without fp16 --amp on CUDA, so "
                                  "stopping before the update (the last checkpoint is left untouched)")
-    scaler.step(optimizer)
-    scaler.update()
+
+
+def update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, gradient_norm: float) -> None:
+    """Step ``optimizer`` after :func:`backward` and :func:`check_gradient`, given the gradient norm read on the
+    host. A non-finite norm under an enabled ``scaler`` skips the step and lowers the scale: what
+    ``GradScaler.step`` decides from its own inf flag, without a second read from the device."""
+    if math.isfinite(gradient_norm):
+        optimizer.step()
+    scaler.update()  # from the inf flags unscale_ left on the device: lowers the scale after an overflow
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
+                   iteration: int, name: str, average=None, grad_clip: float | None = None) -> None:
+    """:func:`backward` and :func:`update` of one optimizer on its own, reading its gradient norm at once (the
+    training loop reads the norms of all its optimizers with the losses, in one transfer)."""
+    norm = backward(optimizer, scaler, loss, average, grad_clip).item()
+    check_gradient(scaler, norm, iteration, name)
+    update(optimizer, scaler, norm)
 
 
 TEACHER_OUTPUT_LIMIT = 1e4  # |value| of a sane network's logits and features, far below fp16's 65504
@@ -613,10 +650,13 @@ def check_teacher_outputs(teacher_out: dict, teacher_ckpt: str) -> None:
     """Stop with one line naming the teacher checkpoint when its outputs on the first batch are not finite
     or beyond ``TEACHER_OUTPUT_LIMIT`` (a diverged teacher, e.g. BatchNorm statistics of a run at a tiny
     batch), before the distillation losses turn it into an anonymous non-finite loss."""
-    for name, tensor in _named_tensors(teacher_out):
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        largest = float(tensor.detach().abs().float().max())
+    named = [(name, tensor) for name, tensor in _named_tensors(teacher_out)
+             if tensor.is_floating_point() and tensor.numel() > 0]
+    if not named:
+        return
+    # one read from the device for all outputs (this runs on the first batch only)
+    maxima = torch.stack([tensor.detach().abs().amax().float() for _, tensor in named]).tolist()
+    for (name, _), largest in zip(named, maxima):
         if not math.isfinite(largest) or largest > TEACHER_OUTPUT_LIMIT:
             raise ValueError(f"--teacher-ckpt {teacher_ckpt}: the teacher's output {name} reaches |x| = {largest:.3g} "
                              f"on the first batch (expected finite, <= {TEACHER_OUTPUT_LIMIT:g}): the teacher "
@@ -655,7 +695,8 @@ class BatchNormWatch:
 
 
 def _check_finite(losses: dict, iteration: int) -> None:
-    bad = {name: value.detach().float().tolist() for name, value in losses.items() if not torch.isfinite(value).all()}
+    """Stop on a non-finite one of the step's loss values (floats, read from the device)."""
+    bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
     if bad:
         raise FloatingPointError(f"non-finite loss at iteration {iteration}: {bad}; stopping before the "
                                  "update (the last checkpoint is left untouched)")
@@ -675,13 +716,14 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
             tick = time.perf_counter()
             for batch in run.loader:
                 batch = move_to(batch, runtime.device)
-                step = run.train_step(batch, data_seconds=time.perf_counter() - tick)
+                step = run.train_step(batch, data_seconds=time.perf_counter() - tick,
+                                      stop_flag=guard.agreed_flag(runtime))
                 run.extra_step(step)
                 run.step_hooks(batch, step)
                 run.iteration += 1
                 run.log(step, seconds=time.perf_counter() - tick)
                 run.evaluate_if_due()
-                if run.checkpoint(stop_signal=guard.requested(runtime)):
+                if run.checkpoint(stop_signal=guard.requested(step)):
                     break
                 tick = time.perf_counter()
     return run.finish()
@@ -689,15 +731,20 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
 
 @dataclass
 class Step:
-    """One iteration's results: every named loss (task, distiller, extra), the student objective
-    ``total``, the teacher outputs and the distiller's bound inputs, the lr factor and the data wait."""
+    """One iteration's results: the values of every named loss (task and distiller; the extra ones apart
+    until their update) and of the student objective ``total``, read from the device once, the extra
+    objective's gradient norm (None without an extra optimizer), the teacher outputs and the distiller's
+    bound inputs, the lr factor, the data wait and, under DDP, the stop request agreed by all ranks (read with
+    the losses; None in a single process)."""
     losses: dict
     extra: dict
-    total: torch.Tensor
+    total: float
+    extra_gradient_norm: float | None
     teacher_out: dict | None
     bound: dict | None
     lr_factor: float
     data_seconds: float
+    stop_signal: int | None = None
 
 
 class TrainingRun:
@@ -842,8 +889,15 @@ class TrainingRun:
                                                      self.collate, self.runtime, self.epochs))
         self.model.train()
 
-    def train_step(self, batch: dict, data_seconds: float) -> Step:
-        """Forward (task, distiller and extra losses), the finiteness check, then the student's update."""
+    def train_step(self, batch: dict, data_seconds: float, stop_flag: torch.Tensor | None = None) -> Step:
+        """Forward (task, distiller and extra losses), backward of the student's and the extra objective, the
+        iteration's one read from the device (every loss and gradient norm, stacked: the finiteness checks
+        and the logged values), then the student's update.
+
+        The extra objective's backward comes before the student's update although its step follows it: its
+        graph holds only the distiller's extra parameters and detached inputs, which the student's update does
+        not change, so its gradients are the same, and both norms travel in the one read, as does the DDP
+        stop request ``stop_flag`` (:meth:`PreemptionGuard.agreed_flag`)."""
         recipe, runtime, optimizers = self.recipe, self.runtime, self.optimizers
         factor = lr_factor(self.iteration, recipe)
         set_lr(optimizers.student, recipe.lr, factor)
@@ -859,21 +913,37 @@ class TrainingRun:
                 check_teacher_outputs(teacher_out, self.teacher_ckpt)
         losses = {name: value.float() for name, value in losses.items()}
         extra = {name: value.float() for name, value in extra.items()}
-        _check_finite({**losses, **extra}, self.iteration)
         total = sum(losses.values())
-        optimizer_step(optimizers.student, self.scaler, total, self.iteration, "student",
-                       lambda: _average_gradients(optimizers.distiller_params, runtime), recipe.grad_clip)
-        return Step(losses, extra, total, teacher_out, bound, factor, data_seconds)
+        norms = [backward(optimizers.student, self.scaler, total,
+                          lambda: _average_gradients(optimizers.distiller_params, runtime), recipe.grad_clip)]
+        if optimizers.extra is not None:
+            norms.append(backward(optimizers.extra, self.extra_scaler, sum(extra.values()),
+                                  lambda: _average_gradients(optimizers.extra_params, runtime)))
+        names = [*losses, *extra]
+        flags = [] if stop_flag is None else [stop_flag]
+        values = torch.stack([value.detach().float().reshape(()) for value in
+                              [*losses.values(), *extra.values(), total, *flags, *norms]]).tolist()
+        named = dict(zip(names, values))
+        _check_finite(named, self.iteration)
+        total_value, *stop_signal = values[len(names):len(names) + 1 + len(flags)]
+        student_norm, *extra_norm = values[len(names) + 1 + len(flags):]
+        check_gradient(self.scaler, student_norm, self.iteration, "student")
+        if extra_norm:
+            check_gradient(self.extra_scaler, extra_norm[0], self.iteration, "extra")
+        update(optimizers.student, self.scaler, student_norm)
+        return Step({name: named[name] for name in losses}, {name: named[name] for name in extra}, total_value,
+                    extra_norm[0] if extra_norm else None, teacher_out, bound, factor, data_seconds,
+                    int(stop_signal[0]) if stop_signal else None)
 
     def extra_step(self, step: Step) -> None:
-        """The distiller's own optimizer (an adversary) on its extra losses, which join the logged ones."""
+        """The update of the distiller's own optimizer (an adversary) from the gradients of its extra losses
+        (:meth:`train_step`), which join the logged ones."""
         optimizers = self.optimizers
         if optimizers.extra is None:
             return
         for group, base in zip(optimizers.extra.param_groups, self.extra_base_lrs):
             group["lr"] = base * optimizers.extra_lr_lambda(self.iteration)
-        optimizer_step(optimizers.extra, self.extra_scaler, sum(step.extra.values()), self.iteration, "extra",
-                       lambda: _average_gradients(optimizers.extra_params, self.runtime))
+        update(optimizers.extra, self.extra_scaler, step.extra_gradient_norm)
         step.losses.update(step.extra)
 
     def step_hooks(self, batch: dict, step: Step) -> None:
@@ -895,11 +965,11 @@ class TrainingRun:
         if runtime.is_main:
             lr = recipe.lr * step.lr_factor
             self.log_file.write({"iteration": iteration, "epoch": self.epoch, "lr": lr,
-                                 **{k: round(v.item(), 6) for k, v in step.losses.items()},
-                                 "loss": round(step.total.item(), 6), "seconds": round(seconds, 4),
+                                 **{k: round(v, 6) for k, v in step.losses.items()},
+                                 "loss": round(step.total, 6), "seconds": round(seconds, 4),
                                  "data_seconds": round(step.data_seconds, 4),
                                  "peak_memory_mb": round(peak_memory_mb(runtime.device), 1)})
-            self.bar.set_postfix(loss=f"{step.total.item():.3f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix(loss=f"{step.total:.3f}", lr=f"{lr:.2e}")
             self.bar.update(1)
 
     def evaluate(self) -> dict:

@@ -22,27 +22,79 @@ import torch
 import torch.distributed as dist
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                     ignore_index: int = 255) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255,
+                     value_map: torch.Tensor | None = None) -> torch.Tensor:
     """``num_classes x num_classes`` int64 counts, rows = ground truth, columns = prediction.
 
-    ``pred`` and ``target`` are integer tensors of any equal shape; pixels whose target equals
-    ``ignore_index`` are dropped whatever their prediction. Index arithmetic is done in int64 so that
-    ``uint8`` inputs cannot overflow.
+    ``pred`` and ``target`` are integer tensors of any equal shape (on any device); pixels whose target
+    equals ``ignore_index`` are dropped whatever their prediction. ``value_map`` (a 1-D integer tensor, e.g.
+    Cityscapes labelId -> train id) gives the same counts as ``confusion_matrix(value_map[pred],
+    value_map[target])`` without mapping every pixel: it maps the bins of the joint histogram.
+
+    One joint histogram of ``target * side + pred`` over every value pair in ``[0, side)``, ``side`` covering
+    the classes and the ignore index (or the map's entries), counts each pixel once; the ignore row and the
+    out-of-range bins are then read off the small histogram instead of masking the pixels (a boolean mask
+    of a 1024x2048 label and the copies it makes cost several times the histogram). Values outside
+    ``[0, side)`` (or a negative ``ignore_index``) take the general path, which masks ignored pixels first.
     """
     if pred.shape != target.shape:
         raise ValueError(f"confusion_matrix: pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+    side = max(num_classes, ignore_index + 1) if value_map is None else len(value_map)
+    extremes = torch.stack([torch.stack(values.aminmax()).long() for values in (target, pred)]).tolist()
+    if ignore_index < 0 or min(low for low, _ in extremes) < 0 or max(high for _, high in extremes) >= side:
+        if value_map is not None:
+            pred, target = (value_map.to(values.device)[values.long()] for values in (pred, target))
+        return _masked_confusion_matrix(pred, target, num_classes, ignore_index)
+    # int32 halves the memory traffic of the joint index (int64 only where side ** 2 does not fit), and the
+    # in-place multiply-add spares a converted copy of pred and a temporary
+    index_dtype = torch.int32 if side * side < 2 ** 31 else torch.int64
+    joint_index = target.reshape(-1).to(index_dtype, copy=True).mul_(side)
+    pred = pred.reshape(-1)
+    joint_index.add_(pred if torch.can_cast(pred.dtype, index_dtype) else pred.to(index_dtype))
+    joint = torch.bincount(joint_index, minlength=side * side).reshape(side, side)
+    if value_map is None:
+        joint[ignore_index] = 0
+        counts = joint[:num_classes, :num_classes]
+    else:
+        mapped = value_map.to(joint.device).long()
+        joint[mapped == ignore_index] = 0
+        in_range = (mapped >= 0) & (mapped < num_classes)
+        both_in_range = in_range[:, None] & in_range[None, :]
+        bins = (mapped[:, None] * num_classes + mapped[None, :])[both_in_range]
+        counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=joint.device).index_add_(
+            0, bins, joint[both_in_range]).reshape(num_classes, num_classes)
+    total, counted = torch.stack([joint.sum(), counts.sum()]).tolist()
+    if total != counted:
+        _raise_out_of_range(joint, num_classes, ignore_index, value_map)
+    return counts.contiguous()
+
+
+def _masked_confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                             ignore_index: int) -> torch.Tensor:
+    """:func:`confusion_matrix` for values beyond its joint histogram: ignored pixels are masked out first,
+    in int64 so that no value can overflow."""
     target = target.reshape(-1).long()
     pred = pred.reshape(-1).long()
     keep = target != ignore_index
     target, pred = target[keep], pred[keep]
     out_of_range = (target < 0) | (target >= num_classes) | (pred < 0) | (pred >= num_classes)
     if out_of_range.any():
-        bad = torch.cat([target[out_of_range], pred[out_of_range]]).unique()[:8].tolist()
-        raise ValueError(f"confusion_matrix: values {bad} outside [0, {num_classes}) "
-                         f"(and not the ignore index {ignore_index})")
+        _raise_values(torch.cat([target[out_of_range], pred[out_of_range]]), num_classes, ignore_index)
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
+
+
+def _raise_out_of_range(joint: torch.Tensor, num_classes: int, ignore_index: int,
+                        value_map: torch.Tensor | None) -> None:
+    """The error for the values a (row-ignored) joint histogram counts outside ``[0, num_classes)``."""
+    values = torch.arange(len(joint), device=joint.device) if value_map is None else value_map.to(joint.device).long()
+    seen = torch.cat([values[joint.sum(1) > 0], values[joint.sum(0) > 0]])
+    _raise_values(seen[(seen < 0) | (seen >= num_classes)], num_classes, ignore_index)
+
+
+def _raise_values(values: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    raise ValueError(f"confusion_matrix: values {values.unique()[:8].tolist()} outside [0, {num_classes}) "
+                     f"(and not the ignore index {ignore_index})")
 
 
 def segmentation_scores(cm: torch.Tensor) -> dict:
@@ -198,12 +250,14 @@ def coco_results(detections: list, image_ids: list, category_ids: list) -> list:
     """
     results = []
     for det, image_id in zip(detections, image_ids):
+        # whole columns to Python numbers at once: per-box numpy scalars would cost as much as COCOeval
         boxes = _as_numpy(det["boxes"], np.float64).reshape(-1, 4)
-        for box, score, label in zip(boxes, _as_numpy(det["scores"], np.float64).reshape(-1),
-                                     _as_numpy(det["labels"], np.int64).reshape(-1)):
-            x1, y1, x2, y2 = box.tolist()
-            results.append({"image_id": int(image_id), "category_id": int(category_ids[label]),
-                            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
+        scores = _as_numpy(det["scores"], np.float64).reshape(-1).tolist()
+        labels = _as_numpy(det["labels"], np.int64).reshape(-1).tolist()
+        image_id = int(image_id)
+        results.extend({"image_id": image_id, "category_id": int(category_ids[label]), "bbox": box, "score": score}
+                       for box, score, label in zip(xywh, scores, labels))
     return results
 
 

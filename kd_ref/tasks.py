@@ -90,14 +90,15 @@ class SegTask:
 
     def update_eval_state(self, state: dict, outputs: dict, batch: dict, save_pred: str | None) -> None:
         target = batch["targets"]
-        labelled = target[target != datasets.IGNORE_INDEX]
-        if labelled.numel() and int(labelled.max()) >= state["num_classes"]:
-            raise ValueError(f"--data {state['data']}: {batch['names'][0]} has label {int(labelled.max())}, but the "
-                             f"model predicts {state['num_classes']} classes; evaluate it on data of its own classes")
         logits = F.interpolate(outputs["logits"].float(), size=target.shape[-2:], mode="bilinear",
                                align_corners=state["align_corners"])
         pred = logits.argmax(1)
-        state["cm"] += confusion_matrix(pred.cpu(), target.cpu(), state["num_classes"])
+        try:  # on the device of the predictions: only the small matrix travels, not the label maps
+            state["cm"] += confusion_matrix(pred, target, state["num_classes"], datasets.IGNORE_INDEX).cpu()
+        except ValueError as error:  # predictions are argmax indices, so what is out of range is a label
+            raise ValueError(f"--data {state['data']}: {', '.join(batch['names'])} has labels the model cannot predict "
+                             f"({error}): the model predicts {state['num_classes']} classes; evaluate it on data of "
+                             "its own classes") from None
         if save_pred:
             if not state["legend_written"]:
                 datasets.write_legend(save_pred, state["classes"], state["palette"])

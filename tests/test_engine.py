@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import sys
 from math import ceil
 
 import numpy as np
@@ -385,3 +386,103 @@ def test_batchnorm_over_fewer_than_four_values_per_channel_warns():
     watch.close()
     assert watch.fewest is None, "eval-mode BatchNorm uses its running statistics"
     assert not model[1]._forward_pre_hooks
+
+
+# ------------------------------------------------------------------------- host-device reads per iteration
+DEVICE_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+class DeviceReads:
+    """Counts calls of the tensor methods that copy a value to the host (on a GPU each waits for all queued
+    work), made while a TrainingRun step of an iteration runs: ``per_iteration[i]`` lists the kd_ref file that
+    made each call of iteration i (the nearest kd_ref frame, so a torch helper counts for its caller)."""
+
+    STEPS = ("train_step", "extra_step", "step_hooks", "log")
+
+    def __init__(self, monkeypatch):
+        self.per_iteration, self.active = [], False
+        for name in DEVICE_READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+        for name in self.STEPS:
+            monkeypatch.setattr(engine.TrainingRun, name, self._active_during(getattr(engine.TrainingRun, name), name))
+
+    def _counting(self, method):
+        def counted(tensor, *args, **kwargs):
+            if self.active:
+                frame = sys._getframe(1)
+                while frame is not None and f"{os.sep}kd_ref{os.sep}" not in frame.f_code.co_filename:
+                    frame = frame.f_back
+                self.per_iteration[-1].append(os.path.basename(frame.f_code.co_filename) if frame else "torch")
+            return method(tensor, *args, **kwargs)
+        return counted
+
+    def _active_during(self, step, name):
+        def run(*args, **kwargs):
+            if name == "train_step":
+                self.per_iteration.append([])
+            self.active = True
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.active = False
+        return run
+
+
+class FiniteCritic(InfiniteCritic):
+    """An adversary with a finite loss and SGD (whose state holds no step counter to read)."""
+
+    def extra_optimizer(self, total_iters):
+        return torch.optim.SGD(self.extra_parameters(), lr=0.1), None
+
+    def extra_losses(self, logits_s, logits_t):
+        return {"loss_critic": self.critic(logits_s.detach().mean(1, keepdim=True)).pow(2).mean()}
+
+
+def test_kd_reads_the_device_once_per_iteration_and_the_teacher_range_once(tmp_path, tiny_cls_teacher, monkeypatch):
+    reads = DeviceReads(monkeypatch)
+    engine.train(dataclasses.replace(TINY_CLS, iters=3, ckpt_every=0), str(tmp_path), CPU,
+                 teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
+    assert reads.per_iteration == [["engine.py"] * 2, ["engine.py"], ["engine.py"]]
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line]
+    assert [step["iteration"] for step in logged] == [1, 2, 3]
+    assert all(abs(step["loss"] - step["loss_cls"] - step["loss_kd"]) < 1e-5 for step in logged), "logged from the read"
+
+
+def test_both_optimizers_under_grad_scalers_share_the_one_read(tmp_path, tiny_cls_teacher, monkeypatch):
+    monkeypatch.setitem(configs.METHODS, "critic", configs.Method(lambda *_: FiniteCritic(), {"cls": configs._logits}))
+    scalers = []
+    real_scaler = torch.amp.GradScaler
+
+    def enabled_cpu_scaler(device, enabled):  # fp16's GradScaler, on the CPU so that the test runs anywhere
+        scalers.append(real_scaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", enabled_cpu_scaler)
+    steps = []
+    real_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    reads = DeviceReads(monkeypatch)
+    engine.train(dataclasses.replace(TINY_CLS, method="critic", method_options={}, iters=3, ckpt_every=0),
+                 str(tmp_path), CPU, teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
+    assert reads.per_iteration == [["engine.py"] * 2, ["engine.py"], ["engine.py"]]
+    assert len(steps) == 6, "student and critic stepped in every iteration"
+    assert [scaler.get_scale() for scaler in scalers] == [2.0 ** 13] * 2, "no overflow: each scale grew 3 times"
+    logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line]
+    assert all(step["loss_critic"] >= 0 and "loss_probe" in step for step in logged)
+
+
+def test_a_scaler_skips_the_overflowing_step_from_the_read_norm():
+    weight, optimizer, loss = _finite_loss_with_infinite_gradient()
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    norm = engine.backward(optimizer, scaler, loss)
+    assert norm.item() == float("inf")
+    engine.check_gradient(scaler, norm.item(), 0, "student")  # fp16 dynamics: no error
+    engine.update(optimizer, scaler, norm.item())
+    assert torch.equal(weight.detach(), torch.ones(2)) and scaler.get_scale() == 4.0
+
+
+def test_sokd_search_step_adds_no_read_of_the_engine(tmp_path, tiny_cls_teacher, monkeypatch):
+    reads = DeviceReads(monkeypatch)
+    recipe = dataclasses.replace(TINY_CLS, method="sokd", method_options={"base": "kd"}, iters=2, ckpt_every=0)
+    engine.train(recipe, str(tmp_path), CPU, teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
+    assert [callers.count("engine.py") for callers in reads.per_iteration] == [2, 1]

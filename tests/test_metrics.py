@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd_ref.metrics import average_precision, confusion_matrix, segmentation_scores, topk_correct, voc_map
+from kd_ref.metrics import average_precision, coco_results, confusion_matrix, segmentation_scores, topk_correct, voc_map
 
 
 def test_confusion_matrix_rows_are_ground_truth_and_ignore_is_dropped():
@@ -107,3 +107,52 @@ def test_voc_map_uses_plus_one_box_convention_and_inclusive_threshold():
     det = [{"boxes": torch.tensor([[0., 0, 1, 3]]), "scores": torch.tensor([1.0]), "labels": torch.tensor([0])}]
     assert voc_map(det, gts, 1)["mAP"] == pytest.approx(100.0)
     assert voc_map(det, gts, 1, iou_thr=0.51)["mAP"] == 0.0
+
+
+def test_confusion_matrix_joint_histogram_equals_masked_counting_on_every_path():
+    rng = np.random.default_rng(1)
+    target = torch.from_numpy(rng.integers(0, 6, (3, 17, 23))).to(torch.int32)
+    target[0, :4] = 255
+    pred = torch.from_numpy(rng.integers(0, 5, target.shape))                     # int64, as argmax gives
+    with pytest.raises(ValueError, match=r"values \[5\] outside \[0, 5\)"):
+        confusion_matrix(pred, target, num_classes=5)                             # label 5 of 5 classes
+    target[target == 5] = 255
+    keep = target != 255
+    expected = torch.bincount((target[keep] * 5 + pred[keep]).long(), minlength=25).reshape(5, 5)
+    given = target.clone()
+    assert torch.equal(confusion_matrix(pred, target, num_classes=5), expected)
+    assert torch.equal(target, given), "an int32 target is not turned into the joint index in place"
+    assert torch.equal(confusion_matrix(pred.to(torch.uint8), target.to(torch.uint8), 5), expected)
+    beyond = pred.clone()
+    beyond[~keep] = 1000                                                          # beyond the histogram, ignored
+    assert torch.equal(confusion_matrix(beyond, target, num_classes=5), expected)
+    minus_one = torch.where(keep, target, torch.full_like(target, -1))
+    assert torch.equal(confusion_matrix(pred, minus_one, num_classes=5, ignore_index=-1), expected)
+
+
+def test_confusion_matrix_value_map_maps_bins_as_mapping_every_pixel_would():
+    id_map = torch.full((40,), 255, dtype=torch.uint8)
+    id_map[[7, 8, 11, 26]] = torch.tensor([0, 1, 2, 3], dtype=torch.uint8)        # four labelIds, the rest ignored
+    rng = np.random.default_rng(2)
+    target = torch.from_numpy(rng.choice([0, 4, 7, 8, 11, 26], (30, 40)).astype(np.uint8))
+    pred = torch.from_numpy(rng.choice([7, 8, 11, 26], (30, 40)).astype(np.uint8))
+    mapped = confusion_matrix(id_map[pred.long()], id_map[target.long()], 4)
+    assert torch.equal(confusion_matrix(pred, target, 4, value_map=id_map), mapped)
+    assert mapped.sum() == (id_map[target.long()] != 255).sum()
+    unmapped_prediction = pred.clone()
+    unmapped_prediction[target == 7] = 4                                          # labelId 4 maps to 255
+    with pytest.raises(ValueError, match=r"values \[255\] outside \[0, 4\)"):
+        confusion_matrix(unmapped_prediction, target, 4, value_map=id_map)
+    with pytest.raises(ValueError, match=r"values \[255\] outside \[0, 4\)"):     # beyond the map: per-pixel path
+        confusion_matrix(torch.full((2,), 39), torch.tensor([7, 8]), 4, value_map=id_map)
+
+
+def test_coco_results_convert_whole_columns_to_the_per_box_form():
+    detections = [{"boxes": torch.tensor([[1.5, 2.0, 11.25, 4.0], [0.0, 0.0, 3.0, 3.0]]),
+                   "scores": torch.tensor([0.9, 0.25]), "labels": torch.tensor([1, 0])},
+                  {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}]
+    results = coco_results(detections, [np.int64(42), 7], category_ids=[3, 9])
+    assert results == [{"image_id": 42, "category_id": 9, "bbox": [1.5, 2.0, 9.75, 2.0], "score": pytest.approx(0.9)},
+                       {"image_id": 42, "category_id": 3, "bbox": [0.0, 0.0, 3.0, 3.0], "score": 0.25}]
+    assert all(type(value) in (int, float, list) for result in results for value in result.values())
+    assert results[0]["score"] == float(torch.tensor(0.9, dtype=torch.float32))  # the float32 score, as before

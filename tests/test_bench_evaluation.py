@@ -1,0 +1,43 @@
+import sys
+
+import pytest
+
+from kd_ref import bench, datasets
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trees")
+    datasets.export("cityscapes", str(root / "cityscapes"), num_train=1, num_val=2, size=(64, 96))
+    datasets.export("coco", str(root / "coco"), num_train=1, num_val=3, size=(64, 96))
+    return root
+
+
+def test_evaluation_rates_match_the_official_evaluators_results(trees, capsys):
+    pytest.importorskip("cityscapesscripts")
+    rates = bench.evaluation_rates(str(trees / "cityscapes"), str(trees / "coco"), images=2, coco_images=3,
+                                   detections_per_image=20, warmup=0, rounds=1)
+    assert rates["seg identical"] is True and rates["coco identical"] is True
+    assert all(rates[name] > 0 for name in ("kd_ref mIoU", "cityscapesscripts", "kd_ref COCO AP",
+                                            "pycocotools COCOeval"))
+    printed = capsys.readouterr().out
+    assert "| kd_ref mIoU |" in printed and "rate / cityscapesscripts's" in printed
+    assert printed.count("identical results: yes") == 2
+
+
+def test_evaluation_rates_without_cityscapesscripts_say_so_in_one_line(trees, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cityscapesscripts.evaluation", None)  # as if not installed
+    rates = bench.evaluation_rates(str(trees / "cityscapes"), images=2, warmup=0, rounds=1)
+    assert set(rates) == {"kd_ref mIoU"}
+    lines = [line for line in capsys.readouterr().out.splitlines() if "cityscapesscripts" in line]
+    assert lines[0].startswith("cityscapesscripts is not installed: the official mIoU evaluator is skipped")
+
+
+def test_kd_ref_scores_of_prediction_files_equal_the_official_evaluation(trees):
+    evaluation = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
+    pairs = bench._cityscapes_pairs(str(trees / "cityscapes"), 2, str(trees))
+    counts, scores = bench.kd_ref_cityscapes_scores(pairs)
+    official_counts, official_miou = bench.official_cityscapes_scores(pairs)
+    assert counts.sum() > 0 and (counts.diagonal().sum() < counts.sum()), "the shifted predictions have errors"
+    assert counts.tolist() == official_counts.tolist() and scores["mIoU"] == pytest.approx(official_miou, rel=1e-12)
+    assert evaluation.args.evalInstLevelScore is False

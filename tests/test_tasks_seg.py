@@ -1,0 +1,28 @@
+import dataclasses
+
+import pytest
+import torch
+
+from kd_ref import configs, engine, tasks
+
+TASK = tasks.SegTask()
+RECIPE = dataclasses.replace(configs.Recipe(task="seg"), num_classes=3, data="synthetic")
+
+
+def test_seg_eval_counts_upsampled_argmax_against_the_labels():
+    state = TASK.new_eval_state(RECIPE)
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[0, 1] = 1.0                                           # class 1 everywhere
+    target = torch.tensor([[[1, 1, 0, 0], [2, 255, 1, 1]]], dtype=torch.uint8)
+    TASK.update_eval_state(state, {"logits": logits}, {"targets": target, "names": ["a.png"]}, None)
+    assert state["cm"].tolist() == [[0, 2, 0], [0, 4, 0], [0, 1, 0]]
+    assert TASK.finish_eval_state(state, engine.Runtime(torch.device("cpu")))["IoU"][1] == pytest.approx(100 * 4 / 7)
+
+
+def test_seg_eval_names_the_images_whose_labels_the_model_cannot_predict():
+    state = TASK.new_eval_state(RECIPE)
+    target = torch.tensor([[[0, 7], [255, 1]]], dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"--data synthetic: city/b.png has labels the model cannot predict "
+                                         r"\(confusion_matrix: values \[7\] outside \[0, 3\).*\): the model predicts 3 "):
+        TASK.update_eval_state(state, {"logits": torch.zeros(1, 3, 2, 2)}, {"targets": target, "names": ["city/b.png"]},
+                               None)
