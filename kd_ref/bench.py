@@ -5,6 +5,7 @@
                                 [--size H W] [--batch-size N] [--rounds N] [--device cuda] [--amp]
     python -m kd_ref.bench pairwise [--nodes 1024 4096 16384 65536] [--channels 128 512] [--device cuda]
     python -m kd_ref.bench flops --preset NAME [NAME ...] [--peak-tflops 125] [--utilisation 0.25]
+    python -m kd_ref.bench evaluation [--seg-root DIR] [--coco-root DIR] [--rounds N]
     python -m kd_ref.bench data [--task seg|det|cls] [--root DIR] [--rounds N] [--gpu-images-per-second N]
 
 ``effect`` trains one teacher per seed on the synthetic data (the preset's teacher recipe), then the
@@ -33,6 +34,10 @@ the relative difference of the loss and of its gradient. Dense sizes whose estim
 torch.utils.flop_counter on fake tensors (no compute, no weights), multiplies by the run's iterations
 (epochs from the reference training-set sizes) and converts to GPU-hours at a stated sustained
 throughput; it prints the formula. Detection steps size tensors by their values and are not counted.
+``evaluation`` scores the same files with our evaluation and with the official evaluators (cityscapesscripts
+for mIoU, when installed; pycocotools COCOeval alone on the results our evaluation writes), interleaved, and
+says whether the results are identical; by default on exported trees of the real resolution.
+
 ``data`` measures images/s of one worker thread on the same files for each task's real-data recipe
 (seg: the Cityscapes default preset, det: the COCO one, cls: ImageNet): our training sample (decode +
 augmentation, as the task builds it), our evaluation sample (decode + evaluation transform), decode alone
@@ -862,6 +867,18 @@ def evaluation_rates(seg_root: str | None = None, coco_root: str | None = None, 
     return rates
 
 
+def evaluation(seg_root: str | None, coco_root: str | None, rounds: int = 3) -> dict:
+    """The ``evaluation`` subcommand: :func:`evaluation_rates` on the given trees; without either root, on an
+    exported Cityscapes tree of 8 val images at 1024x2048 and a COCO tree of 100 val images at 480x640."""
+    if seg_root is not None or coco_root is not None:
+        return evaluation_rates(seg_root, coco_root, rounds=rounds)
+    with tempfile.TemporaryDirectory(prefix="kd_ref_bench_evaluation_") as scratch:
+        seg_root, coco_root = os.path.join(scratch, "cityscapes"), os.path.join(scratch, "coco")
+        datasets.export("cityscapes", seg_root, num_train=1, num_val=8, size=(1024, 2048))
+        datasets.export("coco", coco_root, num_train=1, num_val=100, size=(480, 640))
+        return evaluation_rates(seg_root, coco_root, rounds=rounds)
+
+
 def _print_rates(title: str, rates: dict, ours: str, official: str, identical) -> None:
     rows = [[ours, f"{rates[ours]:.1f}", f"{rates[ours] / rates[official]:.2f}" if official in rates else "-"]]
     if official in rates:
@@ -1060,6 +1077,11 @@ def main(argv=None) -> None:
                                  help="skip dense sizes estimated above this (default: half the available memory)")
     pairwise_parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
 
+    evaluation_parser = commands.add_parser("evaluation", help="our evaluation next to the official evaluators'")
+    evaluation_parser.add_argument("--seg-root", default=None, help="a Cityscapes tree (its val split)")
+    evaluation_parser.add_argument("--coco-root", default=None, help="a COCO tree (its val2017 split)")
+    evaluation_parser.add_argument("--rounds", type=int, default=3)
+
     flops_parser = commands.add_parser("flops", help="FLOPs and GPU-hours of a preset's training run")
     flops_parser.add_argument("--preset", nargs="+", required=True, metavar="NAME")
     flops_parser.add_argument("--peak-tflops", type=float, default=V100_FP16_PEAK_TFLOPS,
@@ -1096,6 +1118,11 @@ def main(argv=None) -> None:
         overrides = {**{k: v for k, v in flags.items() if v is not None}, **configs.parse_overrides(args.overrides)}
         cost(args.tasks, args.methods, overrides, tuple(args.size) if args.size else None, args.device, args.amp,
              args.warmup, args.rounds)
+    elif args.command == "evaluation":
+        try:
+            evaluation(args.seg_root, args.coco_root, args.rounds)
+        except (ValueError, OSError) as err:  # a tree that is missing or not of its layout
+            parser.error(str(err))
     elif args.command == "flops":
         flops(args.preset, args.peak_tflops, args.utilisation, configs.parse_overrides(args.overrides))
     else:

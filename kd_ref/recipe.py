@@ -107,7 +107,8 @@ def resumed_recipe(stored: dict, recipe: Recipe) -> tuple:
     reproduces the behaviour of the code that wrote it, even where a preset now sets it otherwise (e.g. the
     mmdet rows' ``group_by_aspect``)."""
     reset = {spec.name: _field_default(spec.name) for spec in dataclasses.fields(Recipe)
-             if spec.name not in stored and getattr(recipe, spec.name) != _field_default(spec.name)}
+             if spec.name not in stored and spec.name not in DOCUMENTATION_FIELDS
+             and getattr(recipe, spec.name) != _field_default(spec.name)}
     return dataclasses.replace(recipe, **reset), sorted(reset)
 
 

@@ -41,3 +41,12 @@ def test_kd_ref_scores_of_prediction_files_equal_the_official_evaluation(trees):
     assert counts.sum() > 0 and (counts.diagonal().sum() < counts.sum()), "the shifted predictions have errors"
     assert counts.tolist() == official_counts.tolist() and scores["mIoU"] == pytest.approx(official_miou, rel=1e-12)
     assert evaluation.args.evalInstLevelScore is False
+
+
+def test_evaluation_command_scores_the_given_trees_and_names_a_missing_one(trees, capsys):
+    bench.main(["evaluation", "--coco-root", str(trees / "coco"), "--rounds", "1"])
+    printed = capsys.readouterr().out
+    assert "| kd_ref COCO AP |" in printed and "identical results: yes" in printed
+    with pytest.raises(SystemExit):
+        bench.main(["evaluation", "--seg-root", str(trees / "absent"), "--rounds", "1"])
+    assert str(trees / "absent") in capsys.readouterr().err
