@@ -701,7 +701,7 @@ def flops(presets: list, peak_tflops: float = V100_FP16_PEAK_TFLOPS, utilisation
         check_countable(recipe)
     rows = []
     for name, recipe in recipes.items():
-        parts = iteration_flops(recipe)
+        parts = iteration_flops(reference_schedule(recipe))  # method options in epochs resolved too
         per_iteration = sum(parts.values())
         iterations = training_iterations(recipe)
         total = (per_iteration - parts.get("step hook", 0)) * iterations

@@ -156,3 +156,11 @@ def test_data_cli_wants_the_task_of_a_given_tree(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["data", "--task", "seg", "--root", str(tmp_path / "absent")])
     assert f"Cityscapes root {tmp_path / 'absent'}: no such directory" in capsys.readouterr().err
+
+
+def test_flops_resolves_method_options_counted_in_epochs(capsys):
+    """SoKD's CIFAR search length is search_epochs; the distiller is built from the resolved recipe."""
+    row, = bench.flops(["sokd_resnet8x4_cifar100"])
+    assert row["iterations"] == 240 * (50_000 // 64)
+    search = row["parts"]["step hook"]
+    assert row["total"] == (row["per_iteration"] - search) * row["iterations"] + search * 50 * (50_000 // 64)
