@@ -1036,7 +1036,8 @@ def export(format: str, out: str, num_train: int = 20, num_val: int = 10, size: 
            seed: int = 0, style: str = "standard") -> str:
     """Write SyntheticScenes (splits ``train`` and ``val``) to ``out`` in a real data set's layout:
     cityscapes (labelIds PNGs), voc (VOC2007 + VOC2012 ``trainval`` = synthetic train, VOC2007 ``test`` = val),
-    coco (``train2017``/``val2017``), cifar100 (32x32 pickles of ``image_label``) or imagefolder.
+    coco (``train2017``/``val2017``; the instances of :class:`SyntheticInstances`), cifar100 (32x32 pickles of
+    ``image_label``) or imagefolder.
     Returns the ``train.py`` command that trains on the written tree (:func:`training_command`)."""
     if format not in EXPORTERS:
         raise ValueError(f"--format {format}: expected one of {sorted(EXPORTERS)}")
