@@ -850,18 +850,21 @@ def _export_voc(scenes: dict, out: str) -> None:
 
 
 def _export_coco(scenes: dict, out: str) -> None:
+    """The instances of :class:`SyntheticInstances` (visible masks of at least ``MIN_INSTANCE_AREA``
+    pixels), so that a model trained or scored on the written tree sees the built-in instance data."""
     from pycocotools import mask as mask_utils
 
     for split, data in scenes.items():
         # deliberately non-contiguous category ids, like COCO's own, so the label map is exercised
         categories = [{"id": 2 * k + 1, "name": name, "supercategory": "shape"}
                       for k, name in enumerate(data.object_classes)]
+        instances = SyntheticInstances(data)
         images, annotations = [], []
-        for index in range(len(data)):
-            sample, image_id = data[index], index + 1
+        for index in range(len(instances)):
+            sample, image_id = instances[index], index + 1
             file_name = f"{image_id:012d}.jpg"
             _save(sample["image"], os.path.join(out, f"{split}2017", file_name))
-            height, width = sample["semantic"].shape
+            height, width = sample["image"].shape[:2]
             images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
             for box, label, mask in zip(sample["boxes"], sample["labels"], sample["masks"]):
                 rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -1070,7 +1073,8 @@ def export(format: str, out: str, num_train: int = 20, num_val: int = 10, size: 
            seed: int = 0, style: str = "standard") -> str:
     """Write SyntheticScenes (splits ``train`` and ``val``) to ``out`` in a real data set's layout:
     cityscapes (labelIds PNGs), voc (VOC2007 + VOC2012 ``trainval`` = synthetic train, VOC2007 ``test`` = val),
-    coco (``train2017``/``val2017``), cifar100 (32x32 pickles of ``image_label``) or imagefolder.
+    coco (``train2017``/``val2017``; the instances of :class:`SyntheticInstances`), cifar100 (32x32 pickles of
+    ``image_label``) or imagefolder.
     Returns the ``train.py`` command that trains on the written tree (:func:`training_command`)."""
     if format not in EXPORTERS:
         raise ValueError(f"--format {format}: expected one of {sorted(EXPORTERS)}")
@@ -1139,10 +1143,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---------------------------------------------------------------------- instance segmentation (issue 16)
 MIN_INSTANCE_AREA = 16  # pixels: smaller visible fragments of a synthetic object are no instance
 
@@ -1191,3 +1191,7 @@ def coco_ground_truth(base, category_ids: list):
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+if __name__ == "__main__":
+    sys.exit(main())

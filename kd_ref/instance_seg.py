@@ -494,8 +494,8 @@ class MaskRCNN(detectors.FasterRCNN):
 # ----------------------------------------------------------------------------------------------------
 # Builder
 # ----------------------------------------------------------------------------------------------------
-# Synthetic scenes of 256 pixels (instance_seg.md §9): grids and scale ranges scaled to the small input.
-SYNTHETIC_SOLO = {"num_grids": (12, 10, 8, 6, 4), "scale_ranges": ((1, 48), (24, 96), (48, 192), (96, 384), (192, 2048))}
+# Synthetic scenes of 64 pixels (instance_seg.md §9 at a quarter of its 256): §9's grids, its scale ranges / 4.
+SYNTHETIC_SOLO = {"num_grids": (12, 10, 8, 6, 4), "scale_ranges": ((1, 12), (6, 24), (12, 48), (24, 96), (48, 512))}
 # name -> (architecture, depth, SOLO head options)
 INSTANCE_MODELS = {
     **{f"solo_r{depth}": ("solo", depth, {}) for depth in (18, 34, 50, 101)},

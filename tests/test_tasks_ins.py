@@ -141,3 +141,16 @@ def test_ins_presets_have_sources_and_baseline_twins():
     assert twin.method == "none" and twin.grad_clip is None and twin.student == "solo_r50"
     assert configs.default_preset("ins", "gdd", "synthetic") == "synthetic_ins_solo_gdd"
     assert configs.supported_methods("ins") == ["gdd", "none"]
+
+
+def test_synthetic_demo_teachers_are_the_students_architecture_trained_three_times_as_long():
+    for family in ("solo", "maskrcnn"):
+        student = configs.PRESETS[f"synthetic_ins_{family}_gdd"]
+        teacher = configs.teacher_recipe(student)
+        assert teacher == configs.PRESETS[f"synthetic_ins_{family}_teacher"] and teacher.student == student.teacher
+        assert (teacher.iters, teacher.lr_steps) == (3 * student.iters, (3 * student.lr_steps[0],))
+        assert teacher.method == "none" and teacher.teacher_preset is None
+        scenes = ("synthetic_size", "synthetic_style", "synthetic_train", "synthetic_val", "num_classes", "image_scale")
+        for other in (teacher, configs.PRESETS[f"synthetic_ins_{family}_none"]):
+            assert all(getattr(other, field) == getattr(configs.PRESETS["synthetic_ins_solo_none"], field)
+                       for field in scenes)
