@@ -2,21 +2,24 @@
 task it supports, and SoKD's search is the single-process search of the global batch.
 
 The construction makes one process over the whole batch the exact reference: BatchNorm in eval mode (the
-CPU has no SyncBatchNorm) and dropout off (its masks are drawn per process), GDD's noise a function of each sample (drawn identically however the batch is
-split), and per-process normalisers equal on both processes by construction:
+CPU has no SyncBatchNorm) and dropout off (its masks are drawn per process), GDD's noise a function of each
+sample (drawn identically however the batch is split), Faster R-CNN's samplers seeded per image by the
+data (``detectors.sampling_generators``), and per-process normalisers and statistics equal on both
+processes by construction:
 
-* detection: both processes see the same boxes (different images), so RetinaNet's number of positives and
-  GKD's mask sums are equal;
+* detection and instance segmentation: both processes see the same boxes (different images), so
+  RetinaNet's number of positives, GKD's mask sums and SOLO's positive cells are equal; Faster R-CNN
+  samples 16 RoIs per image, which every 32-pixel image fills, so its RoI losses average equal counts;
 * DIST: its intra-class relation is a correlation over the rows of one process's batch (as in the
-  reference, per GPU); the second process gets the first one's samples in reverse order, whose
-  correlations are the same, so the statistic of each half equals the whole batch's.
+  references, per GPU: hunto/DIST_KD's segmentation loss and hunto/MasKD's detection loss gather
+  nothing); the second process gets the first one's samples in reverse order, whose correlations are the
+  same, so the statistic of each half equals the whole batch's. On RetinaNet the class scores are first
+  spread (a fresh head's flat 0.01 prior gives centred norms of ~1e-4, next to which DIST's 1e-8 would
+  make the statistic depend on the number of rows per process);
+* depth: VNL's virtual-normal loss drops the easiest quarter of the triplets pooled over the process's
+  images (per GPU in the reference too), so depth also runs on mirrored halves.
 
 One spawned pair of processes runs every case; the parent runs the single-process reference.
-Not covered: Faster R-CNN (its RPN and RoI samplers draw random subsets per process, which no split of the
-batch reproduces; so ``kd`` on detection, which needs RoI logits, is covered on seg and cls only), and DIST
-on RetinaNet: DIST divides covariances by (centred norm product + 1e-8), and at a fresh head's flat 0.01
-prior the norms are ~1e-4, so the eps makes the statistic depend on the rows per process and the
-comparison differs by ~1e-4 from run to run.
 """
 import dataclasses
 import os
@@ -36,12 +39,23 @@ from kd_ref.gdd import GDDLoss
 ITERATIONS = 2  # a few steps: the second one starts from weights the first has changed
 SEG = dataclasses.replace(configs.PRESETS["synthetic_seg_none"], crop=(32, 32), synthetic_size=(32, 32),
                           synthetic_train=8, teacher="pspnet_r18")
-DET = dataclasses.replace(configs.PRESETS["synthetic_det_retinanet_none"], synthetic_size=(32, 32),
-                          image_scale=(32, 32), synthetic_train=16, grad_clip=None, warmup_iters=0)
+SMALL_DET = {"synthetic_size": (32, 32), "image_scale": (32, 32), "synthetic_train": 16, "grad_clip": None,
+             "warmup_iters": 0}
+DET = dataclasses.replace(configs.PRESETS["synthetic_det_retinanet_none"], **SMALL_DET)
+FRCNN = dataclasses.replace(configs.PRESETS["synthetic_det_frcnn_none"], **SMALL_DET, rcnn_rois_per_image=16)
+FCOS = dataclasses.replace(configs.PRESETS["synthetic_det_fcos_none"], **SMALL_DET, teacher="fcos_mv2_c64")
+SMALL_INS = {**SMALL_DET, "synthetic_size": (64, 64), "image_scale": (64, 64)}  # SOLO needs 2x2 cells at stride 32
+SOLO = dataclasses.replace(configs.PRESETS["synthetic_ins_solo_none"], **SMALL_INS, teacher="solo_synth_r18")
+MASK_RCNN = dataclasses.replace(configs.PRESETS["synthetic_ins_maskrcnn_none"], **SMALL_DET, rcnn_rois_per_image=16)
+DEPTH = dataclasses.replace(configs.PRESETS["synthetic_depth_none"], crop=(64, 64), synthetic_size=(64, 64),
+                            synthetic_train=8, teacher="depth_r18")
 CLS = dataclasses.replace(configs.PRESETS["synthetic_cls_none"], crop=(16, 16), synthetic_size=(48, 48),
                           synthetic_train=16, teacher="resnet8")
-RECIPES = {"seg": SEG, "det": DET, "cls": CLS,
-           "seg-tiny": dataclasses.replace(SEG, crop=(64, 64), synthetic_size=(64, 64))}
+RECIPES = {"seg": SEG, "det": DET, "det-frcnn": FRCNN, "det-fcos": FCOS, "ins-solo": SOLO, "ins-maskrcnn": MASK_RCNN,
+           "depth": DEPTH, "cls": CLS,
+           "seg-tiny": dataclasses.replace(SEG, crop=(64, 64), synthetic_size=(64, 64)),
+           # the discriminator reads the stride-4 log depth, which must be 64x64 or larger
+           "depth-discriminator": dataclasses.replace(DEPTH, crop=(256, 256), synthetic_size=(256, 256))}
 
 
 def _per_process(recipe) -> int:
@@ -49,8 +63,9 @@ def _per_process(recipe) -> int:
     compare); its rows are images for classification, so DIST runs 2 x 4 against 1 x 8 there."""
     return 4 if recipe.method == "dist" and recipe.task == "cls" else 2
 
-# (task, method, method_options, split): split "distinct" gives each process its own samples (the
-# detection one with the boxes of the other), "mirrored" the same samples in reverse order (DIST)
+# (recipe, method, method_options, split): split "distinct" gives each process its own samples (the
+# detection ones with the boxes of the other), "mirrored" the same samples in reverse order (DIST, depth)
+SOKD_FRCNN = {**configs.SOKD_DET_OPTIONS, "tap": "p4"}  # P4 of a 32-pixel image: 2x2 cells x 2 heat maps = k
 CASES = {
     "seg-none": ("seg", "none", {}, "distinct"),
     "seg-kd": ("seg", "kd", {"tau": 2.0}, "distinct"),
@@ -59,8 +74,26 @@ CASES = {
     "seg-skd": ("seg", "skd", {"preset": "cirkd", "use_ho": False}, "distinct"),
     "seg-skd-discriminator": ("seg-tiny", "skd", {"preset": "cirkd"}, "distinct"),
     "det-none": ("det", "none", {}, "distinct"),
+    "det-dist": ("det", "dist", {}, "mirrored"),
     "det-gdd": ("det", "gdd", {"alpha": 65.0, "tau": 4.0}, "distinct"),
     "det-gkd": ("det", "gkd", {"pgm_min_size": 8.0}, "distinct"),
+    "det-frcnn-none": ("det-frcnn", "none", {}, "distinct"),
+    "det-frcnn-kd": ("det-frcnn", "kd", {"tau": 4.0}, "distinct"),
+    "det-frcnn-dist": ("det-frcnn", "dist", {}, "mirrored"),
+    "det-frcnn-gdd": ("det-frcnn", "gdd", {"alpha": 4.0, "tau": 4.0}, "distinct"),
+    "det-frcnn-gkd": ("det-frcnn", "gkd", {"pgm_min_size": 8.0}, "distinct"),
+    "det-frcnn-sokd": ("det-frcnn", "sokd", SOKD_FRCNN, "distinct"),
+    "det-fcos-none": ("det-fcos", "none", {}, "distinct"),
+    "det-fcos-skd": ("det-fcos", "skd", {}, "distinct"),
+    "det-fcos-dist": ("det-fcos", "dist", {}, "mirrored"),
+    "det-fcos-gdd": ("det-fcos", "gdd", {"alpha": 65.0, "tau": 4.0}, "distinct"),
+    "ins-solo-none": ("ins-solo", "none", {}, "distinct"),
+    "ins-solo-gdd": ("ins-solo", "gdd", {"alpha": 200.0, "tau": 4.0}, "distinct"),
+    "ins-maskrcnn-none": ("ins-maskrcnn", "none", {}, "distinct"),
+    "ins-maskrcnn-gdd": ("ins-maskrcnn", "gdd", {"alpha": 4.0, "tau": 4.0}, "distinct"),
+    "depth-none": ("depth", "none", {}, "mirrored"),
+    "depth-skd": ("depth", "skd", {"use_ho": False}, "mirrored"),
+    "depth-skd-discriminator": ("depth-discriminator", "skd", {}, "mirrored"),
     "cls-none": ("cls", "none", {}, "distinct"),
     "cls-kd": ("cls", "kd", {"tau": 4.0}, "distinct"),
     "cls-dist": ("cls", "dist", {}, "mirrored"),
@@ -91,6 +124,12 @@ def _sample_noise(self, concept):
     return 0.5 * torch.tanh(concept.detach().mean(1, keepdim=True))
 
 
+def _spread_class_scores(retinanet):
+    """Class scores that vary over anchors and classes, as a trained head's do, instead of the flat prior."""
+    nn.init.normal_(retinanet.head.cls_out.weight, std=0.05)
+    nn.init.normal_(retinanet.head.cls_out.bias, std=1.0)
+
+
 def _freeze_batchnorm(*modules):
     """BatchNorm (and dropout, whose masks are drawn per process) in eval mode."""
     for module in modules:
@@ -109,7 +148,7 @@ def _samples(recipe, split: str, rank: int, world_size: int) -> list:
         halves = [drawn[:size], drawn[size:]]
         if split == "mirrored":
             halves[1] = drawn[size - 1::-1]
-        elif recipe.task == "det":
+        elif recipe.task in ("det", "ins"):
             halves[1] = [{**other, "target": own["target"]} for own, other in zip(drawn[:size], drawn[size:])]
         shard = halves[0] + halves[1] if world_size == 1 else halves[rank]
         batches.append(collate(shard))
@@ -127,6 +166,9 @@ def _build(case: str):
     else:
         student = configs.TASKS[recipe.task].build_model(recipe, recipe.student)
         teacher = configs.TASKS[recipe.task].build_model(recipe, recipe.teacher or recipe.student)
+    if case == "det-dist":
+        for model in (student, teacher):
+            _spread_class_scores(model)
     teacher.eval().requires_grad_(False)
     method = configs.METHODS[method_name]
     distiller = method.build(recipe, student, teacher) if method.build else None
@@ -162,13 +204,25 @@ def _train(case: str, runtime: engine.Runtime) -> dict:
     return weights
 
 
-def _sokd_search(runtime: engine.Runtime) -> dict:
-    """One unrolled SoKD search step on the first batch: the perturbation eps * v and the policy gradients."""
-    recipe = dataclasses.replace(CLS, method="sokd", method_options={"base": "kd", "w_feat": 10.0, "w_dam": 10.0},
+# SoKD searches: the unrolled one (CIFAR's) on classification, the first-order one (the COCO row's) on
+# Faster R-CNN, whose search objective re-runs the student's samplers and the teacher on the new RoIs
+SEARCHES = {
+    "unrolled": ("cls", {"base": "kd", "w_feat": 10.0, "w_dam": 10.0}),
+    "first_order": ("det-frcnn", SOKD_FRCNN),
+}
+
+
+def _sokd_search(search_mode: str, runtime: engine.Runtime) -> dict:
+    """One SoKD search step on the first batch: the perturbations eps * v (none for the first-order search)
+    and the policy gradients averaged over the processes."""
+    task_key, options = SEARCHES[search_mode]
+    base = RECIPES[task_key]
+    recipe = dataclasses.replace(base, method="sokd", method_options={**options, "search_mode": search_mode},
                                  batch_size=4)
     torch.manual_seed(0)
-    task = configs.TASKS["cls"]
-    student, teacher = task.build_model(recipe, recipe.student), task.build_model(recipe, recipe.teacher)
+    task = configs.TASKS[recipe.task]
+    student = task.build_model(recipe, recipe.student)
+    teacher = task.build_model(recipe, recipe.teacher or recipe.student)
     teacher.eval().requires_grad_(False)
     plugin = configs.METHODS["sokd"].build(recipe, student, teacher)
     student.train()
@@ -183,14 +237,14 @@ def _sokd_search(runtime: engine.Runtime) -> dict:
 
     search._shift_theta = recording_shift
     batch = _samples(recipe, "distinct", runtime.rank, runtime.world_size)[0]
-    objective = engine.search_objective(student, teacher, plugin, configs.METHODS["sokd"].bind["cls"], None)
+    objective = engine.search_objective(student, teacher, plugin, configs.METHODS["sokd"].bind[recipe.task], None)
     grads = search.policy_gradients(batch, objective)
     averaged = [g.clone() for g in grads]
     if runtime.world_size > 1:
         for g in averaged:
             dist.all_reduce(g)
             g /= runtime.world_size
-    return {"shift": shifts[0], "policy_gradients": averaged}
+    return {"shifts": shifts, "policy_gradients": averaged}
 
 
 def _run_all(runtime: engine.Runtime) -> dict:
@@ -200,7 +254,7 @@ def _run_all(runtime: engine.Runtime) -> dict:
         results = {case: _train(case, runtime) for case in CASES}
     finally:
         GDDLoss.sample_noise = real_noise
-    results["sokd-search"] = _sokd_search(runtime)
+    results.update({f"sokd-search-{mode}": _sokd_search(mode, runtime) for mode in SEARCHES})
     return results
 
 
@@ -250,11 +304,17 @@ def test_two_processes_train_as_one_over_the_global_batch(results, case):
     assert single[case]["student_moved"], "the student was trained"
 
 
-def test_sokd_search_direction_and_policy_gradients_are_the_global_batch_ones(results):
+@pytest.mark.parametrize("search_mode", sorted(SEARCHES))
+def test_sokd_search_direction_and_policy_gradients_are_the_global_batch_ones(results, search_mode):
     single, ranks = results
-    for rank, search in enumerate(ranks):
-        for index, (shift, expected) in enumerate(zip(search["sokd-search"]["shift"], single["sokd-search"]["shift"])):
-            _assert_close(shift, expected, f"rank {rank} eps * v[{index}]")
-        for index, (grad, expected) in enumerate(zip(search["sokd-search"]["policy_gradients"],
-                                                     single["sokd-search"]["policy_gradients"])):
-            _assert_close(grad, expected, f"rank {rank} policy gradient {index}")
+    expected = single[f"sokd-search-{search_mode}"]
+    assert len(expected["shifts"]) == (2 if search_mode == "unrolled" else 0), "the search took its own path"
+    assert any(g.abs().sum() > 0 for g in expected["policy_gradients"]), "the policy has a gradient"
+    for rank, ranked in enumerate(ranks):
+        search = ranked[f"sokd-search-{search_mode}"]
+        assert len(search["shifts"]) == len(expected["shifts"])
+        for step, (shift, expected_shift) in enumerate(zip(search["shifts"], expected["shifts"])):
+            for index, (actual, value) in enumerate(zip(shift, expected_shift)):
+                _assert_close(actual, value, f"rank {rank} shift {step} eps * v[{index}]")
+        for index, (grad, value) in enumerate(zip(search["policy_gradients"], expected["policy_gradients"])):
+            _assert_close(grad, value, f"rank {rank} {search_mode} policy gradient {index}")
