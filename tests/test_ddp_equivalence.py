@@ -58,7 +58,7 @@ MASK_RCNN = dataclasses.replace(configs.PRESETS["synthetic_ins_maskrcnn_none"], 
 # images (per GPU in VNL too), which no split of the batch reproduces
 DEPTH = dataclasses.replace(configs.PRESETS["synthetic_depth_none"], crop=(64, 64), synthetic_size=(64, 64),
                             synthetic_train=8, teacher="depth_r18",
-                            model_options={**configs.SYNTHETIC_DEPTH_MODEL, "lambda_vn": 0.0})
+                            model_options={**configs.PRESETS["synthetic_depth_none"].model_options, "lambda_vn": 0.0})
 CLS = dataclasses.replace(configs.PRESETS["synthetic_cls_none"], crop=(16, 16), synthetic_size=(48, 48),
                           synthetic_train=16, teacher="resnet8")
 RECIPES = {"seg": SEG, "det": DET, "det-frcnn": FRCNN, "det-fcos": FCOS, "ins-solo": SOLO, "ins-maskrcnn": MASK_RCNN,
@@ -77,7 +77,8 @@ def _per_process(recipe) -> int:
 
 # (recipe, method, method_options, split): split "distinct" gives each process its own samples (the
 # detection ones with the boxes of the other), "mirrored" the same samples in reverse order (DIST, Mask R-CNN)
-SOKD_FRCNN = {**configs.SOKD_DET_OPTIONS, "tap": "p4"}  # P4 of a 32-pixel image: 2x2 cells x 2 heat maps = k
+# the Faster R-CNN demo's SoKD (the COCO row's options) at P4: 2x2 cells of a 32-pixel image x 2 heat maps = k
+SOKD_FRCNN = {**configs.PRESETS["synthetic_det_frcnn_sokd"].method_options, "tap": "p4"}
 CASES = {
     "seg-none": ("seg", "none", {}, "distinct"),
     "seg-kd": ("seg", "kd", {"tau": 2.0}, "distinct"),
