@@ -16,7 +16,7 @@ the engine seeds it by (seed, epoch, index)) and their collates build the batche
     seg: {"images": (B,3,H,W), "targets": int64 (B,H,W) 255 = ignore, "names": [str]}
     det: {"images": (B,3,Hp,Wp) zero-padded to a multiple of 32, "image_sizes": [(h, w)],
           "targets": [{"boxes", "labels", "difficult", "image_id", "scale_factor", "orig_size", "size",
-                       "flipped" (, "masks")}]}
+                       "flipped" (, "masks"; "sampling_seed" in training)}]}
     cls: {"images": (B,3,H,W), "targets": int64 (B,)}
 
 CLI: ``python -m kd_ref.datasets export --format cityscapes|voc|coco|cifar100|imagefolder DIR``.
@@ -679,6 +679,8 @@ class DetectionSet(TaskSet):
                   "difficult": torch.as_tensor(sample["difficult"][keep]), "image_id": sample["image_id"], **meta}
         if masks is not None:
             target["masks"] = masks
+        if self.train:  # drawn last, so the augmentation draws are unchanged (detectors.sampling_generators)
+            target["sampling_seed"] = int(rng.integers(2 ** 63))
         return {"image": image, "target": target}
 
     @staticmethod

@@ -28,6 +28,9 @@ below is that library's (configs ``retinanet_r50_fpn.py`` / ``faster_rcnn_r50_fp
   ``clamp(floor(log2(√(wh)/56 + 1e-6)), 0, 3)`` of P2-P5, two shared fc-1024, softmax classifier with the
   background as the LAST class, class-specific deltas. CE averaged over RoIs; L1 of the positives' deltas
   summed and divided by the number of RoIs.
+* Both samplers draw uniform subsets as mmdet's ``RandomSampler``, from one generator per training image
+  seeded by its target's ``sampling_seed`` (``sampling_generators``), so the draws do not depend on the
+  DDP process or the batch an image is in.
 * Test: RetinaNet keeps, per level, the top 1000 (anchor, class) pairs with sigmoid score > 0.05
   (mmdet >= 2.18 post-processing); Faster R-CNN keeps (RoI, class) pairs with softmax score > 0.05. Then
   class-wise NMS 0.5 and the best 100 detections per image.
@@ -160,17 +163,31 @@ def assign_by_iou(boxes, gt_boxes, pos_iou, neg_iou, min_pos_iou, match_low_qual
     return assigned
 
 
-def _random_subset(indices, count):
+def _random_subset(indices, count, generator):
     if indices.numel() <= count:
         return indices
-    return indices[torch.randperm(indices.numel(), device=indices.device)[:count]]
+    return indices[torch.randperm(indices.numel(), generator=generator, device=indices.device)[:count]]
 
 
-def sample_indices(assigned, num_samples, pos_fraction):
-    """Random sampling: at most ``num_samples * pos_fraction`` positives, negatives fill up the rest."""
-    positives = _random_subset(torch.nonzero(assigned > 0).flatten(), int(num_samples * pos_fraction))
-    negatives = _random_subset(torch.nonzero(assigned == 0).flatten(), num_samples - positives.numel())
+def sample_indices(assigned, num_samples, pos_fraction, generator=None):
+    """mmdet's RandomSampler: a uniform subset of at most ``num_samples * pos_fraction`` positives, then of
+    negatives filling up the rest; drawn from ``generator`` (None: torch's global generator)."""
+    positives = _random_subset(torch.nonzero(assigned > 0).flatten(), int(num_samples * pos_fraction), generator)
+    negatives = _random_subset(torch.nonzero(assigned == 0).flatten(), num_samples - positives.numel(), generator)
     return positives, negatives
+
+
+def sampling_generators(targets, device):
+    """One generator per training image for the RPN and RoI samplers, seeded by the target's
+    ``sampling_seed`` (drawn by the data set from the sample's own augmentation generator). The draws then
+    depend on the image alone, not on the process or its position in a batch: N DDP processes sample
+    what one process over the global batch samples, and a resumed run what an uninterrupted one does.
+    A target without a seed draws from torch's global generator."""
+    generators = []
+    for target in targets:
+        seed = target.get("sampling_seed")
+        generators.append(None if seed is None else torch.Generator(device).manual_seed(int(seed)))
+    return generators
 
 
 def focal_loss(logits, targets, avg_factor, alpha=0.25, gamma=2.0):
@@ -505,9 +522,10 @@ class FasterRCNN(_FPNDetector):
         feat_sizes = [tuple(x.shape[-2:]) for x in levels]
         anchors = self.anchor_generator.grid(feat_sizes, images.device)
         if self.training and targets is not None:
-            losses = self.rpn_loss(rpn_cls, rpn_reg, anchors, feat_sizes, targets, image_sizes)
+            generators = sampling_generators(targets, images.device)
+            losses = self.rpn_loss(rpn_cls, rpn_reg, anchors, feat_sizes, targets, image_sizes, generators)
             proposals = self.proposals(rpn_cls, rpn_reg, anchors, image_sizes, *self.rpn_train)
-            sampled, labels, deltas = self.sample_rois(proposals, targets)
+            sampled, labels, deltas = self.sample_rois(proposals, targets, generators)
             roi_feats = self.roi_features(feats, sampled)
             cls_logits, bbox_preds = self.box_head(roi_feats)
             losses.update(self.rcnn_loss(cls_logits, bbox_preds, labels, deltas))
@@ -522,19 +540,20 @@ class FasterRCNN(_FPNDetector):
             out["roi_cls_logits"], out["roi_bbox_preds"] = self.box_head(out["roi_feats"])
         return out
 
-    def rpn_loss(self, rpn_cls, rpn_reg, anchors, feat_sizes, targets, image_sizes):
+    def rpn_loss(self, rpn_cls, rpn_reg, anchors, feat_sizes, targets, image_sizes, generators):
+        """RPN losses; ``generators`` (one per image, :func:`sampling_generators`) draw the anchor sample."""
         flat_cls = flatten_levels(rpn_cls, 1)
         flat_reg = flatten_levels(rpn_reg, 4)
         all_anchors = torch.cat(anchors)
         logits, labels, reg_terms, reg_targets = [], [], [], []
         avg_factor = 0
-        for i, (target, size) in enumerate(zip(targets, image_sizes)):
+        for i, (target, size, generator) in enumerate(zip(targets, image_sizes, generators)):
             gt_boxes = target["boxes"].to(all_anchors)
             valid = self.anchor_generator.valid_flags(feat_sizes, size, all_anchors.device)
             assigned = torch.full_like(valid, -1, dtype=torch.long)
             assigned[valid] = assign_by_iou(all_anchors[valid], gt_boxes, pos_iou=0.7, neg_iou=0.3,
                                             min_pos_iou=0.3, match_low_quality=True)
-            pos, neg = sample_indices(assigned, 256, 0.5)
+            pos, neg = sample_indices(assigned, 256, 0.5, generator)
             logits.append(flat_cls[i, torch.cat([pos, neg]), 0])
             labels.append(torch.cat([torch.ones_like(pos), torch.zeros_like(neg)]).to(all_anchors))
             reg_terms.append(flat_reg[i][pos])
@@ -565,16 +584,17 @@ class FasterRCNN(_FPNDetector):
         return result
 
     @torch.no_grad()
-    def sample_rois(self, proposals, targets):
-        """GT-augmented proposals -> sampled ``rois`` (R, 5), ``labels`` (R,) (bg = K), ``deltas`` (R, 4)."""
+    def sample_rois(self, proposals, targets, generators):
+        """GT-augmented proposals -> sampled ``rois`` (R, 5), ``labels`` (R,) (bg = K), ``deltas`` (R, 4);
+        ``generators`` as in :meth:`rpn_loss`, which has drawn from them first."""
         rois, labels, deltas = [], [], []
-        for i, (props, target) in enumerate(zip(proposals, targets)):
+        for i, (props, target, generator) in enumerate(zip(proposals, targets, generators)):
             gt_boxes, gt_labels = target["boxes"].to(props), target["labels"].to(props.device)
             candidates = torch.cat([gt_boxes, props])
             own_gt = torch.arange(1, gt_boxes.shape[0] + 1, device=props.device)
             assigned = torch.cat([own_gt, assign_by_iou(props, gt_boxes, pos_iou=0.5, neg_iou=0.5,
                                                         min_pos_iou=0.5, match_low_quality=False)])
-            pos, neg = sample_indices(assigned, self.num_rois, self.pos_fraction)
+            pos, neg = sample_indices(assigned, self.num_rois, self.pos_fraction, generator)
             picked = candidates[torch.cat([pos, neg])]
             rois.append(torch.cat([torch.full_like(picked[:, :1], i), picked], dim=1))
             matched = assigned[pos] - 1

@@ -297,6 +297,15 @@ def test_det_batches_pad_to_32_and_drop_difficult_in_training():
     assert sample["target"]["masks"].shape == (len(sample["target"]["boxes"]), 50, 70)
     full = D.DetectionSet(base, transform, train=False)[index]["target"]
     assert torch.equal(full["difficult"], torch.from_numpy(base[index]["difficult"]))
+    assert "sampling_seed" not in full
+    # training targets carry the samplers' seed, drawn from the sample's generator after its augmentation
+    flipping = D.DetectionSet(base, T.DetTransform((70, 50), flip_prob=0.5), train=True)
+    draws = [flipping.get(index, np.random.default_rng(seed)) for seed in (0, 0, 1)]
+    assert draws[0]["target"]["sampling_seed"] == draws[1]["target"]["sampling_seed"]
+    assert draws[0]["target"]["sampling_seed"] != draws[2]["target"]["sampling_seed"]
+    unseeded = T.DetTransform((70, 50), flip_prob=0.5)(base[index]["image"], base[index]["boxes"][~base[index][
+        "difficult"]], np.random.default_rng(0))
+    assert torch.equal(unseeded[0], draws[0]["image"]) and torch.equal(unseeded[1], draws[0]["target"]["boxes"])
     small = D.DetectionSet(base, T.DetTransform((40, 20), flip_prob=0.0))[0]
     batch = D.collate_det([sample, small])
     assert batch["images"].shape == (2, 3, 64, 96) and batch["image_sizes"] == [(50, 70), (20, 28)]

@@ -2,21 +2,31 @@
 task it supports, and SoKD's search is the single-process search of the global batch.
 
 The construction makes one process over the whole batch the exact reference: BatchNorm in eval mode (the
-CPU has no SyncBatchNorm) and dropout off (its masks are drawn per process), GDD's noise a function of each sample (drawn identically however the batch is
-split), and per-process normalisers equal on both processes by construction:
+CPU has no SyncBatchNorm) and dropout off (its masks are drawn per process), GDD's noise a function of each
+sample (drawn identically however the batch is split), Faster R-CNN's samplers seeded per image by the
+data (``detectors.sampling_generators``), and per-process normalisers and statistics equal on both
+processes by construction:
 
-* detection: both processes see the same boxes (different images), so RetinaNet's number of positives and
-  GKD's mask sums are equal;
+* detection and instance segmentation: both processes see the same boxes (different images), so
+  RetinaNet's number of positives, GKD's mask sums and SOLO's positive cells are equal; Faster R-CNN
+  samples 16 RoIs per image, which every 32-pixel image fills, so its RoI losses average equal counts;
 * DIST: its intra-class relation is a correlation over the rows of one process's batch (as in the
-  reference, per GPU); the second process gets the first one's samples in reverse order, whose
-  correlations are the same, so the statistic of each half equals the whole batch's.
+  references, per GPU: hunto/DIST_KD's segmentation loss and hunto/MasKD's detection loss gather
+  nothing); the second process gets the first one's samples in reverse order, whose correlations are the
+  same, so the statistic of each half equals the whole batch's. On one-stage detectors (RetinaNet, FCOS)
+  the class scores are first spread, as a trained head's are (a fresh head's flat 0.01 prior gives
+  centred norms of ~1e-4, next to which DIST's 1e-8 makes the statistic depend on the number of rows
+  per process), and even then the 1e-8 still matters on P5-P7, so their reference is ``SHARDED``;
+* Mask R-CNN: its mask loss averages over the positive RoIs of one process (per GPU in mmdet), whose
+  number depends on the images' proposals, so it runs on mirrored halves;
+* depth: VNL's virtual-normal term is off (it drops the easiest quarter of the triplets pooled over one
+  process's images, per GPU in VNL too, so no split reproduces it); the bin cross-entropy averages over
+  valid pixels, all of them here;
+* where a reference's objective is a per-GPU function that no split makes equal to the whole batch's
+  (``SHARDED``: SOLO's focal loss over positives + 1; DIST's 1e-8 on coarse levels with one position per
+  image), the single-process reference averages the objectives of the two shards.
 
 One spawned pair of processes runs every case; the parent runs the single-process reference.
-Not covered: Faster R-CNN (its RPN and RoI samplers draw random subsets per process, which no split of the
-batch reproduces; so ``kd`` on detection, which needs RoI logits, is covered on seg and cls only), and DIST
-on RetinaNet: DIST divides covariances by (centred norm product + 1e-8), and at a fresh head's flat 0.01
-prior the norms are ~1e-4, so the eps makes the statistic depend on the rows per process and the
-comparison differs by ~1e-4 from run to run.
 """
 import dataclasses
 import os
@@ -36,21 +46,39 @@ from kd_ref.gdd import GDDLoss
 ITERATIONS = 2  # a few steps: the second one starts from weights the first has changed
 SEG = dataclasses.replace(configs.PRESETS["synthetic_seg_none"], crop=(32, 32), synthetic_size=(32, 32),
                           synthetic_train=8, teacher="pspnet_r18")
-DET = dataclasses.replace(configs.PRESETS["synthetic_det_retinanet_none"], synthetic_size=(32, 32),
-                          image_scale=(32, 32), synthetic_train=16, grad_clip=None, warmup_iters=0)
+SMALL_DET = {"synthetic_size": (32, 32), "image_scale": (32, 32), "synthetic_train": 16, "grad_clip": None,
+             "warmup_iters": 0}
+DET = dataclasses.replace(configs.PRESETS["synthetic_det_retinanet_none"], **SMALL_DET)
+FRCNN = dataclasses.replace(configs.PRESETS["synthetic_det_frcnn_none"], **SMALL_DET, rcnn_rois_per_image=16)
+FCOS = dataclasses.replace(configs.PRESETS["synthetic_det_fcos_none"], **SMALL_DET, teacher="fcos_mv2_c64")
+SMALL_INS = {**SMALL_DET, "synthetic_size": (64, 64), "image_scale": (64, 64)}  # SOLO needs 2x2 cells at stride 32
+SOLO = dataclasses.replace(configs.PRESETS["synthetic_ins_solo_none"], **SMALL_INS, teacher="solo_synth_r18")
+MASK_RCNN = dataclasses.replace(configs.PRESETS["synthetic_ins_maskrcnn_none"], **SMALL_DET, rcnn_rois_per_image=16)
+# VNL's virtual-normal term is off: it drops the easiest quarter of the triplets pooled over one process's
+# images (per GPU in VNL too), which no split of the batch reproduces
+DEPTH = dataclasses.replace(configs.PRESETS["synthetic_depth_none"], crop=(64, 64), synthetic_size=(64, 64),
+                            synthetic_train=8, teacher="depth_r18",
+                            model_options={**configs.PRESETS["synthetic_depth_none"].model_options, "lambda_vn": 0.0})
 CLS = dataclasses.replace(configs.PRESETS["synthetic_cls_none"], crop=(16, 16), synthetic_size=(48, 48),
                           synthetic_train=16, teacher="resnet8")
-RECIPES = {"seg": SEG, "det": DET, "cls": CLS,
-           "seg-tiny": dataclasses.replace(SEG, crop=(64, 64), synthetic_size=(64, 64))}
+RECIPES = {"seg": SEG, "det": DET, "det-frcnn": FRCNN, "det-fcos": FCOS, "ins-solo": SOLO, "ins-maskrcnn": MASK_RCNN,
+           "depth": DEPTH, "cls": CLS,
+           "seg-tiny": dataclasses.replace(SEG, crop=(64, 64), synthetic_size=(64, 64)),
+           # the discriminator reads the stride-4 log depth, which must be 64x64 or larger
+           "depth-discriminator": dataclasses.replace(DEPTH, crop=(256, 256), synthetic_size=(256, 256))}
 
 
 def _per_process(recipe) -> int:
     """Samples per process: 2, but DIST correlates over rows and 2 rows correlate as +-1 (no gradient to
-    compare); its rows are images for classification, so DIST runs 2 x 4 against 1 x 8 there."""
-    return 4 if recipe.method == "dist" and recipe.task == "cls" else 2
+    compare, but for the 1e-8, whose effect depends on the rows per process); its rows are images for
+    classification and, on the P5-P7 maps of a 32-pixel image (one position each), for a one-stage
+    detector, so DIST runs 2 x 4 against 1 x 8 there."""
+    return 4 if recipe.method == "dist" and recipe.task in ("cls", "det") else 2
 
-# (task, method, method_options, split): split "distinct" gives each process its own samples (the
-# detection one with the boxes of the other), "mirrored" the same samples in reverse order (DIST)
+# (recipe, method, method_options, split): split "distinct" gives each process its own samples (the
+# detection ones with the boxes of the other), "mirrored" the same samples in reverse order (DIST, Mask R-CNN)
+# the Faster R-CNN demo's SoKD (the COCO row's options) at P4: 2x2 cells of a 32-pixel image x 2 heat maps = k
+SOKD_FRCNN = {**configs.PRESETS["synthetic_det_frcnn_sokd"].method_options, "tap": "p4"}
 CASES = {
     "seg-none": ("seg", "none", {}, "distinct"),
     "seg-kd": ("seg", "kd", {"tau": 2.0}, "distinct"),
@@ -59,8 +87,26 @@ CASES = {
     "seg-skd": ("seg", "skd", {"preset": "cirkd", "use_ho": False}, "distinct"),
     "seg-skd-discriminator": ("seg-tiny", "skd", {"preset": "cirkd"}, "distinct"),
     "det-none": ("det", "none", {}, "distinct"),
+    "det-dist": ("det", "dist", {}, "distinct"),
     "det-gdd": ("det", "gdd", {"alpha": 65.0, "tau": 4.0}, "distinct"),
     "det-gkd": ("det", "gkd", {"pgm_min_size": 8.0}, "distinct"),
+    "det-frcnn-none": ("det-frcnn", "none", {}, "distinct"),
+    "det-frcnn-kd": ("det-frcnn", "kd", {"tau": 4.0}, "distinct"),
+    "det-frcnn-dist": ("det-frcnn", "dist", {}, "mirrored"),
+    "det-frcnn-gdd": ("det-frcnn", "gdd", {"alpha": 4.0, "tau": 4.0}, "distinct"),
+    "det-frcnn-gkd": ("det-frcnn", "gkd", {"pgm_min_size": 8.0}, "distinct"),
+    "det-frcnn-sokd": ("det-frcnn", "sokd", SOKD_FRCNN, "distinct"),
+    "det-fcos-none": ("det-fcos", "none", {}, "distinct"),
+    "det-fcos-skd": ("det-fcos", "skd", {}, "distinct"),
+    "det-fcos-dist": ("det-fcos", "dist", {}, "distinct"),
+    "det-fcos-gdd": ("det-fcos", "gdd", {"alpha": 65.0, "tau": 4.0}, "distinct"),
+    "ins-solo-none": ("ins-solo", "none", {}, "distinct"),
+    "ins-solo-gdd": ("ins-solo", "gdd", {"alpha": 200.0, "tau": 4.0}, "distinct"),
+    "ins-maskrcnn-none": ("ins-maskrcnn", "none", {}, "mirrored"),
+    "ins-maskrcnn-gdd": ("ins-maskrcnn", "gdd", {"alpha": 4.0, "tau": 4.0}, "mirrored"),
+    "depth-none": ("depth", "none", {}, "distinct"),
+    "depth-skd": ("depth", "skd", {"use_ho": False}, "distinct"),
+    "depth-skd-discriminator": ("depth-discriminator", "skd", {}, "distinct"),
     "cls-none": ("cls", "none", {}, "distinct"),
     "cls-kd": ("cls", "kd", {"tau": 4.0}, "distinct"),
     "cls-dist": ("cls", "dist", {}, "mirrored"),
@@ -91,6 +137,33 @@ def _sample_noise(self, concept):
     return 0.5 * torch.tanh(concept.detach().mean(1, keepdim=True))
 
 
+SPREAD_SCORES = ("det-dist", "det-fcos-dist")  # DIST on one-stage detectors' sigmoid maps
+# Objectives that are per-process functions in the references too, and that no split of the batch makes
+# equal to one process's: the single-process reference averages the objectives of the two shards.
+SHARDED = {
+    # SOLO's focal loss divides by (positives + 1) per GPU (mmdet SOLOHead, WXinlong/SOLO): (S0 + S1) /
+    # (2P + 1) over the whole batch against the shards' mean (S0 + S1) / (2P + 2)
+    "ins-solo-none", "ins-solo-gdd",
+    # DIST's eps: P5-P7 of a 32-pixel image hold one position per image, whose scores a fresh network barely
+    # varies between images, so the 1e-8 next to their centred norms weighs differently on 4 and on 8 rows
+    "det-dist", "det-fcos-dist",
+}
+
+
+# Adam steps by g / (sqrt(v) + 1e-8): where the depth discriminator's gradient is ~1e-9 (tens of its
+# weights), the last bits of the gradient, which the batch's convolution algorithm sets, turn into steps
+# of up to the lr; plain SGD keeps the comparison at the gradients' precision
+SGD_DISCRIMINATOR = ("depth-skd-discriminator",)
+
+
+def _spread_class_scores(detector):
+    """Class scores that vary over positions and classes, as a trained head's do, instead of the flat prior
+    (RetinaNet's classifier is ``cls_out``, FCOS's ``cls_logits``)."""
+    classifier = detector.head.cls_out if hasattr(detector.head, "cls_out") else detector.head.cls_logits
+    nn.init.normal_(classifier.weight, std=1.0)
+    nn.init.normal_(classifier.bias, std=1.0)
+
+
 def _freeze_batchnorm(*modules):
     """BatchNorm (and dropout, whose masks are drawn per process) in eval mode."""
     for module in modules:
@@ -99,8 +172,9 @@ def _freeze_batchnorm(*modules):
                 layer.eval()
 
 
-def _samples(recipe, split: str, rank: int, world_size: int) -> list:
-    """Per-iteration batches of this process (the whole batch of both processes in one process)."""
+def _samples(recipe, split: str, rank: int, world_size: int, sharded: bool = False) -> list:
+    """Per iteration, the list of batches this process computes its objective on: its own shard; in one
+    process the whole batch of both, or with ``sharded`` the two shards, whose objectives it averages."""
     dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
     size = _per_process(recipe)
     batches = []
@@ -109,10 +183,12 @@ def _samples(recipe, split: str, rank: int, world_size: int) -> list:
         halves = [drawn[:size], drawn[size:]]
         if split == "mirrored":
             halves[1] = drawn[size - 1::-1]
-        elif recipe.task == "det":
+        elif recipe.task in ("det", "ins"):
             halves[1] = [{**other, "target": own["target"]} for own, other in zip(drawn[:size], drawn[size:])]
-        shard = halves[0] + halves[1] if world_size == 1 else halves[rank]
-        batches.append(collate(shard))
+        if world_size > 1:
+            batches.append([collate(halves[rank])])
+        else:
+            batches.append([collate(half) for half in halves] if sharded else [collate(halves[0] + halves[1])])
     return batches
 
 
@@ -127,6 +203,9 @@ def _build(case: str):
     else:
         student = configs.TASKS[recipe.task].build_model(recipe, recipe.student)
         teacher = configs.TASKS[recipe.task].build_model(recipe, recipe.teacher or recipe.student)
+    if case in SPREAD_SCORES:
+        for model in (student, teacher):
+            _spread_class_scores(model)
     teacher.eval().requires_grad_(False)
     method = configs.METHODS[method_name]
     distiller = method.build(recipe, student, teacher) if method.build else None
@@ -139,19 +218,25 @@ def _train(case: str, runtime: engine.Runtime) -> dict:
     recipe, split, student, teacher, distiller, bind = _build(case)
     initial = [p.detach().clone() for p in student.parameters()]
     optimizers = engine.build_optimizers(recipe, student, distiller)
+    if case in SGD_DISCRIMINATOR:
+        optimizers = dataclasses.replace(optimizers, extra=torch.optim.SGD(optimizers.extra_params, lr=10.0))
     model = student
     if runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(student)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    for iteration, batch in enumerate(_samples(recipe, split, runtime.rank, runtime.world_size)):
+    for iteration, batches in enumerate(_samples(recipe, split, runtime.rank, runtime.world_size, case in SHARDED)):
         model.train()
         _freeze_batchnorm(student, *([distiller] if distiller is not None else []))
-        losses, _, bound = engine.forward_losses(model, teacher, distiller, bind, batch)
-        extra = distiller.extra_losses(**bound) if optimizers.extra is not None else {}
-        engine.optimizer_step(optimizers.student, scaler, sum(losses.values()), iteration, "student",
+        loss, extra = 0.0, 0.0
+        for batch in batches:
+            losses, _, bound = engine.forward_losses(model, teacher, distiller, bind, batch)
+            loss = loss + sum(losses.values()) / len(batches)
+            if optimizers.extra is not None:
+                extra = extra + sum(distiller.extra_losses(**bound).values()) / len(batches)
+        engine.optimizer_step(optimizers.student, scaler, loss, iteration, "student",
                               lambda: engine._average_gradients(optimizers.distiller_params, runtime))
         if optimizers.extra is not None:
-            engine.optimizer_step(optimizers.extra, scaler, sum(extra.values()), iteration, "extra",
+            engine.optimizer_step(optimizers.extra, scaler, extra, iteration, "extra",
                                   lambda: engine._average_gradients(optimizers.extra_params, runtime))
     moved = any(not torch.equal(before, p) for before, p in zip(initial, student.parameters()))
     weights = {"student_moved": torch.tensor(moved)}
@@ -162,13 +247,25 @@ def _train(case: str, runtime: engine.Runtime) -> dict:
     return weights
 
 
-def _sokd_search(runtime: engine.Runtime) -> dict:
-    """One unrolled SoKD search step on the first batch: the perturbation eps * v and the policy gradients."""
-    recipe = dataclasses.replace(CLS, method="sokd", method_options={"base": "kd", "w_feat": 10.0, "w_dam": 10.0},
+# SoKD searches: the unrolled one (CIFAR's) on classification, the first-order one (the COCO row's) on
+# Faster R-CNN, whose search objective re-runs the student's samplers and the teacher on the new RoIs
+SEARCHES = {
+    "unrolled": ("cls", {"base": "kd", "w_feat": 10.0, "w_dam": 10.0}),
+    "first_order": ("det-frcnn", SOKD_FRCNN),
+}
+
+
+def _sokd_search(search_mode: str, runtime: engine.Runtime) -> dict:
+    """One SoKD search step on the first batch: the perturbations eps * v (none for the first-order search)
+    and the policy gradients averaged over the processes."""
+    task_key, options = SEARCHES[search_mode]
+    base = RECIPES[task_key]
+    recipe = dataclasses.replace(base, method="sokd", method_options={**options, "search_mode": search_mode},
                                  batch_size=4)
     torch.manual_seed(0)
-    task = configs.TASKS["cls"]
-    student, teacher = task.build_model(recipe, recipe.student), task.build_model(recipe, recipe.teacher)
+    task = configs.TASKS[recipe.task]
+    student = task.build_model(recipe, recipe.student)
+    teacher = task.build_model(recipe, recipe.teacher or recipe.student)
     teacher.eval().requires_grad_(False)
     plugin = configs.METHODS["sokd"].build(recipe, student, teacher)
     student.train()
@@ -182,15 +279,15 @@ def _sokd_search(runtime: engine.Runtime) -> dict:
         shift_theta(direction, scale)
 
     search._shift_theta = recording_shift
-    batch = _samples(recipe, "distinct", runtime.rank, runtime.world_size)[0]
-    objective = engine.search_objective(student, teacher, plugin, configs.METHODS["sokd"].bind["cls"], None)
+    batch, = _samples(recipe, "distinct", runtime.rank, runtime.world_size)[0]
+    objective = engine.search_objective(student, teacher, plugin, configs.METHODS["sokd"].bind[recipe.task], None)
     grads = search.policy_gradients(batch, objective)
     averaged = [g.clone() for g in grads]
     if runtime.world_size > 1:
         for g in averaged:
             dist.all_reduce(g)
             g /= runtime.world_size
-    return {"shift": shifts[0], "policy_gradients": averaged}
+    return {"shifts": shifts, "policy_gradients": averaged}
 
 
 def _run_all(runtime: engine.Runtime) -> dict:
@@ -200,7 +297,7 @@ def _run_all(runtime: engine.Runtime) -> dict:
         results = {case: _train(case, runtime) for case in CASES}
     finally:
         GDDLoss.sample_noise = real_noise
-    results["sokd-search"] = _sokd_search(runtime)
+    results.update({f"sokd-search-{mode}": _sokd_search(mode, runtime) for mode in SEARCHES})
     return results
 
 
@@ -236,8 +333,11 @@ def results(tmp_path_factory):
 
 
 def _assert_close(actual, expected, what: str) -> None:
-    # float reduction order only: sums over one batch and over two halves differ in the last bits
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: {m}")
+    # float reduction order only: sums over one batch and over two halves differ in the last bits, which two
+    # steps at lr 0.01-0.02 turn into up to ~1.5e-5 where gradients are large (RetinaNet's focal loss on
+    # spread scores, Mask R-CNN's mask head); a missing average or a per-process normaliser moves weights
+    # by a sizeable part of their update
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=3e-5, msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -250,11 +350,17 @@ def test_two_processes_train_as_one_over_the_global_batch(results, case):
     assert single[case]["student_moved"], "the student was trained"
 
 
-def test_sokd_search_direction_and_policy_gradients_are_the_global_batch_ones(results):
+@pytest.mark.parametrize("search_mode", sorted(SEARCHES))
+def test_sokd_search_direction_and_policy_gradients_are_the_global_batch_ones(results, search_mode):
     single, ranks = results
-    for rank, search in enumerate(ranks):
-        for index, (shift, expected) in enumerate(zip(search["sokd-search"]["shift"], single["sokd-search"]["shift"])):
-            _assert_close(shift, expected, f"rank {rank} eps * v[{index}]")
-        for index, (grad, expected) in enumerate(zip(search["sokd-search"]["policy_gradients"],
-                                                     single["sokd-search"]["policy_gradients"])):
-            _assert_close(grad, expected, f"rank {rank} policy gradient {index}")
+    expected = single[f"sokd-search-{search_mode}"]
+    assert len(expected["shifts"]) == (2 if search_mode == "unrolled" else 0), "the search took its own path"
+    assert any(g.abs().sum() > 0 for g in expected["policy_gradients"]), "the policy has a gradient"
+    for rank, ranked in enumerate(ranks):
+        search = ranked[f"sokd-search-{search_mode}"]
+        assert len(search["shifts"]) == len(expected["shifts"])
+        for step, (shift, expected_shift) in enumerate(zip(search["shifts"], expected["shifts"])):
+            for index, (actual, value) in enumerate(zip(shift, expected_shift)):
+                _assert_close(actual, value, f"rank {rank} shift {step} eps * v[{index}]")
+        for index, (grad, value) in enumerate(zip(search["policy_gradients"], expected["policy_gradients"])):
+            _assert_close(grad, value, f"rank {rank} {search_mode} policy gradient {index}")

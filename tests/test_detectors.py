@@ -6,6 +6,7 @@ import torch
 from kd_ref.detectors import (FPN, RCNN_STDS, SUPPORTED_DETECTORS, UNIT_STDS, AnchorGenerator, assign_by_iou,
                               base_anchors, build_detector, decode_boxes, encode_boxes, flatten_levels, focal_loss,
                               l1_loss, multilevel_roi_align, nms_detections, roi_levels, sample_indices,
+                              sampling_generators,
                               topk_above_threshold)
 
 IMAGE_SIZES = [(64, 96), (56, 80)]
@@ -124,6 +125,38 @@ def test_random_sampler_respects_counts():
     assert (assigned[pos] > 0).all() and (assigned[neg] == 0).all()
     pos, neg = sample_indices(torch.tensor([2, 0, 0, -1]), 16, 0.25)
     assert pos.tolist() == [0] and sorted(neg.tolist()) == [1, 2]
+
+
+def test_seeded_sampler_draws_uniform_subsets_that_depend_on_the_seed_alone():
+    assigned = torch.tensor([1] * 6 + [0] * 30)
+    draws = [sample_indices(assigned, 8, 0.25, torch.Generator().manual_seed(seed)) for seed in (3, 3, 4)]
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))  # the same seed, the same subset
+    assert not all(torch.equal(a, b) for a, b in zip(draws[0], draws[2]))
+    # uniform over the positives (mmdet RandomSampler): each is picked with probability 2/6
+    counts = torch.zeros(6)
+    for seed in range(1000):
+        counts[sample_indices(assigned, 8, 0.25, torch.Generator().manual_seed(seed))[0]] += 1
+    assert torch.allclose(counts / 1000, torch.full((6,), 2 / 6), atol=0.05)  # 3 standard deviations
+    unseeded = sampling_generators([{"boxes": torch.zeros(0, 4)}, {"sampling_seed": 5}], torch.device("cpu"))
+    assert unseeded[0] is None and unseeded[1].initial_seed() == 5
+
+
+def test_faster_rcnn_samples_an_image_alike_in_any_batch():
+    """Seeded per image, the RPN and RoI samples of an image do not depend on the batch it is in (what
+    makes N DDP processes sample as one process over the global batch)."""
+    torch.manual_seed(0)
+    model = build_detector("faster_rcnn_r18", num_classes=3, rcnn_rois_per_image=16).train()
+    images = torch.randn(2, 3, 64, 96)
+    targets = [{**target, "sampling_seed": seed} for target, seed in zip(_targets(), (11, 12))]
+    sizes = [(64, 96), (64, 96)]
+    pair = model(images, targets, sizes)
+    torch.manual_seed(1)  # the global generator plays no part
+    alone = model(images[1:], targets[1:], sizes[1:])
+    # the same boxes in the same order (up to the batch's float reduction order in the convolutions)
+    torch.testing.assert_close(pair["rois"][pair["rois"][:, 0] == 1, 1:], alone["rois"][:, 1:], rtol=0, atol=1e-3)
+    assert torch.equal(pair["roi_labels"][pair["rois"][:, 0] == 1], alone["roi_labels"])
+    reseeded = model(images[1:], [{**targets[1], "sampling_seed": 13}], sizes[1:])
+    assert not torch.allclose(reseeded["rois"], alone["rois"], atol=1e-3)
 
 
 def test_focal_and_l1_losses_hand_case():
