@@ -357,12 +357,12 @@ def test_extra_losses_takes_forward_inputs():
     assert set(losses) == {"loss_skd_d"} and torch.isfinite(losses["loss_skd_d"])
 
 
-def test_extra_losses_non_finite_raises():
+def test_extra_losses_pass_a_non_finite_value_on_to_the_engine():
+    """No read of its own: the engine checks the D loss with the student's (test_engine's non-finite tests)."""
     distiller = skd.SKDDistiller(K).train()
     x = _inputs(requires_grad=False)
     x["logits_s"][0, 0, 0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="SKD discriminator loss is not finite"):
-        distiller.extra_losses(**x)
+    assert torch.isnan(distiller.extra_losses(**x)["loss_skd_d"])
 
 
 def test_extra_optimizer_cirkd():
