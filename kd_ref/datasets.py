@@ -882,8 +882,8 @@ DEPTH_STREAM = 17   # the synthetic depth draws from its own generator, so every
 
 
 class SyntheticDepthScenes:
-    """Depth mode of :class:`SyntheticScenes`: a scene drawn with the cues of spec §7, so that depth can be
-    read from the image; ``dataset[i] -> {"image" uint8 HxWx3, "depth" float32 HxW metres (0 = hole), "name"}``.
+    """Depth mode of :class:`SyntheticScenes`: a scene drawn with the cues of depth_fcos.md §7, so that depth can
+    be read from the image; ``dataset[i] -> {"image" uint8 HxWx3, "depth" float32 HxW metres (0 = hole), "name"}``.
 
     Scene ``i`` draws from the generator of (seed, split, i) of ``scenes`` with one more word, ``DEPTH_STREAM``,
     and ``scenes`` lends only its size, split, seed, length and object knobs (``OBJECTS``, ``RADIUS``,
