@@ -1,4 +1,4 @@
-"""FCOS: golden cases (depth_fcos 1-2), points, decoding, head sizes, losses, inference and the synthetic demo presets."""
+"""FCOS: golden cases (depth_fcos 1-2), points, decoding, head sizes, losses, inference, synthetic demo presets."""
 import math
 import os
 
