@@ -356,7 +356,8 @@ def scene_digest(scene_set) -> str:
         for key in sorted(sample):
             value = sample[key]
             digest.update(key.encode())
-            digest.update(np.ascontiguousarray(value).tobytes() if isinstance(value, np.ndarray) else repr(value).encode())
+            data = np.ascontiguousarray(value).tobytes() if isinstance(value, np.ndarray) else repr(value).encode()
+            digest.update(data)
     return digest.hexdigest()[:16]
 
 
