@@ -923,31 +923,29 @@ NYU_LAYOUT = "rgb/<name>.png, depth/<name>.png (uint16 millimetres, 0 = invalid)
 DEPTH_STREAM = 17   # the synthetic depth draws from its own generator, so every other target stays as it was
 
 
-def synthetic_depth(scenes: SyntheticScenes, index: int, sample: dict) -> np.ndarray:
-    """Depth (float32 HxW metres, 0 = hole) of scene ``index`` (``sample`` = ``scenes[index]``).
-
-    The background is a tilted plane d(u, v) = a + b (u/W - 0.5) + c (0.5 - v/H), a in [3, 6] m, b in
-    [-1, 1], c in [1, 3] (farther towards the top, like a floor seen from above), clamped to [0.5, 10]; each
-    visible object stands on it: one depth, the plane's at the object's lowest visible row minus 0-0.5 m;
-    0-3 % of the pixels are holes. The image is the scene every task sees, so the cues are the vertical
-    position and the objects' foot points (the texture and perspective cues of a dedicated renderer are
-    not drawn: they would change the scenes, and the measured demos, of every other task)."""
-    rng = np.random.default_rng([scenes.seed, scenes._split_code, int(index), DEPTH_STREAM])
-    height, width = scenes.size
-    a, b, c = rng.uniform(3, 6), rng.uniform(-1, 1), rng.uniform(1, 3)
-    depth = np.clip(a + b * (scenes._xs / width - 0.5) + c * (0.5 - scenes._ys / height), 0.5, 10.0)
-    depth = np.broadcast_to(depth, (height, width)).astype(np.float32)
-    plane = depth.copy()
-    for mask in sample["masks"]:
-        bottom = np.flatnonzero(mask.any(1))[-1]
-        foot = plane[bottom][mask[bottom]].mean()
-        depth[mask] = max(foot - rng.uniform(0, 0.5), 0.5)
-    depth[rng.random((height, width)) < rng.uniform(0, 0.03)] = 0.0
-    return depth
-
-
 class SyntheticDepthScenes:
-    """Depth view of :class:`SyntheticScenes`: the same scenes with their :func:`synthetic_depth`."""
+    """Depth mode of :class:`SyntheticScenes`: a scene drawn with the cues of depth_fcos.md §7, so that depth can
+    be read from the image; ``dataset[i] -> {"image" uint8 HxWx3, "depth" float32 HxW metres (0 = hole), "name"}``.
+
+    Scene ``i`` draws from the generator of (seed, split, i) of ``scenes`` with one more word, ``DEPTH_STREAM``,
+    and ``scenes`` lends only its size, split, seed, length and object knobs (``OBJECTS``, ``RADIUS``,
+    ``object_classes``): the scenes of every other task are not touched. The cues, as a camera of focal
+    ``FOCAL_PER_WIDTH`` times the image width would see them:
+
+    * the background is a tilted plane d(u, v) = a + b (u/W - 0.5) + c (0.5 - v/H), a in [3, 6] m, b in [-1, 1],
+      c in [1, 3] (farther towards the top, a floor seen from above), clamped to [0.5, 10];
+    * the plane carries a checker board of ``CELL`` metres in its own coordinates, so a cell spans
+      ``CELL * focal / d`` pixels (finer far away), and it darkens into haze with depth;
+    * every object stands on the plane: one depth, the plane's at its foot point minus 0-0.5 m, a drawn radius
+      scaled by ``REFERENCE_DEPTH / depth`` (perspective), the same haze; objects are painted far to near
+      (z-buffer order), so occlusion agrees with depth;
+    * 0-3 % of the pixels are holes (depth 0), the invalid pixels of a real sensor.
+    """
+    FOCAL_PER_WIDTH = 0.625  # focal length over image width: 100 pixels at 160, 50 at 80 (the presets' focal)
+    CELL = 0.8               # metres: checker cell on the plane, 4-40 pixels at 80 wide
+    REFERENCE_DEPTH = 3.0    # metres: where an object is drawn at the radius SyntheticScenes would give it
+    HAZE_DISTANCE = 6.0      # metres: the object/plane colour keeps exp(-d / HAZE_DISTANCE) of itself
+    HAZE_COLOUR = np.array([200.0, 205.0, 215.0], np.float32)
 
     def __init__(self, scenes: SyntheticScenes):
         self.scenes = scenes
@@ -956,8 +954,67 @@ class SyntheticDepthScenes:
         return len(self.scenes)
 
     def __getitem__(self, index: int) -> dict:
-        sample = self.scenes[index]
-        return {"image": sample["image"], "depth": synthetic_depth(self.scenes, index, sample), "name": sample["name"]}
+        image, depth = self.render(index)
+        return {"image": image, "depth": depth, "name": f"{self.scenes.split}_{index:06d}.png"}
+
+    def render(self, index: int) -> tuple:
+        """(uint8 HxWx3 image, float32 HxW depth in metres with 0 = hole) of scene ``index``."""
+        scenes = self.scenes
+        if not 0 <= index < len(scenes):
+            raise IndexError(f"index {index} out of range for {len(scenes)} {scenes.split} scenes")
+        rng = np.random.default_rng([scenes.seed, scenes._split_code, int(index), DEPTH_STREAM])
+        height, width = scenes.size
+        xs, ys = scenes._xs, scenes._ys
+        a, b, c = rng.uniform(3, 6), rng.uniform(-1, 1), rng.uniform(1, 3)
+        plane = np.clip(a + b * (xs / width - 0.5) + c * (0.5 - ys / height), 0.5, 10.0).astype(np.float32)
+        plane = np.broadcast_to(plane, (height, width))
+        canvas = self._plane_texture(rng, plane)
+        depth = plane.copy()
+        objects = [self._place_object(rng, plane) for _ in range(int(rng.integers(scenes.OBJECTS[0],
+                                                                                  scenes.OBJECTS[1] + 1)))]
+        for object_depth, shape_args in sorted(objects, key=lambda item: -item[0]):
+            mask, albedo = self._object_paint(rng, *shape_args)
+            canvas[mask] = self._haze(albedo, object_depth)[mask]
+            depth[mask] = object_depth
+        canvas += rng.standard_normal(canvas.shape, dtype=np.float32) * rng.uniform(2, 8)
+        depth[rng.random((height, width)) < rng.uniform(0, 0.03)] = 0.0
+        return np.clip(canvas, 0, 255).astype(np.uint8), depth
+
+    def _haze(self, colour: np.ndarray, depth) -> np.ndarray:
+        kept = np.exp(-np.asarray(depth, np.float32) / self.HAZE_DISTANCE)[..., None]
+        return colour * kept + self.HAZE_COLOUR * (1 - kept)
+
+    def _plane_texture(self, rng, plane: np.ndarray) -> np.ndarray:
+        # a pixel (x, y) from the centre back-projects to (x d / f, y d / f) on the plane: a checker board of
+        # CELL metres there has cells of CELL f / d pixels
+        height, width = self.scenes.size
+        angle = rng.uniform(0, 2 * math.pi)
+        focal = self.FOCAL_PER_WIDTH * width
+        x, y = (self.scenes._xs - width / 2) * plane / focal, (self.scenes._ys - height / 2) * plane / focal
+        along, across = x * math.cos(angle) + y * math.sin(angle), y * math.cos(angle) - x * math.sin(angle)
+        checker = ((np.floor(along / self.CELL) + np.floor(across / self.CELL)) % 2)[..., None]
+        low, high = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+        return self._haze(low + checker * (high - low), plane)
+
+    def _place_object(self, rng, plane: np.ndarray) -> tuple:
+        """(depth, arguments of ``_object_paint``): a foot point on the plane, the object standing on it."""
+        scenes = self.scenes
+        height, width = scenes.size
+        foot_x, foot_y = int(rng.integers(0, width)), int(rng.integers(height // 4, height))
+        object_depth = float(max(plane[foot_y, foot_x] - rng.uniform(0, 0.5), 0.5))
+        radius = math.exp(rng.uniform(*np.log(scenes.RADIUS))) * min(height, width) * self.REFERENCE_DEPTH / object_depth
+        radius = max(radius, 2.0)
+        shape = scenes.object_classes[int(rng.integers(len(scenes.object_classes)))]
+        return object_depth, (shape, foot_x + 0.5, foot_y + 0.5 - radius, radius)
+
+    def _object_paint(self, rng, shape: str, cx: float, cy: float, radius: float) -> tuple:
+        """(mask HxW, albedo HxWx3) of one object centred at (cx, cy), with a random rotation and shading."""
+        angle = rng.uniform(0, 2 * math.pi)
+        dx, dy = self.scenes._xs - cx, self.scenes._ys - cy
+        u, v = dx * math.cos(angle) + dy * math.sin(angle), dy * math.cos(angle) - dx * math.sin(angle)
+        mask = SHAPES[shape](u, v, radius, rng.uniform(*SHAPE_PARAMETER.get(shape, (1, 1))))
+        shade = (u / radius)[..., None] * rng.uniform(-40, 40, 3).astype(np.float32)
+        return mask, rng.uniform(0, 255, 3).astype(np.float32) + shade
 
 
 def read_depth_png(path: str) -> np.ndarray:
@@ -1059,9 +1116,10 @@ def _export_nyu(scenes: dict, out: str) -> None:
     for split, data in scenes.items():
         names = []
         for index in range(len(data)):
-            sample, name = data[index], f"{split}_{index:06d}"
-            _save(sample["image"], os.path.join(out, "rgb", f"{name}.png"))
-            millimetres = np.round(synthetic_depth(data, index, sample) * 1000).astype(np.uint16)
+            image, depth = SyntheticDepthScenes(data).render(index)
+            name = f"{split}_{index:06d}"
+            _save(image, os.path.join(out, "rgb", f"{name}.png"))
+            millimetres = np.round(depth * 1000).astype(np.uint16)
             _save(millimetres, os.path.join(out, "depth", f"{name}.png"))
             names.append(name)
         with open(os.path.join(out, "train.txt" if split == "train" else "test.txt"), "w") as handle:

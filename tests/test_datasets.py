@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 import os
 import shlex
 
@@ -358,3 +359,100 @@ def test_a_scene_is_drawn_once_and_returned_as_a_fresh_dict():
     again, drawn = data[1], data.sample(1)
     assert all(np.array_equal(again[key], drawn[key]) for key in drawn if isinstance(drawn[key], np.ndarray))
     assert data._cached_bytes > 0 and again is not data[1]
+
+
+# ------------------------------------------------------------------------- synthetic depth mode
+# sha256 (first 16 hex digits) over sample(0..3) of each scene set, every key in sorted order, made with the
+# code of main at d56938b, before the depth mode existed: the seg/det/cls demos' measured figures rest on them
+SCENE_DIGESTS_BEFORE_THE_DEPTH_MODE = {("standard", (64, 80), 0): "d8f2d55bd66f893b",
+                                       ("easy", (128, 160), 0): "37819444a313a194",
+                                       ("easy", (128, 128), 1): "87a7072cd87409ec"}
+
+
+def scene_digest(scene_set) -> str:
+    digest = hashlib.sha256()
+    for index in range(len(scene_set)):
+        sample = scene_set.sample(index)
+        for key in sorted(sample):
+            value = sample[key]
+            digest.update(key.encode())
+            data = np.ascontiguousarray(value).tobytes() if isinstance(value, np.ndarray) else repr(value).encode()
+            digest.update(data)
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("style,size,seed", list(SCENE_DIGESTS_BEFORE_THE_DEPTH_MODE))
+def test_the_depth_mode_leaves_the_scenes_of_every_other_task_bit_identical(style, size, seed):
+    scene_set = D.SyntheticScenes("train", seed=seed, size=size, length=4, style=style)
+    D.SyntheticDepthScenes(scene_set)[1]    # rendering a depth scene draws nothing from the scene's generator
+    assert scene_digest(scene_set) == SCENE_DIGESTS_BEFORE_THE_DEPTH_MODE[(style, size, seed)]
+
+
+def depth_scenes(objects=(1, 3), radius=None, num_classes=8, length=4, seed=0):
+    scene_set = D.SyntheticScenes("train", seed=seed, size=SIZE, length=length, num_classes=num_classes, style="easy")
+    scene_set.OBJECTS = objects
+    if radius is not None:
+        scene_set.RADIUS = radius
+    return D.SyntheticDepthScenes(scene_set)
+
+
+def test_depth_scenes_are_deterministic_valid_and_not_the_other_tasks_images():
+    first, again = depth_scenes()[2], depth_scenes()[2]
+    assert np.array_equal(first["image"], again["image"]) and np.array_equal(first["depth"], again["depth"])
+    assert first["image"].shape == (*SIZE, 3) and first["image"].dtype == np.uint8
+    assert first["depth"].shape == SIZE and first["depth"].dtype == np.float32 and first["name"] == "train_000002.png"
+    assert not np.array_equal(first["depth"], depth_scenes(seed=1)[2]["depth"])
+    for index in range(4):
+        depth = depth_scenes()[index]["depth"]
+        valid = depth[depth > 0]
+        assert valid.min() >= 0.5 and valid.max() <= 10.0 and (depth == 0).mean() <= 0.03
+    with pytest.raises(IndexError, match="index 4 out of range for 4 train scenes"):
+        depth_scenes().render(4)
+
+
+def test_depth_background_is_a_floor_farther_towards_the_top_with_finer_texture():
+    for index in range(4):
+        scene = depth_scenes(objects=(0, 0))[index]
+        depth, grey = scene["depth"], scene["image"].astype(np.float64).mean(2)
+        rows = np.array([row[row > 0].mean() for row in depth])
+        assert rows[0] > rows[-1] + 0.5    # c >= 1 m over the height
+        # the checker's cells shrink with depth (CELL * focal / d pixels): more level changes per row far away
+        changes = (np.abs(np.diff(grey, axis=1)) > 12).sum(1)
+        top, bottom = changes[: SIZE[0] // 4].mean(), changes[-SIZE[0] // 4:].mean()
+        assert top > bottom, (index, top, bottom)
+
+
+def test_depth_objects_are_sized_by_perspective():
+    # one disc a scene, of one reference radius: drawn at radius * REFERENCE_DEPTH / depth pixels
+    measured = 0
+    for index in range(12):
+        depth = depth_scenes(objects=(1, 1), radius=(0.15, 0.15), num_classes=1, length=12)[index]["depth"]
+        values, counts = np.unique(depth[depth > 0], return_counts=True)
+        object_depth = values[np.argmax(counts)]                       # the disc's one depth
+        disc = depth == object_depth
+        rows, cols = np.flatnonzero(disc.any(1)), np.flatnonzero(disc.any(0))
+        if rows[0] > 0 and cols[0] > 0 and cols[-1] < SIZE[1] - 1:     # not cut by the image border
+            radius = 0.15 * min(SIZE) * D.SyntheticDepthScenes.REFERENCE_DEPTH / object_depth
+            assert disc.sum() / (math.pi * radius ** 2) == pytest.approx(1, abs=0.1), index
+            measured += 1
+    assert measured >= 3
+
+
+def test_depth_objects_occlude_in_depth_order(monkeypatch):
+    placed, painted = [], []
+    place, paint = D.SyntheticDepthScenes._place_object, D.SyntheticDepthScenes._object_paint
+    monkeypatch.setattr(D.SyntheticDepthScenes, "_place_object",
+                        lambda self, *args: placed.append(place(self, *args)) or placed[-1])
+    monkeypatch.setattr(D.SyntheticDepthScenes, "_object_paint",
+                        lambda self, *args: painted.append(paint(self, *args)) or painted[-1])
+    scene_set = depth_scenes(objects=(5, 6))
+    for index in range(3):
+        placed.clear(), painted.clear()
+        depth = scene_set[index]["depth"]
+        order = [object_depth for object_depth, _ in sorted(placed, key=lambda item: -item[0])]
+        covering = np.full(SIZE, np.inf)
+        for object_depth, (mask, _) in zip(order, painted):
+            covering[mask] = np.minimum(covering[mask], object_depth)
+        seen = np.isfinite(covering) & (depth > 0)
+        assert len(placed) >= 5 and seen.sum() > 100
+        np.testing.assert_allclose(depth[seen], covering[seen], rtol=1e-6)   # the nearest object is the one seen

@@ -1,11 +1,11 @@
-"""FCOS: golden cases (depth_fcos 1-2), points, decoding, head sizes, losses and inference."""
+"""FCOS: golden cases (depth_fcos 1-2), points, decoding, head sizes, losses, inference, synthetic demo presets."""
 import math
 import os
 
 import pytest
 import torch
 
-from kd_ref import detectors
+from kd_ref import configs, detectors
 from kd_ref.detectors import (build_detector, fcos_centerness_target, fcos_iou_loss, fcos_points, fcos_targets)
 from model_helpers import ReferenceFile, count_parameters, place_resnet_by_hand, put
 
@@ -331,3 +331,18 @@ def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(
     recipe = convert.recipe_for_file(configs.PRESETS["synthetic_det_fcos_teacher"], written["model"], "dst",
                                      written["layout"])
     assert recipe.normalization == "caffe2_bgr" and recipe.model_options["stride_in_1x1"]
+
+
+    with pytest.raises(ValueError, match="stride-in-1x1"):
+        convert.load_weights(target, {"rpn.head.cls_logits.weight": torch.zeros(1),
+                                      "backbone.body.stem.conv1.weight": torch.zeros(1)}, "fcos r50")
+
+
+# ------------------------------------------------------------------------------------ synthetic demo
+@pytest.mark.parametrize("method", ["none", "skd", "dist", "gdd"])
+def test_synthetic_fcos_demo_presets_check_and_train_their_teacher_first(method):
+    recipe = configs.PRESETS[f"synthetic_det_fcos_{method}"]
+    configs.check_recipe(recipe)
+    teacher = configs.PRESETS[recipe.teacher_preset]
+    configs.check_recipe(teacher)
+    assert teacher.student == recipe.teacher and teacher.teacher is None and teacher.iters > recipe.iters

@@ -24,18 +24,6 @@ def depth_teacher(tmp_path_factory):
     return str(out / "last.pt")
 
 
-def test_synthetic_depth_is_deterministic_valid_and_leaves_the_scene_unchanged():
-    scenes = datasets.SyntheticScenes("train", seed=3, size=(64, 80), length=2, style="easy")
-    sample = scenes[1]
-    first, second = datasets.synthetic_depth(scenes, 1, sample), datasets.synthetic_depth(scenes, 1, scenes[1])
-    assert np.array_equal(first, second) and first.shape == (64, 80) and first.dtype == np.float32
-    valid = first[first > 0]
-    assert valid.min() >= 0.5 and valid.max() <= 10.0 and (first == 0).mean() <= 0.03
-    for mask in sample["masks"]:                            # one depth per object, holes aside
-        assert len(np.unique(first[mask & (first > 0)])) == 1
-    assert np.array_equal(datasets.SyntheticDepthScenes(scenes)[1]["image"], sample["image"])
-
-
 @pytest.mark.parametrize("method", ["none", "skd"])
 def test_depth_trains_resumes_exactly_and_evaluates(tmp_path, monkeypatch, depth_teacher, method):
     flags = [*TINY_DEPTH, "--method", method, "--iters", "3", "--ckpt-every", "1"]
