@@ -141,7 +141,9 @@ def test_solo_losses_have_gradients_and_no_positives_give_zero_mask_loss():
     out = model(torch.randn(1, 3, 64, 64), synthetic_targets())
     assert set(out["losses"]) == {"loss_mask", "loss_cls"}
     sum(out["losses"].values()).backward()
-    assert model.head.conv_mask_list[0].weight.grad.abs().sum() > 0 and model.head.conv_cls.weight.grad.abs().sum() > 0
+    # the levels whose scale range holds an instance get mask gradients (SYNTHETIC_SOLO's ranges)
+    assert any(conv.weight.grad.abs().sum() > 0 for conv in model.head.conv_mask_list)
+    assert model.head.conv_cls.weight.grad.abs().sum() > 0
     empty = [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
               "masks": torch.zeros(0, 64, 64, dtype=torch.bool)}]
     losses = model(torch.randn(1, 3, 64, 64), empty)["losses"]
