@@ -72,8 +72,10 @@ register(PRESETS, "gdd_maskrcnn_r50_fpn_2x_coco", dataclasses.replace(
 # teacher and the student alone predict nearly the same masks and scores for every image: their FPN outputs
 # are a fixed spatial pattern (across images P3 varies by 0.15 of its spatial spread) and their category
 # logits vary across images by under 0.013, so they have learned a position prior, not the objects.
+SYNTHETIC_INS_MODEL = {"frozen_stages": -1, "norm_eval": False}
 SYNTHETIC_INS = Recipe(task="ins", data="synthetic", num_classes=3, synthetic_style="easy",
                        synthetic_size=(64, 64), image_scale=(64, 64), normalization="imagenet_rgb",
+                       model_options=SYNTHETIC_INS_MODEL,
                        rcnn_rois_per_image=128, batch_size=4, iters=300, lr=0.05, weight_decay=1e-4,
                        schedule="step", lr_steps=(250,), warmup_iters=50, grad_clip=35.0, eval_every=0,
                        ckpt_every=100, synthetic_val=50)
