@@ -505,16 +505,24 @@ INSTANCE_MODELS = {
 }
 
 
+# the backbone options a recipe's ``model_options`` may set; their defaults are mmdet's
+INSTANCE_OPTION_NAMES = ("frozen_stages", "norm_eval")
+
+
 def build_instance_model(name: str, num_classes: int, pretrained_backbone: str | None = None,
-                         rcnn_rois_per_image: int = 512):
-    """``name`` in INSTANCE_MODELS; ResNet stem + stage 1 frozen, BN in eval mode (mmdet)."""
+                         rcnn_rois_per_image: int = 512, frozen_stages: int = 1, norm_eval: bool = True):
+    """``name`` in INSTANCE_MODELS. By default the ResNet stem + stage 1 are frozen and every BN is in eval
+    mode (mmdet, for an ImageNet-initialised backbone); from scratch ``frozen_stages=-1, norm_eval=False``
+    trains them all, with batch statistics (a random frozen stem and BN at its initial statistics would not)."""
     if name not in INSTANCE_MODELS:
         raise ValueError(f"unknown instance segmentation model {name!r}; supported: {', '.join(INSTANCE_MODELS)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not isinstance(norm_eval, bool):
+        raise ValueError(f"norm_eval must be True or False, got {norm_eval!r}")
     arch, depth, options = INSTANCE_MODELS[name]
     backbone = build_backbone(depth, "torchvision", output_stride=32, pretrained=pretrained_backbone,
-                              frozen_stages=1, norm_eval=True)
+                              frozen_stages=frozen_stages, norm_eval=norm_eval)
     if arch == "solo":
         return SOLO(backbone, num_classes, **options)
     return MaskRCNN(backbone, num_classes, num_rois=rcnn_rois_per_image)

@@ -371,9 +371,16 @@ class InsTask(DetTask):
     models = instance_seg.INSTANCE_MODELS
     min_image_scale = 64  # SOLO's coarsest head level is at stride 32: at least 2x2 cells there
 
+    def check_recipe(self, recipe) -> None:
+        super().check_recipe(recipe)
+        unknown = sorted(set(recipe.model_options) - set(instance_seg.INSTANCE_OPTION_NAMES))
+        if unknown:
+            raise ValueError(f"model_options {unknown}: --task ins takes {list(instance_seg.INSTANCE_OPTION_NAMES)}")
+
     def build_model(self, recipe, name: str, pretrained: str | None = None):
         return instance_seg.build_instance_model(name, recipe.num_classes, pretrained_backbone=pretrained,
-                                                 rcnn_rois_per_image=recipe.rcnn_rois_per_image)
+                                                 rcnn_rois_per_image=recipe.rcnn_rois_per_image,
+                                                 **recipe.model_options)
 
     def new_eval_state(self, recipe) -> dict:
         if self.eval_base is None:

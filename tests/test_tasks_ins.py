@@ -1,6 +1,7 @@
 """InsTask (kd_ref/tasks.py): COCO mask AP equal to pycocotools on one results file, and train.py /
 evaluate.py end to end on synthetic instances and an exported COCO tree, with exact resume."""
 import contextlib
+import dataclasses
 import io
 import json
 
@@ -154,3 +155,35 @@ def test_synthetic_demo_teachers_are_the_students_architecture_trained_three_tim
         for other in (teacher, configs.PRESETS[f"synthetic_ins_{family}_none"]):
             assert all(getattr(other, field) == getattr(configs.PRESETS["synthetic_ins_solo_none"], field)
                        for field in scenes)
+
+
+def _batch_norms(model):
+    return [m for m in model.backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_synthetic_presets_train_the_whole_backbone_with_batch_statistics():
+    task = configs.TASKS["ins"]
+    for name in ("synthetic_ins_solo_none", "synthetic_ins_solo_teacher", "synthetic_ins_maskrcnn_gdd"):
+        recipe = configs.PRESETS[name]
+        assert recipe.model_options == {"frozen_stages": -1, "norm_eval": False}
+        model = task.build_model(recipe, recipe.student).train()
+        assert all(p.requires_grad for p in model.backbone.parameters())
+        assert all(bn.training for bn in _batch_norms(model))
+
+
+def test_instance_models_default_to_mmdet_frozen_stem_and_eval_batch_norms():
+    recipe = dataclasses.replace(configs.PRESETS["solo_r50_fpn_1x_coco"], student="solo_r18")
+    assert recipe.model_options == {} and configs.PRESETS["gdd_maskrcnn_r50_fpn_2x_coco"].model_options == {}
+    model = configs.TASKS["ins"].build_model(recipe, recipe.student).train()
+    backbone = model.backbone
+    assert not any(p.requires_grad for p in [*backbone.stem.parameters(), *backbone.layer1.parameters()])
+    assert all(p.requires_grad for p in backbone.layer2.parameters())
+    assert not any(bn.training for bn in _batch_norms(model)) and model.head.training
+
+
+def test_unknown_instance_model_option_is_refused():
+    recipe = configs.PRESETS["synthetic_ins_solo_none"]
+    with pytest.raises(ValueError, match=r"model_options \['frozen'\]: --task ins takes \['frozen_stages', 'norm_eval'\]"):
+        configs.check_recipe(dataclasses.replace(recipe, model_options={"frozen": 0}))
+    with pytest.raises(ValueError, match="norm_eval must be True or False, got 0"):
+        configs.TASKS["ins"].build_model(dataclasses.replace(recipe, model_options={"norm_eval": 0}), recipe.student)
