@@ -5,6 +5,7 @@
                                 [--size H W] [--batch-size N] [--rounds N] [--device cuda] [--amp]
     python -m kd_ref.bench pairwise [--nodes 1024 4096 16384 65536] [--channels 128 512] [--device cuda]
     python -m kd_ref.bench flops --preset NAME [NAME ...] [--peak-tflops 125] [--utilisation 0.25]
+    python -m kd_ref.bench constant-depth [--preset synthetic_depth_none]
     python -m kd_ref.bench evaluation [--seg-root DIR] [--coco-root DIR] [--rounds N]
     python -m kd_ref.bench data [--task seg|det|cls] [--root DIR] [--rounds N] [--gpu-images-per-second N]
 
@@ -34,6 +35,9 @@ the relative difference of the loss and of its gradient. Dense sizes whose estim
 torch.utils.flop_counter on fake tensors (no compute, no weights), multiplies by the run's iterations
 (epochs from the reference training-set sizes) and converts to GPU-hours at a stated sustained
 throughput; it prints the formula. Detection steps size tensors by their values and are not counted.
+``constant-depth`` scores the floor a synthetic depth demo must beat: the median training depth predicted
+everywhere on the validation scenes.
+
 ``evaluation`` scores the same files with our evaluation and with the official evaluators (cityscapesscripts
 for mIoU, when installed; pycocotools COCOeval alone on the results our evaluation writes), interleaved, and
 says whether the results are identical; by default on exported trees of the real resolution.
@@ -879,6 +883,34 @@ def evaluation(seg_root: str | None, coco_root: str | None, rounds: int = 3) -> 
         return evaluation_rates(seg_root, coco_root, rounds=rounds)
 
 
+def constant_depth(preset: str = "synthetic_depth_none") -> dict:
+    """The ``constant-depth`` subcommand: the floor a synthetic depth demo must beat. Predicts the median
+    depth of every valid training pixel everywhere on the validation scenes and scores it with the task's
+    pooled ``depth_metrics``; prints and returns ``{"median", <metric>: value}``."""
+    from kd_ref import depth
+    recipe = configs.PRESETS.get(preset)
+    if recipe is None or recipe.task != "depth" or recipe.data != "synthetic":
+        raise ValueError(f"--preset {preset}: expected a synthetic depth preset (e.g. synthetic_depth_none)")
+
+    def scenes(split: str, length: int):
+        return datasets.SyntheticDepthScenes(datasets.SyntheticScenes(
+            split, recipe.seed, recipe.synthetic_size, length, style=recipe.synthetic_style))
+
+    train, val = scenes("train", recipe.synthetic_train), scenes("val", recipe.synthetic_val)
+    train_depths = [train[index]["depth"] for index in range(len(train))]
+    median = float(np.median(np.concatenate([gt[gt > depth.INVALID_DEPTH] for gt in train_depths])))
+    sums = None
+    for index in range(len(val)):
+        gt = torch.from_numpy(val[index]["depth"])
+        sums = depth.merge_depth_metrics(sums, depth.depth_metrics(torch.full_like(gt, median), gt,
+                                                                   gt > depth.INVALID_DEPTH))
+    scores = {"median": median, **depth.finish_depth_metrics(sums)}
+    print(f"constant depth {median:.3f} m (median of the {len(train)} training scenes of {preset}) on its "
+          f"{len(val)} validation scenes: " + ", ".join(f"{name} {value:.3f}" for name, value in scores.items()
+                                                        if name != "median"))
+    return scores
+
+
 def _print_rates(title: str, rates: dict, ours: str, official: str, identical) -> None:
     rows = [[ours, f"{rates[ours]:.1f}", f"{rates[ours] / rates[official]:.2f}" if official in rates else "-"]]
     if official in rates:
@@ -1077,6 +1109,9 @@ def main(argv=None) -> None:
                                  help="skip dense sizes estimated above this (default: half the available memory)")
     pairwise_parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
 
+    constant_parser = commands.add_parser("constant-depth", help="the constant-depth floor of a synthetic depth demo")
+    constant_parser.add_argument("--preset", default="synthetic_depth_none")
+
     evaluation_parser = commands.add_parser("evaluation", help="our evaluation next to the official evaluators'")
     evaluation_parser.add_argument("--seg-root", default=None, help="a Cityscapes tree (its val split)")
     evaluation_parser.add_argument("--coco-root", default=None, help="a COCO tree (its val2017 split)")
@@ -1118,6 +1153,11 @@ def main(argv=None) -> None:
         overrides = {**{k: v for k, v in flags.items() if v is not None}, **configs.parse_overrides(args.overrides)}
         cost(args.tasks, args.methods, overrides, tuple(args.size) if args.size else None, args.device, args.amp,
              args.warmup, args.rounds)
+    elif args.command == "constant-depth":
+        try:
+            constant_depth(args.preset)
+        except ValueError as err:
+            parser.error(str(err))
     elif args.command == "evaluation":
         try:
             evaluation(args.seg_root, args.coco_root, args.rounds)

@@ -164,3 +164,22 @@ def test_flops_resolves_method_options_counted_in_epochs(capsys):
     assert row["iterations"] == 240 * (50_000 // 64)
     search = row["parts"]["step hook"]
     assert row["total"] == (row["per_iteration"] - search) * row["iterations"] + search * 50 * (50_000 // 64)
+
+
+def test_constant_depth_predicts_the_median_training_depth_everywhere(monkeypatch, capsys):
+    import dataclasses
+
+    import numpy as np
+
+    from kd_ref import datasets
+    recipe = dataclasses.replace(configs.PRESETS["synthetic_depth_none"], synthetic_train=3, synthetic_val=2)
+    monkeypatch.setitem(configs.PRESETS, "synthetic_depth_none", recipe)
+    scores = bench.constant_depth("synthetic_depth_none")
+    train = datasets.SyntheticDepthScenes(datasets.SyntheticScenes("train", recipe.seed, recipe.synthetic_size, 3,
+                                                                   style=recipe.synthetic_style))
+    depths = np.concatenate([train[i]["depth"][train[i]["depth"] > 0] for i in range(3)])
+    assert scores["median"] == pytest.approx(float(np.median(depths)))
+    assert scores["rel"] > 0 and 0 < scores["delta1"] < 1
+    assert "constant depth" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--preset synthetic_seg_gdd: expected a synthetic depth preset"):
+        bench.constant_depth("synthetic_seg_gdd")
