@@ -222,6 +222,7 @@ def _train(case: str, runtime: engine.Runtime) -> dict:
     optimizers = engine.build_optimizers(recipe, student, distiller)
     if case in SGD_DISCRIMINATOR:
         optimizers = dataclasses.replace(optimizers, extra=torch.optim.SGD(optimizers.extra_params, lr=1.0))
+    extra_initial = [p.detach().clone() for p in optimizers.extra_params] if optimizers.extra is not None else []
     model = student
     if runtime.world_size > 1:
         model = nn.parallel.DistributedDataParallel(student)
@@ -242,6 +243,9 @@ def _train(case: str, runtime: engine.Runtime) -> dict:
                                   lambda: engine._average_gradients(optimizers.extra_params, runtime))
     moved = any(not torch.equal(before, p) for before, p in zip(initial, student.parameters()))
     weights = {"student_moved": torch.tensor(moved)}
+    if extra_initial:  # how far the extra optimizer (SKD's discriminator) moved its parameters
+        weights["extra_change"] = max((p.detach() - before).abs().max() for before, p in
+                                      zip(extra_initial, optimizers.extra_params))
     weights.update({f"student.{k}": v.clone() for k, v in student.state_dict().items()})
     if distiller is not None:
         weights.update({f"distiller.{k}": v.clone() for k, v in distiller.state_dict().items()
@@ -350,6 +354,8 @@ def test_two_processes_train_as_one_over_the_global_batch(results, case):
         for name, value in single[case].items():
             _assert_close(weights[case][name], value, f"{case} rank {rank} {name}")
     assert single[case]["student_moved"], "the student was trained"
+    if case in SGD_DISCRIMINATOR:  # the comparison is meaningful only if the discriminator moved well past atol
+        assert single[case]["extra_change"] > 10 * 3e-5, single[case]["extra_change"]
 
 
 @pytest.mark.parametrize("search_mode", sorted(SEARCHES))
