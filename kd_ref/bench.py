@@ -725,11 +725,11 @@ def flops(presets: list, peak_tflops: float = V100_FP16_PEAK_TFLOPS, utilisation
 # ------------------------------------------------------------------------------------------- output
 # ---------------------------------------------------------------------------------- evaluation rates
 def _cityscapes_pairs(root: str, images: int, out: str) -> list:
-    """``(prediction, ground truth)`` labelIds PNG pairs of the first ``images`` labels of ``root``'s val split.
+    """``(prediction file, ground-truth file, prediction)`` of the first ``images`` labels of ``root``'s val split.
 
-    The predictions are the ground truth's train ids shifted 8 pixels to the right (ignored pixels become
-    road), written as labelIds in ``out``: a prediction that is mostly right, with errors along every edge,
-    in the format the official evaluator reads."""
+    The prediction is the ground truth's train ids shifted 8 pixels to the right (ignored pixels become road):
+    mostly right, with errors along every edge. It is kept in memory as train ids, as a model's argmax is, and
+    written as labelIds in ``out``, the format the official evaluator reads."""
     from PIL import Image
 
     labels = sorted(glob.glob(os.path.join(root, "gtFine", "val", "*", "*_gtFine_labelIds.png")))[:images]
@@ -739,23 +739,23 @@ def _cityscapes_pairs(root: str, images: int, out: str) -> list:
     train_to_label_id = np.array(datasets.CITYSCAPES_LABEL_IDS, np.uint8)
     pairs = []
     for label in labels:
-        shifted = np.roll(datasets.LABEL_ID_TO_TRAIN_ID[datasets.read_label(label)], 8, axis=1)
+        shifted = np.roll(datasets.read_cityscapes_train_ids(label), 8, axis=1)
+        shifted[shifted == datasets.IGNORE_INDEX] = 0
         prediction = os.path.join(out, os.path.basename(label).replace("_gtFine_labelIds", "_pred_labelIds"))
-        Image.fromarray(train_to_label_id[np.where(shifted == datasets.IGNORE_INDEX, 0, shifted)]).save(prediction)
-        pairs.append((prediction, label))
+        Image.fromarray(train_to_label_id[shifted]).save(prediction)
+        pairs.append((prediction, label, torch.from_numpy(shifted)))
     return pairs
 
 
 def kd_ref_cityscapes_scores(pairs: list) -> tuple:
-    """``(confusion matrix, scores)`` of labelIds PNG pairs by kd_ref's path: decode (``datasets.read_label``),
-    ``confusion_matrix`` with the data set's labelId -> train id map, ``segmentation_scores``."""
+    """``(confusion matrix, scores)`` by the path of ``evaluate.py --task seg``: the ground truth read as the
+    Cityscapes loader reads it (``datasets.read_cityscapes_train_ids``), ``confusion_matrix`` against the
+    prediction's train ids, ``segmentation_scores``."""
     num_classes = len(datasets.CITYSCAPES_CLASSES)
     counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    id_map = torch.from_numpy(datasets.LABEL_ID_TO_TRAIN_ID)
-    for prediction, label in pairs:
-        # read_label returns a read-only view of the decoded image; torch wants a writable array
-        pred, target = (torch.from_numpy(np.array(datasets.read_label(path))) for path in (prediction, label))
-        counts += confusion_matrix(pred, target, num_classes, datasets.IGNORE_INDEX, value_map=id_map)
+    for _, label, prediction in pairs:
+        target = torch.from_numpy(datasets.read_cityscapes_train_ids(label))
+        counts += confusion_matrix(prediction, target, num_classes, datasets.IGNORE_INDEX)
     return counts, segmentation_scores(counts)
 
 
@@ -767,7 +767,7 @@ def official_cityscapes_scores(pairs: list):
     except ImportError:
         return None
     official.args.quiet, official.args.JSONOutput, official.args.evalInstLevelScore = True, False, False
-    result = official.evaluateImgLists([p for p, _ in pairs], [g for _, g in pairs], official.args)
+    result = official.evaluateImgLists([p for p, _, _ in pairs], [g for _, g, _ in pairs], official.args)
     ids = list(datasets.CITYSCAPES_LABEL_IDS)
     return torch.tensor(result["confMatrix"], dtype=torch.int64)[ids][:, ids], result["averageScoreClasses"] * 100
 

@@ -22,28 +22,23 @@ import torch
 import torch.distributed as dist
 
 
-def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255,
-                     value_map: torch.Tensor | None = None) -> torch.Tensor:
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     """``num_classes x num_classes`` int64 counts, rows = ground truth, columns = prediction.
 
     ``pred`` and ``target`` are integer tensors of any equal shape (on any device); pixels whose target
-    equals ``ignore_index`` are dropped whatever their prediction. ``value_map`` (a 1-D integer tensor, e.g.
-    Cityscapes labelId -> train id) gives the same counts as ``confusion_matrix(value_map[pred],
-    value_map[target])`` without mapping every pixel: it maps the bins of the joint histogram.
+    equals ``ignore_index`` are dropped whatever their prediction.
 
     One joint histogram of ``target * side + pred`` over every value pair in ``[0, side)``, ``side`` covering
-    the classes and the ignore index (or the map's entries), counts each pixel once; the ignore row and the
+    the classes and the ignore index, counts each pixel once; the ignore row and the
     out-of-range bins are then read off the small histogram instead of masking the pixels (a boolean mask
     of a 1024x2048 label and the copies it makes cost several times the histogram). Values outside
     ``[0, side)`` (or a negative ``ignore_index``) take the general path, which masks ignored pixels first.
     """
     if pred.shape != target.shape:
         raise ValueError(f"confusion_matrix: pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    side = max(num_classes, ignore_index + 1) if value_map is None else len(value_map)
+    side = max(num_classes, ignore_index + 1)
     extremes = torch.stack([torch.stack(values.aminmax()).long() for values in (target, pred)]).tolist()
     if ignore_index < 0 or min(low for low, _ in extremes) < 0 or max(high for _, high in extremes) >= side:
-        if value_map is not None:
-            pred, target = (value_map.to(values.device)[values.long()] for values in (pred, target))
         return _masked_confusion_matrix(pred, target, num_classes, ignore_index)
     # int32 halves the memory traffic of the joint index (int64 only where side ** 2 does not fit), and the
     # in-place multiply-add spares a converted copy of pred and a temporary
@@ -52,20 +47,11 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     pred = pred.reshape(-1)
     joint_index.add_(pred if torch.can_cast(pred.dtype, index_dtype) else pred.to(index_dtype))
     joint = torch.bincount(joint_index, minlength=side * side).reshape(side, side)
-    if value_map is None:
-        joint[ignore_index] = 0
-        counts = joint[:num_classes, :num_classes]
-    else:
-        mapped = value_map.to(joint.device).long()
-        joint[mapped == ignore_index] = 0
-        in_range = (mapped >= 0) & (mapped < num_classes)
-        both_in_range = in_range[:, None] & in_range[None, :]
-        bins = (mapped[:, None] * num_classes + mapped[None, :])[both_in_range]
-        counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=joint.device).index_add_(
-            0, bins, joint[both_in_range]).reshape(num_classes, num_classes)
+    joint[ignore_index] = 0
+    counts = joint[:num_classes, :num_classes]
     total, counted = torch.stack([joint.sum(), counts.sum()]).tolist()
     if total != counted:
-        _raise_out_of_range(joint, num_classes, ignore_index, value_map)
+        _raise_out_of_range(joint, num_classes, ignore_index)
     return counts.contiguous()
 
 
@@ -84,10 +70,9 @@ def _masked_confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_class
     return counts.reshape(num_classes, num_classes)
 
 
-def _raise_out_of_range(joint: torch.Tensor, num_classes: int, ignore_index: int,
-                        value_map: torch.Tensor | None) -> None:
+def _raise_out_of_range(joint: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """The error for the values a (row-ignored) joint histogram counts outside ``[0, num_classes)``."""
-    values = torch.arange(len(joint), device=joint.device) if value_map is None else value_map.to(joint.device).long()
+    values = torch.arange(len(joint), device=joint.device)
     seen = torch.cat([values[joint.sum(1) > 0], values[joint.sum(0) > 0]])
     _raise_values(seen[(seen < 0) | (seen >= num_classes)], num_classes, ignore_index)
 

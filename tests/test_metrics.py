@@ -130,23 +130,6 @@ def test_confusion_matrix_joint_histogram_equals_masked_counting_on_every_path()
     assert torch.equal(confusion_matrix(pred, minus_one, num_classes=5, ignore_index=-1), expected)
 
 
-def test_confusion_matrix_value_map_maps_bins_as_mapping_every_pixel_would():
-    id_map = torch.full((40,), 255, dtype=torch.uint8)
-    id_map[[7, 8, 11, 26]] = torch.tensor([0, 1, 2, 3], dtype=torch.uint8)        # four labelIds, the rest ignored
-    rng = np.random.default_rng(2)
-    target = torch.from_numpy(rng.choice([0, 4, 7, 8, 11, 26], (30, 40)).astype(np.uint8))
-    pred = torch.from_numpy(rng.choice([7, 8, 11, 26], (30, 40)).astype(np.uint8))
-    mapped = confusion_matrix(id_map[pred.long()], id_map[target.long()], 4)
-    assert torch.equal(confusion_matrix(pred, target, 4, value_map=id_map), mapped)
-    assert mapped.sum() == (id_map[target.long()] != 255).sum()
-    unmapped_prediction = pred.clone()
-    unmapped_prediction[target == 7] = 4                                          # labelId 4 maps to 255
-    with pytest.raises(ValueError, match=r"values \[255\] outside \[0, 4\)"):
-        confusion_matrix(unmapped_prediction, target, 4, value_map=id_map)
-    with pytest.raises(ValueError, match=r"values \[255\] outside \[0, 4\)"):     # beyond the map: per-pixel path
-        confusion_matrix(torch.full((2,), 39), torch.tensor([7, 8]), 4, value_map=id_map)
-
-
 def test_coco_results_convert_whole_columns_to_the_per_box_form():
     detections = [{"boxes": torch.tensor([[1.5, 2.0, 11.25, 4.0], [0.0, 0.0, 3.0, 3.0]]),
                    "scores": torch.tensor([0.9, 0.25]), "labels": torch.tensor([1, 0])},
