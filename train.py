@@ -98,6 +98,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def flag_overrides(args: argparse.Namespace) -> dict:
+    """The recipe fields that the dedicated flags set (``--set``, ``--pretrained`` and ``--sokd-base`` aside)."""
+    overrides = {"method": args.method, "data": args.data, "student": args.student, "teacher": args.teacher,
+                 "student_init": args.student_init, "iters": args.iters, "batch_size": args.batch_size,
+                 "lr": args.lr, "crop": tuple(args.crop) if args.crop else None,
+                 "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed,
+                 "keep_best": args.keep_best or None}
+    return {name: value for name, value in overrides.items() if value is not None}
+
+
+def explicit_fields(args: argparse.Namespace) -> frozenset:
+    """Every recipe field this command line sets: a resumed run keeps them as given (engine.TrainingRun)."""
+    from kd_ref import recipe as recipe_module
+
+    names = set(flag_overrides(args)) | set(recipe_module.parse_overrides(args.overrides))
+    names |= {"pretrained"} if args.pretrained is not None else set()
+    return frozenset(names | ({"method_options"} if args.sokd_base is not None else set()))
+
+
 def build_recipe(args: argparse.Namespace) -> tuple:
     """The preset named (or implied) by the flags, with the explicit flags applied on top; every check
     that needs no file or data set is done here."""
@@ -120,12 +139,7 @@ def build_recipe(args: argparse.Namespace) -> tuple:
     if args.iters is not None and recipe.epochs is not None:
         raise ValueError(f"--iters {args.iters}: preset {name} counts epochs (epochs={recipe.epochs}, lr_steps "
                          f"{recipe.lr_steps} in epochs); pass --set epochs=N instead")
-    overrides = {"method": args.method, "data": args.data, "student": args.student, "teacher": args.teacher,
-                 "student_init": args.student_init, "iters": args.iters, "batch_size": args.batch_size,
-                 "lr": args.lr, "crop": tuple(args.crop) if args.crop else None,
-                 "eval_every": args.eval_every, "ckpt_every": args.ckpt_every, "seed": args.seed,
-                 "keep_best": args.keep_best or None}
-    recipe = dataclasses.replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    recipe = dataclasses.replace(recipe, **flag_overrides(args))
     if args.pretrained is not None:
         recipe = dataclasses.replace(recipe, pretrained=None if args.pretrained == "none" else args.pretrained)
     recipe = dataclasses.replace(recipe, **configs.parse_overrides(args.overrides))
@@ -265,7 +279,8 @@ def main(argv=None) -> dict:
     if runtime.is_main:
         print(describe(name, recipe, runtime, out))
     metrics = engine.train(recipe, out, runtime, resume=args.resume, teacher_ckpt=teacher_ckpt,
-                           workers=args.workers, data_root=args.data_root, quiet=args.quiet)
+                           workers=args.workers, data_root=args.data_root, quiet=args.quiet,
+                           explicit_fields=explicit_fields(args))
     if runtime.is_main:
         key = configs.TASKS[recipe.task].main_metric
         rows = []

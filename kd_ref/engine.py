@@ -704,10 +704,11 @@ def _check_finite(losses: dict, iteration: int) -> None:
 
 def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool = False,
           teacher_ckpt: str | None = None, workers: int = 2, data_root: str | None = None,
-          quiet: bool = False) -> dict:
+          quiet: bool = False, explicit_fields: frozenset = frozenset()) -> dict:
     """Train ``recipe.student`` (distilled by ``recipe.method`` from ``recipe.teacher`` when the method
-    needs one); returns the final evaluation metrics, also written to ``<out_dir>/metrics.json``."""
-    run = TrainingRun(recipe, out_dir, runtime, resume, teacher_ckpt, workers, data_root, quiet)
+    needs one); returns the final evaluation metrics, also written to ``<out_dir>/metrics.json``.
+    ``explicit_fields``: the recipe fields the command line set (see :meth:`TrainingRun.__init__`)."""
+    run = TrainingRun(recipe, out_dir, runtime, resume, teacher_ckpt, workers, data_root, quiet, explicit_fields)
     run.restore()
     run.start()
     with PreemptionGuard() as guard:
@@ -752,10 +753,13 @@ class TrainingRun:
 
     Building checks the recipe and every input file before the (slow) data set is read, then builds the
     models, the data, the distiller and the optimizers; :meth:`restore` loads a ``--resume`` checkpoint.
+    On resume, the fields the checkpoint predates take their defaults unless ``explicit_fields`` (set by
+    flags) holds them; an explicit value the checkpoint was not trained with is then refused.
     """
 
     def __init__(self, recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool,
-                 teacher_ckpt: str | None, workers: int, data_root: str | None, quiet: bool):
+                 teacher_ckpt: str | None, workers: int, data_root: str | None, quiet: bool,
+                 explicit_fields: frozenset = frozenset()):
         self.task, self.method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
         configs.check_recipe(recipe)
         configs.check_schedule(recipe)
@@ -766,7 +770,7 @@ class TrainingRun:
         self.log_file = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
         self.resume_state = load_checkpoint(self.ckpt_path) if resume else None
         if resume:
-            recipe, reset = configs.resumed_recipe(self.resume_state["recipe"], recipe)
+            recipe, reset = configs.resumed_recipe(self.resume_state["recipe"], recipe, explicit_fields)
             if reset and runtime.is_main:
                 print(f"--resume: {self.ckpt_path} predates the recipe fields {reset}; the run continues with "
                       "their defaults, as it was trained")

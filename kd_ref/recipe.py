@@ -101,13 +101,14 @@ DOCUMENTATION_FIELDS = ("source",)
 ITERATION_COUNTED_SETS = {"cifar100": 50_000, "imagenet": 1_281_167}
 
 
-def resumed_recipe(stored: dict, recipe: Recipe) -> tuple:
+def resumed_recipe(stored: dict, recipe: Recipe, explicit: frozenset = frozenset()) -> tuple:
     """The recipe a resumed run continues, and the fields it reset: a field the checkpoint's stored recipe
     lacks was added after the checkpoint was written, so the run goes on with that field's default, which
     reproduces the behaviour of the code that wrote it, even where a preset now sets it otherwise (e.g. the
-    mmdet rows' ``group_by_aspect``)."""
+    mmdet rows' ``group_by_aspect``). A field in ``explicit`` (set by a flag of this command) is kept as
+    given, so that :func:`recipe_changes` reports it when it differs from what the checkpoint was trained with."""
     reset = {spec.name: _field_default(spec.name) for spec in dataclasses.fields(Recipe)
-             if spec.name not in stored and spec.name not in DOCUMENTATION_FIELDS
+             if spec.name not in stored and spec.name not in DOCUMENTATION_FIELDS and spec.name not in explicit
              and getattr(recipe, spec.name) != _field_default(spec.name)}
     return dataclasses.replace(recipe, **reset), sorted(reset)
 

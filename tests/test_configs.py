@@ -302,3 +302,6 @@ def test_a_resumed_run_keeps_the_defaults_of_fields_its_checkpoint_predates():
     assert recipe.group_by_aspect and not resumed.group_by_aspect and reset == ["group_by_aspect"]
     assert recipe_changes(stored, resumed) == []
     assert resumed_recipe(dataclasses.asdict(recipe), recipe) == (recipe, [])
+    # set by a flag of the resuming command: kept as given, and then it differs from the checkpoint's run
+    kept, reset = resumed_recipe(stored, recipe, explicit=frozenset({"group_by_aspect"}))
+    assert kept == recipe and reset == [] and recipe_changes(stored, kept) == ["group_by_aspect"]

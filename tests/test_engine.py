@@ -265,6 +265,9 @@ def test_old_checkpoint_without_the_new_recipe_fields_resumes(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"differs .* in \['lr'\]"):
         engine.train(dataclasses.replace(recipe, lr=recipe.lr / 2), str(tmp_path), Runtime(torch.device("cpu")),
                      resume=True, workers=0, quiet=True)
+    with pytest.raises(ValueError, match=r"differs .* in \['dataset_repeat'\]"):  # --set dataset_repeat=2
+        engine.train(dataclasses.replace(recipe, dataset_repeat=2), str(tmp_path), Runtime(torch.device("cpu")),
+                     resume=True, workers=0, quiet=True, explicit_fields=frozenset({"dataset_repeat"}))
     engine.train(dataclasses.replace(recipe, dataset_repeat=2, source="documentation only"), str(tmp_path),
                  Runtime(torch.device("cpu")), resume=True, workers=0, quiet=True)
     assert "predates the recipe fields ['dataset_repeat']; the run continues with their defaults" in (

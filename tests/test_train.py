@@ -240,3 +240,12 @@ def test_print_recipe_prints_every_preset_as_json_without_reading_data(capsys, t
     train.run(["--preset", "gkd_faster_rcnn_r50_fpn_voc0712", "--print-recipe"])
     voc = json.loads(capsys.readouterr().out)
     assert (voc["epochs"], voc["lr_steps"], voc["dataset_repeat"], voc["iters"]) == (4, [3], 3, None)
+
+
+def test_explicit_fields_name_every_recipe_field_the_command_line_sets():
+    args = train.parse_args(["--task", "det", "--lr", "0.1", "--set", "group_by_aspect=True", "--pretrained", "none",
+                             "--keep-best"])
+    assert train.explicit_fields(args) == {"lr", "group_by_aspect", "pretrained", "keep_best"}
+    sokd = train.parse_args(["--task", "cls", "--method", "sokd", "--sokd-base", "kd"])
+    assert train.explicit_fields(sokd) == {"method", "method_options"}
+    assert train.explicit_fields(train.parse_args([])) == frozenset()
