@@ -32,9 +32,12 @@ the relative difference of the loss and of its gradient. Dense sizes whose estim
 
 ``flops`` counts the FLOPs of one training iteration of each preset at its input size and total batch
 (student forward and backward, teacher forward, distiller, extra optimizer step, per-step hook) with
-torch.utils.flop_counter on fake tensors (no compute, no weights), multiplies by the run's iterations
-(epochs from the reference training-set sizes) and converts to GPU-hours at a stated sustained
-throughput; it prints the formula. Detection steps size tensors by their values and are not counted.
+torch.utils.flop_counter, multiplies by the run's iterations (epochs from the reference training-set
+sizes), adds a per-epoch pass (GKD's prototypes) and converts to GPU-hours at a stated sustained
+throughput; it prints the formula. Segmentation and classification steps run on fake tensors (no
+compute, no weights); detection and instance-segmentation steps, which size tensors by their values,
+are computed on CPU on one probe image of the data set's reference size, with random weights, and
+counted per image x the batch (``iteration_flops``).
 ``constant-depth`` scores the floor a synthetic depth demo must beat: the median training depth predicted
 everywhere on the validation scenes.
 
@@ -726,10 +729,12 @@ def iteration_flops(recipe: configs.Recipe, probe: str | None = None, probe_imag
     boxes, through the preset's training resize at ``image_scale``; every part is counted per image and
     multiplied by the total batch. (For seg and cls the real probe is the fake batch as real tensors.)
 
-    What the probe gives at the COCO canvas (800x1088), checked on every Faster R-CNN of the detection
-    rows (R18, R50, R101, MobileNetV2): the RPN keeps its training-time 1000 proposals per image after NMS,
-    and the sampler its 512 RoIs (``probe`` says how many RoIs the student sampled). Without the BatchNorm
-    calibration an R101 keeps none and samples only the GT boxes.
+    What the probe gives, checked on every Faster R-CNN of the detection rows (R18, R50, R101 and
+    MobileNetV2 at the COCO canvas 800x1088, R50 and R101 at VOC's 608x800): the RPN keeps its
+    training-time 1000 proposals per image after NMS and the sampler its 512 RoIs (``probe`` says how
+    many RoIs the student sampled), as in training. Without the BatchNorm calibration an R101 keeps no
+    proposal and samples only the GT boxes. Only the RoI count changes a detector's FLOPs: NMS, anchor
+    matching and RoIAlign are not counted (flop_counter counts convolutions and matrix products).
 
     A distiller with a per-epoch pass (GKD) runs it first, as the engine does before epoch 0, on the
     probe images and then once more (its teacher features are cached after the first epoch):
@@ -751,7 +756,8 @@ def iteration_flops(recipe: configs.Recipe, probe: str | None = None, probe_imag
         if method.needs_teacher:
             teacher = task.build_model(recipe, recipe.teacher).eval().requires_grad_(False)
         if recipe.task in FLOP_BATCHES:
-            batch, images, description = FLOP_BATCHES[recipe.task](recipe), recipe.batch_size, f"{probe} batch"
+            batch, images = FLOP_BATCHES[recipe.task](recipe), recipe.batch_size
+            description = f"{probe} tensors, batch {images} at {'x'.join(map(str, recipe.crop))}"
         else:
             dataset, collate = task.probe_data(recipe, probe_image_size(recipe), PROBE_OBJECTS[recipe.data],
                                                probe_images)
@@ -1314,7 +1320,10 @@ def main(argv=None) -> None:
         except (ValueError, OSError) as err:  # a tree that is missing or not of its layout
             parser.error(str(err))
     elif args.command == "flops":
-        flops(args.preset, args.peak_tflops, args.utilisation, configs.parse_overrides(args.overrides))
+        try:
+            flops(args.preset, args.peak_tflops, args.utilisation, configs.parse_overrides(args.overrides))
+        except ValueError as err:  # an unknown preset or --set field, a task it cannot count
+            parser.error(str(err))
     else:
         pairwise(args.nodes, tuple(args.channels), args.batch_size, args.repeats, args.device,
                  args.memory_budget_gib)

@@ -197,6 +197,17 @@ def test_flops_says_what_it_cannot_count_in_one_line():
         bench.iteration_flops(configs.PRESETS["synthetic_depth_none"])
 
 
+def test_flops_cli_refuses_what_it_cannot_count_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["flops", "--preset", "synthetic_cls_kd", "synthetic_depth_none"])
+    assert exit_info.value.code != 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1].endswith("error: bench flops: --task depth is not counted: counted "
+                                                          "tasks are seg, cls (on fake tensors) and det, ins (on a "
+                                                          "real probe batch)")
+    assert "training FLOPs" not in captured.out
+
+
 @pytest.mark.parametrize("task,export_format,size", [("seg", "cityscapes", (32, 64)), ("det", "coco", (48, 64)),
                                                      ("cls", "imagefolder", (48, 64))])
 def test_data_prints_every_pipeline_of_a_tree_and_the_loader_settings(task, export_format, size, tmp_path, capsys):
