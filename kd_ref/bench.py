@@ -673,8 +673,8 @@ def probe_image_size(recipe: configs.Recipe) -> tuple:
 
 @dataclass
 class IterationCount:
-    """FLOPs of one training iteration at the total batch, by part (``parts``); for a probed task also
-    ``probe`` (what was counted) and, for a distiller with a per-epoch pass, ``epoch_pass``."""
+    """FLOPs of one training iteration at the total batch, by part (``parts``), ``probe`` (what was counted)
+    and, for a distiller with a per-epoch pass, ``epoch_pass``."""
     parts: dict
     probe: str
     epoch_pass: "EpochPass | None" = None
@@ -738,9 +738,9 @@ def iteration_flops(recipe: configs.Recipe, probe: str | None = None, probe_imag
 
     A distiller with a per-epoch pass (GKD) runs it first, as the engine does before epoch 0, on the
     probe images and then once more (its teacher features are cached after the first epoch):
-    ``epoch_pass``. Its prototype construction (matching pursuit over the pooled instances, on the CPU) is
-    counted per probe image too, so it scales linearly here; it is a few GFLOPs of per-class products
-    against the pass's forwards of a detector per image."""
+    ``epoch_pass``. Its prototype construction (matching pursuit over the pooled instances, on the CPU) is in
+    that per-image figure too, so here it scales with the images, although it grows faster with the
+    instances of a class; it is not counted separately."""
     probe = probe or ("fake" if recipe.task in FLOP_BATCHES else "real")
     check_countable(recipe)
     if probe == "fake" and recipe.task not in FLOP_BATCHES:
