@@ -291,7 +291,8 @@ def fixed_batch(recipe: configs.Recipe, runtime: engine.Runtime) -> dict:
     if len(dataset) < recipe.batch_size:
         raise ValueError(f"--batch-size {recipe.batch_size}: the training set has only {len(dataset)} samples")
     first_epoch = engine.EpochAugmentation(dataset, recipe.seed)
-    return engine.move_to(collate([first_epoch[i] for i in range(recipe.batch_size)]), runtime.device)
+    return dataset.prepare_batch(engine.move_to(collate([first_epoch[i] for i in range(recipe.batch_size)]),
+                                                runtime.device))
 
 
 def _place(model: torch.nn.Module, runtime: engine.Runtime) -> torch.nn.Module:
