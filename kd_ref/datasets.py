@@ -22,9 +22,9 @@ right after the transfer), turns them into the batches of the contract:
     cls: {"images": (B,3,H,W), "targets": int64 (B,)}
 
 Segmentation (and depth) batches are float from the worker on and ``prepare_batch`` returns them as they
-are; detection and classification batches leave the worker as uint8 pixels (det: each decoded image at the
-top left of a zero canvas; cls: the crops) and ``prepare_batch`` runs the device half of their transforms
-(``transforms.detection_inputs``, ``transforms.classification_inputs``; see kd_ref.transforms).
+are; detection and classification batches leave the worker as uint8 pixels (each decoded image or crop at
+the top left of a zero canvas; cls batches also carry each crop's ``"geometry"``, det targets theirs) and
+``prepare_batch`` runs the device half of their transforms (``transforms.device_inputs``).
 
 CLI: ``python -m kd_ref.datasets export --format cityscapes|voc|coco|cifar100|imagefolder DIR``.
 """
@@ -700,24 +700,29 @@ class DetectionSet(TaskSet):
         return collate_det(samples)
 
     def prepare_batch(self, batch: dict) -> dict:
-        """Resize, flip, normalise and pad the batch's uint8 pixels on their device (``detection_inputs``)."""
-        return {**batch, "images": T.detection_inputs(batch["images"], batch["targets"], self.transform.normalization)}
+        """Resize, flip, normalise and pad (to 32) the batch's uint8 pixels on their device (``device_inputs``,
+        from the targets' geometry)."""
+        images = T.device_inputs(batch["images"], batch["targets"], self.transform.normalization, size_divisor=32)
+        return {**batch, "images": images}
 
 
 class ClassificationSet(TaskSet):
-    """``{"image": uint8 (3,h,w), "target": int}`` from a cls base data set."""
+    """``{"image": uint8 (3,h,w), "geometry", "target": int}`` from a cls base data set."""
 
     def get(self, index: int, rng: np.random.Generator) -> dict:
         sample = self.base[index]
-        return {"image": self.transform(sample["image"], rng), "target": sample["image_label"]}
+        image, geometry = self.transform(sample["image"], rng)
+        return {"image": image, "geometry": geometry, "target": sample["image_label"]}
 
     @staticmethod
     def collate(samples: list) -> dict:
         return collate_cls(samples)
 
     def prepare_batch(self, batch: dict) -> dict:
-        """Normalise the batch's uint8 pixels on their device (``classification_inputs``)."""
-        return {**batch, "images": T.classification_inputs(batch["images"], self.transform.normalization)}
+        """Resize (antialiased), flip and normalise the batch's uint8 pixels on their device
+        (``device_inputs``); the prepared batch is ``{"images", "targets"}``."""
+        images = T.device_inputs(batch["images"], batch["geometry"], self.transform.normalization, antialias=True)
+        return {"images": images, "targets": batch["targets"]}
 
 
 def _pad_stack(tensors: list, size: tuple, value: float) -> torch.Tensor:
@@ -732,23 +737,26 @@ def collate_seg(samples: list) -> dict:
             "names": [s["name"] for s in samples]}
 
 
+def _pixel_canvas(images: list) -> torch.Tensor:
+    """uint8 (3, h, w) images at the top left of a zero (B, 3, H, W) canvas of the largest; channels-last,
+    the layout of decoded images and the one torch's uint8 resize kernel is vectorised for."""
+    canvas = torch.zeros(len(images), max(i.shape[1] for i in images), max(i.shape[2] for i in images), 3,
+                         dtype=torch.uint8)
+    for slot, image in zip(canvas, images):
+        slot[:image.shape[1], :image.shape[2]] = image.permute(1, 2, 0)
+    return canvas.permute(0, 3, 1, 2)
+
+
 def collate_det(samples: list) -> dict:
-    """Stack the decoded uint8 pixels of det samples at the top left of a zero canvas of the largest
-    (``transforms.detection_inputs`` resizes each from its ``orig_size``); ``image_sizes`` are the sizes of
-    the model inputs. The canvas is channels-last, the layout of decoded images and the one torch's uint8
-    resize kernel is vectorised for."""
-    height = max(s["image"].shape[1] for s in samples)
-    width = max(s["image"].shape[2] for s in samples)
-    canvas = torch.zeros(len(samples), height, width, 3, dtype=torch.uint8)
-    for slot, sample in zip(canvas, samples):
-        slot[:sample["image"].shape[1], :sample["image"].shape[2]] = sample["image"].permute(1, 2, 0)
-    return {"images": canvas.permute(0, 3, 1, 2),
+    """The decoded uint8 pixels of det samples on one canvas (``prepare_batch`` resizes each from its
+    ``orig_size``); ``image_sizes`` are the sizes of the model inputs."""
+    return {"images": _pixel_canvas([s["image"] for s in samples]),
             "image_sizes": [tuple(s["target"]["size"]) for s in samples],
             "targets": [s["target"] for s in samples]}
 
 
 def collate_cls(samples: list) -> dict:
-    return {"images": torch.stack([s["image"] for s in samples]),
+    return {"images": _pixel_canvas([s["image"] for s in samples]), "geometry": [s["geometry"] for s in samples],
             "targets": torch.tensor([s["target"] for s in samples], dtype=torch.int64)}
 
 

@@ -9,14 +9,15 @@ window it keeps (:func:`resized_window`, :func:`resized_label_window`), equal to
 exactly, images to 1e-2 of a level).
 
 Detection and classification split their pipeline in two halves, so that a DataLoader worker does little
-more than decode: the transform (the CPU half, in the worker) makes every random draw and returns uint8
-pixels, and the collate stacks them in uint8; the device half runs on the batch after its transfer, in the
-training process (batched tensor ops on a GPU): :func:`detection_inputs` (keep-ratio resize, flip, normalise,
-zero padding to a multiple of 32) and :func:`classification_inputs` (normalise). Classification resizes in
-the worker, in uint8 (:func:`resize_uint8`), as its crops are smaller than the decoded image; detection
-resizes on the device, as its 1333x800 inputs are larger than most decoded images. On the CPU both give
-the batches of the former all-in-worker pipeline bit for bit (the same operations per pixel); on another
-device the detection resize runs in float, rounded, within one intensity level (:func:`resize_pixels`).
+more than decode: the transform (the CPU half, in the worker) makes every random draw, maps the targets and
+returns uint8 pixels (the decoded image, or a crop of it) with their geometry (the size to resize them to,
+whether to flip them), and the collate stacks them on a uint8 zero canvas; the device half,
+:func:`device_inputs`, runs on the batch after its transfer, in the training process (tensor ops on a GPU):
+resize, flip, normalise, zero padding (detection: to a multiple of 32). Evaluation crops of ImageNet
+(resize, then a centre crop) are resized in the worker, in uint8 (:func:`resize_uint8`). On the CPU the
+batches are those of the former all-in-worker pipeline bit for bit (the same operations per pixel); another
+device has no uint8 resize kernel and resizes in float, rounded: within one intensity level
+(:func:`resize_pixels`).
 
 Normalisations (pixel values on the 0..255 scale throughout):
 
@@ -359,7 +360,7 @@ class DetTransform:
     stream is that of the single-scale pipeline.
 
     This is the CPU half (module docstring): it makes the draws and maps the targets, and returns the
-    decoded pixels; :func:`detection_inputs` resizes, flips, normalises and pads them on the device, from
+    decoded pixels; :func:`device_inputs` resizes, flips, normalises and pads them on the device, from
     ``meta``. ``__call__(image, boxes (K,4) xyxy, rng, masks=None) -> (pixels uint8 (3,H,W), boxes, masks,
     meta)`` with ``meta = {"orig_size": (H, W), "size": (h, w), "scale_factor": factor, "flipped": bool}``;
     boxes and masks are those of the model input (h, w), flipped with it. Boxes are scaled per axis by h/H and
@@ -390,27 +391,26 @@ class DetTransform:
         return pixels(image), boxes, masks, meta
 
 
-def detection_inputs(images: torch.Tensor, targets: list, normalization: str, size_divisor: int = 32) -> torch.Tensor:
-    """The device half of :class:`DetTransform`: uint8 ``images`` (B, 3, H, W), each decoded image at the
-    top left (``target["orig_size"]``), -> the float model inputs (B, 3, Hp, Wp): resized to
-    ``target["size"]`` (:func:`resize_pixels`), flipped if ``target["flipped"]``, normalised, and zero at
-    the bottom/right up to a multiple of ``size_divisor`` (0 after normalisation, as mmdet pads)."""
+def device_inputs(images: torch.Tensor, geometry: list, normalization: str, antialias: bool = False,
+                  size_divisor: int = 1) -> torch.Tensor:
+    """The device half of the detection and classification pipelines (module docstring): uint8 ``images``
+    (B, 3, H, W), each image's pixels at the top left, -> float model inputs (B, 3, Hp, Wp). Image ``i`` of
+    ``geometry[i]["orig_size"]`` is resized to ``geometry[i]["size"]`` (:func:`resize_pixels`; the same
+    size: untouched), flipped if ``geometry[i]["flipped"]``, normalised, and 0 at the bottom/right (after
+    normalisation, as mmdet pads) up to the largest size rounded up to a multiple of ``size_divisor``."""
     check_pixel_batch(images)
-    sizes = [tuple(target["size"]) for target in targets]
-    padded = [math.ceil(max(side) / size_divisor) * size_divisor for side in zip(*sizes)]
-    inputs = torch.zeros(len(targets), 3, *padded, device=images.device)
-    for index, (target, (height, width)) in enumerate(zip(targets, sizes)):
-        orig_h, orig_w = target["orig_size"]
-        resized = resize_pixels(images[index:index + 1, :, :orig_h, :orig_w], (height, width))[0]
-        if target["flipped"]:
-            resized = resized.flip(-1)
-        inputs[index, :, :height, :width] = normalize(resized.float(), normalization)
+    sizes = [tuple(entry["size"]) for entry in geometry]
+    padded = tuple(math.ceil(max(side) / size_divisor) * size_divisor for side in zip(*sizes))
+    canvas = images.new_zeros(len(geometry), 3, *padded)  # planar: float ops broadcast over channels fastest
+    for index, (entry, (height, width)) in enumerate(zip(geometry, sizes)):
+        orig_h, orig_w = entry["orig_size"]
+        resized = resize_pixels(images[index:index + 1, :, :orig_h, :orig_w], (height, width), antialias)[0]
+        canvas[index, :, :height, :width] = resized.flip(-1) if entry["flipped"] else resized
+    inputs = normalize(canvas.float(), normalization)
+    for index, (height, width) in enumerate(sizes):
+        inputs[index, :, height:] = 0
+        inputs[index, :, :, width:] = 0
     return inputs
-
-
-def classification_inputs(images: torch.Tensor, normalization: str) -> torch.Tensor:
-    """The device half of the classification transforms: uint8 ``images`` (B, 3, H, W) -> normalised float."""
-    return normalize(check_pixel_batch(images).float(), normalization).contiguous()
 
 
 def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:
@@ -420,31 +420,38 @@ def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- classification
+def _geometry(pixels: torch.Tensor, size: tuple, flipped: bool) -> dict:
+    """What :func:`device_inputs` does to a classification sample's ``pixels``: resize to ``size``, flip."""
+    return {"orig_size": tuple(pixels.shape[1:]), "size": tuple(size), "flipped": bool(flipped)}
+
+
 class PadCropFlip:
     """CIFAR training: zero-pad ``padding`` pixels, random ``size`` crop (int or (h, w)), flip p = 0.5
-    (torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip). ``__call__(image, rng)`` -> uint8
-    ``(3, h, w)``; :func:`classification_inputs` normalises on the device (the padding is black, 0 before
-    normalisation, as torchvision pads the PIL image)."""
+    (torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip). ``__call__(image, rng) -> (uint8
+    (3, h, w), geometry)``: the crop, whose flip and normalisation :func:`device_inputs` makes on the
+    device (the padding is black, 0 before normalisation, as torchvision pads the PIL image)."""
 
     def __init__(self, size=32, padding: int = 4, normalization: str = "cifar100"):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.padding, self.normalization = padding, check_normalization(normalization)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple:
         tensor = F.pad(pixels(image), (self.padding,) * 4, value=0)
         tensor = pad_bottom_right(tensor, self.size, 0)
         top = int(rng.integers(tensor.shape[1] - self.size[0] + 1))
         left = int(rng.integers(tensor.shape[2] - self.size[1] + 1))
         tensor = tensor[:, top:top + self.size[0], left:left + self.size[1]]
-        if rng.random() < 0.5:
-            tensor = tensor.flip(-1)
-        return tensor.contiguous()
+        return tensor, _geometry(tensor, self.size, rng.random() < 0.5)
 
 
 class RandomResizedCropFlip:
     """ImageNet training (torchvision RandomResizedCrop(224) + flip): area fraction in ``area`` and
-    log-uniform aspect ratio in ``ratio``, 10 tries, then the torchvision centre-crop fallback. Returns
-    uint8 ``(3, size, size)``, resized in uint8; :func:`classification_inputs` normalises on the device."""
+    log-uniform aspect ratio in ``ratio``, 10 tries, then the torchvision centre-crop fallback.
+    ``__call__(image, rng) -> (uint8 (3, h, w), geometry)``: the crop window of the decoded pixels, which
+    :func:`device_inputs` resizes (antialiased), flips and normalises on the device. A window more than
+    ``DEVICE_RESIZE_LIMIT`` times the output on a side is resized here instead (in uint8, the same kernel
+    on the CPU): the batch's canvas has the size of its largest window, which a large photo would blow up."""
+    DEVICE_RESIZE_LIMIT = 2.5
 
     def __init__(self, size: int = 224, area: tuple = (0.08, 1.0), ratio: tuple = (3 / 4, 4 / 3),
                  normalization: str = "imagenet_rgb"):
@@ -467,24 +474,24 @@ class RandomResizedCropFlip:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple:
         top, left, h, w = self._window(image.shape[0], image.shape[1], rng)
-        tensor = resize_uint8(image[top:top + h, left:left + w], (self.size, self.size), antialias=True)
-        if rng.random() < 0.5:
-            tensor = tensor.flip(-1)
-        return tensor.contiguous()
+        window = pixels(image)[:, top:top + h, left:left + w]
+        if max(h, w) > self.DEVICE_RESIZE_LIMIT * self.size:
+            window = resize_pixels(window[None], (self.size, self.size), antialias=True)[0]
+        return window, _geometry(window, (self.size, self.size), rng.random() < 0.5)
 
 
 class ResizeCenterCrop:
-    """ImageNet evaluation: resize the short side to ``resize`` (256), centre crop ``size`` (224).
-    ``resize=None`` skips the resize (CIFAR / synthetic evaluation: the whole image). Returns uint8
-    ``(3, h, w)``; :func:`classification_inputs` normalises on the device."""
+    """ImageNet evaluation: resize the short side to ``resize`` (256), centre crop ``size`` (224), in uint8.
+    ``resize=None`` skips the resize (CIFAR / synthetic evaluation: the whole image). ``__call__(image)
+    -> (uint8 (3, h, w), geometry)``; :func:`device_inputs` normalises on the device."""
 
     def __init__(self, size: int | None = 224, resize: int | None = 256, normalization: str = "imagenet_rgb"):
         self.size, self.resize = size, resize
         self.normalization = check_normalization(normalization)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> tuple:
         if self.resize is None:
             tensor = pixels(image)
         else:
@@ -499,4 +506,4 @@ class ResizeCenterCrop:
             top = int(round((tensor.shape[1] - self.size) / 2))
             left = int(round((tensor.shape[2] - self.size) / 2))
             tensor = tensor[:, top:top + self.size, left:left + self.size]
-        return tensor.contiguous()
+        return tensor, _geometry(tensor, tensor.shape[1:], False)

@@ -324,9 +324,10 @@ def test_cls_batches():
     assert batch["images"].shape == (2, 3) + SIZE and batch["images"].dtype == torch.uint8
     assert batch["targets"].dtype == torch.int64
     assert batch["targets"].tolist() == [dataset.base[0]["image_label"], dataset.base[1]["image_label"]]
-    prepared = dataset.prepare_batch(batch)
-    assert torch.equal(prepared["images"], T.normalize(batch["images"].float(), "imagenet_rgb"))
-    assert prepared["targets"] is batch["targets"]
+    prepared = dataset.prepare_batch(batch)  # the flip drawn in the worker is made on the device
+    assert set(prepared) == {"images", "targets"} and prepared["targets"] is batch["targets"]
+    for image, pixels, geometry in zip(prepared["images"], batch["images"], batch["geometry"]):
+        assert torch.equal(image, T.normalize((pixels.flip(-1) if geometry["flipped"] else pixels).float(), "imagenet_rgb"))
 
 
 def _digest(value, digest) -> None:

@@ -177,7 +177,11 @@ def _freeze_batchnorm(*modules):
 def _samples(recipe, split: str, rank: int, world_size: int, sharded: bool = False) -> list:
     """Per iteration, the list of batches this process computes its objective on: its own shard; in one
     process the whole batch of both, or with ``sharded`` the two shards, whose objectives it averages."""
-    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+    dataset, collate_samples = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+
+    def collate(samples: list) -> dict:  # what the engine trains on: collated, then the device half
+        return dataset.prepare_batch(collate_samples(samples))
+
     size = _per_process(recipe)
     batches = []
     for iteration in range(ITERATIONS):

@@ -3,6 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kd_ref import transforms as T
 
@@ -217,7 +218,7 @@ def test_flip_boxes_by_hand_and_involution():
 def det_inputs(transform_output, normalization="imagenet_rgb"):
     """One transformed sample through the device half, as a batch of one."""
     pixels, _, _, meta = transform_output
-    return T.detection_inputs(pixels[None], [meta], normalization)[0]
+    return T.device_inputs(pixels[None], [meta], normalization, size_divisor=32)[0]
 
 
 def test_det_transform_scales_flips_and_maps_back():
@@ -253,7 +254,7 @@ def former_det_input(image, meta, normalization):
 
 
 @pytest.mark.parametrize("normalization", ["imagenet_rgb", "caffe2_bgr"])
-def test_detection_inputs_equal_the_former_float_pipeline_with_exact_zero_padding(normalization):
+def test_detection_device_inputs_equal_the_former_float_pipeline_with_exact_zero_padding(normalization):
     from kd_ref import datasets
 
     generator = rng(5)
@@ -266,7 +267,7 @@ def test_detection_inputs_equal_the_former_float_pipeline_with_exact_zero_paddin
     assert {sample["target"]["flipped"] for sample in samples} == {False, True}
     batch = datasets.collate_det(samples)
     assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (3, 3, 44, 50)
-    inputs = T.detection_inputs(batch["images"], batch["targets"], normalization)
+    inputs = T.device_inputs(batch["images"], batch["targets"], normalization, size_divisor=32)
     assert inputs.shape == (3, 3, 96, 96) and inputs.is_contiguous()
     for index, (image, sample) in enumerate(zip(images, samples)):
         height, width = sample["target"]["size"]
@@ -276,26 +277,59 @@ def test_detection_inputs_equal_the_former_float_pipeline_with_exact_zero_paddin
         padding[:, :height, :width] = False
         assert (inputs[index][padding] == 0).all() and not torch.signbit(inputs[index][padding]).any()
     with pytest.raises(ValueError, match=r"images: expected a collated uint8 \(B, 3, H, W\) batch, got torch.float32"):
-        T.detection_inputs(inputs, batch["targets"], normalization)
+        T.device_inputs(inputs, batch["targets"], normalization)
+
+
+def former_cls_input(transform, image, seed):
+    """The all-in-worker classification pipelines this repository ran before the device half."""
+    generator = rng(seed)
+    if isinstance(transform, T.RandomResizedCropFlip):
+        top, left, h, w = transform._window(image.shape[0], image.shape[1], generator)
+        tensor = T.resize_uint8(image[top:top + h, left:left + w], (transform.size,) * 2, antialias=True).float()
+    else:
+        tensor = F.pad(T.to_tensor(image), (transform.padding,) * 4, value=0.0)
+        tensor = T.pad_bottom_right(tensor, transform.size, 0.0)
+        top = int(generator.integers(tensor.shape[1] - transform.size[0] + 1))
+        left = int(generator.integers(tensor.shape[2] - transform.size[1] + 1))
+        tensor = tensor[:, top:top + transform.size[0], left:left + transform.size[1]]
+    tensor = tensor.flip(-1) if generator.random() < 0.5 else tensor
+    return T.normalize(tensor, transform.normalization)
+
+
+@pytest.mark.parametrize("transform", [T.RandomResizedCropFlip(64), T.RandomResizedCropFlip(8),
+                                       T.PadCropFlip(32, 4, "cifar100")], ids=["device-resize", "worker-resize", "pad"])
+def test_classification_device_inputs_equal_the_former_float_pipeline(transform):
+    photo = rng(3).integers(0, 256, (120, 160, 3), dtype=np.uint8)  # windows of 34..160 px a side
+    samples = [transform(photo, rng(seed)) for seed in range(8)]
+    assert {geometry["flipped"] for _, geometry in samples} == {False, True}
+    assert all(pixels.dtype == torch.uint8 for pixels, _ in samples)
+    if isinstance(transform, T.RandomResizedCropFlip):  # windows over 2.5x the output are resized in the worker
+        resized_here = {tuple(pixels.shape[1:]) == (transform.size,) * 2 for pixels, _ in samples}
+        assert resized_here == {transform.size == 8}
+    from kd_ref import datasets
+
+    batch = datasets.collate_cls([{"image": pixels, "geometry": geometry, "target": 0} for pixels, geometry in samples])
+    inputs = T.device_inputs(batch["images"], batch["geometry"], transform.normalization, antialias=True)
+    assert inputs.is_contiguous() and inputs.dtype == torch.float32
+    for index in range(len(samples)):
+        assert torch.equal(inputs[index], former_cls_input(transform, photo, index))
 
 
 def test_classification_transforms_shapes_and_padding():
     image = np.full((32, 32, 3), 255, np.uint8)
-    crops = [T.PadCropFlip(32, 4)(image, rng(seed)) for seed in range(20)]
+    crops = [T.PadCropFlip(32, 4)(image, rng(seed))[0] for seed in range(20)]
     assert all(c.shape == (3, 32, 32) and c.dtype == torch.uint8 for c in crops)
     assert any((c[:, 0, 0] == 0).all() for c in crops)  # some crops start inside the (black) padding
-    zero = T.normalize(torch.zeros(3, 1, 1), "cifar100")[:, 0, 0]
-    inputs = T.classification_inputs(torch.stack(crops), "cifar100")
-    assert inputs.dtype == torch.float32 and inputs.is_contiguous()
-    assert any(torch.equal(c[:, 0, 0], zero) for c in inputs)  # black padding, normalised as torchvision's
-    assert torch.equal(inputs, T.normalize(torch.stack(crops).float(), "cifar100"))
     photo = rng().integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    assert T.RandomResizedCropFlip(224)(photo, rng()).shape == (3, 224, 224)
-    assert T.ResizeCenterCrop(224, 256)(photo).shape == (3, 224, 224)
-    assert T.ResizeCenterCrop(None, None)(photo).shape == (3, 300, 400)
-    assert T.PadCropFlip((24, 40), 3, "imagenet_rgb")(photo[:24, :40], rng()).shape == (3, 24, 40)
+    window, geometry = T.RandomResizedCropFlip(224)(photo, rng())
+    assert geometry["size"] == (224, 224) and geometry["orig_size"] == tuple(window.shape[1:])
+    evaluation, geometry = T.ResizeCenterCrop(224, 256)(photo)
+    assert evaluation.shape == (3, 224, 224) and geometry == {"orig_size": (224, 224), "size": (224, 224),
+                                                              "flipped": False}
+    assert T.ResizeCenterCrop(None, None)(photo)[0].shape == (3, 300, 400)
+    assert T.PadCropFlip((24, 40), 3, "imagenet_rgb")(photo[:24, :40], rng())[0].shape == (3, 24, 40)
     with pytest.raises(ValueError, match=r"images: expected a collated uint8 \(B, 3, H, W\) batch, got torch.uint8 \(3, 32, 32\)"):
-        T.classification_inputs(crops[0], "cifar100")
+        T.device_inputs(crops[0], [geometry], "cifar100")
 
 
 def test_seed_worker_is_reproducible_per_seed_rank_worker():
