@@ -1037,12 +1037,15 @@ def _data_pipelines(task: str, root: str) -> tuple:
 
 
 def data_rates(pipelines: dict, count: int, rounds: int) -> dict:
-    """Images/s of every pipeline, one pass over ``count`` files per pipeline and round, round-robin."""
+    """Images/s of every pipeline, one pass over ``count`` files per pipeline and round, round-robin. Each
+    pass starts with an untimed call, so that it runs warm as a worker's loop does rather than in the caches
+    the previous pipeline left (the device steps move tens of MB)."""
     import numpy as np
 
     seconds = dict.fromkeys(pipelines, 0.0)
     for round_index in range(rounds):
         for name, pipeline in pipelines.items():
+            pipeline(count - 1, np.random.default_rng([round_index, count]))
             started = time.perf_counter()
             for index in range(count):
                 pipeline(index, np.random.default_rng([round_index, index]))

@@ -740,10 +740,12 @@ def collate_seg(samples: list) -> dict:
 def _pixel_canvas(images: list) -> torch.Tensor:
     """uint8 (3, h, w) images at the top left of a zero (B, 3, H, W) canvas of the largest; channels-last,
     the layout of decoded images and the one torch's uint8 resize kernel is vectorised for."""
-    canvas = torch.zeros(len(images), max(i.shape[1] for i in images), max(i.shape[2] for i in images), 3,
+    canvas = torch.empty(len(images), max(i.shape[1] for i in images), max(i.shape[2] for i in images), 3,
                          dtype=torch.uint8)
     for slot, image in zip(canvas, images):
-        slot[:image.shape[1], :image.shape[2]] = image.permute(1, 2, 0)
+        height, width = image.shape[1:]
+        slot[:height, :width] = image.permute(1, 2, 0)
+        slot[height:], slot[:height, width:] = 0, 0  # only the margin: a zeroed canvas would be written twice
     return canvas.permute(0, 3, 1, 2)
 
 
