@@ -221,9 +221,9 @@ class ScheduledGKDDistiller(GKDDistiller):
       recipe's epochs (an epoch-based recipe's own count, e.g. COCO 2x: 24), not a count of our own;
     * regenerates the prototypes: PGM instances are selected once (:func:`select_pgm_instances`, fixed
       seed) from the training set's GT boxes; each selected image goes alone through the evaluation
-      transform, the collate and the data set's device step (resize, normalise, pad to 32); the teacher's pooled features are computed once and cached,
-      the current student's every epoch (eval mode, no grad); :func:`generate_epoch_prototypes` then
-      :meth:`set_prototypes`.
+      transform, the collate and the data set's device step (resize, normalise, pad to 32); the teacher's
+      pooled features are computed once and cached, the current student's every epoch (eval mode, no
+      grad); :func:`generate_epoch_prototypes` then :meth:`set_prototypes`.
 
     ``level_names`` are the FPN outputs (keys of a detector's ``feats``) the distiller works on. Under DDP
     every rank pools the features of every ``world_size``-th selected image; the pooled vectors are
