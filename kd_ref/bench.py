@@ -47,8 +47,12 @@ says whether the results are identical; by default on exported trees of the real
 
 ``data`` measures images/s of one worker thread on the same files for each task's real-data recipe
 (seg: the Cityscapes default preset, det: the COCO one, cls: ImageNet): our training sample (decode +
-augmentation, as the task builds it), our evaluation sample (decode + evaluation transform), decode alone
-(image, and label for seg), and a plain PIL / torchvision.transforms pipeline doing the same augmentation.
+augmentation, as the task builds it, then the collate: what a DataLoader worker runs, and what a GPU
+waits for), our evaluation sample (decode + evaluation transform + collate), decode alone (image, and
+label for seg), and a plain PIL / torchvision.transforms pipeline doing the same augmentation. Detection and
+classification hand uint8 pixels to the device, where the data set's ``prepare_batch`` finishes them
+(kd_ref.datasets); its cost on the CPU, where it runs in the training process, is timed per image in the
+same rounds (the "device step" rows, on batches of one collated beforehand).
 The pipelines run round-robin, one pass over the files each per round, so machine load affects all
 alike; the ratio training / decode is the figure to compare between machines. Without ``--root`` it
 exports a small tree of the real resolution into a temporary folder (Cityscapes 1024x2048 PNGs, COCO-size
@@ -294,7 +298,8 @@ def fixed_batch(recipe: configs.Recipe, runtime: engine.Runtime) -> dict:
     if len(dataset) < recipe.batch_size:
         raise ValueError(f"--batch-size {recipe.batch_size}: the training set has only {len(dataset)} samples")
     first_epoch = engine.EpochAugmentation(dataset, recipe.seed)
-    return engine.move_to(collate([first_epoch[i] for i in range(recipe.batch_size)]), runtime.device)
+    return dataset.prepare_batch(engine.move_to(collate([first_epoch[i] for i in range(recipe.batch_size)]),
+                                                runtime.device))
 
 
 def _place(model: torch.nn.Module, runtime: engine.Runtime) -> torch.nn.Module:
@@ -1143,6 +1148,7 @@ def _plain_det(recipe, image_path: str, rng):
 
 def _data_pipelines(task: str, root: str) -> tuple:
     """(recipe, the files' count, {pipeline name: callable(index, rng)}) of ``task`` on the tree at ``root``."""
+    import numpy as np
     import torchvision.transforms as tv
 
     export_format, data, _ = DATA_TREES[task]
@@ -1174,17 +1180,28 @@ def _data_pipelines(task: str, root: str) -> tuple:
                                 tv.Normalize([m / 255 for m in spec["mean"]], [s / 255 for s in spec["std"]])])
         decode = lambda i, rng: datasets.read_image(files[i])
         plain = lambda i, rng: reference(_pil_rgb(files[i]))
-    return recipe, len(files), {"training (ours)": train_set.get, "evaluation (ours)": lambda i, rng: eval_set[i],
-                                "decode alone": decode, "plain reference": plain}
+    training = lambda i, rng: train_set.collate([train_set.get(i, rng)])
+    evaluation = lambda i, rng: eval_set.collate([eval_set[i]])
+    pipelines = {"training (ours)": training, "evaluation (ours)": evaluation, "decode alone": decode,
+                 "plain reference": plain}
+    if task != "seg":  # segmentation batches leave the worker finished
+        collated = {name: [pipeline(i, np.random.default_rng(i)) for i in range(len(files))]
+                    for name, pipeline in (("training", training), ("evaluation", evaluation))}
+        pipelines["training device step, CPU"] = lambda i, rng: train_set.prepare_batch(collated["training"][i])
+        pipelines["evaluation device step, CPU"] = lambda i, rng: eval_set.prepare_batch(collated["evaluation"][i])
+    return recipe, len(files), pipelines
 
 
 def data_rates(pipelines: dict, count: int, rounds: int) -> dict:
-    """Images/s of every pipeline, one pass over ``count`` files per pipeline and round, round-robin."""
+    """Images/s of every pipeline, one pass over ``count`` files per pipeline and round, round-robin. Each
+    pass starts with an untimed call, so that it runs warm as a worker's loop does rather than in the caches
+    the previous pipeline left (the device steps move tens of MB)."""
     import numpy as np
 
     seconds = dict.fromkeys(pipelines, 0.0)
     for round_index in range(rounds):
         for name, pipeline in pipelines.items():
+            pipeline(count - 1, np.random.default_rng([round_index, count]))
             started = time.perf_counter()
             for index in range(count):
                 pipeline(index, np.random.default_rng([round_index, index]))

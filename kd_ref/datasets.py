@@ -11,13 +11,20 @@ Base data sets return plain numpy samples (``dataset[i] -> dict``):
 
 The task wrappers (:class:`SegmentationSet`, :class:`DetectionSet`, :class:`ClassificationSet`) apply a
 transform of :mod:`kd_ref.transforms` with a per-sample ``numpy.random.Generator`` (``get(index, rng)``;
-the engine seeds it by (seed, epoch, index)) and their collates build the batches of the contract:
+the engine seeds it by (seed, epoch, index)), their collates build the batches a DataLoader worker
+hands over, and ``prepare_batch(batch)``, run on the batch once it is on its device (the engine calls it
+right after the transfer), turns them into the batches of the contract:
 
     seg: {"images": (B,3,H,W), "targets": int64 (B,H,W) 255 = ignore, "names": [str]}
     det: {"images": (B,3,Hp,Wp) zero-padded to a multiple of 32, "image_sizes": [(h, w)],
           "targets": [{"boxes", "labels", "difficult", "image_id", "scale_factor", "orig_size", "size",
                        "flipped" (, "masks"; "sampling_seed" in training)}]}
     cls: {"images": (B,3,H,W), "targets": int64 (B,)}
+
+Segmentation (and depth) batches are float from the worker on and ``prepare_batch`` returns them as they
+are; detection and classification batches leave the worker as uint8 pixels (each decoded image or crop at
+the top left of a zero canvas; cls batches also carry each crop's ``"geometry"``, det targets theirs) and
+``prepare_batch`` runs the device half of their transforms (``transforms.device_inputs``).
 
 CLI: ``python -m kd_ref.datasets export --format cityscapes|voc|coco|cifar100|imagefolder DIR``.
 """
@@ -648,6 +655,11 @@ class TaskSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.get(index, np.random.default_rng(index))
 
+    def prepare_batch(self, batch: dict) -> dict:
+        """The device half of the pipeline on a collated batch already on its device; this wrapper's
+        transform returns model inputs, so the batch is returned as it is."""
+        return batch
+
 
 class SegmentationSet(TaskSet):
     """``{"image": float (3,h,w), "target": int64 (h,w), "name"}`` from a seg base data set."""
@@ -693,17 +705,30 @@ class DetectionSet(TaskSet):
     def collate(samples: list) -> dict:
         return collate_det(samples)
 
+    def prepare_batch(self, batch: dict) -> dict:
+        """Resize, flip, normalise and pad (to 32) the batch's uint8 pixels on their device (``device_inputs``,
+        from the targets' geometry)."""
+        images = T.device_inputs(batch["images"], batch["targets"], self.transform.normalization, size_divisor=32)
+        return {**batch, "images": images}
+
 
 class ClassificationSet(TaskSet):
-    """``{"image": float (3,h,w), "target": int}`` from a cls base data set."""
+    """``{"image": uint8 (3,h,w), "geometry", "target": int}`` from a cls base data set."""
 
     def get(self, index: int, rng: np.random.Generator) -> dict:
         sample = self.base[index]
-        return {"image": self.transform(sample["image"], rng), "target": sample["image_label"]}
+        image, geometry = self.transform(sample["image"], rng)
+        return {"image": image, "geometry": geometry, "target": sample["image_label"]}
 
     @staticmethod
     def collate(samples: list) -> dict:
         return collate_cls(samples)
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """Resize (antialiased), flip and normalise the batch's uint8 pixels on their device
+        (``device_inputs``); the prepared batch is ``{"images", "targets"}``."""
+        images = T.device_inputs(batch["images"], batch["geometry"], self.transform.normalization, antialias=True)
+        return {"images": images, "targets": batch["targets"]}
 
 
 def _pad_stack(tensors: list, size: tuple, value: float) -> torch.Tensor:
@@ -718,18 +743,28 @@ def collate_seg(samples: list) -> dict:
             "names": [s["name"] for s in samples]}
 
 
-def collate_det(samples: list, size_divisor: int = 32) -> dict:
-    """Zero-pad det images (bottom/right) to a common size that is a multiple of ``size_divisor``."""
-    height = max(s["image"].shape[1] for s in samples)
-    width = max(s["image"].shape[2] for s in samples)
-    size = (math.ceil(height / size_divisor) * size_divisor, math.ceil(width / size_divisor) * size_divisor)
-    return {"images": _pad_stack([s["image"] for s in samples], size, 0.0),
-            "image_sizes": [tuple(s["image"].shape[1:]) for s in samples],
+def _pixel_canvas(images: list) -> torch.Tensor:
+    """uint8 (3, h, w) images at the top left of a zero (B, 3, H, W) canvas of the largest; channels-last,
+    the layout of decoded images and the one torch's uint8 resize kernel is vectorised for."""
+    canvas = torch.empty(len(images), max(i.shape[1] for i in images), max(i.shape[2] for i in images), 3,
+                         dtype=torch.uint8)
+    for slot, image in zip(canvas, images):
+        height, width = image.shape[1:]
+        slot[:height, :width] = image.permute(1, 2, 0)
+        slot[height:], slot[:height, width:] = 0, 0  # only the margin: a zeroed canvas would be written twice
+    return canvas.permute(0, 3, 1, 2)
+
+
+def collate_det(samples: list) -> dict:
+    """The decoded uint8 pixels of det samples on one canvas (``prepare_batch`` resizes each from its
+    ``orig_size``); ``image_sizes`` are the sizes of the model inputs."""
+    return {"images": _pixel_canvas([s["image"] for s in samples]),
+            "image_sizes": [tuple(s["target"]["size"]) for s in samples],
             "targets": [s["target"] for s in samples]}
 
 
 def collate_cls(samples: list) -> dict:
-    return {"images": torch.stack([s["image"] for s in samples]),
+    return {"images": _pixel_canvas([s["image"] for s in samples]), "geometry": [s["geometry"] for s in samples],
             "targets": torch.tensor([s["target"] for s in samples], dtype=torch.int64)}
 
 

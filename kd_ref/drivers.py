@@ -221,9 +221,9 @@ class ScheduledGKDDistiller(GKDDistiller):
       recipe's epochs (an epoch-based recipe's own count, e.g. COCO 2x: 24), not a count of our own;
     * regenerates the prototypes: PGM instances are selected once (:func:`select_pgm_instances`, fixed
       seed) from the training set's GT boxes; each selected image goes alone through the evaluation
-      transform and the collate (pad to 32); the teacher's pooled features are computed once and cached,
-      the current student's every epoch (eval mode, no grad); :func:`generate_epoch_prototypes` then
-      :meth:`set_prototypes`.
+      transform, the collate and the data set's device step (resize, normalise, pad to 32); the teacher's
+      pooled features are computed once and cached, the current student's every epoch (eval mode, no
+      grad); :func:`generate_epoch_prototypes` then :meth:`set_prototypes`.
 
     ``level_names`` are the FPN outputs (keys of a detector's ``feats``) the distiller works on. Under DDP
     every rank pools the features of every ``world_size``-th selected image; the pooled vectors are
@@ -284,9 +284,9 @@ class ScheduledGKDDistiller(GKDDistiller):
         for position in tqdm(positions, desc=f"GKD prototypes, epoch {context.epoch}", disable=not runtime.is_main,
                              leave=False, dynamic_ncols=True):
             index, boxes, labels = self._pgm_images[position]
-            image, input_boxes, _, _ = transform(base[index]["image"], boxes.numpy(), None)
-            batch = context.collate([{"image": image, "target": {}}])
-            batch["images"] = batch["images"].to(runtime.device)
+            image, input_boxes, _, meta = transform(base[index]["image"], boxes.numpy(), None)
+            batch = context.collate([{"image": image, "target": meta}])
+            batch = context.dataset.prepare_batch({**batch, "images": batch["images"].to(runtime.device)})
             if position not in self._teacher_cache:
                 self._teacher_cache[position] = self._pooled(context.teacher, batch, input_boxes)
             records.append((position, self._pooled(context.student, batch, input_boxes),

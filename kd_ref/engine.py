@@ -716,7 +716,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
             run.begin_epoch()
             tick = time.perf_counter()
             for batch in run.loader:
-                batch = move_to(batch, runtime.device)
+                batch = run.train_set.prepare_batch(move_to(batch, runtime.device))
                 step = run.train_step(batch, data_seconds=time.perf_counter() - tick,
                                       stop_flag=guard.agreed_flag(runtime))
                 run.extra_step(step)
@@ -1050,7 +1050,8 @@ def discard_previous_run(out_dir: str) -> None:
 
 
 def move_to(batch, device: torch.device):
-    """Move every tensor of a (nested) batch to ``device``."""
+    """Move every tensor of a (nested) batch to ``device``. The data set's ``prepare_batch`` then runs the
+    device half of its pipeline (kd_ref.datasets)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -1069,7 +1070,7 @@ def evaluate(task, model: nn.Module, dataset, collate, runtime: Runtime, recipe,
     loader = DataLoader(shard, batch_size=1, num_workers=workers, collate_fn=collate)
     state = task.new_eval_state(recipe)
     for batch in tqdm(loader, desc="eval", disable=not runtime.is_main or quiet, dynamic_ncols=True, leave=False):
-        batch = move_to(batch, runtime.device)
+        batch = dataset.prepare_batch(move_to(batch, runtime.device))
         with runtime.autocast():
             out = model(batch["images"], image_sizes=batch.get("image_sizes"))
         task.update_eval_state(state, out, batch, save_pred)

@@ -2,11 +2,22 @@
 
 Every random transform takes an explicit ``numpy.random.Generator``: the engine gives each sample its
 own generator seeded by (seed, epoch, index), so augmentation never depends on which worker loads a
-sample and never touches the global RNGs. Images enter as uint8 ``H x W x 3`` RGB arrays and leave as
-normalised float ``(3, H, W)`` tensors; resizing follows ``torch.nn.functional.interpolate`` (bilinear
-for images, nearest for labels and masks). Whole-image resizes (detection, ImageNet) run on uint8
-(:func:`resize_uint8`); the segmentation crop resamples only the window it keeps (:func:`resized_window`,
-:func:`resized_label_window`), equal to resize-then-crop (labels exactly, images to 1e-2 of a level).
+sample and never touches the global RNGs. Images enter as uint8 ``H x W x 3`` RGB arrays; resizing follows
+``torch.nn.functional.interpolate`` (bilinear for images, nearest for labels and masks). The segmentation and
+depth transforms return normalised float ``(3, H, W)`` tensors; the segmentation crop resamples only the
+window it keeps (:func:`resized_window`, :func:`resized_label_window`), equal to resize-then-crop (labels
+exactly, images to 1e-2 of a level).
+
+Detection and classification split their pipeline in two halves, so that a DataLoader worker does little
+more than decode: the transform (the CPU half, in the worker) makes every random draw, maps the targets and
+returns uint8 pixels (the decoded image, or a crop of it) with their geometry (the size to resize them to,
+whether to flip them), and the collate stacks them on a uint8 zero canvas; the device half,
+:func:`device_inputs`, runs on the batch after its transfer, in the training process (tensor ops on a GPU):
+resize, flip, normalise, zero padding (detection: to a multiple of 32). Evaluation crops of ImageNet
+(resize, then a centre crop) are resized in the worker, in uint8 (:func:`resize_uint8`). On the CPU the
+batches are those of the former all-in-worker pipeline bit for bit (the same operations per pixel); another
+device has no uint8 resize kernel and resizes in float, rounded: within one intensity level
+(:func:`resize_pixels`).
 
 Normalisations (pixel values on the 0..255 scale throughout):
 
@@ -65,10 +76,10 @@ def check_normalization(normalization: str) -> str:
 
 
 def normalize(image: torch.Tensor, normalization: str) -> torch.Tensor:
-    """Normalise a float ``(3, H, W)`` RGB tensor on the 0..255 scale (see the module docstring)."""
+    """Normalise a float ``(..., 3, H, W)`` RGB tensor on the 0..255 scale (see the module docstring)."""
     spec = NORMALIZATIONS[check_normalization(normalization)]
     if spec["bgr"]:
-        image = image.flip(0)
+        image = image.flip(-3)
     image = image - torch.tensor(spec["mean"]).view(3, 1, 1)
     if spec["std"] == (1.0, 1.0, 1.0):  # caffe style has no std: one pass less over the image, same values
         return image
@@ -89,14 +100,43 @@ def resize_label(label: torch.Tensor, size: tuple) -> torch.Tensor:
     return out.to(label.dtype).reshape(*label.shape[:-2], *size)
 
 
+def pixels(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``H x W x 3`` RGB array -> uint8 ``(3, H, W)`` tensor sharing its memory (channels-last strides);
+    a read-only array (``np.asarray`` of a PIL image) is copied, as torch tensors are writable."""
+    return torch.from_numpy(np.require(check_image(image), requirements="W")).permute(2, 0, 1)
+
+
+def check_pixel_batch(images: torch.Tensor) -> torch.Tensor:
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images: expected a collated uint8 (B, 3, H, W) batch, got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    return images
+
+
+def resize_pixels(images: torch.Tensor, size: tuple, antialias: bool = False) -> torch.Tensor:
+    """Bilinear resize of uint8 ``(N, 3, H, W)`` pixels to ``size = (h, w)``, in uint8; the same size is
+    returned unchanged. On the CPU, torch's uint8 kernel (vectorised for channels-last input: about 3x
+    faster than resizing in float, within one intensity level of it); other devices have no uint8 bilinear
+    kernel, so there the float resize is rounded (:func:`rounded_float_resize`)."""
+    if tuple(size) == tuple(images.shape[-2:]):
+        return images
+    if images.device.type != "cpu":
+        return rounded_float_resize(images, size, antialias)
+    return F.interpolate(images, size=tuple(size), mode="bilinear", align_corners=False, antialias=antialias)
+
+
+def rounded_float_resize(images: torch.Tensor, size: tuple, antialias: bool = False) -> torch.Tensor:
+    """The float bilinear resize of uint8 pixels, rounded back to uint8: within one level of the CPU's
+    uint8 kernel, whose fixed-point weights round differently."""
+    resized = F.interpolate(images.float(), size=tuple(size), mode="bilinear", align_corners=False,
+                            antialias=antialias)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def resize_uint8(image: np.ndarray, size: tuple, antialias: bool = False) -> torch.Tensor:
-    """Bilinear resize of a uint8 ``H x W x 3`` array to ``size = (h, w)`` in uint8 (torch's vectorised
-    channels-last kernel: about 3x faster than resizing in float, within one intensity level of it), as a
-    float ``(3, h, w)`` tensor on the 0..255 scale; the same size is returned unchanged."""
-    tensor = torch.from_numpy(check_image(image)).permute(2, 0, 1)[None]  # an H x W x 3 array is channels-last
-    if tuple(size) != tuple(tensor.shape[-2:]):
-        tensor = F.interpolate(tensor, size=tuple(size), mode="bilinear", align_corners=False, antialias=antialias)
-    return tensor[0].float()
+    """Bilinear resize of a uint8 ``H x W x 3`` array to ``size = (h, w)`` in uint8 (:func:`resize_pixels`),
+    as a uint8 ``(3, h, w)`` tensor (channels-last strides)."""
+    return resize_pixels(pixels(image)[None], size, antialias)[0]
 
 
 def _source_positions(first: int, count: int, in_size: int, out_size: int) -> torch.Tensor:
@@ -149,9 +189,12 @@ def pad_bottom_right(tensor: torch.Tensor, size: tuple, value: float) -> torch.T
     return F.pad(tensor, (0, pad_w, 0, pad_h), value=value)
 
 
-def flip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
-    """Mirror xyxy boxes horizontally in an image of ``width`` pixels (mmdet: x' = w - x)."""
-    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+def flip_boxes(boxes, width: int):
+    """Mirror xyxy boxes (a tensor or an array) horizontally in an image of ``width`` pixels (mmdet:
+    x' = w - x)."""
+    flipped = boxes[:, [2, 1, 0, 3]]
+    flipped[:, [0, 2]] = width - flipped[:, [0, 2]]
+    return flipped
 
 
 def draw_scale(rng: np.random.Generator, scales: tuple, step: float | None = 0.1) -> float:
@@ -314,14 +357,17 @@ def draw_image_scale(rng: np.random.Generator, scales: tuple, mode: str) -> tupl
 
 class DetTransform:
     """mmdet 2.x pipeline: resize keeping the ratio to fit ``scale`` (default (1333, 800)), random flip
-    (``flip_prob``; 0 for evaluation), normalise. Padding to a multiple of 32 happens in the collate.
-    Multi-scale training: ``scales`` (more than one (long, short) pair, or two bounds with
-    ``multiscale_mode='range'``) draws the scale of every sample first (:func:`draw_image_scale`); a single
-    scale draws nothing, so the generator's stream is that of the single-scale pipeline.
+    (``flip_prob``; 0 for evaluation), normalise, zero padding to a multiple of 32. Multi-scale training:
+    ``scales`` (more than one (long, short) pair, or two bounds with ``multiscale_mode='range'``) draws the
+    scale of every sample first (:func:`draw_image_scale`); a single scale draws nothing, so the generator's
+    stream is that of the single-scale pipeline.
 
-    ``__call__(image, boxes (K,4) xyxy, rng, masks=None) -> (image (3,h,w), boxes, masks, meta)`` with
-    ``meta = {"orig_size": (H, W), "size": (h, w), "scale_factor": factor, "flipped": bool}``. Boxes are
-    scaled per axis by h/H and w/W (as mmdet), which :func:`boxes_to_original` undoes.
+    This is the CPU half (module docstring): it makes the draws and maps the targets, and returns the
+    decoded pixels; :func:`device_inputs` resizes, flips, normalises and pads them on the device, from
+    ``meta``. ``__call__(image, boxes (K,4) xyxy, rng, masks=None) -> (pixels uint8 (3,H,W), boxes, masks,
+    meta)`` with ``meta = {"orig_size": (H, W), "size": (h, w), "scale_factor": factor, "flipped": bool}``;
+    boxes and masks are those of the model input (h, w), flipped with it. Boxes are scaled per axis by h/H and
+    w/W (as mmdet), which :func:`boxes_to_original` undoes.
     """
 
     def __init__(self, scale: tuple = (1333, 800), flip_prob: float = 0.5, normalization: str = "imagenet_rgb",
@@ -334,19 +380,41 @@ class DetTransform:
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, rng: np.random.Generator | None,
                  masks: np.ndarray | None = None):
-        height, width = image.shape[:2]
+        height, width = check_image(image).shape[:2]
         scale = self.scales[0] if len(self.scales) == 1 else draw_image_scale(rng, self.scales, self.multiscale_mode)
         size, factor = rescale_size(height, width, scale)
-        tensor = normalize(resize_uint8(image, size), self.normalization)
-        boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
-        boxes = boxes * torch.tensor([size[1] / width, size[0] / height] * 2)
+        # the box arithmetic in numpy: on a handful of boxes, torch's per-operation overhead would cost a
+        # worker a few percent of its decoding rate (float32 either way, the same values)
+        boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.float32([size[1] / width, size[0] / height] * 2)
         masks = None if masks is None else resize_label(torch.from_numpy(np.asarray(masks, dtype=bool)), size)
         flipped = self.flip_prob > 0 and rng.random() < self.flip_prob
         if flipped:
-            tensor, boxes = tensor.flip(-1), flip_boxes(boxes, size[1])
+            boxes = flip_boxes(boxes, size[1])
             masks = None if masks is None else masks.flip(-1)
         meta = {"orig_size": (height, width), "size": size, "scale_factor": factor, "flipped": flipped}
-        return tensor.contiguous(), boxes, masks, meta
+        return pixels(image), torch.from_numpy(boxes), masks, meta
+
+
+def device_inputs(images: torch.Tensor, geometry: list, normalization: str, antialias: bool = False,
+                  size_divisor: int = 1) -> torch.Tensor:
+    """The device half of the detection and classification pipelines (module docstring): uint8 ``images``
+    (B, 3, H, W), each image's pixels at the top left, -> float model inputs (B, 3, Hp, Wp). Image ``i`` of
+    ``geometry[i]["orig_size"]`` is resized to ``geometry[i]["size"]`` (:func:`resize_pixels`; the same
+    size: untouched), flipped if ``geometry[i]["flipped"]``, normalised, and 0 at the bottom/right (after
+    normalisation, as mmdet pads) up to the largest size rounded up to a multiple of ``size_divisor``."""
+    check_pixel_batch(images)
+    sizes = [tuple(entry["size"]) for entry in geometry]
+    padded = tuple(math.ceil(max(side) / size_divisor) * size_divisor for side in zip(*sizes))
+    canvas = images.new_zeros(len(geometry), 3, *padded)  # planar: float ops broadcast over channels fastest
+    for index, (entry, (height, width)) in enumerate(zip(geometry, sizes)):
+        orig_h, orig_w = entry["orig_size"]
+        resized = resize_pixels(images[index:index + 1, :, :orig_h, :orig_w], (height, width), antialias)[0]
+        canvas[index, :, :height, :width] = resized.flip(-1) if entry["flipped"] else resized
+    inputs = normalize(canvas.float(), normalization)
+    for index, (height, width) in enumerate(sizes):
+        inputs[index, :, height:] = 0
+        inputs[index, :, :, width:] = 0
+    return inputs
 
 
 def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:
@@ -356,28 +424,38 @@ def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- classification
+def _geometry(pixels: torch.Tensor, size: tuple, flipped: bool) -> dict:
+    """What :func:`device_inputs` does to a classification sample's ``pixels``: resize to ``size``, flip."""
+    return {"orig_size": tuple(pixels.shape[1:]), "size": tuple(size), "flipped": bool(flipped)}
+
+
 class PadCropFlip:
     """CIFAR training: zero-pad ``padding`` pixels, random ``size`` crop (int or (h, w)), flip p = 0.5
-    (torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip). ``__call__(image, rng)``."""
+    (torchvision RandomCrop(32, padding=4) + RandomHorizontalFlip). ``__call__(image, rng) -> (uint8
+    (3, h, w), geometry)``: the crop, whose flip and normalisation :func:`device_inputs` makes on the
+    device (the padding is black, 0 before normalisation, as torchvision pads the PIL image)."""
 
     def __init__(self, size=32, padding: int = 4, normalization: str = "cifar100"):
         self.size = (size, size) if isinstance(size, int) else tuple(size)
         self.padding, self.normalization = padding, check_normalization(normalization)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        tensor = F.pad(to_tensor(image), (self.padding,) * 4, value=0.0)
-        tensor = pad_bottom_right(tensor, self.size, 0.0)
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple:
+        tensor = F.pad(pixels(image), (self.padding,) * 4, value=0)
+        tensor = pad_bottom_right(tensor, self.size, 0)
         top = int(rng.integers(tensor.shape[1] - self.size[0] + 1))
         left = int(rng.integers(tensor.shape[2] - self.size[1] + 1))
         tensor = tensor[:, top:top + self.size[0], left:left + self.size[1]]
-        if rng.random() < 0.5:
-            tensor = tensor.flip(-1)
-        return normalize(tensor, self.normalization).contiguous()
+        return tensor, _geometry(tensor, self.size, rng.random() < 0.5)
 
 
 class RandomResizedCropFlip:
     """ImageNet training (torchvision RandomResizedCrop(224) + flip): area fraction in ``area`` and
-    log-uniform aspect ratio in ``ratio``, 10 tries, then the torchvision centre-crop fallback."""
+    log-uniform aspect ratio in ``ratio``, 10 tries, then the torchvision centre-crop fallback.
+    ``__call__(image, rng) -> (uint8 (3, h, w), geometry)``: the crop window of the decoded pixels, which
+    :func:`device_inputs` resizes (antialiased), flips and normalises on the device. A window more than
+    ``DEVICE_RESIZE_LIMIT`` times the output on a side is resized here instead (in uint8, the same kernel
+    on the CPU): the batch's canvas has the size of its largest window, which a large photo would blow up."""
+    DEVICE_RESIZE_LIMIT = 2.5
 
     def __init__(self, size: int = 224, area: tuple = (0.08, 1.0), ratio: tuple = (3 / 4, 4 / 3),
                  normalization: str = "imagenet_rgb"):
@@ -400,25 +478,26 @@ class RandomResizedCropFlip:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> tuple:
         top, left, h, w = self._window(image.shape[0], image.shape[1], rng)
-        tensor = resize_uint8(image[top:top + h, left:left + w], (self.size, self.size), antialias=True)
-        if rng.random() < 0.5:
-            tensor = tensor.flip(-1)
-        return normalize(tensor, self.normalization).contiguous()
+        window = pixels(image)[:, top:top + h, left:left + w]
+        if max(h, w) > self.DEVICE_RESIZE_LIMIT * self.size:
+            window = resize_pixels(window[None], (self.size, self.size), antialias=True)[0]
+        return window, _geometry(window, (self.size, self.size), rng.random() < 0.5)
 
 
 class ResizeCenterCrop:
-    """ImageNet evaluation: resize the short side to ``resize`` (256), centre crop ``size`` (224).
-    ``resize=None`` skips the resize (CIFAR / synthetic evaluation: normalise the whole image)."""
+    """ImageNet evaluation: resize the short side to ``resize`` (256), centre crop ``size`` (224), in uint8.
+    ``resize=None`` skips the resize (CIFAR / synthetic evaluation: the whole image). ``__call__(image)
+    -> (uint8 (3, h, w), geometry)``; :func:`device_inputs` normalises on the device."""
 
     def __init__(self, size: int | None = 224, resize: int | None = 256, normalization: str = "imagenet_rgb"):
         self.size, self.resize = size, resize
         self.normalization = check_normalization(normalization)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None = None) -> tuple:
         if self.resize is None:
-            tensor = to_tensor(image)
+            tensor = pixels(image)
         else:
             # torchvision Resize(int): short side -> resize, long side truncated
             height, width = image.shape[:2]
@@ -431,4 +510,4 @@ class ResizeCenterCrop:
             top = int(round((tensor.shape[1] - self.size) / 2))
             left = int(round((tensor.shape[2] - self.size) / 2))
             tensor = tensor[:, top:top + self.size, left:left + self.size]
-        return normalize(tensor, self.normalization).contiguous()
+        return tensor, _geometry(tensor, tensor.shape[1:], False)

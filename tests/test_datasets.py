@@ -308,17 +308,76 @@ def test_det_batches_pad_to_32_and_drop_difficult_in_training():
         "difficult"]], np.random.default_rng(0))
     assert torch.equal(unseeded[0], draws[0]["image"]) and torch.equal(unseeded[1], draws[0]["target"]["boxes"])
     small = D.DetectionSet(base, T.DetTransform((40, 20), flip_prob=0.0))[0]
-    batch = D.collate_det([sample, small])
-    assert batch["images"].shape == (2, 3, 64, 96) and batch["image_sizes"] == [(50, 70), (20, 28)]
-    assert batch["images"][1, :, 20:].abs().sum() == 0 and batch["targets"][0]["image_id"] == index
+    batch = D.collate_det([sample, small])  # the decoded 50 x 70 pixels of both, resized on the device
+    assert batch["images"].shape == (2, 3, 50, 70) and batch["images"].dtype == torch.uint8
+    assert batch["image_sizes"] == [(50, 70), (20, 28)]
+    prepared = train.prepare_batch(batch)
+    assert prepared["images"].shape == (2, 3, 64, 96) and prepared["images"].dtype == torch.float32
+    assert prepared["images"][1, :, 20:].abs().sum() == 0 and prepared["images"][1, :, :, 28:].abs().sum() == 0
+    assert prepared["targets"][0]["image_id"] == index and prepared["image_sizes"] == batch["image_sizes"]
     assert batch["targets"][1]["scale_factor"] == pytest.approx(0.4)
 
 
 def test_cls_batches():
     dataset = D.build_dataset("cls", "synthetic", split="train", size=SIZE, length=2)
     batch = dataset.collate([dataset[0], dataset[1]])
-    assert batch["images"].shape == (2, 3) + SIZE and batch["targets"].dtype == torch.int64
+    assert batch["images"].shape == (2, 3) + SIZE and batch["images"].dtype == torch.uint8
+    assert batch["targets"].dtype == torch.int64
     assert batch["targets"].tolist() == [dataset.base[0]["image_label"], dataset.base[1]["image_label"]]
+    prepared = dataset.prepare_batch(batch)  # the flip drawn in the worker is made on the device
+    assert set(prepared) == {"images", "targets"} and prepared["targets"] is batch["targets"]
+    for image, pixels, geometry in zip(prepared["images"], batch["images"], batch["geometry"]):
+        assert torch.equal(image, T.normalize((pixels.flip(-1) if geometry["flipped"] else pixels).float(), "imagenet_rgb"))
+
+
+def _digest(value, digest) -> None:
+    if torch.is_tensor(value):
+        digest.update(str(value.dtype).encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.contiguous().numpy().tobytes())
+    elif isinstance(value, dict):
+        for key in sorted(value):
+            digest.update(key.encode())
+            _digest(value[key], digest)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _digest(item, digest)
+    else:
+        digest.update(repr(value).encode())
+
+
+# sha256 (first 16 hex digits) of one collated and device-prepared batch of each task's synthetic demo data:
+# three training samples of epoch 1 and the evaluation sample 1, as produced before detection and
+# classification moved their normalisation (and detection its resize) to the device
+SYNTHETIC_BATCH_DIGESTS = {
+    ("seg", "train"): "e0b884eb7db61885", ("seg", "val"): "59b1e4eefa0eb198",
+    ("det", "train"): "8b8c53c9f76befb3", ("det", "val"): "5fcf10453e726d55",
+    ("cls", "train"): "4a6d323711640f6b", ("cls", "val"): "cca42e4ee502901f",
+    ("ins", "train"): "fadd76e33c6d014c", ("ins", "val"): "bbde364ffaddf39b",
+    ("depth", "train"): "0078a3914379f957", ("depth", "val"): "eacf5767053e3934",
+}
+
+
+@pytest.mark.parametrize("task", ["seg", "det", "cls", "ins", "depth"])
+def test_synthetic_demo_batches_are_bit_identical_to_the_former_pipeline(task):
+    import dataclasses
+    import hashlib
+
+    from kd_ref import configs, engine
+
+    recipe = configs.PRESETS[configs.default_preset(task, "none", "synthetic")]
+    recipe = dataclasses.replace(recipe, synthetic_train=3, synthetic_val=2)
+    for split in ("train", "val"):
+        dataset, collate = configs.TASKS[task].build_data(recipe, split, None)
+        if split == "train":
+            augmented = engine.EpochAugmentation(dataset, recipe.seed)
+            augmented.epoch = 1
+            batch = collate([augmented[index] for index in range(3)])
+        else:
+            batch = collate([dataset[1]])
+        digest = hashlib.sha256()
+        _digest(dataset.prepare_batch(batch), digest)
+        assert digest.hexdigest()[:16] == SYNTHETIC_BATCH_DIGESTS[task, split], split
 
 
 def test_save_prediction_writes_ids_and_colours(tmp_path):

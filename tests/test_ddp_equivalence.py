@@ -174,10 +174,17 @@ def _freeze_batchnorm(*modules):
                 layer.eval()
 
 
+GEOMETRY = ("orig_size", "size", "flipped")
+
+
 def _samples(recipe, split: str, rank: int, world_size: int, sharded: bool = False) -> list:
     """Per iteration, the list of batches this process computes its objective on: its own shard; in one
     process the whole batch of both, or with ``sharded`` the two shards, whose objectives it averages."""
-    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+    dataset, collate_samples = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+
+    def collate(samples: list) -> dict:  # what the engine trains on: collated, then the device half
+        return dataset.prepare_batch(collate_samples(samples))
+
     size = _per_process(recipe)
     batches = []
     for iteration in range(ITERATIONS):
@@ -185,8 +192,10 @@ def _samples(recipe, split: str, rank: int, world_size: int, sharded: bool = Fal
         halves = [drawn[:size], drawn[size:]]
         if split == "mirrored":
             halves[1] = drawn[size - 1::-1]
-        elif recipe.task in ("det", "ins"):
-            halves[1] = [{**other, "target": own["target"]} for own, other in zip(drawn[:size], drawn[size:])]
+        elif recipe.task in ("det", "ins"):  # other images, the same targets; each image keeps the geometry
+            # (size, flip) the device step resizes and flips its pixels by
+            halves[1] = [{**other, "target": {**own["target"], **{key: other["target"][key] for key in GEOMETRY}}}
+                         for own, other in zip(drawn[:size], drawn[size:])]
         if world_size > 1:
             batches.append([collate(halves[rank])])
         else:

@@ -33,7 +33,7 @@ def test_real_format_fixture_trees_load_and_evaluate(tmp_path, fmt, data, crop):
                             normalization="cifar100" if data == "cifar100" else "imagenet_rgb")
     TASK.check_recipe(recipe)
     train_set, collate = TASK.build_data(recipe, "train", str(tmp_path))
-    batch = collate([train_set.get(i, np.random.default_rng(i)) for i in range(3)])
+    batch = train_set.prepare_batch(collate([train_set.get(i, np.random.default_rng(i)) for i in range(3)]))
     assert batch["images"].shape == (3, 3, crop, crop) and batch["targets"].dtype == torch.int64
     assert batch["targets"].tolist() == [train_set.base[i]["image_label"] for i in range(3)]
     metrics = evaluate_untrained(recipe, str(tmp_path))

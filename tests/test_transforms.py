@@ -3,6 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kd_ref import transforms as T
 
@@ -192,8 +193,13 @@ def test_resize_uint8_is_within_one_level_of_the_float_resize():
             image = generator.integers(0, 256, (*generator.integers(5, 60, 2), 3), dtype=np.uint8)
             size = tuple(int(v) for v in generator.integers(3, 90, 2))
             reference = T.resize_image(T.to_tensor(image), size, antialias=antialias)
-            assert (T.resize_uint8(image, size, antialias) - reference).abs().max() < 1.001  # rounding + fixed-point weights
-    assert torch.equal(T.resize_uint8(image, image.shape[:2]), T.to_tensor(image))  # same size: untouched
+            resized = T.resize_uint8(image, size, antialias)
+            assert resized.dtype == torch.uint8 and resized.shape == (3, *size)
+            assert (resized - reference).abs().max() < 1.001  # rounding + fixed-point weights
+            # the resize of devices without a uint8 kernel: the float one, rounded
+            rounded = T.rounded_float_resize(T.pixels(image)[None], size, antialias)[0]
+            assert rounded.dtype == torch.uint8 and (rounded.float() - resized.float()).abs().max() <= 1
+    assert torch.equal(T.resize_uint8(image, image.shape[:2]), T.pixels(image))  # same size: untouched
     with pytest.raises(ValueError, match="uint8 H x W x 3"):
         T.resize_uint8(image.astype(np.float32), (4, 4))
 
@@ -209,6 +215,12 @@ def test_flip_boxes_by_hand_and_involution():
     assert torch.equal(T.flip_boxes(T.flip_boxes(boxes, 100), 100), boxes)
 
 
+def det_inputs(transform_output, normalization="imagenet_rgb"):
+    """One transformed sample through the device half, as a batch of one."""
+    pixels, _, _, meta = transform_output
+    return T.device_inputs(pixels[None], [meta], normalization, size_divisor=32)[0]
+
+
 def test_det_transform_scales_flips_and_maps_back():
     image = np.zeros((40, 60, 3), np.uint8)
     image[10:20, 5:25] = 255
@@ -217,29 +229,107 @@ def test_det_transform_scales_flips_and_maps_back():
     masks[0, 10:20, 5:25] = True
     plain = T.DetTransform(scale=(120, 80), flip_prob=0.0)
     out, out_boxes, out_masks, meta = plain(image, boxes, None, masks)
-    assert out.shape == (3, 80, 120) and meta["size"] == (80, 120) and meta["scale_factor"] == 2.0
+    assert out.dtype == torch.uint8 and torch.equal(out, T.pixels(image))  # the CPU half does not resize
+    assert meta["size"] == (80, 120) and meta["scale_factor"] == 2.0
+    assert det_inputs((out, out_boxes, out_masks, meta)).shape == (3, 96, 128)  # padded to 32
     assert out_boxes.tolist() == [[10.0, 20.0, 50.0, 40.0]]
     assert out_masks.shape == (1, 80, 120) and out_masks[0, 20:40, 10:50].all() and out_masks.sum() == 800
     assert torch.allclose(T.boxes_to_original(out_boxes, meta), torch.from_numpy(boxes))
-    flipped, flipped_boxes, flipped_masks, meta = T.DetTransform((120, 80), flip_prob=1.0)(image, boxes, rng(), masks)
+    flipping = T.DetTransform((120, 80), flip_prob=1.0)(image, boxes, rng(), masks)
+    _, flipped_boxes, flipped_masks, meta = flipping
     assert meta["flipped"] and flipped_boxes.tolist() == [[70.0, 20.0, 110.0, 40.0]]
     assert flipped_masks[0, 20:40, 70:110].all() and flipped_masks.sum() == 800
-    bright = flipped[0] > 1.0  # the white patch, normalised
-    cols = torch.nonzero(bright.any(0)).flatten()
-    assert cols.min().item() == 70 and cols.max().item() == 109
+    flipped = det_inputs(flipping)
+    bright = flipped[0] > 1.0  # the white patch, normalised: where the flipped box and mask are
+    cols, rows = torch.nonzero(bright.any(0)).flatten(), torch.nonzero(bright.any(1)).flatten()
+    assert (cols.min().item(), cols.max().item(), rows.min().item(), rows.max().item()) == (70, 109, 20, 39)
+    assert (flipped[:, 80:] == 0).all() and (flipped[:, :, 120:] == 0).all()
+
+
+def former_det_input(image, meta, normalization):
+    """The all-in-worker pipeline this repository ran before the device half: uint8 resize, float,
+    normalise, flip."""
+    tensor = T.normalize(T.resize_uint8(image, meta["size"]).float(), normalization)
+    return tensor.flip(-1) if meta["flipped"] else tensor
+
+
+@pytest.mark.parametrize("normalization", ["imagenet_rgb", "caffe2_bgr"])
+def test_detection_device_inputs_equal_the_former_float_pipeline_with_exact_zero_padding(normalization):
+    from kd_ref import datasets
+
+    generator = rng(5)
+    images = [generator.integers(0, 256, shape, dtype=np.uint8) for shape in ((30, 50, 3), (44, 26, 3), (21, 21, 3))]
+    transform = T.DetTransform((90, 60), flip_prob=0.5, normalization=normalization)
+    samples = []
+    for seed, image in enumerate(images):
+        pixels, boxes, _, meta = transform(image, np.zeros((0, 4), np.float32), rng(seed))
+        samples.append({"image": pixels, "target": meta})
+    assert {sample["target"]["flipped"] for sample in samples} == {False, True}
+    batch = datasets.collate_det(samples)
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (3, 3, 44, 50)
+    inputs = T.device_inputs(batch["images"], batch["targets"], normalization, size_divisor=32)
+    assert inputs.shape == (3, 3, 96, 96) and inputs.is_contiguous()
+    for index, (image, sample) in enumerate(zip(images, samples)):
+        height, width = sample["target"]["size"]
+        assert batch["image_sizes"][index] == (height, width)
+        assert torch.equal(inputs[index, :, :height, :width], former_det_input(image, sample["target"], normalization))
+        padding = torch.ones_like(inputs[index], dtype=torch.bool)
+        padding[:, :height, :width] = False
+        assert (inputs[index][padding] == 0).all() and not torch.signbit(inputs[index][padding]).any()
+    with pytest.raises(ValueError, match=r"images: expected a collated uint8 \(B, 3, H, W\) batch, got torch.float32"):
+        T.device_inputs(inputs, batch["targets"], normalization)
+
+
+def former_cls_input(transform, image, seed):
+    """The all-in-worker classification pipelines this repository ran before the device half."""
+    generator = rng(seed)
+    if isinstance(transform, T.RandomResizedCropFlip):
+        top, left, h, w = transform._window(image.shape[0], image.shape[1], generator)
+        tensor = T.resize_uint8(image[top:top + h, left:left + w], (transform.size,) * 2, antialias=True).float()
+    else:
+        tensor = F.pad(T.to_tensor(image), (transform.padding,) * 4, value=0.0)
+        tensor = T.pad_bottom_right(tensor, transform.size, 0.0)
+        top = int(generator.integers(tensor.shape[1] - transform.size[0] + 1))
+        left = int(generator.integers(tensor.shape[2] - transform.size[1] + 1))
+        tensor = tensor[:, top:top + transform.size[0], left:left + transform.size[1]]
+    tensor = tensor.flip(-1) if generator.random() < 0.5 else tensor
+    return T.normalize(tensor, transform.normalization)
+
+
+@pytest.mark.parametrize("transform", [T.RandomResizedCropFlip(64), T.RandomResizedCropFlip(8),
+                                       T.PadCropFlip(32, 4, "cifar100")], ids=["device-resize", "worker-resize", "pad"])
+def test_classification_device_inputs_equal_the_former_float_pipeline(transform):
+    photo = rng(3).integers(0, 256, (120, 160, 3), dtype=np.uint8)  # windows of 34..160 px a side
+    samples = [transform(photo, rng(seed)) for seed in range(8)]
+    assert {geometry["flipped"] for _, geometry in samples} == {False, True}
+    assert all(pixels.dtype == torch.uint8 for pixels, _ in samples)
+    if isinstance(transform, T.RandomResizedCropFlip):  # windows over 2.5x the output are resized in the worker
+        resized_here = {tuple(pixels.shape[1:]) == (transform.size,) * 2 for pixels, _ in samples}
+        assert resized_here == {transform.size == 8}
+    from kd_ref import datasets
+
+    batch = datasets.collate_cls([{"image": pixels, "geometry": geometry, "target": 0} for pixels, geometry in samples])
+    inputs = T.device_inputs(batch["images"], batch["geometry"], transform.normalization, antialias=True)
+    assert inputs.is_contiguous() and inputs.dtype == torch.float32
+    for index in range(len(samples)):
+        assert torch.equal(inputs[index], former_cls_input(transform, photo, index))
 
 
 def test_classification_transforms_shapes_and_padding():
     image = np.full((32, 32, 3), 255, np.uint8)
-    crops = [T.PadCropFlip(32, 4)(image, rng(seed)) for seed in range(20)]
-    assert all(c.shape == (3, 32, 32) for c in crops)
-    zero = T.normalize(torch.zeros(3, 1, 1), "cifar100")[:, 0, 0]
-    assert any(torch.allclose(c[:, 0, 0], zero) for c in crops)  # some crops start inside the padding
+    crops = [T.PadCropFlip(32, 4)(image, rng(seed))[0] for seed in range(20)]
+    assert all(c.shape == (3, 32, 32) and c.dtype == torch.uint8 for c in crops)
+    assert any((c[:, 0, 0] == 0).all() for c in crops)  # some crops start inside the (black) padding
     photo = rng().integers(0, 256, (300, 400, 3), dtype=np.uint8)
-    assert T.RandomResizedCropFlip(224)(photo, rng()).shape == (3, 224, 224)
-    assert T.ResizeCenterCrop(224, 256)(photo).shape == (3, 224, 224)
-    assert T.ResizeCenterCrop(None, None)(photo).shape == (3, 300, 400)
-    assert T.PadCropFlip((24, 40), 3, "imagenet_rgb")(photo[:24, :40], rng()).shape == (3, 24, 40)
+    window, geometry = T.RandomResizedCropFlip(224)(photo, rng())
+    assert geometry["size"] == (224, 224) and geometry["orig_size"] == tuple(window.shape[1:])
+    evaluation, geometry = T.ResizeCenterCrop(224, 256)(photo)
+    assert evaluation.shape == (3, 224, 224) and geometry == {"orig_size": (224, 224), "size": (224, 224),
+                                                              "flipped": False}
+    assert T.ResizeCenterCrop(None, None)(photo)[0].shape == (3, 300, 400)
+    assert T.PadCropFlip((24, 40), 3, "imagenet_rgb")(photo[:24, :40], rng())[0].shape == (3, 24, 40)
+    with pytest.raises(ValueError, match=r"images: expected a collated uint8 \(B, 3, H, W\) batch, got torch.uint8 \(3, 32, 32\)"):
+        T.device_inputs(crops[0], [geometry], "cifar100")
 
 
 def test_seed_worker_is_reproducible_per_seed_rank_worker():
