@@ -766,8 +766,9 @@ def iteration_flops(recipe: configs.Recipe, probe: str | None = None, probe_imag
         else:
             dataset, collate = task.probe_data(recipe, probe_image_size(recipe), PROBE_OBJECTS[recipe.data],
                                                probe_images)
-            batch, images = collate([dataset.get(index, np.random.default_rng(index)) for index in
-                                     range(probe_images)]), probe_images
+            batch = dataset.prepare_batch(collate([dataset.get(index, np.random.default_rng(index))
+                                                   for index in range(probe_images)]))
+            images = probe_images
             description = (f"{'x'.join(map(str, probe_image_size(recipe)))} image, {PROBE_OBJECTS[recipe.data]} "
                            f"boxes, input {'x'.join(map(str, batch['images'].shape[-2:]))}")
         if probe == "real":
