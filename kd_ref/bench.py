@@ -983,6 +983,19 @@ def official_coco_stats(coco_gt, results: list) -> list:
     return [float(value) * 100 for value in evaluator.stats[:len(COCO_STAT_NAMES)]]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread for the duration: the rates of a DataLoader worker, or of an evaluator next to
+    the single-threaded official ones (several threads also slow down badly on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_thread()  # as the official evaluators run
 def evaluation_rates(seg_root: str | None = None, coco_root: str | None = None, images: int = 8,
                      coco_images: int = 100, detections_per_image: int = 100, warmup: int = 1,
                      rounds: int = 3) -> dict:
@@ -1210,33 +1223,29 @@ def data_rates(pipelines: dict, count: int, rounds: int) -> dict:
     return {name: rounds * count / total for name, total in seconds.items()}
 
 
+@one_thread()  # rates per worker thread: a DataLoader worker runs one
 def data(tasks: list, root: str | None = None, rounds: int = 3, gpu_images_per_second: float = 200.0,
          num_images: int = 4) -> dict:
     """Print the ``data`` table of every task (module docstring); returns {task: {pipeline: images/s}}."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # rates per worker thread: a DataLoader worker runs one
     results = {}
-    try:
-        for task in tasks:
-            export_format, _, size = DATA_TREES[task]
-            with tempfile.TemporaryDirectory(prefix=f"kd_ref_bench_data_{task}_") as scratch:
-                tree = root
-                if tree is None:
-                    tree = scratch
-                    datasets.export(export_format, tree, num_train=num_images, num_val=1, size=size)
-                _, count, pipelines = _data_pipelines(task, tree)
-                rates = data_rates(pipelines, count, rounds)
-            results[task] = rates
-            where = root or f"an exported {export_format} tree of {count} {size[0]}x{size[1]} images"
-            print_table(f"{task}: images/s per worker thread, {rounds} interleaved rounds over {where}",
-                        ["pipeline", "images/s", "/ decode"],
-                        [[name, f"{rate:.1f}", f"{rate / rates['decode alone']:.2f}x"] for name, rate in rates.items()])
-            workers = math.ceil(gpu_images_per_second / rates["training (ours)"])
-            print(f"  a GPU consuming {gpu_images_per_second:g} images/s needs {workers} DataLoader workers "
-                  f"of this speed (num_workers={workers}; prefetch_factor=2, two batches queued per worker, "
-                  "covers a slow sample)")
-    finally:
-        torch.set_num_threads(threads)
+    for task in tasks:
+        export_format, _, size = DATA_TREES[task]
+        with tempfile.TemporaryDirectory(prefix=f"kd_ref_bench_data_{task}_") as scratch:
+            tree = root
+            if tree is None:
+                tree = scratch
+                datasets.export(export_format, tree, num_train=num_images, num_val=1, size=size)
+            _, count, pipelines = _data_pipelines(task, tree)
+            rates = data_rates(pipelines, count, rounds)
+        results[task] = rates
+        where = root or f"an exported {export_format} tree of {count} {size[0]}x{size[1]} images"
+        print_table(f"{task}: images/s per worker thread, {rounds} interleaved rounds over {where}",
+                    ["pipeline", "images/s", "/ decode"],
+                    [[name, f"{rate:.1f}", f"{rate / rates['decode alone']:.2f}x"] for name, rate in rates.items()])
+        workers = math.ceil(gpu_images_per_second / rates["training (ours)"])
+        print(f"  a GPU consuming {gpu_images_per_second:g} images/s needs {workers} DataLoader workers "
+              f"of this speed (num_workers={workers}; prefetch_factor=2, two batches queued per worker, "
+              "covers a slow sample)")
     return results
 
 

@@ -50,3 +50,18 @@ def test_evaluation_command_scores_the_given_trees_and_names_a_missing_one(trees
     with pytest.raises(SystemExit):
         bench.main(["evaluation", "--seg-root", str(trees / "absent"), "--rounds", "1"])
     assert str(trees / "absent") in capsys.readouterr().err
+
+
+def test_evaluation_rates_run_torch_on_one_thread_and_restore_it(trees, monkeypatch):
+    import torch
+    threads = []
+    measure = bench.measure
+    monkeypatch.setattr(bench, "measure", lambda *args: threads.append(torch.get_num_threads()) or measure(*args))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        bench.evaluation_rates(coco_root=str(trees / "coco"), coco_images=2, detections_per_image=5, warmup=0,
+                               rounds=1)
+        assert threads == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
