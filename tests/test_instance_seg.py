@@ -307,3 +307,23 @@ def test_mmdet_mask_rcnn_r50_fpn_2x_coco_loads_strictly_and_predicts_as_placed_b
     with pytest.raises(ValueError, match=r"holding maskrcnn on a ResNet-50 \(7x7 stem\), 80 classes; the recipe "
                                          r"expects maskrcnn on a ResNet-50 \(7x7 stem\), 3 classes$"):
         convert.load_weights(I.build_instance_model("maskrcnn_r50", 3), str(path), "--teacher-ckpt x")
+
+
+def test_synthetic_solo_puts_every_demo_object_on_the_8x8_levels_with_several_positive_cells():
+    # the demo's 64-pixel easy scenes: P3 is 8x8, P4 4x4, P5 2x2 (SYNTHETIC_SOLO's comment)
+    from kd_ref import datasets
+    model = I.build_instance_model("solo_synth_r18", 3)
+    scenes = datasets.SyntheticInstances(datasets.SyntheticScenes("train", size=(64, 64), num_classes=3, style="easy"))
+    featmap_sizes = [(16, 16), (16, 16), (8, 8), (4, 4), (4, 4)]
+    cells_per_object = []
+    for index in range(20):
+        sample = scenes[index]
+        for k in range(len(sample["labels"])):
+            _, _, positives = I.solo_targets(
+                torch.as_tensor(sample["boxes"][k:k + 1]), torch.as_tensor(sample["labels"][k:k + 1]),
+                torch.as_tensor(sample["masks"][k:k + 1]).to(torch.uint8), featmap_sizes, model.num_grids,
+                model.scale_ranges, model.strides, model.pos_scale, 3)
+            counts = [int(p.sum()) for p in positives]
+            assert counts[2:] == [0, 0, 0] and sum(counts) > 0, (index, k, counts)
+            cells_per_object.append(sum(counts))
+    assert len(cells_per_object) > 20 and np.mean(cells_per_object) >= 9
