@@ -95,8 +95,12 @@ SYNTHETIC_INS = Recipe(task="ins", data="synthetic", num_classes=3, synthetic_st
                        ckpt_every=100, synthetic_val=50)
 SYNTHETIC_INS_MODELS = {"solo": ("solo_synth_r18", 0.05), "maskrcnn": ("maskrcnn_r18", 0.01)}
 SYNTHETIC_INS_METHOD_OPTIONS = {"none": {}, "gdd": {"alpha": 0.1, "tau": 4.0}}
+# The SOLO family's source names the head constants its level assignment comes from; being part of the recipe
+# digest, it also keeps a teacher cached under the earlier assignment from being reused.
+SYNTHETIC_INS_SOURCES = {"solo": "ours: the synthetic demo, instance_seg.SYNTHETIC_SOLO (8x8-level scale ranges, "
+                                 "pos_scale 0.5)", "maskrcnn": None}
 for _family, (_arch, _lr) in SYNTHETIC_INS_MODELS.items():
-    _family_recipe = dataclasses.replace(SYNTHETIC_INS, student=_arch, lr=_lr)
+    _family_recipe = dataclasses.replace(SYNTHETIC_INS, student=_arch, lr=_lr, source=SYNTHETIC_INS_SOURCES[_family])
     register(PRESETS, f"synthetic_ins_{_family}_teacher", dataclasses.replace(
         _family_recipe, iters=3 * SYNTHETIC_INS.iters, lr_steps=(3 * SYNTHETIC_INS.lr_steps[0],)))
     register_demo(PRESETS, f"synthetic_ins_{_family}", dataclasses.replace(
