@@ -21,10 +21,14 @@ right after the transfer), turns them into the batches of the contract:
                        "flipped" (, "masks"; "sampling_seed" in training)}]}
     cls: {"images": (B,3,H,W), "targets": int64 (B,)}
 
-Segmentation (and depth) batches are float from the worker on and ``prepare_batch`` returns them as they
-are; detection and classification batches leave the worker as uint8 pixels (each decoded image or crop at
-the top left of a zero canvas; cls batches also carry each crop's ``"geometry"``, det targets theirs) and
-``prepare_batch`` runs the device half of their transforms (``transforms.device_inputs``).
+Depth batches are float from the worker on and ``prepare_batch`` returns them as they are. Detection and
+classification batches leave the worker as uint8 pixels (each decoded image or crop at the top left of a
+zero canvas; cls batches also carry each crop's ``"geometry"``, det targets theirs) and ``prepare_batch``
+runs the device half of their transforms (``transforms.device_inputs``). Segmentation batches leave it with
+uint8 labels (padding 255) and, per sample, ``"geometry"`` (window size, flip); their images are the
+resampled (and photometrically distorted) crop windows in float, unflipped and unnormalised (training), or
+the uint8 pixels (evaluation); ``prepare_batch`` flips, normalises, zero-pads and makes the targets int64
+(``transforms.seg_device_inputs``).
 
 CLI: ``python -m kd_ref.datasets export --format cityscapes|voc|coco|cifar100|imagefolder DIR``.
 """
@@ -662,17 +666,24 @@ class TaskSet(torch.utils.data.Dataset):
 
 
 class SegmentationSet(TaskSet):
-    """``{"image": float (3,h,w), "target": int64 (h,w), "name"}`` from a seg base data set."""
-    target_key = "semantic"  # the base sample's dense target
+    """``{"image": float window or uint8 pixels (3,h,w), "target": uint8 (h,w), "geometry", "name"}`` from a
+    seg base data set (the CPU half of ``SegTrainTransform`` / ``SegEvalTransform``)."""
 
     def get(self, index: int, rng: np.random.Generator) -> dict:
         sample = self.base[index]
-        image, target = self.transform(sample["image"], sample[self.target_key], rng)
-        return {"image": image, "target": target, "name": sample["name"]}
+        image, target, geometry = self.transform(sample["image"], sample["semantic"], rng)
+        return {"image": image, "target": target, "geometry": geometry, "name": sample["name"]}
 
     @staticmethod
     def collate(samples: list) -> dict:
         return collate_seg(samples)
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """Flip, normalise and zero-pad the images and make the targets int64 on their device
+        (``seg_device_inputs``); the prepared batch is ``{"images", "targets", "names"}``."""
+        images, targets = T.seg_device_inputs(batch["images"], batch["targets"], batch["geometry"],
+                                              self.transform.normalization)
+        return {"images": images, "targets": targets, "names": batch["names"]}
 
 
 class DetectionSet(TaskSet):
@@ -736,11 +747,11 @@ def _pad_stack(tensors: list, size: tuple, value: float) -> torch.Tensor:
 
 
 def collate_seg(samples: list) -> dict:
-    """Stack seg samples (padding to the largest, image 0 / label 255, if sizes differ)."""
+    """Stack seg samples (padding to the largest, image 0 / label 255, if sizes differ), labels in uint8."""
     size = (max(s["image"].shape[1] for s in samples), max(s["image"].shape[2] for s in samples))
-    return {"images": _pad_stack([s["image"] for s in samples], size, 0.0),
+    return {"images": _pad_stack([s["image"] for s in samples], size, 0),
             "targets": _pad_stack([s["target"] for s in samples], size, IGNORE_INDEX),
-            "names": [s["name"] for s in samples]}
+            "geometry": [s["geometry"] for s in samples], "names": [s["name"] for s in samples]}
 
 
 def _pixel_canvas(images: list) -> torch.Tensor:
@@ -1121,9 +1132,14 @@ class DepthTransform:
         return T.normalize(image_t, self.normalization), depth_t.contiguous()
 
 
-class DepthSet(SegmentationSet):
-    """``{"image": float (3,h,w), "target": float32 (h,w) metres, "name"}`` from a depth base data set."""
-    target_key = "depth"
+class DepthSet(TaskSet):
+    """``{"image": float (3,h,w), "target": float32 (h,w) metres, "name"}`` from a depth base data set; the
+    transform makes the model inputs, so ``prepare_batch`` returns batches as they are."""
+
+    def get(self, index: int, rng: np.random.Generator) -> dict:
+        sample = self.base[index]
+        image, target = self.transform(sample["image"], sample["depth"], rng)
+        return {"image": image, "target": target, "name": sample["name"]}
 
     @staticmethod
     def collate(samples: list) -> dict:

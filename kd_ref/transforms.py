@@ -3,10 +3,12 @@
 Every random transform takes an explicit ``numpy.random.Generator``: the engine gives each sample its
 own generator seeded by (seed, epoch, index), so augmentation never depends on which worker loads a
 sample and never touches the global RNGs. Images enter as uint8 ``H x W x 3`` RGB arrays; resizing follows
-``torch.nn.functional.interpolate`` (bilinear for images, nearest for labels and masks). The segmentation and
-depth transforms return normalised float ``(3, H, W)`` tensors; the segmentation crop resamples only the
-window it keeps (:func:`resized_window`, :func:`resized_label_window`), equal to resize-then-crop (labels
-exactly, images to 1e-2 of a level).
+``torch.nn.functional.interpolate`` (bilinear for images, nearest for labels and masks). The depth transform
+returns normalised float ``(3, H, W)`` tensors. The segmentation crop resamples only the window it keeps
+(:func:`resized_window`, :func:`resized_label_window`), equal to resize-then-crop (labels exactly, images to
+1e-2 of a level); the segmentation transforms return that float window (evaluation: the uint8 pixels) and
+the label in uint8, and :func:`seg_device_inputs` flips, normalises and pads them on the device, with the
+values of doing it all in the worker bit for bit.
 
 Detection and classification split their pipeline in two halves, so that a DataLoader worker does little
 more than decode: the transform (the CPU half, in the worker) makes every random draw, maps the targets and
@@ -269,8 +271,13 @@ class PhotoMetricDistortion:
 
 
 class SegTrainTransform:
-    """Random scale -> random crop -> flip -> (photometric) -> normalise -> pad (module docstring).
-    ``__call__(image uint8 HxWx3, label uint8 HxW, rng) -> (float (3, h, w), int64 (h, w))``."""
+    """Random scale -> random crop -> flip -> (photometric) -> normalise -> pad (module docstring), the CPU
+    half: ``__call__(image uint8 HxWx3, label uint8 HxW, rng) -> (float (3, h, w), uint8 (h, w), geometry)``
+    with ``geometry = {"size": (window h, w), "flipped": bool}``: the resampled window, photometrically
+    distorted but not flipped nor normalised, at the top left of the crop (label padding 255), and the
+    label window in uint8; :func:`seg_device_inputs` flips, normalises and zero-pads it on the device. The
+    draws keep their order (scale, crop, flip, photometric); the distortion is pointwise, so distorting
+    before the flip gives the values of distorting after it."""
 
     def __init__(self, crop: tuple, scales: tuple = (0.5, 2.0), normalization: str = "bgr_mean",
                  scale_step: float | None = 0.1, flip_prob: float = 0.5, cat_max_ratio: float | None = None,
@@ -288,13 +295,14 @@ class SegTrainTransform:
         size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
         window = self._crop_window(label, size, rng)
         image = resized_window(torch.from_numpy(image).permute(2, 0, 1), size, window)
-        label = resized_label_window(label, size, window).long()
-        if rng.random() < self.flip_prob:
-            image, label = image.flip(-1), label.flip(-1)
+        label = resized_label_window(label, size, window)
+        flipped = bool(rng.random() < self.flip_prob)
         if self.photometric is not None:
             image = self.photometric(image, rng)
-        image = pad_bottom_right(normalize(image, self.normalization), self.crop, 0.0)
-        return image.contiguous(), pad_bottom_right(label, self.crop, IGNORE_INDEX).contiguous()
+        geometry = {"size": tuple(label.shape), "flipped": flipped}
+        # the image's padding is overwritten with 0 after normalisation, on the device
+        return (pad_bottom_right(image, self.crop, 0.0).contiguous(),
+                pad_bottom_right(label, self.crop, IGNORE_INDEX).contiguous(), geometry)
 
     def _crop_window(self, label: torch.Tensor, size: tuple, rng: np.random.Generator) -> tuple:
         """(top, left, height, width) of the crop in the image resized to ``size``; with ``cat_max_ratio``
@@ -314,14 +322,33 @@ class SegTrainTransform:
 
 
 class SegEvalTransform:
-    """Whole-image evaluation: normalise only. ``__call__(image, label, rng=None)``."""
+    """Whole-image evaluation: normalise only, on the device. ``__call__(image, label, rng=None) -> (uint8
+    pixels (3, H, W), uint8 label, geometry)``, which :func:`seg_device_inputs` normalises."""
 
     def __init__(self, normalization: str = "bgr_mean"):
         self.normalization = check_normalization(normalization)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator | None = None):
-        return (normalize(to_tensor(image), self.normalization),
-                torch.from_numpy(np.asarray(label, dtype=np.int64)))
+        label = torch.from_numpy(np.asarray(label))
+        return pixels(image), label, {"size": tuple(label.shape), "flipped": False}
+
+
+def seg_device_inputs(images: torch.Tensor, labels: torch.Tensor, geometry: list, normalization: str) -> tuple:
+    """The device half of the segmentation pipeline: a collated batch of the seg transforms (``images``
+    float windows or uint8 pixels (B, 3, H, W), ``labels`` uint8 (B, H, W) padded with 255, each sample's
+    ``geometry``) -> (normalised float images, int64 targets). Sample ``i``'s window of
+    ``geometry[i]["size"]`` at the top left is flipped if ``geometry[i]["flipped"]`` (image and label),
+    the images normalised and 0 outside the windows. The inputs are left untouched."""
+    inputs = normalize(images.float(), normalization)  # pointwise: commutes with the flip below
+    targets = labels.to(torch.int64, copy=True)
+    for index, entry in enumerate(geometry):
+        height, width = entry["size"]
+        if entry["flipped"]:
+            inputs[index, :, :height, :width] = inputs[index, :, :height, :width].flip(-1)
+            targets[index, :height, :width] = targets[index, :height, :width].flip(-1)
+        inputs[index, :, height:] = 0
+        inputs[index, :, :, width:] = 0
+    return inputs, targets
 
 
 # --------------------------------------------------------------------------------------- detection
