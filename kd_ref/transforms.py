@@ -169,18 +169,19 @@ def resized_window(image: torch.Tensor, size: tuple, window: tuple) -> torch.Ten
 
 
 def resized_label_window(label: torch.Tensor, size: tuple, window: tuple) -> torch.Tensor:
-    """``window = (top, left, h, w)`` of the nearest resize of an ``(H, W)`` label to ``size``, reading the
-    needed source pixels only; equal to ``resize_label(label, size)`` then cropping (same index rule:
+    """``window = (top, left, h, w)`` of the nearest resize of an ``(H, W)`` CPU label to ``size``, reading
+    the needed source pixels only; equal to ``resize_label(label, size)`` then cropping (same index rule:
     source = floor(destination x in / out), in float32 as ``F.interpolate``)."""
     top, left, height, width = window
 
-    def taps(first: int, count: int, in_size: int, out_size: int) -> torch.Tensor:
+    def taps(first: int, count: int, in_size: int, out_size: int) -> np.ndarray:
         scale = torch.tensor(float(in_size), dtype=torch.float32) / out_size
         positions = torch.arange(first, first + count, dtype=torch.float32)
-        return (positions * scale).floor().long().clamp(max=in_size - 1)
+        return (positions * scale).floor().long().clamp(max=in_size - 1).numpy()
 
-    rows = label.index_select(0, taps(top, height, label.shape[0], size[0]))
-    return rows.index_select(1, taps(left, width, label.shape[1], size[1]))
+    # numpy's take gathers a uint8 window about 5x faster than torch's index_select along the columns
+    rows = np.take(label.numpy(), taps(top, height, label.shape[0], size[0]), axis=0)
+    return torch.from_numpy(np.take(rows, taps(left, width, label.shape[1], size[1]), axis=1))
 
 
 def pad_bottom_right(tensor: torch.Tensor, size: tuple, value: float) -> torch.Tensor:
