@@ -4,7 +4,9 @@ SyntheticScenes in each real on-disk format.
 
 Base data sets return plain numpy samples (``dataset[i] -> dict``):
 
-* seg:  ``image`` uint8 HxWx3 RGB, ``semantic`` uint8 HxW (class ids, 255 = ignore), ``name``
+* seg:  ``image`` uint8 HxWx3 RGB, ``semantic`` uint8 HxW (class ids, 255 = ignore), ``name``; or
+        ``semantic`` the ids that ``label_map`` (uint8, 256 entries) maps to class ids, which the transform
+        applies to the label pixels it keeps (Cityscapes: labelIds to train ids)
 * det:  ``image``, ``boxes`` float32 (K,4) xyxy, ``labels`` int64 (K,) 0-based, ``difficult`` bool (K,)
         (VOC difficult / COCO crowd: kept for evaluation, dropped from training targets), ``image_id``
 * cls:  ``image``, ``image_label`` int
@@ -130,8 +132,8 @@ def read_label(path: str) -> np.ndarray:
 
 
 def read_cityscapes_train_ids(path: str) -> np.ndarray:
-    """The train ids (255: ignored) of a Cityscapes ``*_gtFine_labelIds.png``, as the loader and its evaluation
-    read them."""
+    """The train ids (255: ignored) of a Cityscapes ``*_gtFine_labelIds.png``, the targets the loader's samples
+    map to (``label_map``) in training and evaluation."""
     # np.take: the same table look-up as LABEL_ID_TO_TRAIN_ID[label], twice as fast on 2 Mpixel labels
     return np.take(LABEL_ID_TO_TRAIN_ID, read_label(path))
 
@@ -400,7 +402,9 @@ class SyntheticScenes:
 class Cityscapes:
     """Cityscapes fine annotations (``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
     ``gtFine/<split>/<city>/*_gtFine_labelIds.png``); labelIds are mapped to the 19 train ids, all other
-    ids to 255. Samples: ``image``, ``semantic`` (train ids), ``name`` (``<city>/<stem>.png``)."""
+    ids to 255. Samples: ``image``, ``semantic`` (the labelIds), ``label_map`` (``LABEL_ID_TO_TRAIN_ID``,
+    to the train ids: the seg transforms map the crop windows they keep, a quarter of the pixels), ``name``
+    (``<city>/<stem>.png``)."""
     classes = CITYSCAPES_CLASSES
     num_semantic_classes = len(CITYSCAPES_CLASSES)
 
@@ -429,11 +433,11 @@ class Cityscapes:
 
     def __getitem__(self, index: int) -> dict:
         image_path, label_path, name = self.items[index]
-        image, label = read_image(image_path), read_cityscapes_train_ids(label_path)
+        image, label = read_image(image_path), read_label(label_path)
         if image.shape[:2] != label.shape:
             raise ValueError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but its image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]} (W x H)")
-        return {"image": image, "semantic": label, "name": name}
+        return {"image": image, "semantic": label, "label_map": LABEL_ID_TO_TRAIN_ID, "name": name}
 
 
 # ------------------------------------------------------------------------------------- PASCAL VOC
@@ -676,7 +680,7 @@ class SegmentationSet(TaskSet):
 
     def get(self, index: int, rng: np.random.Generator) -> dict:
         sample = self.base[index]
-        image, target, geometry = self.transform(sample["image"], sample["semantic"], rng)
+        image, target, geometry = self.transform(sample["image"], sample["semantic"], rng, sample.get("label_map"))
         return {"image": image, "target": target, "geometry": geometry, "name": sample["name"]}
 
     @staticmethod

@@ -121,7 +121,7 @@ def test_cityscapes_round_trip(exported):
         assert len(loaded) == length
         for index in range(length):
             sample = loaded[index]
-            assert np.array_equal(sample["semantic"], original[index]["semantic"])  # labelIds -> train ids
+            assert np.array_equal(sample["label_map"][sample["semantic"]], original[index]["semantic"])  # -> train ids
             assert np.array_equal(sample["image"], original[index]["image"])
             assert sample["name"] == f"synthetic/synthetic_{index:06d}_000019.png"
     label_file = exported / "cityscapes/gtFine/train/synthetic/synthetic_000000_000019_gtFine_labelIds.png"

@@ -193,6 +193,21 @@ def test_seg_device_half_is_bit_identical_to_the_former_worker_pipeline():
     assert 0 < flips < 40 and padded > 0  # both branches of the device half ran
 
 
+def test_seg_label_map_on_the_windows_equals_mapping_the_whole_label_first():
+    table = np.full(256, 255, np.uint8)
+    table[[7, 8, 26]] = (0, 0, 1)  # 7 and 8 are one class: a window of both is dominated by it (cat_max_ratio)
+    generator = rng(4)
+    for case in range(30):
+        transform = T.SegTrainTransform((12, 16), (0.5, 2.0), cat_max_ratio=0.75 if case % 2 else None,
+                                        photometric=case % 3 == 0)
+        image = generator.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+        ids = generator.choice(np.array([0, 7, 8, 26], np.uint8), size=(20, 30), p=[0.1, 0.4, 0.4, 0.1])
+        mapped_first, mapped_windows = transform(image, table[ids], rng(case)), transform(image, ids, rng(case), table)
+        assert all(torch.equal(a, b) for a, b in zip(mapped_first[:2], mapped_windows[:2])) and mapped_first[2] == mapped_windows[2]
+    evaluation = T.SegEvalTransform()(image, ids, None, table)
+    assert torch.equal(evaluation[1], torch.from_numpy(table[ids])) and T.map_labels(evaluation[1], None) is evaluation[1]
+
+
 def test_seg_device_inputs_leave_the_collated_batch_untouched():
     images, labels = torch.rand(2, 3, 4, 5) * 255, torch.randint(0, 3, (2, 4, 5), dtype=torch.uint8)
     before = images.clone(), labels.clone()
