@@ -49,8 +49,9 @@ says whether the results are identical; by default on exported trees of the real
 (seg: the Cityscapes default preset, det: the COCO one, cls: ImageNet): our training sample (decode +
 augmentation, as the task builds it, then the collate: what a DataLoader worker runs, and what a GPU
 waits for), our evaluation sample (decode + evaluation transform + collate), decode alone (image, and
-label for seg), and a plain PIL / torchvision.transforms pipeline doing the same augmentation. Detection and
-classification hand uint8 pixels to the device, where the data set's ``prepare_batch`` finishes them
+label for seg), and a plain PIL / torchvision.transforms pipeline doing the same augmentation. Every task
+hands unfinished batches to the device (uint8 pixels; seg: unflipped, unnormalised crop windows and uint8
+labels), where the data set's ``prepare_batch`` finishes them
 (kd_ref.datasets); its cost on the CPU, where it runs in the training process, is timed per image in the
 same rounds (the "device step" rows, on batches of one collated beforehand).
 The pipelines run round-robin, one pass over the files each per round, so machine load affects all
@@ -1198,11 +1199,10 @@ def _data_pipelines(task: str, root: str) -> tuple:
     evaluation = lambda i, rng: eval_set.collate([eval_set[i]])
     pipelines = {"training (ours)": training, "evaluation (ours)": evaluation, "decode alone": decode,
                  "plain reference": plain}
-    if task != "seg":  # segmentation batches leave the worker finished
-        collated = {name: [pipeline(i, np.random.default_rng(i)) for i in range(len(files))]
-                    for name, pipeline in (("training", training), ("evaluation", evaluation))}
-        pipelines["training device step, CPU"] = lambda i, rng: train_set.prepare_batch(collated["training"][i])
-        pipelines["evaluation device step, CPU"] = lambda i, rng: eval_set.prepare_batch(collated["evaluation"][i])
+    collated = {name: [pipeline(i, np.random.default_rng(i)) for i in range(len(files))]
+                for name, pipeline in (("training", training), ("evaluation", evaluation))}
+    pipelines["training device step, CPU"] = lambda i, rng: train_set.prepare_batch(collated["training"][i])
+    pipelines["evaluation device step, CPU"] = lambda i, rng: eval_set.prepare_batch(collated["evaluation"][i])
     return recipe, len(files), pipelines
 
 

@@ -4,7 +4,9 @@ SyntheticScenes in each real on-disk format.
 
 Base data sets return plain numpy samples (``dataset[i] -> dict``):
 
-* seg:  ``image`` uint8 HxWx3 RGB, ``semantic`` uint8 HxW (class ids, 255 = ignore), ``name``
+* seg:  ``image`` uint8 HxWx3 RGB, ``semantic`` uint8 HxW (class ids, 255 = ignore), ``name``; or
+        ``semantic`` the ids that ``label_map`` (uint8, 256 entries) maps to class ids, which the transform
+        applies to the label pixels it keeps (Cityscapes: labelIds to train ids)
 * det:  ``image``, ``boxes`` float32 (K,4) xyxy, ``labels`` int64 (K,) 0-based, ``difficult`` bool (K,)
         (VOC difficult / COCO crowd: kept for evaluation, dropped from training targets), ``image_id``
 * cls:  ``image``, ``image_label`` int
@@ -21,10 +23,14 @@ right after the transfer), turns them into the batches of the contract:
                        "flipped" (, "masks"; "sampling_seed" in training)}]}
     cls: {"images": (B,3,H,W), "targets": int64 (B,)}
 
-Segmentation (and depth) batches are float from the worker on and ``prepare_batch`` returns them as they
-are; detection and classification batches leave the worker as uint8 pixels (each decoded image or crop at
-the top left of a zero canvas; cls batches also carry each crop's ``"geometry"``, det targets theirs) and
-``prepare_batch`` runs the device half of their transforms (``transforms.device_inputs``).
+Depth batches are float from the worker on and ``prepare_batch`` returns them as they are. Detection and
+classification batches leave the worker as uint8 pixels (each decoded image or crop at the top left of a
+zero canvas; cls batches also carry each crop's ``"geometry"``, det targets theirs) and ``prepare_batch``
+runs the device half of their transforms (``transforms.device_inputs``). Segmentation batches leave it with
+uint8 labels (padding 255) and, per sample, ``"geometry"`` (window size, flip); their images are the
+resampled (and photometrically distorted) crop windows in float, unflipped and unnormalised (training), or
+the uint8 pixels (evaluation); ``prepare_batch`` flips, normalises, zero-pads and makes the targets int64
+(``transforms.seg_device_inputs``).
 
 CLI: ``python -m kd_ref.datasets export --format cityscapes|voc|coco|cifar100|imagefolder DIR``.
 """
@@ -126,8 +132,8 @@ def read_label(path: str) -> np.ndarray:
 
 
 def read_cityscapes_train_ids(path: str) -> np.ndarray:
-    """The train ids (255: ignored) of a Cityscapes ``*_gtFine_labelIds.png``, as the loader and its evaluation
-    read them."""
+    """The train ids (255: ignored) of a Cityscapes ``*_gtFine_labelIds.png``, the targets the loader's samples
+    map to (``label_map``) in training and evaluation."""
     # np.take: the same table look-up as LABEL_ID_TO_TRAIN_ID[label], twice as fast on 2 Mpixel labels
     return np.take(LABEL_ID_TO_TRAIN_ID, read_label(path))
 
@@ -396,7 +402,9 @@ class SyntheticScenes:
 class Cityscapes:
     """Cityscapes fine annotations (``leftImg8bit/<split>/<city>/*_leftImg8bit.png`` with
     ``gtFine/<split>/<city>/*_gtFine_labelIds.png``); labelIds are mapped to the 19 train ids, all other
-    ids to 255. Samples: ``image``, ``semantic`` (train ids), ``name`` (``<city>/<stem>.png``)."""
+    ids to 255. Samples: ``image``, ``semantic`` (the labelIds), ``label_map`` (``LABEL_ID_TO_TRAIN_ID``,
+    to the train ids: the seg transforms map the crop windows they keep, a quarter of the pixels), ``name``
+    (``<city>/<stem>.png``)."""
     classes = CITYSCAPES_CLASSES
     num_semantic_classes = len(CITYSCAPES_CLASSES)
 
@@ -425,11 +433,11 @@ class Cityscapes:
 
     def __getitem__(self, index: int) -> dict:
         image_path, label_path, name = self.items[index]
-        image, label = read_image(image_path), read_cityscapes_train_ids(label_path)
+        image, label = read_image(image_path), read_label(label_path)
         if image.shape[:2] != label.shape:
             raise ValueError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but its image "
                              f"{image_path} is {image.shape[1]}x{image.shape[0]} (W x H)")
-        return {"image": image, "semantic": label, "name": name}
+        return {"image": image, "semantic": label, "label_map": LABEL_ID_TO_TRAIN_ID, "name": name}
 
 
 # ------------------------------------------------------------------------------------- PASCAL VOC
@@ -531,15 +539,24 @@ class COCODetection:
         self.category_ids = sorted(self.coco.getCatIds())
         self.classes = tuple(self.coco.cats[c]["name"] for c in self.category_ids)
         self._label_of = {c: i for i, c in enumerate(self.category_ids)}
-        self.image_ids = sorted(self.coco.getImgIds())
-        if filter_empty:
-            self.image_ids = [i for i in self.image_ids if any(not a.get("iscrowd", 0) for a in self._annotations(i))]
+        # the targets of every image parsed once here rather than in every worker's every epoch
+        targets = {image_id: self._targets(image_id) for image_id in sorted(self.coco.getImgIds())}
+        self.image_ids = [i for i, target in targets.items() if not filter_empty or (~target["difficult"]).any()]
         if not self.image_ids:
             raise ValueError(f"COCO annotation file {ann_file} lists no usable images")
+        self.targets = [targets[image_id] for image_id in self.image_ids]
 
     def _annotations(self, image_id: int) -> list:
         return [a for a in self.coco.imgToAnns[image_id]
                 if a["category_id"] in self._label_of and a["bbox"][2] >= 1 and a["bbox"][3] >= 1 and a["area"] > 0]
+
+    def _targets(self, image_id: int) -> dict:
+        """The image's boxes, labels and crowd flags as arrays (class docstring)."""
+        annotations = self._annotations(image_id)
+        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)], np.float32)
+        return {"boxes": boxes.reshape(-1, 4),
+                "labels": np.array([self._label_of[a["category_id"]] for a in annotations], np.int64),
+                "difficult": np.array([bool(a.get("iscrowd", 0)) for a in annotations], bool)}
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -550,15 +567,10 @@ class COCODetection:
     def __getitem__(self, index: int) -> dict:
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
-        annotations = self._annotations(image_id)
-        boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in annotations)], np.float32)
-        sample = {"image": read_image(os.path.join(self.image_dir, info["file_name"])),
-                  "boxes": boxes.reshape(-1, 4),
-                  "labels": np.array([self._label_of[a["category_id"]] for a in annotations], np.int64),
-                  "difficult": np.array([bool(a.get("iscrowd", 0)) for a in annotations], bool),
+        sample = {"image": read_image(os.path.join(self.image_dir, info["file_name"])), **self.targets[index],
                   "image_id": int(image_id), "name": info["file_name"]}
         if self.with_masks:
-            masks = [self.coco.annToMask(a).astype(bool) for a in annotations]
+            masks = [self.coco.annToMask(a).astype(bool) for a in self._annotations(image_id)]
             sample["masks"] = np.stack(masks) if masks else np.zeros((0, info["height"], info["width"]), bool)
         return sample
 
@@ -662,17 +674,24 @@ class TaskSet(torch.utils.data.Dataset):
 
 
 class SegmentationSet(TaskSet):
-    """``{"image": float (3,h,w), "target": int64 (h,w), "name"}`` from a seg base data set."""
-    target_key = "semantic"  # the base sample's dense target
+    """``{"image": float window or uint8 pixels (3,h,w), "target": uint8 (h,w), "geometry", "name"}`` from a
+    seg base data set (the CPU half of ``SegTrainTransform`` / ``SegEvalTransform``)."""
 
     def get(self, index: int, rng: np.random.Generator) -> dict:
         sample = self.base[index]
-        image, target = self.transform(sample["image"], sample[self.target_key], rng)
-        return {"image": image, "target": target, "name": sample["name"]}
+        image, target, geometry = self.transform(sample["image"], sample["semantic"], rng, sample.get("label_map"))
+        return {"image": image, "target": target, "geometry": geometry, "name": sample["name"]}
 
     @staticmethod
     def collate(samples: list) -> dict:
         return collate_seg(samples)
+
+    def prepare_batch(self, batch: dict) -> dict:
+        """Flip, normalise and zero-pad the images and make the targets int64 on their device
+        (``seg_device_inputs``); the prepared batch is ``{"images", "targets", "names"}``."""
+        images, targets = T.seg_device_inputs(batch["images"], batch["targets"], batch["geometry"],
+                                              self.transform.normalization)
+        return {"images": images, "targets": targets, "names": batch["names"]}
 
 
 class DetectionSet(TaskSet):
@@ -736,11 +755,11 @@ def _pad_stack(tensors: list, size: tuple, value: float) -> torch.Tensor:
 
 
 def collate_seg(samples: list) -> dict:
-    """Stack seg samples (padding to the largest, image 0 / label 255, if sizes differ)."""
+    """Stack seg samples (padding to the largest, image 0 / label 255, if sizes differ), labels in uint8."""
     size = (max(s["image"].shape[1] for s in samples), max(s["image"].shape[2] for s in samples))
-    return {"images": _pad_stack([s["image"] for s in samples], size, 0.0),
+    return {"images": _pad_stack([s["image"] for s in samples], size, 0),
             "targets": _pad_stack([s["target"] for s in samples], size, IGNORE_INDEX),
-            "names": [s["name"] for s in samples]}
+            "geometry": [s["geometry"] for s in samples], "names": [s["name"] for s in samples]}
 
 
 def _pixel_canvas(images: list) -> torch.Tensor:
@@ -1121,9 +1140,14 @@ class DepthTransform:
         return T.normalize(image_t, self.normalization), depth_t.contiguous()
 
 
-class DepthSet(SegmentationSet):
-    """``{"image": float (3,h,w), "target": float32 (h,w) metres, "name"}`` from a depth base data set."""
-    target_key = "depth"
+class DepthSet(TaskSet):
+    """``{"image": float (3,h,w), "target": float32 (h,w) metres, "name"}`` from a depth base data set; the
+    transform makes the model inputs, so ``prepare_batch`` returns batches as they are."""
+
+    def get(self, index: int, rng: np.random.Generator) -> dict:
+        sample = self.base[index]
+        image, target = self.transform(sample["image"], sample["depth"], rng)
+        return {"image": image, "target": target, "name": sample["name"]}
 
     @staticmethod
     def collate(samples: list) -> dict:

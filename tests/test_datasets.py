@@ -121,7 +121,7 @@ def test_cityscapes_round_trip(exported):
         assert len(loaded) == length
         for index in range(length):
             sample = loaded[index]
-            assert np.array_equal(sample["semantic"], original[index]["semantic"])  # labelIds -> train ids
+            assert np.array_equal(sample["label_map"][sample["semantic"]], original[index]["semantic"])  # -> train ids
             assert np.array_equal(sample["image"], original[index]["image"])
             assert sample["name"] == f"synthetic/synthetic_{index:06d}_000019.png"
     label_file = exported / "cityscapes/gtFine/train/synthetic/synthetic_000000_000019_gtFine_labelIds.png"
@@ -191,7 +191,9 @@ def test_coco_crowd_boxes_are_ignored_in_training(exported, tmp_path):
     assert loaded[0]["difficult"].all() and not loaded[1]["difficult"].any()
     last_instances = D.SyntheticInstances(scenes(length=4))[3]
     assert len(loaded[len(loaded) - 1]["labels"]) == len(last_instances["labels"])  # w < 1 skipped
-    assert len(D.COCODetection(str(tree), "train2017", filter_empty=True)) == len(loaded) - 1
+    filtered = D.COCODetection(str(tree), "train2017", filter_empty=True)  # targets parsed once, of the kept images
+    assert len(filtered) == len(loaded) - 1 and filtered.image_ids == loaded.image_ids[1:]
+    assert all(np.array_equal(filtered[0][key], loaded[1][key]) for key in ("boxes", "labels", "difficult"))
     train_set = D.DetectionSet(loaded, T.DetTransform(SIZE[::-1], flip_prob=0.0), train=True)
     assert len(train_set[0]["target"]["boxes"]) == 0
     eval_set = D.DetectionSet(loaded, T.DetTransform(SIZE[::-1], flip_prob=0.0), train=False)
@@ -281,11 +283,19 @@ def test_seg_batches():
     dataset = D.build_dataset("seg", "synthetic", split="train", size=SIZE, length=3)
     batch = dataset.collate([dataset.get(i, np.random.default_rng(i)) for i in range(3)])
     assert batch["images"].shape == (3, 3) + SIZE and batch["images"].dtype == torch.float32
-    assert batch["targets"].shape == (3,) + SIZE and batch["targets"].dtype == torch.int64
+    assert batch["targets"].shape == (3,) + SIZE and batch["targets"].dtype == torch.uint8  # int64 on the device
     assert batch["names"] == ["train_000000.png", "train_000001.png", "train_000002.png"]
-    uneven = D.collate_seg([{"image": torch.zeros(3, 4, 5), "target": torch.zeros(4, 5, dtype=torch.int64), "name": "a"},
-                            {"image": torch.zeros(3, 6, 3), "target": torch.zeros(6, 3, dtype=torch.int64), "name": "b"}])
+    prepared = dataset.prepare_batch(batch)
+    assert set(prepared) == {"images", "targets", "names"} and prepared["targets"].dtype == torch.int64
+    assert torch.equal(prepared["targets"], torch.stack([
+        target.flip(-1) if geometry["flipped"] else target for target, geometry in zip(batch["targets"].long(), batch["geometry"])]))
+    samples = [{"image": torch.zeros(3, 4, 5, dtype=torch.uint8), "target": torch.zeros(4, 5, dtype=torch.uint8),
+                "geometry": {"size": (4, 5), "flipped": False}, "name": "a"},
+               {"image": torch.zeros(3, 6, 3, dtype=torch.uint8), "target": torch.zeros(6, 3, dtype=torch.uint8),
+                "geometry": {"size": (6, 3), "flipped": False}, "name": "b"}]
+    uneven = D.SegmentationSet(None, T.SegEvalTransform("imagenet_rgb")).prepare_batch(D.collate_seg(samples))
     assert uneven["images"].shape == (2, 3, 6, 5) and (uneven["targets"][0, 4:] == 255).all()
+    assert (uneven["images"][0, :, 4:] == 0).all() and (uneven["images"][1, :, :, 3:] == 0).all()  # 0 after normalising
 
 
 def test_det_batches_pad_to_32_and_drop_difficult_in_training():
@@ -378,6 +388,39 @@ def test_synthetic_demo_batches_are_bit_identical_to_the_former_pipeline(task):
         digest = hashlib.sha256()
         _digest(dataset.prepare_batch(batch), digest)
         assert digest.hexdigest()[:16] == SYNTHETIC_BATCH_DIGESTS[task, split], split
+
+
+# the same digests of an exported Cityscapes tree (4 train + 1 val scenes of 48x64, crop 40x56) through the
+# CIRKD-style default preset and the mmseg-style GDD one (photometric distortion, cat_max_ratio), epochs 0-2,
+# as produced before the seg labels stayed uint8 and the flip and normalisation moved to the device
+CITYSCAPES_BATCH_DIGESTS = {
+    "dist_deeplabv3_r18_cityscapes_baseline": ("03a5b8b9523c46e4", "822a4991200fb55a", "c24a4de9597476cf",
+                                               "a3776c30e10760da"),
+    "gdd_pspnet_r18_cityscapes": ("5ceb1e01bc5a1829", "6d56fbaf2122b6d4", "adc13e6f231b1c2f", "c361e467a24600e7"),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(CITYSCAPES_BATCH_DIGESTS))
+def test_exported_cityscapes_batches_are_bit_identical_to_the_former_pipeline(tmp_path, preset):
+    import dataclasses
+
+    from kd_ref import configs, engine
+
+    D.export("cityscapes", str(tmp_path), num_train=4, num_val=1, size=(48, 64), seed=0)
+    recipe = dataclasses.replace(configs.PRESETS[preset], crop=(40, 56), num_classes=9)
+    digests, geometry = [], []
+    for split in ("train", "val"):
+        dataset, collate = configs.TASKS["seg"].build_data(recipe, split, str(tmp_path))
+        for epoch in ((0, 1, 2) if split == "train" else (0,)):
+            augmented = engine.EpochAugmentation(dataset, recipe.seed)
+            augmented.epoch = epoch
+            batch = collate([augmented[index] for index in range(len(dataset))])
+            geometry += batch["geometry"] if split == "train" else []
+            digest = hashlib.sha256()
+            _digest(dataset.prepare_batch(batch), digest)
+            digests.append(digest.hexdigest()[:16])
+    assert tuple(digests) == CITYSCAPES_BATCH_DIGESTS[preset]
+    assert any(entry["flipped"] for entry in geometry) and any(entry["size"] != (40, 56) for entry in geometry)
 
 
 def test_save_prediction_writes_ids_and_colours(tmp_path):

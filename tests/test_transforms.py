@@ -12,6 +12,13 @@ def rng(seed=0):
     return np.random.default_rng(seed)
 
 
+def finished(transform, image, label, generator=None):
+    """A seg transform's sample after its device half (``seg_device_inputs`` on a batch of one)."""
+    window, label_window, geometry = transform(image, label, generator)
+    images, targets = T.seg_device_inputs(window[None], label_window[None], [geometry], transform.normalization)
+    return images[0], targets[0]
+
+
 def test_normalizations_hand_values():
     image = np.zeros((1, 2, 3), np.uint8)
     image[0, 0] = (124, 116, 104)
@@ -43,7 +50,7 @@ def test_seg_crop_pads_image_with_zero_and_label_with_255():
     image = np.full((20, 24, 3), 200, np.uint8)
     label = np.full((20, 24), 3, np.uint8)
     transform = T.SegTrainTransform(crop=(32, 40), scales=(1.0, 1.0), normalization="imagenet_rgb", flip_prob=0)
-    out_image, out_label = transform(image, label, rng())
+    out_image, out_label = finished(transform, image, label, rng())
     assert out_image.shape == (3, 32, 40) and out_label.shape == (32, 40) and out_label.dtype == torch.int64
     assert (out_label[:20, :24] == 3).all() and (out_label[20:] == 255).all() and (out_label[:, 24:] == 255).all()
     assert (out_image[:, 20:] == 0).all() and (out_image[:, :, 24:] == 0).all()
@@ -54,7 +61,7 @@ def test_seg_padding_stays_bottom_right_after_flip():
     image, label = np.zeros((10, 12, 3), np.uint8), np.zeros((10, 12), np.uint8)
     label[:, 0] = 5
     transform = T.SegTrainTransform(crop=(16, 16), scales=(1.0, 1.0), flip_prob=1.0)
-    _, out = transform(image, label, rng())
+    _, out = finished(transform, image, label, rng())
     assert (out[:10, 11] == 5).all() and (out[:10, :11] == 0).all() and (out[:, 12:] == 255).all()
 
 
@@ -72,7 +79,7 @@ def test_hsv_round_trip_and_photometric_distortion():
     assert sum(not torch.allclose(o, image) for o in outputs) > 10
     assert torch.equal(distort(image, rng(3)), outputs[3])
     plain = T.SegTrainTransform((6, 7), (1.0, 1.0), flip_prob=0, photometric=True)
-    assert plain(np.zeros((6, 7, 3), np.uint8), np.zeros((6, 7), np.uint8), rng())[0].shape == (3, 6, 7)
+    assert finished(plain, np.zeros((6, 7, 3), np.uint8), np.zeros((6, 7), np.uint8), rng())[0].shape == (3, 6, 7)
 
 
 def test_seg_scale_keeps_label_values_and_size():
@@ -80,7 +87,7 @@ def test_seg_scale_keeps_label_values_and_size():
     image = rng(2).integers(0, 256, (30, 40, 3), dtype=np.uint8)
     transform = T.SegTrainTransform(crop=(10, 10), scales=(2.0, 2.0), flip_prob=0)
     for seed in range(5):
-        _, out = transform(image, label, rng(seed))
+        _, out = finished(transform, image, label, rng(seed))
         assert set(out.unique().tolist()) <= {0, 3, 7, 255}
     big = T.resize_label(torch.from_numpy(label.astype(np.int64)), (60, 80))
     assert torch.equal(big[::2, ::2], torch.from_numpy(label.astype(np.int64)))  # x2 nearest copies pixels
@@ -92,12 +99,12 @@ def test_seg_flip_moves_image_and_label_together_and_is_reproducible():
     label = np.zeros((16, 16), np.uint8)
     label[:, :4] = 1
     transform = T.SegTrainTransform(crop=(16, 16), scales=(1.0, 1.0), normalization="bgr_mean", flip_prob=1.0)
-    out_image, out_label = transform(image, label, rng())
+    out_image, out_label = finished(transform, image, label, rng())
     assert (out_label[:, 12:] == 1).all() and (out_label[:, :12] == 0).all()
     assert (out_image[:, :, 12:] > 100).all() and (out_image[:, :, :12] < 0).all()
     random_transform = T.SegTrainTransform(crop=(12, 12), scales=(0.5, 2.0))
     first, second = random_transform(image, label, rng(5)), random_transform(image, label, rng(5))
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1]) and first[2] == second[2]
 
 
 def test_cat_max_ratio_redraws_crops_dominated_by_one_class():
@@ -105,9 +112,9 @@ def test_cat_max_ratio_redraws_crops_dominated_by_one_class():
     label[:, 90:] = 1  # only crops near the right edge hold two classes
     image = np.zeros((10, 100, 3), np.uint8)
     transform = T.SegTrainTransform(crop=(10, 20), scales=(1.0, 1.0), flip_prob=0, cat_max_ratio=0.75)
-    mixed = sum(len(transform(image, label, rng(seed))[1].unique()) == 2 for seed in range(40))
+    mixed = sum(len(finished(transform, image, label, rng(seed))[1].unique()) == 2 for seed in range(40))
     plain = T.SegTrainTransform(crop=(10, 20), scales=(1.0, 1.0), flip_prob=0)
-    assert mixed > sum(len(plain(image, label, rng(seed))[1].unique()) == 2 for seed in range(40))
+    assert mixed > sum(len(finished(plain, image, label, rng(seed))[1].unique()) == 2 for seed in range(40))
 
 
 def resize_then_crop(transform, image, label, rng):
@@ -142,9 +149,74 @@ def test_seg_crop_first_resampling_equals_resize_then_crop():
                                         cat_max_ratio=0.75 if case % 3 else None)
         image = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
         label = generator.choice(np.array([0, 1, 2, 255], np.uint8), size=(height, width), p=[0.7, 0.1, 0.1, 0.1])
-        ours, reference = transform(image, label, rng(case)), resize_then_crop(transform, image, label, rng(case))
+        ours = finished(transform, image, label, rng(case))
+        reference = resize_then_crop(transform, image, label, rng(case))
         assert torch.equal(ours[1], reference[1]), case  # labels exactly, re-draws included
         assert (ours[0] - reference[0]).abs().max() < 1e-2, case  # bgr_mean has no std: 1/100 of a level
+
+
+def former_seg_pipeline(transform, image, label, rng):
+    """The all-in-worker seg training pipeline as it was before its flip and normalisation moved to the
+    device: window resampling, flip, photometric distortion, normalisation, padding, int64 labels."""
+    label = torch.from_numpy(label)
+    scale = T.draw_scale(rng, transform.scales, transform.scale_step)
+    size = (max(1, round(label.shape[0] * scale)), max(1, round(label.shape[1] * scale)))
+    window = transform._crop_window(label, size, rng)
+    image = T.resized_window(torch.from_numpy(image).permute(2, 0, 1), size, window)
+    label = T.resized_label_window(label, size, window).long()
+    if rng.random() < transform.flip_prob:
+        image, label = image.flip(-1), label.flip(-1)
+    if transform.photometric is not None:
+        image = transform.photometric(image, rng)
+    image = T.pad_bottom_right(T.normalize(image, transform.normalization), transform.crop, 0.0)
+    return image, T.pad_bottom_right(label, transform.crop, 255)
+
+
+def test_seg_device_half_is_bit_identical_to_the_former_worker_pipeline():
+    generator = rng(11)
+    flips = padded = 0
+    for case in range(40):
+        height, width = (int(v) for v in generator.integers(8, 40, 2))
+        transform = T.SegTrainTransform(tuple(int(v) for v in generator.integers(4, 30, 2)), (0.3, 2.0),
+                                        ("bgr_mean", "imagenet_rgb")[case % 2], scale_step=None if case % 3 else 0.1,
+                                        cat_max_ratio=0.75 if case % 4 else None, photometric=case % 2 == 1)
+        image = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        label = generator.choice(np.array([0, 1, 2, 255], np.uint8), size=(height, width))
+        window, label_window, geometry = transform(image, label, rng(case))
+        assert label_window.dtype == torch.uint8 and window.dtype == torch.float32
+        assert (label_window[geometry["size"][0]:] == 255).all() and (label_window[:, geometry["size"][1]:] == 255).all()
+        ours = finished(transform, image, label, rng(case))
+        reference = former_seg_pipeline(transform, image, label, rng(case))
+        assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1]), case
+        flips += geometry["flipped"]
+        padded += geometry["size"] != transform.crop
+    assert 0 < flips < 40 and padded > 0  # both branches of the device half ran
+
+
+def test_seg_label_map_on_the_windows_equals_mapping_the_whole_label_first():
+    table = np.full(256, 255, np.uint8)
+    table[[7, 8, 26]] = (0, 0, 1)  # 7 and 8 are one class: a window of both is dominated by it (cat_max_ratio)
+    generator = rng(4)
+    for case in range(30):
+        transform = T.SegTrainTransform((12, 16), (0.5, 2.0), cat_max_ratio=0.75 if case % 2 else None,
+                                        photometric=case % 3 == 0)
+        image = generator.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+        ids = generator.choice(np.array([0, 7, 8, 26], np.uint8), size=(20, 30), p=[0.1, 0.4, 0.4, 0.1])
+        mapped_first, mapped_windows = transform(image, table[ids], rng(case)), transform(image, ids, rng(case), table)
+        assert all(torch.equal(a, b) for a, b in zip(mapped_first[:2], mapped_windows[:2])) and mapped_first[2] == mapped_windows[2]
+    evaluation = T.SegEvalTransform()(image, ids, None, table)
+    assert torch.equal(evaluation[1], torch.from_numpy(table[ids])) and T.map_labels(evaluation[1], None) is evaluation[1]
+
+
+def test_seg_device_inputs_leave_the_collated_batch_untouched():
+    images, labels = torch.rand(2, 3, 4, 5) * 255, torch.randint(0, 3, (2, 4, 5), dtype=torch.uint8)
+    before = images.clone(), labels.clone()
+    geometry = [{"size": (4, 5), "flipped": True}, {"size": (3, 2), "flipped": True}]
+    inputs, targets = T.seg_device_inputs(images, labels, geometry, "bgr_mean")
+    assert torch.equal(images, before[0]) and torch.equal(labels, before[1]) and targets.dtype == torch.int64
+    assert torch.equal(targets[0], labels[0].flip(-1).long()) and torch.equal(targets[1, :3, :2], labels[1, :3, :2].flip(-1).long())
+    assert torch.equal(targets[1, 3:], labels[1, 3:].long()) and (inputs[1, :, 3:] == 0).all() and (inputs[1, :, :, 2:] == 0).all()
+    assert torch.equal(inputs[1, :, :3, :2], T.normalize(images[1, :, :3, :2].flip(-1), "bgr_mean"))
 
 
 def test_resized_window_matches_interpolate_on_downscales_and_edges():
@@ -163,8 +235,9 @@ def test_resized_window_matches_interpolate_on_downscales_and_edges():
 
 def test_seg_eval_transform_keeps_whole_image():
     image, label = np.zeros((7, 9, 3), np.uint8), np.full((7, 9), 255, np.uint8)
-    out_image, out_label = T.SegEvalTransform("imagenet_rgb")(image, label)
+    out_image, out_label = finished(T.SegEvalTransform("imagenet_rgb"), image, label)
     assert out_image.shape == (3, 7, 9) and out_label.shape == (7, 9) and (out_label == 255).all()
+    assert torch.equal(out_image, T.normalize(T.to_tensor(image), "imagenet_rgb")) and out_label.dtype == torch.int64
 
 
 def test_det_multiscale_value_range_and_single_scale_draws_nothing():
@@ -367,7 +440,7 @@ def test_gdd_pipeline_applies_photometric_distortion_after_the_flip_before_norma
     assert transform.photometric is not None and transform.scale_step is None and transform.cat_max_ratio == 0.75
     image = np.random.default_rng(1).integers(0, 256, (24, 24, 3), dtype=np.uint8)
     label = np.zeros((24, 24), dtype=np.uint8)
-    out, _ = transform(image, label, np.random.default_rng(5))
+    out, _ = finished(transform, image, label, np.random.default_rng(5))
     rng = np.random.default_rng(5)
     x = T.to_tensor(image)
     scale = T.draw_scale(rng, recipe.scales, None)
