@@ -27,10 +27,10 @@ Depth batches are float from the worker on and ``prepare_batch`` returns them as
 classification batches leave the worker as uint8 pixels (each decoded image or crop at the top left of a
 zero canvas; cls batches also carry each crop's ``"geometry"``, det targets theirs) and ``prepare_batch``
 runs the device half of their transforms (``transforms.device_inputs``). Segmentation batches leave it with
-uint8 labels (padding 255) and, per sample, ``"geometry"`` (window size, flip); their images are the
-resampled (and photometrically distorted) crop windows in float, unflipped and unnormalised (training), or
-the uint8 pixels (evaluation); ``prepare_batch`` flips, normalises, zero-pads and makes the targets int64
-(``transforms.seg_device_inputs``).
+uint8 labels (padding 255) and, per sample, ``"geometry"`` (window size, flip, photometric parameters);
+their images are the resampled crop windows in float, undistorted, unflipped and unnormalised (training),
+or the uint8 pixels (evaluation); ``prepare_batch`` distorts, flips, normalises, zero-pads and makes the
+targets int64 (``transforms.seg_device_inputs``).
 
 CLI: ``python -m kd_ref.datasets export --format cityscapes|voc|coco|cifar100|imagefolder DIR``.
 """

@@ -236,7 +236,7 @@ def rgb_to_hsv(image: torch.Tensor) -> tuple:
 def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rgb_to_hsv`: channel n in (R, G, B) = V - V S clamp(min(k, 4 - k), 0, 1) with
     k = (n' + H / 60) mod 6, n' = 5, 3, 1."""
-    k = (torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1) + hue / 60) % 6
+    k = (hue.new_tensor([5.0, 3.0, 1.0]).view(3, 1, 1) + hue / 60) % 6
     return value - value * saturation * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -244,31 +244,51 @@ class PhotoMetricDistortion:
     """mmseg ``PhotoMetricDistortion`` on a float ``(3, H, W)`` RGB tensor in 0..255; each step with
     p = 0.5: brightness + U(-32, 32); contrast x U(0.5, 1.5), either first or last (p = 0.5);
     saturation x U(0.5, 1.5); hue + 2k degrees, k in [-18, 17] (cv2's 180-step hue). Values are clipped
-    to 0..255 after each step; mmseg also rounds to uint8 between steps, which we skip."""
+    to 0..255 after each step; mmseg also rounds to uint8 between steps, which we skip.
+
+    :meth:`draw` makes the random draws (in mmseg's order; they do not depend on the image), so that the
+    worker draws and :meth:`apply` runs on the device; ``__call__(image, rng)`` does both."""
 
     def __init__(self, brightness_delta: float = 32, contrast_range: tuple = (0.5, 1.5),
                  saturation_range: tuple = (0.5, 1.5), hue_delta: int = 18):
         self.brightness_delta, self.contrast_range = brightness_delta, contrast_range
         self.saturation_range, self.hue_delta = saturation_range, hue_delta
 
-    def _contrast(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        return (image * rng.uniform(*self.contrast_range)).clamp(0, 255) if rng.integers(2) else image
+    def _draw_contrast(self, rng: np.random.Generator) -> float | None:
+        return float(rng.uniform(*self.contrast_range)) if rng.integers(2) else None
+
+    def draw(self, rng: np.random.Generator) -> dict:
+        """The parameters of one distortion; a step that is skipped is None."""
+        params = {"brightness": float(rng.uniform(-self.brightness_delta, self.brightness_delta))
+                  if rng.integers(2) else None}
+        params["contrast_first"] = bool(rng.integers(2))
+        params["contrast"] = self._draw_contrast(rng) if params["contrast_first"] else None
+        params["saturation"] = float(rng.uniform(*self.saturation_range)) if rng.integers(2) else None
+        params["hue"] = 2 * int(rng.integers(-self.hue_delta, self.hue_delta)) if rng.integers(2) else None
+        if not params["contrast_first"]:
+            params["contrast"] = self._draw_contrast(rng)
+        return params
+
+    @staticmethod
+    def apply(image: torch.Tensor, params: dict) -> torch.Tensor:
+        """The distortion of :meth:`draw`'s ``params`` on ``image`` (any device)."""
+        contrast = None if params["contrast"] is None else (lambda x: (x * params["contrast"]).clamp(0, 255))
+        if params["brightness"] is not None:
+            image = (image + params["brightness"]).clamp(0, 255)
+        if params["contrast_first"] and contrast is not None:
+            image = contrast(image)
+        if params["saturation"] is not None:
+            hue, saturation, value = rgb_to_hsv(image)
+            image = hsv_to_rgb(hue, (saturation * params["saturation"]).clamp(0, 1), value)
+        if params["hue"] is not None:
+            hue, saturation, value = rgb_to_hsv(image)
+            image = hsv_to_rgb((hue + params["hue"]) % 360, saturation, value)
+        if not params["contrast_first"] and contrast is not None:
+            image = contrast(image)
+        return image
 
     def __call__(self, image: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        if rng.integers(2):
-            image = (image + rng.uniform(-self.brightness_delta, self.brightness_delta)).clamp(0, 255)
-        contrast_first = bool(rng.integers(2))
-        if contrast_first:
-            image = self._contrast(image, rng)
-        if rng.integers(2):
-            hue, saturation, value = rgb_to_hsv(image)
-            image = hsv_to_rgb(hue, (saturation * rng.uniform(*self.saturation_range)).clamp(0, 1), value)
-        if rng.integers(2):
-            hue, saturation, value = rgb_to_hsv(image)
-            image = hsv_to_rgb((hue + 2 * int(rng.integers(-self.hue_delta, self.hue_delta))) % 360, saturation, value)
-        if not contrast_first:
-            image = self._contrast(image, rng)
-        return image
+        return self.apply(image, self.draw(rng))
 
 
 def map_labels(label: torch.Tensor, label_map: np.ndarray | None) -> torch.Tensor:
@@ -283,12 +303,12 @@ def map_labels(label: torch.Tensor, label_map: np.ndarray | None) -> torch.Tenso
 class SegTrainTransform:
     """Random scale -> random crop -> flip -> (photometric) -> normalise -> pad (module docstring), the CPU
     half: ``__call__(image uint8 HxWx3, label uint8 HxW, rng, label_map=None) -> (float (3, h, w), uint8
-    (h, w), geometry)`` with ``geometry = {"size": (window h, w), "flipped": bool}`` (``label_map``: see
-    :func:`map_labels`, applied to the windows it keeps): the resampled window, photometrically
-    distorted but not flipped nor normalised, at the top left of the crop (label padding 255), and the
-    label window in uint8; :func:`seg_device_inputs` flips, normalises and zero-pads it on the device. The
-    draws keep their order (scale, crop, flip, photometric); the distortion is pointwise, so distorting
-    before the flip gives the values of distorting after it."""
+    (h, w), geometry)`` with ``geometry = {"size": (window h, w), "flipped": bool, "photometric": the
+    distortion's parameters or None}`` (``label_map``: see :func:`map_labels`, applied to the windows it
+    keeps): the resampled window, neither distorted, flipped nor normalised, at the top left of the crop
+    (label padding 255), and the label window in uint8; :func:`seg_device_inputs` distorts, flips, normalises
+    and zero-pads it on the device. The draws keep their order (scale, crop, flip, photometric); the
+    distortion is pointwise, so distorting before the flip gives the values of distorting after it."""
 
     def __init__(self, crop: tuple, scales: tuple = (0.5, 2.0), normalization: str = "bgr_mean",
                  scale_step: float | None = 0.1, flip_prob: float = 0.5, cat_max_ratio: float | None = None,
@@ -309,9 +329,8 @@ class SegTrainTransform:
         image = resized_window(torch.from_numpy(image).permute(2, 0, 1), size, window)
         label = map_labels(resized_label_window(label, size, window), label_map)
         flipped = bool(rng.random() < self.flip_prob)
-        if self.photometric is not None:
-            image = self.photometric(image, rng)
-        geometry = {"size": tuple(label.shape), "flipped": flipped}
+        photometric = None if self.photometric is None else self.photometric.draw(rng)
+        geometry = {"size": tuple(label.shape), "flipped": flipped, "photometric": photometric}
         # the image's padding is overwritten with 0 after normalisation, on the device
         return (pad_bottom_right(image, self.crop, 0.0).contiguous(),
                 pad_bottom_right(label, self.crop, IGNORE_INDEX).contiguous(), geometry)
@@ -353,8 +372,16 @@ def seg_device_inputs(images: torch.Tensor, labels: torch.Tensor, geometry: list
     float windows or uint8 pixels (B, 3, H, W), ``labels`` uint8 (B, H, W) padded with 255, each sample's
     ``geometry``) -> (normalised float images, int64 targets). Sample ``i``'s window of
     ``geometry[i]["size"]`` at the top left is flipped if ``geometry[i]["flipped"]`` (image and label),
-    the images normalised and 0 outside the windows. The inputs are left untouched."""
-    inputs = normalize(images.float(), normalization)  # pointwise: commutes with the flip below
+    the images photometrically distorted (``geometry[i]["photometric"]``, :meth:`PhotoMetricDistortion.apply`
+    on the window), normalised and 0 outside the windows. The inputs are left untouched."""
+    distorted = [entry.get("photometric") is not None for entry in geometry]
+    inputs = images.to(torch.float32, copy=any(distorted))  # distorted in place: a copy keeps the batch as it was
+    for index, entry in enumerate(geometry):
+        if distorted[index]:
+            height, width = entry["size"]
+            inputs[index, :, :height, :width] = PhotoMetricDistortion.apply(inputs[index, :, :height, :width],
+                                                                            entry["photometric"])
+    inputs = normalize(inputs, normalization)  # pointwise: commutes with the flip below
     targets = labels.to(torch.int64, copy=True)
     for index, entry in enumerate(geometry):
         height, width = entry["size"]

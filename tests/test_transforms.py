@@ -217,6 +217,29 @@ def test_seg_device_inputs_leave_the_collated_batch_untouched():
     assert torch.equal(targets[0], labels[0].flip(-1).long()) and torch.equal(targets[1, :3, :2], labels[1, :3, :2].flip(-1).long())
     assert torch.equal(targets[1, 3:], labels[1, 3:].long()) and (inputs[1, :, 3:] == 0).all() and (inputs[1, :, :, 2:] == 0).all()
     assert torch.equal(inputs[1, :, :3, :2], T.normalize(images[1, :, :3, :2].flip(-1), "bgr_mean"))
+    distortion = T.PhotoMetricDistortion().draw(rng(5))
+    geometry[0]["photometric"] = distortion  # distorted in place on a copy: the batch stays as it was
+    inputs, _ = T.seg_device_inputs(images, labels, geometry, "bgr_mean")
+    assert torch.equal(images, before[0])
+    assert torch.equal(inputs[0], T.normalize(T.PhotoMetricDistortion.apply(images[0], distortion).flip(-1), "bgr_mean"))
+
+
+def test_photometric_draws_follow_mmseg_order_whatever_the_image():
+    """brightness (flag, delta), contrast-first flag, [contrast (flag, alpha)], saturation (flag, factor),
+    hue (flag, shift), [contrast last]: a replay of that stream gives the same parameters."""
+    distortion = T.PhotoMetricDistortion()
+    for seed in range(30):
+        replay, params = rng(seed), distortion.draw(rng(seed))
+        brightness = replay.uniform(-32, 32) if replay.integers(2) else None
+        first = bool(replay.integers(2))
+        contrast = (replay.uniform(0.5, 1.5) if replay.integers(2) else None) if first else None
+        saturation = replay.uniform(0.5, 1.5) if replay.integers(2) else None
+        hue = 2 * int(replay.integers(-18, 18)) if replay.integers(2) else None
+        contrast = (replay.uniform(0.5, 1.5) if replay.integers(2) else None) if not first else contrast
+        assert params == {"brightness": brightness, "contrast_first": first, "contrast": contrast,
+                          "saturation": saturation, "hue": hue}, seed
+    image = torch.rand(3, 5, 6) * 255
+    assert torch.equal(distortion(image, rng(9)), T.PhotoMetricDistortion.apply(image, distortion.draw(rng(9))))
 
 
 def test_resized_window_matches_interpolate_on_downscales_and_edges():
