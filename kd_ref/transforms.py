@@ -43,7 +43,6 @@ the crop up to 10 times while one class covers more than that fraction of its la
 from __future__ import annotations
 
 import math
-import random
 
 import numpy as np
 import torch
@@ -209,16 +208,6 @@ def draw_scale(rng: np.random.Generator, scales: tuple, step: float | None = 0.1
         return float(rng.uniform(low, high))
     count = int(round((high - low) / step)) + 1
     return low + step * int(rng.integers(count))
-
-
-def seed_worker(worker_id: int, seed: int = 0, rank: int = 0) -> None:
-    """DataLoader ``worker_init_fn`` (bind ``seed``/``rank`` with functools.partial): seeds Python, numpy
-    and torch global RNGs from (seed, rank, worker), so any third-party code that draws from them is
-    reproducible too. kd_ref's own transforms use the per-sample generator instead."""
-    state = np.random.SeedSequence([seed, rank, worker_id]).generate_state(2)
-    random.seed(int(state[0]))
-    np.random.seed(int(state[0]))
-    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 # ------------------------------------------------------------------------------------ segmentation
