@@ -623,15 +623,6 @@ def update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, gradi
     scaler.update()  # from the inf flags unscale_ left on the device: lowers the scale after an overflow
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor,
-                   iteration: int, name: str, average=None, grad_clip: float | None = None) -> None:
-    """:func:`backward` and :func:`update` of one optimizer on its own, reading its gradient norm at once (the
-    training loop reads the norms of all its optimizers with the losses, in one transfer)."""
-    norm = backward(optimizer, scaler, loss, average, grad_clip).item()
-    check_gradient(scaler, norm, iteration, name)
-    update(optimizer, scaler, norm)
-
-
 TEACHER_OUTPUT_LIMIT = 1e4  # |value| of a sane network's logits and features, far below fp16's 65504
 
 

@@ -224,7 +224,7 @@ def _build(case: str):
 
 
 def _train(case: str, runtime: engine.Runtime) -> dict:
-    """The engine's step (forward_losses, extra losses, optimizer_step with gradient averaging) over
+    """The engine's step (forward_losses, extra losses, backward with gradient averaging, update) over
     ``ITERATIONS`` batches; returns the final student and distiller weights and whether the student moved."""
     recipe, split, student, teacher, distiller, bind = _build(case)
     initial = [p.detach().clone() for p in student.parameters()]
@@ -245,11 +245,16 @@ def _train(case: str, runtime: engine.Runtime) -> dict:
             loss = loss + sum(losses.values()) / len(batches)
             if optimizers.extra is not None:
                 extra = extra + sum(distiller.extra_losses(**bound).values()) / len(batches)
-        engine.optimizer_step(optimizers.student, scaler, loss, iteration, "student",
-                              lambda: engine._average_gradients(optimizers.distiller_params, runtime))
+        # as TrainingRun.train_step and extra_step: both backwards, one read of the norms, both updates
+        steps = [("student", optimizers.student, loss, optimizers.distiller_params)]
         if optimizers.extra is not None:
-            engine.optimizer_step(optimizers.extra, scaler, extra, iteration, "extra",
-                                  lambda: engine._average_gradients(optimizers.extra_params, runtime))
+            steps.append(("extra", optimizers.extra, extra, optimizers.extra_params))
+        norms = torch.stack([engine.backward(optimizer, scaler, objective,
+                                             lambda params=params: engine._average_gradients(params, runtime))
+                             for _, optimizer, objective, params in steps]).tolist()
+        for (name, optimizer, _, _), norm in zip(steps, norms):
+            engine.check_gradient(scaler, norm, iteration, name)
+            engine.update(optimizer, scaler, norm)
     moved = any(not torch.equal(before, p) for before, p in zip(initial, student.parameters()))
     weights = {"student_moved": torch.tensor(moved)}
     if extra_initial:  # how far the extra optimizer (SKD's discriminator) moved its parameters

@@ -12,7 +12,7 @@ import torch.nn as nn
 import train
 from kd_ref import configs, engine
 from kd_ref.engine import (BatchNormWatch, ResumableSampler, Runtime, atomic_save, check_teacher_outputs,
-                           load_checkpoint, lr_factor, optimizer_step, synchronise_batchnorm, weighted_task_losses)
+                           load_checkpoint, lr_factor, synchronise_batchnorm, weighted_task_losses)
 from kd_ref.skd import SKDDistiller
 
 
@@ -293,6 +293,13 @@ def _finite_loss_with_infinite_gradient():
     weight = nn.Parameter(torch.ones(2))
     loss = torch.sqrt(weight - 1).sum()     # value 0, gradient 1 / (2 sqrt(0)) = inf
     return weight, torch.optim.SGD([weight], lr=0.5), loss
+
+
+def optimizer_step(optimizer, scaler, loss, iteration: int, name: str) -> None:
+    """One optimizer's step from the engine's pieces, as TrainingRun.train_step runs them."""
+    norm = engine.backward(optimizer, scaler, loss).item()
+    engine.check_gradient(scaler, norm, iteration, name)
+    engine.update(optimizer, scaler, norm)
 
 
 def test_optimizer_step_with_grad_scaler_skips_non_finite_gradients():
