@@ -440,6 +440,39 @@ class Cityscapes:
         return {"image": image, "semantic": label, "label_map": LABEL_ID_TO_TRAIN_ID, "name": name}
 
 
+# ---------------------------------------------------------------------------- probe samples (bench flops)
+class ProbeScenes:
+    """Made-up detection samples (base data set layout: ``image``, ``boxes``, ``labels``, ``difficult``,
+    ``image_id``, ``masks``): a uniform-noise image of ``image_size`` (H, W) and ``num_objects`` boxes whose
+    sides spread geometrically from 16 pixels to half the short side (small, medium and large objects
+    alike), at positions drawn from a generator seeded by the index; labels cycle through the classes and
+    masks fill the boxes. Only their sizes matter: they stand for an image of a real data set."""
+    MIN_SIDE = 16
+
+    def __init__(self, image_size: tuple, num_objects: int, num_classes: int, length: int, with_masks: bool):
+        self.image_size, self.num_objects, self.num_classes = tuple(image_size), num_objects, num_classes
+        self.length, self.with_masks = length, with_masks
+        self.classes = tuple(str(label) for label in range(num_classes))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        rng = np.random.default_rng(index)
+        height, width = self.image_size
+        sides = np.geomspace(self.MIN_SIDE, min(height, width) / 2, self.num_objects)
+        corners = rng.uniform(0, 1, (self.num_objects, 2)) * (np.array([width, height]) - sides[:, None])
+        boxes = np.concatenate([corners, corners + sides[:, None]], axis=1).astype(np.float32)
+        sample = {"image": rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "boxes": boxes,
+                  "labels": np.arange(self.num_objects, dtype=np.int64) % self.num_classes,
+                  "difficult": np.zeros(self.num_objects, dtype=bool), "image_id": index}
+        if self.with_masks:
+            rows, cols = np.arange(height)[None, :, None], np.arange(width)[None, None, :]
+            x1, y1, x2, y2 = (boxes[:, k, None, None] for k in range(4))
+            sample["masks"] = (cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2)
+        return sample
+
+
 # ------------------------------------------------------------------------------------- PASCAL VOC
 class VOCDetection:
     """PASCAL VOC detection (``VOCdevkit/VOC<year>/...``; ``root`` is VOCdevkit or its parent).

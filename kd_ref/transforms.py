@@ -356,6 +356,15 @@ class SegEvalTransform:
         return pixels(image), label, {"size": tuple(label.shape), "flipped": False}
 
 
+def zero_margins(inputs: torch.Tensor, sizes: list) -> torch.Tensor:
+    """``inputs`` (B, C, H, W) with 0 outside each sample's ``sizes[i]`` = (h, w) at the top left, in place:
+    the padding is 0 after normalisation, as the references pad."""
+    for index, (height, width) in enumerate(sizes):
+        inputs[index, :, height:] = 0
+        inputs[index, :, :, width:] = 0
+    return inputs
+
+
 def seg_device_inputs(images: torch.Tensor, labels: torch.Tensor, geometry: list, normalization: str) -> tuple:
     """The device half of the segmentation pipeline: a collated batch of the seg transforms (``images``
     float windows or uint8 pixels (B, 3, H, W), ``labels`` uint8 (B, H, W) padded with 255, each sample's
@@ -377,9 +386,7 @@ def seg_device_inputs(images: torch.Tensor, labels: torch.Tensor, geometry: list
         if entry["flipped"]:
             inputs[index, :, :height, :width] = inputs[index, :, :height, :width].flip(-1)
             targets[index, :height, :width] = targets[index, :height, :width].flip(-1)
-        inputs[index, :, height:] = 0
-        inputs[index, :, :, width:] = 0
-    return inputs, targets
+    return zero_margins(inputs, [entry["size"] for entry in geometry]), targets
 
 
 # --------------------------------------------------------------------------------------- detection
@@ -468,11 +475,7 @@ def device_inputs(images: torch.Tensor, geometry: list, normalization: str, anti
         orig_h, orig_w = entry["orig_size"]
         resized = resize_pixels(images[index:index + 1, :, :orig_h, :orig_w], (height, width), antialias)[0]
         canvas[index, :, :height, :width] = resized.flip(-1) if entry["flipped"] else resized
-    inputs = normalize(canvas.float(), normalization)
-    for index, (height, width) in enumerate(sizes):
-        inputs[index, :, height:] = 0
-        inputs[index, :, :, width:] = 0
-    return inputs
+    return zero_margins(normalize(canvas.float(), normalization), sizes)
 
 
 def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:
