@@ -52,9 +52,10 @@ them alone; state the hook keeps between steps belongs in the distiller's ``stat
 ``get_extra_state``) so that checkpoints carry it.
 
 Distributed: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) turns on DDP (NCCL on
-CUDA, gloo on CPU). The student is wrapped in DDP (SyncBN on GPU, with the distiller modules named by
-``sync_batchnorm_modules()``); the distiller's own parameters are few and used every step, so their
-gradients are averaged with one all-reduce each instead of a second DDP wrapper. ``batch_size`` is the
+CUDA, gloo on CPU). The student is wrapped in DDP (SyncBN on GPU unless the recipe's ``sync_bn`` is
+False; the distiller modules named by ``sync_batchnorm_modules()`` too); the distiller's own parameters
+are few and used every step, so their gradients are averaged with one all-reduce each instead of a
+second DDP wrapper. ``batch_size`` is the
 total batch over all processes. With BatchNorm frozen (or synchronised) and losses whose normalisers
 are equal on every process, N processes at batch B/N train as one process at batch B does, up to
 floating-point reduction order (tests/test_ddp_equivalence.py).
@@ -571,10 +572,12 @@ def _average_gradients(params, runtime: Runtime) -> None:
             param.grad /= runtime.world_size
 
 
-def synchronise_batchnorm(student: nn.Module, distiller: nn.Module | None, runtime: Runtime) -> nn.Module:
-    """For a CUDA DDP run, the student (returned) and the distiller's ``sync_batchnorm_modules()`` with every
-    BatchNorm converted to SyncBatchNorm, the one place where this happens; otherwise unchanged. The
-    conversion keeps parameter and buffer tensors, so optimizers and hooks holding them stay valid."""
+def synchronise_batchnorm(student: nn.Module, distiller: nn.Module | None, runtime: Runtime,
+                          sync_student: bool = True) -> nn.Module:
+    """For a CUDA DDP run, the student (returned; only if ``sync_student``, the recipe's ``sync_bn``) and the
+    distiller's ``sync_batchnorm_modules()`` with every BatchNorm converted to SyncBatchNorm, the one place
+    where this happens; otherwise unchanged. The conversion keeps parameter and buffer tensors, so optimizers
+    and hooks holding them stay valid."""
     if runtime.device.type != "cuda" or runtime.world_size == 1:
         return student
     for module in distiller.sync_batchnorm_modules() if hasattr(distiller, "sync_batchnorm_modules") else []:
@@ -582,7 +585,7 @@ def synchronise_batchnorm(student: nn.Module, distiller: nn.Module | None, runti
             raise ValueError(f"{type(distiller).__name__}.sync_batchnorm_modules(): return the modules holding "
                              "BatchNorm layers, not a BatchNorm itself (it is replaced inside its parent)")
         nn.SyncBatchNorm.convert_sync_batchnorm(module)  # converts the BatchNorm children in place
-    return nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(student) if sync_student else student
 
 
 def backward(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: torch.Tensor, average=None,
@@ -828,7 +831,7 @@ class TrainingRun:
             self.student.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
-        self.student = synchronise_batchnorm(self.student, self.distiller, runtime)
+        self.student = synchronise_batchnorm(self.student, self.distiller, runtime, recipe.sync_bn)
         self.optimizers = build_optimizers(recipe, self.student, self.distiller)
         self.bind = self.method.bind.get(recipe.task)
         extra = self.optimizers.extra

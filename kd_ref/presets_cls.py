@@ -22,6 +22,7 @@ DIST_CLS_CONFIGS = "hunto/DIST_KD classification configs/strategies/distill"
 MDISTILLER_KD = "megvii-research/mdistiller configs/cifar100/kd.yaml + mdistiller/engine/cfg.py"
 SOKD_CIFAR = "FabienCode/mdistiller configs/DFKD/cifar/res324_84.yaml (sokd.md §2.5)"
 CIFAR100 = Recipe(task="cls", data="cifar100", num_classes=100, crop=(32, 32), normalization="cifar100",
+                  sync_bn=False,  # per-GPU BatchNorm under DDP, as the classification references
                   batch_size=64, iters=None, epochs=240, lr=0.05, weight_decay=5e-4, schedule="step",
                   lr_steps=(150, 180, 210), eval_every=10,
                   ckpt_every=781)  # iterations, as in every recipe: once an epoch of the full set (50,000 // 64)
@@ -58,6 +59,7 @@ for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1")
 # teacher is torchvision's ResNet-34 (passed to --teacher-ckpt as released; kd_ref.convert recognises its layout).
 # In epochs, as CIFAR's (5,004 iterations per epoch of the full set); we evaluate every 10 epochs.
 IMAGENET = Recipe(task="cls", data="imagenet", num_classes=1000, crop=(224, 224), normalization="imagenet_rgb",
+                  sync_bn=False,
                   batch_size=256, iters=None, epochs=100, lr=0.1, weight_decay=1e-4, schedule="step",
                   lr_steps=(30, 60, 90), eval_every=10, ckpt_every=1000, student="resnet18", teacher="resnet34",
                   source=f"{DIST_CLS_CONFIGS}/resnet_dist.yaml (its baseline recipe, dist.md §4)")
@@ -76,6 +78,7 @@ register(PRESETS, "sokd_resnet18_imagenet", dataclasses.replace(IMAGENET, method
 # which imports torch; tests/test_configs.py checks that the two agree).
 SYNTHETIC_NUM_IMAGE_CLASSES = 8
 SYNTHETIC_CLS = Recipe(task="cls", data="synthetic", num_classes=SYNTHETIC_NUM_IMAGE_CLASSES, crop=(32, 32),
+                       sync_bn=False,
                        synthetic_size=(64, 64), synthetic_train=4000, synthetic_val=500, normalization="cifar100",
                        batch_size=32, iters=1600, lr=0.05, weight_decay=5e-4, schedule="step", lr_steps=(1200,),
                        eval_every=0, ckpt_every=200, student="resnet8", teacher="resnet20",

@@ -21,6 +21,7 @@ DEFAULT_PRESETS: dict[tuple, str] = {}
 # exercised at 256 pixels in the tests).
 SYNTHETIC_DEPTH_MODEL = {"num_bins": 32, "d_min": 0.5, "d_max": 10.0, "focal": 50.0}
 SYNTHETIC_DEPTH = Recipe(task="depth", data="synthetic", synthetic_style="easy", synthetic_size=(64, 80),
+                         sync_bn=False,  # per-GPU BatchNorm under DDP, as the NYUDv2 row
                          crop=(64, 80), normalization="imagenet_rgb", model_options=SYNTHETIC_DEPTH_MODEL,
                          batch_size=8, iters=300, lr=0.01, weight_decay=1e-4, eval_every=0, ckpt_every=100,
                          synthetic_val=50, student="depth_r18", teacher="depth_r18",
@@ -37,6 +38,7 @@ register_demo(PRESETS, "synthetic_depth", SYNTHETIC_DEPTH, SYNTHETIC_DEPTH_METHO
 NYU_DEPTH_MODEL = {"num_bins": 150, "d_min": 0.1, "d_max": 17.0, "focal": 519.0, "lambda_vn": 5.0}
 register(PRESETS, "skd_depth_mv2_nyu", Recipe(
     task="depth", data="nyu", method="skd", student="depth_mv2", teacher="depth_x101", crop=(385, 385),
+    sync_bn=False,  # per-GPU BatchNorm: VNL trains with nn.DataParallel (tools/train_nyu_metric.py)
     normalization="imagenet_rgb", model_options=NYU_DEPTH_MODEL, batch_size=12, iters=None, epochs=200,
     lr=0.001, momentum=0.9, weight_decay=1e-4, schedule="poly", poly_power=0.9, eval_every=10, ckpt_every=1000,
     pretrained="mobilenet_v2-b0353104.pth", method_options={},

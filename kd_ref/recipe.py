@@ -51,6 +51,9 @@ class Recipe:
     # det: per-GPU batches of one aspect group (w/h > 1), each group padded to whole batches by repeating
     # its images (mmdet GroupSampler); False: plain shuffling, the last partial batch dropped
     group_by_aspect: bool = False
+    # under CUDA DDP, the student's BatchNorm becomes SyncBatchNorm; False keeps per-GPU BatchNorm, as the
+    # classification references (DIST_KD, mdistiller) and VNL's DataParallel depth training do
+    sync_bn: bool = True
     # optimisation
     batch_size: int = 16             # total over all processes
     iters: int | None = 40000        # None when ``epochs`` counts the schedule

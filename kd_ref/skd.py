@@ -50,6 +50,8 @@ Presets (None arguments of SKDDistiller take these)::
     lambda_d / lambda_gp            0.1 / - (no GP)              0.1 / 10.0 (GP weight 1.0)
     D optimizer                     Adam 4e-4, betas (0.9, 0.99) SGD 4e-4, momentum 0.9,
                                     constant lr                  wd 5e-4, poly 0.9 over the run
+    D input BN under CUDA DDP       SyncBatchNorm (CIRKD)        per-GPU (one GPU in the code; no
+                                                                 double backward through SyncBN)
 
 Decisions:
 - We return KL; the original code returns the cross-entropy -sum p_t log p_s, which differs by the
@@ -232,7 +234,7 @@ class SKDDiscriminator(nn.Module):
     H'' = H/16 - 3 (64 -> 1, 65 -> 1, 128 -> 5). Inputs smaller than 64 px per side are rejected.
 
     The input BatchNorm is a plain BatchNorm2d; under CUDA DDP the engine converts it to SyncBatchNorm
-    (``SKDDistiller.sync_batchnorm_modules``), as both references do.
+    where the preset says so (``SKDDistiller.sync_batchnorm_modules``: CIRKD's hinge critic, not WGAN-GP).
     """
 
     def __init__(self, in_channels: int, conv_dim: int = 64):
@@ -327,6 +329,10 @@ class SKDPreset:
     d_poly_power: Optional[float]
     d_betas: tuple[float, float] = (0.9, 0.999)
     d_momentum: float = 0.0
+    # under CUDA DDP, D's input BatchNorm becomes SyncBatchNorm (CIRKD's utils/sagan.py builds it as
+    # nn.SyncBatchNorm when distributed). Never with the gradient penalty: its double backward is not
+    # implemented for SyncBatchNorm (pytorch/pytorch#61222), and the WGAN-GP code trains on one GPU.
+    d_sync_batchnorm: bool = False
 
 
 PRESETS = {
@@ -334,7 +340,7 @@ PRESETS = {
                        pa_kernel=2, pa_scale=None, pa_detach_norm=False, lambda_pa=10.0,
                        adv_type="hinge", lambda_adv=0.001, lambda_d=0.1, lambda_gp=None,
                        d_optimizer="adam", d_lr=4e-4, d_weight_decay=0.0, d_poly_power=None,
-                       d_betas=(0.9, 0.99)),
+                       d_betas=(0.9, 0.99), d_sync_batchnorm=True),
     "original": SKDPreset(tau=1.0, pi_normalize="spatial", lambda_pi=10.0,
                           pa_kernel=None, pa_scale=0.5, pa_detach_norm=True, lambda_pa=0.5,
                           adv_type="wgan", lambda_adv=0.1, lambda_d=0.1, lambda_gp=10.0,
@@ -486,9 +492,12 @@ class SKDDistiller(nn.Module):
     # ---- engine hook (contract: distillers with their own optimizer) -------------------------
 
     def sync_batchnorm_modules(self) -> list:
-        """Modules whose BatchNorm the engine converts to SyncBatchNorm under CUDA DDP: the
-        discriminator's input BatchNorm, synchronised by both references."""
-        return [] if self.discriminator is None else [self.discriminator]
+        """Modules whose BatchNorm the engine converts to SyncBatchNorm under CUDA DDP: the discriminator's
+        input BatchNorm where the preset synchronises it (``d_sync_batchnorm``), never under the gradient
+        penalty (WGAN-GP, a preset's or an override's), whose double backward SyncBatchNorm lacks."""
+        if self.discriminator is None or self.adv_type == "wgan" or not self._defaults.d_sync_batchnorm:
+            return []
+        return [self.discriminator]
 
     def extra_parameters(self) -> list:
         """The discriminator's parameters, which the engine keeps out of the student optimizer."""
@@ -533,7 +542,7 @@ class SKDDistiller(nn.Module):
 PRESETS["depth"] = SKDPreset(tau=1.0, pi_normalize="pixels", lambda_pi=1.0, pa_kernel=4, pa_scale=None,
                              pa_detach_norm=False, lambda_pa=1.0, adv_type="hinge", lambda_adv=0.001, lambda_d=0.1,
                              lambda_gp=None, d_optimizer="adam", d_lr=4e-4, d_weight_decay=0.0, d_poly_power=None,
-                             d_betas=(0.9, 0.99))
+                             d_betas=(0.9, 0.99), d_sync_batchnorm=True)
 FCOS_LAMBDA_PI = 1.0        # [ours]
 FCOS_LAMBDA_PA = 1.0        # [ours]
 FCOS_MAX_NODES = 1024       # pair-wise graph size per level [ours]
@@ -590,6 +599,11 @@ class DepthSKDDistiller(nn.Module):
 
     def extra_parameters(self) -> list:
         return [] if self.holistic is None else self.holistic.extra_parameters()
+
+    def sync_batchnorm_modules(self) -> list:
+        """The holistic critic's, as the preset says (``depth``: synchronised, as CIRKD's hinge critic whose
+        settings it takes)."""
+        return [] if self.holistic is None else self.holistic.sync_batchnorm_modules()
 
     def extra_optimizer(self, total_iters: int):
         return None if self.holistic is None else self.holistic.extra_optimizer(total_iters)

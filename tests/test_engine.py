@@ -289,6 +289,61 @@ def test_syncbn_conversion_covers_the_student_and_the_skd_discriminator():
         assert type(plain.discriminator.input_norm) is nn.BatchNorm2d
 
 
+# Which BatchNorm each reference synchronises under multi-GPU training: (the student's, the distiller's own).
+# Classification: per-GPU BN in DIST_KD's and mdistiller's code; SoKD's adapter BN: per-GPU in mdistiller
+# (nn.DataParallel) and in its detectron2 code (plain BatchNorm2d under DDP); SKD's critic: SyncBatchNorm in
+# CIRKD (utils/sagan.py), which the depth preset's holistic settings follow, but not under WGAN-GP (its double
+# backward does not exist for SyncBatchNorm); depth student: per-GPU BN (VNL trains with nn.DataParallel).
+BATCHNORM_SYNCED_UNDER_DDP = {
+    "synthetic_cls_sokd": (False, False),
+    "dist_resnet18_imagenet": (False, None),
+    "skd_deeplabv3_r18_cityscapes": (True, True),
+    "skd_pspnet_r18_cityscapes_original": (True, False),
+    "skd_depth_mv2_nyu": (False, True),
+    "synthetic_det_frcnn_sokd": (True, False),
+}
+
+
+def _batchnorm_kinds(module: nn.Module) -> set:
+    return {type(m) for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+@pytest.mark.parametrize("name", sorted(BATCHNORM_SYNCED_UNDER_DDP))
+def test_cuda_ddp_synchronises_the_batchnorm_each_reference_synchronises(name):
+    from kd_ref import presets
+    recipe = presets.PRESETS[name]
+    task = configs.TASKS[recipe.task]
+    # SoKD's policy samples on construction, which the meta device cannot; its presets here are small on the CPU
+    with torch.device("cpu" if recipe.method == "sokd" else "meta"):
+        student = task.build_model(recipe, recipe.student, pretrained=None)
+        teacher = task.build_model(recipe, recipe.teacher, pretrained=None)
+        distiller = configs.METHODS[recipe.method].build(recipe, student, teacher)
+    student = synchronise_batchnorm(student, distiller, Runtime(torch.device("cuda", 0), rank=0, world_size=8),
+                                    recipe.sync_bn)
+    student_synced, distiller_synced = BATCHNORM_SYNCED_UNDER_DDP[name]
+    assert _batchnorm_kinds(student) == {nn.SyncBatchNorm if student_synced else nn.BatchNorm2d}
+    assert _batchnorm_kinds(distiller) == (set() if distiller_synced is None else
+                                           {nn.SyncBatchNorm if distiller_synced else nn.BatchNorm2d})
+
+
+def test_every_classification_and_depth_preset_keeps_per_gpu_batchnorm_and_old_checkpoints_keep_syncbn():
+    from kd_ref import presets
+    for name, recipe in presets.PRESETS.items():
+        assert recipe.sync_bn == (recipe.task not in ("cls", "depth")), name
+    recipe = presets.PRESETS["dist_resnet8x4_cifar100"]
+    stored = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "sync_bn"}
+    resumed, reset = configs.resumed_recipe(stored, recipe)
+    assert resumed.sync_bn and reset == ["sync_bn"], "a run trained before the field continues as it was trained"
+
+
+@pytest.mark.parametrize("options", [{"preset": "original"}, {"preset": "cirkd", "adv_type": "wgan", "lambda_gp": 1.0}])
+def test_a_gradient_penalty_critic_never_gets_syncbatchnorm(options):
+    distiller = SKDDistiller(num_classes=4, **options)
+    synchronise_batchnorm(nn.BatchNorm2d(3), distiller, Runtime(torch.device("cuda", 0), rank=0, world_size=2))
+    assert distiller.sync_batchnorm_modules() == []
+    assert type(distiller.discriminator.input_norm) is nn.BatchNorm2d
+
+
 def _finite_loss_with_infinite_gradient():
     weight = nn.Parameter(torch.ones(2))
     loss = torch.sqrt(weight - 1).sum()     # value 0, gradient 1 / (2 sqrt(0)) = inf
