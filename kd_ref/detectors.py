@@ -800,13 +800,14 @@ def fcos_iou_loss(pred, target, weight=None, loss_type="iou"):
     return losses.mean()
 
 
-def _mean_over_ranks(value: float, device) -> float:
-    """``value`` averaged over the DDP ranks (itself without DDP): FCOS's per-GPU normalisers."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        total = torch.tensor([value], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(total)
-        return total.item() / torch.distributed.get_world_size()
-    return value
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``values`` averaged over the DDP ranks (themselves without DDP), in one all-reduce left on the device:
+    FCOS's normalisers. Every rank must call it the same number of times, whatever its batch holds."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    total = values.double()  # the sum of counts over many ranks stays exact
+    torch.distributed.all_reduce(total)
+    return (total / torch.distributed.get_world_size()).to(values.dtype)
 
 
 class Scale(nn.Module):
@@ -945,7 +946,13 @@ class FCOS(_FPNDetector):
             flat_reg = F.relu(flat_reg)
             reg_targets = reg_targets / level_stride.repeat(len(targets))[:, None]
         positive = torch.nonzero(labels < self.num_classes).flatten()
-        num_pos = max(_mean_over_ranks(float(positive.numel()), labels.device), 1.0)
+        pos_targets = reg_targets[positive]
+        weight = fcos_centerness_target(pos_targets)
+        # both normalisers in one all-reduce that a rank without positives joins too (maskrcnn-benchmark
+        # reduces on every rank), so the ranks' collectives stay in step
+        counts = torch.stack([weight.new_tensor(float(positive.numel())), weight.sum()])
+        num_pos, weight_sum = _mean_over_ranks(counts).unbind()
+        num_pos, weight_sum = num_pos.clamp_min(1.0), weight_sum.clamp_min(1e-12)
         onehot = torch.zeros_like(flat_cls)
         onehot[positive, labels[positive]] = 1.0
         losses = {"loss_cls": focal_loss(flat_cls, onehot, num_pos)}
@@ -953,9 +960,6 @@ class FCOS(_FPNDetector):
             losses["loss_reg"] = flat_reg.sum() * 0.0
             losses["loss_centerness"] = flat_ctr.sum() * 0.0
             return losses
-        pos_targets = reg_targets[positive]
-        weight = fcos_centerness_target(pos_targets)
-        weight_sum = max(_mean_over_ranks(weight.sum().item(), labels.device), 1e-12)
         losses["loss_reg"] = (fcos_iou_losses(flat_reg[positive], pos_targets, self.iou_loss) * weight).sum() / weight_sum
         losses["loss_centerness"] = F.binary_cross_entropy_with_logits(flat_ctr[positive], weight,
                                                                        reduction="sum") / num_pos

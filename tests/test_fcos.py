@@ -1,9 +1,14 @@
 """FCOS: golden cases (depth_fcos 1-2), points, decoding, head sizes, losses, inference, synthetic demo presets."""
+import datetime
 import math
 import os
+import socket
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from kd_ref import configs, detectors
 from kd_ref.detectors import (build_detector, fcos_centerness_target, fcos_iou_loss, fcos_points, fcos_targets)
@@ -130,6 +135,56 @@ def test_losses_are_finite_and_reach_every_parameter(options):
     assert all(torch.isfinite(v) for v in out["losses"].values())
     sum(out["losses"].values()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# FCOS's normalisers are all-reduced over the ranks; a rank whose images have no positive location must run the
+# same collectives as the others. Rank 0 gets an image with a box, rank 1 an empty one.
+LOSS_TARGETS = [{"boxes": torch.tensor([[10.0, 12.0, 70.0, 60.0]]), "labels": torch.tensor([2])},
+                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+
+
+def _fcos_losses(ranks: slice) -> dict:
+    """FCOS's losses on the images ``ranks`` of a fixed two-image batch (the head's outputs computed in eval
+    mode on the whole batch, so that they do not depend on the split)."""
+    torch.manual_seed(0)
+    model = build_detector("fcos_mv2_c64", 3, fcos_options={"sizes_of_interest": SMALL_RANGES}).eval()
+    with torch.no_grad():
+        cls_logits, bbox_raw, centerness = model.head(model.pyramid(model.extract_feats(torch.randn(2, 3, 96, 96))))
+    cls_logits, bbox_raw, centerness = ([level[ranks] for level in maps] for maps in (cls_logits, bbox_raw, centerness))
+    points = fcos_points([tuple(x.shape[-2:]) for x in cls_logits], model.strides, cls_logits[0].dtype, "cpu")
+    losses = model.loss(cls_logits, bbox_raw, model.distances(bbox_raw), centerness, points, LOSS_TARGETS[ranks])
+    return {name: value.item() for name, value in losses.items()}
+
+
+def _fcos_loss_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a rank left waiting on a collective its peer never joins fails after this instead of hanging
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=30))
+    try:
+        torch.save(_fcos_losses(slice(rank, rank + 1)), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_rank_without_positives_keeps_the_normaliser_all_reduces_in_step(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    workers = mp.start_processes(_fcos_loss_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not workers.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail("the two ranks' collectives fell out of step: still waiting after 120 s")
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    assert ranks[0]["loss_reg"] > 0 and ranks[1]["loss_reg"] == 0, "only rank 0 has positives"
+    single = _fcos_losses(slice(0, 2))
+    for name, value in single.items():  # DDP averages the ranks' gradients, so their losses' mean is the loss
+        assert (ranks[0][name] + ranks[1][name]) / 2 == pytest.approx(value, rel=1e-5), name
 
 
 def test_unknown_option_is_refused():
