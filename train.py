@@ -219,17 +219,33 @@ def ensure_teacher(recipe, out: str, args, runtime) -> str:
     teacher_recipe = configs.teacher_recipe(recipe)
     folder = teacher_folder(recipe, out)
     ckpt = os.path.join(folder, "last.pt")
-    if os.path.isfile(os.path.join(folder, "metrics.json")):
+
+    def cache_state() -> str:
+        if os.path.isfile(os.path.join(folder, "metrics.json")):
+            return "trained"
+        return "started" if os.path.isfile(ckpt) else "absent"
+
+    # decided once, by the global rank 0: every rank then reuses the teacher, or trains it with the others
+    state = engine.decided_by_main(runtime, cache_state)
+    if state == "trained":
         if runtime.is_main:
             print(f"teacher: reusing {ckpt}")
-        return ckpt
-    if runtime.is_main:
-        print(f"teacher: no --teacher-ckpt given, so {teacher_recipe.student} ({recipe.teacher_preset}) is trained "
-              f"first: {teacher_recipe.iters} iterations at batch {teacher_recipe.batch_size}, into {folder} "
-              "(reused by every later run with this teacher)")
-    engine.train(teacher_recipe, folder, runtime, resume=os.path.isfile(ckpt), workers=args.workers,
-                 quiet=args.quiet)
+    else:
+        if runtime.is_main:
+            print(f"teacher: no --teacher-ckpt given, so {teacher_recipe.student} ({recipe.teacher_preset}) is "
+                  f"trained first: {teacher_recipe.iters} iterations at batch {teacher_recipe.batch_size}, into "
+                  f"{folder} (reused by every later run with this teacher)")
+        if state == "started":  # every rank resumes from that checkpoint
+            engine.check_on_every_rank(runtime, lambda: require_file(ckpt, "teacher checkpoint"))
+        engine.train(teacher_recipe, folder, runtime, resume=state == "started", workers=args.workers,
+                     quiet=args.quiet)
+    engine.check_on_every_rank(runtime, lambda: require_file(ckpt, "teacher checkpoint"))
     return ckpt
+
+
+def require_file(path: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
 
 
 def describe(name: str, recipe, runtime, out: str) -> str:
@@ -263,9 +279,10 @@ def main(argv=None) -> dict:
         print(engine.dumps(dataclasses.asdict(recipe)))
         return {}
     out = args.out or os.path.join("runs", name)
-    check_out_folder(out, args)
-    check_inputs(recipe, args)
     runtime = engine.setup_runtime(args.device, args.amp)
+    # every rank reads these files (the checkpoint it resumes, the weights it loads): each checks its own view
+    # of them, and under DDP all stop together if any rank misses one (kd_ref.engine.check_on_every_rank)
+    engine.check_on_every_rank(runtime, lambda: (check_out_folder(out, args), check_inputs(recipe, args)))
     if args.workers is None:
         args.workers = 4 if runtime.device.type == "cuda" else 0
     teacher_ckpt = None

@@ -155,6 +155,45 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+SHARED_FILES_HINT = ("every node must see the same --out folder and teacher file (a file system shared by the "
+                     "nodes) and the same input files")
+
+
+def decided_by_main(runtime: Runtime, decide):
+    """``decide()`` on the global rank 0, sent to every rank: a choice made once for the whole run (e.g. train the
+    synthetic teacher or reuse it), so that ranks whose nodes see different files still take the same path."""
+    if runtime.world_size == 1:
+        return decide()
+    choice = [decide() if runtime.is_main else None]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def check_on_every_rank(runtime: Runtime, check) -> None:
+    """``check()`` (which raises ValueError or FileNotFoundError on a bad input) on every rank; under DDP every
+    rank raises if it failed on any, naming that rank: a rank that stopped alone would leave the others waiting
+    in their next collective."""
+    try:
+        check()
+        failure = None
+    except (ValueError, FileNotFoundError) as error:
+        if runtime.world_size == 1:
+            raise
+        failure = (type(error) is FileNotFoundError, str(error))
+    if runtime.world_size == 1:
+        return
+    failures = [None] * runtime.world_size
+    dist.all_gather_object(failures, failure)
+    failed = [(rank, found) for rank, found in enumerate(failures) if found is not None]
+    if not failed:
+        return
+    rank, (missing, message) = failed[0]
+    error = FileNotFoundError if missing else ValueError
+    if len(failed) == runtime.world_size and all(found == failed[0][1] for _, found in failed):
+        raise error(message)  # the same on every rank: a plain bad input
+    raise error(f"rank {rank}: {message}; other ranks passed this check: {SHARED_FILES_HINT}")
+
+
 # ------------------------------------------------------------------------------------------- data
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start part-way through an epoch, so a resumed run sees exactly

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,6 +195,49 @@ def test_torchrun_two_process_gloo_ddp(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "metrics.json").exists()
     assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 2
+
+
+def _torchrun_node(node_rank: int, port: int, argv: list) -> subprocess.Popen:
+    """One node of a 2-node torchrun launch on this machine (one process per node, gloo)."""
+    torchrun = shutil.which("torchrun") or "torchrun"
+    return subprocess.Popen([torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}",
+                             "--master_addr=127.0.0.1", f"--master_port={port}", "train.py", *argv], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _logged_iterations(out) -> list:
+    return [json.loads(line)["iteration"] for line in (out / "log.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_two_nodes_reuse_the_teacher_stop_together_on_one_nodes_sigterm_and_resume(tmp_path):
+    out = tmp_path / "run"
+    argv = ["--task", "cls", "--method", "kd", "--out", str(out), "--set", "synthetic_train=16", "--set",
+            "synthetic_val=4", "--batch-size", "4", "--iters", "200", "--ckpt-every", "1000", "--quiet"]
+    # the cached synthetic teacher, as an earlier run leaves it (a short run here), in the folder both nodes share
+    teacher = train.teacher_folder(train.build_recipe(train.parse_args(argv))[1], str(out))
+    train.main(["--task", "cls", "--student", "resnet20", "--out", teacher, *argv[6:10], "--batch-size", "4",
+                "--iters", "1", "--quiet"])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [_torchrun_node(rank, port, argv) for rank in range(2)]
+    deadline = time.time() + 120
+    while not ((out / "log.jsonl").exists() and _logged_iterations(out)) and time.time() < deadline:
+        time.sleep(0.2)
+    nodes[1].send_signal(signal.SIGTERM)  # one node preempted: both stop after the same iteration
+    outputs = [node.communicate(timeout=120) for node in nodes]
+    assert all(node.returncode != 0 for node in nodes), [o[1][-2000:] for o in outputs]
+    assert "SIGTERM received" in outputs[0][1], outputs[0][1][-3000:]
+    assert "teacher: reusing" in outputs[0][0], "rank 0 found the cached teacher and every rank loaded it"
+    stopped_at = engine.load_checkpoint(str(out / "last.pt"))["iteration"]
+    assert 1 <= stopped_at < 200 and _logged_iterations(out)[-1] == stopped_at
+    nodes = [_torchrun_node(rank, port, [*argv, "--resume"]) for rank in range(2)]
+    outputs = [node.communicate(timeout=120) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [o[1][-3000:] for o in outputs]
+    assert engine.load_checkpoint(str(out / "last.pt"))["iteration"] == 200
+    assert _logged_iterations(out) == list(range(1, 201)) and (out / "metrics.json").exists()
 
 
 def test_student_init_starts_from_a_trained_checkpoint_or_state_dict(tmp_path, teacher_ckpt):
