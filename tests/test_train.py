@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,13 +198,28 @@ def test_torchrun_two_process_gloo_ddp(tmp_path):
     assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 2
 
 
-def _torchrun_node(node_rank: int, port: int, argv: list) -> subprocess.Popen:
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun_node(node_rank: int, port: int, argv: list, cwd=ROOT) -> subprocess.Popen:
     """One node of a 2-node torchrun launch on this machine (one process per node, gloo)."""
     torchrun = shutil.which("torchrun") or "torchrun"
     return subprocess.Popen([torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}",
-                             "--master_addr=127.0.0.1", f"--master_port={port}", "train.py", *argv], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                             "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(ROOT, "train.py"),
+                             *argv], cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+
+
+def _cache_untrained_teacher(argv: list, out) -> None:
+    """The cached synthetic teacher of ``argv``'s run as an earlier run leaves it (untrained weights here)."""
+    recipe = train.build_recipe(train.parse_args(argv))[1]
+    teacher = Path(train.teacher_folder(recipe, str(out)))
+    teacher.mkdir(parents=True)
+    torch.save({"model": configs.TASKS["cls"].build_model(recipe, recipe.teacher).state_dict()}, teacher / "last.pt")
+    (teacher / "metrics.json").write_text("{}")
 
 
 def _logged_iterations(out) -> list:
@@ -214,14 +230,9 @@ def _logged_iterations(out) -> list:
 def test_two_nodes_reuse_the_teacher_stop_together_on_one_nodes_sigterm_and_resume(tmp_path):
     out = tmp_path / "run"
     argv = ["--task", "cls", "--method", "kd", "--out", str(out), "--set", "synthetic_train=16", "--set",
-            "synthetic_val=4", "--batch-size", "4", "--iters", "200", "--ckpt-every", "1000", "--quiet"]
-    # the cached synthetic teacher, as an earlier run leaves it (a short run here), in the folder both nodes share
-    teacher = train.teacher_folder(train.build_recipe(train.parse_args(argv))[1], str(out))
-    train.main(["--task", "cls", "--student", "resnet20", "--out", teacher, *argv[6:10], "--batch-size", "4",
-                "--iters", "1", "--quiet"])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+            "synthetic_val=4", "--batch-size", "4", "--iters", "100", "--ckpt-every", "1000", "--quiet"]
+    _cache_untrained_teacher(argv, out)  # in the folder both nodes share
+    port = _free_port()
     nodes = [_torchrun_node(rank, port, argv) for rank in range(2)]
     deadline = time.time() + 120
     while not ((out / "log.jsonl").exists() and _logged_iterations(out)) and time.time() < deadline:
@@ -232,12 +243,31 @@ def test_two_nodes_reuse_the_teacher_stop_together_on_one_nodes_sigterm_and_resu
     assert "SIGTERM received" in outputs[0][1], outputs[0][1][-3000:]
     assert "teacher: reusing" in outputs[0][0], "rank 0 found the cached teacher and every rank loaded it"
     stopped_at = engine.load_checkpoint(str(out / "last.pt"))["iteration"]
-    assert 1 <= stopped_at < 200 and _logged_iterations(out)[-1] == stopped_at
+    assert 1 <= stopped_at < 100 and _logged_iterations(out)[-1] == stopped_at
     nodes = [_torchrun_node(rank, port, [*argv, "--resume"]) for rank in range(2)]
     outputs = [node.communicate(timeout=120) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), [o[1][-3000:] for o in outputs]
-    assert engine.load_checkpoint(str(out / "last.pt"))["iteration"] == 200
-    assert _logged_iterations(out) == list(range(1, 201)) and (out / "metrics.json").exists()
+    assert engine.load_checkpoint(str(out / "last.pt"))["iteration"] == 100
+    assert _logged_iterations(out) == list(range(1, 101)) and (out / "metrics.json").exists()
+
+
+def test_two_nodes_that_do_not_share_the_output_folder_stop_together_naming_the_rank(tmp_path):
+    # a relative --out in two working folders: each node sees its own folder, and only node 0 the cached teacher
+    # (before, node 1 trained a teacher while node 0 trained the student: collectives out of step, a hang)
+    argv = ["--task", "cls", "--method", "kd", "--out", "run", "--set", "synthetic_train=16", "--set",
+            "synthetic_val=4", "--batch-size", "4", "--iters", "2", "--quiet"]
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    _cache_untrained_teacher(argv, tmp_path / "node0" / "run")
+    port = _free_port()
+    nodes = [_torchrun_node(rank, port, argv, cwd=tmp_path / f"node{rank}") for rank in range(2)]
+    try:
+        errors = [node.communicate(timeout=90)[1] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    for error in errors:
+        assert "error: rank 1: teacher checkpoint" in error and "shared by the nodes" in error, error[-2000:]
 
 
 def test_student_init_starts_from_a_trained_checkpoint_or_state_dict(tmp_path, teacher_ckpt):
