@@ -10,8 +10,9 @@ import torch
 
 from kd_ref import presets, presets_cls, presets_depth, tasks
 from kd_ref.presets_det import TORCHVISION_WEIGHTS
-from kd_ref.recipe import (DISTILLATION_FIELDS, Recipe, check_pretrained, check_schedule, recipe_changes, register,
-                           resolve_schedule, resumed_recipe)
+from kd_ref.recipe import (DISTILLATION_FIELDS, PER_PROCESS_TERMS, Recipe, check_pretrained, check_schedule,
+                           per_process_terms, process_count_note, recipe_changes, reference_launch, register, resolve_schedule,
+                           resumed_recipe)
 
 
 def test_register_twin_drops_the_distillation_fields_or_takes_the_extended_recipe():
@@ -536,3 +537,41 @@ def test_a_resumed_run_keeps_the_defaults_of_fields_its_checkpoint_predates():
     # set by a flag of the resuming command: kept as given, and then it differs from the checkpoint's run
     kept, reset = resumed_recipe(stored, recipe, explicit=frozenset({"group_by_aspect"}))
     assert kept == recipe and reset == [] and recipe_changes(stored, kept) == ["group_by_aspect"]
+
+
+def test_each_row_launches_with_its_references_process_count():
+    original = presets.PRESETS["skd_pspnet_r18_cityscapes_original"]
+    assert reference_launch("skd_pspnet_r18_cityscapes_original", original) == (
+        "torchrun --nproc_per_node=1 train.py --preset skd_pspnet_r18_cityscapes_original")
+    assert reference_launch("gdd_pspnet_r18_cityscapes", presets.PRESETS["gdd_pspnet_r18_cityscapes"]).startswith(
+        "torchrun --nproc_per_node=8 ")
+    assert reference_launch("synthetic_seg_none", presets.PRESETS["synthetic_seg_none"]) == (
+        "python train.py --preset synthetic_seg_none")
+
+
+def test_a_process_count_other_than_the_references_names_the_per_process_terms_it_changes():
+    original = presets.PRESETS["skd_pspnet_r18_cityscapes_original"]
+    assert process_count_note(original, 1) is None
+    note = process_count_note(original, 8)
+    assert "\n" not in note and note.startswith("note: 8 process(es) where the reference ran 1 (total batch 8: 1 per "
+                                                 "process instead of 8)")
+    assert "SKD's pixel-wise term" in note and "pi_normalize='spatial_whole_batch'" in note
+    exact = dataclasses.replace(original, method_options={"preset": "original", "pi_normalize": "spatial_whole_batch"})
+    assert "SKD" not in process_count_note(exact, 8)
+    # CIRKD's SKD averages over pixels: nothing per process besides the batch
+    assert process_count_note(presets.PRESETS["skd_deeplabv3_r18_cityscapes"], 8) is None
+    assert process_count_note(presets.PRESETS["skd_deeplabv3_r18_cityscapes"], 2).endswith(
+        "none known besides the batch per process")
+    cifar = process_count_note(presets.PRESETS["dist_resnet8x4_cifar100"], 8)
+    assert "DIST's intra-class relation" in cifar and "BatchNorm" in cifar
+    assert "RetinaNet's focal" in process_count_note(presets.PRESETS["retinanet_r50_fpn_2x_coco"], 4)
+    assert "SOLO's mask" in process_count_note(presets.PRESETS["gdd_solo_r50_fpn_1x_coco"], 16)
+    assert process_count_note(presets.PRESETS["synthetic_seg_skd"], 4) is None  # no reference launch
+
+
+def test_the_skd_term_is_listed_exactly_for_the_skd_presets_that_sum_over_images():
+    from kd_ref import skd
+    for name, preset in skd.PRESETS.items():
+        recipe = Recipe(method="skd", method_options={"preset": name})
+        listed = PER_PROCESS_TERMS["method"]["skd"] in per_process_terms(recipe)
+        assert listed == (preset.pi_normalize == "spatial"), name
