@@ -274,9 +274,12 @@ def main(argv=None) -> dict:
 
     name, recipe = build_recipe(args)  # an unknown preset is refused before torch is imported
     from kd_ref import configs, engine
+    from kd_ref import recipe as recipe_module
 
     if args.print_recipe:
         print(engine.dumps(dataclasses.asdict(recipe)))
+        # stdout stays one JSON object for the tools that read it; the launch is for the reader
+        print(f"reference launch: {recipe_module.reference_launch(name, recipe)}", file=sys.stderr)
         return {}
     out = args.out or os.path.join("runs", name)
     runtime = engine.setup_runtime(args.device, args.amp)
@@ -295,6 +298,9 @@ def main(argv=None) -> dict:
                 teacher_metrics = json.load(handle)
     if runtime.is_main:
         print(describe(name, recipe, runtime, out))
+        note = recipe_module.process_count_note(recipe, runtime.world_size)
+        if note is not None:
+            print(note)
     metrics = engine.train(recipe, out, runtime, resume=args.resume, teacher_ckpt=teacher_ckpt,
                            workers=args.workers, data_root=args.data_root, quiet=args.quiet,
                            explicit_fields=explicit_fields(args))

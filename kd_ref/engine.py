@@ -521,7 +521,42 @@ def estimate_training_memory(recipe: "configs.Recipe", per_rank_batch: int, prob
 
 
 def build_optimizer(params, recipe: "configs.Recipe") -> torch.optim.Optimizer:
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
+                           nesterov=recipe.nesterov)
+
+
+# The layers whose parameters take ``norm_weight_decay`` (torchvision references' set_weight_decay list).
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm,
+               nn.LocalResponseNorm)
+
+
+def parameter_groups(sources: list, recipe: "configs.Recipe") -> list:
+    """SGD parameter groups of ``sources``, pairs (module, the parameters of it to optimise, in order): per
+    source, the biases (every parameter named ``bias``, normalisation layers' included, as torchvision's
+    custom "bias" key and maskrcnn-benchmark's make_optimizer) at ``bias_weight_decay`` and
+    ``bias_lr_factor`` x lr (the group's ``lr_mult``, which set_lr reads), the other parameters of
+    normalisation layers at ``norm_weight_decay``, the rest at ``weight_decay``. Parameters of equal
+    settings share a group, so a recipe at the defaults has one group per source, as the checkpoints
+    written before these fields existed (an optimizer state loads only into groups of the same sizes)."""
+    norm_decay = recipe.weight_decay if recipe.norm_weight_decay is None else recipe.norm_weight_decay
+    bias_decay = recipe.weight_decay if recipe.bias_weight_decay is None else recipe.bias_weight_decay
+    groups = []
+    for module, params in sources:
+        owners = {id(param): (layer, name) for layer in (module.modules() if module is not None else ())
+                  for name, param in layer.named_parameters(recurse=False)}
+        by_setting: dict[tuple, list] = {(recipe.weight_decay, 1.0): []}
+        for param in params:
+            layer, name = owners[id(param)]
+            if name == "bias":
+                setting = (bias_decay, recipe.bias_lr_factor)
+            elif isinstance(layer, NORM_LAYERS):
+                setting = (norm_decay, 1.0)
+            else:
+                setting = (recipe.weight_decay, 1.0)
+            by_setting.setdefault(setting, []).append(param)
+        groups += [{"params": members, "weight_decay": decay, "lr_mult": lr_mult}
+                   for (decay, lr_mult), members in by_setting.items() if members or len(by_setting) == 1]
+    return groups
 
 
 @dataclass
@@ -540,8 +575,8 @@ def build_optimizers(recipe: "configs.Recipe", student: nn.Module, distiller: nn
     extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
     extra_ids = {id(p) for p in extra_params}
     distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
-    optimizer = build_optimizer([{"params": [p for p in student.parameters() if p.requires_grad]},
-                                 {"params": distiller_params}], recipe)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    optimizer = build_optimizer(parameter_groups([(student, trainable), (distiller, distiller_params)], recipe), recipe)
     if not (extra_params and hasattr(distiller, "extra_optimizer")):
         return Optimizers(optimizer, distiller_params)
     extra, extra_lr_lambda = distiller.extra_optimizer(recipe.iters)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 from kd_ref import cli, presets_cls, presets_depth, presets_det, presets_ins, presets_seg
-from kd_ref.recipe import Recipe
+from kd_ref.recipe import Recipe, reference_launch
 
 PRESET_MODULES = (presets_seg, presets_cls, presets_det, presets_ins, presets_depth)
 
@@ -64,12 +64,13 @@ PRESET_GROUPS = {
 }
 
 
-def describe_preset(recipe: Recipe) -> str:
-    """One line: what a preset trains, on what, how long."""
+def describe_preset(name: str, recipe: Recipe) -> str:
+    """One line: what a preset trains, on what, how long, and the reference's launch of it."""
     pair = recipe.student if recipe.method == "none" else f"{recipe.student} <- {recipe.teacher}"
     size = "x".join(map(str, getattr(recipe, cli.INPUT_SIZE_FIELD[recipe.task])))
     length = f"{recipe.epochs} epochs" if recipe.epochs else f"{recipe.iters} it."
-    return f"{recipe.task} {recipe.method}: {pair}, {recipe.data} {size}, {length} x batch {recipe.batch_size}"
+    return (f"{recipe.task} {recipe.method}: {pair}, {recipe.data} {size}, {length} x batch {recipe.batch_size}; "
+            f"{reference_launch(name, recipe)}")
 
 
 def preset_listing() -> str:
@@ -82,5 +83,5 @@ def preset_listing() -> str:
     width = max(map(len, PRESETS))
     lines = []
     for heading, names in groups.items():
-        lines += ["", heading] + [f"  {name:<{width}}  {describe_preset(PRESETS[name])}" for name in names]
+        lines += ["", heading] + [f"  {name:<{width}}  {describe_preset(name, PRESETS[name])}" for name in names]
     return "\n".join(lines[1:])

@@ -42,6 +42,7 @@ register(PRESETS, "skd_depth_mv2_nyu", Recipe(
     normalization="imagenet_rgb", model_options=NYU_DEPTH_MODEL, batch_size=12, iters=None, epochs=200,
     lr=0.001, momentum=0.9, weight_decay=1e-4, schedule="poly", poly_power=0.9, eval_every=10, ckpt_every=1000,
     pretrained="mobilenet_v2-b0353104.pth", method_options={},
+    gpus=1,  # VNL's README trains with one process (python tools/train_nyu_metric.py)
     source="[paper?] SKD TPAMI depth schedule (to verify) on YvanYin/VNL_Monocular_Depth_Prediction "
            "(bins, focal, crop); SKD weights ours"))
 DEFAULT_PRESETS[("depth", "none", "nyu")] = "skd_depth_mv2_nyu_baseline"

@@ -28,7 +28,7 @@ DEFAULT_PRESETS: dict[tuple, str] = {}
 MMDET_CONFIGS = "open-mmlab/mmdetection v2.x configs"
 COCO_DET = Recipe(task="det", data="coco", num_classes=80, image_scale=(1333, 800), normalization="imagenet_rgb",
                   batch_size=16, weight_decay=1e-4, schedule="step", warmup_iters=500, warmup_ratio=0.001,
-                  iters=None, eval_every=1, ckpt_every=1000, group_by_aspect=True)
+                  iters=None, eval_every=1, ckpt_every=1000, group_by_aspect=True, gpus=8)
 COCO_SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}
 DETECTOR_LR = {"faster_rcnn": 0.02, "retinanet": 0.01}
 TORCHVISION_WEIGHTS = {18: "resnet18-f37072fd.pth", 50: "resnet50-0676ba61.pth", 101: "resnet101-63fe2227.pth"}
@@ -76,14 +76,16 @@ DEFAULT_PRESETS.update({
 })
 
 
-# --- COCO 2x rows, R101-FPN 2x teacher (--teacher-ckpt) -> R50-FPN 2x student, on the mmdet baselines above.
+# --- COCO 2x rows, R101-FPN 2x teacher (8 processes x 2 images, as the mmdet baselines: GKD's and GDD's mmdet
+# launches, DIST's `dist_train_mmdet.sh ... 8` in the DIST_KD README; GDD's choice of 8 is explained in
+# presets_seg.py) (--teacher-ckpt) -> R50-FPN 2x student, on the mmdet baselines above.
 # GKD (gkd.md §6): fg 1, bg 4, soft 1, T 2, global 0, attenuation over the epochs, PGM M=10, alpha 10, boxes
 # wider and taller than 30 px, <= 800 images per class, every epoch: GKDDistiller's and
 # ScheduledGKDDistiller's defaults. The released config starts the student from the trained R50 2x
 # checkpoint (all of it): student_init is where train.py writes that baseline preset's run; the baseline
 # twin, without student_init (DISTILLATION_FIELDS), is the plain R50 2x recipe.
-GKD_SOURCE = ("hikvision-research/DAVAR-Lab-ML ObjectPerceptron/mmdetection/third_party/kd (the released COCO "
-              "Faster R-CNN R101->R50 config, gkd.md §6)")
+GKD_SOURCE = ("hikvision-research/DAVAR-Lab-ML ECCV22_Distilling_Object_Detectors_with_Global_Knowledge/configs/"
+              "faster_rcnn_coco_kd_config.py (the released COCO Faster R-CNN R101->R50 config, gkd.md §6)")
 for _arch in DETECTOR_LR:
     register(PRESETS, f"gkd_{_arch}_r50_fpn_2x_coco", dataclasses.replace(
         PRESETS[f"{_arch}_r50_fpn_2x_coco"], method="gkd", teacher=f"{_arch}_r101",
@@ -122,30 +124,41 @@ for _arch in DETECTOR_LR:
 # DAFA is unknown). --sokd-base also takes dist (RoI logits) or gdd (the FPN features, row 3's alpha).
 SOKD_DET_OPTIONS = {"k": 8, "num_heat": 2, "w_feat": 2.0, "w_dam": 1.0, "search_mode": "first_order", "base": "kd",
                     "base_options": {"kd": {"tau": 4.0}, "dist": {}, "gdd": {"alpha": 4.0, "tau": 4.0}}}
-# Faster R-CNN R101 -> R50 / R18 (the MobileNetV2 student is not built here): 180k iterations at batch 8,
-# lr 0.01, x0.1 at 120k / 160k; warm-up and data handling of our mmdet Faster R-CNN 2x recipe (ours).
-# detectron2 counts iterations, so this recipe does too (evaluation about once per epoch at batch 8).
-# Pretrained: torchvision's R50 (ours; detectron2 starts from its own R-50.pkl, a layout our loader does not read).
+# Faster R-CNN R101 -> R50 / R18, FabienCode/mdistiller detection/configs/RegKD/RegKD-R{50,18}-R101.yaml on
+# Base-Distillation.yaml and detectron2's defaults: 180k iterations, lr 0.01, x0.1 at 120k / 160k; training
+# short side drawn per image from 640, 672, ..., 800 (MIN_SIZE_TRAIN, sampling "choice"; long side <= 1333),
+# test at 800; linear warm-up over 1000 iterations from 0.001 (detectron2 SOLVER.WARMUP_*); no weight decay on
+# normalisation layers (WEIGHT_DECAY_NORM 0.0). Batch: IMS_PER_BATCH 8 (R50) and 1 (R18) in total;
+# detection/README.md launches every config with --num-gpus 4, which detectron2 refuses for a batch of 1 (the
+# total must divide by the processes), so the R18 and MobileNetV2 rows launch one process. detectron2 counts
+# iterations, so this recipe does too (evaluation once per epoch: ours, detectron2's EVAL_PERIOD 0 evaluates
+# at the end). Pretrained: torchvision's ResNets (ours; the configs start from student-and-teacher files,
+# pretrained/r50-r101.pth, not public).
+SOKD_SHORT_SIDES = (640, 672, 704, 736, 768, 800)
 SOKD_COCO = dataclasses.replace(PRESETS["faster_rcnn_r50_fpn_2x_coco"], batch_size=8, lr=0.01, epochs=None,
                                 iters=180_000, lr_steps=(120_000, 160_000), eval_every=117_266 // 8,
-                                group_by_aspect=False,
-                                teacher="faster_rcnn_r101", method="sokd",
-                                source="unknown config file: the RegKD branch of SoKD's detectron2 code (sokd.md §5)")
-for _depth in (50, 18):
+                                group_by_aspect=False, warmup_iters=1000, norm_weight_decay=0.0,
+                                train_image_scales=tuple((1333, side) for side in SOKD_SHORT_SIDES),
+                                multiscale_mode="value", gpus=4, teacher="faster_rcnn_r101", method="sokd",
+                                source="FabienCode/mdistiller detection/configs/RegKD/RegKD-R50-R101.yaml")
+SOKD_COCO_BATCH = {50: (8, 4), 18: (1, 1)}  # depth: (IMS_PER_BATCH, processes)
+for _depth, (_batch, _gpus) in SOKD_COCO_BATCH.items():
     register(PRESETS, f"sokd_faster_rcnn_r{_depth}_fpn_coco", dataclasses.replace(
-        SOKD_COCO, student=f"faster_rcnn_r{_depth}", pretrained=TORCHVISION_WEIGHTS[_depth],
-        method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5}))
-# SoKD's MobileNetV2 row: FabienCode/mdistiller detection/configs/RegKD/DKD-MV2-R50.yaml (the R50 -> MV2 row
-# of sokd.md §7): Faster R-CNN MobileNetV2-FPN student (build_mobilenetv2_fpn_backbone, FPN on the 24/32/96/
+        SOKD_COCO, student=f"faster_rcnn_r{_depth}", pretrained=TORCHVISION_WEIGHTS[_depth], batch_size=_batch,
+        gpus=_gpus, eval_every=117_266 // _batch, method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5},
+        source=f"FabienCode/mdistiller detection/configs/RegKD/RegKD-R{_depth}-R101.yaml"))
+# SoKD's MobileNetV2 row: FabienCode/mdistiller detection/configs/RegKD/RegKD-MV2-R50.yaml (the R50 -> MV2 row
+# of sokd.md §7, the RegKD branch as the rows above; DKD/DKD-MV2-R50.yaml of the other branch says 8): Faster
+# R-CNN MobileNetV2-FPN student (build_mobilenetv2_fpn_backbone, FPN on the 24/32/96/
 # 320-channel stages, FrozenBN, FREEZE_AT 0) of a Faster R-CNN R50-FPN teacher, 180k iterations, lr 0.01, x0.1
-# at 120k / 160k, IMS_PER_BATCH 1 (the R50 and R18 rows' configs use 8). Ours: the student starts from
+# at 120k / 160k, IMS_PER_BATCH 1 on one process. Ours: the student starts from
 # torchvision's ImageNet MobileNetV2 (the config's WEIGHTS, pretrained/mv2-r50.pth, a student-and-teacher
 # file, is not public), evaluation once per epoch at batch 1, the SoKD options and search length of the
 # R50/R18 rows.
 register(PRESETS, "sokd_faster_rcnn_mv2_fpn_coco", dataclasses.replace(
-    SOKD_COCO, student="faster_rcnn_mv2", teacher="faster_rcnn_r50", batch_size=1, eval_every=117_266,
+    SOKD_COCO, student="faster_rcnn_mv2", teacher="faster_rcnn_r50", batch_size=1, gpus=1, eval_every=117_266,
     pretrained="mobilenet_v2-b0353104.pth", method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5},
-    source="FabienCode/mdistiller detection/configs/RegKD/DKD-MV2-R50.yaml"))
+    source="FabienCode/mdistiller detection/configs/RegKD/RegKD-MV2-R50.yaml"))
 DEFAULT_PRESETS[("det", "sokd", "coco")] = "sokd_faster_rcnn_r50_fpn_coco"
 
 # --- Synthetic demos: the synthetic_det_<family>_none recipe with a method. PGM uses smaller boxes (8 px
@@ -183,11 +196,14 @@ DEFAULT_PRESETS.update({
 # --- FCOS-MV2-C128 on COCO (depth_fcos.md §5, config fcos_syncbn_bs32_c128_MNV2_FPN_1x of tianzhi0549/FCOS):
 # batch 32, SGD lr 0.01, momentum 0.9, wd 1e-4, 90k iterations, x0.1 at 60k and 80k, warm-up 500 iterations
 # at 1/3 (FCOS: constant factor; ours is the engine's linear ramp from 1/3), 1333x800, flip 0.5; centre
-# sampling, GIoU, normalised targets and centerness-on-reg off. Teacher [ours]: FCOS R-101-FPN
+# sampling, GIoU, normalised targets and centerness-on-reg off; biases at 2x the learning rate and without
+# weight decay (fcos_core/config/defaults.py SOLVER.BIAS_LR_FACTOR 2, WEIGHT_DECAY_BIAS 0); 8 processes (the
+# README's --nproc_per_node=8 launch; "we use 8 Nvidia V100 GPUs"). Teacher [ours]: FCOS R-101-FPN
 # (--teacher-ckpt); the paper's teacher is unknown here.
 FCOS_COCO = dataclasses.replace(COCO_DET, student="fcos_mv2_c128", teacher="fcos_r101", batch_size=32, lr=0.01,
                                 epochs=None, iters=90_000, lr_steps=(60_000, 80_000), warmup_iters=500,
-                                warmup_ratio=1 / 3, eval_every=0, group_by_aspect=False,
+                                warmup_ratio=1 / 3, eval_every=0, group_by_aspect=False, bias_lr_factor=2.0,
+                                bias_weight_decay=0.0,
                                 pretrained="mobilenet_v2-b0353104.pth",
                                 source="tianzhi0549/FCOS configs/fcos/fcos_syncbn_bs32_c128_MNV2_FPN_1x.yaml")
 register(PRESETS, "skd_fcos_mv2_c128_coco", dataclasses.replace(FCOS_COCO, method="skd"))

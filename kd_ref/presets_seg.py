@@ -13,13 +13,14 @@ DEFAULT_PRESETS: dict[tuple, str] = {}
 
 
 # --- CIRKD protocol (winycg/CIRKD 2022, train_baseline.py / train_kd.py at 05a2753; seg_models.md §5):
-# DeepLabV3-R101 teacher; batch 16 over 8 GPUs, 40k iterations, lr 0.02, wd 1e-4, poly to 0, validation
+# DeepLabV3-R101 teacher; batch 16 over 8 processes (its train_scripts: --nproc_per_node=8), 40k iterations, lr 0.02, wd 1e-4, poly to 0, validation
 # every 800 iterations with the best checkpoint reported (its *_best_model.pth); students from CIRKD's
 # deep-stem ImageNet ResNets (--pretrained-base resnet18-imagenet.pth).
 CIRKD_SOURCE = "winycg/CIRKD@05a2753 train_baseline.py"
 CIRKD_CITYSCAPES = Recipe(data="cityscapes", flavour="cirkd", crop=(512, 1024), scales=(0.5, 2.0),
                           normalization="bgr_mean", batch_size=16, iters=40000, lr=0.02, weight_decay=1e-4,
-                          eval_every=800, keep_best=True, ckpt_every=1000, pretrained="resnet18-imagenet.pth")
+                          eval_every=800, keep_best=True, ckpt_every=1000, pretrained="resnet18-imagenet.pth",
+                          gpus=8)
 
 
 def cirkd_baseline(student: str, script: str) -> Recipe:
@@ -29,10 +30,12 @@ def cirkd_baseline(student: str, script: str) -> Recipe:
 
 register(PRESETS, "teacher_deeplabv3_r101_cityscapes", dataclasses.replace(
     cirkd_baseline("deeplabv3_r101", "deeplabv3_res101.sh"), pretrained="resnet101-imagenet.pth"))
-# KD and SKD (CIRKD's train_kd.py: the baseline's optimisation, so the baseline twin is train_baseline.py)
+# KD and SKD (CIRKD's train_kd.py: the baseline's optimisation, so the baseline twin is train_baseline.py).
+# CIRKD's plain-KD launch script (train_kd/deeplabv3_res18.sh, 8 processes) is in the repository until
+# 50fb43c; 05a2753 has only the per-method scripts (train_skd.sh, ...), which launch train_kd.py alike.
 register(PRESETS, "kd_deeplabv3_r18_cityscapes", dataclasses.replace(
     CIRKD_CITYSCAPES, method="kd", student="deeplabv3_r18", teacher="deeplabv3_r101",
-    source="winycg/CIRKD@05a2753 train_kd.py + train_scripts/train_kd/deeplabv3_res18.sh"),
+    source="winycg/CIRKD@05a2753 train_kd.py + winycg/CIRKD@50fb43c train_scripts/train_kd/deeplabv3_res18.sh"),
     baseline=cirkd_baseline("deeplabv3_r18", "deeplabv3_res18.sh"))
 register(PRESETS, "skd_deeplabv3_r18_cityscapes", dataclasses.replace(
     CIRKD_CITYSCAPES, method="skd", student="deeplabv3_r18", teacher="deeplabv3_r101",
@@ -50,7 +53,12 @@ for _student, _script in (("deeplabv3_r18", "deeplabv3_res18.sh"), ("pspnet_r18"
         source=f"hunto/DIST_KD segmentation/train_kd.py + segmentation/train_scripts/train_kd/{_script}"),
         baseline=cirkd_baseline(_student, _script))
 
-# --- GDD (ZhgLiu/GDD semanticSeg, mmseg 0.20; gdd.md §6): mmseg models, PSPNet-R101-D8 teacher. Pipeline
+# --- GDD (ZhgLiu/GDD semanticSeg, mmseg 0.20; gdd.md §6): mmseg models, PSPNet-R101-D8 teacher. Batch 16 =
+# 8 processes x 2 (samples_per_gpu=2, semanticSeg/configs/_base_/datasets/cityscapes.py:35), a choice the
+# repository leaves open (gdd.md §9.5): its README at a0fa7ca launches `dist_train.sh ... 2` (semanticSeg/
+# README.md:46-47, and a single-GPU `python tools/train.py`), total 4 or 2, while its first README (90d0497
+# README.md:17) launches 8 processes, as the MGD code it derives from does, and the paper's baselines are
+# those of that 8-process setting; the paper's own GPU count was not read here (gdd.md §9.5). Pipeline
 # of configs/_base_/datasets/cityscapes_512x512.py: Resize ratio 0.5-2.0 -> RandomCrop (cat_max_ratio 0.75)
 # -> flip -> PhotoMetricDistortion -> Normalize -> Pad; schedule_40k.py: lr 0.01, wd 5e-4, poly to 1e-4,
 # evaluation every 4000 iterations, the final checkpoint reported; students from open-mmlab://resnet18_v1c.
@@ -58,10 +66,11 @@ GDD_CONFIGS = "ZhgLiu/GDD semanticSeg/configs"
 MMSEG_CITYSCAPES = Recipe(data="cityscapes", flavour="mmseg", crop=(512, 512), scales=(0.5, 2.0),
                           scale_step=None, cat_max_ratio=0.75, photometric_distortion=True,
                           normalization="imagenet_rgb", batch_size=16, iters=40000, lr=0.01, weight_decay=5e-4,
-                          min_lr=1e-4, eval_every=4000, ckpt_every=1000, pretrained="resnet18_v1c.pth")
-# The released teacher (pspnet_r101-d8_512x1024_40k_cityscapes, 78.34): the same schedule on 512x1024 crops.
+                          min_lr=1e-4, eval_every=4000, ckpt_every=1000, pretrained="resnet18_v1c.pth", gpus=8)
+# The released teacher (pspnet_r101-d8_512x1024_40k_cityscapes, 78.34): the same schedule on 512x1024 crops,
+# trained by mmseg on 4 GPUs x 2 images (its model zoo's Cityscapes setting, samples_per_gpu=2): batch 8.
 register(PRESETS, "teacher_pspnet_r101_cityscapes_mmseg", dataclasses.replace(
-    MMSEG_CITYSCAPES, student="pspnet_r101", crop=(512, 1024), pretrained="resnet101_v1c.pth",
+    MMSEG_CITYSCAPES, student="pspnet_r101", crop=(512, 1024), pretrained="resnet101_v1c.pth", batch_size=8, gpus=4,
     source=f"{GDD_CONFIGS}/pspnet/pspnet_r101-d8_512x1024_40k_cityscapes.py (= open-mmlab/mmsegmentation "
            "v0.x configs/pspnet/pspnet_r101-d8_512x1024_40k_cityscapes.py)"))
 for _student, _config, _alpha in (("pspnet_r18", "psp_r101_distill_psp_r18_40k_512x512_city.py", 145.0),
@@ -81,7 +90,7 @@ SKD_SOURCE = "irfanICMLL/structure_knowledge_distillation run_train_val.sh + tra
 SKD_ORIGINAL_CITYSCAPES = Recipe(data="cityscapes", flavour="skd", crop=(512, 512), scales=(0.7, 2.1),
                                  normalization="bgr_mean", batch_size=8, iters=40000, lr=0.01,
                                  weight_decay=5e-4, eval_every=4000, ckpt_every=1000,
-                                 pretrained="resnet18-imagenet.pth")
+                                 pretrained="resnet18-imagenet.pth", gpus=1)
 # The SKD teacher's training recipe is not released (only its checkpoint, CS_scenes_38413_0.7832...pth):
 # this preset trains it with the student's recipe, ours.
 register(PRESETS, "teacher_pspnet_r101_cityscapes_skd", dataclasses.replace(

@@ -72,6 +72,17 @@ class Recipe:
     warmup_iters: int = 0
     warmup_ratio: float = 0.001
     grad_clip: float | None = None
+    # --- launch geometry and optimiser parameter groups (issue 25). ``gpus``: the number of processes the
+    # reference ran (its torchrun/dist_train count; ``batch_size`` stays the total over them), None for recipes
+    # without a reference launch (the synthetic demos); a run on another count is told which per-process terms
+    # that changes (process_count_note). The rest as torchvision's classification references name them: SGD
+    # with Nesterov momentum; the weight decay of normalisation-layer parameters and of biases (None: the
+    # recipe's weight_decay); a factor on the learning rate of biases (maskrcnn-benchmark SOLVER.BIAS_LR_FACTOR).
+    gpus: int | None = None
+    nesterov: bool = False
+    norm_weight_decay: float | None = None
+    bias_weight_decay: float | None = None
+    bias_lr_factor: float = 1.0
     # weight of the model's own (task) losses in the objective: mdistiller's CIFAR KD is 0.1 CE + 0.9 KD
     task_loss_weight: float = 1.0
     # bookkeeping
@@ -96,7 +107,8 @@ def _field_default(name: str):
 
 
 # Fields that document a recipe without changing the run: a resumed run may differ in them.
-DOCUMENTATION_FIELDS = ("source",)
+# ``gpus`` only says how the reference launched the run (a different process count is reported, not refused).
+DOCUMENTATION_FIELDS = ("source", "gpus")
 
 
 # Training-set sizes of the data sets whose presets counted iterations (epochs x size // batch) before they
@@ -249,3 +261,62 @@ def register_demo(presets: dict, prefix: str, recipe: Recipe, method_options: di
         register(presets, name, dataclasses.replace(recipe, method=method, method_options=options), baseline=False)
         if defaults is not None:
             defaults[(recipe.task, method, recipe.data)] = name
+
+
+# ------------------------------------------------------------------------------------- launch geometry
+# Terms of the objective computed over each process's share of the batch, by method (recipe.method) and by
+# student family (the prefix of recipe.student): with N processes of B/N images, DDP averages N such terms,
+# which is not the term over B images that the reference's own process count gave. Only terms whose value
+# depends on how the batch is split are listed (a mean over images or pixels does not).
+PER_PROCESS_TERMS = {
+    "method": {
+        "skd": "SKD's pixel-wise term under pi_normalize 'spatial' (the 'original' preset: a sum over the process's "
+               "images; N processes of B/N weigh it 1/N of one process of B; method_options "
+               "pi_normalize='spatial_whole_batch' scales it so that any split equals one process of B)",
+        "dist": "DIST's intra-class relation (a correlation over the samples of each process)",
+    },
+    "student": {
+        "retinanet": "RetinaNet's focal and box losses (divided by the positive anchors of the process's images, "
+                     "as mmdet 2.x)",
+        "solo": "SOLO's mask and category losses (divided by the positives of the process's images, as mmdet 2.x)",
+    },
+    "task": {
+        "cls": "BatchNorm batch statistics (per process in the classification references)",
+    },
+}
+
+
+def per_process_terms(recipe: Recipe) -> list:
+    """The descriptions of PER_PROCESS_TERMS that apply to ``recipe``. SKD's pixel-wise term is per process
+    only when it is a sum over images (pi_normalize 'spatial', the 'original' preset's)."""
+    terms = []
+    if recipe.method == "skd" and recipe.method_options.get(
+            "pi_normalize", "spatial" if recipe.method_options.get("preset") == "original" else "pixels") == "spatial":
+        terms.append(PER_PROCESS_TERMS["method"]["skd"])
+    if recipe.method == "dist":
+        terms.append(PER_PROCESS_TERMS["method"]["dist"])
+    terms += [text for family, text in PER_PROCESS_TERMS["student"].items() if recipe.student.startswith(family)]
+    if recipe.task in PER_PROCESS_TERMS["task"]:
+        terms.append(PER_PROCESS_TERMS["task"][recipe.task])
+    return terms
+
+
+def reference_launch(name: str, recipe: Recipe) -> str:
+    """The command that runs preset ``name`` as its reference did: ``recipe.gpus`` processes (torchrun), or a
+    single plain process for a recipe without a reference launch."""
+    if recipe.gpus is None:
+        return f"python train.py --preset {name}"
+    return f"torchrun --nproc_per_node={recipe.gpus} train.py --preset {name}"
+
+
+def process_count_note(recipe: Recipe, processes: int) -> str | None:
+    """One line for a run on ``processes`` processes where the reference ran ``recipe.gpus``: the batch per
+    process it changes and the per-process terms (per_process_terms) that therefore differ; None when the
+    counts agree or the recipe names none."""
+    if recipe.gpus is None or processes == recipe.gpus:
+        return None
+    terms = per_process_terms(recipe)
+    changed = "; ".join(terms) if terms else "none known besides the batch per process"
+    return (f"note: {processes} process(es) where the reference ran {recipe.gpus} (total batch {recipe.batch_size}: "
+            f"{recipe.batch_size // processes} per process instead of {recipe.batch_size // recipe.gpus}); "
+            f"per-process terms this changes: {changed}")

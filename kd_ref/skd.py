@@ -44,6 +44,7 @@ Presets (None arguments of SKDDistiller take these)::
 
     item                            "cirkd"                      "original"
     tau / pi_normalize / lambda_pi  1.0 / "pixels" / 1.0         1.0 / "spatial" / 10.0
+    ("spatial_whole_batch": "spatial" on one process of the whole batch, however many processes share it)
     pa kernel / detach_norm         2 / False                    int(0.5 h) x int(0.5 w) / True
     lambda_pa                       10.0                         0.5 (code; the paper says 10)
     adv_type / lambda_adv           "hinge" / 0.001              "wgan" / 0.1
@@ -87,7 +88,9 @@ from kd_ref.precision import at_least_float32, autocast_disabled
 
 KernelSize = Union[int, Sequence[int]]
 
-PIXEL_NORMALIZATIONS = ("pixels", "spatial")
+# "spatial_whole_batch": "spatial" times the number of processes, so that N processes of B/N images, whose
+# gradients DDP averages, weigh the term as one process of B does (the original code's single GPU).
+PIXEL_NORMALIZATIONS = ("pixels", "spatial", "spatial_whole_batch")
 PAIR_IMPLS = ("dense", "gram", "auto")
 ADV_TYPES = ("hinge", "wgan")
 D_INPUTS = ("logits", "logits+image")
@@ -100,9 +103,10 @@ D_MIN_INPUT_SIZE = 64  # four stride-2 convolutions and a 4x4 valid convolution
 # --------------------------------------------------------------------------------------------
 
 def pixel_wise_kd(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1.0,
-                  normalize: str = "pixels") -> torch.Tensor:
-    """``tau^2`` times the summed per-pixel KL(p_t || p_s), divided by B*h*w ("pixels") or h*w
-    ("spatial", the original code's batch-summed scaling)."""
+                  normalize: str = "pixels", processes: Optional[int] = None) -> torch.Tensor:
+    """``tau^2`` times the summed per-pixel KL(p_t || p_s), divided by B*h*w ("pixels"), h*w ("spatial",
+    the original code's batch-summed scaling) or h*w / processes ("spatial_whole_batch"; ``processes``
+    defaults to the torch.distributed world size, 1 outside a process group)."""
     if logits_s.dim() != 4 or logits_s.shape != logits_t.shape:
         raise ValueError(f"pixel_wise_kd: logits_s {tuple(logits_s.shape)} and logits_t "
                          f"{tuple(logits_t.shape)} must both be (B, K, h, w) of the same shape")
@@ -117,6 +121,11 @@ def pixel_wise_kd(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1
         log_p_t = F.log_softmax(at_least_float32(logits_t.detach()) / tau, dim=1)
         kl_sum = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
         denominator = batch * height * width if normalize == "pixels" else height * width
+        if normalize == "spatial_whole_batch":
+            if processes is None:
+                distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+                processes = torch.distributed.get_world_size() if distributed else 1
+            denominator /= processes
         return tau ** 2 * kl_sum / denominator
 
 

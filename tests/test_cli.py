@@ -82,3 +82,7 @@ def test_list_presets_shows_every_preset_once_under_its_paper(capsys):
     row = lines.index(next(line for line in lines if line.split() and line.split()[0] == "gdd_pspnet_r18_cityscapes"))
     assert lines[row + 1].split()[0] == "gdd_pspnet_r18_cityscapes_baseline", "a baseline twin follows its row"
     assert "pspnet_r18 <- pspnet_r101, cityscapes 512x512" in lines[row]
+    # each row's reference launch, with the reference's process count
+    assert lines[row].endswith("; torchrun --nproc_per_node=8 train.py --preset gdd_pspnet_r18_cityscapes")
+    original = next(line for line in lines if line.split() and line.split()[0] == "skd_pspnet_r18_cityscapes_original")
+    assert original.endswith("; torchrun --nproc_per_node=1 train.py --preset skd_pspnet_r18_cityscapes_original")

@@ -55,6 +55,37 @@ def test_pixel_wise_matches_direct_kl_both_normalisations():
     assert torch.allclose(skd.pixel_wise_kd(z_s, z_t, 2.0, "spatial"), 4.0 * kl / 10, rtol=1e-5)
 
 
+def _data_parallel_gradient(z_s, z_t, normalize, processes):
+    """The gradient DDP leaves on the student logits when ``processes`` processes each take an equal share of
+    the batch and average their gradients: each share's own gradient divided by the process count."""
+    shares = []
+    for share_s, share_t in zip(z_s.chunk(processes), z_t.chunk(processes)):
+        share_s = share_s.clone().requires_grad_(True)
+        skd.pixel_wise_kd(share_s, share_t, normalize=normalize, processes=processes).backward()
+        shares.append(share_s.grad / processes)
+    return torch.cat(shares)
+
+
+def test_spatial_whole_batch_makes_processes_of_shares_equal_one_process_of_the_batch():
+    """The original code sums the pixel-wise term over a batch of 8 on one GPU; split over N processes,
+    "spatial" weighs it 1/N as much, "spatial_whole_batch" as one process of the whole batch."""
+    torch.manual_seed(0)
+    z_s, z_t = torch.randn(8, 5, 3, 4), torch.randn(8, 5, 3, 4)
+    whole = z_s.clone().requires_grad_(True)
+    skd.pixel_wise_kd(whole, z_t, normalize="spatial").backward()
+    for processes in (2, 8):
+        split = _data_parallel_gradient(z_s, z_t, "spatial_whole_batch", processes)
+        torch.testing.assert_close(split, whole.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(_data_parallel_gradient(z_s, z_t, "spatial", processes), whole.grad / processes,
+                                   rtol=1e-5, atol=1e-7)
+        # the averaged loss values agree too
+        values = [skd.pixel_wise_kd(s, t, normalize="spatial_whole_batch", processes=processes)
+                  for s, t in zip(z_s.chunk(processes), z_t.chunk(processes))]
+        torch.testing.assert_close(sum(values) / processes, skd.pixel_wise_kd(z_s, z_t, normalize="spatial"))
+    # outside a process group the count is 1: the original scaling
+    assert skd.pixel_wise_kd(z_s, z_t, normalize="spatial_whole_batch") == skd.pixel_wise_kd(z_s, z_t, normalize="spatial")
+
+
 def test_pixel_wise_zero_for_identical_inputs():
     z = torch.randn(2, 5, 3, 4)
     assert skd.pixel_wise_kd(z, z.clone()) == 0

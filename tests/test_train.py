@@ -18,6 +18,7 @@ from PIL import Image
 import evaluate
 import train
 from kd_ref import configs, datasets, engine, segmentors
+from kd_ref.recipe import reference_launch
 from train_helpers import train_crashing_in_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,9 +192,14 @@ def test_torchrun_two_process_gloo_ddp(tmp_path):
     torchrun = shutil.which("torchrun") or "torchrun"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29517", "train.py", "--task", "seg",
-                             "--method", "none", "--out", str(tmp_path), *TINY, "--batch-size", "4", "--iters", "2"],
+                             "--method", "none", "--out", str(tmp_path), *TINY, "--batch-size", "4", "--iters", "2",
+                             "--set", "gpus=1"],
                             cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    # a recipe whose reference ran one process says, once, what two processes change
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: 2 process(es) where the reference ran 1 (total batch 4: 2 per process instead of 4); "
+                     "per-process terms this changes: none known besides the batch per process"]
     assert (tmp_path / "metrics.json").exists()
     assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 2
 
@@ -308,8 +314,11 @@ def test_gkd_presets_start_from_the_trained_baseline_detector():
 def test_print_recipe_prints_every_preset_as_json_without_reading_data(capsys, tmp_path):
     for name, recipe in configs.PRESETS.items():
         assert train.run(["--preset", name, "--print-recipe", "--data-root", str(tmp_path / "absent")]) == 0, name
-        printed = json.loads(capsys.readouterr().out)
+        captured = capsys.readouterr()
+        printed = json.loads(captured.out)
         assert printed == json.loads(json.dumps(dataclasses.asdict(recipe))), name
+        # the launch goes to stderr, so that stdout stays one JSON object
+        assert captured.err == f"reference launch: {reference_launch(name, recipe)}\n", name
     assert printed["source"] is not None and not (tmp_path / "absent").exists()
     train.run(["--preset", "gkd_faster_rcnn_r50_fpn_voc0712", "--print-recipe"])
     voc = json.loads(capsys.readouterr().out)
