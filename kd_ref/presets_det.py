@@ -184,8 +184,11 @@ DEFAULT_PRESETS.update({
 # batch 32, SGD lr 0.01, momentum 0.9, wd 1e-4, 90k iterations, x0.1 at 60k and 80k, warm-up 500 iterations
 # at 1/3 (FCOS: constant factor; ours is the engine's linear ramp from 1/3), 1333x800, flip 0.5; centre
 # sampling, GIoU, normalised targets and centerness-on-reg off. Teacher [ours]: FCOS R-101-FPN
-# (--teacher-ckpt); the paper's teacher is unknown here.
+# (--teacher-ckpt); the paper's teacher is unknown here. Inputs: every FCOS config keeps maskrcnn-benchmark's
+# defaults (maskrcnn_benchmark/config/defaults.py INPUT.PIXEL_MEAN [102.9801, 115.9465, 122.7717], PIXEL_STD
+# [1, 1, 1], TO_BGR255 True), the MobileNetV2 one included, and the released R-101 teacher expects them.
 FCOS_COCO = dataclasses.replace(COCO_DET, student="fcos_mv2_c128", teacher="fcos_r101", batch_size=32, lr=0.01,
+                                normalization="caffe2_bgr",
                                 epochs=None, iters=90_000, lr_steps=(60_000, 80_000), warmup_iters=500,
                                 warmup_ratio=1 / 3, eval_every=0, group_by_aspect=False,
                                 pretrained="mobilenet_v2-b0353104.pth",

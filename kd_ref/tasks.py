@@ -409,9 +409,7 @@ class InsTask(DetTask):
         state["save_pred"] = save_pred
         for found, target in zip(outputs["instances"], batch["targets"]):
             image_id = int(target["image_id"])
-            masks = instance_seg.masks_at_size(found["mask_probs"], target["orig_size"])
-            if target["flipped"]:
-                masks = masks.flip(-1)
+            masks = instance_seg.masks_at_original_size(found, target)
             state["segm"] += coco_mask_results([{"masks": masks.cpu().numpy(), "scores": found["scores"].cpu(),
                                                  "labels": found["labels"].cpu()}], [image_id], state["category_ids"])
             if "boxes" in found:
