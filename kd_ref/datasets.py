@@ -1340,7 +1340,7 @@ def training_command(format: str, root: str, scenes: SyntheticScenes) -> str:
         "cifar100": ["--task", "cls", "--data", "cifar100", "--set", f"num_classes={len(classes)}"],
         "imagefolder": ["--task", "cls", "--data", "imagenet", "--set", f"num_classes={len(classes)}",
                         "--crop", str(min(height, width)), str(min(height, width))],
-        "nyu": ["--task", "depth", "--data", "nyu", "--crop", str(height), str(width)],
+        "nyu": ["--task", "depth", "--data", "nyu", "--crop", str(min(height, width)), str(min(height, width))],
     }[format]
     # presets that count epochs keep their epochs (a few hundred iterations on a small tree); the others run 100
     from kd_ref import configs  # the registry reads the data sets of this module: imported only when asked
