@@ -16,9 +16,11 @@ SOLO ("SOLO: Segmenting Objects by Locations", Wang et al., arXiv:1912.04488), a
   one cell from the centre cell) take its class and predict its mask, downsampled by stride / 2.
 * Losses: Dice on the positive cells' masks (weight 3, divided by the number of positives) and sigmoid
   focal loss on every cell x class (alpha 0.25, gamma 2, divided by positives + 1).
-* Inference: point NMS on the category maps, candidates above 0.1, masks thresholded at 0.5, small
-  masks dropped, scores times "maskness", matrix NMS (Gaussian, sigma 2): the code's NMS (the mmdet SOLO
-  used by GDD and the WXinlong/SOLO release), not the mask NMS of the v1 paper.
+* Inference: point NMS on the category maps, candidates above 0.1, their masks at stride 4 (every level's
+  resized to level 0's, which is already at stride 4) thresholded at 0.5, masks of at most the level's
+  stride pixels there dropped, scores times "maskness", matrix NMS (Gaussian, sigma 2): the code's NMS (the
+  mmdet SOLO used by GDD and the WXinlong/SOLO release), not the mask NMS of the v1 paper; the kept masks
+  are resized to the padded input (x4), cropped to the image, and resized to the original image.
 
 Backbone: torchvision-style ResNet, stem and ``layer1`` frozen, every BatchNorm in eval mode with
 trainable affine parameters (mmdet ``norm_eval=True``, ``frozen_stages=1``), not FrozenBatchNorm.
@@ -361,7 +363,8 @@ class SOLO(detectors._FPNDetector):
         the padded input) or, given ``output_sizes``, resized to those sizes."""
         # the head's level-0 masks are already at stride 4 (its stride-8 features upsampled x2): mmdet 2.x
         # SOLOHead.forward resizes every level's masks to that size, and _get_results_single filters, scores and
-        # NMSes them there, then resizes to 4x (the padded input) -- as WXinlong/SOLO does
+        # NMSes them there, then resizes to 4x (the padded input) -- as WXinlong/SOLO does (@f4cd03b
+        # mmdet/models/anchor_heads/solo_head.py:131, 172, 320, 355)
         map_size = tuple(mask_preds[0].shape[-2:])
         padded = tuple(4 * side for side in map_size)
         cell_strides = torch.cat([torch.full((grid ** 2,), float(stride)) for grid, stride in
