@@ -347,6 +347,12 @@ def test_train_refuses_a_teacher_trained_on_other_input_statistics_before_any_wo
             f"normalization=imagenet_rgb; the teacher sees the student's inputs, so train on its statistics "
             f"(--set normalization={trained_on}) or pass a teacher trained on imagenet_rgb\n")
         assert not (tmp_path / "run").exists()  # refused before the run folder, models or data
+    # the synthetic teacher it would train first runs on its own preset's statistics
+    assert train.run(["--preset", "synthetic_det_fcos_skd", "--set", "normalization=caffe2_bgr",
+                      "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("error: normalization=caffe2_bgr: the synthetic teacher "
+                                       "(synthetic_det_fcos_teacher) trains on imagenet_rgb inputs and sees the "
+                                       "student's; pass --teacher-ckpt\n")
 
 
 def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(tmp_path, capsys):
