@@ -8,8 +8,9 @@
 A train.py checkpoint carries its recipe. A file without one (released weights in a layout
 ``kd_ref.convert`` knows, a plain state dict, a ``python -m kd_ref.convert`` output) is evaluated with
 the recipe of ``--preset`` and the architecture ``--arch`` (default: the preset's student), with the
-input normalisation and model options its layout's code fixes (FCOS files: caffe2 BGR statistics, and
-stride-in-1x1 bottlenecks for their ResNets; ``kd_ref.convert.recipe_for_file``).
+model options its layout's code fixes (stride-in-1x1 bottlenecks for FCOS-code ResNets;
+``kd_ref.convert.recipe_for_file``); a file whose code fixes other input statistics than the preset's
+(FCOS files: caffe2 BGR) is refused.
 
 Segmentation is whole-image single-scale inference, as the references evaluate. The scores are
 printed and written next to the checkpoint (``<ckpt dir>/eval_<data>.json``) or to ``--out``.
@@ -95,9 +96,11 @@ def main(argv=None) -> dict:
     if stored is None:
         released = convert.recipe_for_file(recipe, weights, source,
                                            content.get("layout") if isinstance(content, dict) else None)
+        if released.normalization != recipe.normalization:  # scores on other inputs than the preset's would mislead
+            raise ValueError(f"{source}: its code trains on {released.normalization} inputs, --preset {args.preset} "
+                             f"feeds normalization={recipe.normalization}; pass a preset on {released.normalization}")
         if released != recipe:
-            print(f"{source}: run with the input normalisation {released.normalization} and model options "
-                  f"{released.model_options} of its code")
+            print(f"{source}: run with the model options {released.model_options} of its code")
         recipe = released
     if args.task is not None and args.task != recipe.task:
         raise ValueError(f"--task {args.task}: the checkpoint {args.ckpt} holds a {recipe.task} model")

@@ -195,7 +195,16 @@ def check_inputs(recipe, args: argparse.Namespace) -> None:
         if recipe.data != "synthetic" or recipe.teacher_preset is None:
             raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
                              f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
-        configs.teacher_recipe(recipe)  # the teacher it would train must be the recipe's teacher
+        teacher = configs.teacher_recipe(recipe)  # the teacher it would train must be the recipe's teacher
+        if teacher.normalization != recipe.normalization:
+            raise ValueError(f"normalization={recipe.normalization}: the synthetic teacher ({recipe.teacher_preset}) "
+                             f"trains on {teacher.normalization} inputs and sees the student's; pass --teacher-ckpt")
+    elif configs.METHODS[recipe.method].needs_teacher:
+        from kd_ref import convert
+        from kd_ref.backbones import read_torch_file
+
+        source = f"--teacher-ckpt {args.teacher_ckpt}"
+        convert.check_teacher_normalization(recipe, read_torch_file(args.teacher_ckpt, source), source)
 
 
 def teacher_folder(recipe, out: str) -> str:

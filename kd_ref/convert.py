@@ -28,7 +28,8 @@ from torch import Tensor, nn
 
 from kd_ref import classifiers, depth, detectors, instance_seg, segmentors
 from kd_ref.mobilenet import VNL_ENCODER, tonylins_key
-from kd_ref.backbones import describe_backbone, load_state_dict_checked, read_checkpoint
+from kd_ref.backbones import describe_backbone, load_state_dict_checked, read_checkpoint, tensors_of
+from kd_ref.recipe import Recipe
 
 TASKS = ("seg", "det", "cls", "ins", "depth")
 
@@ -263,18 +264,45 @@ def fcos_resnet_check(model: nn.Module, converted: Mapping[str, Tensor], source:
                          "(--set \"model_options={'stride_in_1x1': True}\")")
 
 
+def _code_fields(state_dict: Mapping[str, Tensor], source: str, converted_from: str | None) -> dict:
+    """The recipe fields a file's layout's code fixes ({} for most layouts)."""
+    layouts = {layout.name: layout for layout in LAYOUTS}
+    layout = layouts.get(converted_from) or recognise(state_dict, source)
+    if layout.recipe_fields is None:
+        return {}
+    return layout.recipe_fields(state_dict if converted_from in layouts else layout.to_ours(state_dict, source))
+
+
 def recipe_for_file(recipe, state_dict: Mapping[str, Tensor], source: str, converted_from: str | None = None):
     """The recipe a file without one (released weights) is run with: ``recipe`` with the input normalisation
     and the model options its layout's code fixes (e.g. an FCOS-code ResNet: caffe2 BGR input statistics and
     stride-in-1x1 bottlenecks); ``recipe`` itself for every other layout. ``converted_from``: the layout a
     ``python -m kd_ref.convert`` output was written from (its ``layout`` entry), whose keys are ours."""
-    layouts = {layout.name: layout for layout in LAYOUTS}
-    layout = layouts.get(converted_from) or recognise(state_dict, source)
-    if layout.recipe_fields is None:
-        return recipe
-    fields = layout.recipe_fields(state_dict if converted_from in layouts else layout.to_ours(state_dict, source))
+    fields = _code_fields(state_dict, source, converted_from)
     options = {**recipe.model_options, **fields.pop("model_options", {})}
     return dataclasses.replace(recipe, model_options=options, **fields)
+
+
+def file_normalization(content, source: str) -> str | None:
+    """The input normalisation the model of a read weight file (``read_torch_file``) was trained on: its
+    train.py recipe's, or the one its layout's code fixes (FCOS files: ``caffe2_bgr``); None where the file
+    does not tell (released mmseg/mmdet/torchvision weights)."""
+    if isinstance(content, Mapping) and isinstance(content.get("recipe"), Mapping):
+        # a recipe stored by an older kd_ref without the field ran on the field's default
+        return content["recipe"].get("normalization", Recipe.normalization)
+    converted_from = content.get("layout") if isinstance(content, Mapping) else None
+    return _code_fields(tensors_of(content, source), source, converted_from).get("normalization")
+
+
+def check_teacher_normalization(recipe, content, source: str) -> None:
+    """Distillation feeds the teacher the student's inputs: a teacher file trained on other input statistics
+    (e.g. the FCOS code's caffe2 BGR 0-255 against ImageNet RGB) would see inputs it never saw, so refuse it."""
+    trained_on = file_normalization(content, source)
+    if trained_on is not None and trained_on != recipe.normalization:
+        raise ValueError(f"{source}: the teacher was trained on {trained_on} inputs, the recipe feeds "
+                         f"normalization={recipe.normalization}; the teacher sees the student's inputs, so train on "
+                         f"its statistics (--set normalization={trained_on}) or pass a teacher trained on "
+                         f"{recipe.normalization}")
 
 
 def _fcos_recipe_fields(converted: Mapping[str, Tensor]) -> dict:

@@ -491,6 +491,8 @@ class FasterRCNN(_FPNDetector):
     """
 
     roi_strides = (4, 8, 16, 32)
+    # mmdet's faster_rcnn_r50_fpn.py: the R-CNN assigner does not match low-quality proposals
+    rcnn_match_low_quality = False
 
     def __init__(self, backbone, num_classes, score_thr=0.05, nms_iou=0.5, max_dets=100,
                  rpn_train=(2000, 1000), rpn_test=(1000, 1000), rpn_nms_iou=0.7, num_rois=512, pos_fraction=0.25):
@@ -593,7 +595,8 @@ class FasterRCNN(_FPNDetector):
             candidates = torch.cat([gt_boxes, props])
             own_gt = torch.arange(1, gt_boxes.shape[0] + 1, device=props.device)
             assigned = torch.cat([own_gt, assign_by_iou(props, gt_boxes, pos_iou=0.5, neg_iou=0.5,
-                                                        min_pos_iou=0.5, match_low_quality=False)])
+                                                        min_pos_iou=0.5,
+                                                        match_low_quality=self.rcnn_match_low_quality)])
             pos, neg = sample_indices(assigned, self.num_rois, self.pos_fraction, generator)
             picked = candidates[torch.cat([pos, neg])]
             rois.append(torch.cat([torch.full_like(picked[:, :1], i), picked], dim=1))

@@ -16,9 +16,11 @@ SOLO ("SOLO: Segmenting Objects by Locations", Wang et al., arXiv:1912.04488), a
   one cell from the centre cell) take its class and predict its mask, downsampled by stride / 2.
 * Losses: Dice on the positive cells' masks (weight 3, divided by the number of positives) and sigmoid
   focal loss on every cell x class (alpha 0.25, gamma 2, divided by positives + 1).
-* Inference: point NMS on the category maps, candidates above 0.1, masks thresholded at 0.5, small
-  masks dropped, scores times "maskness", matrix NMS (Gaussian, sigma 2): the code's NMS (the mmdet SOLO
-  used by GDD and the WXinlong/SOLO release), not the mask NMS of the v1 paper.
+* Inference: point NMS on the category maps, candidates above 0.1, their masks at stride 4 (every level's
+  resized to level 0's, which is already at stride 4) thresholded at 0.5, masks of at most the level's
+  stride pixels there dropped, scores times "maskness", matrix NMS (Gaussian, sigma 2): the code's NMS (the
+  mmdet SOLO used by GDD and the WXinlong/SOLO release), not the mask NMS of the v1 paper; the kept masks
+  are resized to the padded input (x4), cropped to the image, and resized to the original image.
 
 Backbone: torchvision-style ResNet, stem and ``layer1`` frozen, every BatchNorm in eval mode with
 trainable affine parameters (mmdet ``norm_eval=True``, ``frozen_stages=1``), not FrozenBatchNorm.
@@ -28,12 +30,15 @@ head on 14x14 RoIAlign features of the positive sampled RoIs (class-specific 28x
 cross-entropy against the matched GT mask RoIAligned to 28x28); at test time the masks of the final
 boxes are pasted into the image by bilinear resampling. Deviations: the positive RoIs' GT is found
 again as the same-class GT of highest IoU (our Faster R-CNN's sampler does not return its match; they
-differ only for duplicate same-class boxes), and masks are pasted onto the network input, then resized
-with the other predictions to the original image (mmdet pastes at the original size).
+differ only for duplicate same-class boxes). Its R-CNN assigner matches low-quality proposals (mmdet 2.x
+``mask_rcnn_r50_fpn.py``, ``train_cfg.rcnn.assigner.match_low_quality=True``; Faster R-CNN keeps False).
 
 Evaluation outputs (``instances``, one dict per image): ``mask_probs`` float (K, h, w) and ``masks``
 bool (K, h, w) on the input image (unpadded), ``labels`` (K,), ``scores`` (K,) (Mask R-CNN also
-``boxes``). :func:`masks_at_size` takes ``mask_probs`` to the original image size (bilinear, then > 0.5).
+``boxes`` and ``roi_mask_probs`` (K, 28, 28)). :func:`masks_at_original_size` gives the masks scored on
+the original image as mmdet does: SOLO's ``mask_probs`` resized bilinearly, then > 0.5 (``SOLOHead.
+_get_results_single``); Mask R-CNN's 28x28 masks pasted directly on the original image into the boxes
+mapped back to it, then >= 0.5 (``FCNMaskHead.get_seg_masks`` with ``rescale=True``).
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import box_iou, roi_align, sigmoid_focal_loss
 
-from kd_ref import detectors
+from kd_ref import detectors, transforms
 from kd_ref.backbones import backbone_key_rules, build_backbone, read_checkpoint, rename_keys
 
 PRIOR_PROB = 0.01
@@ -201,6 +206,21 @@ def masks_at_size(mask_probs: torch.Tensor, size: tuple, threshold: float = 0.5)
     return resized > threshold
 
 
+def masks_at_original_size(found: dict, target: dict) -> torch.Tensor:
+    """Bool masks (K, H, W) of one image's ``instances`` entry on its original image (``target["orig_size"]``,
+    unflipped). Mask R-CNN output (with ``roi_mask_probs``) is pasted there into its boxes in original
+    pixels and thresholded inclusively, as mmdet's ``get_seg_masks`` (pasting on the input and resizing
+    would blur the mask edges twice); SOLO's soft masks are resized (:func:`masks_at_size`)."""
+    size = tuple(target["orig_size"])
+    if "roi_mask_probs" in found:
+        # a flipped input's masks are mirrored in their boxes: paste them in the flipped original, then flip
+        boxes = transforms.boxes_to_original(found["boxes"].detach().double(), target).to(found["roi_mask_probs"])
+        masks = paste_masks(found["roi_mask_probs"], boxes, size) >= 0.5
+    else:
+        masks = masks_at_size(found["mask_probs"], size)
+    return masks.flip(-1) if target["flipped"] else masks
+
+
 def _pad_masks(masks: torch.Tensor, size: tuple) -> torch.Tensor:
     """GT masks (K, h, w) zero-padded bottom/right to the batch's padded input ``size``."""
     return F.pad(masks, (0, size[1] - masks.shape[-1], 0, size[0] - masks.shape[-2]))
@@ -341,8 +361,12 @@ class SOLO(detectors._FPNDetector):
     def predict(self, mask_preds, cls_preds, image_sizes, output_sizes=None):
         """Per image ``{"mask_probs", "masks", "labels", "scores"}``, masks on the input image (cropped from
         the padded input) or, given ``output_sizes``, resized to those sizes."""
-        padded = tuple(4 * side for side in mask_preds[0].shape[-2:])
-        map_size = tuple(2 * side for side in mask_preds[0].shape[-2:])  # stride 4 (level 0 is at stride 8)
+        # the head's level-0 masks are already at stride 4 (its stride-8 features upsampled x2): mmdet 2.x
+        # SOLOHead.forward resizes every level's masks to that size, and _get_results_single filters, scores and
+        # NMSes them there, then resizes to 4x (the padded input) -- as WXinlong/SOLO does (@f4cd03b
+        # mmdet/models/anchor_heads/solo_head.py:131, 172, 320, 355)
+        map_size = tuple(mask_preds[0].shape[-2:])
+        padded = tuple(4 * side for side in map_size)
         cell_strides = torch.cat([torch.full((grid ** 2,), float(stride)) for grid, stride in
                                   zip(self.num_grids, self.strides)]).to(mask_preds[0].device)
         level_of_cell = torch.cat([torch.full((grid ** 2,), level) for level, grid in enumerate(self.num_grids)])
@@ -428,6 +452,7 @@ class MaskRCNN(detectors.FasterRCNN):
     the positive RoIs on their GT class; in eval with ``predict``, ``instances`` (with ``boxes``)."""
 
     mask_size = 28
+    rcnn_match_low_quality = True  # mmdet 2.x mask_rcnn_r50_fpn.py, train_cfg.rcnn.assigner
 
     def __init__(self, backbone, num_classes, mask_thr=0.5, **options):
         super().__init__(backbone, num_classes, **options)
@@ -485,9 +510,11 @@ class MaskRCNN(detectors.FasterRCNN):
             boxes = found["boxes"]
             rois = torch.cat([torch.full_like(boxes[:, :1], i), boxes], 1)
             logits = self.mask_logits(feats, rois)[torch.arange(len(boxes)), found["labels"]]
-            mask_probs = paste_masks(logits.sigmoid(), boxes, size)
-            results.append({"mask_probs": mask_probs, "masks": mask_probs > self.mask_thr, "labels": found["labels"],
-                            "scores": found["scores"], "boxes": boxes})
+            roi_mask_probs = logits.sigmoid()
+            mask_probs = paste_masks(roi_mask_probs, boxes, size)
+            # inclusive threshold, as mmdet's FCNMaskHead.get_seg_masks
+            results.append({"mask_probs": mask_probs, "masks": mask_probs >= self.mask_thr, "labels": found["labels"],
+                            "scores": found["scores"], "boxes": boxes, "roi_mask_probs": roi_mask_probs})
         return results
 
 

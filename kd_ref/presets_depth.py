@@ -32,15 +32,18 @@ SYNTHETIC_DEPTH_METHOD_OPTIONS = {"none": {}, "skd": {"use_ho": False}}
 register_demo(PRESETS, "synthetic_depth", SYNTHETIC_DEPTH, SYNTHETIC_DEPTH_METHOD_OPTIONS, defaults=DEFAULT_PRESETS)
 
 # --- NYUDv2 row (depth_fcos.md §3, all [paper?], to verify against the PDF): MobileNetV2 VNL student,
-# ResNeXt-101 teacher (--teacher-ckpt; VNL's released checkpoint layout is not mapped here), 385x385 crops,
-# SGD batch 12, lr 0.001, poly 0.9, 200 epochs; 150 bins in 0.1-17 m, focal 519 px (VNL code); lambda_vn 5
-# [paper?]; momentum 0.9 and weight decay 1e-4 [ours]; evaluation every 10 epochs [ours].
-NYU_DEPTH_MODEL = {"num_bins": 150, "d_min": 0.1, "d_max": 17.0, "focal": 519.0, "lambda_vn": 5.0}
+# ResNeXt-101 teacher (--teacher-ckpt; VNL's released checkpoint layout is not mapped here), SGD batch 12,
+# lr 0.001, poly 0.9, 200 epochs; 150 bins in 0.1-17 m, focal 519 px (VNL code). VNL's code (YvanYin/
+# VNL_Monocular_Depth_Prediction @10dd987): square windows of 385-640 px resized to the 385x385 crop and tested
+# on the image padded to 640x640 (data/nyudv2_dataset.py:96-112, --data nyu runs datasets.VNLDepthTransform),
+# virtual-normal weight 6 (lib/core/config.py:73 DIFF_LOSS_WEIGHT), weight decay 5e-4
+# and momentum 0.9 (lib/models/metric_depth_model.py:98, 108); evaluation every 10 epochs [ours].
+NYU_DEPTH_MODEL = {"num_bins": 150, "d_min": 0.1, "d_max": 17.0, "focal": 519.0, "lambda_vn": 6.0}
 register(PRESETS, "skd_depth_mv2_nyu", Recipe(
     task="depth", data="nyu", method="skd", student="depth_mv2", teacher="depth_x101", crop=(385, 385),
     sync_bn=False,  # per-GPU BatchNorm: VNL trains with nn.DataParallel (tools/train_nyu_metric.py)
     normalization="imagenet_rgb", model_options=NYU_DEPTH_MODEL, batch_size=12, iters=None, epochs=200,
-    lr=0.001, momentum=0.9, weight_decay=1e-4, schedule="poly", poly_power=0.9, eval_every=10, ckpt_every=1000,
+    lr=0.001, momentum=0.9, weight_decay=5e-4, schedule="poly", poly_power=0.9, eval_every=10, ckpt_every=1000,
     pretrained="mobilenet_v2-b0353104.pth", method_options={},
     gpus=1,  # VNL's README trains with one process (python tools/train_nyu_metric.py)
     source="[paper?] SKD TPAMI depth schedule (to verify) on YvanYin/VNL_Monocular_Depth_Prediction "

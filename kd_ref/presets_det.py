@@ -199,8 +199,11 @@ DEFAULT_PRESETS.update({
 # sampling, GIoU, normalised targets and centerness-on-reg off; biases at 2x the learning rate and without
 # weight decay (fcos_core/config/defaults.py SOLVER.BIAS_LR_FACTOR 2, WEIGHT_DECAY_BIAS 0); 8 processes (the
 # README's --nproc_per_node=8 launch; "we use 8 Nvidia V100 GPUs"). Teacher [ours]: FCOS R-101-FPN
-# (--teacher-ckpt); the paper's teacher is unknown here.
+# (--teacher-ckpt); the paper's teacher is unknown here. Inputs: every FCOS config keeps maskrcnn-benchmark's
+# defaults (maskrcnn_benchmark/config/defaults.py INPUT.PIXEL_MEAN [102.9801, 115.9465, 122.7717], PIXEL_STD
+# [1, 1, 1], TO_BGR255 True), the MobileNetV2 one included, and the released R-101 teacher expects them.
 FCOS_COCO = dataclasses.replace(COCO_DET, student="fcos_mv2_c128", teacher="fcos_r101", batch_size=32, lr=0.01,
+                                normalization="caffe2_bgr",
                                 epochs=None, iters=90_000, lr_steps=(60_000, 80_000), warmup_iters=500,
                                 warmup_ratio=1 / 3, eval_every=0, group_by_aspect=False, bias_lr_factor=2.0,
                                 bias_weight_decay=0.0,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -409,9 +410,7 @@ class InsTask(DetTask):
         state["save_pred"] = save_pred
         for found, target in zip(outputs["instances"], batch["targets"]):
             image_id = int(target["image_id"])
-            masks = instance_seg.masks_at_size(found["mask_probs"], target["orig_size"])
-            if target["flipped"]:
-                masks = masks.flip(-1)
+            masks = instance_seg.masks_at_original_size(found, target)
             state["segm"] += coco_mask_results([{"masks": masks.cpu().numpy(), "scores": found["scores"].cpu(),
                                                  "labels": found["labels"].cpu()}], [image_id], state["category_ids"])
             if "boxes" in found:
@@ -441,8 +440,11 @@ class InsTask(DetTask):
 # ------------------------------------------------------------------------------ depth (issue 17)
 class DepthTask:
     """Monocular depth: :class:`kd_ref.depth.DepthNet` on synthetic scenes (their depth target) or NYUDv2
-    (``datasets.NYU_LAYOUT``). Training: a random ``recipe.crop`` and a flip; evaluation: the whole image,
-    padded to a multiple of 32, the prediction cropped back to it. Metrics (``depth_metrics``) are pooled
+    (``datasets.NYU_LAYOUT``). Synthetic scenes: training on a random ``recipe.crop`` and a flip, evaluation
+    on the whole image, padded to a multiple of 32, the prediction cropped back to it. NYUDv2: VNL's
+    protocol (:class:`datasets.VNLDepthTransform`, square ``recipe.crop``): random square windows resized
+    to the crop, depth rescaled; evaluation on the image padded at the top to a square and resized to the
+    crop, the prediction mapped back to the original map (:func:`datasets.vnl_restore`). Metrics (``depth_metrics``) are pooled
     over every valid pixel of the set, inside the Eigen crop on NYUDv2's 480x640 maps. ``save_pred=DIR``
     writes each prediction as a uint16 millimetre PNG under its image's name.
 
@@ -466,12 +468,17 @@ class DepthTask:
         if len(recipe.crop) != 2 or min(recipe.crop) < self.MIN_CROP:
             raise ValueError(f"--crop {' '.join(map(str, recipe.crop))}: expected H W of at least {self.MIN_CROP} "
                              "pixels (the encoders reach stride 32)")
+        if recipe.data == "nyu" and recipe.crop[0] != recipe.crop[1]:
+            raise ValueError(f"--crop {' '.join(map(str, recipe.crop))}: NYUDv2 runs VNL's square crops (H = W)")
 
     def build_model(self, recipe, name: str, pretrained: str | None = None):
         return depth.build_depth_model(name, pretrained, **recipe.model_options)
 
     def build_data(self, recipe, split: str, root: str | None):
-        transform = datasets.DepthTransform(recipe.crop if split == "train" else None, recipe.normalization)
+        if recipe.data == "nyu":
+            transform = datasets.VNLDepthTransform(recipe.crop[0], split == "train", recipe.normalization)
+        else:
+            transform = datasets.DepthTransform(recipe.crop if split == "train" else None, recipe.normalization)
         dataset = datasets.build_depth_dataset(recipe.data, root, split, transform, **synthetic_options(recipe, split))
         return dataset, dataset.collate
 
@@ -479,9 +486,14 @@ class DepthTask:
         return {"sums": None, "eigen_crop": recipe.data == "nyu"}
 
     def update_eval_state(self, state: dict, outputs: dict, batch: dict, save_pred: str | None) -> None:
-        for prediction, gt, (height, width), name in zip(outputs["depth"], batch["targets"], batch["image_sizes"],
-                                                         batch["names"]):
-            prediction, gt = prediction[0, :height, :width].float().cpu(), gt[:height, :width].float().cpu()
+        for prediction, gt, (height, width), name, restore in zip(outputs["depth"], batch["targets"],
+                                                                  batch["image_sizes"], batch["names"],
+                                                                  batch.get("restores", repeat(None))):
+            prediction = prediction[0, :height, :width].float().cpu()
+            if restore is not None:
+                prediction = datasets.vnl_restore(prediction, restore)
+                height, width = restore["size"]
+            gt = gt[:height, :width].float().cpu()
             valid = gt > depth.INVALID_DEPTH
             if state["eigen_crop"] and (height, width) == (480, 640):
                 valid = depth.eigen_crop(valid)

@@ -348,7 +348,8 @@ def test_fcos_code_resnet_checkpoint_loads_strictly_and_predicts_as_placed_by_ha
         "(--set \"model_options={'stride_in_1x1': True}\")")
 
 
-def test_fcos_code_files_are_evaluated_with_the_codes_input_statistics(tmp_path, monkeypatch, capsys):
+def test_fcos_code_files_are_evaluated_on_the_codes_input_statistics_and_refused_on_others(tmp_path, monkeypatch,
+                                                                                           capsys):
     import dataclasses
     import evaluate
     from kd_ref import configs, convert
@@ -356,6 +357,7 @@ def test_fcos_code_files_are_evaluated_with_the_codes_input_statistics(tmp_path,
     preset = dataclasses.replace(configs.PRESETS[name], student="fcos_r50", synthetic_val=2,
                                  synthetic_size=(64, 64), image_scale=(64, 64))
     monkeypatch.setitem(configs.PRESETS, name, preset)
+    monkeypatch.setitem(configs.PRESETS, "caffe2", dataclasses.replace(preset, normalization="caffe2_bgr"))
     resnet_file = {key.removeprefix("module."): value
                    for key, value in fcos_code_resnet_file(50, num_classes=preset.num_classes)["model"].items()}
     recipe = convert.recipe_for_file(preset, resnet_file, "--ckpt r50.pth")
@@ -366,10 +368,46 @@ def test_fcos_code_files_are_evaluated_with_the_codes_input_statistics(tmp_path,
     assert convert.recipe_for_file(preset, build_detector("fcos_r50", 3).state_dict(), "ours") == preset
     path = tmp_path / "FCOS_imprv_R_50_FPN_1x.pth"
     torch.save({"model": resnet_file}, path)
-    scores = evaluate.main(["--ckpt", str(path), "--preset", name, "--quiet", "--device", "cpu",
-                            "--out", str(tmp_path / "scores.json")])
+    flags = ["--ckpt", str(path), "--quiet", "--device", "cpu", "--out", str(tmp_path / "scores.json")]
+    assert evaluate.run([*flags, "--preset", name]) == 2
+    assert capsys.readouterr().err == (f"error: --ckpt {path}: its code trains on caffe2_bgr inputs, --preset {name} "
+                                       "feeds normalization=imagenet_rgb; pass a preset on caffe2_bgr\n")
+    scores = evaluate.main([*flags, "--preset", "caffe2"])
     assert "AP" in " ".join(scores)
-    assert f"--ckpt {path}: run with the input normalisation caffe2_bgr and model options" in capsys.readouterr().out
+    assert f"--ckpt {path}: run with the model options {{" in capsys.readouterr().out
+
+
+def test_fcos_paper_rows_train_on_the_fcos_codes_caffe2_statistics():
+    # maskrcnn_benchmark/config/defaults.py INPUT.PIXEL_MEAN / PIXEL_STD / TO_BGR255, which every FCOS config keeps
+    rows = [name for name, recipe in configs.PRESETS.items() if recipe.data == "coco" and "fcos" in recipe.student]
+    assert len(rows) == 4 and all(configs.PRESETS[name].normalization == "caffe2_bgr" for name in rows)
+    from kd_ref import transforms
+    assert transforms.NORMALIZATIONS["caffe2_bgr"] == {"bgr": True, "mean": (102.9801, 115.9465, 122.7717),
+                                                       "std": (1.0, 1.0, 1.0)}
+
+
+def test_train_refuses_a_teacher_trained_on_other_input_statistics_before_any_work(tmp_path, capsys):
+    import dataclasses
+    import train
+    code_file, ours = tmp_path / "fcos_mv2.pth", tmp_path / "last.pt"
+    torch.save({"model": _to_fcos_code_keys(build_detector("fcos_mv2_c64", 3).state_dict())}, code_file)
+    recipe = configs.PRESETS["synthetic_det_fcos_skd"]  # ImageNet RGB inputs
+    torch.save({"recipe": {**dataclasses.asdict(recipe), "normalization": "caffe2_bgr"},
+                "model": build_detector("fcos_mv2_c64", 3).state_dict()}, ours)
+    for path, trained_on in ((code_file, "caffe2_bgr"), (ours, "caffe2_bgr")):
+        argv = ["--preset", "synthetic_det_fcos_skd", "--teacher-ckpt", str(path), "--out", str(tmp_path / "run")]
+        assert train.run(argv) == 2
+        assert capsys.readouterr().err == (
+            f"error: --teacher-ckpt {path}: the teacher was trained on {trained_on} inputs, the recipe feeds "
+            f"normalization=imagenet_rgb; the teacher sees the student's inputs, so train on its statistics "
+            f"(--set normalization={trained_on}) or pass a teacher trained on imagenet_rgb\n")
+        assert not (tmp_path / "run").exists()  # refused before the run folder, models or data
+    # the synthetic teacher it would train first runs on its own preset's statistics
+    assert train.run(["--preset", "synthetic_det_fcos_skd", "--set", "normalization=caffe2_bgr",
+                      "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("error: normalization=caffe2_bgr: the synthetic teacher "
+                                       "(synthetic_det_fcos_teacher) trains on imagenet_rgb inputs and sees the "
+                                       "student's; pass --teacher-ckpt\n")
 
 
 def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """kd_ref/instance_seg.py: golden cases of the pure functions, hand-made cases, SOLO and Mask R-CNN shapes,
 parameter counts, losses, inference and the mmdet key maps."""
 import json
+import math
 import os
 
 import numpy as np
@@ -191,6 +192,59 @@ def test_mask_rcnn_mask_target_of_a_gt_box_is_its_mask_resampled():
     shifted = torch.tensor([[0.0, 0.0, 8.0, 22.0, 40.0]])  # left 8 px outside GT 0 (8 of 22 px wide)
     left = model.mask_targets(shifted, torch.tensor([0]), targets)[0]
     assert left[:, :9].max() == 0 and left[:, 12:].min() == 1
+
+
+def test_solo_post_processes_at_stride_4_as_mmdet():
+    # one candidate: level 2 (8x8 masks for a 64x64 input, stride 8), cell 10, class 1 at probability 0.8;
+    # its mask logit map is 1 on its top-left 4x4 block, 0 elsewhere (+-30: sigmoid 1 and 1e-13)
+    model = I.build_instance_model("solo_synth_r18", 3).eval()
+    mask_preds = [torch.full((1, grid ** 2, side, side), -30.0)
+                  for grid, side in zip(model.num_grids, (16, 16, 8, 4, 4))]
+    cls_preds = [torch.full((1, 3, grid, grid), -30.0) for grid in model.num_grids]
+    mask_preds[2][0, 10, :4, :4] = 30.0
+    cls_preds[2][0, 1, 1, 2] = math.log(0.8 / 0.2)  # cell 10 = row 1, column 2 of the 8x8 grid
+    found = model.predict(mask_preds, cls_preds, [(64, 64)])[0]
+    # at stride 4 (16x16) the map upsampled x2 is 1 on rows/columns 0-6, 0.75 on row/column 7 (0.5625 at
+    # their corner), 0.25 on row/column 8: 8x8 pixels above 0.5, summing 49 + 14 * 0.75 + 0.5625
+    assert found["labels"].tolist() == [1]
+    assert found["scores"].item() == pytest.approx(0.8 * (49 + 14 * 0.75 + 0.5625) / 64, rel=1e-6)
+    # the soft mask: stride 4, then x4 to the padded input
+    stride4 = torch.nn.functional.interpolate(torch.sigmoid(mask_preds[2][:, 10:11]), size=(16, 16),
+                                              mode="bilinear", align_corners=False)
+    expected = torch.nn.functional.interpolate(stride4, size=(64, 64), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(found["mask_probs"], expected, atol=1e-6)
+    assert found["masks"][0].any(1).sum() == 32  # the stride-4 map is above 0.5 up to row 7.5: input row 31.5
+
+
+def test_mask_rcnn_rcnn_assigner_matches_low_quality_proposals_and_faster_rcnn_does_not():
+    from kd_ref import detectors
+    # the proposal overlaps GT 0 by IoU 0.905 and GT 1 by 0.739, and is GT 1's best proposal: max-IoU gives it
+    # to GT 0, mmdet's low-quality match (Mask R-CNN's R-CNN stage) to GT 1
+    target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 0.0, 12.0, 10.0]]), "labels": torch.tensor([0, 2])}
+    proposals = [torch.tensor([[0.5, 0.0, 10.5, 10.0]])]
+    mask_rcnn = I.build_instance_model("maskrcnn_r18", 3)
+    faster_rcnn = detectors.build_detector("faster_rcnn_r18", 3)
+    # the RoIs: both GT boxes, then the proposal (every positive is kept, in order)
+    assert mask_rcnn.sample_rois(proposals, [target], [None])[1].tolist() == [0, 2, 2]
+    assert faster_rcnn.sample_rois(proposals, [target], [None])[1].tolist() == [0, 2, 0]
+
+
+def test_mask_rcnn_masks_are_pasted_on_the_original_image_and_thresholded_inclusively():
+    # a 28x28 mask rising linearly from left to right, boxed at x 2-7, y 2-8 of a 10x12 original shown at 1.5x;
+    # pasted there pixel column x samples (x + 0.5 - 2) / 5: columns 4 (exactly 0.5), 5 and 6 reach 0.5
+    ramp = ((torch.arange(28) + 0.5) / 28).expand(1, 28, 28)
+    found = {"roi_mask_probs": ramp, "boxes": torch.tensor([[3.0, 3.0, 10.5, 12.0]]),
+             "mask_probs": I.paste_masks(ramp, torch.tensor([[3.0, 3.0, 10.5, 12.0]]), (15, 18))}
+    target = {"orig_size": (10, 12), "size": (15, 18), "flipped": False}
+    expected = torch.zeros(10, 12, dtype=torch.bool)
+    expected[2:8, 4:7] = True
+    assert torch.equal(I.masks_at_original_size(found, target)[0], expected)
+    # a flipped input: the same object mirrored, in the mirrored box
+    flipped = {**found, "roi_mask_probs": ramp.flip(-1), "boxes": torch.tensor([[18 - 10.5, 3.0, 18 - 3.0, 12.0]])}
+    assert torch.equal(I.masks_at_original_size(flipped, {**target, "flipped": True})[0], expected)
+    # SOLO's soft masks on the input are resized and thresholded strictly, as mmdet's SOLO head
+    assert torch.equal(I.masks_at_original_size({"mask_probs": torch.full((1, 15, 18), 0.5)}, target),
+                       torch.zeros(1, 10, 12, dtype=torch.bool))
 
 
 def test_paste_masks_fills_the_box_and_nothing_else():

@@ -102,3 +102,12 @@ def test_fcos_student_distils_through_task_det(tmp_path, fcos_teacher, method, t
     if terms is not None:
         assert terms <= distill
     assert all(np.isfinite(step[key]) for key in distill)
+
+
+def test_nyu_row_has_vnls_loss_weight_weight_decay_and_square_crop():
+    # YvanYin/VNL_Monocular_Depth_Prediction lib/core/config.py:73 (DIFF_LOSS_WEIGHT 6),
+    # lib/models/metric_depth_model.py:98 (weight decay 5e-4), lib/configs/*nyudv2*.yaml CROP_SIZE (385, 385)
+    recipe = configs.PRESETS["skd_depth_mv2_nyu"]
+    assert recipe.model_options["lambda_vn"] == 6.0 and recipe.weight_decay == 5e-4 and recipe.crop == (385, 385)
+    with pytest.raises(ValueError, match=r"^--crop 385 512: NYUDv2 runs VNL's square crops \(H = W\)$"):
+        configs.check_recipe(configs.dataclasses.replace(recipe, crop=(385, 512)))
