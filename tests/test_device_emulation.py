@@ -1,0 +1,255 @@
+"""Device placement on a CPU: the device half of every task's pipeline, every model of the synthetic presets
+and every distiller the registry binds, run on tensors of an emulated accelerator.
+
+CUDA refuses an operation whose tensors sit on different devices, except a 0-dim CPU tensor (a scalar)
+meeting device tensors, CPU indices of advanced indexing and cross-device copies. A CPU run cannot see a
+constant built without ``device=`` (``torch.tensor(mean)`` in the normalisation) meeting a device batch,
+which stops a CUDA run at its first batch. The emulated device makes the CPU apply CUDA's rule:
+
+* its tensors (:class:`EmulatedTensor`) report the ``meta`` device and hold their values in a CPU tensor, so
+  data-dependent code (target assignment, sampling, NMS, ``.item()``, ``.tolist()``) runs as on a GPU; the
+  meta device stands in for CUDA because this torch is a CUDA build without a driver: a tensor reporting
+  ``cuda`` initialises CUDA in autograd and in every factory call, and aborts;
+* :class:`EmulatedDevice` (a dispatch mode) sees every aten operation: it refuses one where a CPU tensor
+  CUDA would refuse meets an emulated one (:class:`DeviceMismatch`, naming the operation), runs the rest on
+  the held CPU values and places the results on the emulated device; factories and ``.to()`` with
+  ``device=meta`` (``move_to(batch, device)``, ``model.to(device)``, ``torch.zeros(..., device=x.device)``)
+  make emulated tensors, as they would make CUDA ones;
+* generators follow CUDA's rule too: a random op on the device takes a generator made for the device
+  (``torch.Generator(device)``, emulated here by a CPU generator marked as the device's) and a CPU op a
+  CPU one.
+
+Covered: ``prepare_batch`` of the seg (training with flip and photometric distortion, evaluation), det (with
+a resize, training and evaluation), cls, ins and depth data sets of the synthetic presets, compared with
+the CPU's values; the training forward (losses) and the inference forward (predictions) of each model of
+the synthetic presets plus one of each other head family (DeepLabV3, the ImageNet ResNet, the
+wide ResNet, Faster R-CNN and depth on MobileNetV2, FCOS on a ResNet); for every task x method pair the
+registry binds, the engine's step forward (``engine.forward_losses``: student, teacher, binding,
+distiller), the distiller's extra (adversary) losses and the backward of the total; GKD's prototype pass
+(``before_epoch``), SoKD's policy search step (``after_step``) and SKD's holistic term (the synthetic
+presets turn it off: it needs 64x64 maps) with both critics.
+
+Not covered: the engine's own loop (optimizer steps, gradient clipping, the loss read-back, the
+GradScaler, DDP and SyncBatchNorm, channels-last), autocast (``--amp``; ``torch.autocast`` of the meta
+device is patched to the CPU's, which the code disables it on anyway), evaluation metrics (on the CPU by
+design), the data loader's worker half (CPU), and what happens only on real CUDA: kernels, streams,
+synchronisations and the values of the device's uint8 resize (emulated by the CPU's float resize, the
+code path a GPU takes). Models with a full-size backbone (R50/R101, ResNeXt) are not built: their modules
+are those of the R18 ones.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
+
+from kd_ref import configs, engine, transforms
+from kd_ref.skd import DepthSKDDistiller, SKDDistiller
+
+DEVICE = torch.device("meta")
+CPU = torch.device("cpu")
+ATEN = torch.ops.aten
+# CUDA accepts CPU index tensors in advanced indexing (it moves them), and copies across devices
+INDEX_OPS = {ATEN.index.Tensor, ATEN.index_put.default, ATEN.index_put_.default, ATEN._index_put_impl_.default,
+             ATEN._unsafe_index.Tensor}
+CROSS_DEVICE_OPS = {ATEN.copy_.default, ATEN._to_copy.default}
+# a CPU scalar joins device tensors in elementwise ops only; concatenating it is refused
+TENSOR_LIST_OPS = {ATEN.cat.default, ATEN.stack.default}
+
+
+class DeviceMismatch(RuntimeError):
+    """What CUDA raises as 'Expected all tensors to be on the same device'."""
+
+
+class EmulatedTensor(torch.Tensor):
+    """A tensor on the emulated device: reports ``DEVICE``, holds its values in the CPU tensor ``held``."""
+
+    @staticmethod
+    def __new__(cls, held: torch.Tensor, requires_grad: bool = False):
+        tensor = torch.Tensor._make_wrapper_subclass(cls, held.shape, strides=held.stride(),
+                                                     storage_offset=held.storage_offset(), dtype=held.dtype,
+                                                     layout=held.layout, device=DEVICE, requires_grad=requires_grad)
+        tensor.held = held
+        return tensor
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __repr__(self) -> str:
+        return f"EmulatedTensor({self.held!r})"
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return run_on_emulated_device(func, args, kwargs or {})
+
+
+DEVICE_GENERATORS = weakref.WeakSet()  # the generators made for the emulated device
+
+
+def device_generator(device=CPU) -> torch.Generator:
+    """``torch.Generator(device)``: a CPU generator, marked as the emulated device's when made for it."""
+    if torch.device(device) != DEVICE:
+        return REAL_GENERATOR(device)
+    generator = REAL_GENERATOR(CPU)
+    DEVICE_GENERATORS.add(generator)
+    return generator
+
+
+REAL_GENERATOR, REAL_AUTOCAST = torch.Generator, torch.autocast
+
+
+def device_autocast(device_type: str, *args, **kwargs):
+    """``torch.autocast`` has no meta device; the code only disables autocast per device, as on the CPU."""
+    return REAL_AUTOCAST("cpu" if device_type == DEVICE.type else device_type, *args, **kwargs)
+
+
+def check_devices(func, args, kwargs) -> None:
+    """Raise :class:`DeviceMismatch` where CUDA would refuse ``func`` on these tensors."""
+    leaves = [leaf for leaf in pytree.tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    if func in CROSS_DEVICE_OPS or not any(isinstance(leaf, EmulatedTensor) for leaf in leaves):
+        return
+    indices = {id(leaf) for leaf in pytree.tree_leaves(args[1])} if func in INDEX_OPS else set()
+    for leaf in leaves:
+        if isinstance(leaf, EmulatedTensor) or id(leaf) in indices:
+            continue
+        if leaf.device == CPU and leaf.dim() == 0 and func not in TENSOR_LIST_OPS:
+            continue
+        raise DeviceMismatch(f"{func}: a {leaf.device.type} tensor of shape {tuple(leaf.shape)} meets a "
+                             "tensor on the device")
+
+
+def run_on_emulated_device(func, args, kwargs):
+    """Run ``func`` on the held CPU values, its results on the emulated device if it has an emulated input or
+    is asked for that device (``device=``), after :func:`check_devices`."""
+    target = kwargs.get("device")
+    if target is not None:
+        on_device = torch.device(target) == DEVICE
+        kwargs = {**kwargs, "device": CPU if on_device else target}
+    else:
+        on_device = any(isinstance(leaf, EmulatedTensor) for leaf in pytree.tree_leaves((args, kwargs)))
+    check_devices(func, args, kwargs)
+    held_args, held_kwargs = pytree.tree_map_only(EmulatedTensor, lambda tensor: tensor.held, (args, kwargs))
+    out = func(*held_args, **held_kwargs)
+    if not on_device:
+        return out
+    return return_and_correct_aliasing(func, args, kwargs, pytree.tree_map_only(torch.Tensor, EmulatedTensor, out))
+
+
+class EmulatedDevice(TorchDispatchMode):
+    """Every aten operation through :func:`run_on_emulated_device`, so that factories see ``device=meta``."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return run_on_emulated_device(func, args, kwargs or {})
+
+
+# they copy Python data to the device below the dispatcher, where no mode sees it: a real meta tensor
+FROM_DATA = {torch.tensor, torch.as_tensor, torch.Tensor.new_tensor}
+
+
+class DeviceFunctions(torch.overrides.TorchFunctionMode):
+    """What the dispatcher does not see: ``.tolist()`` of a device tensor reads its values (tensor subclasses
+    have no ``tolist``), tensors from Python data on the device (``FROM_DATA``) are made on the CPU and moved,
+    and a generator draws for its own device (checked here, where the generator is still the caller's
+    object: the dispatcher hands a new Python object of it to :class:`EmulatedDevice`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.tolist and isinstance(args[0], EmulatedTensor):
+            return args[0].held.tolist()
+        if func in FROM_DATA:
+            default = args[0].device if func is torch.Tensor.new_tensor else CPU
+            if torch.device(kwargs.get("device") or default) == DEVICE:
+                return func(*args, **{**kwargs, "device": CPU}).to(DEVICE)
+        generator = kwargs.get("generator")
+        if generator is not None:
+            device = kwargs.get("device")
+            for_device = torch.device(device) == DEVICE if device is not None else \
+                any(isinstance(leaf, EmulatedTensor) for leaf in pytree.tree_leaves(args))
+            if for_device != (generator in DEVICE_GENERATORS):
+                raise DeviceMismatch(f"{func.__name__}: a {'CPU' if for_device else 'device'} generator draws "
+                                     f"for the {'device' if for_device else 'CPU'}")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def emulated_device():
+    with mock.patch.object(torch, "Generator", device_generator), \
+            mock.patch.object(torch, "autocast", device_autocast), EmulatedDevice(), DeviceFunctions():
+        yield
+
+
+def on_device(value) -> bool:
+    """Every tensor in ``value`` (nested) is on the emulated device."""
+    tensors = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+    return bool(tensors) and all(isinstance(tensor, EmulatedTensor) for tensor in tensors)
+
+
+def held(value):
+    return pytree.tree_map_only(EmulatedTensor, lambda tensor: tensor.held, value)
+
+
+# ----------------------------------------------------------------------------------- the emulator
+def test_the_emulated_device_refuses_what_cuda_refuses():
+    with emulated_device():
+        images = torch.rand(2, 3, 4, 4).to(DEVICE)
+        with pytest.raises(DeviceMismatch, match="aten.sub.Tensor: a cpu tensor of shape \\(3, 1, 1\\)"):
+            images - torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1)
+        with pytest.raises(DeviceMismatch, match="aten.cat"):
+            torch.cat([images.flatten(), torch.zeros(1)])
+        with pytest.raises(DeviceMismatch, match="CPU generator"):
+            torch.randperm(4, generator=torch.Generator().manual_seed(0), device=images.device)
+
+
+def test_the_emulated_device_allows_what_cuda_allows():
+    with emulated_device():
+        images = torch.rand(2, 3, 4, 4).to(DEVICE)
+        shifted = images - torch.tensor(1.0)                                 # a CPU scalar
+        picked = images[torch.tensor([1, 0])]                                # CPU indices
+        images[0, 0] = torch.ones(4, 4)                                      # a copy from the CPU
+        zeros = torch.zeros(3, device=images.device)
+        order = torch.randperm(4, generator=torch.Generator(images.device).manual_seed(0), device=images.device)
+        assert all(map(on_device, (shifted, picked, zeros, order)))
+        assert images.held[0, 0].eq(1).all() and images.cpu().device == CPU
+        assert (images > 2).nonzero().numel() == 0 and isinstance(images.sum().item(), float)
+
+
+# ----------------------------------------------------------------------------------- device steps
+def preset(name: str, **changes) -> configs.Recipe:
+    return dataclasses.replace(configs.PRESETS[name], **changes)
+
+
+# the training sizes of the synthetic presets, except det (96 of the 128-pixel scenes: the device resizes)
+DEVICE_STEP_RECIPES = {
+    "seg": preset("synthetic_seg_none", photometric_distortion=True),
+    "det": preset("synthetic_det_retinanet_none", image_scale=(96, 96)),
+    "cls": preset("synthetic_cls_none"),
+    "ins": preset("synthetic_ins_solo_none"),
+    "depth": preset("synthetic_depth_none"),
+}
+BATCH = 2
+
+
+def collated(recipe: configs.Recipe, split: str, count: int = BATCH) -> tuple:
+    """The data set of ``split`` and a collated batch of its first ``count`` samples (CPU, as a worker makes it)."""
+    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, split, None)
+    return dataset, collate([dataset.get(index, np.random.default_rng(index)) for index in range(count)])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("task", sorted(DEVICE_STEP_RECIPES))
+def test_device_step(task, split):
+    # four samples: seeds 0-3 flip some of them (seg, det, cls) and distort some (seg)
+    dataset, batch = collated(DEVICE_STEP_RECIPES[task], split, count=4)
+    expected = dataset.prepare_batch(batch)
+    with emulated_device():
+        prepared = dataset.prepare_batch(engine.move_to(batch, DEVICE))
+    assert on_device(prepared["images"])
+    # the device resizes in float, rounded: within one intensity level of the CPU's uint8 kernel
+    torch.testing.assert_close(held(prepared["images"]), expected["images"], atol=1.0, rtol=0)
+    torch.testing.assert_close(held(prepared["targets"]), expected["targets"])
