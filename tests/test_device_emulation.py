@@ -16,8 +16,8 @@ which stops a CUDA run at its first batch. The emulated device makes the CPU app
   ``device=meta`` (``move_to(batch, device)``, ``model.to(device)``, ``torch.zeros(..., device=x.device)``)
   make emulated tensors, as they would make CUDA ones;
 * generators follow CUDA's rule too: a random op on the device takes a generator made for the device
-  (``torch.Generator(device)``, emulated here by a CPU generator marked as the device's) and a CPU op a
-  CPU one.
+  (``torch.Generator(device)``, emulated here by a CPU generator that reports the device,
+  :class:`DeviceGenerator`) and a CPU op a CPU one.
 
 Covered: ``prepare_batch`` of the seg (training with flip and photometric distortion, evaluation), det (with
 a resize, training and evaluation), cls, ins and depth data sets of the synthetic presets, compared with
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
 from unittest import mock
 
 import numpy as np
@@ -89,16 +88,17 @@ class EmulatedTensor(torch.Tensor):
         return run_on_emulated_device(func, args, kwargs or {})
 
 
-DEVICE_GENERATORS = weakref.WeakSet()  # the generators made for the emulated device
+class DeviceGenerator(torch.Generator):
+    """A generator made for the emulated device: it draws as a CPU one and reports the device."""
+
+    @property
+    def device(self) -> torch.device:
+        return DEVICE
 
 
 def device_generator(device=CPU) -> torch.Generator:
-    """``torch.Generator(device)``: a CPU generator, marked as the emulated device's when made for it."""
-    if torch.device(device) != DEVICE:
-        return REAL_GENERATOR(device)
-    generator = REAL_GENERATOR(CPU)
-    DEVICE_GENERATORS.add(generator)
-    return generator
+    """``torch.Generator(device)``, with a :class:`DeviceGenerator` for the emulated device."""
+    return DeviceGenerator(CPU) if torch.device(device) == DEVICE else REAL_GENERATOR(device)
 
 
 REAL_GENERATOR, REAL_AUTOCAST = torch.Generator, torch.autocast
@@ -156,7 +156,7 @@ class DeviceFunctions(torch.overrides.TorchFunctionMode):
     """What the dispatcher does not see: ``.tolist()`` of a device tensor reads its values (tensor subclasses
     have no ``tolist``), tensors from Python data on the device (``FROM_DATA``) are made on the CPU and moved,
     and a generator draws for its own device (checked here, where the generator is still the caller's
-    object: the dispatcher hands a new Python object of it to :class:`EmulatedDevice`)."""
+    object: the dispatcher hands :class:`EmulatedDevice` a plain one)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -171,7 +171,7 @@ class DeviceFunctions(torch.overrides.TorchFunctionMode):
             device = kwargs.get("device")
             for_device = torch.device(device) == DEVICE if device is not None else \
                 any(isinstance(leaf, EmulatedTensor) for leaf in pytree.tree_leaves(args))
-            if for_device != (generator in DEVICE_GENERATORS):
+            if for_device != isinstance(generator, DeviceGenerator):
                 raise DeviceMismatch(f"{func.__name__}: a {'CPU' if for_device else 'device'} generator draws "
                                      f"for the {'device' if for_device else 'CPU'}")
         return func(*args, **kwargs)
@@ -179,9 +179,17 @@ class DeviceFunctions(torch.overrides.TorchFunctionMode):
 
 @contextlib.contextmanager
 def emulated_device():
-    with mock.patch.object(torch, "Generator", device_generator), \
-            mock.patch.object(torch, "autocast", device_autocast), EmulatedDevice(), DeviceFunctions():
-        yield
+    """The emulated device's rules in force. ``Module.to(device)`` keeps each parameter's Python object, as it
+    does on CUDA (where it assigns ``.data``; a tensor subclass swaps the object's contents instead), so that
+    what holds parameters from before the move (SoKD's search, optimizers) sees the moved ones."""
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        with mock.patch.object(torch, "Generator", device_generator), \
+                mock.patch.object(torch, "autocast", device_autocast), EmulatedDevice(), DeviceFunctions():
+            yield
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
 
 
 def on_device(value) -> bool:
@@ -253,3 +261,122 @@ def test_device_step(task, split):
     # the device resizes in float, rounded: within one intensity level of the CPU's uint8 kernel
     torch.testing.assert_close(held(prepared["images"]), expected["images"], atol=1.0, rtol=0)
     torch.testing.assert_close(held(prepared["targets"]), expected["targets"])
+
+
+# -------------------------------------------------------------------------------- models, distillers
+# A few synthetic scenes (GKD's prototype pass reads every training box), det at 96 of the 128-pixel scenes
+# (a resize on the device, and still the 2x2 P6 map SoKD's 8 regions need) and 16 RoIs per image: the step's
+# cost is its fc RoI head on 128
+SMALL_DATA = {"synthetic_train": 8, "synthetic_val": 4}
+TASK_SIZES = {"det": {"image_scale": (96, 96), "rcnn_rois_per_image": 16},
+              "ins": {"rcnn_rois_per_image": 16}}
+
+
+def small(recipe: configs.Recipe, **changes) -> configs.Recipe:
+    return dataclasses.replace(recipe, **SMALL_DATA, **TASK_SIZES.get(recipe.task, {}), **changes)
+
+
+SYNTHETIC = sorted(name for name in configs.PRESETS if name.startswith("synthetic_") and not name.endswith("_teacher"))
+# every model of the synthetic presets (their teachers are the same architectures) ...
+MODEL_RECIPES = {configs.PRESETS[name].student: small(configs.PRESETS[name])
+                 for name in SYNTHETIC if name.endswith("_none")}
+MODEL_RECIPES["resnet20"] = dataclasses.replace(MODEL_RECIPES["resnet8"], student="resnet20")
+# ... and one of each other head or trunk family, on the same data
+MODEL_RECIPES.update({
+    "deeplabv3_r18": dataclasses.replace(MODEL_RECIPES["pspnet_r18"], student="deeplabv3_r18"),
+    "resnet18": dataclasses.replace(MODEL_RECIPES["resnet8"], student="resnet18"),
+    "wrn_16_1": dataclasses.replace(MODEL_RECIPES["resnet8"], student="wrn_16_1"),
+    "faster_rcnn_mv2": dataclasses.replace(MODEL_RECIPES["faster_rcnn_r18"], student="faster_rcnn_mv2"),
+    "fcos_r18": dataclasses.replace(MODEL_RECIPES["fcos_mv2_c64"], student="fcos_r18"),
+    "depth_mv2": dataclasses.replace(MODEL_RECIPES["depth_r18"], student="depth_mv2"),
+    "depth_r18 regression": dataclasses.replace(MODEL_RECIPES["depth_r18"], model_options={
+        **MODEL_RECIPES["depth_r18"].model_options, "prediction": "regression"}),
+})
+# every task x method pair the registry binds, at the synthetic presets' options
+DISTILLATION_PRESETS = [name for name in SYNTHETIC if configs.PRESETS[name].method != "none"]
+
+
+@pytest.fixture(scope="module")
+def built():
+    """``built(recipe)``: the recipe's student (training mode) and teacher (as the engine holds one) on the
+    emulated device, a prepared training batch there, the student's training outputs on it and the teacher's
+    (``engine.teacher_forward``, which scores a two-stage student's RoIs); each made once per module, as the
+    models and data of the synthetic presets repeat across methods. Call it inside :func:`emulated_device`."""
+    cache = {}
+
+    def get(recipe: configs.Recipe) -> dict:
+        task = configs.TASKS[recipe.task]
+        key = (recipe.task, recipe.student, recipe.teacher, tuple(sorted(recipe.model_options.items())))
+        if key not in cache:
+            torch.manual_seed(0)
+            dataset, batch = collated(recipe, "train")
+            batch = dataset.prepare_batch(engine.move_to(batch, DEVICE))
+            student = task.build_model(recipe, recipe.student).to(DEVICE).train()
+            student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
+            cache[key] = {"student": student, "batch": batch, "student_out": student_out}
+        entry = cache[key]
+        if recipe.method != "none" and "teacher" not in entry:
+            entry["teacher"] = task.build_model(recipe, recipe.teacher).to(DEVICE).eval().requires_grad_(False)
+            entry["teacher_out"] = engine.teacher_forward(entry["teacher"], entry["batch"], entry["student_out"])
+        return entry
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_RECIPES))
+def test_model_forward(name, built):
+    """The training forward (task losses) and the inference forward (predictions) on the device."""
+    with emulated_device():
+        entry = built(MODEL_RECIPES[name])
+        model, batch = entry["student"], entry["batch"]
+        with torch.no_grad():
+            predictions = model.eval()(batch["images"], image_sizes=batch.get("image_sizes"))
+        model.train()
+    assert entry["student_out"]["losses"] and on_device(entry["student_out"]["losses"])
+    assert on_device({name: value for name, value in predictions.items() if name != "losses"})
+
+
+@pytest.mark.parametrize("name", DISTILLATION_PRESETS)
+def test_distiller_forward(name, built):
+    """The step's distillation (what ``engine.forward_losses`` adds to the task losses: the teacher's forward,
+    the binding, the distiller) and the distiller's extra losses; GKD's prototype pass and SoKD's policy
+    search step, the engine's hooks of those two."""
+    options = {"pgm_max_images": 2} if configs.PRESETS[name].method == "gkd" else {}
+    recipe = small(configs.PRESETS[name], method_options={**configs.PRESETS[name].method_options, **options})
+    method = configs.METHODS[recipe.method]
+    runtime = engine.Runtime(DEVICE)
+    with emulated_device():
+        entry = built(recipe)
+        student, teacher, batch = entry["student"], entry["teacher"], entry["batch"]
+        distiller = method.build(recipe, student, teacher).to(DEVICE)
+        bind = method.bind[recipe.task]
+        if hasattr(distiller, "before_epoch"):
+            dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+            distiller.before_epoch(engine.EpochContext(0, student, teacher, dataset, collate, runtime, 1))
+            assert distiller.prototypes is not None
+        bound = bind(entry["student_out"], entry["teacher_out"], batch)
+        losses = distiller(**bound)
+        assert losses and on_device(losses)
+        if list(getattr(distiller, "extra_parameters", list)()) and hasattr(distiller, "extra_losses"):
+            assert on_device(distiller.extra_losses(**bound))
+        if hasattr(distiller, "after_step"):
+            objective = engine.search_objective(student, teacher, distiller, bind, entry["teacher_out"],
+                                                recipe.task_loss_weight)
+            distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
+
+
+@pytest.mark.parametrize("preset_name", ["cirkd", "original"])
+def test_skd_holistic_terms(preset_name):
+    """The adversarial term and its critic (with the gradient penalty of the original preset, a gradient
+    taken in the forward), which the synthetic presets leave out (their maps are smaller than the critic's
+    64x64), on made-up 64x64 maps; and the depth form's holistic term on the log depth."""
+    generator = torch.Generator().manual_seed(0)
+    logits_s, logits_t = (torch.randn(2, 3, 64, 64, generator=generator) for _ in range(2))
+    feats_s, feats_t = (torch.randn(2, 8, 64, 64, generator=generator) for _ in range(2))
+    with emulated_device():
+        seg = SKDDistiller(3, preset_name, use_ho=True).to(DEVICE)
+        depth = DepthSKDDistiller(3, use_ho=True).to(DEVICE)
+        inputs = [tensor.to(DEVICE) for tensor in (logits_s, logits_t, feats_s, feats_t)]
+        log_depth = [tensor[:, :1].to(DEVICE) for tensor in (logits_s, logits_t)]
+        for distiller, arguments in ((seg, inputs), (depth, [*inputs, *log_depth])):
+            losses, extra = distiller(*arguments), distiller.extra_losses(*arguments)
+            assert on_device(losses) and on_device(extra) and extra
