@@ -164,10 +164,9 @@ def anchor_level_features(feats: Sequence[torch.Tensor], boxes: torch.Tensor, ba
     levels = map_boxes_to_levels(boxes, len(feats), finest_scale)
     pooled = feats[0].new_zeros(boxes.shape[0], feats[0].shape[1])
     with torch.no_grad():
-        for level in levels.unique().tolist():
-            rows = levels == level
-            level_pooled = pool_box_features(feats[level], boxes[rows], batch_idx[rows], strides[level])
-            pooled[rows] = level_pooled.to(pooled.dtype)
+        # each level pools only its own boxes (the others are zero rows at no cost): no host read of levels
+        for level, (feat, stride) in enumerate(zip(feats, strides)):
+            pooled += pool_box_features(feat, boxes, batch_idx, stride, keep=levels == level).to(pooled.dtype)
     return pooled[:, :, None, None], levels
 
 

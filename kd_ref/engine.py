@@ -72,8 +72,10 @@ One read from the device per iteration: every loss value, the gradient norm of e
 DDP, the all-reduced stop request (:class:`PreemptionGuard`) are stacked into one tensor and read at once,
 after both backward passes and before any update; the finiteness checks, the fp16 skip decision and the
 log line all use that read (``GradScaler.step``, which reads its inf flag on its own, is replaced by the
-same decision from the norm). Only the first iteration reads more: the teacher's output range
-(:func:`check_teacher_outputs`); evaluations and checkpoints read what they need when they are due.
+same decision from the norm). Before the first iteration, and before the first epoch hook, the run reads
+the teacher's output range on its first batch once (:meth:`TrainingRun.check_teacher`); evaluations and
+checkpoints read what they need when they are due. The methods' own reads per step are counted by
+``python -m kd_ref.syncs``.
 
 Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
 scaler, the iteration, the recipe and all RNG states. They are written to a temporary file and renamed,
@@ -779,6 +781,7 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     run = TrainingRun(recipe, out_dir, runtime, resume, teacher_ckpt, workers, data_root, quiet, explicit_fields)
     run.restore()
     run.start()
+    run.check_teacher()
     with PreemptionGuard() as guard:
         while run.iteration < run.recipe.iters:
             run.begin_epoch()
@@ -951,6 +954,26 @@ class TrainingRun:
         self.started = time.perf_counter()
 
     # -------------------------------------------------------------------------------- the steps
+    def check_teacher(self) -> None:
+        """:func:`check_teacher_outputs` on the run's first batch (the one its first iteration trains on),
+        before anything long runs: the first epoch hook (GKD's prototype pass over the training set) would
+        otherwise go through a diverged teacher before the run names it. The batch is read here on its own
+        (every augmentation draw comes from its sample's generator, and the device step draws nothing, so the
+        loop then reads the same batch). A two-stage teacher scores its own proposals here: the student's
+        RoIs do not exist yet, and the check only needs its outputs' range."""
+        if self.teacher is None:
+            return
+        epoch, offset = divmod(self.iteration, self.iters_per_epoch)
+        self.augmented.epoch = epoch
+        self.sampler.set_epoch(epoch)
+        start = offset * self.per_rank_batch
+        indices = self.sampler.epoch_indices()[start:start + self.per_rank_batch]
+        batch = self.collate([self.augmented[index] for index in indices])
+        batch = self.train_set.prepare_batch(move_to(batch, self.runtime.device))
+        with self.runtime.autocast():
+            teacher_out = teacher_forward(self.teacher, batch, {})
+        check_teacher_outputs(teacher_out, self.teacher_ckpt)
+
     def begin_epoch(self) -> None:
         """Position the data at the current iteration; at an epoch's start, the distiller's epoch hook."""
         self.epoch, offset = divmod(self.iteration, self.iters_per_epoch)
@@ -981,8 +1004,6 @@ class TrainingRun:
             extra = self.distiller.extra_losses(**bound) if optimizers.extra is not None else {}
         if first:
             watch.close(warn=runtime.is_main)
-            if teacher_out is not None:
-                check_teacher_outputs(teacher_out, self.teacher_ckpt)
         losses = {name: value.float() for name, value in losses.items()}
         extra = {name: value.float() for name, value in extra.items()}
         total = sum(losses.values())

@@ -66,6 +66,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.ops import roi_align
 
 from kd_ref.precision import at_least_float32, autocast_disabled
 
@@ -224,10 +225,34 @@ def build_prototypes(feats_s_per_class: Sequence, feats_t_per_class: Sequence, n
     return protos_s, protos_t, cls_starts
 
 
+def crop_means(feat: torch.Tensor, batch_idx: torch.Tensor, left: torch.Tensor, top: torch.Tensor,
+               right: torch.Tensor, bottom: torch.Tensor) -> torch.Tensor:
+    """Mean of ``feat[batch_idx[n], :, top[n]:bottom[n], left[n]:right[n]]`` for every n, in ONE
+    ``roi_align`` call, (N, C) in at least float32. Cell indices are int64, ends exclusive and within the
+    map; an empty crop gives zeros.
+
+    Why roi_align computes a plain crop mean: with ``aligned=True`` the value of cell i sits at coordinate i,
+    so the box of edges ``(left - 0.5, ..., right - 0.5)`` is exactly the crop; with one output bin and
+    ``sampling_ratio=0`` the sampling grid is ceil(crop size / 1) = one sample per cell, placed at the
+    cell's own coordinate, where the bilinear weights are 1 and 0. The result is the crop mean up to the
+    order of summation (and 0, not NaN, for an empty crop), and the gradient reaches each cell of the crop
+    with 1 / area, as the sliced mean's does. One kernel for all boxes replaces one slice and one host read
+    per box.
+    """
+    feat = at_least_float32(feat)
+    rois = torch.stack([batch_idx.to(feat.dtype), left.to(feat.dtype), top.to(feat.dtype),
+                        right.to(feat.dtype), bottom.to(feat.dtype)], dim=1)
+    with autocast_disabled(feat):
+        pooled = roi_align(feat, rois, output_size=1, spatial_scale=1.0, sampling_ratio=0,
+                           aligned=True)
+    return pooled.flatten(1)
+
+
 def pool_instance_features(feats: Sequence[torch.Tensor], boxes: torch.Tensor,
                            image_size: tuple[int, int]) -> list[torch.Tensor]:
     """PGM pooling: per level, scale boxes by (feat / padded image) size, truncate to int and average the
-    crop ``y1..y2, x1..x2`` (inclusive). ``feats``: L maps (1, C, H_l, W_l); returns L tensors (n, C)."""
+    crop ``y1..y2, x1..x2`` (inclusive). ``feats``: L maps (1, C, H_l, W_l); returns L tensors (n, C).
+    All boxes of a level are pooled at once (:func:`crop_means`)."""
     _check_boxes("pool_instance_features: boxes", boxes)
     pad_h, pad_w = image_size
     pooled = []
@@ -235,20 +260,25 @@ def pool_instance_features(feats: Sequence[torch.Tensor], boxes: torch.Tensor,
         if feat.dim() != 4 or feat.shape[0] != 1:
             raise ValueError(f"pool_instance_features: level {level} must be a (1, C, H, W) map, got "
                              f"{tuple(feat.shape)}")
+        height, width = feat.shape[-2:]
         # float32 scaling then truncation, as the reference does on its float32 boxes
-        ratio = torch.tensor([feat.shape[3] / pad_w, feat.shape[2] / pad_h] * 2, dtype=torch.float32)
-        corners = (boxes.detach().cpu().float() * ratio).long().tolist()
-        rows = [feat[0, :, y1:y2 + 1, x1:x2 + 1].mean(dim=(1, 2)) for x1, y1, x2, y2 in corners]
-        pooled.append(torch.stack(rows) if rows else feat.new_zeros(0, feat.shape[1]))
+        ratio = torch.tensor([width / pad_w, height / pad_h] * 2, dtype=torch.float32, device=boxes.device)
+        corners = (boxes.detach().float() * ratio).long().to(feat.device)
+        left, top = corners[:, 0], corners[:, 1]
+        right, bottom = (corners[:, 2] + 1).clamp(max=width), (corners[:, 3] + 1).clamp(max=height)
+        pooled.append(crop_means(feat, torch.zeros_like(left), left, top, right, bottom).to(feat.dtype))
     return pooled
 
 
 # -------------------------------------------------------------------------- RDM: robust distillation
 def pool_box_features(feat: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor,
-                      stride: float) -> torch.Tensor:
+                      stride: float, keep: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``feat[b, :, int(|y1|/s):int(|y2|/s)+1, int(|x1|/s):int(|x2|/s)+1]`` per box, (N, C).
 
     The crop start is clamped into the map so that the crop is never empty; gradients reach ``feat``.
+    All boxes are pooled in one kernel on ``feat``'s device (:func:`crop_means`), with no host read.
+    ``keep`` (bool (N,)): rows not kept are zeros and cost nothing (their crop is made empty), so that
+    boxes can be pooled level by level without indexing out a data-dependent subset.
     """
     if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
         raise ValueError(f"pool_box_features: feat must be (B, C, H, W), got "
@@ -256,14 +286,16 @@ def pool_box_features(feat: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.
     _check_boxes("pool_box_features: boxes", boxes)
     if batch_idx.shape != (boxes.shape[0],):
         raise ValueError(f"pool_box_features: batch_idx must be ({boxes.shape[0]},), got {tuple(batch_idx.shape)}")
+    if keep is not None and keep.shape != (boxes.shape[0],):
+        raise ValueError(f"pool_box_features: keep must be ({boxes.shape[0]},), got {tuple(keep.shape)}")
     height, width = feat.shape[-2:]
-    rows = []
     # float32 division before truncation, as the reference computes cell indices
-    cells = (boxes.detach().abs().cpu().float() / stride).tolist()
-    for (x1, y1, x2, y2), b in zip(cells, batch_idx.tolist()):
-        top, left = min(int(y1), height - 1), min(int(x1), width - 1)
-        rows.append(feat[b, :, top:int(y2) + 1, left:int(x2) + 1].mean(dim=(1, 2)))
-    return torch.stack(rows) if rows else feat.new_zeros(0, feat.shape[1])
+    cells = (boxes.detach().abs().float() / stride).long().to(feat.device)
+    left, top = cells[:, 0].clamp(max=width - 1), cells[:, 1].clamp(max=height - 1)
+    right, bottom = (cells[:, 2] + 1).clamp(max=width), (cells[:, 3] + 1).clamp(max=height)
+    if keep is not None:
+        right = torch.where(keep.to(feat.device), right, left)
+    return crop_means(feat, batch_idx.to(feat.device), left, top, right, bottom).to(feat.dtype)
 
 
 def map_boxes_to_levels(boxes: torch.Tensor, num_levels: int, finest_scale: float = 56.0) -> torch.Tensor:
@@ -297,16 +329,23 @@ def robust_weights(pooled_s: torch.Tensor, pooled_t: torch.Tensor, labels: torch
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(f"robust_weights: labels must lie in [0, {num_classes}) (cls_start has "
                          f"{num_classes + 1} offsets), got {labels.unique().tolist()}")
+    return _robust_weights(pooled_s, pooled_t, labels, protos_s, protos_t, cls_start)
+
+
+def _robust_weights(pooled_s, pooled_t, labels, protos_s, protos_t, cls_start) -> torch.Tensor:
+    # robust_weights without its checks, which read the labels and offsets on the host: the distiller calls
+    # this every step with prototypes checked by set_prototypes and the detector's own class labels
     with torch.no_grad():
         sim_s = prototype_similarity(pooled_s.detach(), protos_s)
         sim_t = prototype_similarity(pooled_t.detach(), protos_t)
+        if protos_s.shape[0] == 0:
+            return sim_s.new_ones(sim_s.shape[0])
         cls_start = cls_start.to(sim_s.device)
         labels = labels.to(sim_s.device)
         column = torch.arange(protos_s.shape[0], device=sim_s.device)
         own_class = (column >= cls_start[labels].unsqueeze(1)) & (column < cls_start[labels + 1].unsqueeze(1))
         has_prototypes = own_class.any(dim=1)
-        if not bool(has_prototypes.any()):
-            return sim_s.new_ones(sim_s.shape[0])
+        # rows without prototypes of their class reduce over -inf only; where() replaces them by 1
         best_s = sim_s.masked_fill(~own_class, float("-inf")).amax(dim=1)
         best_t = sim_t.masked_fill(~own_class, float("-inf")).amax(dim=1)
         return torch.where(has_prototypes, 1.0 - (best_s - best_t).abs(), torch.ones_like(best_s))
@@ -330,34 +369,66 @@ def global_alignment_loss(pooled_s: torch.Tensor, pooled_t: torch.Tensor, protos
     return F.smooth_l1_loss(rep_s, rep_t, beta=beta, reduction="mean")
 
 
+def instance_masks(boxes: torch.Tensor, weights: torch.Tensor | None, batch_idx: torch.Tensor, num_images: int,
+                   size: tuple[int, int], stride: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Foreground masks (B, H, W) float32 of the boxes of each image on a map of stride ``stride``, built on
+    the boxes' device without reading any box on the host.
+
+    Per image, in box order: cells ``[int(y1/s):int(y2/s), int(x1/s):int(x2/s)]`` (clipped to the map) get
+    the box's weight, later boxes overwriting earlier ones; a box thinner than a cell marks its single cell
+    with the max of the current value and its weight. Without weights every marked cell is 1. Boxes with
+    ``keep`` False (bool (N,)) are left out. Sequential rule, evaluated at once: a cell holds the weight of
+    the last box filling it (0 if none), raised to the largest weight of the thin boxes on it that come after
+    that box (earlier ones were overwritten).
+    """
+    _check_boxes("instance_masks: boxes", boxes)
+    count = boxes.shape[0]
+    if weights is not None and weights.shape != (count,):
+        raise ValueError(f"instance_masks: weights must be ({count},), got {tuple(weights.shape)}")
+    if batch_idx.shape != (count,) or (keep is not None and keep.shape != (count,)):
+        raise ValueError(f"instance_masks: batch_idx and keep must be ({count},), got {tuple(batch_idx.shape)} "
+                         f"and {None if keep is None else tuple(keep.shape)}")
+    height, width = size
+    device = boxes.device
+    if count == 0:
+        return torch.zeros(num_images, height, width, device=device)
+    keep = torch.ones(count, dtype=torch.bool, device=device) if keep is None else keep.to(device)
+    # float32 division then truncation toward zero, as int() of the reference's float32 cells
+    cells = (boxes.detach().float() / stride).long()
+    left, right = cells[:, 0].clamp(min=0), cells[:, 2].clamp(max=width)
+    top, bottom = cells[:, 1].clamp(min=0), cells[:, 3].clamp(max=height)
+    thin = (left == right) | (top == bottom)
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    in_rows = (rows >= top[:, None]) & (rows < bottom[:, None])                        # (N, H)
+    in_cols = (cols >= left[:, None]) & (cols < right[:, None])                        # (N, W)
+    thin_cell = top.clamp(max=height - 1) * width + left.clamp(max=width - 1)          # (N,) flat index
+    order = torch.arange(count, device=device)
+    box_weights = None if weights is None else weights.detach().to(device=device, dtype=torch.float32)
+    masks = []
+    for image in range(num_images):
+        on_image = keep & (batch_idx.to(device) == image)
+        fills = (on_image & ~thin)[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]   # (N, H, W)
+        filled = fills.any(dim=0).flatten()
+        thin_here = on_image & thin
+        if box_weights is None:
+            mask = filled.float().index_put((thin_cell,), thin_here.float(), accumulate=True).clamp(max=1.0)
+        else:
+            # argmax returns the first maximum: over the reversed boxes, the last box filling each cell
+            last = (count - 1 - fills.flip(0).to(torch.uint8).argmax(dim=0)).flatten()
+            mask = torch.where(filled, box_weights[last], 0.0)
+            after_last = ~filled[thin_cell] | (order > last[thin_cell])
+            raise_to = torch.where(thin_here & after_last, box_weights, float("-inf"))
+            mask = mask.scatter_reduce(0, thin_cell, raise_to, "amax", include_self=True)
+        masks.append(mask.view(height, width))
+    return torch.stack(masks)
+
+
 def instance_mask(boxes: torch.Tensor, weights: torch.Tensor | None, size: tuple[int, int],
                   stride: float) -> torch.Tensor:
-    """Foreground mask (H, W) float32 of ``boxes`` on a map of stride ``stride``.
-
-    Cells ``[int(y1/s):int(y2/s), int(x1/s):int(x2/s)]`` (clipped to the map) get the box's weight,
-    later boxes overwriting earlier ones; a box thinner than a cell marks its single cell with the max
-    of the current value and its weight. Without weights every marked cell is 1.
-    """
+    """Foreground mask (H, W) float32 of the boxes of one image: :func:`instance_masks` of one image."""
     _check_boxes("instance_mask: boxes", boxes)
-    if weights is not None and weights.shape != (boxes.shape[0],):
-        raise ValueError(f"instance_mask: weights must be ({boxes.shape[0]},), got {tuple(weights.shape)}")
-    height, width = size
-    mask = torch.zeros(height, width, dtype=torch.float64)
-    box_weights = [1.0] * boxes.shape[0] if weights is None else weights.detach().double().cpu().tolist()
-    cells = (boxes.detach().cpu().float() / stride).tolist()
-    for (x1, y1, x2, y2), weight in zip(cells, box_weights):
-        left, right = max(int(x1), 0), min(int(x2), width)
-        top, bottom = max(int(y1), 0), min(int(y2), height)
-        if left == right or top == bottom:
-            cell = min(top, height - 1), min(left, width - 1)
-            mask[cell] = mask[cell] + 1 if weights is None else max(float(mask[cell]), weight)
-        elif weights is None:
-            mask[top:bottom, left:right] += 1
-        else:
-            mask[top:bottom, left:right] = weight
-    if weights is None:
-        mask = (mask > 0).double()
-    return mask.float().to(boxes.device)
+    image_of_box = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
+    return instance_masks(boxes, weights, image_of_box, 1, size, stride)[0]
 
 
 def local_feature_loss(feat_s_adapt: torch.Tensor, feat_t: torch.Tensor, mask: torch.Tensor,
@@ -374,8 +445,9 @@ def local_feature_loss(feat_s_adapt: torch.Tensor, feat_t: torch.Tensor, mask: t
     squared_error = (feat_s_adapt - feat_t.detach().to(feat_s_adapt.dtype)).pow(2).sum(dim=1, dtype=torch.float64)
     mask = mask.detach().to(device=squared_error.device, dtype=torch.float64)
     background = 1.0 - (mask > 0).double()
-    fg = (squared_error * mask).sum() / max(1.0, 2.0 * channels * float(mask.sum())) * fg_weight
-    bg = (squared_error * background).sum() / max(1.0, 2.0 * channels * float(background.sum())) * bg_weight
+    # normalisers clamped on the device: max(1, .) of a host float would read the mask every level and step
+    fg = (squared_error * mask).sum() / (2.0 * channels * mask.sum()).clamp(min=1.0) * fg_weight
+    bg = (squared_error * background).sum() / (2.0 * channels * background.sum()).clamp(min=1.0) * bg_weight
     return fg.to(feat_s_adapt.dtype), bg.to(feat_s_adapt.dtype)
 
 
@@ -522,16 +594,11 @@ class GKDDistiller(nn.Module):
                 pooled_s = pool_box_features(feat_s, boxes, batch_idx, stride)
                 pooled_t = pool_box_features(feat_t, boxes, batch_idx, stride)
                 protos_s, protos_t, cls_start = (part[level] for part in prototypes)
-                weights = robust_weights(pooled_s, pooled_t, labels, protos_s, protos_t, cls_start)
+                weights = _robust_weights(pooled_s, pooled_t, labels, protos_s, protos_t, cls_start)
                 if self.global_weight > 0:
                     global_levels.append(global_alignment_loss(pooled_s, pooled_t, protos_s, protos_t, weights))
-            on_level = levels_of_boxes == level
-            size = tuple(feat_s.shape[-2:])
-            mask = torch.stack([
-                instance_mask(boxes[on_level & (batch_idx == image)],
-                              None if weights is None else weights[on_level & (batch_idx == image)],
-                              size, stride)
-                for image in range(feat_s.shape[0])]).to(feat_s.device)
+            mask = instance_masks(boxes, weights, batch_idx, feat_s.shape[0], tuple(feat_s.shape[-2:]), stride,
+                                  keep=levels_of_boxes == level)
             fg, bg = local_feature_loss(self.adapters[level](feat_s), feat_t, mask, self.fg_weight, self.bg_weight)
             fg_levels.append(fg)
             bg_levels.append(bg)
@@ -545,16 +612,16 @@ class GKDDistiller(nn.Module):
         if roi_levels.shape != (count,) or roi_labels.shape != (count,):
             raise ValueError(f"GKDDistiller: roi_levels and roi_labels must be ({count},), got "
                              f"{tuple(roi_levels.shape)} and {tuple(roi_labels.shape)}")
-        if count and (int(roi_levels.min()) < 0 or int(roi_levels.max()) >= self.num_levels):
-            raise ValueError(f"GKDDistiller: roi_levels must lie in [0, {self.num_levels})")
+        # roi_levels are not range-checked: that would read them on the host every step; they come from
+        # map_boxes_to_levels, clamped to the levels, and a level outside them would only keep weight 1
         pooled_s = roi_feats_s.detach().mean(dim=(2, 3))
         pooled_t = roi_feats_t.detach().mean(dim=(2, 3))
         weights = torch.ones(count, device=roi_feats_s.device)
-        for level in roi_levels.unique().tolist():
-            rows = roi_levels == level
+        # every level's weights for all rows, each row keeping its own level's: no data-dependent row subset
+        for level in range(self.num_levels):
             protos_s, protos_t, cls_start = (part[level] for part in prototypes)
-            weights[rows] = robust_weights(pooled_s[rows], pooled_t[rows], roi_labels[rows],
-                                           protos_s, protos_t, cls_start).to(weights.dtype)
+            level_weights = _robust_weights(pooled_s, pooled_t, roi_labels, protos_s, protos_t, cls_start)
+            weights = torch.where(roi_levels == level, level_weights.to(weights.dtype), weights)
         return weights
 
     def forward(self, feats_s: Sequence[torch.Tensor], feats_t: Sequence[torch.Tensor],

@@ -191,6 +191,72 @@ def test_pool_box_features_crop_rule_clamp_and_gradient():
     assert feat.grad.abs().sum() > 0
 
 
+def _pooled_box_by_box(feat, boxes, batch_idx, stride):
+    # the crop rule sliced one box at a time (the implementation before the batched roi_align)
+    height, width = feat.shape[-2:]
+    rows = []
+    for (x1, y1, x2, y2), b in zip((boxes.abs().float() / stride).tolist(), batch_idx.tolist()):
+        top, left = min(int(y1), height - 1), min(int(x1), width - 1)
+        rows.append(feat[b, :, top:int(y2) + 1, left:int(x2) + 1].mean(dim=(1, 2)))
+    return torch.stack(rows)
+
+
+def test_batched_box_pooling_equals_box_by_box_slices_in_values_and_gradients():
+    generator = torch.Generator().manual_seed(3)
+    feat = torch.randn(2, 5, 13, 17, generator=generator, requires_grad=True)
+    corner = torch.rand(40, 2, generator=generator) * torch.tensor([17 * 8.0, 13 * 8.0])
+    boxes = torch.cat([corner, corner + torch.rand(40, 2, generator=generator) * 60], dim=1)
+    boxes[::7, :2] *= -1                                         # |x1| and starts beyond the map included
+    batch_idx = torch.randint(0, 2, (40,), generator=generator)
+    batched = pool_box_features(feat, boxes, batch_idx, stride=8)
+    grad_batched, = torch.autograd.grad((batched ** 2).sum(), feat)
+    sliced = _pooled_box_by_box(feat, boxes, batch_idx, stride=8)
+    grad_sliced, = torch.autograd.grad((sliced ** 2).sum(), feat)
+    torch.testing.assert_close(batched, sliced, rtol=1e-6, atol=1e-6)     # equal up to summation order
+    torch.testing.assert_close(grad_batched, grad_sliced, rtol=1e-6, atol=1e-6)
+    on_level = batch_idx == 1
+    kept = pool_box_features(feat, boxes, batch_idx, stride=8, keep=on_level)
+    torch.testing.assert_close(kept[on_level], sliced[on_level], rtol=1e-6, atol=1e-6)
+    assert torch.equal(kept[~on_level], torch.zeros_like(kept[~on_level]))
+    inclusive = pool_instance_features([feat[:1]], boxes[:10].abs(), image_size=(13 * 8, 17 * 8))[0]
+    corners = (boxes[:10].abs() / 8).long().tolist()
+    torch.testing.assert_close(inclusive, torch.stack([feat[0, :, y1:y2 + 1, x1:x2 + 1].mean(dim=(1, 2))
+                                                       for x1, y1, x2, y2 in corners]), rtol=1e-6, atol=1e-6)
+
+
+def _mask_box_by_box(boxes, weights, size, stride):
+    # the sequential rule of instance_mask, box after box on the host (the implementation before the batched one)
+    height, width = size
+    mask = torch.zeros(height, width, dtype=torch.float64)
+    box_weights = [1.0] * boxes.shape[0] if weights is None else weights.double().tolist()
+    for (x1, y1, x2, y2), weight in zip((boxes.float() / stride).tolist(), box_weights):
+        left, right, top, bottom = max(int(x1), 0), min(int(x2), width), max(int(y1), 0), min(int(y2), height)
+        if left == right or top == bottom:
+            cell = min(top, height - 1), min(left, width - 1)
+            mask[cell] = mask[cell] + 1 if weights is None else max(float(mask[cell]), weight)
+        elif weights is None:
+            mask[top:bottom, left:right] += 1
+        else:
+            mask[top:bottom, left:right] = weight
+    return ((mask > 0).double() if weights is None else mask).float()
+
+
+def test_instance_masks_of_a_batch_equal_the_box_by_box_rule_with_boxes_left_out():
+    generator = torch.Generator().manual_seed(4)
+    corner = torch.rand(30, 2, generator=generator) * 120
+    boxes = torch.cat([corner, corner + torch.rand(30, 2, generator=generator) * 50], dim=1)
+    boxes[::4, 2] = boxes[::4, 0] + 3                            # thinner than a cell: the max rule
+    weights = torch.rand(30, generator=generator) * 2 - 1        # robust weights lie in [-1, 1]
+    batch_idx = torch.randint(0, 3, (30,), generator=generator)
+    keep = torch.rand(30, generator=generator) > 0.3
+    for box_weights in (weights, None):
+        batched = gkd.instance_masks(boxes, box_weights, batch_idx, 3, (9, 11), stride=16, keep=keep)
+        for image in range(3):
+            rows = keep & (batch_idx == image)
+            expected = _mask_box_by_box(boxes[rows], None if box_weights is None else box_weights[rows], (9, 11), 16)
+            assert torch.equal(batched[image], expected)
+
+
 def test_map_boxes_to_levels_hand_values():
     boxes = torch.tensor([[0.0, 0.0, 55.0, 55.0], [0.0, 0.0, 111.0, 111.0], [0.0, 0.0, 110.0, 110.0],
                           [0.0, 0.0, 1000.0, 1000.0], [0.0, 0.0, 2.0, 2.0]])

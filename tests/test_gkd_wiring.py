@@ -96,6 +96,23 @@ def test_gkd_regenerates_prototypes_every_epoch_and_resumes_exactly(teachers, tm
         assert all(torch.equal(straight[part][key], resumed[part][key]) for key in keys)
 
 
+def test_a_nan_teacher_stops_the_run_before_the_prototype_pass(teachers, tmp_path, monkeypatch, capsys):
+    """The first-batch teacher check runs before the first epoch hook: a teacher giving NaN is named in one
+    line and GKD's prototype pass over the training set never starts."""
+    ckpt = torch.load(teachers["retinanet_r18"], weights_only=False)
+    conv = next(key for key in ckpt["model"] if key.endswith("weight") and ckpt["model"][key].dim() == 4)
+    ckpt["model"][conv] = torch.full_like(ckpt["model"][conv], float("nan"))
+    broken = str(tmp_path / "nan_teacher.pt")
+    torch.save(ckpt, broken)
+    passes = []
+    monkeypatch.setattr(drivers.ScheduledGKDDistiller, "before_epoch", lambda self, context: passes.append(context))
+    code = train.run([*TINY, "--preset", "synthetic_det_retinanet_gkd", "--student", "retinanet_r18", "--teacher",
+                      "retinanet_r18", "--teacher-ckpt", broken, "--iters", "1", *TINY_GKD, "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1 and error[0].startswith(f"error: --teacher-ckpt {broken}: the teacher's output")
+    assert "|x| = nan" in error[0] and passes == []
+
+
 def test_gkd_trains_faster_rcnn_with_positive_rois(teachers, tmp_path):
     run(teachers, "faster_rcnn_r18", "gkd", tmp_path, "--iters", "2", *TINY_GKD)
     steps = logged_steps(tmp_path)
