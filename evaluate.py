@@ -50,8 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "detections.json (det), segmentations.json (ins) (default: none)")
     parser.add_argument("--out", default=None, metavar="FILE",
                         help="JSON file for the scores (default: <checkpoint folder>/eval_<data>.json)")
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: fp16 autocast on CUDA, bf16 on CPU (default: off)")
+    cli.add_amp_argument(parser)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--workers", type=cli.non_negative_int, default=0, metavar="N",

@@ -58,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="base learning rate (default: the preset's)")
     parser.add_argument("--crop", type=cli.positive_int, nargs=2, metavar=("H", "W"), default=None,
                         help="training crop of seg and input size of cls, in pixels (default: the preset's)")
-    parser.add_argument("--amp", action="store_true",
-                        help="mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU (default: off)")
+    cli.add_amp_argument(parser)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/<preset>)")

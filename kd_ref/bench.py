@@ -2,7 +2,7 @@
 
     python -m kd_ref.bench effect --task seg [--methods none kd dist gdd skd] [--seeds 0 1 2] [--iters N]
     python -m kd_ref.bench cost [--tasks seg det cls] [--methods ...] [--student A --teacher B]
-                                [--size H W] [--batch-size N] [--rounds N] [--device cuda] [--amp]
+                                [--size H W] [--batch-size N] [--rounds N] [--device cuda] [--amp [bf16|fp16]]
     python -m kd_ref.bench pairwise [--nodes 1024 4096 16384 65536] [--channels 128 512] [--device cuda]
     python -m kd_ref.bench flops --preset NAME [NAME ...] [--peak-tflops 125] [--utilisation 0.25]
     python -m kd_ref.bench constant-depth [--preset synthetic_depth_none]
@@ -83,7 +83,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd_ref import configs, datasets, engine, tasks, transforms
+from kd_ref import cli, configs, datasets, engine, tasks, transforms
 from kd_ref.metrics import COCO_STAT_NAMES, confusion_matrix, segmentation_scores
 from kd_ref.skd import pair_wise_kd
 
@@ -326,7 +326,7 @@ def training_case(name: str, recipe: configs.Recipe, teacher: torch.nn.Module, b
     distiller = method.build(recipe, student, teacher).to(runtime.device) if method.needs_teacher else None
     bind = method.bind.get(recipe.task)
     optimizers = engine.build_optimizers(recipe, student, distiller)
-    scaler = torch.amp.GradScaler("cuda", enabled=runtime.amp and runtime.device.type == "cuda")
+    scaler = runtime.grad_scaler()
     if hasattr(distiller, "before_epoch"):
         dataset, collate = task.build_data(recipe, "train", None)
         distiller.before_epoch(engine.EpochContext(0, student, teacher, dataset, collate, runtime))
@@ -442,17 +442,17 @@ def pair_table(task: str, base: configs.Recipe, recipes: dict, runtime: engine.R
     peaks = {case.name: step_peak_bytes(case, results[case.name]) for case in cases}
     size = tuple(batch["images"].shape[-2:])
     description = (f"{task}: student {base.student}, teacher {base.teacher}, batch {base.batch_size} x "
-                   f"{size[0]}x{size[1]}, {runtime.device.type}{' AMP' if runtime.amp else ''}, "
+                   f"{size[0]}x{size[1]}, {runtime.device.type} {runtime.precision}, "
                    f"median of {rounds} interleaved rounds after {warmup} warm-up")
     return description, cost_rows(seconds, peaks), skipped
 
 
 def cost(tasks: list, methods: list | None = None, overrides: dict | None = None, size: tuple | None = None,
-         device: str | None = None, amp: bool = False, warmup: int = 1, rounds: int = 5) -> dict:
+         device: str | None = None, amp: str | None = None, warmup: int = 1, rounds: int = 5) -> dict:
     """``{task: rows}`` for the pair of the task's ``none`` preset and ``{"<task>: <student> <- <teacher>":
     rows}`` for any other pair; prints one table per pair, and a line per skipped method. ``methods``
     None: every method the task supports; ``overrides``: recipe fields for every task; ``size``: the input
-    (H, W), see :func:`size_overrides`."""
+    (H, W), see :func:`size_overrides`; ``amp``: the ``--amp`` request (None: float32)."""
     runtime = engine.setup_runtime(device, amp)
     tables = {}
     for task in tasks:
@@ -1278,7 +1278,7 @@ def main(argv=None) -> None:
     cost_parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     cost_parser.add_argument("--rounds", type=int, default=5, help="timed rounds (the median is reported)")
     cost_parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    cost_parser.add_argument("--amp", action="store_true", help="fp16 autocast + GradScaler on CUDA, bf16 on CPU")
+    cli.add_amp_argument(cost_parser)
     cost_parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                              help="recipe override for every case, as in train.py")
 

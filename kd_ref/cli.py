@@ -58,6 +58,17 @@ non_negative_int.__name__ = "non-negative integer"
 non_negative_float.__name__ = "non-negative number"
 
 
+def add_amp_argument(parser: argparse.ArgumentParser) -> None:
+    """``--amp [bf16|fp16]``: the training precision request that ``kd_ref.precision.resolve_precision`` turns
+    into fp32 (flag absent: None), bf16 or fp16 on the run's device (a bare ``--amp``: "auto")."""
+    parser.add_argument("--amp", nargs="?", const="auto", default=None, choices=("auto", "bf16", "fp16"),
+                        help="mixed precision (default: off, float32 as the references train). A bare --amp "
+                             "(= auto) picks bf16 autocast where the device computes bf16 natively (CPU; CUDA "
+                             "cards with torch.cuda.is_bf16_supported(), Ampere and later), else fp16 autocast "
+                             "with a GradScaler; --amp bf16 or --amp fp16 forces one (bf16 is refused on a "
+                             "CUDA card without native bf16)")
+
+
 def check_data_root(task: str, data: str, root: str | None) -> None:
     """``--data-root`` is given exactly for real data sets, and is a folder."""
     if data == "synthetic" and root is not None:

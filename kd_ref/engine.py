@@ -64,9 +64,10 @@ Non-finite values, for both optimizers (the student's and a distiller's extra on
 
 * a non-finite loss term stops the run (``FloatingPointError``, as the torchvision references do) before
   any parameter of that iteration is updated and before any checkpoint is written;
-* finite losses with non-finite gradients: under fp16 (``--amp`` on CUDA) the optimizer's own GradScaler
-  skips that optimizer's step and lowers its scale, the normal fp16 dynamics; without a scaler (float32,
-  CPU bf16) nothing can rescale them, so the run stops before the update as for a non-finite loss.
+* finite losses with non-finite gradients: under fp16 (``--amp fp16``, or a bare ``--amp`` on a CUDA card
+  without native bf16) the optimizer's own GradScaler skips that optimizer's step and lowers its scale, the
+  normal fp16 dynamics; without a scaler (float32, bf16) nothing can rescale them, so the run stops before
+  the update as for a non-finite loss.
 
 One read from the device per iteration: every loss value, the gradient norm of every optimizer and, under
 DDP, the all-reduced stop request (:class:`PreemptionGuard`) are stacked into one tensor and read at once,
@@ -78,7 +79,8 @@ checkpoints read what they need when they are due. The methods' own reads per st
 ``python -m kd_ref.syncs``.
 
 Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
-scaler, the iteration, the recipe and all RNG states. They are written to a temporary file and renamed,
+scaler, the precision it ran in, the iteration, the recipe and all RNG states. A run resumed in another
+precision continues and says so in one line (:func:`precision_change_note`). They are written to a temporary file and renamed,
 so a crash never leaves a half-written ``last.pt`` and the previous checkpoint survives until the new
 one is complete.
 """
@@ -108,6 +110,7 @@ from tqdm import tqdm
 from kd_ref import configs, convert
 from kd_ref.backbones import read_torch_file
 from kd_ref.metrics import all_reduce_sum
+from kd_ref.precision import AUTOCAST_DTYPES, resolve_precision, tree_at_least_float32
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -116,22 +119,32 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    amp: bool = False
+    precision: str = "fp32"  # one of precision.PRECISIONS, chosen by resolve_precision from --amp
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
-    def autocast_dtype(self) -> torch.dtype:
-        return torch.float16 if self.device.type == "cuda" else torch.bfloat16
+    def amp(self) -> bool:
+        return self.precision != "fp32"
+
+    @property
+    def uses_grad_scaler(self) -> bool:
+        return self.precision == "fp16"
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision, torch.bfloat16),
+                              enabled=self.amp)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """A GradScaler, enabled under fp16 only (a disabled one passes every call through)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.uses_grad_scaler)
 
 
-def setup_runtime(device: str | None = None, amp: bool = False) -> Runtime:
-    """Device and process group from torchrun's environment (single process when absent)."""
+def setup_runtime(device: str | None = None, amp: str | None = None) -> Runtime:
+    """Device and process group from torchrun's environment (single process when absent), and the precision
+    that ``--amp amp`` (None: no --amp, "auto", "bf16" or "fp16") resolves to on that device."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -150,7 +163,9 @@ def setup_runtime(device: str | None = None, amp: bool = False) -> Runtime:
         torch.set_flush_denormal(True)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return Runtime(torch_device, rank, world_size, amp)
+    native_cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    precision = resolve_precision(amp, torch_device.type, native_cuda_bf16)
+    return Runtime(torch_device, rank, world_size, precision)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -359,6 +374,28 @@ def load_checkpoint(path: str) -> dict:
         raise ValueError(f"checkpoint {path}: expected a kd_ref checkpoint (a dict with 'model'), "
                          f"found {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}")
     return ckpt
+
+
+def trained_precision(ckpt: dict) -> str | None:
+    """The precision a checkpoint's run trained in: its record, or for a checkpoint older than the record,
+    fp16 when it holds a GradScaler state (only fp16 leaves one) and None (fp32 or bf16, not told apart)."""
+    return ckpt.get("precision") or ("fp16" if ckpt.get("scaler") else None)
+
+
+def precision_change_note(trained: str | None, now: str, path: str) -> str | None:
+    """The line a run resumed from ``path`` (trained in ``trained``, see :func:`trained_precision`) says when
+    it continues in another precision ``now``; None when nothing changes that can be told. A change of
+    precision is allowed: the weights and optimizer states are float32 whatever the autocast, and only the
+    fp16 GradScaler's state is left behind (or, going to fp16, starts from its initial scale)."""
+    if trained == now or (trained is None and now != "fp16"):
+        return None
+    consequences = []
+    if trained == "fp16":
+        consequences.append("its GradScaler state is dropped")
+    if now == "fp16":
+        consequences.append("the GradScaler starts from its initial scale")
+    return (f"--resume: {path} was trained in {trained or 'fp32 or bf16'}, this run continues in {now}"
+            + "".join(f"; {item}" for item in consequences))
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -632,9 +669,20 @@ def search_objective(student: nn.Module, teacher: nn.Module, distiller: nn.Modul
                      task_loss_weight: float = 1.0):
     """``loss_fn(batch)`` of :class:`StepContext`: the training loss of ``student`` on the step's batch,
     against the step's teacher outputs where they still apply (:func:`forward_losses`), what a per-step
-    search (SoKD) differentiates."""
+    search (SoKD) differentiates.
+
+    It runs in float32 whatever ``--amp`` is: autocast off, and the step's teacher outputs (half precision
+    under autocast, which float32 layers refuse as input) lifted to float32. Float32 rather than the step's
+    autocast because SoKD's unrolled search takes a finite difference of this objective between parameters
+    shifted by ``fd_radius`` in norm, spread over every parameter: per weight a shift far below 1% of its
+    value, under bf16's resolution (8 significant bits, 0.4%) and near fp16's (11 bits, 0.05%). Only the
+    search steps (``search_iters``) evaluate it."""
+    teacher_out = tree_at_least_float32(teacher_out)
+    device_type = next(student.parameters()).device.type
+
     def objective(batch: dict) -> torch.Tensor:
-        losses, _, _ = forward_losses(student, teacher, distiller, bind, batch, task_loss_weight, teacher_out)
+        with torch.autocast(device_type, enabled=False):
+            losses, _, _ = forward_losses(student, teacher, distiller, bind, batch, task_loss_weight, teacher_out)
         return sum(losses.values())
     return objective
 
@@ -689,7 +737,7 @@ def check_gradient(scaler: torch.amp.GradScaler, gradient_norm: float, iteration
     (fp16) will handle by skipping the step."""
     if not math.isfinite(gradient_norm) and not scaler.is_enabled():
         raise FloatingPointError(f"non-finite gradient of the {name} loss at iteration {iteration} (finite loss, "
-                                 f"gradient norm {gradient_norm}); no GradScaler runs without fp16 --amp on CUDA, so "
+                                 f"gradient norm {gradient_norm}); no GradScaler runs outside --amp fp16, so "
                                  "stopping before the update (the last checkpoint is left untouched)")
 
 
@@ -913,9 +961,8 @@ class TrainingRun:
         self.bind = self.method.bind.get(recipe.task)
         extra = self.optimizers.extra
         self.extra_base_lrs = [g["lr"] for g in extra.param_groups] if extra else []
-        use_scaler = runtime.amp and runtime.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.extra_scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.scaler = runtime.grad_scaler()
+        self.extra_scaler = runtime.grad_scaler()
 
     # ------------------------------------------------------------------------------------ restore
     def restore(self) -> None:
@@ -929,8 +976,14 @@ class TrainingRun:
             self.optimizers.student.load_state_dict(state["optimizer"])
             if self.optimizers.extra is not None:
                 self.optimizers.extra.load_state_dict(state["extra_optimizer"])
-            self.scaler.load_state_dict(state["scaler"])
-            self.extra_scaler.load_state_dict(state["extra_scaler"])
+            # a scaler state exists only after fp16; an fp16 run resumed from another precision keeps its fresh
+            # scalers (their initial scale), and a disabled scaler ignores the state it is given
+            if state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+                self.extra_scaler.load_state_dict(state["extra_scaler"])
+            note = precision_change_note(trained_precision(state), runtime.precision, self.ckpt_path)
+            if note and runtime.is_main:
+                print(note)
             self.start_iter = state["iteration"]
             self.log_file.truncate(self.start_iter)
             self.best = state.get("best")  # absent in checkpoints of runs without keep_best
@@ -1111,6 +1164,7 @@ class TrainingRun:
                 "optimizer": optimizers.student.state_dict(),
                 "extra_optimizer": optimizers.extra.state_dict() if optimizers.extra else None,
                 "scaler": self.scaler.state_dict(), "extra_scaler": self.extra_scaler.state_dict(),
+                "precision": runtime.precision,
                 "iteration": self.iteration, "recipe": self.recipe_record, "rng": rngs, "best": self.best,
             }, path or self.ckpt_path)
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kd_ref.precision import at_least_float32
+
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     """``num_classes x num_classes`` int64 counts, rows = ground truth, columns = prediction.
@@ -153,7 +155,9 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, use_07_metric: 
 
 def _as_numpy(value, dtype) -> np.ndarray:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        # numpy has no bfloat16: scores computed under --amp are lifted to float32 before they leave torch
+        value = value.detach().cpu()
+        value = (at_least_float32(value) if value.is_floating_point() else value).numpy()
     return np.asarray(value, dtype=dtype)
 
 
