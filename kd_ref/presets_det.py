@@ -145,7 +145,8 @@ SOKD_COCO_BATCH = {50: (8, 4), 18: (1, 1)}  # depth: (IMS_PER_BATCH, processes)
 for _depth, (_batch, _gpus) in SOKD_COCO_BATCH.items():
     register(PRESETS, f"sokd_faster_rcnn_r{_depth}_fpn_coco", dataclasses.replace(
         SOKD_COCO, student=f"faster_rcnn_r{_depth}", pretrained=TORCHVISION_WEIGHTS[_depth], batch_size=_batch,
-        gpus=_gpus, eval_every=117_266 // _batch, method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5},
+        gpus=_gpus, eval_every=117_266 // _batch,
+        method_options={**SOKD_DET_OPTIONS, "search_iters": SOKD_COCO.iters // 5},
         source=f"FabienCode/mdistiller detection/configs/RegKD/RegKD-R{_depth}-R101.yaml"))
 # SoKD's MobileNetV2 row: FabienCode/mdistiller detection/configs/RegKD/RegKD-MV2-R50.yaml (the R50 -> MV2 row
 # of sokd.md §7, the RegKD branch as the rows above; DKD/DKD-MV2-R50.yaml of the other branch says 8): Faster

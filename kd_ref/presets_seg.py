@@ -13,8 +13,8 @@ DEFAULT_PRESETS: dict[tuple, str] = {}
 
 
 # --- CIRKD protocol (winycg/CIRKD 2022, train_baseline.py / train_kd.py at 05a2753; seg_models.md §5):
-# DeepLabV3-R101 teacher; batch 16 over 8 processes (its train_scripts: --nproc_per_node=8), 40k iterations, lr 0.02, wd 1e-4, poly to 0, validation
-# every 800 iterations with the best checkpoint reported (its *_best_model.pth); students from CIRKD's
+# DeepLabV3-R101 teacher; batch 16 over 8 processes (its train_scripts: --nproc_per_node=8), 40k iterations,
+# lr 0.02, wd 1e-4, poly to 0, validation every 800 iterations with the best checkpoint reported (its *_best_model.pth); students from CIRKD's
 # deep-stem ImageNet ResNets (--pretrained-base resnet18-imagenet.pth).
 CIRKD_SOURCE = "winycg/CIRKD@05a2753 train_baseline.py"
 CIRKD_CITYSCAPES = Recipe(data="cityscapes", flavour="cirkd", crop=(512, 1024), scales=(0.5, 2.0),

@@ -11,8 +11,8 @@ import torch
 from kd_ref import presets, presets_cls, presets_depth, tasks
 from kd_ref.presets_det import TORCHVISION_WEIGHTS
 from kd_ref.recipe import (DISTILLATION_FIELDS, PER_PROCESS_TERMS, Recipe, check_pretrained, check_schedule,
-                           per_process_terms, process_count_note, recipe_changes, reference_launch, register, resolve_schedule,
-                           resumed_recipe)
+                           per_process_terms, process_count_note, recipe_changes, reference_launch, register,
+                           resolve_schedule, resumed_recipe)
 
 
 def test_register_twin_drops_the_distillation_fields_or_takes_the_extended_recipe():
@@ -72,8 +72,9 @@ def test_cifar_kd_rows_weight_the_task_loss_as_mdistiller():
 # is read from kd_ref), so a changed preset or Recipe default fails here until the change is re-checked.
 # Fields the reference does not set for its task (synthetic-data fields, the other tasks' input fields, the
 # seed, how often last.pt is written) are pinned at the values the presets give them.
-INERT = {"teacher": None, "synthetic_size": (128, 128), "synthetic_train": 2000, "synthetic_val": 100, "synthetic_style": "standard",
-         "teacher_preset": None, "seed": 0, "classes": None, "model_options": {}, "student_init": None,
+INERT = {"teacher": None, "synthetic_size": (128, 128), "synthetic_train": 2000, "synthetic_val": 100,
+         "synthetic_style": "standard", "teacher_preset": None, "seed": 0, "classes": None, "model_options": {},
+         "student_init": None,
          "task_loss_weight": 1.0, "eval_at": (), "method": "none", "method_options": {}, "ckpt_every": 1000,
          "nesterov": False, "norm_weight_decay": None, "bias_weight_decay": None, "bias_lr_factor": 1.0,
          "grad_clip": None, "dataset_repeat": 1, "momentum": 0.9, "poly_power": 0.9, "warmup_ratio": 0.001}
@@ -81,8 +82,8 @@ SEG_FIELDS = {"flavour": "cirkd", "crop": (512, 1024), "scales": (0.5, 2.0), "sc
               "photometric_distortion": False}
 DET_FIELDS = {"image_scale": (1333, 800), "train_image_scales": (), "multiscale_mode": "value",
               "rcnn_rois_per_image": 512, "group_by_aspect": False}
-SEG = {**INERT, **DET_FIELDS, "task": "seg", "data": "cityscapes", "num_classes": 19, "epochs": None, "schedule": "poly",
-       "lr_steps": (), "warmup_iters": 0}
+SEG = {**INERT, **DET_FIELDS, "task": "seg", "data": "cityscapes", "num_classes": 19, "epochs": None,
+       "schedule": "poly", "lr_steps": (), "warmup_iters": 0}
 # winycg/CIRKD@05a2753 train_baseline.py / train_kd.py argparse defaults + the train_scripts (--nproc_per_node=8)
 CIRKD = {**SEG, **SEG_FIELDS, "normalization": "bgr_mean", "batch_size": 16, "iters": 40000, "lr": 0.02,
          "weight_decay": 1e-4, "min_lr": 0.0, "eval_every": 800, "keep_best": True, "gpus": 8,
@@ -260,7 +261,8 @@ REFERENCE = {
     **_with_twin("gdd_maskrcnn_r50_fpn_2x_coco", {
         **INS, "method": "gdd", "student": "maskrcnn_r50", "teacher": "maskrcnn_r101", "lr": 0.02, "grad_clip": 35.0,
         "method_options": {"alpha": 4.0, "tau": 4.0}, "pretrained": TORCHVISION_WEIGHTS[50]},
-        {**INS, "student": "maskrcnn_r50", "teacher": "maskrcnn_r101", "lr": 0.02, "pretrained": TORCHVISION_WEIGHTS[50]}),
+        {**INS, "student": "maskrcnn_r50", "teacher": "maskrcnn_r101", "lr": 0.02,
+         "pretrained": TORCHVISION_WEIGHTS[50]}),
     # --- depth: VNL's one-process launch; the rest [paper?] (DEVIATIONS), lambda_vn and weight decay today's
     **_with_twin("skd_depth_mv2_nyu", {
         **INERT, **DET_FIELDS, **SEG_FIELDS, "task": "depth", "data": "nyu", "method": "skd", "num_classes": 19,
@@ -289,10 +291,12 @@ DEVIATIONS = {
     **{f"teacher_{teacher}_cifar100": {"*": "unknown teacher config; DIST_KD releases trained teachers"}
        for teacher in ("resnet32x4", "resnet56", "resnet110", "wrn_40_2")},
     **{name: {"*": "ours: DIST's recipe without KD; DIST's 69.76 is torchvision's ResNet-18 (its own recipe), "
-               "hunto/DIST_KD README.md:46"} for name in ("kd_resnet18_imagenet_baseline", "dist_resnet18_imagenet_baseline")},
+               "hunto/DIST_KD README.md:46"}
+       for name in ("kd_resnet18_imagenet_baseline", "dist_resnet18_imagenet_baseline")},
     "sokd_resnet18_imagenet": {"method_options": {
         "reference": "base ReviewKD (hcl loss of ABF fusions)",
-        "reason": "kd_ref builds no ReviewKD", "where": "FabienCode/mdistiller mdistiller/distillers/DFKD_ReviewKD.py:123"}},
+        "reason": "kd_ref builds no ReviewKD",
+        "where": "FabienCode/mdistiller mdistiller/distillers/DFKD_ReviewKD.py:123"}},
     "gkd_retinanet_r50_fpn_2x_coco": {"*": "unknown: no released RetinaNet config; the Faster R-CNN config's settings"},
     **{f"gkd_{arch}_r50_fpn_voc0712": {"*": "unknown: no released VOC config; the COCO KD settings on mmdet's VOC "
                                             "schedule"} for arch in ("faster_rcnn", "retinanet")},

@@ -36,7 +36,7 @@ def test_sokd_row_preset_mirrors_its_config_and_has_a_baseline_twin():
     row = configs.PRESETS["sokd_faster_rcnn_mv2_fpn_coco"]
     assert (row.student, row.teacher, row.method, row.batch_size, row.lr, row.iters, row.lr_steps) == (
         "faster_rcnn_mv2", "faster_rcnn_r50", "sokd", 1, 0.01, 180_000, (120_000, 160_000))
-    assert row.source == "FabienCode/mdistiller detection/configs/RegKD/DKD-MV2-R50.yaml"
+    assert row.source == "FabienCode/mdistiller detection/configs/RegKD/RegKD-MV2-R50.yaml"
     assert row.pretrained in configs.PRETRAINED_WEIGHTS
     twin = configs.PRESETS["sokd_faster_rcnn_mv2_fpn_coco_baseline"]
     assert twin.method == "none" and twin.student == "faster_rcnn_mv2" and twin.iters == row.iters
