@@ -444,9 +444,9 @@ class DepthTask:
     on the whole image, padded to a multiple of 32, the prediction cropped back to it. NYUDv2: VNL's
     protocol (:class:`datasets.VNLDepthTransform`, square ``recipe.crop``): random square windows resized
     to the crop, depth rescaled; evaluation on the image padded at the top to a square and resized to the
-    crop, the prediction mapped back to the original map (:func:`datasets.vnl_restore`). Metrics (``depth_metrics``) are pooled
-    over every valid pixel of the set, inside the Eigen crop on NYUDv2's 480x640 maps. ``save_pred=DIR``
-    writes each prediction as a uint16 millimetre PNG under its image's name.
+    crop, the prediction mapped back to the original map (:func:`datasets.vnl_restore`). Metrics
+    (``depth_metrics``) are pooled over every valid pixel of the set, inside the Eigen crop on NYUDv2's
+    480x640 maps. ``save_pred=DIR`` writes each prediction as a uint16 millimetre PNG under its image's name.
 
     The main metric is delta1 (higher is better, as the engine's keep-best rule expects); rel, the
     papers' headline, is reported next to it."""

@@ -621,7 +621,8 @@ def test_vnl_test_geometry_pads_to_640_runs_at_385_and_maps_the_prediction_back(
     prediction = torch.arange(385.0)[:, None].expand(385, 385)
     restored = D.vnl_restore(prediction, restore)
     assert restored.shape == (480, 640)
-    assert restored[0, 0].item() == pytest.approx(96 * 385 / 640) and restored[-1, 0].item() == pytest.approx(384 * 385 / 640)
+    assert restored[0, 0].item() == pytest.approx(96 * 385 / 640)
+    assert restored[-1, 0].item() == pytest.approx(384 * 385 / 640)
     # the round trip of a constant map: the training-style target of the test window maps back to it
     window = torch.nn.functional.pad(torch.full((1, 1, 480, 640), 2.0), (0, 0, 160, 0))
     predicted = torch.nn.functional.interpolate(window, size=(385, 385), mode="bilinear", align_corners=False)[0, 0]
