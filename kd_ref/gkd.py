@@ -60,8 +60,9 @@ host (``python -m kd_ref.syncs`` counts what remains: the binding's positive row
 split); ``loss_gkd_soft`` is a 0-dim zero when no RoI logits are given. Prototype state is kept in
 ``state_dict`` once set (keys ``protos_s.<l>``, ``protos_t.<l>``, ``cls_start.<l>``, sizes may change
 between epochs), so a resumed run keeps them; a state dict without those keys (e.g. adapters only)
-leaves the prototypes unchanged. The training engine drives GKD through ``kd_ref.drivers.ScheduledGKDDistiller``: this distiller plus
-the PGM pass over the training set before every epoch and the epoch position of the attenuation.
+leaves the prototypes unchanged. The training engine drives GKD through
+``kd_ref.drivers.ScheduledGKDDistiller``: this distiller plus the PGM pass over the training set before
+every epoch and the epoch position of the attenuation.
 """
 from __future__ import annotations
 
