@@ -279,7 +279,8 @@ def _gkd_det(student_out, teacher_out, batch):
     those anchors, each anchor's robust weight from its box pooled on its own level (gkd.md §4)."""
     if "rois" in student_out:
         levels = GKD_TWO_STAGE_LEVELS
-        positive = student_out["roi_labels"] < student_out["roi_cls_logits"].shape[1] - 1
+        # one host read for the positive rows (integer indices), not one per boolean-masked tensor
+        positive = (student_out["roi_labels"] < student_out["roi_cls_logits"].shape[1] - 1).nonzero().squeeze(1)
         boxes, image_of = student_out["rois"][positive, 1:], student_out["rois"][positive, 0].long()
         labels = student_out["roi_labels"][positive]
         soft = {"roi_logits_s": student_out["roi_cls_logits"][positive],
@@ -303,10 +304,13 @@ def _gkd_det(student_out, teacher_out, batch):
         soft = {"roi_logits_s": at_positives(student_out), "roi_logits_t": at_positives(teacher_out),
                 "roi_feats_s": roi_feats_s, "roi_feats_t": roi_feats_t, "roi_levels": roi_levels}
     num_images = batch["images"].shape[0]
+    # split per image with one host read (the counts), not two boolean masks per image
+    by_image = torch.argsort(image_of, stable=True)
+    per_image = torch.bincount(image_of, minlength=num_images).tolist()
     return {"feats_s": [student_out["feats"][name] for name in levels],
             "feats_t": [teacher_out["feats"][name] for name in levels],
-            "inst_boxes": [boxes[image_of == i] for i in range(num_images)],
-            "inst_labels": [labels[image_of == i] for i in range(num_images)],
+            "inst_boxes": list(boxes[by_image].split(per_image)),
+            "inst_labels": list(labels[by_image].split(per_image)),
             "roi_labels": labels, **soft}
 
 

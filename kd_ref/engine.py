@@ -1014,7 +1014,7 @@ class TrainingRun:
         (every augmentation draw comes from its sample's generator, and the device step draws nothing, so the
         loop then reads the same batch). A two-stage teacher scores its own proposals here: the student's
         RoIs do not exist yet, and the check only needs its outputs' range."""
-        if self.teacher is None:
+        if self.teacher is None or self.iteration >= self.recipe.iters:   # a finished run resumed trains no batch
             return
         epoch, offset = divmod(self.iteration, self.iters_per_epoch)
         self.augmented.epoch = epoch

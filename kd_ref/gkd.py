@@ -52,12 +52,17 @@ paper text; the decisions it records:
    its instances then get weight 1 and contribute no global term.
 
 Our own choices where the spec is silent: a degenerate box whose single mask cell would fall outside
-the map is clamped onto the border cell (the reference would index out of range); ``loss_gkd_soft`` is
-a 0-dim zero when no RoI logits are given. Prototype state is kept in ``state_dict`` once set (keys
-``protos_s.<l>``, ``protos_t.<l>``, ``cls_start.<l>``, sizes may change between epochs), so a resumed
-run keeps them; a state dict without those keys (e.g. adapters only) leaves the prototypes unchanged.
-The training engine drives GKD through ``kd_ref.drivers.ScheduledGKDDistiller``: this distiller plus
-the PGM pass over the training set before every epoch and the epoch position of the attenuation.
+the map is clamped onto the border cell (the reference would index out of range); box features are
+pooled for all boxes of a level in one ``roi_align`` call that computes the same crop means
+(:func:`crop_means`; an empty crop, which only an inverted box gives, pools to 0 where a slice's mean is
+NaN), and the masks, weights and loss normalisers are built on the device, so a step reads no box on the
+host (``python -m kd_ref.syncs`` counts what remains: the binding's positive rows and per-image
+split); ``loss_gkd_soft`` is a 0-dim zero when no RoI logits are given. Prototype state is kept in
+``state_dict`` once set (keys ``protos_s.<l>``, ``protos_t.<l>``, ``cls_start.<l>``, sizes may change
+between epochs), so a resumed run keeps them; a state dict without those keys (e.g. adapters only)
+leaves the prototypes unchanged. The training engine drives GKD through
+``kd_ref.drivers.ScheduledGKDDistiller``: this distiller plus the PGM pass over the training set before
+every epoch and the epoch position of the attenuation.
 """
 from __future__ import annotations
 

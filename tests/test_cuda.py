@@ -54,7 +54,8 @@ def teacher_for(tmp_path_factory):
         path = root / f"{preset}.pt"
         if not path.exists():
             torch.manual_seed(0)
-            torch.save(configs.TASKS[recipe.task].build_model(recipe, recipe.teacher, pretrained=None).state_dict(), path)
+            teacher = configs.TASKS[recipe.task].build_model(recipe, recipe.teacher, pretrained=None)
+            torch.save(teacher.state_dict(), path)
         return str(path)
     return make
 

@@ -464,9 +464,10 @@ DEVICE_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__in
 class DeviceReads:
     """Counts calls of the tensor methods that copy a value to the host (on a GPU each waits for all queued
     work), made while a TrainingRun step of an iteration runs: ``per_iteration[i]`` lists the kd_ref file that
-    made each call of iteration i (the nearest kd_ref frame, so a torch helper counts for its caller)."""
+    made each call of iteration i (the nearest kd_ref frame, so a torch helper counts for its caller); the run's
+    first-batch teacher check, before the first iteration, gets a list of its own."""
 
-    STEPS = ("train_step", "extra_step", "step_hooks", "log")
+    STEPS = ("check_teacher", "train_step", "extra_step", "step_hooks", "log")
 
     def __init__(self, monkeypatch):
         self.per_iteration, self.active = [], False
@@ -487,7 +488,7 @@ class DeviceReads:
 
     def _active_during(self, step, name):
         def run(*args, **kwargs):
-            if name == "train_step":
+            if name in ("check_teacher", "train_step"):
                 self.per_iteration.append([])
             self.active = True
             try:
@@ -511,7 +512,8 @@ def test_kd_reads_the_device_once_per_iteration_and_the_teacher_range_once(tmp_p
     reads = DeviceReads(monkeypatch)
     engine.train(dataclasses.replace(TINY_CLS, iters=3, ckpt_every=0), str(tmp_path), CPU,
                  teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
-    assert reads.per_iteration == [["engine.py"] * 2, ["engine.py"], ["engine.py"]]
+    # the teacher check (the sampler's CPU permutation, then the teacher's range), then one read per iteration
+    assert reads.per_iteration == [["engine.py"] * 2] + [["engine.py"]] * 3
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line]
     assert [step["iteration"] for step in logged] == [1, 2, 3]
     assert all(abs(step["loss"] - step["loss_cls"] - step["loss_kd"]) < 1e-5 for step in logged), "logged from the read"
@@ -533,7 +535,7 @@ def test_both_optimizers_under_grad_scalers_share_the_one_read(tmp_path, tiny_cl
     reads = DeviceReads(monkeypatch)
     engine.train(dataclasses.replace(TINY_CLS, method="critic", method_options={}, iters=3, ckpt_every=0),
                  str(tmp_path), CPU, teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
-    assert reads.per_iteration == [["engine.py"] * 2, ["engine.py"], ["engine.py"]]
+    assert reads.per_iteration == [["engine.py"] * 2] + [["engine.py"]] * 3
     assert len(steps) == 6, "student and critic stepped in every iteration"
     assert [scaler.get_scale() for scaler in scalers] == [2.0 ** 13] * 2, "no overflow: each scale grew 3 times"
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line]
@@ -554,4 +556,5 @@ def test_sokd_search_step_adds_no_read_of_the_engine(tmp_path, tiny_cls_teacher,
     reads = DeviceReads(monkeypatch)
     recipe = dataclasses.replace(TINY_CLS, method="sokd", method_options={"base": "kd"}, iters=2, ckpt_every=0)
     engine.train(recipe, str(tmp_path), CPU, teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
-    assert [callers.count("engine.py") for callers in reads.per_iteration] == [2, 1]
+    # the teacher check's two reads (DeviceReads), then the engine's one read in each iteration
+    assert [callers.count("engine.py") for callers in reads.per_iteration] == [2, 1, 1]

@@ -48,6 +48,7 @@ def test_gkd_pooling_masks_and_weights_read_nothing_on_the_host():
     cls_start = torch.tensor([0, 2, 4])
     assert _counts(lambda: gkd.pool_box_features(feat, boxes, batch_idx, 8.0, keep=batch_idx == 1)) == {}
     assert _counts(lambda: gkd.instance_masks(boxes, weights, batch_idx, 2, (8, 8), 8.0)) == {}
-    assert _counts(lambda: gkd._robust_weights(feat[:, :, 0, :3].reshape(-1, 4)[:3], feat[:, :, 1, :3].reshape(-1, 4)[:3],
-                                               torch.tensor([0, 1, 1]), protos, protos, cls_start)) == {}
+    pooled_s, pooled_t = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
+    labels = torch.tensor([0, 1, 1])
+    assert _counts(lambda: gkd._robust_weights(pooled_s, pooled_t, labels, protos, protos, cls_start)) == {}
     assert _counts(lambda: gkd.local_feature_loss(feat, feat.flip(0), torch.rand(2, 8, 8, generator=generator))) == {}
