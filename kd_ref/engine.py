@@ -55,10 +55,12 @@ Distributed: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) t
 CUDA, gloo on CPU). The student is wrapped in DDP (SyncBN on GPU unless the recipe's ``sync_bn`` is
 False; the distiller modules named by ``sync_batchnorm_modules()`` too); the distiller's own parameters
 are few and used every step, so their gradients are averaged with one all-reduce each instead of a
-second DDP wrapper. ``batch_size`` is the
-total batch over all processes. With BatchNorm frozen (or synchronised) and losses whose normalisers
-are equal on every process, N processes at batch B/N train as one process at batch B does, up to
-floating-point reduction order (tests/test_ddp_equivalence.py).
+second DDP wrapper. ``batch_size`` is the total batch over all processes. With BatchNorm frozen (or
+synchronised) and losses whose normalisers are equal on every process, N processes at batch B/N train
+as one process at batch B does, up to floating-point reduction order (tests/test_ddp_equivalence.py).
+Over several nodes, what is decided once is decided by the global rank 0 (:func:`decided_by_main`) and
+every rank checks the files it reads (:func:`check_on_every_rank`), so the output folder and the teacher
+file must be on storage all nodes share.
 
 Non-finite values, for both optimizers (the student's and a distiller's extra one):
 
