@@ -83,7 +83,7 @@ SEG_FIELDS = {"flavour": "cirkd", "crop": (512, 1024), "scales": (0.5, 2.0), "sc
 DET_FIELDS = {"image_scale": (1333, 800), "train_image_scales": (), "multiscale_mode": "value",
               "rcnn_rois_per_image": 512, "group_by_aspect": False}
 SEG = {**INERT, **DET_FIELDS, "task": "seg", "data": "cityscapes", "num_classes": 19, "epochs": None,
-       "schedule": "poly", "lr_steps": (), "warmup_iters": 0}
+       "schedule": "poly", "lr_steps": (), "warmup_iters": 0, "sync_bn": True}
 # winycg/CIRKD@05a2753 train_baseline.py / train_kd.py argparse defaults + the train_scripts (--nproc_per_node=8)
 CIRKD = {**SEG, **SEG_FIELDS, "normalization": "bgr_mean", "batch_size": 16, "iters": 40000, "lr": 0.02,
          "weight_decay": 1e-4, "min_lr": 0.0, "eval_every": 800, "keep_best": True, "gpus": 8,
@@ -99,7 +99,7 @@ SKD_ORIGINAL = {**SEG, **SEG_FIELDS, "flavour": "skd", "crop": (512, 512), "scal
                 "eval_every": 0, "keep_best": True, "eval_at": (39_326, 39_697, 39_999), "gpus": 1,
                 "pretrained": "resnet18-imagenet.pth", "student": "pspnet_r18", "teacher": "pspnet_r101"}
 CLS = {**INERT, **DET_FIELDS, **SEG_FIELDS, "task": "cls", "iters": None, "schedule": "step", "min_lr": 0.0,
-       "warmup_iters": 0, "eval_every": 1, "keep_best": True, "pretrained": None}
+       "warmup_iters": 0, "eval_every": 1, "keep_best": True, "pretrained": None, "sync_bn": False}
 # CRD protocol: hunto/image_classification_sota@d9662f7 configs/strategies/distill/dist_cifar.yaml (dist_train.sh 1),
 # megvii-research/mdistiller configs/cifar100/kd.yaml, FabienCode/mdistiller configs/DFKD/cifar/*.yaml
 CIFAR = {**CLS, "data": "cifar100", "num_classes": 100, "crop": (32, 32), "normalization": "cifar100",
@@ -115,7 +115,7 @@ IMAGENET = {**CLS, "data": "imagenet", "num_classes": 1000, "crop": (224, 224), 
 MMDET = {**INERT, **SEG_FIELDS, **DET_FIELDS, "task": "det", "data": "coco", "num_classes": 80,
          "normalization": "imagenet_rgb", "batch_size": 16, "iters": None, "epochs": 24, "lr_steps": (16, 22),
          "weight_decay": 1e-4, "schedule": "step", "min_lr": 0.0, "warmup_iters": 500, "eval_every": 1,
-         "keep_best": False, "group_by_aspect": True, "gpus": 8}
+         "keep_best": False, "group_by_aspect": True, "gpus": 8, "sync_bn": True}
 # mmdetection 2.x pascal_voc/*_voc0712.py: RepeatDataset times 3, 4 epochs, step 3, lr 0.01, 1000x600, no warm-up
 VOC = {**MMDET, "data": "voc", "num_classes": 20, "image_scale": (1000, 600), "lr": 0.01, "epochs": 4,
        "lr_steps": (3,), "dataset_repeat": 3, "warmup_iters": 0}
@@ -131,7 +131,7 @@ SOKD_COCO = {**MMDET, "method": "sokd", "iters": 180_000, "epochs": None, "lr": 
 FCOS = {**MMDET, "student": "fcos_mv2_c128", "teacher": "fcos_r101", "batch_size": 32, "lr": 0.01, "epochs": None,
         "iters": 90_000, "lr_steps": (60_000, 80_000), "warmup_ratio": 1 / 3, "eval_every": 0,
         "group_by_aspect": False, "bias_lr_factor": 2.0, "bias_weight_decay": 0.0,
-        "pretrained": "mobilenet_v2-b0353104.pth"}
+        "normalization": "caffe2_bgr", "pretrained": "mobilenet_v2-b0353104.pth"}
 INS = {**MMDET, "task": "ins"}
 # mmdetection 2.x solo/solo_r50_fpn_1x_coco.py
 SOLO = {**INS, "lr": 0.01, "epochs": 12, "lr_steps": (8, 11), "student": "solo_r50",
@@ -263,13 +263,15 @@ REFERENCE = {
         "method_options": {"alpha": 4.0, "tau": 4.0}, "pretrained": TORCHVISION_WEIGHTS[50]},
         {**INS, "student": "maskrcnn_r50", "teacher": "maskrcnn_r101", "lr": 0.02,
          "pretrained": TORCHVISION_WEIGHTS[50]}),
-    # --- depth: VNL's one-process launch; the rest [paper?] (DEVIATIONS), lambda_vn and weight decay today's
+    # --- depth: VNL's one-process launch (nn.DataParallel: per-GPU BN), virtual-normal weight 6 (lib/core/config.py:73)
+    # and weight decay 5e-4 (metric_depth_model.py:98); the rest [paper?] (DEVIATIONS)
     **_with_twin("skd_depth_mv2_nyu", {
         **INERT, **DET_FIELDS, **SEG_FIELDS, "task": "depth", "data": "nyu", "method": "skd", "num_classes": 19,
         "student": "depth_mv2", "teacher": "depth_x101", "crop": (385, 385), "normalization": "imagenet_rgb",
-        "model_options": {"num_bins": 150, "d_min": 0.1, "d_max": 17.0, "focal": 519.0, "lambda_vn": 5.0},
-        "batch_size": 12, "iters": None, "epochs": 200, "lr": 0.001, "weight_decay": 1e-4, "schedule": "poly",
+        "model_options": {"num_bins": 150, "d_min": 0.1, "d_max": 17.0, "focal": 519.0, "lambda_vn": 6.0},
+        "batch_size": 12, "iters": None, "epochs": 200, "lr": 0.001, "weight_decay": 5e-4, "schedule": "poly",
         "min_lr": 0.0, "lr_steps": (), "warmup_iters": 0, "eval_every": 10, "keep_best": False, "gpus": 1,
+        "sync_bn": False,
         "pretrained": "mobilenet_v2-b0353104.pth"}),
 }
 # Where a preset keeps a value other than its reference's (or the reference gives none): preset -> field ->
