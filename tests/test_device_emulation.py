@@ -267,7 +267,7 @@ def test_device_step(task, split):
 # A few synthetic scenes (GKD's prototype pass reads every training box), det at 96 of the 128-pixel scenes
 # (a resize on the device, and still the 2x2 P6 map SoKD's 8 regions need) and 16 RoIs per image: the step's
 # cost is its fc RoI head on 128
-SMALL_DATA = {"synthetic_train": 8, "synthetic_val": 4}
+SMALL_DATA = {"synthetic_train": 8, "synthetic_val": 2}
 TASK_SIZES = {"det": {"image_scale": (96, 96), "rcnn_rois_per_image": 16},
               "ins": {"rcnn_rois_per_image": 16}}
 
@@ -324,15 +324,35 @@ def built():
 
 @pytest.mark.parametrize("name", sorted(MODEL_RECIPES))
 def test_model_forward(name, built):
-    """The training forward (task losses) and the inference forward (predictions) on the device."""
+    """The training forward (task losses) and the evaluation (``engine.evaluate``: the evaluation split's
+    device step, the inference forward, the task's metric updates) on the device."""
+    recipe = MODEL_RECIPES[name]
+    task = configs.TASKS[recipe.task]
+    with emulated_device():
+        entry = built(recipe)
+        val_set, collate = task.build_data(recipe, "val", None)
+        metrics = engine.evaluate(task, entry["student"], val_set, collate, engine.Runtime(DEVICE), recipe,
+                                  workers=0, quiet=True)
+        entry["student"].train()
+    assert entry["student_out"]["losses"] and on_device(entry["student_out"]["losses"])
+    assert task.main_metric in metrics
+
+
+def without_objects(target: dict) -> dict:
+    """A detection or instance target with no object (an image of background only)."""
+    return {**target, **{key: target[key][:0] for key in ("boxes", "labels", "difficult", "masks") if key in target}}
+
+
+@pytest.mark.parametrize("name", [name for name, recipe in MODEL_RECIPES.items() if recipe.task in ("det", "ins")
+                                  and name in {configs.PRESETS[preset].student for preset in SYNTHETIC}])
+def test_training_forward_on_an_image_without_objects(name, built):
+    """Target assignment's branch for an image without ground truth, which the scenes never draw."""
     with emulated_device():
         entry = built(MODEL_RECIPES[name])
-        model, batch = entry["student"], entry["batch"]
-        with torch.no_grad():
-            predictions = model.eval()(batch["images"], image_sizes=batch.get("image_sizes"))
-        model.train()
-    assert entry["student_out"]["losses"] and on_device(entry["student_out"]["losses"])
-    assert on_device({name: value for name, value in predictions.items() if name != "losses"})
+        batch = entry["batch"]
+        targets = [batch["targets"][0], without_objects(batch["targets"][1])]
+        out = entry["student"](batch["images"], targets, batch.get("image_sizes"))
+    assert out["losses"] and on_device(out["losses"])
 
 
 @pytest.mark.parametrize("name", DISTILLATION_PRESETS)
