@@ -19,23 +19,28 @@ which stops a CUDA run at its first batch. The emulated device makes the CPU app
   (``torch.Generator(device)``, emulated here by a CPU generator that reports the device,
   :class:`DeviceGenerator`) and a CPU op a CPU one.
 
-Covered: ``prepare_batch`` of the seg (training with flip and photometric distortion, evaluation), det (with
-a resize, training and evaluation), cls, ins and depth data sets of the synthetic presets, compared with
-the CPU's values; the training forward (losses) and the inference forward (predictions) of each model of
-the synthetic presets plus one of each other head family (DeepLabV3, the ImageNet ResNet, the
-wide ResNet, Faster R-CNN and depth on MobileNetV2, FCOS on a ResNet); for every task x method pair the
-registry binds, the engine's step forward (``engine.forward_losses``: student, teacher, binding,
-distiller), the distiller's extra (adversary) losses and the backward of the total; GKD's prototype pass
-(``before_epoch``), SoKD's policy search step (``after_step``) and SKD's holistic term (the synthetic
-presets turn it off: it needs 64x64 maps) with both critics.
+Covered: ``prepare_batch`` of the seg (training with flips and photometric distortion, evaluation), det
+(with a resize on the device, training and evaluation), cls, ins and depth data sets of the synthetic
+presets, compared with the CPU's values; for each model of the synthetic presets and one of each other
+head or trunk family (DeepLabV3, the ImageNet ResNet, the wide ResNet, Faster R-CNN and depth on
+MobileNetV2, FCOS on a ResNet, the regression depth head): the training forward (target assignment and
+sampling included, and for detectors and instance models an image without objects) and the evaluation
+(``engine.evaluate``: device step, inference forward, metric updates); for every task x method pair the
+registry binds, at the synthetic presets' options: the teacher's forward (``engine.teacher_forward``, which
+scores a two-stage student's RoIs), the binding, the distiller and its extra (adversary) losses, GKD's
+prototype pass (``before_epoch``), SoKD's policy search step (``after_step``, whose objective is
+``engine.forward_losses``), and SKD's holistic term with both critics (the synthetic presets turn it off:
+it needs 64x64 maps).
 
 Not covered: the engine's own loop (optimizer steps, gradient clipping, the loss read-back, the
-GradScaler, DDP and SyncBatchNorm, channels-last), autocast (``--amp``; ``torch.autocast`` of the meta
-device is patched to the CPU's, which the code disables it on anyway), evaluation metrics (on the CPU by
-design), the data loader's worker half (CPU), and what happens only on real CUDA: kernels, streams,
-synchronisations and the values of the device's uint8 resize (emulated by the CPU's float resize, the
-code path a GPU takes). Models with a full-size backbone (R50/R101, ResNeXt) are not built: their modules
-are those of the R18 ones.
+GradScaler, DDP and SyncBatchNorm, channels-last); backward passes other than the gradients SoKD's search
+and SKD's gradient penalty take (autograd's formulas follow the devices of the forward, which is checked);
+autocast (``--amp``: ``torch.autocast`` of the meta device is patched to the CPU's, and the code only ever
+disables it there); the data loader's worker half (CPU by design); branches the synthetic data does not
+reach (e.g. a GKD class without prototypes, SoKD ops other than the sampled ones); and what only real
+CUDA shows: kernels, streams, synchronisations and the device's own resize values (the CPU's float resize
+stands in, on the code path a GPU takes). Models with a ResNet-50/101 or ResNeXt trunk are not built, to
+keep this module fast: their trunks are convolutions, BatchNorm and sums, as the R18's.
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
 
-from kd_ref import configs, engine, transforms
+from kd_ref import configs, engine
 from kd_ref.skd import DepthSKDDistiller, SKDDistiller
 
 DEVICE = torch.device("meta")
@@ -71,10 +76,11 @@ class EmulatedTensor(torch.Tensor):
     """A tensor on the emulated device: reports ``DEVICE``, holds its values in the CPU tensor ``held``."""
 
     @staticmethod
-    def __new__(cls, held: torch.Tensor, requires_grad: bool = False):
+    def __new__(cls, held: torch.Tensor):
+        # autograd tracks the wrapper (it sets requires_grad); the held tensor never has a graph
         tensor = torch.Tensor._make_wrapper_subclass(cls, held.shape, strides=held.stride(),
                                                      storage_offset=held.storage_offset(), dtype=held.dtype,
-                                                     layout=held.layout, device=DEVICE, requires_grad=requires_grad)
+                                                     layout=held.layout, device=DEVICE)
         tensor.held = held
         return tensor
 
@@ -88,6 +94,9 @@ class EmulatedTensor(torch.Tensor):
         return run_on_emulated_device(func, args, kwargs or {})
 
 
+REAL_GENERATOR, REAL_AUTOCAST = torch.Generator, torch.autocast
+
+
 class DeviceGenerator(torch.Generator):
     """A generator made for the emulated device: it draws as a CPU one and reports the device."""
 
@@ -99,9 +108,6 @@ class DeviceGenerator(torch.Generator):
 def device_generator(device=CPU) -> torch.Generator:
     """``torch.Generator(device)``, with a :class:`DeviceGenerator` for the emulated device."""
     return DeviceGenerator(CPU) if torch.device(device) == DEVICE else REAL_GENERATOR(device)
-
-
-REAL_GENERATOR, REAL_AUTOCAST = torch.Generator, torch.autocast
 
 
 def device_autocast(device_type: str, *args, **kwargs):
@@ -232,38 +238,6 @@ def preset(name: str, **changes) -> configs.Recipe:
     return dataclasses.replace(configs.PRESETS[name], **changes)
 
 
-# the training sizes of the synthetic presets, except det (96 of the 128-pixel scenes: the device resizes)
-DEVICE_STEP_RECIPES = {
-    "seg": preset("synthetic_seg_none", photometric_distortion=True),
-    "det": preset("synthetic_det_retinanet_none", image_scale=(96, 96)),
-    "cls": preset("synthetic_cls_none"),
-    "ins": preset("synthetic_ins_solo_none"),
-    "depth": preset("synthetic_depth_none"),
-}
-BATCH = 2
-
-
-def collated(recipe: configs.Recipe, split: str, count: int = BATCH) -> tuple:
-    """The data set of ``split`` and a collated batch of its first ``count`` samples (CPU, as a worker makes it)."""
-    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, split, None)
-    return dataset, collate([dataset.get(index, np.random.default_rng(index)) for index in range(count)])
-
-
-@pytest.mark.parametrize("split", ["train", "val"])
-@pytest.mark.parametrize("task", sorted(DEVICE_STEP_RECIPES))
-def test_device_step(task, split):
-    # four samples: seeds 0-3 flip some of them (seg, det, cls) and distort some (seg)
-    dataset, batch = collated(DEVICE_STEP_RECIPES[task], split, count=4)
-    expected = dataset.prepare_batch(batch)
-    with emulated_device():
-        prepared = dataset.prepare_batch(engine.move_to(batch, DEVICE))
-    assert on_device(prepared["images"])
-    # the device resizes in float, rounded: within one intensity level of the CPU's uint8 kernel
-    torch.testing.assert_close(held(prepared["images"]), expected["images"], atol=1.0, rtol=0)
-    torch.testing.assert_close(held(prepared["targets"]), expected["targets"])
-
-
-# -------------------------------------------------------------------------------- models, distillers
 # A few synthetic scenes (GKD's prototype pass reads every training box), det at 96 of the 128-pixel scenes
 # (a resize on the device, and still the 2x2 P6 map SoKD's 8 regions need) and 16 RoIs per image: the step's
 # cost is its fc RoI head on 128
@@ -276,6 +250,39 @@ def small(recipe: configs.Recipe, **changes) -> configs.Recipe:
     return dataclasses.replace(recipe, **SMALL_DATA, **TASK_SIZES.get(recipe.task, {}), **changes)
 
 
+DEVICE_STEP_RECIPES = {
+    "seg": small(preset("synthetic_seg_none", photometric_distortion=True)),
+    "det": small(preset("synthetic_det_retinanet_none")),
+    "cls": small(preset("synthetic_cls_none")),
+    "ins": small(preset("synthetic_ins_solo_none")),
+    "depth": small(preset("synthetic_depth_none")),
+}
+BATCH = 2
+
+
+def collated(recipe: configs.Recipe, split: str, count: int = BATCH) -> tuple:
+    """The data set of ``split`` and a collated batch of its first ``count`` samples, or all of a smaller set
+    (CPU, as a worker makes it)."""
+    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, split, None)
+    samples = range(min(count, len(dataset)))
+    return dataset, collate([dataset.get(index, np.random.default_rng(index)) for index in samples])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("task", sorted(DEVICE_STEP_RECIPES))
+def test_device_step(task, split):
+    # four training samples: seeds 0-3 flip two of them (seg, det, cls) and distort them (seg)
+    dataset, batch = collated(DEVICE_STEP_RECIPES[task], split, count=4)
+    expected = dataset.prepare_batch(batch)
+    with emulated_device():
+        prepared = dataset.prepare_batch(engine.move_to(batch, DEVICE))
+    assert on_device(prepared["images"])
+    # the device resizes in float, rounded: within one intensity level of the CPU's uint8 kernel
+    torch.testing.assert_close(held(prepared["images"]), expected["images"], atol=1.0, rtol=0)
+    torch.testing.assert_close(held(prepared["targets"]), expected["targets"])
+
+
+# -------------------------------------------------------------------------------- models, distillers
 SYNTHETIC = sorted(name for name in configs.PRESETS if name.startswith("synthetic_") and not name.endswith("_teacher"))
 # every model of the synthetic presets (their teachers are the same architectures) ...
 MODEL_RECIPES = {configs.PRESETS[name].student: small(configs.PRESETS[name])
