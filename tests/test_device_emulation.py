@@ -218,6 +218,8 @@ def test_the_emulated_device_refuses_what_cuda_refuses():
             torch.cat([images.flatten(), torch.zeros(1)])
         with pytest.raises(DeviceMismatch, match="CPU generator"):
             torch.randperm(4, generator=torch.Generator().manual_seed(0), device=images.device)
+        with pytest.raises(RuntimeError, match="numpy"):  # CUDA: can't convert cuda:0 device type tensor
+            images.numpy()
 
 
 def test_the_emulated_device_allows_what_cuda_allows():
@@ -226,10 +228,11 @@ def test_the_emulated_device_allows_what_cuda_allows():
         shifted = images - torch.tensor(1.0)                                 # a CPU scalar
         picked = images[torch.tensor([1, 0])]                                # CPU indices
         images[0, 0] = torch.ones(4, 4)                                      # a copy from the CPU
-        zeros = torch.zeros(3, device=images.device)
+        made = [torch.zeros(3, device=images.device), torch.tensor([1.0], device=images.device),
+                torch.as_tensor([1.0], device=images.device), images.new_tensor([1.0])]
         order = torch.randperm(4, generator=torch.Generator(images.device).manual_seed(0), device=images.device)
-        assert all(map(on_device, (shifted, picked, zeros, order)))
-        assert images.held[0, 0].eq(1).all() and images.cpu().device == CPU
+        assert all(map(on_device, (shifted, picked, *made, order)))
+        assert images.held[0, 0].eq(1).all() and images.cpu().device == CPU and images.tolist()[0][0][0] == [1.0] * 4
         assert (images > 2).nonzero().numel() == 0 and isinstance(images.sum().item(), float)
 
 
