@@ -241,9 +241,9 @@ def preset(name: str, **changes) -> configs.Recipe:
     return dataclasses.replace(configs.PRESETS[name], **changes)
 
 
-# A few synthetic scenes (GKD's prototype pass reads every training box), det at 96 of the 128-pixel scenes
-# (a resize on the device, and still the 2x2 P6 map SoKD's 8 regions need) and 16 RoIs per image: the step's
-# cost is its fc RoI head on 128
+# A few synthetic scenes (GKD's prototype pass reads every training box; evaluation, every validation one),
+# det at 96 of the 128-pixel scenes (a resize on the device, and still the 2x2 P6 map SoKD's 8 regions need)
+# and 16 RoIs per image (the presets' 128 make the fc RoI head most of a two-stage step)
 SMALL_DATA = {"synthetic_train": 8, "synthetic_val": 2}
 TASK_SIZES = {"det": {"image_scale": (96, 96), "rcnn_rois_per_image": 16},
               "ins": {"rcnn_rois_per_image": 16}}
@@ -286,6 +286,7 @@ def test_device_step(task, split):
 
 
 # -------------------------------------------------------------------------------- models, distillers
+MAX_DETECTIONS = 10  # per image in evaluation (the models' 100): Mask R-CNN's mask head runs once per detection
 SYNTHETIC = sorted(name for name in configs.PRESETS if name.startswith("synthetic_") and not name.endswith("_teacher"))
 # every model of the synthetic presets (their teachers are the same architectures) ...
 MODEL_RECIPES = {configs.PRESETS[name].student: small(configs.PRESETS[name])
@@ -322,6 +323,9 @@ def built():
             dataset, batch = collated(recipe, "train")
             batch = dataset.prepare_batch(engine.move_to(batch, DEVICE))
             student = task.build_model(recipe, recipe.student).to(DEVICE).train()
+            for module in student.modules():
+                if hasattr(module, "max_dets"):
+                    module.max_dets = MAX_DETECTIONS
             student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
             cache[key] = {"student": student, "batch": batch, "student_out": student_out}
         entry = cache[key]
