@@ -372,8 +372,8 @@ def test_training_forward_on_an_image_without_objects(name, built):
 @pytest.mark.parametrize("name", DISTILLATION_PRESETS)
 def test_distiller_forward(name, built):
     """The step's distillation (what ``engine.forward_losses`` adds to the task losses: the teacher's forward,
-    the binding, the distiller) and the distiller's extra losses; GKD's prototype pass and SoKD's policy
-    search step, the engine's hooks of those two."""
+    the binding, the distiller); GKD's prototype pass and SoKD's policy search step, the engine's hooks of
+    those two. No synthetic preset has an adversary (SKD's holistic term: :func:`test_skd_holistic_terms`)."""
     options = {"pgm_max_images": 2} if configs.PRESETS[name].method == "gkd" else {}
     recipe = small(configs.PRESETS[name], method_options={**configs.PRESETS[name].method_options, **options})
     method = configs.METHODS[recipe.method]
@@ -390,8 +390,6 @@ def test_distiller_forward(name, built):
         bound = bind(entry["student_out"], entry["teacher_out"], batch)
         losses = distiller(**bound)
         assert losses and on_device(losses)
-        if list(getattr(distiller, "extra_parameters", list)()) and hasattr(distiller, "extra_losses"):
-            assert on_device(distiller.extra_losses(**bound))
         if hasattr(distiller, "after_step"):
             objective = engine.search_objective(student, teacher, distiller, bind, entry["teacher_out"],
                                                 recipe.task_loss_weight)
