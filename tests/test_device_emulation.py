@@ -27,10 +27,10 @@ MobileNetV2, FCOS on a ResNet, the regression depth head): the training forward 
 sampling included, and for detectors and instance models an image without objects) and the evaluation
 (``engine.evaluate``: device step, inference forward, metric updates); for every task x method pair the
 registry binds, at the synthetic presets' options: the teacher's forward (``engine.teacher_forward``, which
-scores a two-stage student's RoIs), the binding, the distiller and its extra (adversary) losses, GKD's
-prototype pass (``before_epoch``), SoKD's policy search step (``after_step``, whose objective is
-``engine.forward_losses``), and SKD's holistic term with both critics (the synthetic presets turn it off:
-it needs 64x64 maps).
+scores a two-stage student's RoIs), the binding, the distiller, GKD's prototype pass (``before_epoch``)
+and SoKD's policy search step (``after_step``, whose objective is ``engine.forward_losses``); and SKD's
+holistic term with its critic's losses (the adversary's), under both presets (the synthetic presets turn
+it off: it needs 64x64 maps).
 
 Not covered: the engine's own loop (optimizer steps, gradient clipping, the loss read-back, the
 GradScaler, DDP and SyncBatchNorm, channels-last); backward passes other than the gradients SoKD's search
