@@ -198,6 +198,16 @@ def emulated_device():
         torch.__future__.set_swap_module_params_on_conversion(swapping)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny and the operations many: one thread runs them about as fast as two, and
+    never waits on a second one descheduled on a busy machine (several times slower there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def on_device(value) -> bool:
     """Every tensor in ``value`` (nested) is on the emulated device."""
     tensors = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
