@@ -19,23 +19,28 @@ which stops a CUDA run at its first batch. The emulated device makes the CPU app
   (``torch.Generator(device)``, emulated here by a CPU generator that reports the device,
   :class:`DeviceGenerator`) and a CPU op a CPU one.
 
-Covered: ``prepare_batch`` of the seg (training with flip and photometric distortion, evaluation), det (with
-a resize, training and evaluation), cls, ins and depth data sets of the synthetic presets, compared with
-the CPU's values; the training forward (losses) and the inference forward (predictions) of each model of
-the synthetic presets plus one of each other head family (DeepLabV3, the ImageNet ResNet, the
-wide ResNet, Faster R-CNN and depth on MobileNetV2, FCOS on a ResNet); for every task x method pair the
-registry binds, the engine's step forward (``engine.forward_losses``: student, teacher, binding,
-distiller), the distiller's extra (adversary) losses and the backward of the total; GKD's prototype pass
-(``before_epoch``), SoKD's policy search step (``after_step``) and SKD's holistic term (the synthetic
-presets turn it off: it needs 64x64 maps) with both critics.
+Covered: ``prepare_batch`` of the seg (training with flips and photometric distortion, evaluation), det
+(with a resize on the device, training and evaluation), cls, ins and depth data sets of the synthetic
+presets, compared with the CPU's values; for each model of the synthetic presets and one of each other
+head or trunk family (DeepLabV3, the ImageNet ResNet, the wide ResNet, Faster R-CNN and depth on
+MobileNetV2, FCOS on a ResNet, the regression depth head): the training forward (target assignment and
+sampling included, and for detectors and instance models an image without objects) and the evaluation
+(``engine.evaluate``: device step, inference forward, metric updates); for every task x method pair the
+registry binds, at the synthetic presets' options: the teacher's forward (``engine.teacher_forward``, which
+scores a two-stage student's RoIs), the binding, the distiller, GKD's prototype pass (``before_epoch``)
+and SoKD's policy search step (``after_step``, whose objective is ``engine.forward_losses``); and SKD's
+holistic term with its critic's losses (the adversary's), under both presets (the synthetic presets turn
+it off: it needs 64x64 maps).
 
 Not covered: the engine's own loop (optimizer steps, gradient clipping, the loss read-back, the
-GradScaler, DDP and SyncBatchNorm, channels-last), autocast (``--amp``; ``torch.autocast`` of the meta
-device is patched to the CPU's, which the code disables it on anyway), evaluation metrics (on the CPU by
-design), the data loader's worker half (CPU), and what happens only on real CUDA: kernels, streams,
-synchronisations and the values of the device's uint8 resize (emulated by the CPU's float resize, the
-code path a GPU takes). Models with a full-size backbone (R50/R101, ResNeXt) are not built: their modules
-are those of the R18 ones.
+GradScaler, DDP and SyncBatchNorm, channels-last); backward passes other than the gradients SoKD's search
+and SKD's gradient penalty take (autograd's formulas follow the devices of the forward, which is checked);
+autocast (``--amp``: ``torch.autocast`` of the meta device is patched to the CPU's, and the code only ever
+disables it there); the data loader's worker half (CPU by design); branches the synthetic data does not
+reach (e.g. a GKD class without prototypes, SoKD ops other than the sampled ones); and what only real
+CUDA shows: kernels, streams, synchronisations and the device's own resize values (the CPU's float resize
+stands in, on the code path a GPU takes). Models with a ResNet-50/101 or ResNeXt trunk are not built, to
+keep this module fast: their trunks are convolutions, BatchNorm and sums, as the R18's.
 """
 from __future__ import annotations
 
@@ -49,7 +54,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
 
-from kd_ref import configs, engine, transforms
+from kd_ref import configs, engine
 from kd_ref.skd import DepthSKDDistiller, SKDDistiller
 
 DEVICE = torch.device("meta")
@@ -71,10 +76,11 @@ class EmulatedTensor(torch.Tensor):
     """A tensor on the emulated device: reports ``DEVICE``, holds its values in the CPU tensor ``held``."""
 
     @staticmethod
-    def __new__(cls, held: torch.Tensor, requires_grad: bool = False):
+    def __new__(cls, held: torch.Tensor):
+        # autograd tracks the wrapper (it sets requires_grad); the held tensor never has a graph
         tensor = torch.Tensor._make_wrapper_subclass(cls, held.shape, strides=held.stride(),
                                                      storage_offset=held.storage_offset(), dtype=held.dtype,
-                                                     layout=held.layout, device=DEVICE, requires_grad=requires_grad)
+                                                     layout=held.layout, device=DEVICE)
         tensor.held = held
         return tensor
 
@@ -88,6 +94,9 @@ class EmulatedTensor(torch.Tensor):
         return run_on_emulated_device(func, args, kwargs or {})
 
 
+REAL_GENERATOR, REAL_AUTOCAST = torch.Generator, torch.autocast
+
+
 class DeviceGenerator(torch.Generator):
     """A generator made for the emulated device: it draws as a CPU one and reports the device."""
 
@@ -99,9 +108,6 @@ class DeviceGenerator(torch.Generator):
 def device_generator(device=CPU) -> torch.Generator:
     """``torch.Generator(device)``, with a :class:`DeviceGenerator` for the emulated device."""
     return DeviceGenerator(CPU) if torch.device(device) == DEVICE else REAL_GENERATOR(device)
-
-
-REAL_GENERATOR, REAL_AUTOCAST = torch.Generator, torch.autocast
 
 
 def device_autocast(device_type: str, *args, **kwargs):
@@ -192,6 +198,16 @@ def emulated_device():
         torch.__future__.set_swap_module_params_on_conversion(swapping)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny and the operations many: one thread runs them about as fast as two, and
+    never waits on a second one descheduled on a busy machine (several times slower there)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def on_device(value) -> bool:
     """Every tensor in ``value`` (nested) is on the emulated device."""
     tensors = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
@@ -212,6 +228,8 @@ def test_the_emulated_device_refuses_what_cuda_refuses():
             torch.cat([images.flatten(), torch.zeros(1)])
         with pytest.raises(DeviceMismatch, match="CPU generator"):
             torch.randperm(4, generator=torch.Generator().manual_seed(0), device=images.device)
+        with pytest.raises(RuntimeError, match="numpy"):  # CUDA: can't convert cuda:0 device type tensor
+            images.numpy()
 
 
 def test_the_emulated_device_allows_what_cuda_allows():
@@ -220,10 +238,11 @@ def test_the_emulated_device_allows_what_cuda_allows():
         shifted = images - torch.tensor(1.0)                                 # a CPU scalar
         picked = images[torch.tensor([1, 0])]                                # CPU indices
         images[0, 0] = torch.ones(4, 4)                                      # a copy from the CPU
-        zeros = torch.zeros(3, device=images.device)
+        made = [torch.zeros(3, device=images.device), torch.tensor([1.0], device=images.device),
+                torch.as_tensor([1.0], device=images.device), images.new_tensor([1.0])]
         order = torch.randperm(4, generator=torch.Generator(images.device).manual_seed(0), device=images.device)
-        assert all(map(on_device, (shifted, picked, zeros, order)))
-        assert images.held[0, 0].eq(1).all() and images.cpu().device == CPU
+        assert all(map(on_device, (shifted, picked, *made, order)))
+        assert images.held[0, 0].eq(1).all() and images.cpu().device == CPU and images.tolist()[0][0][0] == [1.0] * 4
         assert (images > 2).nonzero().numel() == 0 and isinstance(images.sum().item(), float)
 
 
@@ -232,27 +251,40 @@ def preset(name: str, **changes) -> configs.Recipe:
     return dataclasses.replace(configs.PRESETS[name], **changes)
 
 
-# the training sizes of the synthetic presets, except det (96 of the 128-pixel scenes: the device resizes)
+# A few synthetic scenes (GKD's prototype pass reads every training box; evaluation, every validation one),
+# det at 96 of the 128-pixel scenes (a resize on the device, and still the 2x2 P6 map SoKD's 8 regions need)
+# and 16 RoIs per image (the presets' 128 make the fc RoI head most of a two-stage step)
+SMALL_DATA = {"synthetic_train": 8, "synthetic_val": 2}
+TASK_SIZES = {"det": {"image_scale": (96, 96), "rcnn_rois_per_image": 16},
+              "ins": {"rcnn_rois_per_image": 16}}
+
+
+def small(recipe: configs.Recipe, **changes) -> configs.Recipe:
+    return dataclasses.replace(recipe, **SMALL_DATA, **TASK_SIZES.get(recipe.task, {}), **changes)
+
+
 DEVICE_STEP_RECIPES = {
-    "seg": preset("synthetic_seg_none", photometric_distortion=True),
-    "det": preset("synthetic_det_retinanet_none", image_scale=(96, 96)),
-    "cls": preset("synthetic_cls_none"),
-    "ins": preset("synthetic_ins_solo_none"),
-    "depth": preset("synthetic_depth_none"),
+    "seg": small(preset("synthetic_seg_none", photometric_distortion=True)),
+    "det": small(preset("synthetic_det_retinanet_none")),
+    "cls": small(preset("synthetic_cls_none")),
+    "ins": small(preset("synthetic_ins_solo_none")),
+    "depth": small(preset("synthetic_depth_none")),
 }
 BATCH = 2
 
 
 def collated(recipe: configs.Recipe, split: str, count: int = BATCH) -> tuple:
-    """The data set of ``split`` and a collated batch of its first ``count`` samples (CPU, as a worker makes it)."""
+    """The data set of ``split`` and a collated batch of its first ``count`` samples, or all of a smaller set
+    (CPU, as a worker makes it)."""
     dataset, collate = configs.TASKS[recipe.task].build_data(recipe, split, None)
-    return dataset, collate([dataset.get(index, np.random.default_rng(index)) for index in range(count)])
+    samples = range(min(count, len(dataset)))
+    return dataset, collate([dataset.get(index, np.random.default_rng(index)) for index in samples])
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
 @pytest.mark.parametrize("task", sorted(DEVICE_STEP_RECIPES))
 def test_device_step(task, split):
-    # four samples: seeds 0-3 flip some of them (seg, det, cls) and distort some (seg)
+    # four training samples: seeds 0-3 flip two of them (seg, det, cls) and distort them (seg)
     dataset, batch = collated(DEVICE_STEP_RECIPES[task], split, count=4)
     expected = dataset.prepare_batch(batch)
     with emulated_device():
@@ -264,18 +296,7 @@ def test_device_step(task, split):
 
 
 # -------------------------------------------------------------------------------- models, distillers
-# A few synthetic scenes (GKD's prototype pass reads every training box), det at 96 of the 128-pixel scenes
-# (a resize on the device, and still the 2x2 P6 map SoKD's 8 regions need) and 16 RoIs per image: the step's
-# cost is its fc RoI head on 128
-SMALL_DATA = {"synthetic_train": 8, "synthetic_val": 4}
-TASK_SIZES = {"det": {"image_scale": (96, 96), "rcnn_rois_per_image": 16},
-              "ins": {"rcnn_rois_per_image": 16}}
-
-
-def small(recipe: configs.Recipe, **changes) -> configs.Recipe:
-    return dataclasses.replace(recipe, **SMALL_DATA, **TASK_SIZES.get(recipe.task, {}), **changes)
-
-
+MAX_DETECTIONS = 10  # per image in evaluation (the models' 100): Mask R-CNN's mask head runs once per detection
 SYNTHETIC = sorted(name for name in configs.PRESETS if name.startswith("synthetic_") and not name.endswith("_teacher"))
 # every model of the synthetic presets (their teachers are the same architectures) ...
 MODEL_RECIPES = {configs.PRESETS[name].student: small(configs.PRESETS[name])
@@ -312,6 +333,9 @@ def built():
             dataset, batch = collated(recipe, "train")
             batch = dataset.prepare_batch(engine.move_to(batch, DEVICE))
             student = task.build_model(recipe, recipe.student).to(DEVICE).train()
+            for module in student.modules():
+                if hasattr(module, "max_dets"):
+                    module.max_dets = MAX_DETECTIONS
             student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
             cache[key] = {"student": student, "batch": batch, "student_out": student_out}
         entry = cache[key]
@@ -324,22 +348,42 @@ def built():
 
 @pytest.mark.parametrize("name", sorted(MODEL_RECIPES))
 def test_model_forward(name, built):
-    """The training forward (task losses) and the inference forward (predictions) on the device."""
+    """The training forward (task losses) and the evaluation (``engine.evaluate``: the evaluation split's
+    device step, the inference forward, the task's metric updates) on the device."""
+    recipe = MODEL_RECIPES[name]
+    task = configs.TASKS[recipe.task]
+    with emulated_device():
+        entry = built(recipe)
+        val_set, collate = task.build_data(recipe, "val", None)
+        metrics = engine.evaluate(task, entry["student"], val_set, collate, engine.Runtime(DEVICE), recipe,
+                                  workers=0, quiet=True)
+        entry["student"].train()
+    assert entry["student_out"]["losses"] and on_device(entry["student_out"]["losses"])
+    assert task.main_metric in metrics
+
+
+def without_objects(target: dict) -> dict:
+    """A detection or instance target with no object (an image of background only)."""
+    return {**target, **{key: target[key][:0] for key in ("boxes", "labels", "difficult", "masks") if key in target}}
+
+
+@pytest.mark.parametrize("name", [name for name, recipe in MODEL_RECIPES.items() if recipe.task in ("det", "ins")
+                                  and name in {configs.PRESETS[preset].student for preset in SYNTHETIC}])
+def test_training_forward_on_an_image_without_objects(name, built):
+    """Target assignment's branch for an image without ground truth, which the scenes never draw."""
     with emulated_device():
         entry = built(MODEL_RECIPES[name])
-        model, batch = entry["student"], entry["batch"]
-        with torch.no_grad():
-            predictions = model.eval()(batch["images"], image_sizes=batch.get("image_sizes"))
-        model.train()
-    assert entry["student_out"]["losses"] and on_device(entry["student_out"]["losses"])
-    assert on_device({name: value for name, value in predictions.items() if name != "losses"})
+        batch = entry["batch"]
+        targets = [batch["targets"][0], without_objects(batch["targets"][1])]
+        out = entry["student"](batch["images"], targets, batch.get("image_sizes"))
+    assert out["losses"] and on_device(out["losses"])
 
 
 @pytest.mark.parametrize("name", DISTILLATION_PRESETS)
 def test_distiller_forward(name, built):
     """The step's distillation (what ``engine.forward_losses`` adds to the task losses: the teacher's forward,
-    the binding, the distiller) and the distiller's extra losses; GKD's prototype pass and SoKD's policy
-    search step, the engine's hooks of those two."""
+    the binding, the distiller); GKD's prototype pass and SoKD's policy search step, the engine's hooks of
+    those two. No synthetic preset has an adversary (SKD's holistic term: :func:`test_skd_holistic_terms`)."""
     options = {"pgm_max_images": 2} if configs.PRESETS[name].method == "gkd" else {}
     recipe = small(configs.PRESETS[name], method_options={**configs.PRESETS[name].method_options, **options})
     method = configs.METHODS[recipe.method]
@@ -356,8 +400,6 @@ def test_distiller_forward(name, built):
         bound = bind(entry["student_out"], entry["teacher_out"], batch)
         losses = distiller(**bound)
         assert losses and on_device(losses)
-        if list(getattr(distiller, "extra_parameters", list)()) and hasattr(distiller, "extra_losses"):
-            assert on_device(distiller.extra_losses(**bound))
         if hasattr(distiller, "after_step"):
             objective = engine.search_objective(student, teacher, distiller, bind, entry["teacher_out"],
                                                 recipe.task_loss_weight)
