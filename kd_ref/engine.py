@@ -107,7 +107,7 @@ from tqdm import tqdm
 from kd_ref import configs, convert
 from kd_ref.backbones import read_torch_file
 from kd_ref.metrics import all_reduce_sum
-from kd_ref.precision import AUTOCAST_DTYPES, resolve_precision, tree_at_least_float32
+from kd_ref.precision import PRECISION_DTYPES, resolve_precision, tree_at_least_float32
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -116,7 +116,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    precision: str = "fp32"  # one of precision.PRECISIONS, chosen by resolve_precision from --amp
+    precision: str = "fp32"  # a key of precision.PRECISION_DTYPES, chosen by resolve_precision from --amp
 
     @property
     def is_main(self) -> bool:
@@ -131,8 +131,7 @@ class Runtime:
         return self.precision == "fp16"
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision, torch.bfloat16),
-                              enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=PRECISION_DTYPES[self.precision], enabled=self.amp)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A GradScaler, enabled under fp16 only (a disabled one passes every call through)."""
