@@ -76,10 +76,10 @@ same decision from the norm). Only the first iteration reads more: the teacher's
 (:func:`check_teacher_outputs`); evaluations and checkpoints read what they need when they are due.
 
 Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
-scaler, the precision it ran in, the iteration, the recipe and all RNG states. A run resumed in another
-precision continues and says so in one line (:func:`precision_change_note`). They are written to a temporary file and renamed,
-so a crash never leaves a half-written ``last.pt`` and the previous checkpoint survives until the new
-one is complete.
+scaler, the precision it ran in, the iteration, the recipe and all RNG states. They are written to a
+temporary file and renamed, so a crash never leaves a half-written ``last.pt`` and the previous checkpoint
+survives until the new one is complete. A run resumed in another precision continues and says so in one
+line (:func:`precision_change_note`).
 """
 from __future__ import annotations
 
