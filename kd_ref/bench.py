@@ -1334,8 +1334,11 @@ def main(argv=None) -> None:
     elif args.command == "cost":
         flags = {"student": args.student, "teacher": args.teacher, "batch_size": args.batch_size}
         overrides = {**{k: v for k, v in flags.items() if v is not None}, **configs.parse_overrides(args.overrides)}
-        cost(args.tasks, args.methods, overrides, tuple(args.size) if args.size else None, args.device, args.amp,
-             args.warmup, args.rounds)
+        try:
+            cost(args.tasks, args.methods, overrides, tuple(args.size) if args.size else None, args.device, args.amp,
+                 args.warmup, args.rounds)
+        except ValueError as err:  # e.g. --amp bf16 on a card without native bf16, --device cuda without one
+            parser.error(str(err))
     elif args.command == "constant-depth":
         try:
             constant_depth(args.preset)

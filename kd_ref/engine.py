@@ -81,10 +81,10 @@ checkpoints read what they need when they are due. The methods' own reads per st
 ``python -m kd_ref.syncs``.
 
 Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
-scaler, the precision it ran in, the iteration, the recipe and all RNG states. A run resumed in another
-precision continues and says so in one line (:func:`precision_change_note`). They are written to a temporary file and renamed,
-so a crash never leaves a half-written ``last.pt`` and the previous checkpoint survives until the new
-one is complete.
+scaler, the precision it ran in, the iteration, the recipe and all RNG states. They are written to a
+temporary file and renamed, so a crash never leaves a half-written ``last.pt`` and the previous checkpoint
+survives until the new one is complete. A run resumed in another precision continues and says so in one
+line (:func:`precision_change_note`).
 """
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ from tqdm import tqdm
 from kd_ref import configs, convert
 from kd_ref.backbones import read_torch_file
 from kd_ref.metrics import all_reduce_sum
-from kd_ref.precision import AUTOCAST_DTYPES, resolve_precision, tree_at_least_float32
+from kd_ref.precision import PRECISION_DTYPES, resolve_precision, tree_at_least_float32
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -121,7 +121,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    precision: str = "fp32"  # one of precision.PRECISIONS, chosen by resolve_precision from --amp
+    precision: str = "fp32"  # a key of precision.PRECISION_DTYPES, chosen by resolve_precision from --amp
 
     @property
     def is_main(self) -> bool:
@@ -136,8 +136,7 @@ class Runtime:
         return self.precision == "fp16"
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision, torch.bfloat16),
-                              enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=PRECISION_DTYPES[self.precision], enabled=self.amp)
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A GradScaler, enabled under fp16 only (a disabled one passes every call through)."""

@@ -31,10 +31,10 @@ def tree_at_least_float32(value):
 
 
 # ------------------------------------------------------------------------------ training precision
-# "fp32": no autocast; "bf16": bfloat16 autocast (float32's exponent range, so no loss scaling);
-# "fp16": float16 autocast with a GradScaler, which keeps small gradients above fp16's underflow
-PRECISIONS = ("fp32", "bf16", "fp16")
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The training precisions and their compute dtypes. "fp32": no autocast; "bf16": bfloat16 autocast (float32's
+# exponent range, so no loss scaling); "fp16": float16 autocast with a GradScaler, which keeps small gradients
+# above fp16's underflow
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(requested: str | None, device_type: str, native_cuda_bf16: bool = False) -> str:
