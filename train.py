@@ -2,7 +2,7 @@
 
     python train.py --task seg --method gdd                      # synthetic demo: teacher, then student
     python train.py --preset dist_deeplabv3_r18_cityscapes --data-root DIR --teacher-ckpt T.pt
-    torchrun --nproc_per_node=8 train.py --preset ... --amp
+    torchrun --nproc_per_node=G train.py --preset ...           # G: the row's gpus (--print-recipe); --amp optional
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 train.py --preset ...
         (every node: the same command, and --out and the teacher file on storage all nodes share)
     python train.py --list-presets

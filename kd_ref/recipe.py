@@ -279,10 +279,12 @@ PER_PROCESS_TERMS = {
         "retinanet": "RetinaNet's focal and box losses (divided by the positive anchors of the process's images, "
                      "as mmdet 2.x)",
         "solo": "SOLO's mask and category losses (divided by the positives of the process's images, as mmdet 2.x)",
+        "maskrcnn": "Mask R-CNN's mask loss (a mean over the process's positive RoIs, as mmdet 2.x)",
+        "depth": "VNL's virtual-normal term (the easiest quarter of the triplets pooled over the process's images "
+                 "is dropped)",
     },
-    "task": {
-        "cls": "BatchNorm batch statistics (per process in the classification references)",
-    },
+    # sync_bn False: the student's BatchNorm normalises each process's batch (classification and depth references)
+    "batchnorm": "the student's BatchNorm batch statistics (sync_bn False: per process, as in the reference)",
 }
 
 
@@ -296,8 +298,8 @@ def per_process_terms(recipe: Recipe) -> list:
     if recipe.method == "dist":
         terms.append(PER_PROCESS_TERMS["method"]["dist"])
     terms += [text for family, text in PER_PROCESS_TERMS["student"].items() if recipe.student.startswith(family)]
-    if recipe.task in PER_PROCESS_TERMS["task"]:
-        terms.append(PER_PROCESS_TERMS["task"][recipe.task])
+    if not recipe.sync_bn:
+        terms.append(PER_PROCESS_TERMS["batchnorm"])
     return terms
 
 

@@ -572,6 +572,10 @@ def test_a_process_count_other_than_the_references_names_the_per_process_terms_i
     assert "DIST's intra-class relation" in cifar and "BatchNorm" in cifar
     assert "RetinaNet's focal" in process_count_note(presets.PRESETS["retinanet_r50_fpn_2x_coco"], 4)
     assert "SOLO's mask" in process_count_note(presets.PRESETS["gdd_solo_r50_fpn_1x_coco"], 16)
+    assert "Mask R-CNN's mask loss" in process_count_note(presets.PRESETS["maskrcnn_r50_fpn_2x_coco"], 4)
+    depth = process_count_note(presets.PRESETS["skd_depth_mv2_nyu"], 2)
+    assert "virtual-normal" in depth and "BatchNorm" in depth
+    assert "BatchNorm" not in process_count_note(presets.PRESETS["gdd_pspnet_r18_cityscapes"], 4)
     assert process_count_note(presets.PRESETS["synthetic_seg_skd"], 4) is None  # no reference launch
 
 
