@@ -64,7 +64,7 @@ def add_amp_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", nargs="?", const="auto", default=None, choices=("auto", "bf16", "fp16"),
                         help="mixed precision (default: off, float32 as the references train). A bare --amp "
                              "(= auto) picks bf16 autocast where the device computes bf16 natively (CPU; CUDA "
-                             "cards with torch.cuda.is_bf16_supported(), Ampere and later), else fp16 autocast "
+                             "cards with native bf16, compute capability 8.0 and later), else fp16 autocast "
                              "with a GradScaler; --amp bf16 or --amp fp16 forces one (bf16 is refused on a "
                              "CUDA card without native bf16)")
 

@@ -157,7 +157,7 @@ def check_recipe(recipe: Recipe) -> None:
         check(recipe)
 
 
-# ------------------------------------------------------------------- classification and SoKD (issue 6)
+# ------------------------------------------------------------------- classification and SoKD
 TASKS["cls"] = tasks.ClsTask()
 
 
@@ -240,10 +240,10 @@ def _build_sokd(recipe, student, teacher):
 
 METHODS["sokd"] = Method(_build_sokd, {"cls": _outputs_and_batch}, check=_check_sokd)
 
-# ------------------------------------------------------------------------------------ detection (issue 4)
+# ------------------------------------------------------------------------------------ detection
 TASKS["det"] = tasks.DetTask()
 
-# ------------------------------------------------------------------------------------------ GKD (issue 5)
+# ------------------------------------------------------------------------------------------ GKD
 # GKD (gkd.md §4): all five FPN outputs of each detector, Faster R-CNN P2-P6 (fg/bg averaged over levels) and
 # RetinaNet P3-P7 (summed). Instances: the student's positive training samples with their GT class.
 GKD_TWO_STAGE_LEVELS = ["p2", "p3", "p4", "p5", "p6"]
@@ -316,11 +316,11 @@ def _gkd_det(student_out, teacher_out, batch):
 
 METHODS["gkd"] = Method(_build_gkd, {"det": _gkd_det}, check=_check_gkd)
 
-# ------------------------------------------------------------------------------ SoKD on detection (issue 6)
+# ------------------------------------------------------------------------------ SoKD on detection
 # sokd.md §5: the plug-in reads the whole outputs (its tap, the base's inputs) and the batch (the boxes)
 METHODS["sokd"].bind["det"] = _outputs_and_batch
 
-# --------------------------------------------------------------------- instance segmentation (issue 16)
+# --------------------------------------------------------------------- instance segmentation
 # instance_seg.md: SOLO (v1) and Mask R-CNN, COCO mask AP. GDD taps P2-P5 (before SOLO's resize of P2; the
 # max-pooled P6 is not distilled). DIST and SKD are not bound: neither paper nor its code distils an
 # instance segmenter (DIST's dense form is for semantic maps and detector class scores, SKD's for semantic
@@ -329,7 +329,7 @@ TASKS["ins"] = tasks.InsTask()
 GDD_INS_LEVELS = ["p2", "p3", "p4", "p5"]
 METHODS["gdd"].bind["ins"] = _gdd_feats(GDD_INS_LEVELS)
 
-# ------------------------------------------------------------------------------ depth and FCOS (issue 17)
+# ------------------------------------------------------------------------------ depth and FCOS
 # SKD's other two dense tasks (depth_fcos.md): monocular depth (VNL-style bins, NYUDv2) and FCOS detection,
 # with MobileNetV2 students. The SKD weights of both are ours ([ours] in kd_ref/skd.py); the paper rows are
 # FCOS-MV2-C128 30.9 -> 34.0 COCO AP and VNL rel 0.135 -> 0.130 on NYUDv2 (irfanICMLL/

@@ -1008,7 +1008,7 @@ EXPORTERS = {"cityscapes": _export_cityscapes, "voc": _export_voc, "coco": _expo
              "cifar100": _export_cifar100, "imagefolder": _export_imagefolder}
 
 
-# ------------------------------------------------------------------------------------ depth (issue 17)
+# ------------------------------------------------------------------------------------ depth
 # Base depth samples: ``image`` uint8 HxWx3, ``depth`` float32 HxW metres (0 = invalid), ``name``.
 # DepthSet batches: {"images": (B,3,Hp,Wp) zero-padded to a multiple of 32, "image_sizes": [(h, w)],
 #                    "targets": float32 (B,Hp,Wp) metres, 0 = invalid (also the padding), "names": [str]}
@@ -1379,7 +1379,7 @@ def main(argv=None) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------- instance segmentation (issue 16)
+# ---------------------------------------------------------------------- instance segmentation
 MIN_INSTANCE_AREA = 16  # pixels: smaller visible fragments of a synthetic object are no instance
 
 

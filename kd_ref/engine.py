@@ -187,19 +187,18 @@ def decided_by_main(runtime: Runtime, decide):
     return choice[0]
 
 
-def check_on_every_rank(runtime: Runtime, check) -> None:
-    """``check()`` (which raises ValueError or FileNotFoundError on a bad input) on every rank; under DDP every
-    rank raises if it failed on any, naming that rank: a rank that stopped alone would leave the others waiting
-    in their next collective."""
+def check_on_every_rank(runtime: Runtime, check, hint: str = SHARED_FILES_HINT) -> None:
+    """``check()`` (which raises on a bad input, e.g. ValueError or FileNotFoundError) on every rank; under DDP
+    every rank raises if it failed on any, naming that rank and ``hint`` when some ranks passed: a rank that
+    stopped alone would leave the others waiting in their next collective."""
+    if runtime.world_size == 1:
+        check()
+        return
     try:
         check()
         failure = None
-    except (ValueError, FileNotFoundError) as error:
-        if runtime.world_size == 1:
-            raise
+    except Exception as error:  # whatever stops one rank must stop all of them
         failure = (type(error) is FileNotFoundError, str(error))
-    if runtime.world_size == 1:
-        return
     failures = [None] * runtime.world_size
     dist.all_gather_object(failures, failure)
     failed = [(rank, found) for rank, found in enumerate(failures) if found is not None]
@@ -209,7 +208,7 @@ def check_on_every_rank(runtime: Runtime, check) -> None:
     error = FileNotFoundError if missing else ValueError
     if len(failed) == runtime.world_size and all(found == failed[0][1] for _, found in failed):
         raise error(message)  # the same on every rank: a plain bad input
-    raise error(f"rank {rank}: {message}; other ranks passed this check: {SHARED_FILES_HINT}")
+    raise error(f"rank {rank}: {message}; {len(failed)} of {runtime.world_size} ranks failed this check: {hint}")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -829,8 +828,8 @@ def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool
     ``explicit_fields``: the recipe fields the command line set (see :meth:`TrainingRun.__init__`)."""
     run = TrainingRun(recipe, out_dir, runtime, resume, teacher_ckpt, workers, data_root, quiet, explicit_fields)
     run.restore()
+    run.check_teacher()  # before start(): a refused teacher leaves the output folder as it was
     run.start()
-    run.check_teacher()
     with PreemptionGuard() as guard:
         while run.iteration < run.recipe.iters:
             run.begin_epoch()
@@ -1013,8 +1012,9 @@ class TrainingRun:
         before anything long runs: the first epoch hook (GKD's prototype pass over the training set) would
         otherwise go through a diverged teacher before the run names it. The batch is read here on its own
         (every augmentation draw comes from its sample's generator, and the device step draws nothing, so the
-        loop then reads the same batch). A two-stage teacher scores its own proposals here: the student's
-        RoIs do not exist yet, and the check only needs its outputs' range."""
+        loop then reads the same batch). A two-stage teacher's RoI head is not run here (it scores the
+        student's RoIs, which do not exist yet): its backbone, neck and RPN outputs are checked. Under DDP every
+        rank checks its own batch and all stop if one fails."""
         if self.teacher is None or self.iteration >= self.recipe.iters:   # a finished run resumed trains no batch
             return
         epoch, offset = divmod(self.iteration, self.iters_per_epoch)
@@ -1026,7 +1026,8 @@ class TrainingRun:
         batch = self.train_set.prepare_batch(move_to(batch, self.runtime.device))
         with self.runtime.autocast():
             teacher_out = teacher_forward(self.teacher, batch, {})
-        check_teacher_outputs(teacher_out, self.teacher_ckpt)
+        check_on_every_rank(self.runtime, lambda: check_teacher_outputs(teacher_out, self.teacher_ckpt),
+                            hint="the teacher's outputs on that rank's first batch")
 
     def begin_epoch(self) -> None:
         """Position the data at the current iteration; at an epoch's start, the distiller's epoch hook."""

@@ -116,7 +116,7 @@ for _arch in DETECTOR_LR:
         source=f"hunto/MasKD mmrazor/configs/distill/dist/{DIST_DET_CONFIGS[_arch]} (DIST_KD README)"),
         baseline=PRESETS[f"{_arch}_r50_fpn_2x_coco"])
 
-# ------------------------------------------------------------------------------ SoKD on detection (issue 6)
+# ------------------------------------------------------------------------------ SoKD on detection
 # sokd.md §5, COCO row ([code], the RegKD branch on detectron2): DAM on the last FPN output, the student's
 # through a 256 -> 256 adapter; k 8 regions, K_h 2 heatmap channels; region (masked feature) loss weight 2,
 # area (DAM) loss weight 1; base: KD at T 4 on the RoI class logits. DAFA on, with the first-order search

@@ -72,7 +72,7 @@ class Recipe:
     warmup_iters: int = 0
     warmup_ratio: float = 0.001
     grad_clip: float | None = None
-    # --- launch geometry and optimiser parameter groups (issue 25). ``gpus``: the number of processes the
+    # --- launch geometry and optimiser parameter groups. ``gpus``: the number of processes the
     # reference ran (its torchrun/dist_train count; ``batch_size`` stays the total over them), None for recipes
     # without a reference launch (the synthetic demos); a run on another count is told which per-process terms
     # that changes (process_count_note). The rest as torchvision's classification references name them: SGD
@@ -179,6 +179,13 @@ def check_schedule(recipe: Recipe) -> None:
                          f"--set eval_at=(N, ...) (the recipe has eval_every={recipe.eval_every})")
     if any(not 1 <= at <= (recipe.iters or at) for at in recipe.eval_at):
         raise ValueError(f"eval_at {tuple(recipe.eval_at)}: expected iterations in 1..{recipe.iters}")
+    if recipe.gpus is not None and (recipe.gpus < 1 or recipe.batch_size % recipe.gpus):
+        raise ValueError(f"gpus {recipe.gpus}: expected the reference's process count, >= 1 and dividing the total "
+                         f"batch_size {recipe.batch_size}")
+    if recipe.nesterov and recipe.momentum <= 0:
+        raise ValueError(f"nesterov: Nesterov SGD needs momentum > 0 (the recipe has momentum={recipe.momentum})")
+    if recipe.bias_lr_factor <= 0:
+        raise ValueError(f"bias_lr_factor {recipe.bias_lr_factor}: expected > 0")
 
 
 # ImageNet weights the real-data presets start from: file -> (layout read by backbones.load_pretrained,

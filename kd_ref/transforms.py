@@ -81,11 +81,12 @@ def normalize(image: torch.Tensor, normalization: str) -> torch.Tensor:
     spec = NORMALIZATIONS[check_normalization(normalization)]
     if spec["bgr"]:
         image = image.flip(-3)
-    # the constants on the image's device: a CPU (3, 1, 1) tensor cannot meet a CUDA batch
-    image = image - image.new_tensor(spec["mean"]).view(3, 1, 1)
+    # float32 constants on the image's device: a CPU (3, 1, 1) tensor cannot meet a CUDA batch, and in the
+    # image's dtype a half-precision mean would be rounded (bf16: 123.675 -> 124)
+    image = image - torch.tensor(spec["mean"], device=image.device).view(3, 1, 1)
     if spec["std"] == (1.0, 1.0, 1.0):  # caffe style has no std: one pass less over the image, same values
         return image
-    return image / image.new_tensor(spec["std"]).view(3, 1, 1)
+    return image / torch.tensor(spec["std"], device=image.device).view(3, 1, 1)
 
 
 def resize_image(image: torch.Tensor, size: tuple, antialias: bool = False) -> torch.Tensor:

@@ -579,6 +579,20 @@ def test_a_process_count_other_than_the_references_names_the_per_process_terms_i
     assert process_count_note(presets.PRESETS["synthetic_seg_skd"], 4) is None  # no reference launch
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("gpus", 0, "gpus 0: expected the reference's process count, >= 1 and dividing the total batch_size 16"),
+    ("gpus", 3, "gpus 3: expected the reference's process count"),
+    ("nesterov", True, "nesterov: Nesterov SGD needs momentum > 0"),
+    ("bias_lr_factor", 0.0, "bias_lr_factor 0.0: expected > 0")])
+def test_check_schedule_refuses_launch_and_optimiser_fields_out_of_range(field, value, message):
+    recipe = dataclasses.replace(Recipe(iters=10, batch_size=16, gpus=8), **{field: value})
+    if field == "nesterov":
+        recipe = dataclasses.replace(recipe, momentum=0.0)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_schedule(recipe)
+    check_schedule(dataclasses.replace(recipe, **{field: getattr(Recipe(gpus=8), field)}, momentum=0.9))
+
+
 def test_the_skd_term_is_listed_exactly_for_the_skd_presets_that_sum_over_images():
     from kd_ref import skd
     for name, preset in skd.PRESETS.items():
