@@ -527,11 +527,11 @@ class FasterRCNN(_FPNDetector):
             generators = sampling_generators(targets, images.device)
             losses = self.rpn_loss(rpn_cls, rpn_reg, anchors, feat_sizes, targets, image_sizes, generators)
             proposals = self.proposals(rpn_cls, rpn_reg, anchors, image_sizes, *self.rpn_train)
-            sampled, labels, deltas = self.sample_rois(proposals, targets, generators)
+            sampled, labels, deltas, gt_indices = self.sample_rois(proposals, targets, generators)
             roi_feats = self.roi_features(feats, sampled)
             cls_logits, bbox_preds = self.box_head(roi_feats)
             losses.update(self.rcnn_loss(cls_logits, bbox_preds, labels, deltas))
-            out.update(losses=losses, rois=sampled, roi_labels=labels, roi_targets=deltas,
+            out.update(losses=losses, rois=sampled, roi_labels=labels, roi_targets=deltas, roi_gt_indices=gt_indices,
                        roi_levels=roi_levels(sampled), roi_feats=roi_feats, roi_cls_logits=cls_logits,
                        roi_bbox_preds=bbox_preds)
         elif not self.training and predict:
@@ -587,9 +587,10 @@ class FasterRCNN(_FPNDetector):
 
     @torch.no_grad()
     def sample_rois(self, proposals, targets, generators):
-        """GT-augmented proposals -> sampled ``rois`` (R, 5), ``labels`` (R,) (bg = K), ``deltas`` (R, 4);
-        ``generators`` as in :meth:`rpn_loss`, which has drawn from them first."""
-        rois, labels, deltas = [], [], []
+        """GT-augmented proposals -> sampled ``rois`` (R, 5), ``labels`` (R,) (bg = K), ``deltas`` (R, 4) and
+        ``gt_indices`` (R,): the GT each RoI is assigned to, within its image (-1 for negatives; mmdet's
+        ``pos_assigned_gt_inds``); ``generators`` as in :meth:`rpn_loss`, which has drawn from them first."""
+        rois, labels, deltas, gt_indices = [], [], [], []
         for i, (props, target, generator) in enumerate(zip(proposals, targets, generators)):
             gt_boxes, gt_labels = target["boxes"].to(props), target["labels"].to(props.device)
             candidates = torch.cat([gt_boxes, props])
@@ -604,7 +605,8 @@ class FasterRCNN(_FPNDetector):
             labels.append(torch.cat([gt_labels[matched], torch.full_like(neg, self.num_classes)]))
             deltas.append(torch.cat([encode_boxes(candidates[pos], gt_boxes[matched], RCNN_STDS),
                                      picked.new_zeros(neg.numel(), 4)]))
-        return torch.cat(rois), torch.cat(labels), torch.cat(deltas)
+            gt_indices.append(torch.cat([matched, torch.full_like(neg, -1)]))
+        return torch.cat(rois), torch.cat(labels), torch.cat(deltas), torch.cat(gt_indices)
 
     def rcnn_loss(self, cls_logits, bbox_preds, labels, deltas):
         positive = labels < self.num_classes

@@ -28,9 +28,8 @@ trainable affine parameters (mmdet ``norm_eval=True``, ``frozen_stages=1``), not
 Mask R-CNN (:class:`MaskRCNN`, mmdet ``mask_rcnn_r50_fpn``): the project's Faster R-CNN plus a mask
 head on 14x14 RoIAlign features of the positive sampled RoIs (class-specific 28x28 logits, binary
 cross-entropy against the matched GT mask RoIAligned to 28x28); at test time the masks of the final
-boxes are pasted into the image by bilinear resampling. Deviations: the positive RoIs' GT is found
-again as the same-class GT of highest IoU (our Faster R-CNN's sampler does not return its match; they
-differ only for duplicate same-class boxes). Its R-CNN assigner matches low-quality proposals (mmdet 2.x
+boxes are pasted into the image by bilinear resampling. Each positive RoI's mask target is the GT its
+box target was assigned to (mmdet's ``pos_assigned_gt_inds``). Its R-CNN assigner matches low-quality proposals (mmdet 2.x
 ``mask_rcnn_r50_fpn.py``, ``train_cfg.rcnn.assigner.match_low_quality=True``; Faster R-CNN keeps False).
 
 Evaluation outputs (``instances``, one dict per image): ``mask_probs`` float (K, h, w) and ``masks``
@@ -49,7 +48,7 @@ from collections import OrderedDict
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.ops import box_iou, roi_align, sigmoid_focal_loss
+from torchvision.ops import roi_align, sigmoid_focal_loss
 
 from kd_ref import detectors, transforms
 from kd_ref.backbones import backbone_key_rules, build_backbone, read_checkpoint, rename_keys
@@ -472,7 +471,7 @@ class MaskRCNN(detectors.FasterRCNN):
             positive = out["roi_labels"] < self.num_classes
             pos_rois, pos_labels = out["rois"][positive], out["roi_labels"][positive]
             logits = self.mask_logits(out["feats"], pos_rois)[torch.arange(len(pos_rois)), pos_labels]
-            mask_targets = self.mask_targets(pos_rois, pos_labels, targets)
+            mask_targets = self.mask_targets(pos_rois, out["roi_gt_indices"][positive], targets)
             loss = (F.binary_cross_entropy_with_logits(logits, mask_targets) if len(pos_rois)
                     else logits.sum() * 0)
             out["losses"]["loss_mask"] = loss
@@ -483,18 +482,15 @@ class MaskRCNN(detectors.FasterRCNN):
         return out
 
     @torch.no_grad()
-    def mask_targets(self, rois, labels, targets):
-        """(P, 28, 28) 0/1 targets: each positive RoI's GT mask (the same-class GT of highest IoU in its
-        image) RoIAligned to 28x28 (aligned, sampling_ratio 0) and thresholded at 0.5."""
+    def mask_targets(self, rois, gt_indices, targets):
+        """(P, 28, 28) 0/1 targets: each positive RoI's assigned GT mask (``gt_indices``: the GT within its
+        image, from :meth:`sample_rois`) RoIAligned to 28x28 (aligned, sampling_ratio 0), thresholded at 0.5."""
         out = rois.new_zeros(len(rois), self.mask_size, self.mask_size)
         for i, target in enumerate(targets):
             mine = torch.nonzero(rois[:, 0] == i).flatten()
             if not len(mine):
                 continue
-            gt_boxes, gt_labels = target["boxes"].to(rois), target["labels"].to(rois.device)
-            iou = box_iou(rois[mine, 1:], gt_boxes)
-            iou[labels[mine, None] != gt_labels[None, :]] = -1
-            matched = iou.argmax(1)
+            matched = gt_indices[mine]
             masks = target["masks"].to(rois.dtype)[:, None]
             boxes = torch.cat([torch.arange(len(mine), device=rois.device, dtype=rois.dtype)[:, None],
                                rois[mine, 1:]], 1)

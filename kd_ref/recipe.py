@@ -179,9 +179,8 @@ def check_schedule(recipe: Recipe) -> None:
                          f"--set eval_at=(N, ...) (the recipe has eval_every={recipe.eval_every})")
     if any(not 1 <= at <= (recipe.iters or at) for at in recipe.eval_at):
         raise ValueError(f"eval_at {tuple(recipe.eval_at)}: expected iterations in 1..{recipe.iters}")
-    if recipe.gpus is not None and (recipe.gpus < 1 or recipe.batch_size % recipe.gpus):
-        raise ValueError(f"gpus {recipe.gpus}: expected the reference's process count, >= 1 and dividing the total "
-                         f"batch_size {recipe.batch_size}")
+    if recipe.gpus is not None and recipe.gpus < 1:
+        raise ValueError(f"gpus {recipe.gpus}: expected the reference's process count, >= 1 (or None)")
     if recipe.nesterov and recipe.momentum <= 0:
         raise ValueError(f"nesterov: Nesterov SGD needs momentum > 0 (the recipe has momentum={recipe.momentum})")
     if recipe.bias_lr_factor <= 0:

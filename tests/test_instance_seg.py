@@ -187,7 +187,7 @@ def test_mask_rcnn_mask_target_of_a_gt_box_is_its_mask_resampled():
     model = I.build_instance_model("maskrcnn_r18", 3)
     targets = synthetic_targets()
     rois = torch.tensor([[0.0, 8.0, 8.0, 30.0, 40.0], [0.0, 34.0, 30.0, 62.0, 46.0]])  # GT 0; top half of GT 1
-    out = model.mask_targets(rois, torch.tensor([0, 2]), targets)
+    out = model.mask_targets(rois, torch.tensor([0, 1]), targets)
     assert out.shape == (2, 28, 28) and out.min() == 1  # both RoIs lie inside their rectangle masks
     shifted = torch.tensor([[0.0, 0.0, 8.0, 22.0, 40.0]])  # left 8 px outside GT 0 (8 of 22 px wide)
     left = model.mask_targets(shifted, torch.tensor([0]), targets)[0]
@@ -227,6 +227,23 @@ def test_mask_rcnn_rcnn_assigner_matches_low_quality_proposals_and_faster_rcnn_d
     # the RoIs: both GT boxes, then the proposal (every positive is kept, in order)
     assert mask_rcnn.sample_rois(proposals, [target], [None])[1].tolist() == [0, 2, 2]
     assert faster_rcnn.sample_rois(proposals, [target], [None])[1].tolist() == [0, 2, 0]
+
+
+def test_mask_rcnn_mask_targets_follow_the_assignment_not_the_best_same_class_overlap():
+    # both GTs of class 2: the low-quality match gives the proposal to GT 1 (its box target), and its mask target
+    # must be GT 1's mask too, although it overlaps GT 0 more (mmdet indexes masks by pos_assigned_gt_inds)
+    masks = torch.zeros(2, 12, 12)
+    masks[0, :, :6] = 1.0   # GT 0: left half
+    masks[1] = 1.0          # GT 1: all
+    target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 0.0, 12.0, 10.0]]), "labels": torch.tensor([2, 2]),
+              "masks": masks}
+    proposals = [torch.tensor([[0.5, 0.0, 10.5, 10.0]])]
+    mask_rcnn = I.build_instance_model("maskrcnn_r18", 3)
+    rois, labels, _, gt_indices = mask_rcnn.sample_rois(proposals, [target], [None])
+    assert gt_indices.tolist() == [0, 1, 1] and labels.tolist() == [2, 2, 2]
+    targets = mask_rcnn.mask_targets(rois, gt_indices, [target])
+    assert targets[2].eq(1).all()          # GT 1's mask, all ones inside the proposal
+    assert not targets[0].eq(1).all()      # GT 0's own RoI keeps GT 0's half mask
 
 
 def test_mask_rcnn_masks_are_pasted_on_the_original_image_and_thresholded_inclusively():
