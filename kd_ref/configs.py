@@ -279,7 +279,7 @@ def _gkd_det(student_out, teacher_out, batch):
     those anchors, each anchor's robust weight from its box pooled on its own level (gkd.md §4)."""
     if "rois" in student_out:
         levels = GKD_TWO_STAGE_LEVELS
-        # one host read for the positive rows (integer indices), not one per boolean-masked tensor
+        # the positive rows as integer indices: one host read for all the tensors indexed with them
         positive = (student_out["roi_labels"] < student_out["roi_cls_logits"].shape[1] - 1).nonzero().squeeze(1)
         boxes, image_of = student_out["rois"][positive, 1:], student_out["rois"][positive, 0].long()
         labels = student_out["roi_labels"][positive]
@@ -304,9 +304,11 @@ def _gkd_det(student_out, teacher_out, batch):
         soft = {"roi_logits_s": at_positives(student_out), "roi_logits_t": at_positives(teacher_out),
                 "roi_feats_s": roi_feats_s, "roi_feats_t": roi_feats_t, "roi_levels": roi_levels}
     num_images = batch["images"].shape[0]
-    # split per image with one host read (the counts), not two boolean masks per image
+    # split per image with one host read (the counts); index_add_ rather than bincount, which on CUDA reads
+    # the device once more to size its output
     by_image = torch.argsort(image_of, stable=True)
-    per_image = torch.bincount(image_of, minlength=num_images).tolist()
+    per_image = torch.zeros(num_images, dtype=torch.long, device=image_of.device).index_add_(
+        0, image_of, torch.ones_like(image_of)).tolist()
     return {"feats_s": [student_out["feats"][name] for name in levels],
             "feats_t": [teacher_out["feats"][name] for name in levels],
             "inst_boxes": list(boxes[by_image].split(per_image)),

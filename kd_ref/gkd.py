@@ -241,8 +241,7 @@ def crop_means(feat: torch.Tensor, batch_idx: torch.Tensor, left: torch.Tensor, 
     ``sampling_ratio=0`` the sampling grid is ceil(crop size / 1) = one sample per cell, placed at the
     cell's own coordinate, where the bilinear weights are 1 and 0. The result is the crop mean up to the
     order of summation (and 0, not NaN, for an empty crop), and the gradient reaches each cell of the crop
-    with 1 / area, as the sliced mean's does. One kernel for all boxes replaces one slice and one host read
-    per box.
+    with 1 / area, as the sliced mean's does. All boxes of a level take one kernel and no host read.
     """
     feat = at_least_float32(feat)
     rois = torch.stack([batch_idx.to(feat.dtype), left.to(feat.dtype), top.to(feat.dtype),
