@@ -676,13 +676,14 @@ def search_objective(student: nn.Module, teacher: nn.Module, distiller: nn.Modul
     autocast because SoKD's unrolled search takes a finite difference of this objective between parameters
     shifted by ``fd_radius`` in norm, spread over every parameter: per weight a shift far below 1% of its
     value, under bf16's resolution (8 significant bits, 0.4%) and near fp16's (11 bits, 0.05%). Only the
-    search steps (``search_iters``) evaluate it."""
-    teacher_out = tree_at_least_float32(teacher_out)
+    search steps (``search_iters``) evaluate it, so the float32 copy is made on the first evaluation."""
+    lifted_teacher_out = functools.cache(lambda: tree_at_least_float32(teacher_out))
     device_type = next(student.parameters()).device.type
 
     def objective(batch: dict) -> torch.Tensor:
         with torch.autocast(device_type, enabled=False):
-            losses, _, _ = forward_losses(student, teacher, distiller, bind, batch, task_loss_weight, teacher_out)
+            losses, _, _ = forward_losses(student, teacher, distiller, bind, batch, task_loss_weight,
+                                          lifted_teacher_out())
         return sum(losses.values())
     return objective
 
