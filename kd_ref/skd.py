@@ -299,17 +299,19 @@ def gradient_penalty(D: Callable[[torch.Tensor], torch.Tensor], real: torch.Tens
                      fake: torch.Tensor, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
     """WGAN-GP: ``mean_b (||d sum D(x) / dx_b||_2 - 1)^2`` at x = alpha real + (1 - alpha) fake,
     alpha ~ U(0, 1) per sample unless given (broadcastable to ``real``); differentiable w.r.t.
-    D's parameters (create_graph) so the penalty trains the critic."""
+    D's parameters (create_graph) so the penalty trains the critic. Computed in at least float32 with autocast
+    off: under fp16 the unscaled critic gradients would underflow (the GradScaler scales only the loss)."""
     if real.shape != fake.shape:
         raise ValueError(f"gradient_penalty: real {tuple(real.shape)} and fake "
                          f"{tuple(fake.shape)} must have the same shape")
-    real, fake = real.detach(), fake.detach()
+    real, fake = at_least_float32(real.detach()), at_least_float32(fake.detach())
     if alpha is None:
         alpha = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), device=real.device,
                            dtype=real.dtype)
     mixed = (alpha * real + (1.0 - alpha) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(D(mixed).sum(), mixed, create_graph=True)
-    grad_norm = grad.float().flatten(1).norm(p=2, dim=1)
+    with autocast_disabled(mixed):
+        (grad,) = torch.autograd.grad(D(mixed).sum(), mixed, create_graph=True)
+    grad_norm = grad.flatten(1).norm(p=2, dim=1)
     return (grad_norm - 1.0).pow(2).mean()
 
 
