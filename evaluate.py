@@ -70,9 +70,8 @@ def recipe_for(args: argparse.Namespace, stored: dict | None):
     if stored is not None:
         if args.preset is not None or args.arch is not None:
             raise ValueError(f"--preset/--arch: {args.ckpt} is a train.py checkpoint with its own recipe")
-        known = {f.name for f in dataclasses.fields(configs.Recipe)}
-        # a stored recipe of an older kd_ref lacks the newer fields: their defaults reproduce it
-        return configs.Recipe(**{k: v for k, v in stored.items() if k in known})
+        # a field missing from the stored recipe takes its default, which reproduces the run that wrote it
+        return configs.Recipe(**stored)
     if args.preset is None:
         raise ValueError(f"--ckpt {args.ckpt}: has no recipe (released weights or a state dict); pass --preset "
                          "NAME for the data and model settings, and --arch ARCH if it is not the preset's student")
@@ -85,10 +84,10 @@ def recipe_for(args: argparse.Namespace, stored: dict | None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from kd_ref import configs, convert, engine
-    from kd_ref.backbones import read_torch_file, tensors_of
+    from kd_ref.backbones import tensors_of
 
     source = f"--ckpt {args.ckpt}"
-    content = read_torch_file(args.ckpt, source)
+    content = convert.read_file(args.ckpt, source)
     weights = tensors_of(content, source)
     stored = content.get("recipe") if isinstance(content, dict) else None
     recipe = recipe_for(args, stored)

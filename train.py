@@ -174,12 +174,17 @@ def check_out_folder(out: str, args: argparse.Namespace) -> None:
     if found and not (args.resume or args.overwrite):
         raise ValueError(f"--out {out} holds a run ({', '.join(found)}); pass --resume to continue it or "
                          "--overwrite to start it again")
+    if args.resume:  # a checkpoint of another format version is refused before a teacher is trained or data read
+        path = os.path.join(out, "last.pt")
+        engine.load_checkpoint(path, f"--resume {path}")
 
 
 def check_inputs(recipe, args: argparse.Namespace) -> None:
     """The run's data and weights are where the recipe and flags say, before a teacher or a data set is
     touched: the data root, every weight file, a teacher (given, or trainable on synthetic data)."""
     from kd_ref import configs
+
+    from kd_ref import convert
 
     cli.check_data_root(recipe.task, recipe.data, args.data_root)
     files = {"--teacher-ckpt": args.teacher_ckpt}
@@ -192,6 +197,9 @@ def check_inputs(recipe, args: argparse.Namespace) -> None:
             hint = (" (the preset starts the student from a trained checkpoint of it: train one with train.py "
                     "and pass its last.pt)" if flag == "--student-init" else "")
             raise FileNotFoundError(f"{flag} {path}: no such file{hint}")
+    # a kd_ref checkpoint of another format version is refused before a teacher is trained or data read
+    if files.get("--student-init") is not None:
+        convert.read_file(files["--student-init"], f"--student-init {files['--student-init']}")
     if configs.METHODS[recipe.method].needs_teacher and args.teacher_ckpt is None:
         if recipe.data != "synthetic" or recipe.teacher_preset is None:
             raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
@@ -201,11 +209,8 @@ def check_inputs(recipe, args: argparse.Namespace) -> None:
             raise ValueError(f"normalization={recipe.normalization}: the synthetic teacher ({recipe.teacher_preset}) "
                              f"trains on {teacher.normalization} inputs and sees the student's; pass --teacher-ckpt")
     elif configs.METHODS[recipe.method].needs_teacher:
-        from kd_ref import convert
-        from kd_ref.backbones import read_torch_file
-
         source = f"--teacher-ckpt {args.teacher_ckpt}"
-        convert.check_teacher_normalization(recipe, read_torch_file(args.teacher_ckpt, source), source)
+        convert.check_teacher_normalization(recipe, convert.read_file(args.teacher_ckpt, source), source)
 
 
 def teacher_folder(recipe, out: str) -> str:
@@ -238,6 +243,10 @@ def ensure_teacher(recipe, out: str, args, runtime) -> str:
     # decided once, by the global rank 0: every rank then reuses the teacher, or trains it with the others
     state = engine.decided_by_main(runtime, cache_state)
     if state == "trained":
+        from kd_ref import convert
+
+        # a cached teacher of another checkpoint format version is refused before the run is built
+        engine.check_on_every_rank(runtime, lambda: convert.read_file(ckpt, f"cached teacher {ckpt}"))
         if runtime.is_main:
             print(f"teacher: reusing {ckpt}")
     else:

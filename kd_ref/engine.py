@@ -368,34 +368,30 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this engine (to resume), with a clear error for anything else."""
-    ckpt = read_torch_file(path, f"checkpoint {path}")
+def load_checkpoint(path: str, source: str | None = None) -> dict:
+    """Load a checkpoint written by this engine (to resume), with a clear error for anything else, a
+    checkpoint of another format version (``convert.CHECKPOINT_FORMAT_VERSION``) included."""
+    ckpt = read_torch_file(path, source or f"checkpoint {path}")
+    convert.check_format(ckpt, source or path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"checkpoint {path}: expected a kd_ref checkpoint (a dict with 'model'), "
+        raise ValueError(f"{source or f'checkpoint {path}'}: expected a kd_ref checkpoint (a dict with 'model'), "
                          f"found {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}")
     return ckpt
 
 
-def trained_precision(ckpt: dict) -> str | None:
-    """The precision a checkpoint's run trained in: its record, or for a checkpoint older than the record,
-    fp16 when it holds a GradScaler state (only fp16 leaves one) and None (fp32 or bf16, not told apart)."""
-    return ckpt.get("precision") or ("fp16" if ckpt.get("scaler") else None)
-
-
-def precision_change_note(trained: str | None, now: str, path: str) -> str | None:
-    """The line a run resumed from ``path`` (trained in ``trained``, see :func:`trained_precision`) says when
-    it continues in another precision ``now``; None when nothing changes that can be told. A change of
+def precision_change_note(trained: str, now: str, path: str) -> str | None:
+    """The line a run resumed from ``path`` (trained in ``trained``, the checkpoint's record) says when
+    it continues in another precision ``now``; None when nothing changes. A change of
     precision is allowed: the weights and optimizer states are float32 whatever the autocast, and only the
     fp16 GradScaler's state is left behind (or, going to fp16, starts from its initial scale)."""
-    if trained == now or (trained is None and now != "fp16"):
+    if trained == now:
         return None
     consequences = []
     if trained == "fp16":
         consequences.append("its GradScaler state is dropped")
     if now == "fp16":
         consequences.append("the GradScaler starts from its initial scale")
-    return (f"--resume: {path} was trained in {trained or 'fp32 or bf16'}, this run continues in {now}"
+    return (f"--resume: {path} was trained in {trained}, this run continues in {now}"
             + "".join(f"; {item}" for item in consequences))
 
 
@@ -982,12 +978,12 @@ class TrainingRun:
             if state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
                 self.extra_scaler.load_state_dict(state["extra_scaler"])
-            note = precision_change_note(trained_precision(state), runtime.precision, self.ckpt_path)
+            note = precision_change_note(state["precision"], runtime.precision, self.ckpt_path)
             if note and runtime.is_main:
                 print(note)
             self.start_iter = state["iteration"]
             self.log_file.truncate(self.start_iter)
-            self.best = state.get("best")  # absent in checkpoints of runs without keep_best
+            self.best = state["best"]
             set_rng_state(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
             if runtime.is_main and not self.quiet:
                 print(f"resumed from {self.ckpt_path} at iteration {self.start_iter}")
@@ -1160,6 +1156,7 @@ class TrainingRun:
             dist.all_gather_object(rngs, rng_state())
         if runtime.is_main:
             atomic_save({
+                "format_version": convert.CHECKPOINT_FORMAT_VERSION,
                 "model": unwrap(self.model).state_dict(),
                 "distiller": self.distiller.state_dict() if self.distiller else None,
                 "optimizer": optimizers.student.state_dict(),

@@ -167,17 +167,7 @@ def test_a_run_resumed_in_another_precision_continues_and_says_so(tmp_path, rand
     ("fp32", "fp32", None), ("bf16", "bf16", None), ("fp16", "fp16", None),
     ("fp32", "bf16", "was trained in fp32, this run continues in bf16"),
     ("bf16", "fp16", "was trained in bf16, this run continues in fp16; the GradScaler starts from its initial scale"),
-    ("fp16", "fp32", "was trained in fp16, this run continues in fp32; its GradScaler state is dropped"),
-    # a checkpoint older than the record, without a scaler state: fp32 or bf16, which only fp16 must hear about
-    (None, "fp32", None), (None, "bf16", None),
-    (None, "fp16", "was trained in fp32 or bf16, this run continues in fp16; the GradScaler starts from its "
-                   "initial scale")])
+    ("fp16", "fp32", "was trained in fp16, this run continues in fp32; its GradScaler state is dropped")])
 def test_precision_change_note(trained, now, says):
     note = engine.precision_change_note(trained, now, "run/last.pt")
     assert note == (None if says is None else f"--resume: run/last.pt {says}")
-
-
-def test_checkpoints_older_than_the_record_are_read_by_their_scaler_state():
-    assert engine.trained_precision({"precision": "bf16", "scaler": {}}) == "bf16"
-    assert engine.trained_precision({"scaler": {"scale": 1024.0}}) == "fp16"
-    assert engine.trained_precision({"scaler": {}}) is None

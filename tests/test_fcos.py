@@ -392,7 +392,7 @@ def test_train_refuses_a_teacher_trained_on_other_input_statistics_before_any_wo
     code_file, ours = tmp_path / "fcos_mv2.pth", tmp_path / "last.pt"
     torch.save({"model": _to_fcos_code_keys(build_detector("fcos_mv2_c64", 3).state_dict())}, code_file)
     recipe = configs.PRESETS["synthetic_det_fcos_skd"]  # ImageNet RGB inputs
-    torch.save({"recipe": {**dataclasses.asdict(recipe), "normalization": "caffe2_bgr"},
+    torch.save({"format_version": 1, "recipe": {**dataclasses.asdict(recipe), "normalization": "caffe2_bgr"},
                 "model": build_detector("fcos_mv2_c64", 3).state_dict()}, ours)
     for path, trained_on in ((code_file, "caffe2_bgr"), (ours, "caffe2_bgr")):
         argv = ["--preset", "synthetic_det_fcos_skd", "--teacher-ckpt", str(path), "--out", str(tmp_path / "run")]

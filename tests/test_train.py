@@ -17,7 +17,7 @@ from PIL import Image
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine, segmentors
+from kd_ref import configs, convert, datasets, engine, segmentors
 from kd_ref.recipe import reference_launch
 from train_helpers import train_crashing_in_step
 
@@ -157,6 +157,27 @@ def test_synthetic_teachers_are_cached_once_per_teacher_recipe(tmp_path, monkeyp
     monkeypatch.setitem(configs.PRESETS, "synthetic_seg_teacher", dataclasses.replace(tiny_teacher, iters=3))
     run(tmp_path / "gdd", "--method", "gdd", "--iters", "1")
     assert len(list((tmp_path / "teachers").iterdir())) == 2
+
+
+def test_every_checkpoint_records_its_format_version_and_a_cached_teacher_of_another_is_refused(
+        tmp_path, monkeypatch, capsys):
+    tiny_teacher = dataclasses.replace(configs.PRESETS["synthetic_seg_teacher"], iters=2, synthetic_size=(64, 64),
+                                       synthetic_train=8, synthetic_val=3, crop=(64, 64), batch_size=2)
+    monkeypatch.setitem(configs.PRESETS, "synthetic_seg_teacher", tiny_teacher)
+    run(tmp_path / "kd", "--method", "kd", "--iters", "1", "--keep-best", "--eval-every", "1")
+    (teacher,) = (tmp_path / "teachers").iterdir()
+    written = [teacher / "last.pt", tmp_path / "kd" / "last.pt", tmp_path / "kd" / "best.pt"]
+    assert [torch.load(path, weights_only=False)["format_version"] for path in written] == [1, 1, 1]
+    assert convert.CHECKPOINT_FORMAT_VERSION == 1
+    assert set(evaluate.main(["--ckpt", str(tmp_path / "kd" / "best.pt"), "--quiet"])) == {"mIoU", "IoU", "aAcc"}
+    ckpt = torch.load(teacher / "last.pt", weights_only=False)
+    del ckpt["format_version"]
+    torch.save(ckpt, teacher / "last.pt")
+    capsys.readouterr()
+    assert train.run(["--task", "seg", "--out", str(tmp_path / "dist"), *TINY, "--method", "dist", "--iters", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: cached teacher {teacher / 'last.pt'}: checkpoint format 0 (written "
+                                       "before format versions), this kd_ref reads format 1\n")
+    assert not (tmp_path / "dist").exists()
 
 
 def test_sigterm_checkpoints_the_current_iteration_and_says_how_to_resume(tmp_path):
