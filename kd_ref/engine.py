@@ -36,7 +36,7 @@ counter (``epoch`` of ``epochs``).
 Schedules: an iteration-based recipe runs ``iters`` iterations; an epoch-based one (``recipe.epochs``, mmdet
 EpochBasedRunner) runs ``epochs`` passes over the training set repeated ``dataset_repeat`` times, its
 iterations, lr steps and evaluation interval derived from that set's length when the run starts
-(``configs.resolve_schedule``). Checkpoints store the recipe as given, in its own units.
+(``kd_ref.recipe.resolve_schedule``). Checkpoints store the recipe as given, in its own units.
 
 Checkpoint selection (``recipe.keep_best``): every evaluation whose main metric beats the best so far is
 also written to ``best.pt``; ``metrics.json`` then holds ``"best": {"iteration", <metric>}`` next to the
@@ -113,6 +113,7 @@ from kd_ref import configs, convert
 from kd_ref.backbones import read_torch_file
 from kd_ref.metrics import all_reduce_sum
 from kd_ref.precision import PRECISION_DTYPES, resolve_precision, tree_at_least_float32
+from kd_ref.recipe import Recipe, check_schedule, recipe_changes, resolve_schedule, resumed_recipe
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -277,7 +278,7 @@ class AspectGroupSampler(ResumableSampler):
         return shuffled[self.rank * self.num_samples:(self.rank + 1) * self.num_samples].tolist()
 
 
-def build_train_sampler(recipe: "configs.Recipe", augmented: "EpochAugmentation", runtime: Runtime,
+def build_train_sampler(recipe: "Recipe", augmented: "EpochAugmentation", runtime: Runtime,
                         batch: int) -> ResumableSampler:
     """The training sampler of ``recipe``: aspect-grouped batches (``group_by_aspect``, mmdet's
     GroupSampler) over the data set repeated ``dataset_repeat`` times, or plain shuffling."""
@@ -318,7 +319,7 @@ def shard_indices(length: int, runtime: Runtime) -> list:
 
 
 # ---------------------------------------------------------------------------------------- schedule
-def lr_factor(iteration: int, recipe: "configs.Recipe") -> float:
+def lr_factor(iteration: int, recipe: "Recipe") -> float:
     """Multiplier of the base lr at ``iteration`` (0-based): linear warm-up, then poly or steps.
 
     poly:  lr = min_lr + (base - min_lr) * (1 - it / iters) ** power    (min_lr = 0: CIRKD/SKD form)
@@ -525,7 +526,7 @@ class StepContext:
 ETA_AFTER = 10  # iterations after which a run says its measured s/it and the time left
 
 
-def estimate_training_memory(recipe: "configs.Recipe", per_rank_batch: int, probe_pixels: int = 128 * 128) -> int:
+def estimate_training_memory(recipe: "Recipe", per_rank_batch: int, probe_pixels: int = 128 * 128) -> int:
     """Bytes one process needs to train ``recipe`` at ``per_rank_batch``, estimated before any data is read:
     float32 student weights, gradients and momentum, the teacher's weights, and the student's activations
     kept for backward, taken as the outputs of all its leaf modules in one forward of a probe input of at most
@@ -556,7 +557,7 @@ def estimate_training_memory(recipe: "configs.Recipe", per_rank_batch: int, prob
     return int(total)
 
 
-def build_optimizer(params, recipe: "configs.Recipe") -> torch.optim.Optimizer:
+def build_optimizer(params, recipe: "Recipe") -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                            nesterov=recipe.nesterov)
 
@@ -566,7 +567,7 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.m
                nn.LocalResponseNorm)
 
 
-def parameter_groups(sources: list, recipe: "configs.Recipe") -> list:
+def parameter_groups(sources: list, recipe: "Recipe") -> list:
     """SGD parameter groups of ``sources``, pairs (module, the parameters of it to optimise, in order): per
     source, the biases (every parameter named ``bias``, normalisation layers' included, as torchvision's
     custom "bias" key and maskrcnn-benchmark's make_optimizer) at ``bias_weight_decay`` and
@@ -607,7 +608,7 @@ class Optimizers:
     extra_params: list = dataclasses.field(default_factory=list)
 
 
-def build_optimizers(recipe: "configs.Recipe", student: nn.Module, distiller: nn.Module | None) -> Optimizers:
+def build_optimizers(recipe: "Recipe", student: nn.Module, distiller: nn.Module | None) -> Optimizers:
     extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
     extra_ids = {id(p) for p in extra_params}
     distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
@@ -817,7 +818,7 @@ def _check_finite(losses: dict, iteration: int) -> None:
                                  "update (the last checkpoint is left untouched)")
 
 
-def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool = False,
+def train(recipe: "Recipe", out_dir: str, runtime: Runtime, resume: bool = False,
           teacher_ckpt: str | None = None, workers: int = 2, data_root: str | None = None,
           quiet: bool = False, explicit_fields: frozenset = frozenset()) -> dict:
     """Train ``recipe.student`` (distilled by ``recipe.method`` from ``recipe.teacher`` when the method
@@ -873,12 +874,12 @@ class TrainingRun:
     flags) holds them; an explicit value the checkpoint was not trained with is then refused.
     """
 
-    def __init__(self, recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool,
+    def __init__(self, recipe: "Recipe", out_dir: str, runtime: Runtime, resume: bool,
                  teacher_ckpt: str | None, workers: int, data_root: str | None, quiet: bool,
                  explicit_fields: frozenset = frozenset()):
         self.task, self.method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
         configs.check_recipe(recipe)
-        configs.check_schedule(recipe)
+        check_schedule(recipe)
         self.out_dir, self.runtime, self.workers, self.quiet = out_dir, runtime, workers, quiet
         self.teacher_ckpt = teacher_ckpt
         os.makedirs(out_dir, exist_ok=True)
@@ -886,11 +887,11 @@ class TrainingRun:
         self.log_file = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
         self.resume_state = load_checkpoint(self.ckpt_path) if resume else None
         if resume:
-            recipe, reset = configs.resumed_recipe(self.resume_state["recipe"], recipe, explicit_fields)
+            recipe, reset = resumed_recipe(self.resume_state["recipe"], recipe, explicit_fields)
             if reset and runtime.is_main:
                 print(f"--resume: {self.ckpt_path} predates the recipe fields {reset}; the run continues with "
                       "their defaults, as it was trained")
-        changed = configs.recipe_changes(self.resume_state["recipe"], recipe) if resume else []
+        changed = recipe_changes(self.resume_state["recipe"], recipe) if resume else []
         if changed:
             raise ValueError(f"--resume: the recipe differs from the one in {self.ckpt_path} in {changed}")
         self._build_models(recipe, teacher_ckpt)
@@ -941,7 +942,7 @@ class TrainingRun:
                                  generator=torch.Generator().manual_seed(recipe.seed))
         self.iters_per_epoch = len(self.sampler) // self.per_rank_batch
         self.recipe_record = dataclasses.asdict(recipe)  # checkpoints keep the recipe as given (epochs stay epochs)
-        self.recipe = configs.resolve_schedule(recipe, self.iters_per_epoch)
+        self.recipe = resolve_schedule(recipe, self.iters_per_epoch)
         self.epochs = math.ceil(self.recipe.iters / self.iters_per_epoch)
 
     def _build_distiller_and_optimizers(self) -> None:

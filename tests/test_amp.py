@@ -12,6 +12,7 @@ import train
 from kd_ref import configs, engine, metrics, presets
 from kd_ref.precision import resolve_precision
 from train_helpers import train_crashing_in_step
+from kd_ref.recipe import Recipe
 
 
 @pytest.mark.parametrize("requested, device_type, native_cuda_bf16, expected", [
@@ -74,7 +75,7 @@ TINY_SIZES = {"seg": {"synthetic_size": (32, 32), "crop": (32, 32)},
 P7_CONV_SIZES = {"synthetic_size": (96, 96), "image_scale": (96, 96)}
 
 
-def tiny(recipe: configs.Recipe) -> configs.Recipe:
+def tiny(recipe: Recipe) -> Recipe:
     """``recipe`` for one iteration at batch 2 on two training images and one validation image."""
     sizes = TINY_SIZES[recipe.task]
     if recipe.student.startswith(("retinanet", "fcos")):

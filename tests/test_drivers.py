@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kd_ref import configs, engine
+from kd_ref import engine
 from kd_ref.drivers import (BoundBase, SoKDPlugin, SoKDSearch, extract_instance_features, generate_epoch_prototypes,
                             group_by_image, select_pgm_instances)
 from kd_ref.gkd import build_prototypes, pool_instance_features
 from kd_ref.kd import KDDistiller, kd_loss
 from kd_ref.sokd import SoKDDistiller
 from model_helpers import force_sub_policy
+from kd_ref.recipe import Recipe
 
 
 # ---------------------------------------------------------------------------------------- GKD: PGM
@@ -279,7 +280,7 @@ def test_the_search_and_the_student_optimizer_train_the_base_with_the_student_si
     inner = {id(p) for p in plugin.search.inner_params}
     assert id(base.distiller.scale) in inner and not inner & {id(p) for p in plugin.extra_parameters()}
     assert any(b is base.distiller.calls for b in plugin.search.buffers)
-    optimizers = engine.build_optimizers(configs.Recipe(), nn.Conv2d(1, 1, 1), plugin)
+    optimizers = engine.build_optimizers(Recipe(), nn.Conv2d(1, 1, 1), plugin)
     expected = [*plugin.sokd.student_side_parameters(), base.distiller.scale]
     assert [id(p) for p in optimizers.distiller_params] == [id(p) for p in expected]
 
