@@ -65,30 +65,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def recipe_for(args: argparse.Namespace, stored: dict | None):
     """The checkpoint's own recipe, or for a file without one, ``--preset`` with ``--arch`` as the model."""
-    from kd_ref import configs
+    from kd_ref.presets import PRESETS
+    from kd_ref.recipe import Recipe
 
     if stored is not None:
         if args.preset is not None or args.arch is not None:
             raise ValueError(f"--preset/--arch: {args.ckpt} is a train.py checkpoint with its own recipe")
-        known = {f.name for f in dataclasses.fields(configs.Recipe)}
-        # a stored recipe of an older kd_ref lacks the newer fields: their defaults reproduce it
-        return configs.Recipe(**{k: v for k, v in stored.items() if k in known})
+        # a field missing from the stored recipe takes its default, which reproduces the run that wrote it
+        return Recipe(**stored)
     if args.preset is None:
         raise ValueError(f"--ckpt {args.ckpt}: has no recipe (released weights or a state dict); pass --preset "
                          "NAME for the data and model settings, and --arch ARCH if it is not the preset's student")
-    if args.preset not in configs.PRESETS:
+    if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset}: unknown; python train.py --list-presets lists them")
-    preset = configs.PRESETS[args.preset]
+    preset = PRESETS[args.preset]
     return dataclasses.replace(preset, student=args.arch or preset.student)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from kd_ref import configs, convert, engine
-    from kd_ref.backbones import read_torch_file, tensors_of
+    from kd_ref.backbones import tensors_of
 
     source = f"--ckpt {args.ckpt}"
-    content = read_torch_file(args.ckpt, source)
+    content = convert.read_file(args.ckpt, source)
     weights = tensors_of(content, source)
     stored = content.get("recipe") if isinstance(content, dict) else None
     recipe = recipe_for(args, stored)

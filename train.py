@@ -124,6 +124,7 @@ def build_recipe(args: argparse.Namespace) -> tuple:
     import dataclasses
 
     from kd_ref import presets
+    from kd_ref import recipe as recipe_module
 
     if args.preset is not None and args.preset not in presets.PRESETS:  # answered before torch is imported
         raise ValueError(f"--preset {args.preset}: unknown; python train.py --list-presets lists them")
@@ -143,7 +144,7 @@ def build_recipe(args: argparse.Namespace) -> tuple:
     recipe = dataclasses.replace(recipe, **flag_overrides(args))
     if args.pretrained is not None:
         recipe = dataclasses.replace(recipe, pretrained=None if args.pretrained == "none" else args.pretrained)
-    recipe = dataclasses.replace(recipe, **configs.parse_overrides(args.overrides))
+    recipe = dataclasses.replace(recipe, **recipe_module.parse_overrides(args.overrides))
     if args.sokd_base is not None:
         if recipe.method != "sokd":
             raise ValueError(f"--sokd-base {args.sokd_base}: only for --method sokd (the recipe's method is "
@@ -157,7 +158,7 @@ def build_recipe(args: argparse.Namespace) -> tuple:
                          f"image_scale {tuple(recipe.image_scale)} (long side, short side); pass "
                          "--set \"image_scale=(L, S)\"")
     configs.check_recipe(recipe)
-    configs.check_schedule(recipe)
+    recipe_module.check_schedule(recipe)
     if configs.METHODS[recipe.method].needs_teacher and recipe.teacher is None:
         raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher ARCH (and --teacher-ckpt)")
     return name, recipe
@@ -174,59 +175,64 @@ def check_out_folder(out: str, args: argparse.Namespace) -> None:
     if found and not (args.resume or args.overwrite):
         raise ValueError(f"--out {out} holds a run ({', '.join(found)}); pass --resume to continue it or "
                          "--overwrite to start it again")
+    if args.resume:  # a checkpoint of another format version is refused before a teacher is trained or data read
+        path = os.path.join(out, "last.pt")
+        engine.load_checkpoint(path, f"--resume {path}")
 
 
 def check_inputs(recipe, args: argparse.Namespace) -> None:
     """The run's data and weights are where the recipe and flags say, before a teacher or a data set is
     touched: the data root, every weight file, a teacher (given, or trainable on synthetic data)."""
-    from kd_ref import configs
+    from kd_ref import configs, convert, presets
+    from kd_ref import recipe as recipe_module
 
     cli.check_data_root(recipe.task, recipe.data, args.data_root)
     files = {"--teacher-ckpt": args.teacher_ckpt}
     if not args.resume:  # a resumed run has its own weights
         files["--student-init"] = recipe.student_init
         if recipe.student_init is None:  # otherwise the student's weights come from that checkpoint
-            configs.check_pretrained(recipe)
+            recipe_module.check_pretrained(recipe)
     for flag, path in files.items():
         if path is not None and not os.path.isfile(path):
             hint = (" (the preset starts the student from a trained checkpoint of it: train one with train.py "
                     "and pass its last.pt)" if flag == "--student-init" else "")
             raise FileNotFoundError(f"{flag} {path}: no such file{hint}")
+    # a kd_ref checkpoint of another format version is refused before a teacher is trained or data read
+    if files.get("--student-init") is not None:
+        convert.read_file(files["--student-init"], f"--student-init {files['--student-init']}")
     if configs.METHODS[recipe.method].needs_teacher and args.teacher_ckpt is None:
         if recipe.data != "synthetic" or recipe.teacher_preset is None:
             raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
                              f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
-        teacher = configs.teacher_recipe(recipe)  # the teacher it would train must be the recipe's teacher
+        teacher = presets.teacher_recipe(recipe)  # the teacher it would train must be the recipe's teacher
         if teacher.normalization != recipe.normalization:
             raise ValueError(f"normalization={recipe.normalization}: the synthetic teacher ({recipe.teacher_preset}) "
                              f"trains on {teacher.normalization} inputs and sees the student's; pass --teacher-ckpt")
     elif configs.METHODS[recipe.method].needs_teacher:
-        from kd_ref import convert
-        from kd_ref.backbones import read_torch_file
-
         source = f"--teacher-ckpt {args.teacher_ckpt}"
-        convert.check_teacher_normalization(recipe, read_torch_file(args.teacher_ckpt, source), source)
+        convert.check_teacher_normalization(recipe, convert.read_file(args.teacher_ckpt, source), source)
 
 
 def teacher_folder(recipe, out: str) -> str:
     """Where the synthetic teacher of ``recipe`` is cached: ``<parent of out>/teachers/<teacher preset>-<digest of
     its recipe>``, shared by every method and task that trains against the same teacher recipe; a changed
     teacher recipe gets a new folder and is trained again."""
-    from kd_ref import configs
+    from kd_ref import presets
+    from kd_ref.recipe import recipe_digest
 
-    teacher_recipe = configs.teacher_recipe(recipe)
+    teacher_recipe = presets.teacher_recipe(recipe)
     return os.path.join(os.path.dirname(os.path.normpath(out)) or ".", "teachers",
-                        f"{recipe.teacher_preset}-{configs.recipe_digest(teacher_recipe)}")
+                        f"{recipe.teacher_preset}-{recipe_digest(teacher_recipe)}")
 
 
 def ensure_teacher(recipe, out: str, args, runtime) -> str:
     """The teacher checkpoint: ``--teacher-ckpt``, or on synthetic data the cached teacher of the preset,
     trained first (and said so, with its length) when the cache has none."""
-    from kd_ref import configs, engine
+    from kd_ref import engine, presets
 
     if args.teacher_ckpt is not None:
         return args.teacher_ckpt
-    teacher_recipe = configs.teacher_recipe(recipe)
+    teacher_recipe = presets.teacher_recipe(recipe)
     folder = teacher_folder(recipe, out)
     ckpt = os.path.join(folder, "last.pt")
 
@@ -250,6 +256,10 @@ def ensure_teacher(recipe, out: str, args, runtime) -> str:
         engine.train(teacher_recipe, folder, runtime, resume=state == "started", workers=args.workers,
                      quiet=args.quiet)
     engine.check_on_every_rank(runtime, lambda: require_file(ckpt, "teacher checkpoint"))
+    if state == "trained":  # a cached teacher of another checkpoint format version is refused before the run is built
+        from kd_ref import convert
+
+        engine.check_on_every_rank(runtime, lambda: convert.read_file(ckpt, f"cached teacher {ckpt}"))
     return ckpt
 
 

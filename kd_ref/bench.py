@@ -86,6 +86,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kd_ref import cli, configs, datasets, engine, tasks, transforms
 from kd_ref.metrics import COCO_STAT_NAMES, confusion_matrix, segmentation_scores
 from kd_ref.skd import pair_wise_kd
+from kd_ref.presets import DEFAULT_PRESETS, PRESETS, default_preset
+from kd_ref.recipe import Recipe, parse_overrides, resolve_schedule
 
 
 def _train_or_reuse(recipe, out: str, runtime, teacher_ckpt: str | None = None) -> dict:
@@ -102,9 +104,9 @@ def effect_presets(task: str, entries: list) -> dict:
     name (e.g. ``synthetic_det_frcnn_none``); all must train against one teacher preset."""
     presets = {}
     for entry in entries:
-        preset = entry if entry in configs.PRESETS else configs.default_preset(task, entry, "synthetic")
-        presets[configs.PRESETS[preset].method] = preset
-    teachers = {configs.PRESETS[p].teacher_preset for p in presets.values()} - {None}
+        preset = entry if entry in PRESETS else default_preset(task, entry, "synthetic")
+        presets[PRESETS[preset].method] = preset
+    teachers = {PRESETS[p].teacher_preset for p in presets.values()} - {None}
     if len(teachers) > 1:
         raise ValueError(f"--methods {' '.join(entries)}: their presets ({', '.join(presets.values())}) train "
                          f"against different teachers ({', '.join(sorted(teachers))}); compare the methods of "
@@ -114,9 +116,9 @@ def effect_presets(task: str, entries: list) -> dict:
 
 def default_effect_methods(task: str) -> list:
     """The methods whose synthetic preset for ``task`` shares the ``none`` preset's teacher."""
-    teacher = configs.PRESETS[configs.default_preset(task, "none", "synthetic")].teacher_preset
-    return sorted(m for (t, m, d), preset in configs.DEFAULT_PRESETS.items()
-                  if t == task and d == "synthetic" and configs.PRESETS[preset].teacher_preset in (teacher, None))
+    teacher = PRESETS[default_preset(task, "none", "synthetic")].teacher_preset
+    return sorted(m for (t, m, d), preset in DEFAULT_PRESETS.items()
+                  if t == task and d == "synthetic" and PRESETS[preset].teacher_preset in (teacher, None))
 
 
 def effect(task: str, methods: list, seeds: list, iters: int | None, teacher_iters: int | None, out: str,
@@ -129,19 +131,19 @@ def effect(task: str, methods: list, seeds: list, iters: int | None, teacher_ite
     student_presets = effect_presets(task, methods)
     results = {method: [] for method in student_presets}
     for seed in seeds:
-        teacher_name = next((configs.PRESETS[p].teacher_preset for p in student_presets.values()
-                             if configs.PRESETS[p].teacher_preset), None)
+        teacher_name = next((PRESETS[p].teacher_preset for p in student_presets.values()
+                             if PRESETS[p].teacher_preset), None)
         teacher_ckpt = None
         if teacher_name is not None:
-            teacher = dataclasses.replace(configs.PRESETS[teacher_name], seed=seed,
-                                          iters=teacher_iters or configs.PRESETS[teacher_name].iters, **overrides)
+            teacher = dataclasses.replace(PRESETS[teacher_name], seed=seed,
+                                          iters=teacher_iters or PRESETS[teacher_name].iters, **overrides)
             teacher_dir = os.path.join(out, f"seed{seed}", "teacher")
             teacher_metrics = _train_or_reuse(teacher, teacher_dir, runtime)
             teacher_ckpt = os.path.join(teacher_dir, "last.pt")
             results.setdefault("teacher", []).append(teacher_metrics[key])
         for method, preset in student_presets.items():
-            recipe = dataclasses.replace(configs.PRESETS[preset], seed=seed,
-                                         iters=iters or configs.PRESETS[preset].iters, **overrides)
+            recipe = dataclasses.replace(PRESETS[preset], seed=seed,
+                                         iters=iters or PRESETS[preset].iters, **overrides)
             needs_teacher = configs.METHODS[method].needs_teacher
             metrics = _train_or_reuse(recipe, os.path.join(out, f"seed{seed}", method), runtime,
                                       teacher_ckpt if needs_teacher else None)
@@ -277,15 +279,15 @@ def size_overrides(task: str, size: tuple) -> dict:
     return {"synthetic_size": (height, width), "crop": (height, width)}
 
 
-def cost_recipe(task: str, method: str, overrides: dict) -> configs.Recipe:
+def cost_recipe(task: str, method: str, overrides: dict) -> Recipe:
     """The task's synthetic preset for ``method`` (the ``none`` preset with the method swapped in when
     the method has no synthetic preset of its own), with ``overrides`` applied."""
-    preset = configs.DEFAULT_PRESETS.get((task, method, "synthetic"))
+    preset = DEFAULT_PRESETS.get((task, method, "synthetic"))
     if preset is None:
-        recipe = dataclasses.replace(configs.PRESETS[configs.default_preset(task, "none", "synthetic")],
+        recipe = dataclasses.replace(PRESETS[default_preset(task, "none", "synthetic")],
                                      method=method, method_options={})
     else:
-        recipe = configs.PRESETS[preset]
+        recipe = PRESETS[preset]
     recipe = dataclasses.replace(recipe, **overrides)
     configs.TASKS[task].check_recipe(recipe)
     if recipe.teacher is None:
@@ -293,7 +295,7 @@ def cost_recipe(task: str, method: str, overrides: dict) -> configs.Recipe:
     return recipe
 
 
-def fixed_batch(recipe: configs.Recipe, runtime: engine.Runtime) -> dict:
+def fixed_batch(recipe: Recipe, runtime: engine.Runtime) -> dict:
     """One training batch of ``recipe``'s data, augmented as the engine's first epoch would be."""
     dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
     if len(dataset) < recipe.batch_size:
@@ -310,7 +312,7 @@ def _place(model: torch.nn.Module, runtime: engine.Runtime) -> torch.nn.Module:
     return model
 
 
-def training_case(name: str, recipe: configs.Recipe, teacher: torch.nn.Module, batch: dict,
+def training_case(name: str, recipe: Recipe, teacher: torch.nn.Module, batch: dict,
                   runtime: engine.Runtime) -> CostCase:
     """One engine iteration of ``recipe`` as a :class:`CostCase`: student forward, teacher forward,
     distiller, backward and SGD step (with the AMP gradient scaler on GPU), then the distiller's extra
@@ -356,7 +358,7 @@ def training_case(name: str, recipe: configs.Recipe, teacher: torch.nn.Module, b
     return CostCase(name, step, lambda: tensor_bytes(modules, held))
 
 
-def teacher_case(teacher: torch.nn.Module, recipe: configs.Recipe, batch: dict,
+def teacher_case(teacher: torch.nn.Module, recipe: Recipe, batch: dict,
                  runtime: engine.Runtime) -> CostCase:
     """The teacher forward alone, as a distillation step runs it (a two-stage teacher scores the RoIs a
     student sampled once, before timing)."""
@@ -420,7 +422,7 @@ def cost_tables(task: str, methods: list, overrides: dict, runtime: engine.Runti
     return tables
 
 
-def pair_table(task: str, base: configs.Recipe, recipes: dict, runtime: engine.Runtime, warmup: int,
+def pair_table(task: str, base: Recipe, recipes: dict, runtime: engine.Runtime, warmup: int,
                rounds: int) -> tuple:
     """``(description, rows, skipped)`` of one student/teacher pair."""
     batch = fixed_batch(base, runtime)
@@ -604,12 +606,12 @@ def fake_tensors():
         yield
 
 
-def _seg_batch(recipe: configs.Recipe) -> dict:
+def _seg_batch(recipe: Recipe) -> dict:
     return {"images": torch.zeros(recipe.batch_size, 3, *recipe.crop),
             "targets": torch.zeros(recipe.batch_size, *recipe.crop, dtype=torch.long)}
 
 
-def _cls_batch(recipe: configs.Recipe) -> dict:
+def _cls_batch(recipe: Recipe) -> dict:
     return {"images": torch.zeros(recipe.batch_size, 3, *recipe.crop),
             "targets": torch.zeros(recipe.batch_size, dtype=torch.long)}
 
@@ -665,14 +667,14 @@ def counted(work: Callable[[], object]) -> tuple:
     return result, counter.get_total_flops()
 
 
-def check_countable(recipe: configs.Recipe) -> None:
+def check_countable(recipe: Recipe) -> None:
     if recipe.task not in FLOP_BATCHES and recipe.task not in PROBED_TASKS:
         raise ValueError(f"bench flops: --task {recipe.task} is not counted: counted tasks are "
                          f"{', '.join(FLOP_BATCHES)} (on fake tensors) and {', '.join(PROBED_TASKS)} (on a real "
                          "probe batch)")
 
 
-def probe_image_size(recipe: configs.Recipe) -> tuple:
+def probe_image_size(recipe: Recipe) -> tuple:
     """(H, W) of a probe image before the training transform: the data set's reference image."""
     return tuple(recipe.synthetic_size) if recipe.data == "synthetic" else REFERENCE_IMAGE_SIZES[recipe.data]
 
@@ -695,7 +697,7 @@ class EpochPass:
     later: int
     images_per_class: int
 
-    def images(self, recipe: configs.Recipe) -> int:
+    def images(self, recipe: Recipe) -> int:
         """An upper bound of the images the pass runs on: each class contributes at most
         ``images_per_class`` images with a box wider and taller than ``pgm_min_size``, and no set more
         images than it has (which ones qualify needs the set's annotations)."""
@@ -720,7 +722,7 @@ def calibrate_batchnorm(model: torch.nn.Module, batch: dict) -> None:
         norm.train(training)
 
 
-def iteration_flops(recipe: configs.Recipe, probe: str | None = None, probe_images: int = 1) -> IterationCount:
+def iteration_flops(recipe: Recipe, probe: str | None = None, probe_images: int = 1) -> IterationCount:
     """FLOPs of one training iteration of ``recipe`` at its input size and total batch, by part: student
     forward (with its task losses), teacher forward, distiller forward, backward of the student objective,
     the distiller's extra optimizer step (forward + backward; e.g. SKD's discriminator) and its per-step
@@ -805,7 +807,7 @@ def iteration_flops(recipe: configs.Recipe, probe: str | None = None, probe_imag
                           description, epoch_pass)
 
 
-def reference_train_size(recipe: configs.Recipe) -> int:
+def reference_train_size(recipe: Recipe) -> int:
     """Images in one epoch of the recipe's training set (before ``dataset_repeat``): the reference set's
     size, or the synthetic set's length."""
     if recipe.data == "synthetic":
@@ -815,23 +817,23 @@ def reference_train_size(recipe: configs.Recipe) -> int:
     return REFERENCE_TRAIN_SIZES[recipe.data]
 
 
-def iterations_per_epoch(recipe: configs.Recipe) -> int:
+def iterations_per_epoch(recipe: Recipe) -> int:
     return recipe.dataset_repeat * reference_train_size(recipe) // recipe.batch_size
 
 
-def reference_schedule(recipe: configs.Recipe) -> configs.Recipe:
-    """The recipe in iterations, an epoch-based one resolved (configs.resolve_schedule) at the iterations
+def reference_schedule(recipe: Recipe) -> Recipe:
+    """The recipe in iterations, an epoch-based one resolved (kd_ref.recipe.resolve_schedule) at the iterations
     per epoch of the reference training set (repeated ``dataset_repeat`` times, last partial batch dropped)."""
     if recipe.epochs is None:
         return recipe
-    return configs.resolve_schedule(recipe, iterations_per_epoch(recipe))
+    return resolve_schedule(recipe, iterations_per_epoch(recipe))
 
 
-def training_iterations(recipe: configs.Recipe) -> int:
+def training_iterations(recipe: Recipe) -> int:
     return reference_schedule(recipe).iters
 
 
-def searching_iterations(recipe: configs.Recipe) -> int:
+def searching_iterations(recipe: Recipe) -> int:
     """Iterations that run the per-step hook: SoKD searches for its first ``search_iters`` (None: all;
     see COST_VARIANTS), every other hook in every iteration."""
     resolved = reference_schedule(recipe)
@@ -847,10 +849,10 @@ def flops(presets: list, peak_tflops: float = V100_FP16_PEAK_TFLOPS, utilisation
           overrides: dict | None = None) -> list:
     """Per preset: FLOPs of one iteration by part, the iterations, the run's FLOPs and its GPU-hours at
     ``peak_tflops`` x ``utilisation``; printed as a Markdown table with the formula."""
-    unknown = [name for name in presets if name not in configs.PRESETS]
+    unknown = [name for name in presets if name not in PRESETS]
     if unknown:
         raise ValueError(f"--preset {' '.join(unknown)}: no such preset (python train.py --list-presets)")
-    recipes = {name: dataclasses.replace(configs.PRESETS[name], **(overrides or {})) for name in presets}
+    recipes = {name: dataclasses.replace(PRESETS[name], **(overrides or {})) for name in presets}
     for recipe in recipes.values():  # every preset is checked before any is counted
         check_countable(recipe)
     rows = []
@@ -1064,7 +1066,7 @@ def constant_depth(preset: str = "synthetic_depth_none") -> dict:
     depth of every valid training pixel everywhere on the validation scenes and scores it with the task's
     pooled ``depth_metrics``; prints and returns ``{"median", <metric>: value}``."""
     from kd_ref import depth
-    recipe = configs.PRESETS.get(preset)
+    recipe = PRESETS.get(preset)
     if recipe is None or recipe.task != "depth" or recipe.data != "synthetic":
         raise ValueError(f"--preset {preset}: expected a synthetic depth preset (e.g. synthetic_depth_none)")
 
@@ -1167,7 +1169,7 @@ def _data_pipelines(task: str, root: str) -> tuple:
     import torchvision.transforms as tv
 
     export_format, data, _ = DATA_TREES[task]
-    recipe = configs.PRESETS[configs.default_preset(task, "none", data)]
+    recipe = PRESETS[default_preset(task, "none", data)]
     if task == "det":
         recipe = dataclasses.replace(recipe, num_classes=len(datasets.COCODetection(root, "train2017").classes))
     if task == "cls":
@@ -1330,10 +1332,10 @@ def main(argv=None) -> None:
         methods = args.methods or default_effect_methods(args.task)
         effect(args.task, methods, args.seeds, args.iters, args.teacher_iters,
                args.out or os.path.join("runs", f"bench_effect_{args.task}"), args.device,
-               configs.parse_overrides(args.overrides))
+               parse_overrides(args.overrides))
     elif args.command == "cost":
         flags = {"student": args.student, "teacher": args.teacher, "batch_size": args.batch_size}
-        overrides = {**{k: v for k, v in flags.items() if v is not None}, **configs.parse_overrides(args.overrides)}
+        overrides = {**{k: v for k, v in flags.items() if v is not None}, **parse_overrides(args.overrides)}
         try:
             cost(args.tasks, args.methods, overrides, tuple(args.size) if args.size else None, args.device, args.amp,
                  args.warmup, args.rounds)
@@ -1351,7 +1353,7 @@ def main(argv=None) -> None:
             parser.error(str(err))
     elif args.command == "flops":
         try:
-            flops(args.preset, args.peak_tflops, args.utilisation, configs.parse_overrides(args.overrides))
+            flops(args.preset, args.peak_tflops, args.utilisation, parse_overrides(args.overrides))
         except ValueError as err:  # an unknown preset or --set field, a task it cannot count
             parser.error(str(err))
     else:

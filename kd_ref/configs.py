@@ -5,8 +5,7 @@
 * ``TASKS``: task name -> models, data and evaluation (``kd_ref.tasks``).
 * :func:`check_recipe`: a recipe the task or method cannot train is refused before anything is built.
 
-The recipe type and its torch-free helpers (``kd_ref.recipe``) and the presets (``kd_ref.presets``) are
-re-exported here under the names earlier code reads them by.
+The recipe type and its torch-free helpers are in ``kd_ref.recipe``, the presets in ``kd_ref.presets``.
 """
 from __future__ import annotations
 
@@ -23,10 +22,7 @@ from kd_ref.drivers import BoundBase, ScheduledGKDDistiller, SoKDPlugin, anchor_
 from kd_ref.gdd import GDDDistiller
 from kd_ref.instance_seg import copy_non_backbone_weights
 from kd_ref.kd import KDDistiller
-from kd_ref.presets import DEFAULT_PRESETS, PRESETS, default_preset, preset_listing, teacher_recipe  # noqa: F401
-from kd_ref.recipe import (DISTILLATION_FIELDS, DOCUMENTATION_FIELDS, PRETRAINED_WEIGHTS, Recipe,  # noqa: F401
-                           check_pretrained, check_schedule, parse_overrides, recipe_changes, recipe_digest,
-                           resolve_schedule, resumed_recipe)
+from kd_ref.recipe import Recipe
 from kd_ref.skd import DepthSKDDistiller, FCOSSKDDistiller, SKDDistiller
 
 # ------------------------------------------------------------------------------------------ methods

@@ -28,10 +28,36 @@ from torch import Tensor, nn
 
 from kd_ref import classifiers, depth, detectors, instance_seg, segmentors
 from kd_ref.mobilenet import VNL_ENCODER, tonylins_key
-from kd_ref.backbones import describe_backbone, load_state_dict_checked, read_checkpoint, tensors_of
+from kd_ref.backbones import describe_backbone, load_state_dict_checked, read_torch_file, tensors_of
 from kd_ref.recipe import Recipe
 
 TASKS = ("seg", "det", "cls", "ins", "depth")
+
+# The layout of the files kd_ref writes (train.py's last.pt, best.pt and teacher caches, python -m kd_ref.convert
+# outputs), stored in them as "format_version". Within a version they load, evaluate and resume (a recipe field
+# missing from a stored recipe takes its default); a file of another version is refused.
+CHECKPOINT_FORMAT_VERSION = 1
+KD_REF_MARKERS = ("format_version", "recipe", "layout")  # entries only kd_ref writes: train.py's, convert's
+
+
+def check_format(content, source: str) -> None:
+    """Refuse a kd_ref file (one carrying an entry of ``KD_REF_MARKERS``) of another format version than
+    ``CHECKPOINT_FORMAT_VERSION``, or of none, with one line; released weights and plain state dicts pass."""
+    if not isinstance(content, Mapping) or not any(key in content for key in KD_REF_MARKERS):
+        return
+    version = content.get("format_version", 0)
+    if version != CHECKPOINT_FORMAT_VERSION:
+        written = " (written before format versions)" if version == 0 else ""
+        raise ValueError(f"{source}: checkpoint format {version}{written}, this kd_ref reads format "
+                         f"{CHECKPOINT_FORMAT_VERSION}")
+
+
+def read_file(path: str | os.PathLike, source: str):
+    """``read_torch_file`` of a weight or checkpoint file, refused by :func:`check_format` when it is a kd_ref
+    file of another format version."""
+    content = read_torch_file(path, source)
+    check_format(content, source)
+    return content
 
 
 def _has(*keys: str) -> Callable[[set], bool]:
@@ -201,7 +227,7 @@ def to_model_keys(model: nn.Module, state_dict: Mapping[str, Tensor], source: st
 def load_weights(model: nn.Module, weights: str | os.PathLike | Mapping[str, Tensor], source: str) -> Layout:
     """Load every weight of ``model`` strictly from a file path or an already read state dict, in any
     layout of ``LAYOUTS``; returns the layout it recognised."""
-    state_dict = weights if isinstance(weights, Mapping) else read_checkpoint(weights, source)
+    state_dict = weights if isinstance(weights, Mapping) else tensors_of(read_file(weights, source), source)
     layout, converted = to_model_keys(model, state_dict, source)
     load_state_dict_checked(model, converted, f"{source} ({layout.name})")
     return layout
@@ -288,7 +314,7 @@ def file_normalization(content, source: str) -> str | None:
     train.py recipe's, or the one its layout's code fixes (FCOS files: ``caffe2_bgr``); None where the file
     does not tell (released mmseg/mmdet/torchvision weights)."""
     if isinstance(content, Mapping) and isinstance(content.get("recipe"), Mapping):
-        # a recipe stored by an older kd_ref without the field ran on the field's default
+        # a field missing from a stored recipe takes its default
         return content["recipe"].get("normalization", Recipe.normalization)
     converted_from = content.get("layout") if isinstance(content, Mapping) else None
     return _code_fields(tensors_of(content, source), source, converted_from).get("normalization")
@@ -364,7 +390,7 @@ def convert(task: str, arch: str, src: str, dst: str, num_classes: int | None = 
     if os.path.exists(dst):
         raise ValueError(f"DST {dst}: exists already; choose a new file (nothing is overwritten)")
     source = f"SRC {src}"
-    state_dict = read_checkpoint(src, source)
+    state_dict = tensors_of(read_file(src, source), source)
     layout = recognise(state_dict, source)
     if layout.task != task:
         raise ValueError(f"{source}: a {layout.name} file (a {layout.task} model), not a --task {task} one")
@@ -376,7 +402,7 @@ def convert(task: str, arch: str, src: str, dst: str, num_classes: int | None = 
     model = build_model(task, arch, num_classes or file_classes, flavour or (layout.flavours or (None,))[0], options)
     load_weights(model, state_dict, source)
     tmp = f"{dst}.tmp"
-    torch.save({"model": model.state_dict(), "source": os.path.abspath(src), "layout": layout.name,
+    torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, "model": model.state_dict(), "source": os.path.abspath(src), "layout": layout.name,
                 "task": task, "arch": arch}, tmp)
     os.replace(tmp, dst)
     return layout, _expected(model)

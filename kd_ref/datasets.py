@@ -1343,9 +1343,9 @@ def training_command(format: str, root: str, scenes: SyntheticScenes) -> str:
         "nyu": ["--task", "depth", "--data", "nyu", "--crop", str(min(height, width)), str(min(height, width))],
     }[format]
     # presets that count epochs keep their epochs (a few hundred iterations on a small tree); the others run 100
-    from kd_ref import configs  # the registry reads the data sets of this module: imported only when asked
+    from kd_ref.presets import PRESETS, default_preset
 
-    preset = configs.PRESETS[configs.default_preset(flags[1], "none", flags[3])]
+    preset = PRESETS[default_preset(flags[1], "none", flags[3])]
     length = [] if preset.epochs else ["--iters", "100"]
     words = ["python", "train.py", *flags, "--data-root", root, "--batch-size", str(batch), *length,
              "--pretrained", "none"]

@@ -492,20 +492,6 @@ class BoundBase(nn.Module):
         return self.distiller(**self.bind(student_out, teacher_out, batch))
 
 
-def _renamed(state_dict, prefix: str, old: str, new: str) -> None:
-    for key in [key for key in state_dict if key.startswith(prefix + old)]:
-        state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
-
-
-def _base_keys_as_in_checkpoints(plugin, state_dict, prefix, local_metadata) -> None:
-    # the base's keys are the last ones the plug-in wrote, so renaming them keeps the key order
-    _renamed(state_dict, prefix, "base.", "sokd.base.")
-
-
-def _base_keys_from_checkpoints(plugin, state_dict, prefix, *load_arguments) -> None:
-    _renamed(state_dict, prefix, "sokd.base.", "base.")
-
-
 class SoKDPlugin(nn.Module):
     """SoKD as the training engine sees it: :class:`~kd_ref.sokd.SoKDDistiller` on the feature ``tap`` of
     the model outputs (``feats[tap]`` of student and teacher), plus an optional base method (a
@@ -522,8 +508,7 @@ class SoKDPlugin(nn.Module):
 
     ``student`` is the module the engine trains (its parameters are the search's inner theta, with the
     SoKD modules' and the base's); ``search_iters`` (None: the whole run) and ``search_options`` go to
-    :class:`SoKDSearch`, the other keyword arguments to ``SoKDDistiller``. The base's state-dict keys are
-    ``sokd.base.*``, the layout of checkpoints written when the base lived inside the distiller.
+    :class:`SoKDSearch`, the other keyword arguments to ``SoKDDistiller``.
     """
 
     def __init__(self, student: nn.Module, s_shape, t_shape, num_heat: int, tap: str,
@@ -535,8 +520,6 @@ class SoKDPlugin(nn.Module):
         self.base = base
         # a plain attribute, not a submodule: the search refers to the student, which is not ours to save
         self.search = SoKDSearch(self.sokd, student, search_iters, base=base, **(search_options or {}))
-        self.register_state_dict_post_hook(_base_keys_as_in_checkpoints)
-        self.register_load_state_dict_pre_hook(_base_keys_from_checkpoints)
 
     def extra_repr(self) -> str:
         return f"tap={self.tap!r}, search_iters={self.search.search_iters}"

@@ -36,7 +36,7 @@ counter (``epoch`` of ``epochs``).
 Schedules: an iteration-based recipe runs ``iters`` iterations; an epoch-based one (``recipe.epochs``, mmdet
 EpochBasedRunner) runs ``epochs`` passes over the training set repeated ``dataset_repeat`` times, its
 iterations, lr steps and evaluation interval derived from that set's length when the run starts
-(``configs.resolve_schedule``). Checkpoints store the recipe as given, in its own units.
+(``kd_ref.recipe.resolve_schedule``). Checkpoints store the recipe as given, in its own units.
 
 Checkpoint selection (``recipe.keep_best``): every evaluation whose main metric beats the best so far is
 also written to ``best.pt``; ``metrics.json`` then holds ``"best": {"iteration", <metric>}`` next to the
@@ -113,6 +113,7 @@ from kd_ref import configs, convert
 from kd_ref.backbones import read_torch_file
 from kd_ref.metrics import all_reduce_sum
 from kd_ref.precision import PRECISION_DTYPES, resolve_precision, tree_at_least_float32
+from kd_ref.recipe import Recipe, check_schedule, recipe_changes, resolve_schedule, resumed_recipe
 
 
 # ------------------------------------------------------------------------------------ distributed
@@ -276,7 +277,7 @@ class AspectGroupSampler(ResumableSampler):
         return shuffled[self.rank * self.num_samples:(self.rank + 1) * self.num_samples].tolist()
 
 
-def build_train_sampler(recipe: "configs.Recipe", augmented: "EpochAugmentation", runtime: Runtime,
+def build_train_sampler(recipe: "Recipe", augmented: "EpochAugmentation", runtime: Runtime,
                         batch: int) -> ResumableSampler:
     """The training sampler of ``recipe``: aspect-grouped batches (``group_by_aspect``, mmdet's
     GroupSampler) over the data set repeated ``dataset_repeat`` times, or plain shuffling."""
@@ -317,7 +318,7 @@ def shard_indices(length: int, runtime: Runtime) -> list:
 
 
 # ---------------------------------------------------------------------------------------- schedule
-def lr_factor(iteration: int, recipe: "configs.Recipe") -> float:
+def lr_factor(iteration: int, recipe: "Recipe") -> float:
     """Multiplier of the base lr at ``iteration`` (0-based): linear warm-up, then poly or steps.
 
     poly:  lr = min_lr + (base - min_lr) * (1 - it / iters) ** power    (min_lr = 0: CIRKD/SKD form)
@@ -367,34 +368,30 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by this engine (to resume), with a clear error for anything else."""
-    ckpt = read_torch_file(path, f"checkpoint {path}")
+def load_checkpoint(path: str, source: str | None = None) -> dict:
+    """Load a checkpoint written by this engine (to resume), with a clear error for anything else, a
+    checkpoint of another format version (``convert.CHECKPOINT_FORMAT_VERSION``) included."""
+    ckpt = read_torch_file(path, source or f"checkpoint {path}")
+    convert.check_format(ckpt, source or path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"checkpoint {path}: expected a kd_ref checkpoint (a dict with 'model'), "
+        raise ValueError(f"{source or f'checkpoint {path}'}: expected a kd_ref checkpoint (a dict with 'model'), "
                          f"found {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}")
     return ckpt
 
 
-def trained_precision(ckpt: dict) -> str | None:
-    """The precision a checkpoint's run trained in: its record, or for a checkpoint older than the record,
-    fp16 when it holds a GradScaler state (only fp16 leaves one) and None (fp32 or bf16, not told apart)."""
-    return ckpt.get("precision") or ("fp16" if ckpt.get("scaler") else None)
-
-
-def precision_change_note(trained: str | None, now: str, path: str) -> str | None:
-    """The line a run resumed from ``path`` (trained in ``trained``, see :func:`trained_precision`) says when
-    it continues in another precision ``now``; None when nothing changes that can be told. A change of
+def precision_change_note(trained: str, now: str, path: str) -> str | None:
+    """The line a run resumed from ``path`` (trained in ``trained``, the checkpoint's record) says when
+    it continues in another precision ``now``; None when nothing changes. A change of
     precision is allowed: the weights and optimizer states are float32 whatever the autocast, and only the
     fp16 GradScaler's state is left behind (or, going to fp16, starts from its initial scale)."""
-    if trained == now or (trained is None and now != "fp16"):
+    if trained == now:
         return None
     consequences = []
     if trained == "fp16":
         consequences.append("its GradScaler state is dropped")
     if now == "fp16":
         consequences.append("the GradScaler starts from its initial scale")
-    return (f"--resume: {path} was trained in {trained or 'fp32 or bf16'}, this run continues in {now}"
+    return (f"--resume: {path} was trained in {trained}, this run continues in {now}"
             + "".join(f"; {item}" for item in consequences))
 
 
@@ -528,7 +525,7 @@ class StepContext:
 ETA_AFTER = 10  # iterations after which a run says its measured s/it and the time left
 
 
-def estimate_training_memory(recipe: "configs.Recipe", per_rank_batch: int, probe_pixels: int = 128 * 128) -> int:
+def estimate_training_memory(recipe: "Recipe", per_rank_batch: int, probe_pixels: int = 128 * 128) -> int:
     """Bytes one process needs to train ``recipe`` at ``per_rank_batch``, estimated before any data is read:
     float32 student weights, gradients and momentum, the teacher's weights, and the student's activations
     kept for backward, taken as the outputs of all its leaf modules in one forward of a probe input of at most
@@ -559,7 +556,7 @@ def estimate_training_memory(recipe: "configs.Recipe", per_rank_batch: int, prob
     return int(total)
 
 
-def build_optimizer(params, recipe: "configs.Recipe") -> torch.optim.Optimizer:
+def build_optimizer(params, recipe: "Recipe") -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay,
                            nesterov=recipe.nesterov)
 
@@ -569,7 +566,7 @@ NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.m
                nn.LocalResponseNorm)
 
 
-def parameter_groups(sources: list, recipe: "configs.Recipe") -> list:
+def parameter_groups(sources: list, recipe: "Recipe") -> list:
     """SGD parameter groups of ``sources``, pairs (module, the parameters of it to optimise, in order): per
     source, the biases (every parameter named ``bias``, normalisation layers' included, as torchvision's
     custom "bias" key and maskrcnn-benchmark's make_optimizer) at ``bias_weight_decay`` and
@@ -610,7 +607,7 @@ class Optimizers:
     extra_params: list = dataclasses.field(default_factory=list)
 
 
-def build_optimizers(recipe: "configs.Recipe", student: nn.Module, distiller: nn.Module | None) -> Optimizers:
+def build_optimizers(recipe: "Recipe", student: nn.Module, distiller: nn.Module | None) -> Optimizers:
     extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
     extra_ids = {id(p) for p in extra_params}
     distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
@@ -821,7 +818,7 @@ def _check_finite(losses: dict, iteration: int) -> None:
                                  "update (the last checkpoint is left untouched)")
 
 
-def train(recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool = False,
+def train(recipe: "Recipe", out_dir: str, runtime: Runtime, resume: bool = False,
           teacher_ckpt: str | None = None, workers: int = 2, data_root: str | None = None,
           quiet: bool = False, explicit_fields: frozenset = frozenset()) -> dict:
     """Train ``recipe.student`` (distilled by ``recipe.method`` from ``recipe.teacher`` when the method
@@ -877,12 +874,12 @@ class TrainingRun:
     flags) holds them; an explicit value the checkpoint was not trained with is then refused.
     """
 
-    def __init__(self, recipe: "configs.Recipe", out_dir: str, runtime: Runtime, resume: bool,
+    def __init__(self, recipe: "Recipe", out_dir: str, runtime: Runtime, resume: bool,
                  teacher_ckpt: str | None, workers: int, data_root: str | None, quiet: bool,
                  explicit_fields: frozenset = frozenset()):
         self.task, self.method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
         configs.check_recipe(recipe)
-        configs.check_schedule(recipe)
+        check_schedule(recipe)
         self.out_dir, self.runtime, self.workers, self.quiet = out_dir, runtime, workers, quiet
         self.teacher_ckpt = teacher_ckpt
         os.makedirs(out_dir, exist_ok=True)
@@ -890,11 +887,11 @@ class TrainingRun:
         self.log_file = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
         self.resume_state = load_checkpoint(self.ckpt_path) if resume else None
         if resume:
-            recipe, reset = configs.resumed_recipe(self.resume_state["recipe"], recipe, explicit_fields)
+            recipe, reset = resumed_recipe(self.resume_state["recipe"], recipe, explicit_fields)
             if reset and runtime.is_main:
                 print(f"--resume: {self.ckpt_path} predates the recipe fields {reset}; the run continues with "
                       "their defaults, as it was trained")
-        changed = configs.recipe_changes(self.resume_state["recipe"], recipe) if resume else []
+        changed = recipe_changes(self.resume_state["recipe"], recipe) if resume else []
         if changed:
             raise ValueError(f"--resume: the recipe differs from the one in {self.ckpt_path} in {changed}")
         self._build_models(recipe, teacher_ckpt)
@@ -945,7 +942,7 @@ class TrainingRun:
                                  generator=torch.Generator().manual_seed(recipe.seed))
         self.iters_per_epoch = len(self.sampler) // self.per_rank_batch
         self.recipe_record = dataclasses.asdict(recipe)  # checkpoints keep the recipe as given (epochs stay epochs)
-        self.recipe = configs.resolve_schedule(recipe, self.iters_per_epoch)
+        self.recipe = resolve_schedule(recipe, self.iters_per_epoch)
         self.epochs = math.ceil(self.recipe.iters / self.iters_per_epoch)
 
     def _build_distiller_and_optimizers(self) -> None:
@@ -982,12 +979,12 @@ class TrainingRun:
             if state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
                 self.extra_scaler.load_state_dict(state["extra_scaler"])
-            note = precision_change_note(trained_precision(state), runtime.precision, self.ckpt_path)
+            note = precision_change_note(state["precision"], runtime.precision, self.ckpt_path)
             if note and runtime.is_main:
                 print(note)
             self.start_iter = state["iteration"]
             self.log_file.truncate(self.start_iter)
-            self.best = state.get("best")  # absent in checkpoints of runs without keep_best
+            self.best = state["best"]
             set_rng_state(state["rng"][min(runtime.rank, len(state["rng"]) - 1)])
             if runtime.is_main and not self.quiet:
                 print(f"resumed from {self.ckpt_path} at iteration {self.start_iter}")
@@ -1162,6 +1159,7 @@ class TrainingRun:
             dist.all_gather_object(rngs, rng_state())
         if runtime.is_main:
             atomic_save({
+                "format_version": convert.CHECKPOINT_FORMAT_VERSION,
                 "model": unwrap(self.model).state_dict(),
                 "distiller": self.distiller.state_dict() if self.distiller else None,
                 "optimizer": optimizers.student.state_dict(),

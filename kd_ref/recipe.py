@@ -111,11 +111,6 @@ def _field_default(name: str):
 DOCUMENTATION_FIELDS = ("source", "gpus")
 
 
-# Training-set sizes of the data sets whose presets counted iterations (epochs x size // batch) before they
-# counted epochs: the CIFAR-100 and ImageNet classification rows.
-ITERATION_COUNTED_SETS = {"cifar100": 50_000, "imagenet": 1_281_167}
-
-
 def resumed_recipe(stored: dict, recipe: Recipe, explicit: frozenset = frozenset()) -> tuple:
     """The recipe a resumed run continues, and the fields it reset: a field the checkpoint's stored recipe
     lacks was added after the checkpoint was written, so the run goes on with that field's default, which
@@ -131,14 +126,9 @@ def resumed_recipe(stored: dict, recipe: Recipe, explicit: frozenset = frozenset
 def recipe_changes(stored: dict, recipe: Recipe) -> list:
     """Fields in which ``recipe`` differs from a checkpoint's stored recipe (a dict). A field the stored
     recipe lacks was added after the checkpoint was written and counts as its default, which reproduces
-    the behaviour of the code that wrote it. A stored recipe in iterations on a data set of
-    ``ITERATION_COUNTED_SETS`` is compared with an epoch-based ``recipe`` in iterations, at that set's
-    iterations per epoch: a checkpoint of a preset that counted iterations then resumes under the preset
-    that counts epochs now, if the two are the same run."""
+    the behaviour of the code that wrote it."""
     old = {spec.name: stored[spec.name] if spec.name in stored else _field_default(spec.name)
            for spec in dataclasses.fields(Recipe)}
-    if old["epochs"] is None and recipe.epochs is not None and recipe.data in ITERATION_COUNTED_SETS:
-        recipe = resolve_schedule(recipe, ITERATION_COUNTED_SETS[recipe.data] // recipe.batch_size)
     return [name for name, value in old.items() if name not in DOCUMENTATION_FIELDS and value != getattr(recipe, name)]
 
 

@@ -39,6 +39,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd_ref import configs, engine
+from kd_ref.presets import PRESETS
+from kd_ref.recipe import Recipe
 
 # Tensor methods that hand device values to Python; they run no aten operator on a CPU tensor, so only the
 # function mode sees them. Scalar reads (item, bool, int, float) are counted once, at _local_scalar_dense.
@@ -150,19 +152,19 @@ class CudaSyncWarnings:
 
 def default_presets() -> list[str]:
     """Every synthetic preset that trains a student (task x method x model family), teachers aside."""
-    return [name for name, recipe in configs.PRESETS.items()
+    return [name for name, recipe in PRESETS.items()
             if recipe.data == "synthetic" and not name.endswith("_teacher")]
 
 
-def probe_recipe(name: str) -> configs.Recipe:
+def probe_recipe(name: str) -> Recipe:
     """Preset ``name`` shrunk to what one counted iteration needs: two batches of two images."""
-    recipe = configs.PRESETS[name]
+    recipe = PRESETS[name]
     return dataclasses.replace(recipe, batch_size=2, synthetic_train=4, synthetic_val=1, iters=2, epochs=None,
                                eval_every=0, eval_at=(), ckpt_every=0, keep_best=False, pretrained=None,
                                student_init=None)
 
 
-def count_iteration(recipe: configs.Recipe, runtime: engine.Runtime, counter_factory=SyncCounter):
+def count_iteration(recipe: Recipe, runtime: engine.Runtime, counter_factory=SyncCounter):
     """The synchronisations of the second training iteration of ``recipe`` (a ``counter_factory()``
     context, returned after the iteration), with a randomly initialised teacher."""
     task = configs.TASKS[recipe.task]
@@ -218,7 +220,7 @@ def main(argv=None) -> None:
                         help="default: cuda when available (measured), else cpu (counted by design)")
     args = parser.parse_args(argv)
     presets = args.presets or default_presets()
-    unknown = [name for name in presets if name not in configs.PRESETS or configs.PRESETS[name].data != "synthetic"]
+    unknown = [name for name in presets if name not in PRESETS or PRESETS[name].data != "synthetic"]
     if unknown:
         parser.error(f"--presets {' '.join(unknown)}: not synthetic presets; python train.py --list-presets lists them")
     try:

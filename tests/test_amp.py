@@ -12,6 +12,7 @@ import train
 from kd_ref import configs, engine, metrics, presets
 from kd_ref.precision import resolve_precision
 from train_helpers import train_crashing_in_step
+from kd_ref.recipe import Recipe
 
 
 @pytest.mark.parametrize("requested, device_type, native_cuda_bf16, expected", [
@@ -74,7 +75,7 @@ TINY_SIZES = {"seg": {"synthetic_size": (32, 32), "crop": (32, 32)},
 P7_CONV_SIZES = {"synthetic_size": (96, 96), "image_scale": (96, 96)}
 
 
-def tiny(recipe: configs.Recipe) -> configs.Recipe:
+def tiny(recipe: Recipe) -> Recipe:
     """``recipe`` for one iteration at batch 2 on two training images and one validation image."""
     sizes = TINY_SIZES[recipe.task]
     if recipe.student.startswith(("retinanet", "fcos")):
@@ -167,17 +168,7 @@ def test_a_run_resumed_in_another_precision_continues_and_says_so(tmp_path, rand
     ("fp32", "fp32", None), ("bf16", "bf16", None), ("fp16", "fp16", None),
     ("fp32", "bf16", "was trained in fp32, this run continues in bf16"),
     ("bf16", "fp16", "was trained in bf16, this run continues in fp16; the GradScaler starts from its initial scale"),
-    ("fp16", "fp32", "was trained in fp16, this run continues in fp32; its GradScaler state is dropped"),
-    # a checkpoint older than the record, without a scaler state: fp32 or bf16, which only fp16 must hear about
-    (None, "fp32", None), (None, "bf16", None),
-    (None, "fp16", "was trained in fp32 or bf16, this run continues in fp16; the GradScaler starts from its "
-                   "initial scale")])
+    ("fp16", "fp32", "was trained in fp16, this run continues in fp32; its GradScaler state is dropped")])
 def test_precision_change_note(trained, now, says):
     note = engine.precision_change_note(trained, now, "run/last.pt")
     assert note == (None if says is None else f"--resume: run/last.pt {says}")
-
-
-def test_checkpoints_older_than_the_record_are_read_by_their_scaler_state():
-    assert engine.trained_precision({"precision": "bf16", "scaler": {}}) == "bf16"
-    assert engine.trained_precision({"scaler": {"scale": 1024.0}}) == "fp16"
-    assert engine.trained_precision({"scaler": {}}) is None

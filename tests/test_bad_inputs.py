@@ -19,7 +19,7 @@ from PIL import Image
 
 import evaluate
 import train
-from kd_ref import datasets, segmentors
+from kd_ref import convert, datasets, segmentors
 from kd_ref.tasks import SYNTHETIC_NUM_IMAGE_CLASSES as NUM_IMAGE_CLASSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,6 +112,45 @@ def with_recipe(source, path, **fields):
     ckpt = torch.load(source, map_location="cpu", weights_only=False)
     ckpt["recipe"].update(fields)
     return saved(ckpt, path)
+
+
+def with_format(source, path, version):
+    """``source`` saved with format version ``version`` (None: without one, as before format versions)."""
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    ckpt.pop("format_version", None)
+    return saved(ckpt if version is None else {**ckpt, "format_version": version}, path)
+
+
+def format_cases(version):
+    """Every reader of a kd_ref checkpoint refuses one of another format ``version`` (None: none) with one
+    line naming the file and that version, before any work."""
+    said = ("checkpoint format 2, this kd_ref reads format 1" if version is not None else
+            "checkpoint format 0 (written before format versions), this kd_ref reads format 1")
+    name = f"format_{version or 'none'}"
+
+    def file(c):
+        return with_format(c.trained, c.tmp / f"{name}.pt", version)
+
+    def resume(c):
+        out = c.tmp / "out"
+        out.mkdir()
+        with_format(c.trained, out / "last.pt", version)
+        return (*synthetic_train(out, "--resume"), f"--resume {out / 'last.pt'}: {said}")
+
+    return {
+        f"resume_from_a_checkpoint_of_{name}": resume,
+        f"teacher_checkpoint_of_{name}": lambda c: (
+            *synthetic_train(c.tmp / "out", "--method", "kd", "--teacher", "deeplabv3_r18", "--teacher-ckpt",
+                             str(file(c))), f"--teacher-ckpt {c.tmp / f'{name}.pt'}: {said}"),
+        f"student_init_of_{name}": lambda c: (
+            *synthetic_train(c.tmp / "out", "--student", "deeplabv3_r18", "--student-init", str(file(c))),
+            f"--student-init {c.tmp / f'{name}.pt'}: {said}"),
+        f"checkpoint_to_evaluate_of_{name}": lambda c: (
+            evaluate, ["--ckpt", str(file(c)), "--quiet"], f"--ckpt {c.tmp / f'{name}.pt'}: {said}"),
+        f"checkpoint_to_convert_of_{name}": lambda c: (
+            SimpleNamespace(run=convert.main), ["--task", "seg", "--arch", "deeplabv3_r18", str(file(c)),
+                                                str(c.tmp / "converted.pt")], f"SRC {c.tmp / f'{name}.pt'}: {said}"),
+    }
 
 
 def first(root, pattern):
@@ -250,6 +289,8 @@ CASES = {
     "keep_best_without_evaluations": lambda c: (*synthetic_train(c.tmp, "--keep-best", "--eval-every", "0"),
                                                 "--keep-best"),
 }
+CASES.update(format_cases(2))
+CASES.update(format_cases(None))
 if not torch.cuda.is_available():
     CASES["cuda_without_gpu"] = lambda c: (*synthetic_train(c.tmp, "--device", "cuda"), "no CUDA device")
 

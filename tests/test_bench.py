@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from kd_ref import bench, configs, engine
+from kd_ref.presets import PRESETS
+from kd_ref.recipe import Recipe
 
 TINY = {"synthetic_size": (64, 64), "crop": (64, 64), "synthetic_train": 4, "synthetic_val": 2, "batch_size": 2}
 
@@ -108,7 +110,7 @@ def test_flop_count_of_a_depthwise_convolution_backward_counts_each_channel_once
 
 
 def test_iteration_flops_splits_a_kd_step_into_its_parts():
-    recipe = configs.Recipe(task="cls", data="synthetic", method="kd", student="resnet8", teacher="resnet8",
+    recipe = Recipe(task="cls", data="synthetic", method="kd", student="resnet8", teacher="resnet8",
                             num_classes=8, crop=(32, 32), batch_size=4, iters=10)
     parts = bench.iteration_flops(recipe).parts
     assert list(parts) == ["student forward", "teacher forward", "distiller forward", "backward"]
@@ -120,18 +122,18 @@ def test_iteration_flops_splits_a_kd_step_into_its_parts():
 
 
 def test_iterations_follow_the_reference_set_sizes_and_gpu_hours_the_stated_throughput():
-    assert bench.training_iterations(configs.PRESETS["gkd_faster_rcnn_r50_fpn_2x_coco"]) == 24 * (117_266 // 16)
-    assert bench.training_iterations(configs.PRESETS["gkd_faster_rcnn_r50_fpn_voc0712"]) == 4 * (3 * 16_551 // 16)
-    assert bench.training_iterations(configs.PRESETS["dist_deeplabv3_r18_cityscapes"]) == 40_000
+    assert bench.training_iterations(PRESETS["gkd_faster_rcnn_r50_fpn_2x_coco"]) == 24 * (117_266 // 16)
+    assert bench.training_iterations(PRESETS["gkd_faster_rcnn_r50_fpn_voc0712"]) == 4 * (3 * 16_551 // 16)
+    assert bench.training_iterations(PRESETS["dist_deeplabv3_r18_cityscapes"]) == 40_000
     assert bench.gpu_hours(125e12 * 0.25 * 3600, 125.0, 0.25) == pytest.approx(1.0)
-    sokd = configs.PRESETS["sokd_resnet18_imagenet"]
+    sokd = PRESETS["sokd_resnet18_imagenet"]
     assert bench.searching_iterations(sokd) == 5 * (1_281_167 // 256)
-    assert bench.searching_iterations(configs.PRESETS["dist_resnet18_imagenet"]) == 100 * (1_281_167 // 256)
+    assert bench.searching_iterations(PRESETS["dist_resnet18_imagenet"]) == 100 * (1_281_167 // 256)
 
 
 def test_flops_prints_the_formula_and_refuses_tasks_it_cannot_count(capsys):
     rows = bench.flops(["synthetic_cls_kd"], peak_tflops=100.0, utilisation=0.5, overrides={"batch_size": 2})
-    iterations = bench.training_iterations(dataclasses.replace(configs.PRESETS["synthetic_cls_kd"], batch_size=2))
+    iterations = bench.training_iterations(dataclasses.replace(PRESETS["synthetic_cls_kd"], batch_size=2))
     assert rows[0]["iterations"] == iterations and rows[0]["total"] == rows[0]["per_iteration"] * iterations
     assert rows[0]["gpu_hours"] == pytest.approx(rows[0]["total"] / 50e12 / 3600)
     assert "GPU-hours = FLOPs per iteration x iterations / (peak FLOP/s x utilisation) / 3600" in capsys.readouterr().out
@@ -149,14 +151,14 @@ TINY_DET = {"synthetic_size": (64, 64), "image_scale": (64, 64)}
 @pytest.mark.parametrize("preset,overrides", [("synthetic_cls_dist", {"batch_size": 2}),
                                               ("synthetic_seg_skd", {**TINY, "crop": (32, 32)})])
 def test_real_probe_of_seg_and_cls_counts_what_fake_tensors_count(preset, overrides):
-    recipe = dataclasses.replace(configs.PRESETS[preset], **overrides)
+    recipe = dataclasses.replace(PRESETS[preset], **overrides)
     real, fake = bench.iteration_flops(recipe, probe="real"), bench.iteration_flops(recipe, probe="fake")
     assert real.parts == fake.parts and sum(real.parts.values()) > 0
 
 
 def test_detection_count_is_per_image_times_the_batch_with_its_epoch_pass(capsys):
     """GKD on Faster R-CNN: RoIs at the recipe's sample, the prototype pass counted per image per epoch."""
-    recipe = dataclasses.replace(configs.PRESETS["synthetic_det_frcnn_gkd"], **TINY_DET)
+    recipe = dataclasses.replace(PRESETS["synthetic_det_frcnn_gkd"], **TINY_DET)
     row, = bench.flops(["synthetic_det_frcnn_gkd"], overrides=TINY_DET)
     assert list(row["parts"]) == ["student forward", "teacher forward", "distiller forward", "backward"]
     assert row["probe"] == "64x64 image, 2 boxes, input 64x64, 128 RoIs"
@@ -174,7 +176,7 @@ def test_detection_count_is_per_image_times_the_batch_with_its_epoch_pass(capsys
 
 def test_probe_batchnorm_statistics_keep_a_random_resnet101_at_a_trained_scale():
     """At running statistics (0, 1) a random R101's C5 grows to ~1e5 and the RPN proposes nothing."""
-    recipe = dataclasses.replace(configs.PRESETS["retinanet_r101_fpn_2x_coco"], num_classes=3, **TINY_DET)
+    recipe = dataclasses.replace(PRESETS["retinanet_r101_fpn_2x_coco"], num_classes=3, **TINY_DET)
     torch.manual_seed(0)
     detector = configs.TASKS["det"].build_model(recipe, "retinanet_r101").eval()
     dataset, collate = configs.TASKS["det"].probe_data(recipe, (64, 64), 2)
@@ -188,13 +190,13 @@ def test_probe_batchnorm_statistics_keep_a_random_resnet101_at_a_trained_scale()
 
 
 def test_flops_says_what_it_cannot_count_in_one_line():
-    recipe = configs.PRESETS["synthetic_det_retinanet_none"]
+    recipe = PRESETS["synthetic_det_retinanet_none"]
     with pytest.raises(ValueError, match="^bench flops: --task det cannot run on fake tensors: its training step "
                                          "sizes tensors by their values"):
         bench.iteration_flops(recipe, probe="fake")
     with pytest.raises(ValueError, match=r"^bench flops: --task depth is not counted: counted tasks are seg, cls "
                                          r"\(on fake tensors\) and det, ins \(on a real probe batch\)$"):
-        bench.iteration_flops(configs.PRESETS["synthetic_depth_none"])
+        bench.iteration_flops(PRESETS["synthetic_depth_none"])
 
 
 def test_flops_cli_refuses_what_it_cannot_count_in_one_line(capsys):
@@ -248,8 +250,8 @@ def test_constant_depth_predicts_the_median_training_depth_everywhere(monkeypatc
     import numpy as np
 
     from kd_ref import datasets
-    recipe = dataclasses.replace(configs.PRESETS["synthetic_depth_none"], synthetic_train=3, synthetic_val=2)
-    monkeypatch.setitem(configs.PRESETS, "synthetic_depth_none", recipe)
+    recipe = dataclasses.replace(PRESETS["synthetic_depth_none"], synthetic_train=3, synthetic_val=2)
+    monkeypatch.setitem(PRESETS, "synthetic_depth_none", recipe)
     scores = bench.constant_depth("synthetic_depth_none")
     train = datasets.SyntheticDepthScenes(datasets.SyntheticScenes("train", recipe.seed, recipe.synthetic_size, 3,
                                                                    style=recipe.synthetic_style))

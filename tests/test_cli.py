@@ -9,6 +9,7 @@ import pytest
 import evaluate
 import train
 from kd_ref import cli, configs, datasets
+from kd_ref.presets import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +52,7 @@ def test_presets_import_no_torch():
     result = _python("import sys\nfrom kd_ref import presets\nprint(len(presets.PRESETS), "
                      "presets.default_preset('det', 'gkd', 'coco'), 'torch' in sys.modules)")
     assert result.stdout.split()[1:] == ["gkd_retinanet_r50_fpn_2x_coco", "False"], result.stderr
-    assert int(result.stdout.split()[0]) == len(configs.PRESETS)
+    assert int(result.stdout.split()[0]) == len(PRESETS)
 
 
 @pytest.mark.parametrize("tool", [train, evaluate])
@@ -77,7 +78,7 @@ def test_list_presets_shows_every_preset_once_under_its_paper(capsys):
     assert train.run(["--list-presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
     listed = [line.split()[0] for line in lines if line.startswith("  ")]
-    assert sorted(listed) == sorted(configs.PRESETS)
+    assert sorted(listed) == sorted(PRESETS)
     assert "GDD, Generative Denoise Distillation (arXiv:2401.08332)" in lines
     row = lines.index(next(line for line in lines if line.split() and line.split()[0] == "gdd_pspnet_r18_cityscapes"))
     assert lines[row + 1].split()[0] == "gdd_pspnet_r18_cityscapes_baseline", "a baseline twin follows its row"

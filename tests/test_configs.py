@@ -446,22 +446,6 @@ def test_cifar_and_imagenet_presets_count_epochs_and_resolve_to_the_reference_it
             assert recipe.epochs is not None and "search_iters" not in recipe.method_options, name
 
 
-def test_a_checkpoint_of_a_cifar_preset_written_in_iterations_resumes_under_the_epoch_preset():
-    dist = presets.PRESETS["dist_resnet8x4_cifar100"]
-    stored = dataclasses.asdict(dataclasses.replace(dist, epochs=None, iters=240 * 781, eval_every=781,
-                                                    lr_steps=(150 * 781, 180 * 781, 210 * 781)))
-    del stored["epochs"]  # as the preset was, and as a checkpoint before the field was added has it
-    assert recipe_changes(stored, dist) == []
-    sokd = presets.PRESETS["sokd_resnet8x4_cifar100"]
-    stored_sokd = {**stored, "method": "sokd", "method_options": {**sokd.method_options, "search_iters": 50 * 781}}
-    del stored_sokd["method_options"]["search_epochs"]
-    assert recipe_changes(stored_sokd, sokd) == []
-    # a different run stays different: 10 more epochs, or a search over the first 40 epochs
-    assert recipe_changes(stored, dataclasses.replace(dist, epochs=250)) == ["iters"]
-    stored_sokd["method_options"]["search_iters"] = 40 * 781
-    assert recipe_changes(stored_sokd, sokd) == ["method_options"]
-
-
 def test_a_method_option_in_epochs_needs_an_epoch_based_recipe_and_replaces_the_one_in_iterations():
     sokd = presets.PRESETS["sokd_resnet8x4_cifar100"]
     check_schedule(sokd)

@@ -9,9 +9,11 @@ import torch
 
 import evaluate
 import train
-from kd_ref import classifiers, configs, convert, detectors, engine, segmentors, tasks
+from kd_ref import classifiers, convert, detectors, engine, segmentors, tasks
 from kd_ref.backbones import build_backbone, read_checkpoint
 from model_helpers import randomise_
+from kd_ref.presets import PRESETS
+from kd_ref.recipe import Recipe
 
 TINY_SEG = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=4",
             "--set", "synthetic_val=2", "--batch-size", "2", "--iters", "1", "--quiet", "--device", "cpu"]
@@ -188,8 +190,8 @@ def test_convert_command_writes_a_checkpoint_in_our_keys(tmp_path, capsys, task,
 
 def test_evaluate_scores_a_released_file_as_its_kd_ref_twin(tmp_path, monkeypatch):
     name = "synthetic_det_retinanet_teacher"
-    monkeypatch.setitem(configs.PRESETS, name, dataclasses.replace(
-        configs.PRESETS[name], synthetic_val=2, synthetic_size=(64, 64), image_scale=(64, 64)))
+    monkeypatch.setitem(PRESETS, name, dataclasses.replace(
+        PRESETS[name], synthetic_val=2, synthetic_size=(64, 64), image_scale=(64, 64)))
     model = randomise_(detectors.build_detector("retinanet_r18", 3))
     ours = tmp_path / "ours.pt"
     torch.save(model.state_dict(), ours)
@@ -225,7 +227,7 @@ def test_classifier_pretrained_loads_torchvision_weights_through_the_same_path(t
     path = tmp_path / "resnet18-f37072fd.pth"
     torch.save(rename(source.state_dict(), [("backbone.stem.0.", "conv1."), ("backbone.stem.1.", "bn1."),
                                             ("backbone.", "")]), path)
-    recipe = configs.Recipe(task="cls", num_classes=7)
+    recipe = Recipe(task="cls", num_classes=7)
     assert_same_weights(tasks.ClsTask().build_model(recipe, "resnet18", pretrained=str(path)), source)
     with pytest.raises(ValueError, match=r"^--pretrained .*: a ImageNet ResNet \(torchvision keys\) file holding "
                                          r"ImageNet classifier on a ResNet-18 \(7x7 stem\), 7 classes; the recipe "

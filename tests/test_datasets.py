@@ -11,6 +11,7 @@ from PIL import Image
 
 from kd_ref import datasets as D
 from kd_ref import transforms as T
+from kd_ref.presets import PRESETS, default_preset
 
 SIZE = (64, 80)
 
@@ -375,7 +376,7 @@ def test_synthetic_demo_batches_are_bit_identical_to_the_former_pipeline(task):
 
     from kd_ref import configs, engine
 
-    recipe = configs.PRESETS[configs.default_preset(task, "none", "synthetic")]
+    recipe = PRESETS[default_preset(task, "none", "synthetic")]
     recipe = dataclasses.replace(recipe, synthetic_train=3, synthetic_val=2)
     for split in ("train", "val"):
         dataset, collate = configs.TASKS[task].build_data(recipe, split, None)
@@ -407,7 +408,7 @@ def test_exported_cityscapes_batches_are_bit_identical_to_the_former_pipeline(tm
     from kd_ref import configs, engine
 
     D.export("cityscapes", str(tmp_path), num_train=4, num_val=1, size=(48, 64), seed=0)
-    recipe = dataclasses.replace(configs.PRESETS[preset], crop=(40, 56), num_classes=9)
+    recipe = dataclasses.replace(PRESETS[preset], crop=(40, 56), num_classes=9)
     digests, geometry = [], []
     for split in ("train", "val"):
         dataset, collate = configs.TASKS["seg"].build_data(recipe, split, str(tmp_path))

@@ -42,24 +42,25 @@ import torch.nn.functional as F
 
 from kd_ref import configs, engine
 from kd_ref.gdd import GDDLoss
+from kd_ref.presets import PRESETS
 
 ITERATIONS = 2  # a few steps: the second one starts from weights the first has changed
-SEG = dataclasses.replace(configs.PRESETS["synthetic_seg_none"], crop=(32, 32), synthetic_size=(32, 32),
+SEG = dataclasses.replace(PRESETS["synthetic_seg_none"], crop=(32, 32), synthetic_size=(32, 32),
                           synthetic_train=8, teacher="pspnet_r18")
 SMALL_DET = {"synthetic_size": (32, 32), "image_scale": (32, 32), "synthetic_train": 16, "grad_clip": None,
              "warmup_iters": 0}
-DET = dataclasses.replace(configs.PRESETS["synthetic_det_retinanet_none"], **SMALL_DET)
-FRCNN = dataclasses.replace(configs.PRESETS["synthetic_det_frcnn_none"], **SMALL_DET, rcnn_rois_per_image=16)
-FCOS = dataclasses.replace(configs.PRESETS["synthetic_det_fcos_none"], **SMALL_DET, teacher="fcos_mv2_c64")
+DET = dataclasses.replace(PRESETS["synthetic_det_retinanet_none"], **SMALL_DET)
+FRCNN = dataclasses.replace(PRESETS["synthetic_det_frcnn_none"], **SMALL_DET, rcnn_rois_per_image=16)
+FCOS = dataclasses.replace(PRESETS["synthetic_det_fcos_none"], **SMALL_DET, teacher="fcos_mv2_c64")
 SMALL_INS = {**SMALL_DET, "synthetic_size": (64, 64), "image_scale": (64, 64)}  # SOLO needs 2x2 cells at stride 32
-SOLO = dataclasses.replace(configs.PRESETS["synthetic_ins_solo_none"], **SMALL_INS, teacher="solo_synth_r18")
-MASK_RCNN = dataclasses.replace(configs.PRESETS["synthetic_ins_maskrcnn_none"], **SMALL_DET, rcnn_rois_per_image=16)
+SOLO = dataclasses.replace(PRESETS["synthetic_ins_solo_none"], **SMALL_INS, teacher="solo_synth_r18")
+MASK_RCNN = dataclasses.replace(PRESETS["synthetic_ins_maskrcnn_none"], **SMALL_DET, rcnn_rois_per_image=16)
 # VNL's virtual-normal term is off: it drops the easiest quarter of the triplets pooled over one process's
 # images (per GPU in VNL too), which no split of the batch reproduces
-DEPTH = dataclasses.replace(configs.PRESETS["synthetic_depth_none"], crop=(64, 64), synthetic_size=(64, 64),
+DEPTH = dataclasses.replace(PRESETS["synthetic_depth_none"], crop=(64, 64), synthetic_size=(64, 64),
                             synthetic_train=8, teacher="depth_r18",
-                            model_options={**configs.PRESETS["synthetic_depth_none"].model_options, "lambda_vn": 0.0})
-CLS = dataclasses.replace(configs.PRESETS["synthetic_cls_none"], crop=(16, 16), synthetic_size=(48, 48),
+                            model_options={**PRESETS["synthetic_depth_none"].model_options, "lambda_vn": 0.0})
+CLS = dataclasses.replace(PRESETS["synthetic_cls_none"], crop=(16, 16), synthetic_size=(48, 48),
                           synthetic_train=16, teacher="resnet8")
 RECIPES = {"seg": SEG, "det": DET, "det-frcnn": FRCNN, "det-fcos": FCOS, "ins-solo": SOLO, "ins-maskrcnn": MASK_RCNN,
            "depth": DEPTH, "cls": CLS,
@@ -78,7 +79,7 @@ def _per_process(recipe) -> int:
 # (recipe, method, method_options, split): split "distinct" gives each process its own samples (the
 # detection ones with the boxes of the other), "mirrored" the same samples in reverse order (DIST, Mask R-CNN)
 # the Faster R-CNN demo's SoKD (the COCO row's options) at P4: 2x2 cells of a 32-pixel image x 2 heat maps = k
-SOKD_FRCNN = {**configs.PRESETS["synthetic_det_frcnn_sokd"].method_options, "tap": "p4"}
+SOKD_FRCNN = {**PRESETS["synthetic_det_frcnn_sokd"].method_options, "tap": "p4"}
 CASES = {
     "seg-none": ("seg", "none", {}, "distinct"),
     "seg-kd": ("seg", "kd", {"tau": 2.0}, "distinct"),

@@ -7,13 +7,15 @@ import numpy as np
 import torch
 from torchvision.models import mobilenet_v2
 
-from kd_ref import configs, detectors, tasks
+from kd_ref import detectors, tasks
 from train_helpers import straight_and_resumed
+from kd_ref.presets import PRESETS
+from kd_ref.recipe import PRETRAINED_WEIGHTS, Recipe
 
 TINY = ["--task", "det", "--set", "synthetic_size=(32, 32)", "--set", "image_scale=(32, 32)",
         "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet", "--device", "cpu"]
 # a 1x1 P6 at 32 pixels holds at most k = 2 regions; the search runs in the first of 2 iterations
-TINY_SOKD = {**configs.PRESETS["synthetic_det_frcnn_sokd"].method_options, "k": 2, "search_iters": 1}
+TINY_SOKD = {**PRESETS["synthetic_det_frcnn_sokd"].method_options, "k": 2, "search_iters": 1}
 
 
 def test_fpn_reads_the_24_32_96_320_channel_stages_and_bn_stays_in_eval(tmp_path):
@@ -21,7 +23,7 @@ def test_fpn_reads_the_24_32_96_320_channel_stages_and_bn_stays_in_eval(tmp_path
     torch.manual_seed(0)
     imagenet = mobilenet_v2(weights=None).state_dict()
     torch.save(imagenet, path)
-    recipe = configs.Recipe(task="det", data="synthetic", num_classes=3)
+    recipe = Recipe(task="det", data="synthetic", num_classes=3)
     model = tasks.DetTask().build_model(recipe, "faster_rcnn_mv2", pretrained=str(path)).train()
     assert [conv.in_channels for conv in model.neck.lateral_convs] == [24, 32, 96, 320]
     assert all(torch.equal(value, imagenet[key]) for key, value in model.backbone.state_dict().items())
@@ -33,12 +35,12 @@ def test_fpn_reads_the_24_32_96_320_channel_stages_and_bn_stays_in_eval(tmp_path
 
 
 def test_sokd_row_preset_mirrors_its_config_and_has_a_baseline_twin():
-    row = configs.PRESETS["sokd_faster_rcnn_mv2_fpn_coco"]
+    row = PRESETS["sokd_faster_rcnn_mv2_fpn_coco"]
     assert (row.student, row.teacher, row.method, row.batch_size, row.lr, row.iters, row.lr_steps) == (
         "faster_rcnn_mv2", "faster_rcnn_r50", "sokd", 1, 0.01, 180_000, (120_000, 160_000))
     assert row.source == "FabienCode/mdistiller detection/configs/RegKD/RegKD-MV2-R50.yaml"
-    assert row.pretrained in configs.PRETRAINED_WEIGHTS
-    twin = configs.PRESETS["sokd_faster_rcnn_mv2_fpn_coco_baseline"]
+    assert row.pretrained in PRETRAINED_WEIGHTS
+    twin = PRESETS["sokd_faster_rcnn_mv2_fpn_coco_baseline"]
     assert twin.method == "none" and twin.student == "faster_rcnn_mv2" and twin.iters == row.iters
 
 

@@ -56,6 +56,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_a
 
 from kd_ref import configs, engine, transforms
 from kd_ref.skd import DepthSKDDistiller, SKDDistiller
+from kd_ref.presets import PRESETS
+from kd_ref.recipe import Recipe
 
 DEVICE = torch.device("meta")
 CPU = torch.device("cpu")
@@ -247,8 +249,8 @@ def test_the_emulated_device_allows_what_cuda_allows():
 
 
 # ----------------------------------------------------------------------------------- device steps
-def preset(name: str, **changes) -> configs.Recipe:
-    return dataclasses.replace(configs.PRESETS[name], **changes)
+def preset(name: str, **changes) -> Recipe:
+    return dataclasses.replace(PRESETS[name], **changes)
 
 
 # A few synthetic scenes (GKD's prototype pass reads every training box; evaluation, every validation one),
@@ -259,7 +261,7 @@ TASK_SIZES = {"det": {"image_scale": (96, 96), "rcnn_rois_per_image": 16},
               "ins": {"rcnn_rois_per_image": 16}}
 
 
-def small(recipe: configs.Recipe, **changes) -> configs.Recipe:
+def small(recipe: Recipe, **changes) -> Recipe:
     return dataclasses.replace(recipe, **SMALL_DATA, **TASK_SIZES.get(recipe.task, {}), **changes)
 
 
@@ -273,7 +275,7 @@ DEVICE_STEP_RECIPES = {
 BATCH = 2
 
 
-def collated(recipe: configs.Recipe, split: str, count: int = BATCH) -> tuple:
+def collated(recipe: Recipe, split: str, count: int = BATCH) -> tuple:
     """The data set of ``split`` and a collated batch of its first ``count`` samples, or all of a smaller set
     (CPU, as a worker makes it)."""
     dataset, collate = configs.TASKS[recipe.task].build_data(recipe, split, None)
@@ -299,9 +301,9 @@ def test_device_step(task, split):
 
 # -------------------------------------------------------------------------------- models, distillers
 MAX_DETECTIONS = 10  # per image in evaluation (the models' 100): Mask R-CNN's mask head runs once per detection
-SYNTHETIC = sorted(name for name in configs.PRESETS if name.startswith("synthetic_") and not name.endswith("_teacher"))
+SYNTHETIC = sorted(name for name in PRESETS if name.startswith("synthetic_") and not name.endswith("_teacher"))
 # every model of the synthetic presets (their teachers are the same architectures) ...
-MODEL_RECIPES = {configs.PRESETS[name].student: small(configs.PRESETS[name])
+MODEL_RECIPES = {PRESETS[name].student: small(PRESETS[name])
                  for name in SYNTHETIC if name.endswith("_none")}
 MODEL_RECIPES["resnet20"] = dataclasses.replace(MODEL_RECIPES["resnet8"], student="resnet20")
 # ... and one of each other head or trunk family, on the same data
@@ -316,7 +318,7 @@ MODEL_RECIPES.update({
         **MODEL_RECIPES["depth_r18"].model_options, "prediction": "regression"}),
 })
 # every task x method pair the registry binds, at the synthetic presets' options
-DISTILLATION_PRESETS = [name for name in SYNTHETIC if configs.PRESETS[name].method != "none"]
+DISTILLATION_PRESETS = [name for name in SYNTHETIC if PRESETS[name].method != "none"]
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +329,7 @@ def built():
     models and data of the synthetic presets repeat across methods. Call it inside :func:`emulated_device`."""
     cache = {}
 
-    def get(recipe: configs.Recipe) -> dict:
+    def get(recipe: Recipe) -> dict:
         task = configs.TASKS[recipe.task]
         key = (recipe.task, recipe.student, recipe.teacher, tuple(sorted(recipe.model_options.items())))
         if key not in cache:
@@ -370,7 +372,7 @@ def without_objects(target: dict) -> dict:
 
 
 @pytest.mark.parametrize("name", [name for name, recipe in MODEL_RECIPES.items() if recipe.task in ("det", "ins")
-                                  and name in {configs.PRESETS[preset].student for preset in SYNTHETIC}])
+                                  and name in {PRESETS[preset].student for preset in SYNTHETIC}])
 def test_training_forward_on_an_image_without_objects(name, built):
     """Target assignment's branch for an image without ground truth, which the scenes never draw."""
     with emulated_device():
@@ -386,8 +388,8 @@ def test_distiller_forward(name, built):
     """The step's distillation (what ``engine.forward_losses`` adds to the task losses: the teacher's forward,
     the binding, the distiller); GKD's prototype pass and SoKD's policy search step, the engine's hooks of
     those two. No synthetic preset has an adversary (SKD's holistic term: :func:`test_skd_holistic_terms`)."""
-    options = {"pgm_max_images": 2} if configs.PRESETS[name].method == "gkd" else {}
-    recipe = small(configs.PRESETS[name], method_options={**configs.PRESETS[name].method_options, **options})
+    options = {"pgm_max_images": 2} if PRESETS[name].method == "gkd" else {}
+    recipe = small(PRESETS[name], method_options={**PRESETS[name].method_options, **options})
     method = configs.METHODS[recipe.method]
     runtime = engine.Runtime(DEVICE)
     with emulated_device():

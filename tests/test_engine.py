@@ -14,23 +14,25 @@ from kd_ref import configs, engine
 from kd_ref.engine import (BatchNormWatch, ResumableSampler, Runtime, atomic_save, check_teacher_outputs,
                            load_checkpoint, lr_factor, synchronise_batchnorm, weighted_task_losses)
 from kd_ref.skd import SKDDistiller
+from kd_ref.presets import PRESETS
+from kd_ref.recipe import Recipe, check_schedule, resumed_recipe
 
 
 def test_poly_schedule_with_floor_and_warmup():
-    recipe = configs.Recipe(iters=100, lr=0.02, min_lr=1e-4, poly_power=0.9)
+    recipe = Recipe(iters=100, lr=0.02, min_lr=1e-4, poly_power=0.9)
     assert lr_factor(0, recipe) == pytest.approx(1.0)
     expected = (1e-4 + (0.02 - 1e-4) * (1 - 50 / 100) ** 0.9) / 0.02
     assert lr_factor(50, recipe) == pytest.approx(expected)
-    warm = configs.Recipe(iters=100, lr=0.02, warmup_iters=10, warmup_ratio=0.001)
+    warm = Recipe(iters=100, lr=0.02, warmup_iters=10, warmup_ratio=0.001)
     assert lr_factor(0, warm) == pytest.approx(0.001)
     assert lr_factor(5, warm) == pytest.approx((0.001 + 0.999 * 0.5) * (1 - 0.05) ** 0.9)
 
 
 def test_step_schedule():
-    recipe = configs.Recipe(iters=100, schedule="step", lr_steps=(60, 80))
+    recipe = Recipe(iters=100, schedule="step", lr_steps=(60, 80))
     assert [lr_factor(i, recipe) for i in (0, 59, 60, 80, 99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
     with pytest.raises(ValueError, match="schedule"):
-        lr_factor(0, configs.Recipe(schedule="cosine"))
+        lr_factor(0, Recipe(schedule="cosine"))
 
 
 def test_resumable_sampler_continues_the_same_order():
@@ -90,7 +92,7 @@ def test_aspect_group_sampler_resumes_mid_epoch_and_follows_the_repeated_set():
     assert list(part) == order, "the start offset applies to one pass only"
     part.set_position(epoch=2, start=0)
     assert list(part) != order
-    recipe = configs.Recipe(task="det", group_by_aspect=True, dataset_repeat=2)
+    recipe = Recipe(task="det", group_by_aspect=True, dataset_repeat=2)
 
     class Flagged(list):
         def aspect_groups(self):
@@ -165,7 +167,7 @@ class EpochRecorder(nn.Module):
 
 def tiny_cls_recipe(**fields):
     from kd_ref import tasks
-    return configs.Recipe(task="cls", data="synthetic", num_classes=tasks.SYNTHETIC_NUM_IMAGE_CLASSES, crop=(8, 8),
+    return Recipe(task="cls", data="synthetic", num_classes=tasks.SYNTHETIC_NUM_IMAGE_CLASSES, crop=(8, 8),
                           normalization="cifar100", synthetic_size=(32, 32), synthetic_train=2, synthetic_val=1,
                           student="resnet8", batch_size=2, lr=0.1, schedule="step", **{"ckpt_every": 0, **fields})
 
@@ -189,7 +191,7 @@ def run_recorded(tmp_path, monkeypatch, recipe):
 def test_epoch_recipes_derive_iterations_from_the_set_and_count_the_presets_epochs(tmp_path, monkeypatch, preset):
     """The GKD presets' schedules on a 2-image set at batch 2: COCO 2x = 24 passes of 1 iteration, steps
     after epochs 16 and 22; VOC = 4 passes over the set repeated 3 times (3 iterations each), step after 3."""
-    reference = configs.PRESETS[preset]
+    reference = PRESETS[preset]
     recipe = tiny_cls_recipe(iters=None, epochs=reference.epochs, lr_steps=reference.lr_steps,
                              dataset_repeat=reference.dataset_repeat)
     passes, steps = run_recorded(tmp_path, monkeypatch, recipe)
@@ -239,11 +241,11 @@ def test_eval_at_scores_fixed_snapshots_and_only_they_compete_for_best(tmp_path,
     assert evaluated == [2, 3, 4, 5]
     assert load_checkpoint(str(tmp_path / "best.pt"))["iteration"] == 2
     # eval_at alone satisfies --keep-best; iterations outside the run are refused
-    configs.check_schedule(tiny_cls_recipe(iters=5, eval_at=(5,), keep_best=True))
+    check_schedule(tiny_cls_recipe(iters=5, eval_at=(5,), keep_best=True))
     with pytest.raises(ValueError, match=r"eval_at \(0, 6\): expected iterations in 1..5"):
-        configs.check_schedule(tiny_cls_recipe(iters=5, eval_at=(0, 6)))
+        check_schedule(tiny_cls_recipe(iters=5, eval_at=(0, 6)))
     with pytest.raises(ValueError, match="needs --eval-every N > 0 or --set eval_at"):
-        configs.check_schedule(tiny_cls_recipe(iters=5, keep_best=True))
+        check_schedule(tiny_cls_recipe(iters=5, keep_best=True))
 
 
 def test_old_checkpoint_without_the_new_recipe_fields_resumes(tmp_path, capsys):
@@ -332,7 +334,7 @@ def test_every_classification_and_depth_preset_keeps_per_gpu_batchnorm_and_old_c
         assert recipe.sync_bn == (recipe.task not in ("cls", "depth")), name
     recipe = presets.PRESETS["dist_resnet8x4_cifar100"]
     stored = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "sync_bn"}
-    resumed, reset = configs.resumed_recipe(stored, recipe)
+    resumed, reset = resumed_recipe(stored, recipe)
     assert resumed.sync_bn and reset == ["sync_bn"], "a run trained before the field continues as it was trained"
 
 
@@ -375,7 +377,7 @@ def test_optimizer_step_without_scaler_stops_on_non_finite_gradients():
     assert torch.allclose(finite_weight.detach(), torch.full((2,), 0.5))
 
 
-TINY_CLS = dataclasses.replace(configs.PRESETS["synthetic_cls_kd"], synthetic_size=(48, 48), crop=(16, 16),
+TINY_CLS = dataclasses.replace(PRESETS["synthetic_cls_kd"], synthetic_size=(48, 48), crop=(16, 16),
                                synthetic_train=4, synthetic_val=1, batch_size=4, iters=1, student="resnet8",
                                teacher="resnet8", teacher_preset=None, ckpt_every=1)
 CPU = Runtime(torch.device("cpu"))

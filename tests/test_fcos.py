@@ -13,6 +13,7 @@ import torch.multiprocessing as mp
 from kd_ref import configs, detectors
 from kd_ref.detectors import (build_detector, fcos_centerness_target, fcos_iou_loss, fcos_points, fcos_targets)
 from model_helpers import ReferenceFile, count_parameters, place_resnet_by_hand, put
+from kd_ref.presets import PRESETS
 
 DATA = os.path.join(os.path.dirname(__file__), "data", "depth_fcos")
 GOLDEN_SIZES = [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)]
@@ -354,10 +355,10 @@ def test_fcos_code_files_are_evaluated_on_the_codes_input_statistics_and_refused
     import evaluate
     from kd_ref import configs, convert
     name = "synthetic_det_fcos_teacher"
-    preset = dataclasses.replace(configs.PRESETS[name], student="fcos_r50", synthetic_val=2,
+    preset = dataclasses.replace(PRESETS[name], student="fcos_r50", synthetic_val=2,
                                  synthetic_size=(64, 64), image_scale=(64, 64))
-    monkeypatch.setitem(configs.PRESETS, name, preset)
-    monkeypatch.setitem(configs.PRESETS, "caffe2", dataclasses.replace(preset, normalization="caffe2_bgr"))
+    monkeypatch.setitem(PRESETS, name, preset)
+    monkeypatch.setitem(PRESETS, "caffe2", dataclasses.replace(preset, normalization="caffe2_bgr"))
     resnet_file = {key.removeprefix("module."): value
                    for key, value in fcos_code_resnet_file(50, num_classes=preset.num_classes)["model"].items()}
     recipe = convert.recipe_for_file(preset, resnet_file, "--ckpt r50.pth")
@@ -379,8 +380,8 @@ def test_fcos_code_files_are_evaluated_on_the_codes_input_statistics_and_refused
 
 def test_fcos_paper_rows_train_on_the_fcos_codes_caffe2_statistics():
     # maskrcnn_benchmark/config/defaults.py INPUT.PIXEL_MEAN / PIXEL_STD / TO_BGR255, which every FCOS config keeps
-    rows = [name for name, recipe in configs.PRESETS.items() if recipe.data == "coco" and "fcos" in recipe.student]
-    assert len(rows) == 4 and all(configs.PRESETS[name].normalization == "caffe2_bgr" for name in rows)
+    rows = [name for name, recipe in PRESETS.items() if recipe.data == "coco" and "fcos" in recipe.student]
+    assert len(rows) == 4 and all(PRESETS[name].normalization == "caffe2_bgr" for name in rows)
     from kd_ref import transforms
     assert transforms.NORMALIZATIONS["caffe2_bgr"] == {"bgr": True, "mean": (102.9801, 115.9465, 122.7717),
                                                        "std": (1.0, 1.0, 1.0)}
@@ -391,8 +392,8 @@ def test_train_refuses_a_teacher_trained_on_other_input_statistics_before_any_wo
     import train
     code_file, ours = tmp_path / "fcos_mv2.pth", tmp_path / "last.pt"
     torch.save({"model": _to_fcos_code_keys(build_detector("fcos_mv2_c64", 3).state_dict())}, code_file)
-    recipe = configs.PRESETS["synthetic_det_fcos_skd"]  # ImageNet RGB inputs
-    torch.save({"recipe": {**dataclasses.asdict(recipe), "normalization": "caffe2_bgr"},
+    recipe = PRESETS["synthetic_det_fcos_skd"]  # ImageNet RGB inputs
+    torch.save({"format_version": 1, "recipe": {**dataclasses.asdict(recipe), "normalization": "caffe2_bgr"},
                 "model": build_detector("fcos_mv2_c64", 3).state_dict()}, ours)
     for path, trained_on in ((code_file, "caffe2_bgr"), (ours, "caffe2_bgr")):
         argv = ["--preset", "synthetic_det_fcos_skd", "--teacher-ckpt", str(path), "--out", str(tmp_path / "run")]
@@ -422,7 +423,7 @@ def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(
     weights = torch.load(src)["model"]
     assert torch.equal(loaded.backbone.layer3[0].conv1.weight, weights["module.backbone.body.layer3.0.conv1.weight"])
     written = engine.load_checkpoint(str(dst))  # its keys are ours; its layout entry keeps the code's options
-    r50_preset = dataclasses.replace(configs.PRESETS["synthetic_det_fcos_teacher"], student="fcos_r50")
+    r50_preset = dataclasses.replace(PRESETS["synthetic_det_fcos_teacher"], student="fcos_r50")
     recipe = convert.recipe_for_file(r50_preset, written["model"], "dst", written["layout"])
     assert recipe.normalization == "caffe2_bgr" and recipe.model_options["stride_in_1x1"]
 
@@ -430,8 +431,8 @@ def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(
 # ------------------------------------------------------------------------------------ synthetic demo
 @pytest.mark.parametrize("method", ["none", "skd", "dist", "gdd"])
 def test_synthetic_fcos_demo_presets_check_and_train_their_teacher_first(method):
-    recipe = configs.PRESETS[f"synthetic_det_fcos_{method}"]
+    recipe = PRESETS[f"synthetic_det_fcos_{method}"]
     configs.check_recipe(recipe)
-    teacher = configs.PRESETS[recipe.teacher_preset]
+    teacher = PRESETS[recipe.teacher_preset]
     configs.check_recipe(teacher)
     assert teacher.student == recipe.teacher and teacher.teacher is None and teacher.iters > recipe.iters

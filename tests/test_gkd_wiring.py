@@ -10,6 +10,8 @@ import torch
 
 import train
 from kd_ref import configs, drivers, engine
+from kd_ref.presets import PRESETS, default_preset
+from kd_ref.recipe import Recipe
 
 TINY = ["--task", "det", "--set", "synthetic_size=(64, 64)", "--set", "image_scale=(64, 64)",
         "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
@@ -119,7 +121,7 @@ def test_gkd_trains_faster_rcnn_with_positive_rois(teachers, tmp_path):
     kd_terms = ["loss_gkd_fg", "loss_gkd_bg", "loss_gkd_soft", "loss_gkd_global"]
     assert len(steps) == 2 and all(np.isfinite(step[key]) for step in steps for key in kd_terms)
     distiller = engine.load_checkpoint(str(tmp_path / "last.pt"))["distiller"]
-    num_classes = configs.PRESETS["synthetic_det_frcnn_gkd"].num_classes
+    num_classes = PRESETS["synthetic_det_frcnn_gkd"].num_classes
     assert [distiller[f"cls_start.{level}"].numel() for level in range(5)] == [num_classes + 1] * 5
 
 
@@ -151,7 +153,7 @@ def test_anchor_level_features_pool_each_box_on_its_own_level():
 
 
 def test_gkd_build_rejects_mixed_detector_kinds():
-    recipe = configs.Recipe(task="det", method="gkd", student="retinanet_r18", teacher="faster_rcnn_r18")
+    recipe = Recipe(task="det", method="gkd", student="retinanet_r18", teacher="faster_rcnn_r18")
     with pytest.raises(ValueError, match="same kind of detector"):
         configs.METHODS["gkd"].build(recipe, None, None)
 
@@ -160,19 +162,19 @@ def test_gkd_build_rejects_mixed_detector_kinds():
 def test_paper_rows_have_baselines_and_the_stated_settings():
     for name in ("gkd_faster_rcnn_r50_fpn_2x_coco", "gkd_retinanet_r50_fpn_2x_coco", "gdd_faster_rcnn_r50_fpn_2x_coco",
                  "dist_retinanet_r50_fpn_2x_coco", "dist_faster_rcnn_r50_fpn_2x_coco"):
-        recipe = configs.PRESETS[name]
-        assert configs.PRESETS[f"{name}_baseline"].method == "none"
+        recipe = PRESETS[name]
+        assert PRESETS[f"{name}_baseline"].method == "none"
         assert recipe.data == "coco" and (recipe.epochs, recipe.lr_steps) == (24, (16, 22)) and recipe.student.endswith("_r50")
         assert recipe.teacher == recipe.student.replace("_r50", "_r101")
-    gdd = configs.PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco"]
+    gdd = PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco"]
     assert gdd.grad_clip == 35.0 and gdd.method_options == {"alpha": 4.0, "tau": 4.0}
     # the clipping comes with the distillation config: the baseline is the plain detector recipe
-    assert configs.PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
-        configs.PRESETS["faster_rcnn_r50_fpn_2x_coco"], teacher="faster_rcnn_r101")
-    assert configs.PRESETS["gkd_retinanet_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
-        configs.PRESETS["retinanet_r50_fpn_2x_coco"], teacher="retinanet_r101")  # no student_init either
-    assert configs.PRESETS["dist_retinanet_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
-        configs.PRESETS["retinanet_r50_fpn_2x_coco"], teacher="retinanet_r101")
+    assert PRESETS["gdd_faster_rcnn_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
+        PRESETS["faster_rcnn_r50_fpn_2x_coco"], teacher="faster_rcnn_r101")
+    assert PRESETS["gkd_retinanet_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
+        PRESETS["retinanet_r50_fpn_2x_coco"], teacher="retinanet_r101")  # no student_init either
+    assert PRESETS["dist_retinanet_r50_fpn_2x_coco_baseline"] == dataclasses.replace(
+        PRESETS["retinanet_r50_fpn_2x_coco"], teacher="retinanet_r101")
     for method in ("gkd", "gdd", "dist"):
-        name = configs.default_preset("det", method, "synthetic")
-        assert configs.PRESETS[name].method == method and configs.PRESETS[name].teacher_preset
+        name = default_preset("det", method, "synthetic")
+        assert PRESETS[name].method == method and PRESETS[name].teacher_preset

@@ -5,8 +5,9 @@ import torch
 from torchvision.models import mobilenet_v2
 
 import evaluate
-from kd_ref import configs, convert, depth, tasks
+from kd_ref import convert, depth, tasks
 from model_helpers import ReferenceFile, put
+from kd_ref.recipe import Recipe
 
 # (expand ratio t, channels c, blocks n, stride s) of MobileNetV2, as both codes spell it out
 SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
@@ -85,7 +86,7 @@ def test_tonylins_imagenet_file_loads_with_pretrained_and_computes_as_placed_by_
     weights = tonylins_imagenet_file()
     path = tmp_path / "mobilenet_v2.pth.tar"
     torch.save(weights, path)
-    recipe = configs.Recipe(task="depth", data="synthetic", num_classes=1)
+    recipe = Recipe(task="depth", data="synthetic", num_classes=1)
     model = tasks.DepthTask().build_model(recipe, "depth_mv2", pretrained=str(path)).eval()
     reference = place_in_torchvision_by_hand(weights)
     images = torch.randn(1, 3, 64, 64)

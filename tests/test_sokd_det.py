@@ -13,12 +13,13 @@ import train
 from kd_ref import configs, engine, presets_det
 from kd_ref.gdd import GDDDistiller
 from train_helpers import train_crashing_in_step
+from kd_ref.presets import PRESETS, default_preset
 
 TINY = ["--task", "det", "--set", "synthetic_size=(32, 32)", "--set", "image_scale=(32, 32)",
         "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
 # 32-pixel inputs give a 1x1 P6, whose K_h x H x W = 2 cells hold at most k = 2 regions; the search runs in
 # the first of 2 iterations, so the resumed second one starts from the searched policy
-TINY_SOKD = {**configs.PRESETS["synthetic_det_frcnn_sokd"].method_options, "k": 2, "search_iters": 1}
+TINY_SOKD = {**PRESETS["synthetic_det_frcnn_sokd"].method_options, "k": 2, "search_iters": 1}
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +40,21 @@ class Pyramid(nn.Module):
 
 
 def test_coco_presets_follow_the_spec_row():
-    recipe = configs.PRESETS["sokd_faster_rcnn_r50_fpn_coco"]
+    recipe = PRESETS["sokd_faster_rcnn_r50_fpn_coco"]
     assert (recipe.student, recipe.teacher, recipe.batch_size, recipe.lr) == ("faster_rcnn_r50", "faster_rcnn_r101", 8, 0.01)
     assert recipe.iters == 180_000 and recipe.lr_steps == (120_000, 160_000)
     options = recipe.method_options
     assert (options["k"], options["num_heat"], options["w_feat"], options["w_dam"]) == (8, 2, 2.0, 1.0)
     assert options["base"] == "kd" and options["base_options"]["kd"] == {"tau": 4.0}
-    assert configs.PRESETS["sokd_faster_rcnn_r18_fpn_coco"].student == "faster_rcnn_r18"
-    assert configs.PRESETS["sokd_faster_rcnn_r50_fpn_coco_baseline"] == dataclasses.replace(
+    assert PRESETS["sokd_faster_rcnn_r18_fpn_coco"].student == "faster_rcnn_r18"
+    assert PRESETS["sokd_faster_rcnn_r50_fpn_coco_baseline"] == dataclasses.replace(
         recipe, method="none", method_options={})
-    assert configs.default_preset("det", "sokd", "synthetic") == "synthetic_det_frcnn_sokd"
-    assert configs.default_preset("det", "sokd", "coco") == "sokd_faster_rcnn_r50_fpn_coco"
+    assert default_preset("det", "sokd", "synthetic") == "synthetic_det_frcnn_sokd"
+    assert default_preset("det", "sokd", "coco") == "sokd_faster_rcnn_r50_fpn_coco"
 
 
 def test_plugin_taps_the_last_fpn_level_over_the_feature_base_gdd():
-    recipe = dataclasses.replace(configs.PRESETS["synthetic_det_frcnn_sokd"],
+    recipe = dataclasses.replace(PRESETS["synthetic_det_frcnn_sokd"],
                                  method_options={**TINY_SOKD, "base": "gdd"})
     student, teacher = Pyramid(8), Pyramid(16)
     plugin = configs.METHODS["sokd"].build(recipe, student, teacher)
@@ -72,11 +73,11 @@ def test_plugin_taps_the_last_fpn_level_over_the_feature_base_gdd():
 
 
 def test_bases_are_checked_against_the_task_and_detector():
-    retinanet = dataclasses.replace(configs.PRESETS["synthetic_det_frcnn_sokd"], student="retinanet_r18",
+    retinanet = dataclasses.replace(PRESETS["synthetic_det_frcnn_sokd"], student="retinanet_r18",
                                     teacher="retinanet_r18")
     with pytest.raises(ValueError, match="RoI class logits; retinanet_r18 has none"):
         configs.METHODS["sokd"].build(retinanet, Pyramid(8), Pyramid(8))
-    cls = dataclasses.replace(configs.PRESETS["synthetic_cls_sokd"], method_options={"base": "gdd"})
+    cls = dataclasses.replace(PRESETS["synthetic_cls_sokd"], method_options={"base": "gdd"})
     with pytest.raises(ValueError, match=r"--sokd-base gdd: for --task cls expected one of \['none', 'kd', 'dist'\]"):
         configs.METHODS["sokd"].build(cls, None, None)
 
@@ -104,10 +105,10 @@ def test_sokd_trains_faster_rcnn_with_the_search_and_resumes_exactly(tmp_path, m
 
 
 def test_retinanet_demo_plugs_sokd_into_gdd_at_p6():
-    recipe = configs.PRESETS["synthetic_det_retinanet_sokd"]
+    recipe = PRESETS["synthetic_det_retinanet_sokd"]
     assert recipe.method_options["base"] == "gdd" and recipe.method_options["search_iters"] == recipe.iters // 5
     assert recipe.method_options["base_options"]["gdd"] == presets_det.SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]
     plugin = configs.METHODS["sokd"].build(recipe, Pyramid(8), Pyramid(8))
     assert plugin.tap == "p6" and isinstance(plugin.base.distiller, GDDDistiller)
     assert all(loss.alpha == 65.0 for loss in plugin.base.distiller.losses.values())
-    assert configs.default_preset("det", "kd", "synthetic") == "synthetic_det_frcnn_kd"
+    assert default_preset("det", "kd", "synthetic") == "synthetic_det_frcnn_kd"

@@ -13,6 +13,8 @@ import train
 from kd_ref import configs, datasets, engine
 from kd_ref.drivers import SoKDPlugin
 from kd_ref.tasks import ClsTask, SyntheticObjects
+from kd_ref.presets import PRESETS, default_preset
+from kd_ref.recipe import Recipe
 
 TASK = ClsTask()
 TINY = ["--task", "cls", "--set", "synthetic_size=(48, 48)", "--crop", "16", "16", "--set", "synthetic_train=8",
@@ -29,7 +31,7 @@ def evaluate_untrained(recipe, root):
 @pytest.mark.parametrize("fmt, data, crop", [("cifar100", "cifar100", 32), ("imagefolder", "imagenet", 24)])
 def test_real_format_fixture_trees_load_and_evaluate(tmp_path, fmt, data, crop):
     datasets.export(fmt, str(tmp_path), num_train=6, num_val=4, size=(48, 48))
-    recipe = configs.Recipe(task="cls", data=data, student="resnet8", num_classes=8, crop=(crop, crop),
+    recipe = Recipe(task="cls", data=data, student="resnet8", num_classes=8, crop=(crop, crop),
                             normalization="cifar100" if data == "cifar100" else "imagenet_rgb")
     TASK.check_recipe(recipe)
     train_set, collate = TASK.build_data(recipe, "train", str(tmp_path))
@@ -64,7 +66,7 @@ def test_synthetic_objects_are_the_largest_object_of_each_scene():
 
 
 def test_recipe_errors_are_clear():
-    recipe = configs.PRESETS["synthetic_cls_none"]
+    recipe = PRESETS["synthetic_cls_none"]
     with pytest.raises(ValueError, match="--student pspnet_r18: --task cls supports"):
         TASK.check_recipe(dataclasses.replace(recipe, student="pspnet_r18"))
     with pytest.raises(ValueError, match="--data cityscapes"):
@@ -76,17 +78,17 @@ def test_recipe_errors_are_clear():
 
 
 def test_presets_follow_the_reference_schedules():
-    cifar = configs.PRESETS["dist_resnet8x4_cifar100"]
+    cifar = PRESETS["dist_resnet8x4_cifar100"]
     assert (cifar.teacher, cifar.batch_size, cifar.lr, cifar.weight_decay) == ("resnet32x4", 64, 0.05, 5e-4)
     assert (cifar.epochs, cifar.lr_steps) == (240, (150, 180, 210))  # iterations: 781 an epoch (test_configs)
     assert cifar.method_options == {"tau": 4.0, "loss_weight": 2.0}
-    assert configs.PRESETS["dist_resnet8x4_cifar100_baseline"].method == "none"
-    imagenet = configs.PRESETS["sokd_resnet18_imagenet"]
+    assert PRESETS["dist_resnet8x4_cifar100_baseline"].method == "none"
+    imagenet = PRESETS["sokd_resnet18_imagenet"]
     assert (imagenet.teacher, imagenet.batch_size, imagenet.lr, imagenet.weight_decay) == ("resnet34", 256, 0.1, 1e-4)
     assert (imagenet.epochs, imagenet.lr_steps, imagenet.method_options["search_epochs"]) == (100, (30, 60, 90), 5)
-    assert configs.PRESETS["sokd_resnet8x4_cifar100"].method_options["search_epochs"] == 50
+    assert PRESETS["sokd_resnet8x4_cifar100"].method_options["search_epochs"] == 50
     for method in ("none", "kd", "dist", "sokd"):
-        assert configs.default_preset("cls", method, "synthetic") == f"synthetic_cls_{method}"
+        assert default_preset("cls", method, "synthetic") == f"synthetic_cls_{method}"
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,7 @@ def interrupted_at(monkeypatch, iteration):
 def test_each_method_trains_and_resumes_exactly(tmp_path, monkeypatch, teacher_ckpt, method, flags, kd_keys):
     common = [*TINY, "--method", method, *flags, "--iters", "3", "--ckpt-every", "1"]
     if method == "sokd":   # search in the first 2 of the 3 iterations, so the resumed one is not searched
-        options = {**configs.PRESETS["synthetic_cls_sokd"].method_options, "search_iters": 2}
+        options = {**PRESETS["synthetic_cls_sokd"].method_options, "search_iters": 2}
         common += ["--set", f"method_options={options!r}"]
     if method != "none":
         common += ["--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt]
@@ -158,7 +160,7 @@ def test_sokd_plugin_searches_through_the_engine_hook(tmp_path, teacher_ckpt):
     train.main([*TINY, "--method", "sokd", "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt, "--iters", "1",
                 "--out", str(tmp_path)])
     ckpt = engine.load_checkpoint(str(tmp_path / "last.pt"))
-    recipe = configs.Recipe(**ckpt["recipe"])
+    recipe = Recipe(**ckpt["recipe"])
     student = TASK.build_model(recipe, recipe.student)
     fresh = configs.METHODS["sokd"].build(recipe, student, TASK.build_model(recipe, recipe.teacher))
     assert isinstance(fresh, SoKDPlugin) and fresh.tap == "c4"

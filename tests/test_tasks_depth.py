@@ -10,6 +10,7 @@ import evaluate
 import train
 from kd_ref import configs, datasets, engine
 from train_helpers import train_crashing_in_step
+from kd_ref.presets import PRESETS
 
 TINY_DEPTH = ["--task", "depth", "--set", "synthetic_size=(64, 64)", "--set", "crop=(64, 64)",
               "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
@@ -72,16 +73,16 @@ def test_nyu_tree_without_split_list_is_one_line_error(tmp_path, capsys):
 
 
 def test_depth_recipe_errors_name_the_field():
-    recipe = configs.PRESETS["synthetic_depth_none"]
+    recipe = PRESETS["synthetic_depth_none"]
     with pytest.raises(ValueError, match="--student pspnet_r18: --task depth supports"):
         configs.check_recipe(configs.dataclasses.replace(recipe, student="pspnet_r18"))
     with pytest.raises(ValueError, match=r"model_options \['bins'\]"):
         configs.check_recipe(configs.dataclasses.replace(recipe, model_options={"bins": 3}))
     with pytest.raises(ValueError, match="skd on detection distils FCOS"):
-        configs.check_recipe(configs.dataclasses.replace(configs.PRESETS["synthetic_det_fcos_skd"],
+        configs.check_recipe(configs.dataclasses.replace(PRESETS["synthetic_det_fcos_skd"],
                                                          teacher="retinanet_r18"))
     with pytest.raises(ValueError, match="gkd: fcos_mv2_c64 is an FCOS"):
-        configs.check_recipe(configs.dataclasses.replace(configs.PRESETS["synthetic_det_fcos_none"], method="gkd"))
+        configs.check_recipe(configs.dataclasses.replace(PRESETS["synthetic_det_fcos_none"], method="gkd"))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_fcos_student_distils_through_task_det(tmp_path, fcos_teacher, method, t
 def test_nyu_row_has_vnls_loss_weight_weight_decay_and_square_crop():
     # YvanYin/VNL_Monocular_Depth_Prediction lib/core/config.py:73 (DIFF_LOSS_WEIGHT 6),
     # lib/models/metric_depth_model.py:98 (weight decay 5e-4), lib/configs/*nyudv2*.yaml CROP_SIZE (385, 385)
-    recipe = configs.PRESETS["skd_depth_mv2_nyu"]
+    recipe = PRESETS["skd_depth_mv2_nyu"]
     assert recipe.model_options["lambda_vn"] == 6.0 and recipe.weight_decay == 5e-4 and recipe.crop == (385, 385)
     with pytest.raises(ValueError, match=r"^--crop 385 512: NYUDv2 runs VNL's square crops \(H = W\)$"):
         configs.check_recipe(configs.dataclasses.replace(recipe, crop=(385, 512)))

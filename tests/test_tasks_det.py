@@ -17,6 +17,8 @@ import evaluate
 import train
 from kd_ref import configs, datasets, engine, tasks
 from train_helpers import train_crashing_in_step
+from kd_ref.presets import PRESETS
+from kd_ref.recipe import Recipe
 
 SIZE = (96, 128)    # exported images (H, W)
 SCALE = (160, 100)  # keep-ratio resize to 100 x 133: the two axes scale differently (100/96, 133/128)
@@ -28,7 +30,7 @@ TINY_TRAIN = ["--task", "det", "--method", "none", "--set", "synthetic_size=(64,
 def det_recipe(data, **fields):
     defaults = {"num_classes": 8, "image_scale": SCALE, "normalization": "imagenet_rgb", "synthetic_size": SIZE,
                 "synthetic_val": 4}
-    return configs.Recipe(task="det", data=data, **{**defaults, **fields})
+    return Recipe(task="det", data=data, **{**defaults, **fields})
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +198,7 @@ def test_recipe_errors_list_what_is_supported(coco_tree):
 def test_each_detector_trains_and_resumes_exactly(tmp_path, monkeypatch, student):
     flags = [*TINY_TRAIN, "--student", student, "--iters", "3", "--ckpt-every", "1"]
     metrics = train.main([*flags, "--out", str(tmp_path / "straight")])
-    assert set(metrics) == {"mAP", "AP"} and len(metrics["AP"]) == configs.PRESETS["synthetic_det_retinanet_none"].num_classes
+    assert set(metrics) == {"mAP", "AP"} and len(metrics["AP"]) == PRESETS["synthetic_det_retinanet_none"].num_classes
     steps = [json.loads(line) for line in (tmp_path / "straight/log.jsonl").read_text().splitlines()]
     losses = [key for key in steps[0] if key.startswith("loss_")]
     assert {"loss_cls", "loss_bbox"} <= set(losses) and all(np.isfinite(s[k]) for s in steps[:3] for k in losses)

@@ -16,6 +16,8 @@ import evaluate
 import train
 from kd_ref import configs, datasets, engine, metrics
 from train_helpers import train_crashing_in_step
+from kd_ref.presets import PRESETS, default_preset, teacher_recipe
+from kd_ref.recipe import Recipe
 
 TINY = ["--task", "ins", "--set", "synthetic_size=(64, 64)", "--set", "image_scale=(64, 64)", "--set",
         "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
@@ -109,7 +111,7 @@ def test_gdd_distils_solo_on_p2_to_p5(tmp_path, solo_teacher):
 
 def test_gdd_init_student_copies_the_teacher_neck_and_head(solo_teacher):
     teacher = solo_teacher
-    recipe = configs.Recipe(**{**engine.load_checkpoint(str(teacher / "last.pt"))["recipe"], "method": "gdd",
+    recipe = Recipe(**{**engine.load_checkpoint(str(teacher / "last.pt"))["recipe"], "method": "gdd",
                                "teacher": "solo_synth_r18",
                                "method_options": {"alpha": 200.0, "tau": 4.0, "init_student": True}})
     task = configs.TASKS["ins"]
@@ -134,26 +136,26 @@ def test_coco_tree_trains_and_evaluates_segm_ap(coco_tree, tmp_path):
 def test_ins_presets_have_sources_and_baseline_twins():
     for name in ("solo_r50_fpn_1x_coco", "gdd_solo_r50_fpn_1x_coco", "gdd_maskrcnn_r50_fpn_2x_coco",
                  "maskrcnn_r50_fpn_2x_coco"):
-        assert configs.PRESETS[name].task == "ins" and configs.PRESETS[name].source
-    gdd = configs.PRESETS["gdd_solo_r50_fpn_1x_coco"]
+        assert PRESETS[name].task == "ins" and PRESETS[name].source
+    gdd = PRESETS["gdd_solo_r50_fpn_1x_coco"]
     assert gdd.method_options == {"alpha": 200.0, "tau": 4.0, "init_student": True} and gdd.grad_clip == 35.0
     assert gdd.epochs == 12 and gdd.lr_steps == (8, 11)
-    twin = configs.PRESETS["gdd_solo_r50_fpn_1x_coco_baseline"]
+    twin = PRESETS["gdd_solo_r50_fpn_1x_coco_baseline"]
     assert twin.method == "none" and twin.grad_clip is None and twin.student == "solo_r50"
-    assert configs.default_preset("ins", "gdd", "synthetic") == "synthetic_ins_solo_gdd"
+    assert default_preset("ins", "gdd", "synthetic") == "synthetic_ins_solo_gdd"
     assert configs.supported_methods("ins") == ["gdd", "none"]
 
 
 def test_synthetic_demo_teachers_are_the_students_architecture_trained_three_times_as_long():
     for family in ("solo", "maskrcnn"):
-        student = configs.PRESETS[f"synthetic_ins_{family}_gdd"]
-        teacher = configs.teacher_recipe(student)
-        assert teacher == configs.PRESETS[f"synthetic_ins_{family}_teacher"] and teacher.student == student.teacher
+        student = PRESETS[f"synthetic_ins_{family}_gdd"]
+        teacher = teacher_recipe(student)
+        assert teacher == PRESETS[f"synthetic_ins_{family}_teacher"] and teacher.student == student.teacher
         assert (teacher.iters, teacher.lr_steps) == (3 * student.iters, (3 * student.lr_steps[0],))
         assert teacher.method == "none" and teacher.teacher_preset is None
         scenes = ("synthetic_size", "synthetic_style", "synthetic_train", "synthetic_val", "num_classes", "image_scale")
-        for other in (teacher, configs.PRESETS[f"synthetic_ins_{family}_none"]):
-            assert all(getattr(other, field) == getattr(configs.PRESETS["synthetic_ins_solo_none"], field)
+        for other in (teacher, PRESETS[f"synthetic_ins_{family}_none"]):
+            assert all(getattr(other, field) == getattr(PRESETS["synthetic_ins_solo_none"], field)
                        for field in scenes)
 
 
@@ -164,7 +166,7 @@ def _batch_norms(model):
 def test_synthetic_presets_train_the_whole_backbone_with_batch_statistics():
     task = configs.TASKS["ins"]
     for name in ("synthetic_ins_solo_none", "synthetic_ins_solo_teacher", "synthetic_ins_maskrcnn_gdd"):
-        recipe = configs.PRESETS[name]
+        recipe = PRESETS[name]
         assert recipe.model_options == {"frozen_stages": -1, "norm_eval": False}
         model = task.build_model(recipe, recipe.student).train()
         assert all(p.requires_grad for p in model.backbone.parameters())
@@ -172,8 +174,8 @@ def test_synthetic_presets_train_the_whole_backbone_with_batch_statistics():
 
 
 def test_instance_models_default_to_mmdet_frozen_stem_and_eval_batch_norms():
-    recipe = dataclasses.replace(configs.PRESETS["solo_r50_fpn_1x_coco"], student="solo_r18")
-    assert recipe.model_options == {} and configs.PRESETS["gdd_maskrcnn_r50_fpn_2x_coco"].model_options == {}
+    recipe = dataclasses.replace(PRESETS["solo_r50_fpn_1x_coco"], student="solo_r18")
+    assert recipe.model_options == {} and PRESETS["gdd_maskrcnn_r50_fpn_2x_coco"].model_options == {}
     model = configs.TASKS["ins"].build_model(recipe, recipe.student).train()
     backbone = model.backbone
     assert not any(p.requires_grad for p in [*backbone.stem.parameters(), *backbone.layer1.parameters()])
@@ -182,7 +184,7 @@ def test_instance_models_default_to_mmdet_frozen_stem_and_eval_batch_norms():
 
 
 def test_unknown_instance_model_option_is_refused():
-    recipe = configs.PRESETS["synthetic_ins_solo_none"]
+    recipe = PRESETS["synthetic_ins_solo_none"]
     with pytest.raises(ValueError, match=r"model_options \['frozen'\]: --task ins takes \['frozen_stages', 'norm_eval'\]"):
         configs.check_recipe(dataclasses.replace(recipe, model_options={"frozen": 0}))
     with pytest.raises(ValueError, match="norm_eval must be True or False, got 0"):

@@ -3,10 +3,11 @@ import dataclasses
 import pytest
 import torch
 
-from kd_ref import configs, engine, tasks
+from kd_ref import engine, tasks
+from kd_ref.recipe import Recipe
 
 TASK = tasks.SegTask()
-RECIPE = dataclasses.replace(configs.Recipe(task="seg"), num_classes=3, data="synthetic")
+RECIPE = dataclasses.replace(Recipe(task="seg"), num_classes=3, data="synthetic")
 
 
 def test_seg_eval_counts_upsampled_argmax_against_the_labels():

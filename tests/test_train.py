@@ -17,9 +17,10 @@ from PIL import Image
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine, segmentors
+from kd_ref import configs, convert, datasets, engine, segmentors
 from kd_ref.recipe import reference_launch
 from train_helpers import train_crashing_in_step
+from kd_ref.presets import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=8",
@@ -46,7 +47,7 @@ def teacher_ckpt(tmp_path_factory):
 
 def test_train_writes_checkpoint_log_and_metrics_then_evaluates(tmp_path):
     metrics = run(tmp_path, "--method", "none", "--iters", "3", "--ckpt-every", "2")
-    assert set(metrics) == {"mIoU", "IoU", "aAcc"} and len(metrics["IoU"]) == configs.PRESETS["synthetic_seg_none"].num_classes
+    assert set(metrics) == {"mIoU", "IoU", "aAcc"} and len(metrics["IoU"]) == PRESETS["synthetic_seg_none"].num_classes
     written = strict_json((tmp_path / "metrics.json").read_text())
     assert written["mIoU"] == metrics["mIoU"]
     # a class absent from the tiny val set has IoU NaN, written as null
@@ -144,9 +145,9 @@ def test_a_folder_holding_a_run_is_resumed_or_overwritten_never_reused_silently(
 
 
 def test_synthetic_teachers_are_cached_once_per_teacher_recipe(tmp_path, monkeypatch, capsys):
-    tiny_teacher = dataclasses.replace(configs.PRESETS["synthetic_seg_teacher"], iters=2, synthetic_size=(64, 64),
+    tiny_teacher = dataclasses.replace(PRESETS["synthetic_seg_teacher"], iters=2, synthetic_size=(64, 64),
                                        synthetic_train=8, synthetic_val=3, crop=(64, 64), batch_size=2)
-    monkeypatch.setitem(configs.PRESETS, "synthetic_seg_teacher", tiny_teacher)
+    monkeypatch.setitem(PRESETS, "synthetic_seg_teacher", tiny_teacher)
     for method in ("kd", "dist"):
         run(tmp_path / method, "--method", method, "--iters", "1")
     said = capsys.readouterr().out
@@ -154,9 +155,30 @@ def test_synthetic_teachers_are_cached_once_per_teacher_recipe(tmp_path, monkeyp
     assert len(cached) == 1 and cached[0].name.startswith("synthetic_seg_teacher-")
     assert said.count("is trained first: 2 iterations") == 1 and f"teacher: reusing {cached[0]}" in said
     # another teacher recipe is another teacher
-    monkeypatch.setitem(configs.PRESETS, "synthetic_seg_teacher", dataclasses.replace(tiny_teacher, iters=3))
+    monkeypatch.setitem(PRESETS, "synthetic_seg_teacher", dataclasses.replace(tiny_teacher, iters=3))
     run(tmp_path / "gdd", "--method", "gdd", "--iters", "1")
     assert len(list((tmp_path / "teachers").iterdir())) == 2
+
+
+def test_every_checkpoint_records_its_format_version_and_a_cached_teacher_of_another_is_refused(
+        tmp_path, monkeypatch, capsys):
+    tiny_teacher = dataclasses.replace(PRESETS["synthetic_seg_teacher"], iters=2, synthetic_size=(64, 64),
+                                       synthetic_train=8, synthetic_val=3, crop=(64, 64), batch_size=2)
+    monkeypatch.setitem(PRESETS, "synthetic_seg_teacher", tiny_teacher)
+    run(tmp_path / "kd", "--method", "kd", "--iters", "1", "--keep-best", "--eval-every", "1")
+    (teacher,) = (tmp_path / "teachers").iterdir()
+    written = [teacher / "last.pt", tmp_path / "kd" / "last.pt", tmp_path / "kd" / "best.pt"]
+    assert [torch.load(path, weights_only=False)["format_version"] for path in written] == [1, 1, 1]
+    assert convert.CHECKPOINT_FORMAT_VERSION == 1
+    assert set(evaluate.main(["--ckpt", str(tmp_path / "kd" / "best.pt"), "--quiet"])) == {"mIoU", "IoU", "aAcc"}
+    ckpt = torch.load(teacher / "last.pt", weights_only=False)
+    del ckpt["format_version"]
+    torch.save(ckpt, teacher / "last.pt")
+    capsys.readouterr()
+    assert train.run(["--task", "seg", "--out", str(tmp_path / "dist"), *TINY, "--method", "dist", "--iters", "1"]) == 2
+    assert capsys.readouterr().err == (f"error: cached teacher {teacher / 'last.pt'}: checkpoint format 0 (written "
+                                       "before format versions), this kd_ref reads format 1\n")
+    assert not (tmp_path / "dist").exists()
 
 
 def test_sigterm_checkpoints_the_current_iteration_and_says_how_to_resume(tmp_path):
@@ -307,13 +329,13 @@ def test_student_init_of_another_architecture_names_both_models(tmp_path, teache
 
 def test_gkd_presets_start_from_the_trained_baseline_detector():
     for arch in ("faster_rcnn", "retinanet"):
-        recipe = configs.PRESETS[f"gkd_{arch}_r50_fpn_2x_coco"]
+        recipe = PRESETS[f"gkd_{arch}_r50_fpn_2x_coco"]
         assert recipe.student_init == f"runs/{arch}_r50_fpn_2x_coco/last.pt"
-        assert configs.PRESETS[f"gkd_{arch}_r50_fpn_2x_coco_baseline"].student_init is None
+        assert PRESETS[f"gkd_{arch}_r50_fpn_2x_coco_baseline"].student_init is None
 
 
 def test_print_recipe_prints_every_preset_as_json_without_reading_data(capsys, tmp_path):
-    for name, recipe in configs.PRESETS.items():
+    for name, recipe in PRESETS.items():
         assert train.run(["--preset", name, "--print-recipe", "--data-root", str(tmp_path / "absent")]) == 0, name
         captured = capsys.readouterr()
         printed = json.loads(captured.out)

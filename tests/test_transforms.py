@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_ref import transforms as T
+from kd_ref.presets import PRESETS
 
 
 def rng(seed=0):
@@ -429,8 +430,7 @@ def test_classification_transforms_shapes_and_padding():
 
 
 def test_skd_original_preset_draws_scales_from_0_7_to_2_1():
-    from kd_ref import configs
-    recipe = configs.PRESETS["skd_pspnet_r18_cityscapes_original"]
+    recipe = PRESETS["skd_pspnet_r18_cityscapes_original"]
     rng = np.random.default_rng(0)
     drawn = {round(T.draw_scale(rng, recipe.scales, recipe.scale_step), 6) for _ in range(2000)}
     assert drawn == {round(0.7 + k / 10, 6) for k in range(15)}
@@ -439,8 +439,8 @@ def test_skd_original_preset_draws_scales_from_0_7_to_2_1():
 def test_gdd_pipeline_applies_photometric_distortion_after_the_flip_before_normalising():
     """The GDD preset's transform = scale -> crop -> flip -> PhotoMetricDistortion -> normalise (mmseg order):
     replayed step by step with the same generator it gives the same tensor."""
-    from kd_ref import configs, tasks
-    recipe = configs.PRESETS["gdd_pspnet_r18_cityscapes"]
+    from kd_ref import tasks
+    recipe = PRESETS["gdd_pspnet_r18_cityscapes"]
     transform, _ = tasks.SegTask().build_data(
         dataclasses.replace(recipe, data="synthetic", num_classes=4, crop=(16, 16), synthetic_size=(32, 32), synthetic_train=1,
                             synthetic_val=1), "train", None)
@@ -460,4 +460,4 @@ def test_gdd_pipeline_applies_photometric_distortion_after_the_flip_before_norma
         x = x.flip(-1)
     x = T.pad_bottom_right(T.normalize(T.PhotoMetricDistortion()(x, rng), "imagenet_rgb"), (16, 16), 0.0)
     assert torch.allclose(out, x, atol=1e-3)  # the crop-first resampling rounds differently (1e-3 of a level)
-    assert not configs.PRESETS["dist_pspnet_r18_cityscapes"].photometric_distortion  # CIRKD has none
+    assert not PRESETS["dist_pspnet_r18_cityscapes"].photometric_distortion  # CIRKD has none
