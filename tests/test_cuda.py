@@ -34,7 +34,8 @@ import pytest
 import torch
 
 import train
-from kd_ref import configs, engine, syncs, transforms
+from kd_ref import configs, engine, presets, syncs, transforms
+from kd_ref.recipe import Recipe
 from train_helpers import train_crashing_in_step
 
 # every test but the coverage check of AMP_PRESETS, which runs wherever the suite does
@@ -58,7 +59,7 @@ CUDA = "cuda"
 
 
 def test_amp_presets_cover_every_model_family_once():
-    family = {name: configs.PRESETS[name].student for name in PRESETS}
+    family = {name: presets.PRESETS[name].student for name in PRESETS}
     assert set(AMP_PRESETS) <= set(PRESETS)
     assert sorted(family[name] for name in AMP_PRESETS) == sorted(set(family.values()))
 
@@ -120,7 +121,7 @@ SKD_CRITIC_KEYS = {"cirkd": {"loss_skd_d"}, "original": {"loss_skd_d", "loss_skd
 @pytest.mark.parametrize("skd_preset, precision", SKD_CASES)
 def test_skd_discriminator_steps_with_its_own_optimizer_and_scaler(skd_preset, precision, tmp_path, teacher_for):
     preset = "synthetic_seg_skd"
-    options = {**configs.PRESETS[preset].method_options, "preset": skd_preset, "use_ho": True}
+    options = {**presets.PRESETS[preset].method_options, "preset": skd_preset, "use_ho": True}
     train.main([*_flags(preset, precision, teacher_for(preset)), "--crop", "512", "512",
                 "--set", f"method_options={options!r}", "--iters", "2", "--out", str(tmp_path)])
     ckpt = engine.load_checkpoint(str(tmp_path / "last.pt"))
@@ -218,12 +219,12 @@ def test_ddp_over_nccl_with_syncbatchnorm_trains_and_resumes(tmp_path):
 # each task's "_none" preset at its own sizes, and detection at an image_scale under the 128-pixel scenes
 # (the device step resizes, in uint8 on the CPU and in float32 rounded to uint8 on CUDA)
 DEVICE_STEP_PROBES = {name: syncs.probe_recipe(name) for name in sorted(
-    {configs.PRESETS[name].task: name for name in PRESETS if name.endswith("_none")}.values())}
+    {presets.PRESETS[name].task: name for name in PRESETS if name.endswith("_none")}.values())}
 DEVICE_STEP_PROBES["synthetic_det_retinanet_none-at-96x96"] = dataclasses.replace(
     syncs.probe_recipe("synthetic_det_retinanet_none"), image_scale=(96, 96))
 
 
-def one_intensity_level(recipe: configs.Recipe) -> float:
+def one_intensity_level(recipe: Recipe) -> float:
     """One uint8 intensity level in the normalised units of ``recipe``'s images (+ 1e-6 for float32
     rounding): 1 / min(std), about 0.0175 under the ImageNet statistics, 1 without a std."""
     return 1.0 / min(transforms.NORMALIZATIONS[recipe.normalization]["std"]) + 1e-6
