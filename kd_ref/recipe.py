@@ -288,9 +288,11 @@ def per_process_terms(recipe: Recipe) -> list:
     """The descriptions of PER_PROCESS_TERMS that apply to ``recipe``. SKD's pixel-wise term is per process
     only when it is a sum over images (pi_normalize 'spatial', the 'original' preset's)."""
     terms = []
-    if recipe.method == "skd" and recipe.method_options.get(
-            "pi_normalize", "spatial" if recipe.method_options.get("preset") == "original" else "pixels") == "spatial":
-        terms.append(PER_PROCESS_TERMS["method"]["skd"])
+    if recipe.method == "skd" and recipe.task == "seg":
+        from kd_ref import skd  # imports torch: called once a run has started
+        preset = skd.PRESETS[recipe.method_options.get("preset", skd.DEFAULT_SEG_PRESET)]
+        if recipe.method_options.get("pi_normalize", preset.pi_normalize) == "spatial":
+            terms.append(PER_PROCESS_TERMS["method"]["skd"])
     if recipe.method == "dist":
         terms.append(PER_PROCESS_TERMS["method"]["dist"])
     terms += [text for family, text in PER_PROCESS_TERMS["student"].items() if recipe.student.startswith(family)]

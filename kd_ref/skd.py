@@ -319,6 +319,9 @@ def gradient_penalty(D: Callable[[torch.Tensor], torch.Tensor], real: torch.Tens
 # Presets and distiller
 # --------------------------------------------------------------------------------------------
 
+DEFAULT_SEG_PRESET = "cirkd"  # SKDDistiller's preset when method_options names none
+
+
 @dataclass(frozen=True)
 class SKDPreset:
     """Defaults of one reference protocol; the D optimizer is ``"adam"`` (uses ``d_betas``) or
@@ -378,7 +381,7 @@ class SKDDistiller(nn.Module):
     ``d_input="logits+image"``) is bilinearly resized to the logits and concatenated to them.
     """
 
-    def __init__(self, num_classes: int, preset: str = "cirkd", *, lambda_pi=None, lambda_pa=None,
+    def __init__(self, num_classes: int, preset: str = DEFAULT_SEG_PRESET, *, lambda_pi=None, lambda_pa=None,
                  lambda_adv=None, lambda_d=None, lambda_gp=None, tau=None, pi_normalize=None,
                  pa_kernel=None, pa_scale=None, pa_detach_norm=None, adv_type=None,
                  d_input: str = "logits", use_pi: bool = True, use_pa: bool = True,
