@@ -164,16 +164,23 @@ def probe_recipe(name: str) -> Recipe:
                                student_init=None)
 
 
+def random_teacher_file(recipe: Recipe, path: str) -> str | None:
+    """Save ``recipe``'s teacher with its initial weights (seeded by ``recipe.seed``) at ``path`` and return
+    ``path``; None for a method without a teacher. What a step synchronises, or which device and precision
+    paths it takes, does not depend on what the teacher knows."""
+    if not configs.METHODS[recipe.method].needs_teacher:
+        return None
+    torch.manual_seed(recipe.seed)
+    teacher = configs.TASKS[recipe.task].build_model(recipe, recipe.teacher, pretrained=None)
+    torch.save(teacher.state_dict(), path)
+    return path
+
+
 def count_iteration(recipe: Recipe, runtime: engine.Runtime, counter_factory=SyncCounter):
     """The synchronisations of the second training iteration of ``recipe`` (a ``counter_factory()``
     context, returned after the iteration), with a randomly initialised teacher."""
-    task = configs.TASKS[recipe.task]
     with tempfile.TemporaryDirectory(prefix="kd_ref_syncs_") as scratch:
-        teacher_ckpt = None
-        if configs.METHODS[recipe.method].needs_teacher:
-            torch.manual_seed(recipe.seed)
-            teacher_ckpt = os.path.join(scratch, "teacher.pt")
-            torch.save(task.build_model(recipe, recipe.teacher, pretrained=None).state_dict(), teacher_ckpt)
+        teacher_ckpt = random_teacher_file(recipe, os.path.join(scratch, "teacher.pt"))
         run = engine.TrainingRun(recipe, os.path.join(scratch, "run"), runtime, resume=False,
                                  teacher_ckpt=teacher_ckpt, workers=0, data_root=None, quiet=True)
         run.restore()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from kd_ref import configs, engine, metrics, presets
+from kd_ref import configs, engine, metrics, presets, syncs
 from kd_ref.precision import resolve_precision
 from train_helpers import train_crashing_in_step
 from kd_ref.recipe import Recipe
@@ -96,9 +96,7 @@ def random_teachers(tmp_path_factory):
     def teacher_file(recipe):
         key = (recipe.task, recipe.teacher)
         if key not in files:
-            torch.manual_seed(0)
-            files[key] = str(folder / f"{recipe.task}_{recipe.teacher}.pt")
-            torch.save(configs.TASKS[recipe.task].build_model(recipe, recipe.teacher).state_dict(), files[key])
+            files[key] = syncs.random_teacher_file(recipe, str(folder / f"{recipe.task}_{recipe.teacher}.pt"))
         return files[key]
     return teacher_file
 
