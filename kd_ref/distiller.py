@@ -1,0 +1,92 @@
+"""The contract between a method and the engine.
+
+A method is one file of ``kd_ref/`` and one line of ``kd_ref.methods.METHODS``. The file ends with its
+:class:`Method` record: how to build its distiller, which model outputs the distiller reads on each task
+(``bind``) and which recipes it refuses (``check``). The distiller subclasses :class:`Distiller`:
+``forward`` returns the method's weighted losses, and the other methods are the engine's hooks, no-ops
+here, which the engine calls on every distiller at the moments their docstrings name.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class EpochContext:
+    """What :meth:`Distiller.before_epoch` may use: the models, the training data (without the recipe's
+    repetition, with its collate) and the epoch, ``epoch`` (0-based) of ``epochs``."""
+    epoch: int
+    student: nn.Module
+    teacher: nn.Module
+    dataset: object
+    collate: Callable
+    runtime: object
+    epochs: int = 1
+
+
+@dataclass
+class StepContext:
+    """What :meth:`Distiller.after_step` may use: the iteration's batch, the updated student, the teacher,
+    and ``loss_fn(batch)``, the training loss at the student's current parameters (float32)."""
+    iteration: int
+    batch: dict
+    student: nn.Module
+    teacher: nn.Module
+    loss_fn: Callable[[dict], torch.Tensor]
+    runtime: object
+
+
+class Distiller(nn.Module):
+    """A method's losses and learnable parts. Its parameters are trained with the student, by the student's
+    optimizer, except :meth:`extra_parameters`. State beyond parameters and buffers goes through
+    ``nn.Module.get_extra_state`` / ``set_extra_state``, so checkpoints carry it."""
+
+    def forward(self, **inputs) -> dict[str, torch.Tensor]:
+        """The method's losses, weighted, named ``loss_*``, from the keyword arguments its ``Method.bind``
+        returns for the task; the engine adds them to the student's task losses."""
+        raise NotImplementedError
+
+    def before_epoch(self, context: EpochContext) -> None:
+        """Called before the first batch of every epoch (and not when a run resumes inside an epoch)."""
+
+    def after_step(self, context: StepContext) -> None:
+        """Called after every iteration's updates (student, then :meth:`extra_parameters`)."""
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained apart from the student, by :meth:`extra_optimizer` on :meth:`extra_losses`
+        (an adversary); none by default."""
+        return []
+
+    def extra_optimizer(self, total_iters: int) -> tuple[torch.optim.Optimizer, Callable[[int], float] | None]:
+        """``(optimizer, lr_factor(iteration) or None)`` over :meth:`extra_parameters`; called once, when the
+        run is built, only if there are such parameters."""
+        raise NotImplementedError(f"{type(self).__name__} has extra parameters: it must define extra_optimizer")
+
+    def extra_losses(self, **inputs) -> dict[str, torch.Tensor]:
+        """The losses of :meth:`extra_parameters`, from the same inputs as ``forward``; called every iteration
+        after ``forward`` when there are such parameters. Their backward reaches no student parameter."""
+        return {}
+
+    def sync_batchnorm_modules(self) -> list[nn.Module]:
+        """Modules whose BatchNorm layers become SyncBatchNorm in a multi-GPU run; none by default."""
+        return []
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method as the engine and the command line see it. ``build(recipe, student, teacher)`` returns its
+    :class:`Distiller` (None: no distillation, no teacher); ``bind[task](student_out, teacher_out, batch)``
+    returns the keyword arguments of the distiller's ``forward`` on that task; ``check(recipe)``, if given,
+    refuses with one line a recipe the method cannot train, before any model is built or teacher trained
+    (``build`` calls it too)."""
+    build: Callable[..., Distiller] | None
+    bind: dict[str, Callable[[dict, dict, dict], dict]] = field(default_factory=dict)
+    check: Callable | None = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.build is not None
