@@ -15,7 +15,7 @@ projection shortcut is a strided 1x1 conv + BN, in every flavour. ``stride_in_1x
 Bottleneck's stride onto its first 1x1 conv instead: the original MSRA ResNet, whose ImageNet weights
 maskrcnn-benchmark and tianzhi0549/FCOS start from (their ``STRIDE_IN_1X1``); parameter shapes are the same.
 
-Flavours (all facts from ../shared/specs/seg_models.md, checked against the public code):
+Flavours (all facts from docs/specs/seg_models.md, checked against the public code):
 
 * ``"cirkd"`` -- winycg/CIRKD ``ResNetV1b(deep_stem=True)``: stem 3x3 convs 64-64-128 (stride 2 on
   the first, bias-free, BN, ReLU), MaxPool(3, 2, 1) in floor mode; layer1 therefore starts from 128

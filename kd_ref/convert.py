@@ -234,7 +234,7 @@ def load_weights(model: nn.Module, weights: str | os.PathLike | Mapping[str, Ten
 
 
 
-# ---------------------------------------------------------------------------------- FCOS and depth (issue 17)
+# ---------------------------------------------------------------------------------- FCOS and depth
 def _trunk(state_dict: Mapping[str, Tensor]) -> str:
     if "backbone.features.0.0.weight" in state_dict:
         return "MobileNetV2"

@@ -517,7 +517,7 @@ class MaskRCNN(detectors.FasterRCNN):
 # ----------------------------------------------------------------------------------------------------
 # Builder
 # ----------------------------------------------------------------------------------------------------
-# Synthetic scenes of 64 pixels (instance_seg.md §9 at a quarter of its 256): §9's grids; the scale ranges and
+# Synthetic scenes of 64 pixels (docs/specs/instance_seg.md §9 at a quarter of its 256): §9's grids; the scale ranges and
 # pos_scale are ours. At 64 pixels P4 is 4x4 and P5 2x2, and §9's ranges / 4 sent most demo objects (sqrt box
 # area 7.5-48.5, median 26, over 200 training scenes) to levels 2-3, whose category branch reads those maps
 # upsampled to 8x8 and 6x6 cells. These ranges put every demo object on levels 0-1 (8x8 features), on both

@@ -12,7 +12,7 @@ PRESETS: dict[str, Recipe] = {}
 DEFAULT_PRESETS: dict[tuple, str] = {}
 
 
-# --- CIFAR-100 (CRD / RepDistiller protocol, dist.md §4, sokd.md §2.5): 240 epochs of 50,000 images at
+# --- CIFAR-100 (CRD / RepDistiller protocol, docs/specs/dist.md §4, docs/specs/sokd.md §2.5): 240 epochs of 50,000 images at
 # batch 64 on one process (DIST_KD's README launches dist_train.sh 1; mdistiller's train.py is one process,
 # nn.DataParallel), SGD lr 0.05, x0.1 at epochs 150 / 180 / 210, wd 5e-4; both codes validate after every
 # epoch and report the best accuracy (image_classification_sota tools/train.py, mdistiller trainer.py
@@ -24,7 +24,7 @@ DEFAULT_PRESETS: dict[tuple, str] = {}
 # DIST_KD's classification folder is a submodule: hunto/image_classification_sota at d9662f7
 DIST_CLS_CONFIGS = "hunto/DIST_KD classification (hunto/image_classification_sota@d9662f7) configs/strategies/distill"
 MDISTILLER_KD = "megvii-research/mdistiller configs/cifar100/kd.yaml + mdistiller/engine/cfg.py"
-SOKD_CIFAR = "FabienCode/mdistiller configs/DFKD/cifar/res324_84.yaml (sokd.md §2.5)"
+SOKD_CIFAR = "FabienCode/mdistiller configs/DFKD/cifar/res324_84.yaml (docs/specs/sokd.md §2.5)"
 CIFAR100 = Recipe(task="cls", data="cifar100", num_classes=100, crop=(32, 32), normalization="cifar100",
                   sync_bn=False,  # per-GPU BatchNorm under DDP, as the classification references
                   batch_size=64, iters=None, epochs=240, lr=0.05, weight_decay=5e-4, schedule="step",
@@ -38,7 +38,7 @@ MDISTILLER_KD_OPTIONS = {"tau": 4.0, "loss_weight": 0.9}
 MDISTILLER_KD_TASK_WEIGHT = 0.1
 for _teacher in ("resnet32x4", "resnet56", "resnet110", "wrn_40_2"):
     register(PRESETS, f"teacher_{_teacher}_cifar100", dataclasses.replace(
-        CIFAR100, student=_teacher, source="unknown teacher config: the CIFAR-100 protocol of dist.md §4; hunto/DIST_KD's README "
+        CIFAR100, student=_teacher, source="unknown teacher config: the CIFAR-100 protocol of docs/specs/dist.md §4; hunto/DIST_KD's README "
                "releases trained teachers (cifar_ckpts.zip)"))
 for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20")):
     register(PRESETS, f"dist_{_student}_cifar100", dataclasses.replace(
@@ -57,7 +57,7 @@ for _teacher, _student in (("resnet32x4", "resnet8x4"), ("wrn_40_2", "wrn_40_1")
         _pair, method="sokd", task_loss_weight=MDISTILLER_KD_TASK_WEIGHT,
         method_options={"base": "kd", "base_options": {"kd": MDISTILLER_KD_OPTIONS}, **_sokd_search}))
 
-# --- ImageNet R34 -> R18 (DIST baseline recipe, dist.md §4): 100 epochs of 1,281,167 images at batch 256
+# --- ImageNet R34 -> R18 (DIST baseline recipe, docs/specs/dist.md §4): 100 epochs of 1,281,167 images at batch 256
 # (32 on each of 8 processes: DIST_KD's README launches dist_train.sh 8), SGD lr 0.1 with Nesterov momentum and
 # no weight decay on BatchNorm parameters and biases (image_classification_sota lib/utils/optim.py: nesterov
 # unless --sgd-no-nesterov, every 1-D parameter out of the decay unless --opt-no-filter; resnet_dist.yaml sets
@@ -70,7 +70,7 @@ IMAGENET = Recipe(task="cls", data="imagenet", num_classes=1000, crop=(224, 224)
                   batch_size=256, iters=None, epochs=100, lr=0.1, weight_decay=1e-4, schedule="step",
                   lr_steps=(30, 60, 90), eval_every=1, keep_best=True, ckpt_every=1000, student="resnet18",
                   teacher="resnet34", gpus=8, nesterov=True, norm_weight_decay=0.0, bias_weight_decay=0.0,
-                  source=f"{DIST_CLS_CONFIGS}/resnet_dist.yaml (its baseline recipe, dist.md §4)")
+                  source=f"{DIST_CLS_CONFIGS}/resnet_dist.yaml (its baseline recipe, docs/specs/dist.md §4)")
 IMAGENET_KD_OPTIONS = {"tau": 4.0}
 IMAGENET_DIST_OPTIONS = {"tau": 1.0, "loss_weight": 2.0}
 # The twins train DIST's recipe without KD (ours): the 69.76 DIST's table prints next to ResNet-18 is
@@ -110,7 +110,7 @@ SYNTHETIC_CLS = Recipe(task="cls", data="synthetic", num_classes=SYNTHETIC_NUM_I
                        teacher_preset="synthetic_cls_teacher")
 # DIST at tau 1 (its ImageNet setting): with 8 classes, CIFAR's tau 4 (x16 on each term) makes SGD diverge;
 # weight 2 measured best of (tau, weight) in (1, 2) 62.6, (2, 1) 61.0, (1, 4) 57.8. SoKD's feature and DAM
-# weights are re-tuned as sokd.md asks outside CIFAR-100: 1000 gives 62.2, 100 72.6, 10 76.6 (one seed each).
+# weights are re-tuned as docs/specs/sokd.md asks outside CIFAR-100: 1000 gives 62.2, 100 72.6, 10 76.6 (one seed each).
 SYNTHETIC_DIST_OPTIONS = {"tau": 1.0, "loss_weight": 2.0}
 SYNTHETIC_CLS_METHOD_OPTIONS = {
     "none": {}, "kd": CIFAR_KD_OPTIONS, "dist": SYNTHETIC_DIST_OPTIONS,

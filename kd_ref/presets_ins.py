@@ -13,7 +13,7 @@ PRESETS: dict[str, Recipe] = {}
 DEFAULT_PRESETS: dict[tuple, str] = {}
 
 
-# --- COCO (instance_seg.md §5-§7). mmdet 2.x data handling as the detectors (keep-ratio 1333x800, flip 0.5,
+# --- COCO (docs/specs/instance_seg.md §5-§7). mmdet 2.x data handling as the detectors (keep-ratio 1333x800, flip 0.5,
 # ImageNet mean/std, pad 32), torchvision ResNets with stage 1 frozen and BN in eval mode, epochs as mmdet's
 # EpochBasedRunner counts them. SOLO R50 1x (configs/solo/solo_r50_fpn_1x_coco.py on schedule_1x): lr 0.01,
 # 12 epochs, x0.1 at 8 and 11, warm-up 500 iterations from 0.001. Mask R-CNN: mmdet's mask_rcnn configs (lr
@@ -29,7 +29,7 @@ for _depth in (50, 101):
             pretrained=TORCHVISION_WEIGHTS[_depth],
             source=f"{MMDET_CONFIGS}/mask_rcnn/mask_rcnn_r{_depth}_fpn_{_schedule}_coco.py" + (
                 " (box 38.2 / mask 34.7 at 1x, 39.2 / 35.4 at 2x, mmdet model zoo)" if _depth == 50 else "")))
-# SOLO R101 3x multi-scale, the GDD SOLO row's teacher (instance_seg.md §5-§7). mmdet's SOLO 3x config on
+# SOLO R101 3x multi-scale, the GDD SOLO row's teacher (docs/specs/instance_seg.md §5-§7). mmdet's SOLO 3x config on
 # R101: short side one of 800, 768, ..., 640 per image (multiscale_mode 'value', long side <= 1333), 36 epochs,
 # x0.1 at 27 and 33, warm-up 500 iterations from 1/3, gradient clipping at norm 35. mmdet publishes no R101 3x
 # SOLO; the number is WXinlong/SOLO's SOLO_R101_3x (37.1 mask AP, COCO minival), trained by its
@@ -41,7 +41,7 @@ register(PRESETS, "solo_r101_fpn_3x_coco", dataclasses.replace(
     multiscale_mode="value", grad_clip=35.0,
     source="WXinlong/SOLO configs/solo/solo_r101_fpn_8gpu_3x.py (mask AP 37.1, its README; = "
            f"{MMDET_CONFIGS}/solo/solo_r50_fpn_3x_coco.py with ResNet-101 and clipping)"))
-# GDD on SOLO, the paper row (instance_seg.md §6): SOLO R101-FPN 3x teacher (--teacher-ckpt, e.g. GDD's
+# GDD on SOLO, the paper row (docs/specs/instance_seg.md §6): SOLO R101-FPN 3x teacher (--teacher-ckpt, e.g. GDD's
 # Solo_r101_3x.pth, provenance unknown) -> SOLO R50 1x; alpha 200, tau 4, neck and head initialised from
 # the teacher, gradient clipping 35 added by the distillation config. The twin is the plain R50 1x.
 register(PRESETS, "gdd_solo_r50_fpn_1x_coco", dataclasses.replace(
@@ -58,7 +58,7 @@ register(PRESETS, "gdd_maskrcnn_r50_fpn_2x_coco", dataclasses.replace(
            "cascade_mask_rcnn_rx101_32x4d_distill_faster_rcnn_r50_fpn_2x_coco.py extrapolated to Mask R-CNN"),
     baseline=PRESETS["maskrcnn_r50_fpn_2x_coco"])
 
-# --- Synthetic instances (instance_seg.md §9, made smaller to fit the demo's CPU budget): easy-style 64-pixel
+# --- Synthetic instances (docs/specs/instance_seg.md §9, made smaller to fit the demo's CPU budget): easy-style 64-pixel
 # scenes (§9's 256 pixels cost 16 times the pixels), three shapes, from scratch. SOLO: ResNet-18 with a
 # 64-channel, 2-conv head, §9's grids with our scale ranges and pos_scale (instance_seg.SYNTHETIC_SOLO). As in
 # the seg and det demos, the teacher is the student's architecture trained three times as long (§9's ResNet-50

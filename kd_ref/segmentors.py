@@ -11,7 +11,7 @@ Auxiliary FCN head on c4 (= layer3): conv3x3-BN-act -> dropout -> conv1x1.
 Task loss (training mode with targets), logits upsampled bilinearly to the label size, in float32:
     loss_seg = CE(up(logits), y),   loss_seg_aux = 0.4 * CE(up(aux_logits), y),   ignore label 255.
 
-Flavours (facts: ../shared/specs/seg_models.md; checked against the public code):
+Flavours (facts: docs/specs/seg_models.md; checked against the public code):
 
 * ``"cirkd"`` (winycg/CIRKD before the 2025 "CIRKDV2" commit 351400e, the version behind the
   published tables): PSP branches C5/4 wide, input first in the concat, head width P = 128 (c5 512)

@@ -257,7 +257,7 @@ class DetTask:
         return dataset, dataset.collate
 
 
-# ------------------------------------------------------------------------------ classification (issue 6)
+# ------------------------------------------------------------------------------ classification
 SYNTHETIC_NUM_IMAGE_CLASSES = len(datasets.SyntheticScenes.CLASSES) - 1  # image label = a shape, no background
 
 
@@ -361,7 +361,7 @@ class ClsTask:
         return {"top1": 100.0 * top1 / images, "top5": 100.0 * top5 / images, "images": images}
 
 
-# ------------------------------------------------------------------------ instance segmentation (issue 16)
+# ------------------------------------------------------------------------ instance segmentation
 class InsTask(DetTask):
     """Instance segmentation: SOLO and Mask R-CNN of ``kd_ref.instance_seg`` on synthetic instances
     (:class:`datasets.SyntheticInstances`) or COCO with masks; the detection pipeline (keep-ratio resize to
@@ -437,7 +437,7 @@ class InsTask(DetTask):
         if state["with_boxes"]:
             metrics.update({f"bbox_{name}": value for name, value in coco_box_ap(state["coco"], results["bbox"]).items()})
         return metrics
-# ------------------------------------------------------------------------------ depth (issue 17)
+# ------------------------------------------------------------------------------ depth
 class DepthTask:
     """Monocular depth: :class:`kd_ref.depth.DepthNet` on synthetic scenes (their depth target) or NYUDv2
     (``datasets.NYU_LAYOUT``). Synthetic scenes: training on a random ``recipe.crop`` and a flip, evaluation

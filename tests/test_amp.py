@@ -1,4 +1,4 @@
-"""Mixed precision (``--amp [bf16|fp16]``, issue 24): what each request resolves to, every synthetic preset (every
+"""Mixed precision (``--amp [bf16|fp16]``): what each request resolves to, every synthetic preset (every
 method on every task) training one iteration under CPU bf16 autocast and evaluating, and runs resumed in
 another precision (fp32, bf16, fp16 with its GradScaler, which the CPU runs too)."""
 import dataclasses

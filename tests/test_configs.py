@@ -2,6 +2,7 @@
 ``register``, the task-loss weights of the KD rows, the pinning against the reference recipes."""
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -382,6 +383,9 @@ SOURCE_REPOSITORY = re.compile(r"^([A-Za-z0-9][\w-]*/[\w.-]+?)(?:@([0-9a-f]{7,40
 SOURCE_VERSION = re.compile(r"^v\d+\.x$")
 
 
+OWN_DOCS = "docs/"  # a citation of this repository's own documents, not of a reference repository
+
+
 def cited_files(source: str) -> list:
     """(repository revision key of REFERENCE_SOURCES, path) of every file ``source`` cites."""
     known = {key.split("@")[0] for key in REFERENCE_SOURCES}
@@ -393,7 +397,7 @@ def cited_files(source: str) -> list:
             following = tokens[i + 1] if i + 1 < len(tokens) else ""
             revision = repository.group(2) or (following if SOURCE_VERSION.match(following) else "HEAD")
             current = f"{repository.group(1)}@{revision}"
-        elif SOURCE_FILE.match(token) and current is not None:
+        elif SOURCE_FILE.match(token) and current is not None and not token.startswith(OWN_DOCS):
             pairs.append((current, token))
     return pairs
 
@@ -409,6 +413,11 @@ def test_every_source_path_exists_in_the_named_repository_revision():
         assert cited or source.startswith(("unknown teacher", "[paper?]")), (name, source)
         for key, path in cited:
             assert path in REFERENCE_SOURCES[key]["paths"], (name, key, path)
+    own_documents = {token.strip("(),;") for name in REAL_DATA_PRESETS for token in presets.PRESETS[name].source.split()
+                     if token.startswith(OWN_DOCS)}
+    assert own_documents, "no preset cites docs/: the check below would test nothing"
+    for path in own_documents:
+        assert os.path.isfile(os.path.join(os.path.dirname(__file__), os.pardir, path)), path
     # the records tell a missing file: CIRKD's plain-KD launch script is not in 05a2753, which the KD row cited
     assert "train_scripts/train_kd/train_skd.sh" in REFERENCE_SOURCES["winycg/CIRKD@05a2753"]["paths"]
     assert "train_scripts/train_kd/deeplabv3_res18.sh" not in REFERENCE_SOURCES["winycg/CIRKD@05a2753"]["paths"]
