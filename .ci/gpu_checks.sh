@@ -39,15 +39,15 @@ step() {
 step tests 420 python -m pytest -q -rs tests/test_cuda.py
 step syncs 180 python -m kd_ref.syncs --device cuda
 # DeepLabV3-R101 -> R18 at 512x1024, batch 8 (CIRKD / SKD Cityscapes rows)
-step cost_seg 240 python -m kd_ref.bench cost --device cuda --tasks seg --student deeplabv3_r18 \
+step cost_seg 240 python -m kd_ref.bench_cost --device cuda --tasks seg --student deeplabv3_r18 \
     --teacher deeplabv3_r101 --size 512 1024 --batch-size 8
 # RetinaNet and Faster R-CNN R101 -> R50 at 1333x800, batch 2 per GPU (mmdet 2x rows); a small synthetic set
 # keeps GKD's prototype pass, which runs once before the timing, short
 for pair in retinanet faster_rcnn; do
-    step "cost_det_${pair}" 240 python -m kd_ref.bench cost --device cuda --tasks det --student "${pair}_r50" \
+    step "cost_det_${pair}" 240 python -m kd_ref.bench_cost --device cuda --tasks det --student "${pair}_r50" \
         --teacher "${pair}_r101" --size 800 1333 --batch-size 2 --set synthetic_train=16
 done
-step data 180 python -m kd_ref.bench data
+step data 180 python -m kd_ref.bench_data
 
 failed=0
 : > "$out/status.txt"
