@@ -250,7 +250,7 @@ class DetTask:
         ``num_objects`` boxes (:class:`datasets.ProbeScenes`), through this task's training pipeline at the recipe's
         ``image_scale`` (keep-ratio resize, normalisation; no flip, so the sample is deterministic; the
         collate pads to a multiple of 32): real tensors with the layout of real targets, for counting a
-        training step whose sizes depend on values (``kd_ref.bench`` flops)."""
+        training step whose sizes depend on values (``kd_ref.bench_flops``)."""
         transform = transforms.DetTransform(recipe.image_scale, flip_prob=0.0, normalization=recipe.normalization)
         scenes = datasets.ProbeScenes(image_size, num_objects, recipe.num_classes, num_images, with_masks=self.name == "ins")
         dataset = datasets.DetectionSet(scenes, transform, train=True, with_masks=self.name == "ins")
