@@ -347,8 +347,8 @@ class SKDDistiller(nn.Module):
         if not tau > 0:
             raise ValueError(f"SKDDistiller: tau must be > 0, got {tau}")
         if (pa_kernel is None) == (pa_scale is None):
-            raise ValueError(f"SKDDistiller: give pa_kernel or pa_scale, not both, got pa_kernel={pa_kernel!r} "
-                             f"and pa_scale={pa_scale!r}")
+            raise ValueError(f"SKDDistiller: give pa_kernel or pa_scale (one, not both), got pa_kernel="
+                             f"{pa_kernel!r} and pa_scale={pa_scale!r}")
         _check_kernel(pa_kernel)
         if pa_scale is not None and not pa_scale > 0:
             raise ValueError(f"SKDDistiller: pa_scale must be > 0, got {pa_scale}")
