@@ -39,7 +39,7 @@ register(PRESETS, "kd_deeplabv3_r18_cityscapes", dataclasses.replace(
     baseline=cirkd_baseline("deeplabv3_r18", "deeplabv3_res18.sh"))
 register(PRESETS, "skd_deeplabv3_r18_cityscapes", dataclasses.replace(
     CIRKD_CITYSCAPES, method="skd", student="deeplabv3_r18", teacher="deeplabv3_r101",
-    method_options={"preset": "cirkd"},
+    method_options={},  # SKDDistiller's defaults are CIRKD's
     source="winycg/CIRKD@05a2753 train_kd.py + train_scripts/train_kd/train_skd.sh"),
     baseline=cirkd_baseline("deeplabv3_r18", "deeplabv3_res18.sh"))
 # DIST (hunto/DIST_KD segmentation/train_kd.py, dist.md §4): CIRKD models, wd 5e-4, poly floor 1e-4,
@@ -101,9 +101,23 @@ register(PRESETS, "teacher_pspnet_r101_cityscapes_skd", dataclasses.replace(
 # 39,999 of its 40,000 updates (never after the last one), each file named with its mIoU. No periodic
 # validation otherwise. We keep the best of those three.
 SKD_SNAPSHOTS = (39_326, 39_697, 39_999)
+# SKDDistiller's options for the authors' code (its defaults are CIRKD's), from irfanICMLL/
+# structure_knowledge_distillation@ce208e1 (docs/specs/skd.md §5):
+SKD_ORIGINAL_OPTIONS = {
+    "tau": 1.0, "pi_normalize": "spatial",  # utils/criterion.py:225 (no temperature; sum / W / H)
+    "lambda_pi": 10.0,                      # run_train_val.sh:4
+    "pa_kernel": None, "pa_scale": 0.5,     # run_train_val.sh:23, utils/criterion.py:242
+    "pa_detach_norm": True,                 # utils/utils.py:175
+    "lambda_pa": 0.5,                       # run_train_val.sh:22
+    "adv_type": "wgan", "lambda_gp": 10.0,  # utils/train_options.py:52, 55
+    "lambda_adv": 0.1, "lambda_d": 0.1,     # networks/kd_model.py:149, 158 (both are lambda_d), run_train_val.sh:5
+    "d_optimizer": "sgd", "d_momentum": 0.9, "d_weight_decay": 5e-4,  # networks/kd_model.py:75, run_train_val.sh:13
+    "d_lr": 4e-4, "d_poly_power": 0.9,      # utils/train_options.py:62, 38; train_and_eval.py:23
+    "d_sync_batchnorm": False,              # networks/sagan_models.py:148 (BatchNorm2d, one GPU)
+}
 register(PRESETS, "skd_pspnet_r18_cityscapes_original", dataclasses.replace(
     SKD_ORIGINAL_CITYSCAPES, method="skd", student="pspnet_r18", teacher="pspnet_r101",
-    method_options={"preset": "original"}, source=SKD_SOURCE, eval_every=0, eval_at=SKD_SNAPSHOTS, keep_best=True))
+    method_options=SKD_ORIGINAL_OPTIONS, source=SKD_SOURCE, eval_every=0, eval_at=SKD_SNAPSHOTS, keep_best=True))
 
 # --- Built-in synthetic scenes, the CPU demo. Everything trains from scratch (no pretrained weights), so the
 # demo uses the "easy" style at 64 px with three shapes (disc, ring, square: two look-alike pairs), which a
@@ -125,7 +139,7 @@ SYNTHETIC_SEG = Recipe(data="synthetic", flavour="cirkd", num_classes=4, crop=(6
 # SKD's discriminator needs logit maps of at least 64x64 (512-pixel inputs), so the 64-pixel demo runs
 # the pixel-wise and pair-wise terms only; the holistic term is exercised at 512 pixels in the tests.
 SYNTHETIC_METHOD_OPTIONS = {"none": {}, "kd": {}, "dist": {"loss_weight": 0.25}, "gdd": {"alpha": 20.0, "tau": 4.0},
-                            "skd": {"preset": "cirkd", "use_ho": False}}
+                            "skd": {"use_ho": False}}
 register(PRESETS, "synthetic_seg_teacher", dataclasses.replace(SYNTHETIC_SEG, teacher=None, teacher_preset=None,
                                                                iters=600))
 register_demo(PRESETS, "synthetic_seg", SYNTHETIC_SEG, SYNTHETIC_METHOD_OPTIONS, defaults=DEFAULT_PRESETS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -266,7 +267,7 @@ def register_demo(presets: dict, prefix: str, recipe: Recipe, method_options: di
 # depends on how the batch is split are listed (a mean over images or pixels does not).
 PER_PROCESS_TERMS = {
     "method": {
-        "skd": "SKD's pixel-wise term under pi_normalize 'spatial' (the 'original' preset: a sum over the process's "
+        "skd": "SKD's pixel-wise term under pi_normalize 'spatial' (the authors' code's: a sum over the process's "
                "images; N processes of B/N weigh it 1/N of one process of B; method_options "
                "pi_normalize='spatial_whole_batch' scales it so that any split equals one process of B)",
         "dist": "DIST's intra-class relation (a correlation over the samples of each process)",
@@ -286,12 +287,12 @@ PER_PROCESS_TERMS = {
 
 def per_process_terms(recipe: Recipe) -> list:
     """The descriptions of PER_PROCESS_TERMS that apply to ``recipe``. SKD's pixel-wise term is per process
-    only when it is a sum over images (pi_normalize 'spatial', the 'original' preset's)."""
+    only when it is a sum over images (pi_normalize 'spatial', as in the authors' code)."""
     terms = []
     if recipe.method == "skd" and recipe.task == "seg":
-        from kd_ref import skd  # imports torch: called once a run has started
-        preset = skd.PRESETS[recipe.method_options.get("preset", skd.DEFAULT_SEG_PRESET)]
-        if recipe.method_options.get("pi_normalize", preset.pi_normalize) == "spatial":
+        from kd_ref.skd import SKDDistiller  # imports torch: called once a run has started
+        default = inspect.signature(SKDDistiller).parameters["pi_normalize"].default
+        if recipe.method_options.get("pi_normalize", default) == "spatial":
             terms.append(PER_PROCESS_TERMS["method"]["skd"])
     if recipe.method == "dist":
         terms.append(PER_PROCESS_TERMS["method"]["dist"])

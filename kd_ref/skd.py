@@ -2,21 +2,22 @@
 
 Papers: Liu, Chen, Liu, Qin, Luo, Wang, "Structured Knowledge Distillation for Semantic
 Segmentation" (CVPR 2019) and Liu, Shu, Wang, Shen, "Structured Knowledge Distillation for Dense
-Prediction" (TPAMI 2020), arXiv:1903.04197. Public code: irfanICMLL/structure_knowledge_distillation
-(preset "original") and the re-implementation winycg/CIRKD (preset "cirkd", the default).
+Prediction" (TPAMI 2020), arXiv:1903.04197. Spec: docs/specs/skd.md; depth and FCOS:
+docs/specs/depth_fcos.md. Decisions and their reasons: docs/design/skd.md.
 
 Three terms join the student's task loss. z: logits (B, K, h, w) at output stride 8, never
 upsampled; f: features (B, C, h, w) with C_s possibly != C_t; teacher tensors are constants;
 ignore-label pixels are not masked (both references distil every pixel).
 
-Pixel-wise (the teacher's class distribution per pixel is the target)::
+Pixel-wise (docs/specs/skd.md §2; the teacher's class distribution per pixel is the target)::
 
     p_t = softmax(z_t / tau),  log p_s = log_softmax(z_s / tau)
     KL_{b,i} = sum_k p_t[k] (log p_t[k] - log p_s[k])
     L_pi = tau^2 * sum_{b,i} KL_{b,i} / (B h w)    normalize="pixels"   (CIRKD)
-    L_pi = tau^2 * sum_{b,i} KL_{b,i} / (h w)      normalize="spatial"  (original: batch summed)
+    L_pi = tau^2 * sum_{b,i} KL_{b,i} / (h w)      normalize="spatial"  (authors' code: batch summed)
+    "spatial_whole_batch": "spatial" times the process count (one process of the whole batch)
 
-Pair-wise (global similarity graph of a feature map)::
+Pair-wise (docs/specs/skd.md §3; global similarity graph of a feature map)::
 
     nodes = max_pool2d(f, kernel, stride=kernel, ceil_mode=True)      N = h' w' nodes
     a_hat = a / max(||a||_2, eps) per node (norm detached if detach_norm)
@@ -27,10 +28,7 @@ Exact Gram form (impl="gram"), O(N C^2) time and O(C^2) memory instead of O(N^2 
 
     ||A^T A - B^T B||_F^2 = ||A A^T||_F^2 + ||B B^T||_F^2 - 2 ||A B^T||_F^2
 
-It holds for both references: normalisation is per node, the graph is global, pooling only defines
-the columns, and the loss is the plain mean over all N^2 ordered pairs (diagonal included).
-
-Holistic (adversarial; teacher logits are "real", student logits "fake")::
+Holistic (docs/specs/skd.md §4; adversarial, teacher logits "real", student logits "fake")::
 
     student:  L_ho = -mean D(z_s)
     critic:   hinge  mean relu(1 - D(z_t)) + mean relu(1 + D(z_s))
@@ -38,45 +36,42 @@ Holistic (adversarial; teacher logits are "real", student logits "fake")::
     GP = mean_b (||grad_x sum D(x)||_2 - 1)^2,  x = alpha z_t + (1 - alpha) z_s, alpha ~ U(0, 1)
 
 D is a SAGAN-style critic: input BatchNorm, four spectral-norm stride-2 4x4 convolutions with
-LeakyReLU(0.1), self-attention after the third and fourth, a plain 4x4 score convolution.
+LeakyReLU(0.1), self-attention after the third and fourth, a plain 4x4 score convolution. It sees the
+raw logits only, as both codes do (the paper conditions it on the image too).
 
-Presets (None arguments of SKDDistiller take these)::
+Weighted losses (docs/specs/skd.md §5): loss_skd_pi = lambda_pi L_pi, loss_skd_pa = lambda_pa L_pa,
+loss_skd_ho = lambda_adv L_ho (student side); loss_skd_d = lambda_d L_D and, under "wgan",
+loss_skd_gp = lambda_d lambda_gp GP (critic side, one D step after each student step on that
+iteration's detached logits). Keys of disabled terms are omitted.
 
-    item                            "cirkd"                      "original"
+SKDDistiller's defaults are winycg/CIRKD's protocol; the authors' code
+(irfanICMLL/structure_knowledge_distillation) is ``kd_ref.presets_seg.SKD_ORIGINAL_OPTIONS``::
+
+    setting                         default (CIRKD)              SKD_ORIGINAL_OPTIONS
     tau / pi_normalize / lambda_pi  1.0 / "pixels" / 1.0         1.0 / "spatial" / 10.0
-    ("spatial_whole_batch": "spatial" on one process of the whole batch, however many processes share it)
-    pa kernel / detach_norm         2 / False                    int(0.5 h) x int(0.5 w) / True
-    lambda_pa                       10.0                         0.5 (code; the paper says 10)
+    pa_kernel / pa_scale            2 / None                     None / 0.5 (int(0.5 h) x int(0.5 w))
+    pa_detach_norm / lambda_pa      False / 10.0                 True / 0.5 (code; the paper says 10)
     adv_type / lambda_adv           "hinge" / 0.001              "wgan" / 0.1
-    lambda_d / lambda_gp            0.1 / - (no GP)              0.1 / 10.0 (GP weight 1.0)
+    lambda_d / lambda_gp            0.1 / None (no GP)           0.1 / 10.0 (GP weight 1.0)
     D optimizer                     Adam 4e-4, betas (0.9, 0.99) SGD 4e-4, momentum 0.9,
                                     constant lr                  wd 5e-4, poly 0.9 over the run
-    D input BN under CUDA DDP       SyncBatchNorm (CIRKD)        per-GPU (one GPU in the code; no
-                                                                 double backward through SyncBN)
+    d_sync_batchnorm (CUDA DDP)     True: SyncBatchNorm          False: per-GPU (one GPU in the code)
 
-Decisions:
-- We return KL; the original code returns the cross-entropy -sum p_t log p_s, which differs by the
-  teacher entropy (a constant): identical gradients, and zero loss for identical inputs.
-- Node normalisation clamps the norm at eps (F.normalize semantics), so all-zero nodes map to the
-  zero vector; the original's detached ||a|| + 1e-8 agrees to far below float32 tolerance.
-- The Gram terms nearly cancel when student and teacher agree, so they are accumulated in float64
-  outside autocast; impl="auto" uses them when N > C_s + C_t. Everything else is float32 (inputs
-  in half precision are cast up; float64 inputs stay float64).
-- Like both codes (unlike the paper, which conditions on the image), D sees the raw logits only
-  (d_input="logits"). d_input="logits+image" concatenates the image resized bilinearly
-  (align_corners=False) to the logits: an extension, in no reproduced number.
-- One D step follows each student step on that iteration's detached logits, no warm-up; D scores
-  student, teacher and interpolated batches in separate calls so its input BatchNorm uses each
-  batch's own statistics, as both codes do.
-- The preset "cirkd" has no gradient penalty; overriding adv_type="wgan" there requires lambda_gp.
-- Keys carry the project-wide prefix: loss_skd_pi, loss_skd_pa, loss_skd_ho (student side),
-  loss_skd_d, loss_skd_gp (critic side); keys of disabled terms are omitted.
+Choices:
+- The pixel-wise value is the KL; the authors' code returns the cross-entropy, which differs by the
+  teacher entropy (a constant): the same gradients, and zero loss for identical inputs.
+- All-zero nodes map to the zero vector (the norm is clamped at eps).
+- The Gram terms are accumulated in float64 outside autocast; impl="auto" uses them when
+  N > C_s + C_t. Everything else is float32 (half-precision inputs are cast up).
+- D scores student, teacher and interpolated batches in separate calls, so its input BatchNorm uses
+  each batch's own statistics, as both codes do. No D warm-up.
+- A critic with the gradient penalty never gets SyncBatchNorm (its double backward is not implemented
+  there), whatever d_sync_batchnorm says.
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -93,8 +88,7 @@ KernelSize = Union[int, Sequence[int]]
 PIXEL_NORMALIZATIONS = ("pixels", "spatial", "spatial_whole_batch")
 PAIR_IMPLS = ("dense", "gram", "auto")
 ADV_TYPES = ("hinge", "wgan")
-D_INPUTS = ("logits", "logits+image")
-IMAGE_CHANNELS = 3
+D_OPTIMIZERS = ("adam", "sgd")
 D_MIN_INPUT_SIZE = 64  # four stride-2 convolutions and a 4x4 valid convolution
 
 
@@ -243,7 +237,7 @@ class SKDDiscriminator(nn.Module):
     H'' = H/16 - 3 (64 -> 1, 65 -> 1, 128 -> 5). Inputs smaller than 64 px per side are rejected.
 
     The input BatchNorm is a plain BatchNorm2d; under CUDA DDP the engine converts it to SyncBatchNorm
-    where the preset says so (``SKDDistiller.sync_batchnorm_modules``: CIRKD's hinge critic, not WGAN-GP).
+    where the distiller says so (``SKDDistiller.sync_batchnorm_modules``: CIRKD's hinge critic, not WGAN-GP).
     """
 
     def __init__(self, in_channels: int, conv_dim: int = 64):
@@ -316,139 +310,65 @@ def gradient_penalty(D: Callable[[torch.Tensor], torch.Tensor], real: torch.Tens
 
 
 # --------------------------------------------------------------------------------------------
-# Presets and distiller
+# Distiller
 # --------------------------------------------------------------------------------------------
-
-DEFAULT_SEG_PRESET = "cirkd"  # SKDDistiller's preset when method_options names none
-
-
-@dataclass(frozen=True)
-class SKDPreset:
-    """Defaults of one reference protocol; the D optimizer is ``"adam"`` (uses ``d_betas``) or
-    ``"sgd"`` (uses ``d_momentum``); ``d_poly_power`` None = constant lr."""
-    tau: float
-    pi_normalize: str
-    lambda_pi: float
-    pa_kernel: Optional[KernelSize]
-    pa_scale: Optional[float]
-    pa_detach_norm: bool
-    lambda_pa: float
-    adv_type: str
-    lambda_adv: float
-    lambda_d: float
-    lambda_gp: Optional[float]
-    d_optimizer: str
-    d_lr: float
-    d_weight_decay: float
-    d_poly_power: Optional[float]
-    d_betas: tuple[float, float] = (0.9, 0.999)
-    d_momentum: float = 0.0
-    # under CUDA DDP, D's input BatchNorm becomes SyncBatchNorm (CIRKD's utils/sagan.py builds it as
-    # nn.SyncBatchNorm when distributed). Never with the gradient penalty: its double backward is not
-    # implemented for SyncBatchNorm (pytorch/pytorch#61222), and the WGAN-GP code trains on one GPU.
-    d_sync_batchnorm: bool = False
-
-
-PRESETS = {
-    "cirkd": SKDPreset(tau=1.0, pi_normalize="pixels", lambda_pi=1.0,
-                       pa_kernel=2, pa_scale=None, pa_detach_norm=False, lambda_pa=10.0,
-                       adv_type="hinge", lambda_adv=0.001, lambda_d=0.1, lambda_gp=None,
-                       d_optimizer="adam", d_lr=4e-4, d_weight_decay=0.0, d_poly_power=None,
-                       d_betas=(0.9, 0.99), d_sync_batchnorm=True),
-    "original": SKDPreset(tau=1.0, pi_normalize="spatial", lambda_pi=10.0,
-                          pa_kernel=None, pa_scale=0.5, pa_detach_norm=True, lambda_pa=0.5,
-                          adv_type="wgan", lambda_adv=0.1, lambda_d=0.1, lambda_gp=10.0,
-                          d_optimizer="sgd", d_lr=4e-4, d_weight_decay=5e-4, d_poly_power=0.9,
-                          d_momentum=0.9),
-}
-
 
 def poly_lr_factor(iteration: int, total_iters: int, power: float) -> float:
     """``(1 - iteration / total_iters) ** power``, 0 after the last iteration."""
     return max(0.0, 1.0 - iteration / total_iters) ** power
 
 
-def _or_default(value, default):
-    return default if value is None else value
-
-
 class SKDDistiller(nn.Module):
     """Pixel-wise, pair-wise and holistic distillation with the discriminator and its optimizer.
 
-    Arguments left as None take the preset's value. The pair-wise node kernel is ``pa_kernel`` if
-    set, else ``pool_kernel_from_scale(h, w, pa_scale)`` per input; passing one of the two overrides
-    the preset's rule (``pa_kernel=1`` = every pixel a node). ``image`` (only for
-    ``d_input="logits+image"``) is bilinearly resized to the logits and concatenated to them.
+    The defaults are the CIRKD protocol; ``kd_ref.presets_seg.SKD_ORIGINAL_OPTIONS`` holds the authors'
+    code's. The pair-wise node kernel is ``pa_kernel`` (fixed; 1 = every pixel a node) or, with
+    ``pa_kernel=None``, ``pool_kernel_from_scale(h, w, pa_scale)`` per input: exactly one of the two is
+    given. ``lambda_gp`` is the gradient-penalty weight of ``adv_type="wgan"`` (required there, refused
+    with "hinge"). The discriminator's optimizer is ``d_optimizer`` "adam" (``d_betas``) or "sgd"
+    (``d_momentum``) at ``d_lr`` and ``d_weight_decay``, its lr scaled by ``poly_lr_factor`` with power
+    ``d_poly_power`` over the run (None: constant). ``d_sync_batchnorm``: the engine makes the critic's
+    input BatchNorm a SyncBatchNorm under CUDA DDP, except under WGAN-GP (see ``sync_batchnorm_modules``).
     """
 
-    def __init__(self, num_classes: int, preset: str = DEFAULT_SEG_PRESET, *, lambda_pi=None, lambda_pa=None,
-                 lambda_adv=None, lambda_d=None, lambda_gp=None, tau=None, pi_normalize=None,
-                 pa_kernel=None, pa_scale=None, pa_detach_norm=None, adv_type=None,
-                 d_input: str = "logits", use_pi: bool = True, use_pa: bool = True,
-                 use_ho: bool = True):
+    def __init__(self, num_classes: int, *, tau: float = 1.0, pi_normalize: str = "pixels",
+                 lambda_pi: float = 1.0, pa_kernel: Optional[KernelSize] = 2, pa_scale: Optional[float] = None,
+                 pa_detach_norm: bool = False, lambda_pa: float = 10.0, adv_type: str = "hinge",
+                 lambda_adv: float = 0.001, lambda_d: float = 0.1, lambda_gp: Optional[float] = None,
+                 d_optimizer: str = "adam", d_lr: float = 4e-4, d_betas: Sequence[float] = (0.9, 0.99),
+                 d_momentum: float = 0.0, d_weight_decay: float = 0.0, d_poly_power: Optional[float] = None,
+                 d_sync_batchnorm: bool = True, use_pi: bool = True, use_pa: bool = True, use_ho: bool = True):
         super().__init__()
-        if preset not in PRESETS:
-            raise ValueError(f"SKDDistiller: preset must be one of {tuple(PRESETS)}, "
-                             f"got {preset!r}")
         if num_classes < 1:
             raise ValueError(f"SKDDistiller: num_classes must be >= 1, got {num_classes}")
-        defaults = PRESETS[preset]
-        self.preset = preset
-        self.tau = _or_default(tau, defaults.tau)
-        self.pi_normalize = _or_default(pi_normalize, defaults.pi_normalize)
-        self.lambda_pi = _or_default(lambda_pi, defaults.lambda_pi)
-        self.pa_detach_norm = _or_default(pa_detach_norm, defaults.pa_detach_norm)
-        self.lambda_pa = _or_default(lambda_pa, defaults.lambda_pa)
-        self.adv_type = _or_default(adv_type, defaults.adv_type)
-        self.lambda_adv = _or_default(lambda_adv, defaults.lambda_adv)
-        self.lambda_d = _or_default(lambda_d, defaults.lambda_d)
-        self.d_input = d_input
-        self.use_pi, self.use_pa, self.use_ho = use_pi, use_pa, use_ho
-        self._defaults = defaults
-
-        if pa_kernel is not None and pa_scale is not None:
-            raise ValueError("SKDDistiller: give pa_kernel or pa_scale, not both")
-        if pa_kernel is None and pa_scale is None:
-            pa_kernel, pa_scale = defaults.pa_kernel, defaults.pa_scale
+        if pi_normalize not in PIXEL_NORMALIZATIONS:
+            raise ValueError(f"SKDDistiller: pi_normalize must be one of {PIXEL_NORMALIZATIONS}, "
+                             f"got {pi_normalize!r}")
+        if not tau > 0:
+            raise ValueError(f"SKDDistiller: tau must be > 0, got {tau}")
+        if (pa_kernel is None) == (pa_scale is None):
+            raise ValueError(f"SKDDistiller: give pa_kernel or pa_scale (one, not both), got pa_kernel="
+                             f"{pa_kernel!r} and pa_scale={pa_scale!r}")
         _check_kernel(pa_kernel)
         if pa_scale is not None and not pa_scale > 0:
             raise ValueError(f"SKDDistiller: pa_scale must be > 0, got {pa_scale}")
-        self.pa_kernel, self.pa_scale = pa_kernel, pa_scale
-
-        if self.pi_normalize not in PIXEL_NORMALIZATIONS:
-            raise ValueError(f"SKDDistiller: pi_normalize must be one of {PIXEL_NORMALIZATIONS}, "
-                             f"got {self.pi_normalize!r}")
-        if not self.tau > 0:
-            raise ValueError(f"SKDDistiller: tau must be > 0, got {self.tau}")
-        if self.adv_type not in ADV_TYPES:
-            raise ValueError(f"SKDDistiller: adv_type must be one of {ADV_TYPES}, "
-                             f"got {self.adv_type!r}")
-        if d_input not in D_INPUTS:
-            raise ValueError(f"SKDDistiller: d_input must be one of {D_INPUTS}, got {d_input!r}")
-        if self.adv_type == "wgan":
-            self.lambda_gp = _or_default(lambda_gp, defaults.lambda_gp)
-            if self.lambda_gp is None:
-                raise ValueError(f"SKDDistiller: adv_type='wgan' needs lambda_gp (preset "
-                                 f"{preset!r} has no gradient penalty)")
-        elif lambda_gp is not None:
+        if adv_type not in ADV_TYPES:
+            raise ValueError(f"SKDDistiller: adv_type must be one of {ADV_TYPES}, got {adv_type!r}")
+        if adv_type == "wgan" and lambda_gp is None:
+            raise ValueError("SKDDistiller: adv_type='wgan' needs lambda_gp (the gradient-penalty weight)")
+        if adv_type != "wgan" and lambda_gp is not None:
             raise ValueError("SKDDistiller: lambda_gp only applies to adv_type='wgan'")
-        else:
-            self.lambda_gp = None
-
-        d_channels = num_classes + (IMAGE_CHANNELS if d_input == "logits+image" else 0)
-        self.discriminator = SKDDiscriminator(d_channels) if use_ho else None
+        if d_optimizer not in D_OPTIMIZERS:
+            raise ValueError(f"SKDDistiller: d_optimizer must be one of {D_OPTIMIZERS}, got {d_optimizer!r}")
+        self.tau, self.pi_normalize, self.lambda_pi = tau, pi_normalize, lambda_pi
+        self.pa_kernel, self.pa_scale, self.pa_detach_norm, self.lambda_pa = pa_kernel, pa_scale, pa_detach_norm, lambda_pa
+        self.adv_type, self.lambda_adv, self.lambda_d, self.lambda_gp = adv_type, lambda_adv, lambda_d, lambda_gp
+        self.d_optimizer, self.d_lr, self.d_betas, self.d_momentum = d_optimizer, d_lr, tuple(d_betas), d_momentum
+        self.d_weight_decay, self.d_poly_power, self.d_sync_batchnorm = d_weight_decay, d_poly_power, d_sync_batchnorm
+        self.use_pi, self.use_pa, self.use_ho = use_pi, use_pa, use_ho
+        self.discriminator = SKDDiscriminator(num_classes) if use_ho else None
 
     # ---- student side -----------------------------------------------------------------------
-
-    def _discriminator_input(self, logits: torch.Tensor, image: Optional[torch.Tensor]):
-        logits = at_least_float32(logits)
-        if self.d_input == "logits":
-            return logits
-        if image is None:
-            raise ValueError("SKDDistiller: d_input='logits+image' needs the `image` argument")
-        image = F.interpolate(image.detach().to(logits.dtype), size=logits.shape[2:],
-                              mode="bilinear", align_corners=False)
-        return torch.cat([logits, image], dim=1)
 
     def _score_with_frozen_discriminator(self, d_in: torch.Tensor) -> torch.Tensor:
         # Autograd records at op time which tensors need gradients: with D's parameters frozen
@@ -466,8 +386,7 @@ class SKDDistiller(nn.Module):
             for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
 
-    def forward(self, logits_s, logits_t, feat_s=None, feat_t=None, targets=None,
-                image=None) -> dict:
+    def forward(self, logits_s, logits_t, feat_s=None, feat_t=None, targets=None) -> dict:
         """Weighted student losses; ``targets`` is accepted for API uniformity and unused."""
         losses = {}
         if self.use_pi:
@@ -482,20 +401,19 @@ class SKDDistiller(nn.Module):
             losses["loss_skd_pa"] = self.lambda_pa * pair_wise_kd(
                 feat_s, feat_t, kernel=kernel, detach_norm=self.pa_detach_norm, impl="auto")
         if self.use_ho:
-            d_out_s = self._score_with_frozen_discriminator(
-                self._discriminator_input(logits_s, image))
+            d_out_s = self._score_with_frozen_discriminator(at_least_float32(logits_s))
             losses["loss_skd_ho"] = self.lambda_adv * adv_g_loss(d_out_s)
         return losses
 
     # ---- discriminator side -----------------------------------------------------------------
 
-    def d_step_losses(self, logits_s, logits_t, image=None) -> dict:
+    def d_step_losses(self, logits_s, logits_t) -> dict:
         """Weighted critic losses on detached logits (empty without the holistic term). D is
         called separately on each batch so its input BatchNorm normalises each on its own."""
         if not self.use_ho:
             return {}
-        fake = self._discriminator_input(logits_s.detach(), image)
-        real = self._discriminator_input(logits_t.detach(), image)
+        fake = at_least_float32(logits_s.detach())
+        real = at_least_float32(logits_t.detach())
         losses = {"loss_skd_d": self.lambda_d * adv_d_loss(
             self.discriminator(fake), self.discriminator(real), self.adv_type)}
         if self.adv_type == "wgan":
@@ -507,9 +425,9 @@ class SKDDistiller(nn.Module):
 
     def sync_batchnorm_modules(self) -> list:
         """Modules whose BatchNorm the engine converts to SyncBatchNorm under CUDA DDP: the discriminator's
-        input BatchNorm where the preset synchronises it (``d_sync_batchnorm``), never under the gradient
-        penalty (WGAN-GP, a preset's or an override's), whose double backward SyncBatchNorm lacks."""
-        if self.discriminator is None or self.adv_type == "wgan" or not self._defaults.d_sync_batchnorm:
+        input BatchNorm with ``d_sync_batchnorm``, never under the gradient penalty (WGAN-GP), whose double
+        backward SyncBatchNorm lacks."""
+        if self.discriminator is None or self.adv_type == "wgan" or not self.d_sync_batchnorm:
             return []
         return [self.discriminator]
 
@@ -518,45 +436,41 @@ class SKDDistiller(nn.Module):
         return [] if self.discriminator is None else list(self.discriminator.parameters())
 
     def extra_optimizer(self, total_iters: int):
-        """``(optimizer, lr_lambda | None)`` for the discriminator per the preset; None when the
+        """``(optimizer, lr_lambda | None)`` for the discriminator (the ``d_*`` settings); None when the
         holistic term is disabled (there is nothing to optimise)."""
         if self.discriminator is None:
             return None
         if not total_iters >= 1:
             raise ValueError(f"SKDDistiller.extra_optimizer: total_iters must be >= 1, "
                              f"got {total_iters!r}")
-        cfg = self._defaults
         params = self.extra_parameters()
-        if cfg.d_optimizer == "adam":
-            optimizer = torch.optim.Adam(params, lr=cfg.d_lr, betas=cfg.d_betas,
-                                         weight_decay=cfg.d_weight_decay)
+        if self.d_optimizer == "adam":
+            optimizer = torch.optim.Adam(params, lr=self.d_lr, betas=self.d_betas,
+                                         weight_decay=self.d_weight_decay)
         else:
-            optimizer = torch.optim.SGD(params, lr=cfg.d_lr, momentum=cfg.d_momentum,
-                                        weight_decay=cfg.d_weight_decay)
-        if cfg.d_poly_power is None:
+            optimizer = torch.optim.SGD(params, lr=self.d_lr, momentum=self.d_momentum,
+                                        weight_decay=self.d_weight_decay)
+        if self.d_poly_power is None:
             return optimizer, None
         return optimizer, functools.partial(poly_lr_factor, total_iters=total_iters,
-                                            power=cfg.d_poly_power)
+                                            power=self.d_poly_power)
 
-    def extra_losses(self, logits_s, logits_t, feat_s=None, feat_t=None, targets=None,
-                     image=None) -> dict:
+    def extra_losses(self, logits_s, logits_t, feat_s=None, feat_t=None, targets=None) -> dict:
         """The D step's losses, called by the engine with the same bound inputs as forward. A non-finite
         one is the engine's to stop on (with the student's, in its one read of the iteration)."""
-        return self.d_step_losses(logits_s, logits_t, image=image)
+        return self.d_step_losses(logits_s, logits_t)
 
 
 # --------------------------------------------------------------------------------------------
-# SKD on depth estimation and on FCOS detection (depth_fcos.md §4, §6)
+# SKD on depth estimation and on FCOS detection (docs/specs/depth_fcos.md §4, §6)
 # --------------------------------------------------------------------------------------------
 # The SKD paper distils depth and detection too, but the authors' code covers segmentation only and the
 # TPAMI paper's depth/detection weights could not be read: every weight below is ours, [ours], and so is
-# the binary form of the pixel-wise term. "depth": the cirkd protocol's holistic settings (hinge, Adam
-# 4e-4), pair-wise kernel 4 on the decoder's head feature, lambda_pa 1 [ours]. "fcos": lambda_pi 1 and
-# lambda_pa 1 [ours]; its pair-wise kernel is chosen per pyramid level (fcos_pair_kernel), no holistic term.
-PRESETS["depth"] = SKDPreset(tau=1.0, pi_normalize="pixels", lambda_pi=1.0, pa_kernel=4, pa_scale=None,
-                             pa_detach_norm=False, lambda_pa=1.0, adv_type="hinge", lambda_adv=0.001, lambda_d=0.1,
-                             lambda_gp=None, d_optimizer="adam", d_lr=4e-4, d_weight_decay=0.0, d_poly_power=None,
-                             d_betas=(0.9, 0.99), d_sync_batchnorm=True)
+# the binary form of the pixel-wise term. Depth: SKDDistiller's defaults (the CIRKD protocol: hinge critic,
+# Adam 4e-4) except pair-wise kernel 4 on the decoder's head feature and lambda_pa 1 [ours]. FCOS: lambda_pi
+# 1 and lambda_pa 1 [ours]; its pair-wise kernel is chosen per pyramid level (fcos_pair_kernel), no holistic term.
+DEPTH_PA_KERNEL = 4         # [ours]
+DEPTH_LAMBDA_PA = 1.0       # [ours]
 FCOS_LAMBDA_PI = 1.0        # [ours]
 FCOS_LAMBDA_PA = 1.0        # [ours]
 FCOS_MAX_NODES = 1024       # pair-wise graph size per level [ours]
@@ -591,19 +505,18 @@ def fcos_pair_kernel(height: int, width: int, max_nodes: int = FCOS_MAX_NODES) -
 
 
 class DepthSKDDistiller(nn.Module):
-    """SKD on depth (depth_fcos.md §4): pixel-wise on the (N, K, h, w) bin logits and pair-wise on the
-    decoder's ``head`` feature (an inner :class:`SKDDistiller` without holistic term), holistic on the
-    1-channel log10 depth maps at stride 4 (a second one whose "logits" are those maps). A regression
-    student has no bin logits: pass ``use_pi=False``. Weights: the ``depth`` preset, all [ours]."""
+    """SKD on depth (docs/specs/depth_fcos.md §4): pixel-wise on the (N, K, h, w) bin logits and pair-wise
+    on the decoder's ``head`` feature (an inner :class:`SKDDistiller` without holistic term), holistic on
+    the 1-channel log10 depth maps at stride 4 (a second one whose "logits" are those maps). A regression
+    student has no bin logits: pass ``use_pi=False``. ``options`` are SKDDistiller's, given to both; their
+    defaults are its own but ``pa_kernel=DEPTH_PA_KERNEL`` and ``lambda_pa=DEPTH_LAMBDA_PA``, all [ours]."""
 
-    def __init__(self, num_bins: int, preset: str = "depth", *, use_pi: bool = True, use_pa: bool = True,
-                 use_ho: bool = True, lambda_pi=None, lambda_pa=None, lambda_adv=None, lambda_d=None,
-                 pa_kernel=None, tau=None):
+    def __init__(self, num_bins: int, *, use_pi: bool = True, use_pa: bool = True, use_ho: bool = True,
+                 **options):
         super().__init__()
-        self.maps = SKDDistiller(num_bins, preset, lambda_pi=lambda_pi, lambda_pa=lambda_pa, pa_kernel=pa_kernel,
-                                 tau=tau, use_pi=use_pi, use_pa=use_pa, use_ho=False)
-        self.holistic = SKDDistiller(1, preset, lambda_adv=lambda_adv, lambda_d=lambda_d, use_pi=False,
-                                     use_pa=False, use_ho=True) if use_ho else None
+        options = {"pa_kernel": DEPTH_PA_KERNEL, "lambda_pa": DEPTH_LAMBDA_PA, **options}
+        self.maps = SKDDistiller(num_bins, **options, use_pi=use_pi, use_pa=use_pa, use_ho=False)
+        self.holistic = SKDDistiller(1, **options, use_pi=False, use_pa=False, use_ho=True) if use_ho else None
 
     def forward(self, logits_s, logits_t, feat_s, feat_t, log_depth_s, log_depth_t) -> dict:
         losses = self.maps(logits_s, logits_t, feat_s, feat_t)
@@ -615,8 +528,8 @@ class DepthSKDDistiller(nn.Module):
         return [] if self.holistic is None else self.holistic.extra_parameters()
 
     def sync_batchnorm_modules(self) -> list:
-        """The holistic critic's, as the preset says (``depth``: synchronised, as CIRKD's hinge critic whose
-        settings it takes)."""
+        """The holistic critic's, as its ``d_sync_batchnorm`` says (by default synchronised, as CIRKD's hinge
+        critic whose settings it takes)."""
         return [] if self.holistic is None else self.holistic.sync_batchnorm_modules()
 
     def extra_optimizer(self, total_iters: int):
@@ -627,7 +540,7 @@ class DepthSKDDistiller(nn.Module):
 
 
 class FCOSSKDDistiller(nn.Module):
-    """SKD on FCOS (depth_fcos.md §6): ``binary_pixel_wise_kd`` on the per-level class logits and
+    """SKD on FCOS (docs/specs/depth_fcos.md §6): ``binary_pixel_wise_kd`` on the per-level class logits and
     ``pair_wise_kd`` on each FPN level with kernel ``fcos_pair_kernel``, averaged over levels; no holistic
     term. Weights [ours]: lambda_pi = lambda_pa = 1."""
 

@@ -99,6 +99,18 @@ SKD_ORIGINAL = {**SEG, **SEG_FIELDS, "flavour": "skd", "crop": (512, 512), "scal
                 "normalization": "bgr_mean", "iters": 40000, "lr": 0.01, "weight_decay": 5e-4, "min_lr": 0.0,
                 "eval_every": 0, "keep_best": True, "eval_at": (39_326, 39_697, 39_999), "gpus": 1,
                 "pretrained": "resnet18-imagenet.pth", "student": "pspnet_r18", "teacher": "pspnet_r101"}
+# SKDDistiller's options for that code (its defaults are CIRKD's); irfanICMLL/structure_knowledge_distillation:
+SKD_ORIGINAL_METHOD = {
+    "tau": 1.0, "pi_normalize": "spatial",  # utils/criterion.py:225 (no temperature; sum / W / H)
+    "lambda_pi": 10.0,                      # run_train_val.sh:4
+    "pa_kernel": None, "pa_scale": 0.5,     # run_train_val.sh:23, utils/criterion.py:242
+    "pa_detach_norm": True,                 # utils/utils.py:175
+    "lambda_pa": 0.5,                       # run_train_val.sh:22
+    "adv_type": "wgan", "lambda_gp": 10.0,  # utils/train_options.py:52, 55
+    "lambda_adv": 0.1, "lambda_d": 0.1,     # networks/kd_model.py:149, 158 (both are lambda_d), run_train_val.sh:5
+    "d_optimizer": "sgd", "d_momentum": 0.9, "d_weight_decay": 5e-4,  # networks/kd_model.py:75, run_train_val.sh:13
+    "d_lr": 4e-4, "d_poly_power": 0.9,      # utils/train_options.py:62, 38; train_and_eval.py:23
+    "d_sync_batchnorm": False}              # networks/sagan_models.py:148 (BatchNorm2d, one GPU)
 CLS = {**INERT, **DET_FIELDS, **SEG_FIELDS, "task": "cls", "iters": None, "schedule": "step", "min_lr": 0.0,
        "warmup_iters": 0, "eval_every": 1, "keep_best": True, "pretrained": None, "sync_bn": False}
 # CRD protocol: hunto/image_classification_sota@d9662f7 configs/strategies/distill/dist_cifar.yaml (dist_train.sh 1),
@@ -156,7 +168,7 @@ REFERENCE = {
     "teacher_deeplabv3_r101_cityscapes": {**CIRKD, "student": "deeplabv3_r101", "teacher": None,
                                           "pretrained": "resnet101-imagenet.pth"},
     **_with_twin("kd_deeplabv3_r18_cityscapes", {**CIRKD, "method": "kd"}),
-    **_with_twin("skd_deeplabv3_r18_cityscapes", {**CIRKD, "method": "skd", "method_options": {"preset": "cirkd"}}),
+    **_with_twin("skd_deeplabv3_r18_cityscapes", {**CIRKD, "method": "skd", "method_options": {}}),  # SKDDistiller's defaults
     # hunto/DIST_KD segmentation/train_kd.py: wd 5e-4, lr = 1e-4 + (0.02 - 1e-4)(1 - it/max)^0.9, val 400; its
     # quoted baselines are CIRKD train_baseline.py runs
     **{name: row for student in ("deeplabv3_r18", "pspnet_r18") for name, row in _with_twin(
@@ -172,7 +184,7 @@ REFERENCE = {
     "teacher_pspnet_r101_cityscapes_mmseg": {**MMSEG, "crop": (512, 1024), "pretrained": "resnet101_v1c.pth",
                                              "student": "pspnet_r101", "teacher": None, "batch_size": 8, "gpus": 4},
     **_with_twin("skd_pspnet_r18_cityscapes_original", {**SKD_ORIGINAL, "method": "skd",
-                                                        "method_options": {"preset": "original"}}),
+                                                        "method_options": SKD_ORIGINAL_METHOD}),
     # not released: the student's recipe (DEVIATIONS)
     "teacher_pspnet_r101_cityscapes_skd": {**SKD_ORIGINAL, "student": "pspnet_r101", "teacher": None,
                                            "pretrained": "resnet101-imagenet.pth", "eval_every": 4000,
@@ -555,7 +567,8 @@ def test_a_process_count_other_than_the_references_names_the_per_process_terms_i
     assert "\n" not in note and note.startswith("note: 8 process(es) where the reference ran 1 (total batch 8: 1 per "
                                                  "process instead of 8)")
     assert "SKD's pixel-wise term" in note and "pi_normalize='spatial_whole_batch'" in note
-    exact = dataclasses.replace(original, method_options={"preset": "original", "pi_normalize": "spatial_whole_batch"})
+    exact = dataclasses.replace(original, method_options={**original.method_options,
+                                                          "pi_normalize": "spatial_whole_batch"})
     assert "SKD" not in process_count_note(exact, 8)
     # CIRKD's SKD averages over pixels: nothing per process besides the batch
     assert process_count_note(presets.PRESETS["skd_deeplabv3_r18_cityscapes"], 8) is None
@@ -585,9 +598,9 @@ def test_check_schedule_refuses_launch_and_optimiser_fields_out_of_range(field, 
     check_schedule(dataclasses.replace(recipe, **{field: getattr(Recipe(gpus=8), field)}, momentum=0.9))
 
 
-def test_the_skd_term_is_listed_exactly_for_the_skd_presets_that_sum_over_images():
-    from kd_ref import skd
-    for name, preset in skd.PRESETS.items():
-        recipe = Recipe(method="skd", method_options={"preset": name})
-        listed = PER_PROCESS_TERMS["method"]["skd"] in per_process_terms(recipe)
-        assert listed == (preset.pi_normalize == "spatial"), name
+def test_the_skd_term_is_listed_exactly_for_the_skd_options_that_sum_over_images():
+    from kd_ref.skd import SKDDistiller
+    skd_rows = [r.method_options for r in presets.PRESETS.values() if r.method == "skd" and r.task == "seg"]
+    for options in [*skd_rows, {"pi_normalize": "spatial"}, {"pi_normalize": "spatial_whole_batch"}]:
+        listed = PER_PROCESS_TERMS["method"]["skd"] in per_process_terms(Recipe(method="skd", method_options=options))
+        assert listed == (SKDDistiller(1, **options).pi_normalize == "spatial"), options

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 import train
-from kd_ref import configs, engine, presets, syncs, transforms
+from kd_ref import configs, engine, presets, presets_seg, syncs, transforms
 from kd_ref.recipe import Recipe
 from train_helpers import train_crashing_in_step
 
@@ -116,7 +116,8 @@ SKD_CRITIC_KEYS = {"cirkd": {"loss_skd_d"}, "original": {"loss_skd_d", "loss_skd
 @pytest.mark.parametrize("skd_preset, precision", SKD_CASES)
 def test_skd_discriminator_steps_with_its_own_optimizer_and_scaler(skd_preset, precision, tmp_path, teacher_for):
     preset = "synthetic_seg_skd"
-    options = {**presets.PRESETS[preset].method_options, "preset": skd_preset, "use_ho": True}
+    protocol = presets_seg.SKD_ORIGINAL_OPTIONS if skd_preset == "original" else {}
+    options = {**presets.PRESETS[preset].method_options, **protocol, "use_ho": True}
     train.main([*_flags(preset, precision, teacher_for(preset)), "--crop", "512", "512",
                 "--set", f"method_options={options!r}", "--iters", "2", "--out", str(tmp_path)])
     ckpt = engine.load_checkpoint(str(tmp_path / "last.pt"))

@@ -57,6 +57,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_a
 from kd_ref import configs, engine, transforms
 from kd_ref.skd import DepthSKDDistiller, SKDDistiller
 from kd_ref.presets import PRESETS
+from kd_ref.presets_seg import SKD_ORIGINAL_OPTIONS
 from kd_ref.recipe import Recipe
 
 DEVICE = torch.device("meta")
@@ -410,16 +411,16 @@ def test_distiller_forward(name, built):
             distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
 
 
-@pytest.mark.parametrize("preset_name", ["cirkd", "original"])
-def test_skd_holistic_terms(preset_name):
-    """The adversarial term and its critic (with the gradient penalty of the original preset, a gradient
+@pytest.mark.parametrize("options", [{}, SKD_ORIGINAL_OPTIONS], ids=["cirkd", "original"])
+def test_skd_holistic_terms(options):
+    """The adversarial term and its critic (with the gradient penalty of the authors' options, a gradient
     taken in the forward), which the synthetic presets leave out (their maps are smaller than the critic's
     64x64), on made-up 64x64 maps; and the depth form's holistic term on the log depth."""
     generator = torch.Generator().manual_seed(0)
     logits_s, logits_t = (torch.randn(2, 3, 64, 64, generator=generator) for _ in range(2))
     feats_s, feats_t = (torch.randn(2, 8, 64, 64, generator=generator) for _ in range(2))
     with emulated_device():
-        seg = SKDDistiller(3, preset_name, use_ho=True).to(DEVICE)
+        seg = SKDDistiller(3, **options, use_ho=True).to(DEVICE)
         depth = DepthSKDDistiller(3, use_ho=True).to(DEVICE)
         inputs = [tensor.to(DEVICE) for tensor in (logits_s, logits_t, feats_s, feats_t)]
         log_depth = [tensor[:, :1].to(DEVICE) for tensor in (logits_s, logits_t)]

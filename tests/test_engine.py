@@ -15,6 +15,7 @@ from kd_ref.engine import (BatchNormWatch, ResumableSampler, Runtime, atomic_sav
                            load_checkpoint, lr_factor, synchronise_batchnorm, weighted_task_losses)
 from kd_ref.skd import SKDDistiller
 from kd_ref.presets import PRESETS
+from kd_ref.presets_seg import SKD_ORIGINAL_OPTIONS
 from kd_ref.recipe import Recipe, check_schedule, resumed_recipe
 
 
@@ -338,7 +339,8 @@ def test_every_classification_and_depth_preset_keeps_per_gpu_batchnorm_and_old_c
     assert resumed.sync_bn and reset == ["sync_bn"], "a run trained before the field continues as it was trained"
 
 
-@pytest.mark.parametrize("options", [{"preset": "original"}, {"preset": "cirkd", "adv_type": "wgan", "lambda_gp": 1.0}])
+@pytest.mark.parametrize("options", [SKD_ORIGINAL_OPTIONS, {"adv_type": "wgan", "lambda_gp": 1.0}],
+                         ids=["original", "cirkd_wgan"])
 def test_a_gradient_penalty_critic_never_gets_syncbatchnorm(options):
     distiller = SKDDistiller(num_classes=4, **options)
     synchronise_batchnorm(nn.BatchNorm2d(3), distiller, Runtime(torch.device("cuda", 0), rank=0, world_size=2))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kd_ref import skd
+from kd_ref.presets_seg import SKD_ORIGINAL_OPTIONS
 
 DATA = Path(__file__).parent / "data" / "skd"
 CASES = json.loads((DATA / "cases.json").read_text())["cases"]
@@ -357,7 +358,7 @@ def test_forward_values_cirkd():
 
 
 def test_forward_values_original():
-    distiller = skd.SKDDistiller(K, preset="original").eval()
+    distiller = skd.SKDDistiller(K, **SKD_ORIGINAL_OPTIONS).eval()
     x = _inputs(feat_size=(13, 13))
     losses = distiller(**x)
     assert torch.allclose(losses["loss_skd_pi"], 10.0 * skd.pixel_wise_kd(
@@ -379,10 +380,11 @@ def test_forward_gives_no_gradient_to_discriminator():
     assert x["logits_t"].grad is None and x["feat_t"].grad is None
 
 
-@pytest.mark.parametrize("preset, keys", [("cirkd", {"loss_skd_d"}),
-                                          ("original", {"loss_skd_d", "loss_skd_gp"})])
-def test_d_step_losses(preset, keys):
-    distiller = skd.SKDDistiller(K, preset=preset).eval()  # eval: BN and SN state stay fixed
+@pytest.mark.parametrize("options, keys", [({}, {"loss_skd_d"}),
+                                           (SKD_ORIGINAL_OPTIONS, {"loss_skd_d", "loss_skd_gp"})],
+                         ids=["cirkd", "original"])
+def test_d_step_losses(options, keys):
+    distiller = skd.SKDDistiller(K, **options).eval()  # eval: BN and SN state stay fixed
     x = _inputs()
     torch.manual_seed(5)
     losses = distiller.d_step_losses(x["logits_s"], x["logits_t"])
@@ -426,7 +428,7 @@ def test_extra_optimizer_cirkd():
 
 
 def test_extra_optimizer_original():
-    distiller = skd.SKDDistiller(K, preset="original")
+    distiller = skd.SKDDistiller(K, **SKD_ORIGINAL_OPTIONS)
     optimizer, lr_lambda = distiller.extra_optimizer(total_iters=100)
     assert type(optimizer) is torch.optim.SGD
     group = optimizer.param_groups[0]
@@ -469,7 +471,7 @@ def test_pair_wise_term_requires_features():
 def test_overrides():
     distiller = skd.SKDDistiller(
         K, lambda_pi=2.0, lambda_pa=3.0, lambda_adv=0.5, lambda_d=0.7, tau=4.0,
-        pi_normalize="spatial", pa_scale=0.25, pa_detach_norm=True, adv_type="wgan", lambda_gp=5.0)
+        pi_normalize="spatial", pa_kernel=None, pa_scale=0.25, pa_detach_norm=True, adv_type="wgan", lambda_gp=5.0)
     assert (distiller.lambda_pi, distiller.lambda_pa, distiller.lambda_adv, distiller.lambda_d,
             distiller.lambda_gp, distiller.tau) == (2.0, 3.0, 0.5, 0.7, 5.0, 4.0)
     assert (distiller.pi_normalize, distiller.pa_kernel, distiller.pa_scale,
@@ -482,17 +484,17 @@ def test_overrides():
         x["feat_s"], x["feat_t"], kernel=(3, 3), detach_norm=True))
     d_losses = distiller.d_step_losses(x["logits_s"], x["logits_t"])
     assert set(d_losses) == {"loss_skd_d", "loss_skd_gp"}
-    assert skd.SKDDistiller(K, preset="original", pa_kernel=4).pa_scale is None
+    assert skd.SKDDistiller(K, **{**SKD_ORIGINAL_OPTIONS, "pa_kernel": 4, "pa_scale": None}).pa_kernel == 4
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(preset="fast"), "preset"),
     (dict(pa_kernel=2, pa_scale=0.5), "not both"),
+    (dict(pa_kernel=None), "give pa_kernel or pa_scale"),
     (dict(adv_type="wgan"), "needs lambda_gp"),
     (dict(lambda_gp=10.0), "only applies"),
     (dict(adv_type="lsgan"), "adv_type"),
     (dict(pi_normalize="batch"), "pi_normalize"),
-    (dict(d_input="image"), "d_input"),
+    (dict(d_optimizer="rmsprop"), "d_optimizer"),
     (dict(pa_kernel=0), "kernel"),
 ])
 def test_bad_configuration_raises(kwargs, message):
@@ -500,17 +502,81 @@ def test_bad_configuration_raises(kwargs, message):
         skd.SKDDistiller(K, **kwargs)
 
 
-def test_logits_plus_image_input():
-    distiller = skd.SKDDistiller(K, d_input="logits+image").eval()
-    assert distiller.discriminator.in_channels == K + 3
-    x = _inputs()
-    image = torch.randn(2, 3, 512, 512)
-    assert "loss_skd_ho" in distiller(**x, image=image)
-    assert set(distiller.extra_losses(**x, image=image)) == {"loss_skd_d"}
-    with pytest.raises(ValueError, match="needs the `image`"):
-        distiller(**x)
-
-
 def test_lr_lambda_is_a_partial_of_poly_factor():
-    _, lr_lambda = skd.SKDDistiller(K, preset="original").extra_optimizer(8)
+    _, lr_lambda = skd.SKDDistiller(K, **SKD_ORIGINAL_OPTIONS).extra_optimizer(8)
     assert isinstance(lr_lambda, functools.partial) and lr_lambda.func is skd.poly_lr_factor
+
+
+# ---------------------------------------------------------------------------------------------
+# the protocols: settings and pinned losses
+# ---------------------------------------------------------------------------------------------
+
+# Settings of each protocol, written out from the references (docs/specs/skd.md §5; depth: ours,
+# docs/specs/depth_fcos.md §4). The D optimizer is pinned through the built optimizer below.
+PROTOCOL_SETTINGS = {
+    "cirkd": dict(tau=1.0, pi_normalize="pixels", lambda_pi=1.0, pa_kernel=2, pa_scale=None, pa_detach_norm=False,
+                  lambda_pa=10.0, adv_type="hinge", lambda_adv=0.001, lambda_d=0.1, lambda_gp=None),
+    "original": dict(tau=1.0, pi_normalize="spatial", lambda_pi=10.0, pa_kernel=None, pa_scale=0.5,
+                     pa_detach_norm=True, lambda_pa=0.5, adv_type="wgan", lambda_adv=0.1, lambda_d=0.1,
+                     lambda_gp=10.0),
+    "depth": dict(tau=1.0, pi_normalize="pixels", lambda_pi=1.0, pa_kernel=4, pa_scale=None, pa_detach_norm=False,
+                  lambda_pa=1.0, adv_type="hinge", lambda_adv=0.001, lambda_d=0.1, lambda_gp=None),
+}
+# (optimizer type, lr, weight decay, betas or momentum, lr factor at 0 / 50 of 100 iterations, synchronised BN)
+PROTOCOL_OPTIMIZERS = {
+    "cirkd": (torch.optim.Adam, 4e-4, 0.0, (0.9, 0.99), None, True),
+    "original": (torch.optim.SGD, 4e-4, 5e-4, 0.9, (1.0, 0.5 ** 0.9), False),
+    "depth": (torch.optim.Adam, 4e-4, 0.0, (0.9, 0.99), None, True),
+}
+# forward and extra_losses on _protocol_inputs(1), the distiller built after torch.manual_seed(0) and the
+# D step run after torch.manual_seed(2) (its gradient-penalty draw)
+PROTOCOL_LOSSES = {
+    "cirkd": ({"loss_skd_pi": 0.6074062585830688, "loss_skd_pa": 0.9667819738388062,
+               "loss_skd_ho": 5.011765824747272e-05}, {"loss_skd_d": 0.1978929042816162}),
+    "original": ({"loss_skd_pi": 12.148124694824219, "loss_skd_pa": 0.02457541786134243,
+                  "loss_skd_ho": 0.005011765751987696},
+                 {"loss_skd_d": -0.002107097767293453, "loss_skd_gp": 0.9236916303634644}),
+    "depth": ({"loss_skd_pi": 0.6267739534378052, "loss_skd_pa": 0.003439187305048108,
+               "loss_skd_ho": -1.4339066183310933e-05}, {"loss_skd_d": 0.19934095442295074}),
+}
+
+
+def _protocol_distiller(protocol):
+    torch.manual_seed(0)
+    if protocol == "depth":
+        return skd.DepthSKDDistiller(K).train()
+    return skd.SKDDistiller(K, **(SKD_ORIGINAL_OPTIONS if protocol == "original" else {})).train()
+
+
+def _protocol_inputs(seed, protocol):
+    generator = torch.Generator().manual_seed(seed)
+    size, feat_size = ((16, 16), (16, 16)) if protocol == "depth" else ((64, 64), (13, 13))
+    x = dict(logits_s=torch.randn(2, K, *size, generator=generator),
+             logits_t=torch.randn(2, K, *size, generator=generator),
+             feat_s=torch.randn(2, 6, *feat_size, generator=generator),
+             feat_t=torch.randn(2, 8, *feat_size, generator=generator))
+    if protocol == "depth":
+        x.update(log_depth_s=torch.randn(2, 1, 64, 64, generator=generator),
+                 log_depth_t=torch.randn(2, 1, 64, 64, generator=generator))
+    return x
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOL_SETTINGS))
+def test_each_protocol_has_its_settings_and_pinned_losses(protocol):
+    distiller = _protocol_distiller(protocol)
+    parts = [distiller] if protocol != "depth" else [distiller.maps, distiller.holistic]
+    for part in parts:
+        assert {name: getattr(part, name) for name in PROTOCOL_SETTINGS[protocol]} == PROTOCOL_SETTINGS[protocol]
+    kind, lr, weight_decay, betas_or_momentum, factors, synchronised = PROTOCOL_OPTIMIZERS[protocol]
+    optimizer, lr_lambda = distiller.extra_optimizer(100)
+    group = optimizer.param_groups[0]
+    assert type(optimizer) is kind and (group["lr"], group["weight_decay"]) == (lr, weight_decay)
+    assert group["betas" if kind is torch.optim.Adam else "momentum"] == betas_or_momentum
+    assert (lr_lambda is None) if factors is None else (lr_lambda(0), lr_lambda(50)) == pytest.approx(factors)
+    assert bool(distiller.sync_batchnorm_modules()) == synchronised
+
+    x = _protocol_inputs(1, protocol)
+    student, critic = PROTOCOL_LOSSES[protocol]
+    assert {k: v.item() for k, v in distiller(**x).items()} == pytest.approx(student, rel=1e-6)
+    torch.manual_seed(2)
+    assert {k: v.item() for k, v in distiller.extra_losses(**x).items()} == pytest.approx(critic, rel=1e-6)

@@ -103,7 +103,7 @@ def test_skd_all_three_terms_with_discriminator_step(tmp_path):
              "--set", "scales=(1.0, 1.0)"]
     train.main([*flags, "--method", "none", "--student", "pspnet_r18", "--iters", "1"])
     flags[3] = str(tmp_path / "s")
-    train.main([*flags, "--method", "skd", "--set", "method_options={'preset': 'cirkd'}", "--teacher", "pspnet_r18", "--teacher-ckpt",
+    train.main([*flags, "--method", "skd", "--set", "method_options={}", "--teacher", "pspnet_r18", "--teacher-ckpt",
                 str(tmp_path / "t" / "last.pt"), "--iters", "2", "--ckpt-every", "1"])
     first = json.loads((tmp_path / "s" / "log.jsonl").read_text().splitlines()[0])
     for key in ("loss_skd_pi", "loss_skd_pa", "loss_skd_ho", "loss_skd_d"):
