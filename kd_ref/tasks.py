@@ -442,9 +442,9 @@ class DepthTask:
     """Monocular depth: :class:`kd_ref.depth.DepthNet` on synthetic scenes (their depth target) or NYUDv2
     (``datasets.NYU_LAYOUT``). Synthetic scenes: training on a random ``recipe.crop`` and a flip, evaluation
     on the whole image, padded to a multiple of 32, the prediction cropped back to it. NYUDv2: VNL's
-    protocol (:class:`datasets.VNLDepthTransform`, square ``recipe.crop``): random square windows resized
+    protocol (:class:`transforms.VNLDepthTransform`, square ``recipe.crop``): random square windows resized
     to the crop, depth rescaled; evaluation on the image padded at the top to a square and resized to the
-    crop, the prediction mapped back to the original map (:func:`datasets.vnl_restore`). Metrics
+    crop, the prediction mapped back to the original map (:func:`transforms.vnl_restore`). Metrics
     (``depth_metrics``) are pooled over every valid pixel of the set, inside the Eigen crop on NYUDv2's
     480x640 maps. ``save_pred=DIR`` writes each prediction as a uint16 millimetre PNG under its image's name.
 
@@ -476,9 +476,9 @@ class DepthTask:
 
     def build_data(self, recipe, split: str, root: str | None):
         if recipe.data == "nyu":
-            transform = datasets.VNLDepthTransform(recipe.crop[0], split == "train", recipe.normalization)
+            transform = transforms.VNLDepthTransform(recipe.crop[0], split == "train", recipe.normalization)
         else:
-            transform = datasets.DepthTransform(recipe.crop if split == "train" else None, recipe.normalization)
+            transform = transforms.DepthTransform(recipe.crop if split == "train" else None, recipe.normalization)
         dataset = datasets.build_depth_dataset(recipe.data, root, split, transform, **synthetic_options(recipe, split))
         return dataset, dataset.collate
 
@@ -491,7 +491,7 @@ class DepthTask:
                                                                   batch.get("restores", repeat(None))):
             prediction = prediction[0, :height, :width].float().cpu()
             if restore is not None:
-                prediction = datasets.vnl_restore(prediction, restore)
+                prediction = transforms.vnl_restore(prediction, restore)
                 height, width = restore["size"]
             gt = gt[:height, :width].float().cpu()
             valid = gt > depth.INVALID_DEPTH
