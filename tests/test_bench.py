@@ -213,9 +213,9 @@ def test_flops_cli_refuses_what_it_cannot_count_in_one_line(capsys):
 @pytest.mark.parametrize("task,export_format,size", [("seg", "cityscapes", (32, 64)), ("det", "coco", (48, 64)),
                                                      ("cls", "imagefolder", (48, 64))])
 def test_data_prints_every_pipeline_of_a_tree_and_the_loader_settings(task, export_format, size, tmp_path, capsys):
-    from kd_ref import datasets
+    from kd_ref import export
 
-    datasets.export(export_format, str(tmp_path), num_train=2, num_val=1, size=size)
+    export.export(export_format, str(tmp_path), num_train=2, num_val=1, size=size)
     rates = bench.data([task], root=str(tmp_path), rounds=1, gpu_images_per_second=1e6)[task]
     assert set(rates) == {"training (ours)", "evaluation (ours)", "decode alone", "plain reference",
                           "training device step, CPU", "evaluation device step, CPU"}
@@ -249,12 +249,12 @@ def test_constant_depth_predicts_the_median_training_depth_everywhere(monkeypatc
 
     import numpy as np
 
-    from kd_ref import datasets
+    from kd_ref import synthetic
     recipe = dataclasses.replace(PRESETS["synthetic_depth_none"], synthetic_train=3, synthetic_val=2)
     monkeypatch.setitem(PRESETS, "synthetic_depth_none", recipe)
     scores = bench.constant_depth("synthetic_depth_none")
-    train = datasets.SyntheticDepthScenes(datasets.SyntheticScenes("train", recipe.seed, recipe.synthetic_size, 3,
-                                                                   style=recipe.synthetic_style))
+    train = synthetic.SyntheticDepthScenes(synthetic.SyntheticScenes("train", recipe.seed, recipe.synthetic_size, 3,
+                                                                     style=recipe.synthetic_style))
     depths = np.concatenate([train[i]["depth"][train[i]["depth"] > 0] for i in range(3)])
     assert scores["median"] == pytest.approx(float(np.median(depths)))
     assert scores["rel"] > 0 and 0 < scores["delta1"] < 1
