@@ -18,7 +18,7 @@ import argparse
 import numpy as np
 import torch
 
-from kd_ref import datasets, depth
+from kd_ref import depth, synthetic
 from kd_ref.presets import PRESETS
 
 
@@ -30,7 +30,7 @@ def constant_depth(preset: str = "synthetic_depth_none") -> dict:
         raise ValueError(f"--preset {preset}: expected a synthetic depth preset (e.g. synthetic_depth_none)")
 
     def scenes(split: str, length: int):
-        return datasets.SyntheticDepthScenes(datasets.SyntheticScenes(
+        return synthetic.SyntheticDepthScenes(synthetic.SyntheticScenes(
             split, recipe.seed, recipe.synthetic_size, length, style=recipe.synthetic_style))
 
     train, val = scenes("train", recipe.synthetic_train), scenes("val", recipe.synthetic_val)

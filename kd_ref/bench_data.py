@@ -34,7 +34,7 @@ import torch
 import torchvision.transforms as tv
 from PIL import Image
 
-from kd_ref import configs, datasets, transforms
+from kd_ref import configs, datasets, export, transforms
 from kd_ref.bench_common import one_thread, print_table
 from kd_ref.presets import PRESETS, default_preset
 
@@ -151,7 +151,7 @@ def data(tasks: list, root: str | None = None, rounds: int = 3, gpu_images_per_s
             tree = root
             if tree is None:
                 tree = scratch
-                datasets.export(export_format, tree, num_train=num_images, num_val=1, size=size)
+                export.export(export_format, tree, num_train=num_images, num_val=1, size=size)
             _, count, pipelines = _data_pipelines(task, tree)
             rates = data_rates(pipelines, count, rounds)
         results[task] = rates

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from kd_ref import datasets, engine, tasks
+from kd_ref import datasets, engine, export, tasks, transforms
 from kd_ref.bench_common import TimedCase, measure, one_thread, print_table
 from kd_ref.metrics import COCO_STAT_NAMES, confusion_matrix, segmentation_scores
 
@@ -45,12 +45,12 @@ def _cityscapes_pairs(root: str, images: int, out: str) -> list:
     labels = sorted(glob.glob(os.path.join(root, "gtFine", "val", "*", "*_gtFine_labelIds.png")))[:images]
     if not labels:
         raise FileNotFoundError(f"Cityscapes root {root}: no gtFine/val/<city>/*_gtFine_labelIds.png "
-                                "(python -m kd_ref.datasets export --format cityscapes --size 1024 2048 DIR)")
+                                "(python -m kd_ref.export --format cityscapes --size 1024 2048 DIR)")
     train_to_label_id = np.array(datasets.CITYSCAPES_LABEL_IDS, np.uint8)
     pairs = []
     for label in labels:
         shifted = np.roll(datasets.read_cityscapes_train_ids(label), 8, axis=1)
-        shifted[shifted == datasets.IGNORE_INDEX] = 0
+        shifted[shifted == transforms.IGNORE_INDEX] = 0
         prediction = os.path.join(out, os.path.basename(label).replace("_gtFine_labelIds", "_pred_labelIds"))
         Image.fromarray(train_to_label_id[shifted]).save(prediction)
         pairs.append((prediction, label, torch.from_numpy(shifted)))
@@ -65,7 +65,7 @@ def kd_ref_cityscapes_scores(pairs: list) -> tuple:
     counts = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for _, label, prediction in pairs:
         target = torch.from_numpy(datasets.read_cityscapes_train_ids(label))
-        counts += confusion_matrix(prediction, target, num_classes, datasets.IGNORE_INDEX)
+        counts += confusion_matrix(prediction, target, num_classes, transforms.IGNORE_INDEX)
     return counts, segmentation_scores(counts)
 
 
@@ -189,8 +189,8 @@ def evaluation(seg_root: str | None, coco_root: str | None, rounds: int = 3) -> 
         return evaluation_rates(seg_root, coco_root, rounds=rounds)
     with tempfile.TemporaryDirectory(prefix="kd_ref_bench_evaluation_") as scratch:
         seg_root, coco_root = os.path.join(scratch, "cityscapes"), os.path.join(scratch, "coco")
-        datasets.export("cityscapes", seg_root, num_train=1, num_val=8, size=(1024, 2048))
-        datasets.export("coco", coco_root, num_train=1, num_val=100, size=(480, 640))
+        export.export("cityscapes", seg_root, num_train=1, num_val=8, size=(1024, 2048))
+        export.export("coco", coco_root, num_train=1, num_val=100, size=(480, 640))
         return evaluation_rates(seg_root, coco_root, rounds=rounds)
 
 

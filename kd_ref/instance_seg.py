@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
 
 import torch
 import torch.nn as nn

@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v2
 

@@ -13,7 +13,7 @@ DEFAULT_PRESETS: dict[tuple, str] = {}
 
 
 # --- Synthetic depth demo (depth_fcos.md §7) on the depth mode of the synthetic scenes
-# (datasets.SyntheticDepthScenes), 32 bins in [0.5, 10] m, no Eigen crop. Tuned on the demo: 64x80 instead of
+# (synthetic.SyntheticDepthScenes), 32 bins in [0.5, 10] m, no Eigen crop. Tuned on the demo: 64x80 instead of
 # the spec's 128x160 (a quarter of the CPU step; the focal, 50 px, is the renderer's at 80 px wide), and the
 # teacher is the student's ResNet-18 (D 64) trained twice as long, as in the seg demo (a ResNet-50 (D 256)
 # from scratch costs several times the step on CPU). The discriminator needs maps of 64x64 or more and the
@@ -35,7 +35,7 @@ register_demo(PRESETS, "synthetic_depth", SYNTHETIC_DEPTH, SYNTHETIC_DEPTH_METHO
 # ResNeXt-101 teacher (--teacher-ckpt; VNL's released checkpoint layout is not mapped here), SGD batch 12,
 # lr 0.001, poly 0.9, 200 epochs; 150 bins in 0.1-17 m, focal 519 px (VNL code). VNL's code (YvanYin/
 # VNL_Monocular_Depth_Prediction @10dd987): square windows of 385-640 px resized to the 385x385 crop and tested
-# on the image padded to 640x640 (data/nyudv2_dataset.py:96-112, --data nyu runs datasets.VNLDepthTransform),
+# on the image padded to 640x640 (data/nyudv2_dataset.py:96-112, --data nyu runs transforms.VNLDepthTransform),
 # virtual-normal weight 6 (lib/core/config.py:73 DIFF_LOSS_WEIGHT), weight decay 5e-4
 # and momentum 0.9 (lib/models/metric_depth_model.py:98, 108); evaluation every 10 epochs [ours].
 NYU_DEPTH_MODEL = {"num_bins": 150, "d_min": 0.1, "d_max": 17.0, "focal": 519.0, "lambda_vn": 6.0}

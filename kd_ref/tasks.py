@@ -21,14 +21,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from kd_ref import datasets, detectors, segmentors, transforms
+from kd_ref import datasets, detectors, segmentors, synthetic, transforms
 from kd_ref.metrics import all_reduce_sum, confusion_matrix, segmentation_scores
 from kd_ref.metrics import coco_box_ap, coco_results, voc_map
 from kd_ref.metrics import coco_mask_results, coco_segm_eval
 from kd_ref import classifiers, convert, depth, instance_seg
 from kd_ref.metrics import topk_correct
 
-SYNTHETIC_NUM_CLASSES = datasets.SyntheticScenes.num_semantic_classes
+SYNTHETIC_NUM_CLASSES = synthetic.SyntheticScenes.num_semantic_classes
 
 
 def synthetic_options(recipe, split: str) -> dict:
@@ -81,12 +81,12 @@ class SegTask:
 
     def new_eval_state(self, recipe) -> dict:
         # the references upsample as they trained: align_corners=True (CIRKD, SKD), False (mmseg)
-        synthetic = recipe.data == "synthetic"
-        classes = datasets.SyntheticScenes.CLASSES if synthetic else datasets.CITYSCAPES_CLASSES
+        is_synthetic = recipe.data == "synthetic"
+        classes = synthetic.SyntheticScenes.CLASSES if is_synthetic else datasets.CITYSCAPES_CLASSES
         return {"cm": torch.zeros(recipe.num_classes, recipe.num_classes, dtype=torch.int64),
                 "num_classes": recipe.num_classes, "align_corners": recipe.flavour != "mmseg", "data": recipe.data,
                 "classes": classes[:recipe.num_classes],
-                "palette": datasets.SYNTHETIC_PALETTE if synthetic else datasets.CITYSCAPES_PALETTE,
+                "palette": synthetic.SYNTHETIC_PALETTE if is_synthetic else datasets.CITYSCAPES_PALETTE,
                 "legend_written": False}
 
     def update_eval_state(self, state: dict, outputs: dict, batch: dict, save_pred: str | None) -> None:
@@ -95,7 +95,7 @@ class SegTask:
                                align_corners=state["align_corners"])
         pred = logits.argmax(1)
         try:  # on the device of the predictions: only the small matrix travels, not the label maps
-            state["cm"] += confusion_matrix(pred, target, state["num_classes"], datasets.IGNORE_INDEX).cpu()
+            state["cm"] += confusion_matrix(pred, target, state["num_classes"], transforms.IGNORE_INDEX).cpu()
         except ValueError as error:  # predictions are argmax indices, so what is out of range is a label
             raise ValueError(f"--data {state['data']}: {', '.join(batch['names'])} has labels the model cannot predict "
                              f"({error}): the model predicts {state['num_classes']} classes; evaluate it on data of "
@@ -113,7 +113,7 @@ class SegTask:
 
 
 # ------------------------------------------------------------------------------------------ detection
-SYNTHETIC_NUM_OBJECT_CLASSES = len(datasets.SHAPES)  # det labels: the shapes, no background
+SYNTHETIC_NUM_OBJECT_CLASSES = len(synthetic.SHAPES)  # det labels: the shapes, no background
 
 
 def _to_original_pixels(boxes: torch.Tensor, target: dict) -> np.ndarray:
@@ -247,18 +247,18 @@ class DetTask:
 
     def probe_data(self, recipe, image_size: tuple, num_objects: int, num_images: int = 1):
         """``(dataset, collate)`` of ``num_images`` made-up training samples of ``image_size`` (H, W), each with
-        ``num_objects`` boxes (:class:`datasets.ProbeScenes`), through this task's training pipeline at the recipe's
+        ``num_objects`` boxes (:class:`synthetic.ProbeScenes`), through this task's training pipeline at the recipe's
         ``image_scale`` (keep-ratio resize, normalisation; no flip, so the sample is deterministic; the
         collate pads to a multiple of 32): real tensors with the layout of real targets, for counting a
         training step whose sizes depend on values (``kd_ref.bench_flops``)."""
         transform = transforms.DetTransform(recipe.image_scale, flip_prob=0.0, normalization=recipe.normalization)
-        scenes = datasets.ProbeScenes(image_size, num_objects, recipe.num_classes, num_images, with_masks=self.name == "ins")
+        scenes = synthetic.ProbeScenes(image_size, num_objects, recipe.num_classes, num_images, with_masks=self.name == "ins")
         dataset = datasets.DetectionSet(scenes, transform, train=True, with_masks=self.name == "ins")
         return dataset, dataset.collate
 
 
 # ------------------------------------------------------------------------------ classification
-SYNTHETIC_NUM_IMAGE_CLASSES = len(datasets.SyntheticScenes.CLASSES) - 1  # image label = a shape, no background
+SYNTHETIC_NUM_IMAGE_CLASSES = len(synthetic.SyntheticScenes.CLASSES) - 1  # image label = a shape, no background
 
 
 class SyntheticObjects:
@@ -272,7 +272,7 @@ class SyntheticObjects:
     minutes, with a clear gap between a ResNet-20 and a ResNet-8."""
     MARGIN = 1.25
 
-    def __init__(self, scenes: datasets.SyntheticScenes, size: int):
+    def __init__(self, scenes: synthetic.SyntheticScenes, size: int):
         self.scenes, self.size = scenes, size
         self.classes = scenes.object_classes
 
@@ -335,7 +335,7 @@ class ClsTask:
     def build_data(self, recipe, split: str, root: str | None):
         transform = self._transform(recipe, split == "train")
         if recipe.data == "synthetic":
-            scenes = datasets.SyntheticScenes(split, **synthetic_options(recipe, split))
+            scenes = synthetic.SyntheticScenes(split, **synthetic_options(recipe, split))
             dataset = datasets.ClassificationSet(SyntheticObjects(scenes, recipe.crop[0]), transform)
         else:
             dataset = datasets.build_dataset("cls", recipe.data, root, split, transform)
@@ -364,7 +364,7 @@ class ClsTask:
 # ------------------------------------------------------------------------ instance segmentation
 class InsTask(DetTask):
     """Instance segmentation: SOLO and Mask R-CNN of ``kd_ref.instance_seg`` on synthetic instances
-    (:class:`datasets.SyntheticInstances`) or COCO with masks; the detection pipeline (keep-ratio resize to
+    (:class:`synthetic.SyntheticInstances`) or COCO with masks; the detection pipeline (keep-ratio resize to
     ``recipe.image_scale``, flip 0.5 in training with the masks, zero padding to a multiple of 32).
 
     Evaluation takes every image's soft masks to the original image (bilinear, > 0.5), RLE-encodes them
@@ -442,9 +442,9 @@ class DepthTask:
     """Monocular depth: :class:`kd_ref.depth.DepthNet` on synthetic scenes (their depth target) or NYUDv2
     (``datasets.NYU_LAYOUT``). Synthetic scenes: training on a random ``recipe.crop`` and a flip, evaluation
     on the whole image, padded to a multiple of 32, the prediction cropped back to it. NYUDv2: VNL's
-    protocol (:class:`datasets.VNLDepthTransform`, square ``recipe.crop``): random square windows resized
+    protocol (:class:`transforms.VNLDepthTransform`, square ``recipe.crop``): random square windows resized
     to the crop, depth rescaled; evaluation on the image padded at the top to a square and resized to the
-    crop, the prediction mapped back to the original map (:func:`datasets.vnl_restore`). Metrics
+    crop, the prediction mapped back to the original map (:func:`transforms.vnl_restore`). Metrics
     (``depth_metrics``) are pooled over every valid pixel of the set, inside the Eigen crop on NYUDv2's
     480x640 maps. ``save_pred=DIR`` writes each prediction as a uint16 millimetre PNG under its image's name.
 
@@ -476,9 +476,9 @@ class DepthTask:
 
     def build_data(self, recipe, split: str, root: str | None):
         if recipe.data == "nyu":
-            transform = datasets.VNLDepthTransform(recipe.crop[0], split == "train", recipe.normalization)
+            transform = transforms.VNLDepthTransform(recipe.crop[0], split == "train", recipe.normalization)
         else:
-            transform = datasets.DepthTransform(recipe.crop if split == "train" else None, recipe.normalization)
+            transform = transforms.DepthTransform(recipe.crop if split == "train" else None, recipe.normalization)
         dataset = datasets.build_depth_dataset(recipe.data, root, split, transform, **synthetic_options(recipe, split))
         return dataset, dataset.collate
 
@@ -491,7 +491,7 @@ class DepthTask:
                                                                   batch.get("restores", repeat(None))):
             prediction = prediction[0, :height, :width].float().cpu()
             if restore is not None:
-                prediction = datasets.vnl_restore(prediction, restore)
+                prediction = transforms.vnl_restore(prediction, restore)
                 height, width = restore["size"]
             gt = gt[:height, :width].float().cpu()
             valid = gt > depth.INVALID_DEPTH

@@ -1,14 +1,15 @@
-"""Data transforms for segmentation, detection and classification, in torch/numpy only.
+"""Data transforms for segmentation, detection, classification and depth, in torch/numpy only.
 
 Every random transform takes an explicit ``numpy.random.Generator``: the engine gives each sample its
 own generator seeded by (seed, epoch, index), so augmentation never depends on which worker loads a
 sample and never touches the global RNGs. Images enter as uint8 ``H x W x 3`` RGB arrays; resizing follows
 ``torch.nn.functional.interpolate`` (bilinear for images, nearest for labels and masks). The depth transform
-returns normalised float ``(3, H, W)`` tensors. The segmentation crop resamples only the window it keeps
-(:func:`resized_window`, :func:`resized_label_window`), equal to resize-then-crop (labels exactly, images to
-1e-2 of a level); the segmentation transforms return that float window (evaluation: the uint8 pixels) and
-the label in uint8, and :func:`seg_device_inputs` flips, normalises and pads them on the device, with the
-values of doing it all in the worker bit for bit.
+returns normalised float ``(3, H, W)`` tensors (:class:`DepthTransform`; NYUDv2 under VNL's protocol:
+:class:`VNLDepthTransform`, whose predictions :func:`vnl_restore` maps back to the original map). The
+segmentation crop resamples only the window it keeps (:func:`resized_window`, :func:`resized_label_window`),
+equal to resize-then-crop (labels exactly, images to 1e-2 of a level); the segmentation transforms return that
+float window (evaluation: the uint8 pixels) and the label in uint8, and :func:`seg_device_inputs` flips,
+normalises and pads them on the device, with the values of doing it all in the worker bit for bit.
 
 Detection and classification split their pipeline in two halves, so that a DataLoader worker does little
 more than decode: the transform (the CPU half, in the worker) makes every random draw, maps the targets and
@@ -574,3 +575,93 @@ class ResizeCenterCrop:
             left = int(round((tensor.shape[2] - self.size) / 2))
             tensor = tensor[:, top:top + self.size, left:left + self.size]
         return tensor, _geometry(tensor, tensor.shape[1:], False)
+
+
+# ------------------------------------------------------------------------------------------- depth
+class DepthTransform:
+    """Training (``crop`` given): a random ``crop`` (zero-padded, depth 0, where the image is smaller) and a
+    horizontal flip with probability 0.5 (VNL's augmentation); evaluation (``crop=None``): the whole image.
+    Both normalise the image with ``normalization``."""
+
+    def __init__(self, crop: tuple | None, normalization: str = "imagenet_rgb"):
+        self.crop, self.normalization = crop, check_normalization(normalization)
+
+    def __call__(self, image: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> tuple:
+        image_t, depth_t = to_tensor(image), torch.from_numpy(np.ascontiguousarray(depth, np.float32))
+        if self.crop is not None:
+            crop_h, crop_w = self.crop
+            height, width = depth_t.shape
+            size = (max(height, crop_h), max(width, crop_w))
+            image_t, depth_t = pad_bottom_right(image_t, size, 0.0), pad_bottom_right(depth_t, size, 0.0)
+            top = int(rng.integers(0, size[0] - crop_h + 1))
+            left = int(rng.integers(0, size[1] - crop_w + 1))
+            image_t = image_t[:, top:top + crop_h, left:left + crop_w]
+            depth_t = depth_t[top:top + crop_h, left:left + crop_w]
+            if rng.random() < 0.5:
+                image_t, depth_t = image_t.flip(-1), depth_t.flip(-1)
+        return normalize(image_t, self.normalization), depth_t.contiguous(), None  # the target is the input's
+
+
+def vnl_crop_sides(crop_side: int, width: int) -> tuple:
+    """The square crop sides VNL draws from: ``crop_side`` and the multiples of 32 above it up to the image
+    width (data/nyudv2_dataset.py:96, ``raw_size = [CROP_SIZE[1], 416, 448, ..., 640]`` for 385 on NYUDv2's
+    640-pixel width; the largest, the width, is also the test geometry, nyudv2_dataset.py:97)."""
+    if width < crop_side:
+        raise ValueError(f"--crop {crop_side} {crop_side}: VNL's protocol crops squares of {crop_side} px up to the "
+                         f"image width, which is {width} px here")
+    larger = range(32 * (crop_side // 32 + 1), width, 32)
+    return (crop_side, *larger, width)
+
+
+class VNLDepthTransform:
+    """VNL's NYUDv2 geometry (YvanYin/VNL_Monocular_Depth_Prediction data/nyudv2_dataset.py:65-84, 87-142).
+
+    Training: a square side drawn uniformly from :func:`vnl_crop_sides`; an image shorter than it is padded
+    at the top (image 128, depth invalid) and the window starts at row 0, else at a random row; a random
+    column; the window is resized bilinearly to ``crop_side`` (cv2 INTER_LINEAR: no antialiasing, the image
+    rounded as cv2's uint8 output) and its depth divided by the resize ratio r = crop_side / side
+    (``scale_torch(B, resize_ratio)``, :77-78: a window shown larger looks nearer); a flip with probability
+    0.5 (:93-94). Depth resized across an invalid pixel is invalid here (VNL's filled NYUDv2 maps have
+    no holes; raw maps with 0-valued holes would otherwise give depths mixed with 0).
+    Evaluation: the side-``width`` case (tools/test_nyu_metric.py:56-64): the image padded at the top to a
+    square, resized to ``crop_side``; the target stays the original map, and :func:`vnl_restore` maps the
+    prediction back to it."""
+
+    IMAGE_PAD = 128.0  # nyudv2_dataset.py:67, on the 0-255 scale
+
+    def __init__(self, crop_side: int, train: bool, normalization: str = "imagenet_rgb"):
+        self.crop_side, self.train, self.normalization = crop_side, train, check_normalization(normalization)
+
+    def __call__(self, image: np.ndarray, depth: np.ndarray, rng: np.random.Generator) -> tuple:
+        image_t, depth_t = to_tensor(image), torch.from_numpy(np.ascontiguousarray(depth, np.float32))
+        height, width = depth_t.shape
+        if height > width:
+            raise ValueError(f"a {height}x{width} image: VNL's protocol pads landscape images (NYUDv2's 480x640) at "
+                             "the top to a square")
+        sides = vnl_crop_sides(self.crop_side, width)
+        side = sides[int(rng.integers(len(sides)))] if self.train else width
+        pad_top = max(side - height, 0)
+        top = 0 if pad_top or not self.train else int(rng.integers(0, height - side + 1))
+        left = int(rng.integers(0, width - side + 1)) if self.train else 0
+        window = (slice(top, top + side), slice(left, left + side))
+        image_t = F.pad(image_t, (0, 0, pad_top, 0), value=self.IMAGE_PAD)[(slice(None), *window)]
+        size = (self.crop_side, self.crop_side)
+        image_t = resize_image(image_t, size).round()
+        restore = {"pad_top": pad_top, "side": side, "size": (height, width)}
+        if not self.train:
+            return normalize(image_t, self.normalization), depth_t, restore
+        depth_t = F.pad(depth_t, (0, 0, pad_top, 0), value=0.0)[window]
+        invalid = resize_image((depth_t <= 0).float()[None], size)[0] > 0
+        target = torch.where(invalid, 0.0, resize_image(depth_t[None], size)[0] * (side / self.crop_side))
+        if rng.random() < 0.5:
+            image_t, target = image_t.flip(-1), target.flip(-1)
+        return normalize(image_t, self.normalization), target.contiguous(), None
+
+
+def vnl_restore(prediction: torch.Tensor, restore: dict) -> torch.Tensor:
+    """VNL's test-time inverse (tools/test_nyu_metric.py:60-63) of a (crop_side, crop_side) depth map: drop
+    the rows of the top padding (``int(pad_top * r)``), multiply by r = crop_side / side (the code divides
+    by ``ratio`` = 1 / r) and resize bilinearly to the original ``size``."""
+    ratio = prediction.shape[-1] / restore["side"]
+    kept = prediction[int(restore["pad_top"] * ratio):] * ratio
+    return resize_image(kept[None], tuple(restore["size"]))[0]

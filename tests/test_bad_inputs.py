@@ -19,7 +19,7 @@ from PIL import Image
 
 import evaluate
 import train
-from kd_ref import convert, datasets, segmentors
+from kd_ref import convert, export, segmentors
 from kd_ref.tasks import SYNTHETIC_NUM_IMAGE_CLASSES as NUM_IMAGE_CLASSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,8 +71,8 @@ def synthetic_train(out, *flags):
 
 def exported(tmp_path, fmt, size=(32, 32)):
     root = tmp_path / fmt
-    datasets.main(["export", "--format", fmt, str(root), "--num-train", "2", "--num-val", "1",
-                   "--size", str(size[0]), str(size[1])])
+    export.main(["--format", fmt, str(root), "--num-train", "2", "--num-val", "1",
+                 "--size", str(size[0]), str(size[1])])
     return root
 
 

@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kd_ref import bench_constant_depth, datasets
+from kd_ref import bench_constant_depth, synthetic
 from kd_ref.presets import PRESETS
 
 
@@ -11,7 +11,7 @@ def test_constant_depth_predicts_the_median_training_depth_everywhere(monkeypatc
     recipe = dataclasses.replace(PRESETS["synthetic_depth_none"], synthetic_train=3, synthetic_val=2)
     monkeypatch.setitem(PRESETS, "synthetic_depth_none", recipe)
     scores = bench_constant_depth.constant_depth("synthetic_depth_none")
-    train = datasets.SyntheticDepthScenes(datasets.SyntheticScenes("train", recipe.seed, recipe.synthetic_size, 3,
+    train = synthetic.SyntheticDepthScenes(synthetic.SyntheticScenes("train", recipe.seed, recipe.synthetic_size, 3,
                                                                    style=recipe.synthetic_style))
     depths = np.concatenate([train[i]["depth"][train[i]["depth"] > 0] for i in range(3)])
     assert scores["median"] == pytest.approx(float(np.median(depths)))

@@ -2,13 +2,13 @@ import math
 
 import pytest
 
-from kd_ref import bench_data, datasets
+from kd_ref import bench_data, export
 
 
 @pytest.mark.parametrize("task,export_format,size", [("seg", "cityscapes", (32, 64)), ("det", "coco", (48, 64)),
                                                      ("cls", "imagefolder", (48, 64))])
 def test_data_prints_every_pipeline_of_a_tree_and_the_loader_settings(task, export_format, size, tmp_path, capsys):
-    datasets.export(export_format, str(tmp_path), num_train=2, num_val=1, size=size)
+    export.export(export_format, str(tmp_path), num_train=2, num_val=1, size=size)
     rates = bench_data.data([task], root=str(tmp_path), rounds=1, gpu_images_per_second=1e6)[task]
     assert set(rates) == {"training (ours)", "evaluation (ours)", "decode alone", "plain reference",
                           "training device step, CPU", "evaluation device step, CPU"}

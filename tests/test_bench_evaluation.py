@@ -2,14 +2,14 @@ import sys
 
 import pytest
 
-from kd_ref import bench_evaluation, datasets
+from kd_ref import bench_evaluation, export
 
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory):
     root = tmp_path_factory.mktemp("trees")
-    datasets.export("cityscapes", str(root / "cityscapes"), num_train=1, num_val=2, size=(64, 96))
-    datasets.export("coco", str(root / "coco"), num_train=1, num_val=3, size=(64, 96))
+    export.export("cityscapes", str(root / "cityscapes"), num_train=1, num_val=2, size=(64, 96))
+    export.export("coco", str(root / "coco"), num_train=1, num_val=3, size=(64, 96))
     return root
 
 

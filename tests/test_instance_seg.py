@@ -382,9 +382,9 @@ def test_mmdet_mask_rcnn_r50_fpn_2x_coco_loads_strictly_and_predicts_as_placed_b
 
 def test_synthetic_solo_puts_every_demo_object_on_the_8x8_levels_with_several_positive_cells():
     # the demo's 64-pixel easy scenes: P3 is 8x8, P4 4x4, P5 2x2 (SYNTHETIC_SOLO's comment)
-    from kd_ref import datasets
+    from kd_ref import synthetic
     model = I.build_instance_model("solo_synth_r18", 3)
-    scenes = datasets.SyntheticInstances(datasets.SyntheticScenes("train", size=(64, 64), num_classes=3, style="easy"))
+    scenes = synthetic.SyntheticInstances(synthetic.SyntheticScenes("train", size=(64, 64), num_classes=3, style="easy"))
     featmap_sizes = [(16, 16), (16, 16), (8, 8), (4, 4), (4, 4)]
     cells_per_object = []
     for index in range(20):

@@ -10,7 +10,7 @@ import torch
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine
+from kd_ref import configs, engine, export, synthetic
 from kd_ref.drivers import SoKDPlugin
 from kd_ref.tasks import ClsTask, SyntheticObjects
 from kd_ref.presets import PRESETS, default_preset
@@ -30,7 +30,7 @@ def evaluate_untrained(recipe, root):
 
 @pytest.mark.parametrize("fmt, data, crop", [("cifar100", "cifar100", 32), ("imagefolder", "imagenet", 24)])
 def test_real_format_fixture_trees_load_and_evaluate(tmp_path, fmt, data, crop):
-    datasets.export(fmt, str(tmp_path), num_train=6, num_val=4, size=(48, 48))
+    export.export(fmt, str(tmp_path), num_train=6, num_val=4, size=(48, 48))
     recipe = Recipe(task="cls", data=data, student="resnet8", num_classes=8, crop=(crop, crop),
                             normalization="cifar100" if data == "cifar100" else "imagenet_rgb")
     TASK.check_recipe(recipe)
@@ -55,7 +55,7 @@ def test_topk_accuracy_is_reduced_from_counts():
 
 
 def test_synthetic_objects_are_the_largest_object_of_each_scene():
-    scenes = datasets.SyntheticScenes("val", size=(64, 64), length=5)
+    scenes = synthetic.SyntheticScenes("val", size=(64, 64), length=5)
     objects = SyntheticObjects(scenes, 24)
     assert objects.classes == scenes.object_classes and len(objects) == 5
     for index in range(5):

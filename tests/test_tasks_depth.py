@@ -8,7 +8,7 @@ import torch
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine
+from kd_ref import configs, datasets, engine, export
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS
 
@@ -50,7 +50,7 @@ def test_depth_trains_resumes_exactly_and_evaluates(tmp_path, monkeypatch, depth
 
 def test_nyu_tree_trains_evaluates_and_saves_predictions(tmp_path):
     tree = tmp_path / "nyu"
-    command = datasets.export("nyu", str(tree), num_train=2, num_val=2, size=(64, 96))
+    command = export.export("nyu", str(tree), num_train=2, num_val=2, size=(64, 96))
     assert "--task depth --data nyu" in command
     assert (tree / "train.txt").read_text().split() == ["train_000000", "train_000001"]
     run = tmp_path / "run"

@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine, tasks
+from kd_ref import configs, datasets, engine, export, synthetic, tasks
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe
@@ -36,7 +36,7 @@ def det_recipe(data, **fields):
 @pytest.fixture(scope="module")
 def coco_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco")
-    datasets.export("coco", str(root), num_train=2, num_val=4, size=SIZE)
+    export.export("coco", str(root), num_train=2, num_val=4, size=SIZE)
     return root
 
 
@@ -44,8 +44,8 @@ def coco_tree(tmp_path_factory):
 def voc_tree(tmp_path_factory):
     """An exported VOC tree whose shapes carry VOC class names, so the default 20-class loader reads it."""
     root = tmp_path_factory.mktemp("voc")
-    datasets.export("voc", str(root), num_train=2, num_val=4, size=SIZE)
-    voc_name = dict(zip(datasets.SyntheticScenes.CLASSES[1:], datasets.VOC_CLASSES))
+    export.export("voc", str(root), num_train=2, num_val=4, size=SIZE)
+    voc_name = dict(zip(synthetic.SyntheticScenes.CLASSES[1:], datasets.VOC_CLASSES))
     for xml_file in (root / "VOCdevkit/VOC2007/Annotations").iterdir():
         tree = ET.parse(xml_file)
         for name in tree.getroot().iter("name"):

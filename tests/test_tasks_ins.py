@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine, metrics
+from kd_ref import configs, datasets, engine, export, metrics, synthetic
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS, default_preset, teacher_recipe
 from kd_ref.recipe import Recipe
@@ -26,7 +26,7 @@ TINY = ["--task", "ins", "--set", "synthetic_size=(64, 64)", "--set", "image_sca
 @pytest.fixture(scope="module")
 def coco_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("coco_ins")
-    datasets.export("coco", str(root), num_train=2, num_val=4, size=(64, 64))
+    export.export("coco", str(root), num_train=2, num_val=4, size=(64, 64))
     return root
 
 
@@ -59,12 +59,12 @@ def test_coco_segm_eval_equals_pycocotools_on_a_written_results_file(coco_tree, 
 
 
 def test_synthetic_instances_drop_small_fragments_and_ground_truth_scores_itself():
-    scenes = datasets.SyntheticScenes("val", size=(64, 64), length=3)
-    instances = datasets.SyntheticInstances(scenes)
+    scenes = synthetic.SyntheticScenes("val", size=(64, 64), length=3)
+    instances = synthetic.SyntheticInstances(scenes)
     for index in range(3):
         sample, scene = instances[index], scenes[index]
-        assert (sample["masks"].sum((1, 2)) >= datasets.MIN_INSTANCE_AREA).all() and not sample["difficult"].any()
-        assert len(sample["labels"]) == int((scene["masks"].sum((1, 2)) >= datasets.MIN_INSTANCE_AREA).sum())
+        assert (sample["masks"].sum((1, 2)) >= synthetic.MIN_INSTANCE_AREA).all() and not sample["difficult"].any()
+        assert len(sample["labels"]) == int((scene["masks"].sum((1, 2)) >= synthetic.MIN_INSTANCE_AREA).sum())
     coco = datasets.coco_ground_truth(instances, [1, 2, 3, 4, 5, 6, 7, 8])
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"],
                 "score": 1.0} for a in coco.dataset["annotations"]]

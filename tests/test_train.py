@@ -17,7 +17,7 @@ from PIL import Image
 
 import evaluate
 import train
-from kd_ref import configs, convert, datasets, engine, segmentors
+from kd_ref import configs, convert, engine, export, segmentors, synthetic
 from kd_ref.recipe import reference_launch
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS
@@ -65,7 +65,7 @@ def test_train_writes_checkpoint_log_and_metrics_then_evaluates(tmp_path):
     saved = sorted(os.listdir(pred_dir))
     assert len(saved) == 2 * 3 + 1, "one train-id and one colour PNG per val image, and the legend"
     legend = strict_json((pred_dir / "legend.json").read_text())["classes"]
-    assert [entry["name"] for entry in legend] == list(datasets.SyntheticScenes.CLASSES[:len(metrics["IoU"])])
+    assert [entry["name"] for entry in legend] == list(synthetic.SyntheticScenes.CLASSES[:len(metrics["IoU"])])
     colour = np.asarray(Image.open(pred_dir / "val_000000_color.png"))
     label = np.asarray(Image.open(pred_dir / "val_000000.png"))
     np.testing.assert_array_equal(colour, np.array([entry["color"] for entry in legend], np.uint8)[label])
@@ -202,8 +202,7 @@ def test_sigterm_checkpoints_the_current_iteration_and_says_how_to_resume(tmp_pa
 
 def test_cityscapes_tree_trains_and_evaluates(tmp_path):
     root = tmp_path / "export"
-    datasets.main(["export", "--format", "cityscapes", str(root), "--num-train", "2", "--num-val", "1",
-                   "--size", "64", "64"])
+    export.main(["--format", "cityscapes", str(root), "--num-train", "2", "--num-val", "1", "--size", "64", "64"])
     metrics = train.main(["--task", "seg", "--data", "cityscapes", "--data-root", str(root), "--out",
                           str(tmp_path / "run"), "--iters", "1", "--batch-size", "2", "--crop", "64", "64", "--pretrained", "none",
                           "--quiet"])

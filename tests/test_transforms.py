@@ -461,3 +461,75 @@ def test_gdd_pipeline_applies_photometric_distortion_after_the_flip_before_norma
     x = T.pad_bottom_right(T.normalize(T.PhotoMetricDistortion()(x, rng), "imagenet_rgb"), (16, 16), 0.0)
     assert torch.allclose(out, x, atol=1e-3)  # the crop-first resampling rounds differently (1e-3 of a level)
     assert not PRESETS["dist_pspnet_r18_cityscapes"].photometric_distortion  # CIRKD has none
+
+
+# ------------------------------------------------------------------------- VNL's NYUDv2 protocol
+class ScriptedDraws:
+    """A generator stand-in that returns the given integer draws in order (each checked against its bound)
+    and a fixed ``random()``: the flip is drawn when it is below 0.5."""
+
+    def __init__(self, integers, random=0.9):
+        self.integers_left, self.random_value = list(integers), random
+
+    def integers(self, *bounds):
+        value = self.integers_left.pop(0)
+        assert 0 <= value < bounds[-1] and (len(bounds) == 1 or value >= bounds[0])
+        return value
+
+    def random(self):
+        return self.random_value
+
+
+def nyu_like_sample():
+    """A 480x640 image whose red channel is the row and green the column (mod 256), and a depth map that
+    grows by 1 mm per row and 0.1 mm per column from 2 m."""
+    rows, cols = np.meshgrid(np.arange(480), np.arange(640), indexing="ij")
+    image = np.stack([rows % 256, cols % 256, np.zeros_like(rows)], -1).astype(np.uint8)
+    return image, (2.0 + rows / 1000 + cols / 10000).astype(np.float32)
+
+
+def test_vnl_training_windows_are_squares_of_385_to_640_resized_to_385_with_depth_scaled():
+    assert T.vnl_crop_sides(385, 640) == (385, 416, 448, 480, 512, 544, 576, 608, 640)  # VNL's raw_size
+    image, depth = nyu_like_sample()
+    transform = T.VNLDepthTransform(385, train=True, normalization="imagenet_rgb")
+    # side 385 (draw 0) at row 50, column 100: the window itself, depth unscaled, no flip
+    pixels, target, restore = transform(image, depth, ScriptedDraws([0, 50, 100]))
+    assert restore is None and pixels.shape == (3, 385, 385)
+    assert torch.equal(target, torch.from_numpy(depth[50:435, 100:485]))
+    assert torch.equal(pixels, T.normalize(T.to_tensor(image[50:435, 100:485]), "imagenet_rgb"))
+    # side 640 (draw 8): taller than the image, so padded by 160 rows at the top and taken from row 0 (no row
+    # draw); resized x385/640 and the depth multiplied by 640/385; flipped (random 0.1)
+    pixels, target, _ = transform(image, depth, ScriptedDraws([8, 0], random=0.1))
+    assert pixels.shape == (3, 385, 385) and target.shape == (385, 385)
+    # output row i samples padded row (i + 0.5) * 640/385 - 0.5: rows 0-96 touch the padding (row 96: 159.9)
+    assert target[:97].max() == 0 and target[97:].min() > 0
+    last = 384.5 * 640 / 385 - 0.5  # where the last row and column sample: padded row 638.7 is image row 478.7
+    assert target[384, 0].item() == pytest.approx((2.0 + (last - 160) / 1000 + last / 10000) * 640 / 385, rel=1e-6)
+    assert target[200, 0].item() > target[200, -1].item()  # flipped: the far columns on the left
+    gray = (128 - 123.675) / 58.395  # the padding is 128 on the 0-255 scale
+    assert pixels[0, :96].sub(gray).abs().max() < 1e-5
+    # side 480 (draw 3): as tall as the image, so the row draw has a single value, 0; column 160
+    _, target, _ = transform(image, depth, ScriptedDraws([3, 0, 160]))
+    first = 0.5 * 480 / 385 - 0.5
+    assert target[0, 0].item() == pytest.approx((2.0 + first / 1000 + (160 + first) / 10000) * 480 / 385, rel=1e-6)
+
+
+def test_vnl_test_geometry_pads_to_640_runs_at_385_and_maps_the_prediction_back():
+    image, depth = nyu_like_sample()
+    pixels, target, restore = T.VNLDepthTransform(385, train=False)(image, depth, ScriptedDraws([]))
+    assert pixels.shape == (3, 385, 385) and torch.equal(target, torch.from_numpy(depth))
+    assert restore == {"pad_top": 160, "side": 640, "size": (480, 640)}
+    # a prediction of its row index: VNL drops int(160 * 385/640) = 96 rows, multiplies by r = 385/640 and
+    # resizes the 289 rows left to 480; the first and last rows read rows 96 and 384 of the prediction
+    prediction = torch.arange(385.0)[:, None].expand(385, 385)
+    restored = T.vnl_restore(prediction, restore)
+    assert restored.shape == (480, 640)
+    assert restored[0, 0].item() == pytest.approx(96 * 385 / 640)
+    assert restored[-1, 0].item() == pytest.approx(384 * 385 / 640)
+    # the round trip of a constant map: the training-style target of the test window maps back to it
+    window = torch.nn.functional.pad(torch.full((1, 1, 480, 640), 2.0), (0, 0, 160, 0))
+    predicted = torch.nn.functional.interpolate(window, size=(385, 385), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.allclose(T.vnl_restore(predicted * 640 / 385, restore)[2:], torch.full((478, 640), 2.0))
+    with pytest.raises(ValueError, match=r"^--crop 385 385: VNL's protocol crops squares of 385 px up to the image "
+                                         r"width, which is 320 px here$"):
+        T.VNLDepthTransform(385, train=True)(image[:240, :320], depth[:240, :320], ScriptedDraws([]))
