@@ -83,7 +83,9 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd_ref import cli, configs, datasets, engine, tasks, transforms
+from kd_ref import cli, datasets, engine, tasks, transforms
+from kd_ref.methods import METHODS, supported_methods
+from kd_ref.tasks import TASKS
 from kd_ref.metrics import COCO_STAT_NAMES, confusion_matrix, segmentation_scores
 from kd_ref.skd import pair_wise_kd
 from kd_ref.presets import DEFAULT_PRESETS, PRESETS, default_preset
@@ -127,7 +129,7 @@ def effect(task: str, methods: list, seeds: list, iters: int | None, teacher_ite
     ``overrides`` are recipe fields applied to teacher and students alike (e.g. a smaller image size)."""
     overrides = overrides or {}
     runtime = engine.setup_runtime(device)
-    key = configs.TASKS[task].main_metric
+    key = TASKS[task].main_metric
     student_presets = effect_presets(task, methods)
     results = {method: [] for method in student_presets}
     for seed in seeds:
@@ -144,7 +146,7 @@ def effect(task: str, methods: list, seeds: list, iters: int | None, teacher_ite
         for method, preset in student_presets.items():
             recipe = dataclasses.replace(PRESETS[preset], seed=seed,
                                          iters=iters or PRESETS[preset].iters, **overrides)
-            needs_teacher = configs.METHODS[method].needs_teacher
+            needs_teacher = METHODS[method].needs_teacher
             metrics = _train_or_reuse(recipe, os.path.join(out, f"seed{seed}", method), runtime,
                                       teacher_ckpt if needs_teacher else None)
             results[method].append(metrics[key])
@@ -289,7 +291,7 @@ def cost_recipe(task: str, method: str, overrides: dict) -> Recipe:
     else:
         recipe = PRESETS[preset]
     recipe = dataclasses.replace(recipe, **overrides)
-    configs.TASKS[task].check_recipe(recipe)
+    TASKS[task].check_recipe(recipe)
     if recipe.teacher is None:
         raise ValueError(f"bench cost --tasks {task}: the synthetic preset has no teacher; pass --teacher ARCH")
     return recipe
@@ -297,7 +299,7 @@ def cost_recipe(task: str, method: str, overrides: dict) -> Recipe:
 
 def fixed_batch(recipe: Recipe, runtime: engine.Runtime) -> dict:
     """One training batch of ``recipe``'s data, augmented as the engine's first epoch would be."""
-    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+    dataset, collate = TASKS[recipe.task].build_data(recipe, "train", None)
     if len(dataset) < recipe.batch_size:
         raise ValueError(f"--batch-size {recipe.batch_size}: the training set has only {len(dataset)} samples")
     first_epoch = engine.EpochAugmentation(dataset, recipe.seed)
@@ -322,7 +324,7 @@ def training_case(name: str, recipe: Recipe, teacher: torch.nn.Module, batch: di
     times the same computation. Training them instead made a CPU GDD step go from 10 s to 78 s within
     three steps (random weights drifting, likely into denormal or overflowing values)."""
     recipe = dataclasses.replace(recipe, lr=0.0)
-    task, method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
+    task, method = TASKS[recipe.task], METHODS[recipe.method]
     torch.manual_seed(recipe.seed)
     student = _place(task.build_model(recipe, recipe.student), runtime).train()
     distiller = method.build(recipe, student, teacher).to(runtime.device) if method.needs_teacher else None
@@ -363,7 +365,7 @@ def teacher_case(teacher: torch.nn.Module, recipe: Recipe, batch: dict,
     """The teacher forward alone, as a distillation step runs it (a two-stage teacher scores the RoIs a
     student sampled once, before timing)."""
     torch.manual_seed(recipe.seed)
-    student = _place(configs.TASKS[recipe.task].build_model(recipe, recipe.student), runtime).train()
+    student = _place(TASKS[recipe.task].build_model(recipe, recipe.student), runtime).train()
     with torch.no_grad(), runtime.autocast():
         student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
     sampled = {key: value for key, value in student_out.items() if key == "rois"}
@@ -426,7 +428,7 @@ def pair_table(task: str, base: Recipe, recipes: dict, runtime: engine.Runtime, 
                rounds: int) -> tuple:
     """``(description, rows, skipped)`` of one student/teacher pair."""
     batch = fixed_batch(base, runtime)
-    teacher = _place(configs.TASKS[task].build_model(base, base.teacher), runtime).eval().requires_grad_(False)
+    teacher = _place(TASKS[task].build_model(base, base.teacher), runtime).eval().requires_grad_(False)
     cases = [training_case(STUDENT_ALONE, base, teacher, batch, runtime), teacher_case(teacher, base, batch, runtime)]
     skipped = {}
     for method, recipe in recipes.items():
@@ -458,9 +460,9 @@ def cost(tasks: list, methods: list | None = None, overrides: dict | None = None
     runtime = engine.setup_runtime(device, amp)
     tables = {}
     for task in tasks:
-        if task not in configs.TASKS:
-            raise ValueError(f"--tasks {task}: expected some of {sorted(configs.TASKS)}")
-        supported = [m for m in configs.supported_methods(task) if m != STUDENT_ALONE]
+        if task not in TASKS:
+            raise ValueError(f"--tasks {task}: expected some of {sorted(TASKS)}")
+        supported = [m for m in supported_methods(task) if m != STUDENT_ALONE]
         chosen = supported if methods is None else [m for m in methods if m in supported]
         task_overrides = {**(size_overrides(task, size) if size else {}), **(overrides or {})}
         for index, (student, teacher, description, rows, skipped) in enumerate(
@@ -754,7 +756,7 @@ def iteration_flops(recipe: Recipe, probe: str | None = None, probe_images: int 
     if probe == "fake" and recipe.task not in FLOP_BATCHES:
         raise ValueError(f"bench flops: --task {recipe.task} cannot run on fake tensors: its training step sizes "
                          "tensors by their values (target assignment); count it with a real probe")
-    task, method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
+    task, method = TASKS[recipe.task], METHODS[recipe.method]
     runtime = engine.Runtime(torch.device("cpu"))
     parts, epoch_pass = {}, None
     with fake_tensors() if probe == "fake" else contextlib.nullcontext():
@@ -1174,7 +1176,7 @@ def _data_pipelines(task: str, root: str) -> tuple:
         recipe = dataclasses.replace(recipe, num_classes=len(datasets.COCODetection(root, "train2017").classes))
     if task == "cls":
         recipe = dataclasses.replace(recipe, num_classes=len(datasets.ImageFolder(root, "train").classes))
-    task_object = configs.TASKS[task]
+    task_object = TASKS[task]
     train_set, _ = task_object.build_data(recipe, "train", root)
     base = train_set.base
     if task == "seg":

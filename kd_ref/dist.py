@@ -37,8 +37,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn as nn
 
+from kd_ref.detectors import is_two_stage
+from kd_ref.distiller import Distiller, Method
 from kd_ref.precision import at_least_float32
 
 TASKS = ("seg", "cls", "det_retina", "det_frcnn")
@@ -101,7 +102,7 @@ def dist_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, beta: float = 1.0,
     return beta * inter + gamma * intra
 
 
-class DISTDistiller(nn.Module):
+class DISTDistiller(Distiller):
     """DIST on the outputs the registry binds for ``task``; returns already-weighted losses.
 
     - ``seg``: model output dicts with ``logits`` (N, K, h, w) and optional ``aux_logits``
@@ -176,3 +177,31 @@ class DISTDistiller(nn.Module):
         if self.task == "cls":
             return {"loss_dist": self._weighted_loss("logits", student_out, teacher_out, 2)}
         return {"loss_dist_roi": self._weighted_loss("RoI class logits", student_out, teacher_out, 2)}
+
+
+# ------------------------------------------------------------------------------------------ wiring
+# On detection (docs/specs/dist.md §3): RetinaNet's per-level sigmoid classification maps; Faster R-CNN's RoI
+# class logits, the teacher's RoI head run on the student's sampled RoIs (engine.teacher_inputs). On
+# classification: the fc logits.
+def _build(recipe, student, teacher):
+    if recipe.task != "det":
+        return DISTDistiller(recipe.task, **recipe.method_options)
+    if is_two_stage(recipe.student):
+        return DISTDistiller("det_frcnn", **recipe.method_options)
+    return DISTDistiller("det_retina", **{"use_sigmoid": True, **recipe.method_options})
+
+
+def _bind_outputs(student_out, teacher_out, batch):
+    return {"student_out": student_out, "teacher_out": teacher_out}
+
+
+def _bind_logits(student_out, teacher_out, batch):
+    return {"student_out": student_out["logits"], "teacher_out": teacher_out["logits"]}
+
+
+def _bind_det(student_out, teacher_out, batch):
+    key = "roi_cls_logits" if "rois" in student_out else "cls_logits"
+    return {"student_out": student_out[key], "teacher_out": teacher_out[key]}
+
+
+METHOD = Method(build=_build, bind={"seg": _bind_outputs, "cls": _bind_logits, "det": _bind_det})

@@ -34,6 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kd_ref.detectors import is_two_stage
+from kd_ref.distiller import Distiller, Method
+from kd_ref.instance_seg import copy_non_backbone_weights
 from kd_ref.precision import at_least_float32
 
 
@@ -124,7 +127,7 @@ def _per_level(name: str, value, num_levels: int) -> list:
     return list(value)
 
 
-class GDDDistiller(nn.Module):
+class GDDDistiller(Distiller):
     """One independent :class:`GDDLoss` per tapped level; returns ``{"loss_gdd_<level>": alpha * L}``.
 
     ``feats_s[i]``/``feats_t[i]`` (and ``noises[i]`` if given) belong to ``level_names[i]``; the teacher
@@ -160,3 +163,48 @@ class GDDDistiller(nn.Module):
         self._check_levels("noises", noises)
         return {f"loss_gdd_{name}": self.losses[name](feat_s, feat_t, noise)
                 for name, feat_s, feat_t, noise in zip(self.level_names, feats_s, feats_t, noises)}
+
+
+# ------------------------------------------------------------------------------------------ wiring
+# Taps (docs/specs/gdd.md §3): the last backbone stage for segmentation; the FPN outputs for detection (Faster
+# R-CNN P2-P5, without the max-pooled P6; one-stage RetinaNet P3-P7) and instance segmentation (P2-P5, before
+# SOLO's resize of P2; the max-pooled P6 is not distilled).
+SEG_LEVELS = ["c5"]
+TWO_STAGE_LEVELS = ["p2", "p3", "p4", "p5"]
+ONE_STAGE_LEVELS = ["p3", "p4", "p5", "p6", "p7"]
+INS_LEVELS = ["p2", "p3", "p4", "p5"]
+
+
+def levels_of(task: str, detector: str | None = None) -> list:
+    """The levels GDD distils on ``task`` (on detection, for the student ``detector``)."""
+    if task == "seg":
+        return SEG_LEVELS
+    if task == "ins":
+        return INS_LEVELS
+    return TWO_STAGE_LEVELS if is_two_stage(detector) else ONE_STAGE_LEVELS
+
+
+def _build(recipe, student, teacher):
+    """``method_options``: GDDDistiller's (alpha, tau) and ``init_student`` (GDD's instance-segmentation
+    config: before training, the teacher's neck and head weights replace the student's)."""
+    options = dict(recipe.method_options)
+    if options.pop("init_student", False):
+        copy_non_backbone_weights(teacher, student)
+    levels = levels_of(recipe.task, recipe.student)
+    return GDDDistiller(levels, [student.out_channels[name] for name in levels],
+                        [teacher.out_channels[name] for name in levels], **options)
+
+
+def _bind_feats(levels):
+    def bind(student_out, teacher_out, batch):
+        return {"feats_s": [student_out["feats"][name] for name in levels],
+                "feats_t": [teacher_out["feats"][name] for name in levels]}
+    return bind
+
+
+def _bind_det(student_out, teacher_out, batch):
+    levels = TWO_STAGE_LEVELS if "rois" in student_out else ONE_STAGE_LEVELS
+    return _bind_feats(levels)(student_out, teacher_out, batch)
+
+
+METHOD = Method(build=_build, bind={"seg": _bind_feats(SEG_LEVELS), "det": _bind_det, "ins": _bind_feats(INS_LEVELS)})
