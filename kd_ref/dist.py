@@ -12,25 +12,14 @@ For student/teacher logits ``z_s, z_t`` of shape ``(B, C)`` (rows = instances, c
     L_DIST  = beta * L_inter + gamma * L_intra
     L       = alpha * L_task + L_DIST
 
-Paper vs code, and the choices made here (following the public code, see the spec ``dist.md``):
-- ``tau^2`` scales both terms, as in the classification code (hunto/image_classification_sota, also
-  open-mmlab/mmrazor ``DISTLoss``). The segmentation and detection code have no temperature: they are
-  the ``tau = 1`` case, the default here.
-- ``eps`` is added once, to the product of the two norms, so a constant row or column (zero centred
-  vector, e.g. a uniform teacher) has ``rho = 0`` exactly and contributes 1 to its term.
-- Dense logits ``(N, C, H, W)`` put C last and flatten to ``(N*H*W, C)``: every pixel of every image
-  of the local batch is one instance. Ignored pixels are not masked and nothing is gathered across
-  processes, so the intra-class term depends on the per-process batch, as in the reference.
-- Sigmoid heads (RetinaNet, ``use_sigmoid=True``) take all ``A*K`` channels of a level jointly as the
-  class axis and give one separate loss per FPN level, as the MasKD detection code does; sigmoid with
-  ``tau != 1`` is our extension of that code, which has no temperature.
-- Faster R-CNN distils the RoI class logits ``(R, K+1)``; the caller runs the teacher's RoI head on
-  the student's sampled RoIs so that both rows refer to the same boxes.
-- Segmentation also distils the auxiliary (FCN on c3) logits with weight ``aux_weight = 0.4``, only
-  when both networks return them. The optional "DIST+mimic" detection row (learnable FPN align convs
-  + MSE) is a separate feature-mimic loss, not DIST, and is not part of this distiller, which has no
-  parameters.
-- Losses are computed in float32: half-precision logits are cast up before the softmax.
+The public code is followed where it differs from the paper (docs/specs/dist.md; the reasons are in
+docs/design/dist.md): ``tau^2`` scales both terms (``tau = 1``, the default, is the segmentation and
+detection code); ``eps`` is added once, to the product of the norms; dense logits ``(N, C, H, W)`` flatten
+to one instance per pixel of the local batch, unmasked; sigmoid heads (RetinaNet) take a level's ``A*K``
+channels as the class axis, one loss per level; Faster R-CNN distils both RoI heads' class logits on the
+student's RoIs; segmentation also distils the auxiliary logits (weight 0.4); losses are float32.
+
+The file ends with DIST's wiring: what it reads per task and its ``METHOD`` record.
 """
 from __future__ import annotations
 

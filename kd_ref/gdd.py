@@ -13,18 +13,13 @@ the teacher's feature channel by channel. For student ``S`` (N, Cs, H, W) and te
 
 The align and generation convs are trained with the student (same optimiser) and dropped at test time.
 
-Paper vs code, and the choices made here (all follow the public code ZhgLiu/GDD, see ``gdd.md``):
-- Loss: the paper speaks of a KL "channel knowledge alignment"; the code is the channel-wise
-  spatial-softmax KL (CWD) on the generated map, with no MSE term. We use the code's form.
-- Noise granularity: the paper's notation has one noise value per channel; the code draws one value
-  per (sample, position), shape (N, 1, H, W), broadcast over channels. We use the code's (N, 1, H, W).
-- Noise location: after the 1x1 alignment, i.e. in the teacher's channel space, as in the code.
-- Reduction: the KL is summed over positions and divided by N * C only (not by H * W); the large
-  alphas of the reference configs (145/175 for 64x64 segmentation maps, 4 for Faster R-CNN) rely on it.
-- A fresh noise sample is drawn on every call unless one is given (tests pass zeros to switch it off);
-  the module has no eval-mode switch because the student's inference path never calls it.
-- The losses are computed in float32 at least (half-precision inputs under autocast are cast up,
-  float64 is kept).
+Where the paper and the public code (ZhgLiu/GDD) differ, the code is followed (docs/specs/gdd.md; the
+reasons are in docs/design/gdd.md): the loss is the channel-wise spatial-softmax KL above, without an MSE
+term; the noise is one value per (sample, position), added after the alignment; the KL is divided by
+``N * Ct``, not by ``H * W`` (the reference alphas rely on it); a fresh noise is drawn on every call unless
+one is given; losses are computed in float32 at least.
+
+The file ends with GDD's wiring: the levels it distils per task and its ``METHOD`` record.
 """
 from __future__ import annotations
 

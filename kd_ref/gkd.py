@@ -30,39 +30,25 @@ global-knowledge representation) and Pi_c the prototypes of the instance's class
     loss = att * (R_l L_fg + R_l L_bg + global_weight * sum_l L_global) + soft_weight * L_soft,
     att = 1 - epoch / max_epochs (attenuation), R = mean (two-stage) or sum (one-stage) over levels
 
-``A`` is a per-level 3x3 conv adapter, the only learnable part. The spec (``shared/specs/gkd.md``)
-follows the released code and config (hikvision-research/DAVAR-Lab-ML) where they differ from the
-paper text; the decisions it records:
+``A`` is a per-level 3x3 conv adapter, the only learnable part. Where the released code and config
+(hikvision-research/DAVAR-Lab-ML) differ from the paper text, they are followed (docs/specs/gkd.md; the
+reasons and our own implementation choices are in docs/design/gkd.md):
 
-1. The global alignment loss is off by default (``global_weight=0``): the released config uses the
-   prototypes only for the robust weights; its alignment-loss path (factor 5) is unreachable in the
-   released runner. ``global_weight=5.0`` is the paper-described variant.
-2. The robust weight uses only the maximum cosine to the same-class prototypes.
-3. Training instances are the detector's positive samples with the class of their matched GT
-   (``proposal_replace_gt=True``), not the GT boxes.
-4. fg/bg are averaged over levels for Faster R-CNN and summed for the one-stage path; the global term
-   is summed over levels in both.
-5. The soft-label KD is not attenuated; fg/bg/global are.
-6. Both detectors use the two-stage adapter (3x3, padding 1, no activation): the one-stage adapter of
-   the code (padding 0, ReLU) cannot match the teacher's shapes.
-7. One-stage robust weights are aligned per anchor with the logits (the code orders them differently).
-8. PGM runs in float32, not fp16. The matching-pursuit cost is evaluated in float64 in its expanded
-   form ``w^2 ||a_k||^2 - 2 w i + ||r||^2`` so that no (K, C, N) tensor is ever built.
-9. A class/level without a qualifying instance reuses the previous epoch's prototypes, else gets none;
-   its instances then get weight 1 and contribute no global term.
+1. the global alignment loss is off by default (``global_weight=0``, the released config; 5.0 is the
+   paper's variant); 2. the robust weight uses the maximum cosine to the same-class prototypes only;
+3. instances are the detector's positive samples with their matched GT's class, not the GT boxes;
+4. fg/bg are averaged over levels for Faster R-CNN and summed for RetinaNet, the global term summed in
+   both; 5. the soft-label KD is not attenuated, fg/bg/global are; 6. both detectors use the two-stage
+   adapter (3x3, padding 1, no activation); 7. one-stage robust weights are aligned per anchor with the
+   logits; 8. PGM runs in float32, its matching-pursuit cost in float64; 9. a class/level without a
+   qualifying instance reuses the previous epoch's prototypes, else its instances get weight 1 and no
+   global term.
 
-Our own choices where the spec is silent: a degenerate box whose single mask cell would fall outside
-the map is clamped onto the border cell (the reference would index out of range); box features are
-pooled for all boxes of a level in one ``roi_align`` call that computes the same crop means
-(:func:`crop_means`; an empty crop, which only an inverted box gives, pools to 0 where a slice's mean is
-NaN), and the masks, weights and loss normalisers are built on the device, so a step reads no box on the
-host (``python -m kd_ref.syncs`` counts what remains: the binding's positive rows and per-image
-split); ``loss_gkd_soft`` is a 0-dim zero when no RoI logits are given. Prototype state is kept in
-``state_dict`` once set (keys ``protos_s.<l>``, ``protos_t.<l>``, ``cls_start.<l>``, sizes may change
-between epochs), so a resumed run keeps them; a state dict without those keys (e.g. adapters only)
-leaves the prototypes unchanged. The training engine drives GKD through
-``kd_ref.drivers.ScheduledGKDDistiller``: this distiller plus the PGM pass over the training set before
-every epoch and the epoch position of the attenuation.
+The file holds, in order: the PGM and RDM math and :class:`GKDDistiller` (prototypes kept in its
+``state_dict``); the PGM pass over the training set (:func:`select_pgm_instances`,
+:func:`generate_epoch_prototypes`, :func:`pgm_annotations`) and :class:`ScheduledGKDDistiller`, the
+distiller the engine trains, which runs that pass in ``before_epoch`` and feeds the attenuation its epoch;
+GKD's wiring: the FPN levels it reads per detector, the binding of positive samples, and ``METHOD``.
 """
 from __future__ import annotations
 
@@ -806,7 +792,7 @@ def generate_epoch_prototypes(samples: Iterable, num_classes: int, num_prototype
 def anchor_level_features(feats: Sequence[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor,
                           strides: Sequence[float], finest_scale: float = 56.0
                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RetinaNet's per-anchor inputs of the soft-label robust weights (gkd.md §4): every box pooled
+    """RetinaNet's per-anchor inputs of the soft-label robust weights (docs/specs/gkd.md §4): every box pooled
     (:func:`pool_box_features`) on its :func:`map_boxes_to_levels` level of ``feats`` (L maps of strides
     ``strides``). Returns ``(pooled (M, C, 1, 1), levels (M,))`` in the order of ``boxes``, detached."""
     if len(feats) != len(strides):
@@ -850,7 +836,7 @@ def pgm_annotations(base) -> list[dict]:
 
 
 def _evaluation_transform(transform):
-    # The training transform without its random flip is the test pipeline of gkd.md §1 (same keep-ratio
+    # The training transform without its random flip is the test pipeline of docs/specs/gkd.md §1 (same keep-ratio
     # resize and normalisation).
     if not hasattr(transform, "flip_prob"):
         raise ValueError(f"GKD prototypes: the training set's transform {type(transform).__name__} has no "
@@ -861,7 +847,7 @@ def _evaluation_transform(transform):
 
 
 class ScheduledGKDDistiller(GKDDistiller):
-    """:class:`GKDDistiller` as the training engine drives it (gkd.md §5, §6).
+    """:class:`GKDDistiller` as the training engine drives it (docs/specs/gkd.md §5, §6).
 
     ``before_epoch(context)``, called by the engine before every epoch:
 

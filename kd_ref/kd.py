@@ -1,15 +1,11 @@
-"""Vanilla knowledge distillation (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural
-Network", arXiv:1503.02531), the simplest baseline and the wiring check of the engine.
-
-For logits ``z_s, z_t`` of one instance (an image in classification, a pixel in segmentation):
+"""Vanilla knowledge distillation: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network",
+arXiv:1503.02531. For the logits ``z_s, z_t`` of one instance (an image, or one pixel of dense logits):
 
     p_t = softmax(z_t / tau),   log q_s = log_softmax(z_s / tau)
-    KL  = sum_k p_t[k] (log p_t[k] - log q_s[k])
-    L_kd = tau^2 * mean over instances of KL
+    L_kd = tau^2 * mean over instances of sum_k p_t[k] (log p_t[k] - log q_s[k])
 
-Dense logits ``(N, K, H, W)`` count every pixel of every image as one instance (the pixel-wise
-distillation of Liu et al., normalised by the number of pixels as CIRKD does). The ``tau^2`` factor
-keeps gradient magnitudes independent of the temperature.
+Dense logits ``(N, K, H, W)`` make every pixel one instance (normalised by the pixel count, as CIRKD);
+``tau^2`` keeps gradient magnitudes independent of the temperature. The file ends with KD's wiring.
 """
 from __future__ import annotations
 

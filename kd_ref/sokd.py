@@ -36,38 +36,21 @@ the adapted student feature g_s = A(f_s) and g_t; the student branch picks top-k
     L_dam  = mean((cat D(g_s) - cat D(g_t))^2)
     L      = L_task + w_feat L_feat + w_dam L_dam + L_base
 
-Decisions (see the spec ``sokd.md``; [code] = the public code, [ours] = kd_ref's choice):
-- [code] op set, ranges, sub-policy sampling, RELAX estimator, DAM heads, region decoding, masked MSE,
-  the 3-conv adapter, all defaults (k 8, w_feat = w_dam = 1000, T_relax 0.5, eta 0.01, lambda 1e-4).
-- [ours] TranslateX/Y shift by the fraction v of the map (theta entry 2v); [code]'s v*H zeroes the map.
-- [ours] all 36 sub-policies ([code] keeps a random 35); torch RNG only, with optional generators.
-- [ours] the random draws of the ops (Cutout centre, noise, permutation, channel mask) are fixed per
-  policy sample, so every evaluation of L within one search step sees the same augmentation and the
-  finite difference measures theta, not noise ([code] redraws them in every forward).
-- [ours] log p(b) = sum_i log Bernoulli(b_i) + log Categorical(k); [code] broadcasts the categorical
-  term over the (S, 2) Bernoulli grid, weighting its score function 2S times.
-- [ours] the unroll has no momentum term ([code]'s lookup always fails, so it is zero there too);
-  L(theta') uses the current policy sample ([code] rebuilds a model with a fresh sample).
-- [ours] Q is trained on the mean of its variance gradients at theta +/- eps v ([code] takes their
-  finite difference, which is not the RELAX control-variate fit).
-- [ours] ``search_mode="first_order"``: grad_alpha = +g(theta) from one evaluation, no unroll (dense tasks).
-- [ours] the search runs right after the student's SGD step (the engine's post-step hook point) on the
-  same batch and policy sample, then resamples; [code] (DFKDTrainer.train_iter) runs ``architect.step``
-  just before that forward and SGD step. Effect: our search evaluates L at theta_{t+1}, after one SGD
-  step on the batch it searches on (the unroll is then a second step on that batch), where [code]'s
-  evaluates it at theta_t; and our SGD step uses alpha_t where [code]'s uses alpha_{t+1}, one Adam step
-  (lr 3e-4) newer. The policy trajectory is therefore not the reference's step for step; it leaves the
-  estimator and its expectation unchanged (unmeasured on a paper row). It snapshots and restores the
-  parameters, BatchNorm statistics and RNG state it touches.
-- [ours] under torch.distributed everything the search computes from the batch is global: theta's
-  gradients, v and ||v|| (so eps and the ||v|| = 0 branch) are averaged over the processes before use,
-  and so are the objective values of the RELAX terms and the policy gradients, so N processes search as
-  one process over the global batch does (the reference runs one process).
-- [ours] SoKD is a plug-in: the distiller returns only its own two terms; a base method (e.g. KD or
-  DIST) is evaluated in the same forward by SoKD's driver (``kd_ref.drivers.SoKDPlugin``), which adds
-  its terms under ``loss_sokd_base_*`` and runs the bi-level search above (``kd_ref.drivers.SoKDSearch``)
-  through the engine's ``after_step`` hook, its state (Adam, step count, current policy sample) kept in
-  the checkpoint so that a resumed run continues exactly.
+The public code's op set, ranges, sampling, RELAX estimator, DAM heads, region decoding, adapter and
+defaults are followed (docs/specs/sokd.md). Our choices a reader needs (the reasons, and how each differs
+from the code, are in docs/design/sokd.md): all 36 sub-policies; the random draws of the ops are fixed per
+policy sample, so every evaluation of L within a search step sees the same augmentation;
+log p(b) = sum_i log Bernoulli(b_i) + log Categorical(k); Q is fitted on the mean of its variance gradients
+at theta +/- eps v; ``search_mode="first_order"`` takes grad_alpha = +g(theta) from one evaluation (dense
+tasks); the search runs right after the student's optimizer step, on the same batch and policy sample, then
+resamples, restoring the parameters, BatchNorm statistics and RNG state it touches; under torch.distributed
+every gradient and objective value of the search is averaged over the processes first.
+
+The file holds, in order: the DAFA ops and :class:`AugmentPolicy`, DAM (:class:`AreaDetection`, region
+decoding), :class:`SoKDDistiller` (SoKD's own two terms at one feature tap); the bi-level search
+(:class:`SoKDSearch`); the plug-in the engine trains, :class:`SoKDPlugin`, which taps the model outputs, adds
+the base method's terms (:class:`BoundBase`, ``loss_sokd_base_*``) and runs the search in ``after_step``, its
+state kept in the checkpoint; SoKD's wiring: the tap per task and detector, the bases, and ``METHOD``.
 """
 from __future__ import annotations
 
@@ -445,11 +428,11 @@ class SoKDDistiller(Distiller):
     """SoKD at one feature tap: adapter ``A``, DAFA ``policy`` and DAM ``dam``.
 
     ``forward(feat_s, feat_t)`` returns SoKD's own weighted losses, ``loss_sokd_feat`` (w_feat L_feat) and
-    ``loss_sokd_dam`` (w_dam L_dam); the base method's loss it plugs into is added by its driver
-    (``kd_ref.drivers.SoKDPlugin``, spec §4). Augmentation is applied in training mode only.
+    ``loss_sokd_dam`` (w_dam L_dam); the base method's loss it plugs into is added by
+    :class:`SoKDPlugin` (docs/specs/sokd.md §4). Augmentation is applied in training mode only.
 
     Parameters: ``student_side_parameters()`` (adapter, DAM) go into the student's SGD;
-    ``policy_parameters()`` must NOT: they are stepped by the bi-level search (``kd_ref.drivers.SoKDSearch``).
+    ``policy_parameters()`` must NOT: they are stepped by the bi-level search (:class:`SoKDSearch`).
     """
 
     def __init__(self, s_shape, t_shape, num_heat: int, k: int = 8, w_feat: float = 1000.0,
@@ -504,7 +487,7 @@ def _mean_over_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class SoKDSearch:
-    """The policy search (section 2.5 of the spec): the engine's per-iteration hook for SoKD.
+    """The policy search (docs/specs/sokd.md §2.5): the engine's per-iteration hook for SoKD.
 
     Build once: ``SoKDSearch(distiller, student, search_iters)``; it owns the Adam optimizer of
     ``distiller.policy_parameters()``. Inner parameters theta = the student's trainable parameters +
