@@ -84,7 +84,7 @@ def recipe_for(args: argparse.Namespace, stored: dict | None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from kd_ref import configs, convert, engine
+    from kd_ref import convert, engine, tasks
     from kd_ref.backbones import tensors_of
 
     source = f"--ckpt {args.ckpt}"
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     if args.data is not None:
         recipe = dataclasses.replace(recipe, data=args.data)
     cli.check_data_root(recipe.task, recipe.data, args.data_root)
-    task = configs.TASKS[recipe.task]
+    task = tasks.TASKS[recipe.task]
     task.check_recipe(recipe)
     runtime = engine.setup_runtime(args.device, args.amp)
     model = task.build_model(recipe, recipe.student)

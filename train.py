@@ -128,12 +128,12 @@ def build_recipe(args: argparse.Namespace) -> tuple:
 
     if args.preset is not None and args.preset not in presets.PRESETS:  # answered before torch is imported
         raise ValueError(f"--preset {args.preset}: unknown; python train.py --list-presets lists them")
-    from kd_ref import configs
+    from kd_ref import methods, tasks
 
     task = args.task or (presets.PRESETS[args.preset].task if args.preset is not None else "seg")
-    if args.method is not None and args.method not in configs.supported_methods(task):
+    if args.method is not None and args.method not in methods.supported_methods(task):
         raise ValueError(f"--method {args.method}: methods for --task {task} are "
-                         f"{configs.supported_methods(task)}")
+                         f"{methods.supported_methods(task)}")
     name = args.preset or presets.default_preset(task, args.method or "none", args.data or "synthetic")
     recipe = presets.PRESETS[name]
     if task != recipe.task:
@@ -150,16 +150,16 @@ def build_recipe(args: argparse.Namespace) -> tuple:
             raise ValueError(f"--sokd-base {args.sokd_base}: only for --method sokd (the recipe's method is "
                              f"{recipe.method})")
         recipe = dataclasses.replace(recipe, method_options={**recipe.method_options, "base": args.sokd_base})
-    if recipe.method not in configs.supported_methods(recipe.task):
+    if recipe.method not in methods.supported_methods(recipe.task):
         raise ValueError(f"--method {recipe.method} does not support --task {recipe.task}; supported: "
-                         f"{configs.supported_methods(recipe.task)}")
-    if args.crop is not None and configs.TASKS[recipe.task].size_field == "image_scale":
+                         f"{methods.supported_methods(recipe.task)}")
+    if args.crop is not None and tasks.TASKS[recipe.task].size_field == "image_scale":
         raise ValueError(f"--crop {' '.join(map(str, args.crop))}: --task {recipe.task} resizes whole images to "
                          f"image_scale {tuple(recipe.image_scale)} (long side, short side); pass "
                          "--set \"image_scale=(L, S)\"")
-    configs.check_recipe(recipe)
+    methods.check_recipe(recipe)
     recipe_module.check_schedule(recipe)
-    if configs.METHODS[recipe.method].needs_teacher and recipe.teacher is None:
+    if methods.METHODS[recipe.method].needs_teacher and recipe.teacher is None:
         raise ValueError(f"--method {recipe.method} needs a teacher: pass --teacher ARCH (and --teacher-ckpt)")
     return name, recipe
 
@@ -183,7 +183,7 @@ def check_out_folder(out: str, args: argparse.Namespace) -> None:
 def check_inputs(recipe, args: argparse.Namespace) -> None:
     """The run's data and weights are where the recipe and flags say, before a teacher or a data set is
     touched: the data root, every weight file, a teacher (given, or trainable on synthetic data)."""
-    from kd_ref import configs, convert, presets
+    from kd_ref import convert, methods, presets
     from kd_ref import recipe as recipe_module
 
     cli.check_data_root(recipe.task, recipe.data, args.data_root)
@@ -200,7 +200,7 @@ def check_inputs(recipe, args: argparse.Namespace) -> None:
     # a kd_ref checkpoint of another format version is refused before a teacher is trained or data read
     if files.get("--student-init") is not None:
         convert.read_file(files["--student-init"], f"--student-init {files['--student-init']}")
-    if configs.METHODS[recipe.method].needs_teacher and args.teacher_ckpt is None:
+    if methods.METHODS[recipe.method].needs_teacher and args.teacher_ckpt is None:
         if recipe.data != "synthetic" or recipe.teacher_preset is None:
             raise ValueError(f"--method {recipe.method} on --data {recipe.data} needs --teacher-ckpt PATH "
                              f"(a trained {recipe.teacher}; train one with train.py and pass its last.pt)")
@@ -208,7 +208,7 @@ def check_inputs(recipe, args: argparse.Namespace) -> None:
         if teacher.normalization != recipe.normalization:
             raise ValueError(f"normalization={recipe.normalization}: the synthetic teacher ({recipe.teacher_preset}) "
                              f"trains on {teacher.normalization} inputs and sees the student's; pass --teacher-ckpt")
-    elif configs.METHODS[recipe.method].needs_teacher:
+    elif methods.METHODS[recipe.method].needs_teacher:
         source = f"--teacher-ckpt {args.teacher_ckpt}"
         convert.check_teacher_normalization(recipe, convert.read_file(args.teacher_ckpt, source), source)
 
@@ -270,10 +270,10 @@ def require_file(path: str, what: str) -> None:
 
 def describe(name: str, recipe, runtime, out: str) -> str:
     """The line said before training: what runs, at which input size and batch, and the memory it needs."""
-    from kd_ref import configs, engine
+    from kd_ref import engine, tasks
 
     per_rank = recipe.batch_size // runtime.world_size
-    field = configs.TASKS[recipe.task].size_field
+    field = tasks.TASKS[recipe.task].size_field
     size = f"{field} {'x'.join(map(str, getattr(recipe, field)))}"
     length = f"epochs={recipe.epochs}" if recipe.epochs else f"iters={recipe.iters}"
     estimate = engine.estimate_training_memory(recipe, per_rank)
@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
     import json
 
     name, recipe = build_recipe(args)  # an unknown preset is refused before torch is imported
-    from kd_ref import configs, engine
+    from kd_ref import engine, methods, tasks
     from kd_ref import recipe as recipe_module
 
     if args.print_recipe:
@@ -310,7 +310,7 @@ def main(argv=None) -> dict:
         args.workers = 4 if runtime.device.type == "cuda" else 0
     teacher_ckpt = None
     teacher_metrics = None
-    if configs.METHODS[recipe.method].needs_teacher:
+    if methods.METHODS[recipe.method].needs_teacher:
         teacher_ckpt = ensure_teacher(recipe, out, args, runtime)
         metrics_file = os.path.join(os.path.dirname(teacher_ckpt), "metrics.json")
         if os.path.isfile(metrics_file):
@@ -325,7 +325,7 @@ def main(argv=None) -> dict:
                            workers=args.workers, data_root=args.data_root, quiet=args.quiet,
                            explicit_fields=explicit_fields(args))
     if runtime.is_main:
-        key = configs.TASKS[recipe.task].main_metric
+        key = tasks.TASKS[recipe.task].main_metric
         rows = []
         if teacher_metrics is not None and teacher_metrics.get(key) is not None:
             rows.append((f"teacher {recipe.teacher} {key}", teacher_metrics[key]))

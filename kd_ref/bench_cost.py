@@ -31,7 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kd_ref import cli, configs, engine
+from kd_ref import cli, engine
+from kd_ref.methods import METHODS, supported_methods
+from kd_ref.tasks import TASKS
 from kd_ref.bench_common import Measurement, TimedCase, measure, print_table
 from kd_ref.presets import DEFAULT_PRESETS, PRESETS, default_preset
 from kd_ref.recipe import Recipe, parse_overrides
@@ -76,7 +78,7 @@ def cost_recipe(task: str, method: str, overrides: dict) -> Recipe:
     else:
         recipe = PRESETS[preset]
     recipe = dataclasses.replace(recipe, **overrides)
-    configs.TASKS[task].check_recipe(recipe)
+    TASKS[task].check_recipe(recipe)
     if recipe.teacher is None:
         raise ValueError(f"bench cost --tasks {task}: the synthetic preset has no teacher; pass --teacher ARCH")
     return recipe
@@ -84,7 +86,7 @@ def cost_recipe(task: str, method: str, overrides: dict) -> Recipe:
 
 def fixed_batch(recipe: Recipe, runtime: engine.Runtime) -> dict:
     """One training batch of ``recipe``'s data, augmented as the engine's first epoch would be."""
-    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+    dataset, collate = TASKS[recipe.task].build_data(recipe, "train", None)
     if len(dataset) < recipe.batch_size:
         raise ValueError(f"--batch-size {recipe.batch_size}: the training set has only {len(dataset)} samples")
     first_epoch = engine.EpochAugmentation(dataset, recipe.seed)
@@ -108,7 +110,7 @@ def training_case(name: str, recipe: Recipe, teacher: torch.nn.Module, batch: di
     rate is 0 (the optimizer still does all its work): the weights stay as initialised, so every round
     times the same computation (docs/design/benchmarks.md: why not train them)."""
     recipe = dataclasses.replace(recipe, lr=0.0)
-    task, method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
+    task, method = TASKS[recipe.task], METHODS[recipe.method]
     torch.manual_seed(recipe.seed)
     student = _place(task.build_model(recipe, recipe.student), runtime).train()
     distiller = method.build(recipe, student, teacher).to(runtime.device) if method.needs_teacher else None
@@ -149,7 +151,7 @@ def teacher_case(teacher: torch.nn.Module, recipe: Recipe, batch: dict,
     """The teacher forward alone, as a distillation step runs it (a two-stage teacher scores the RoIs a
     student sampled once, before timing)."""
     torch.manual_seed(recipe.seed)
-    student = _place(configs.TASKS[recipe.task].build_model(recipe, recipe.student), runtime).train()
+    student = _place(TASKS[recipe.task].build_model(recipe, recipe.student), runtime).train()
     with torch.no_grad(), runtime.autocast():
         student_out = student(batch["images"], batch["targets"], batch.get("image_sizes"))
     sampled = {key: value for key, value in student_out.items() if key == "rois"}
@@ -212,7 +214,7 @@ def pair_table(task: str, base: Recipe, recipes: dict, runtime: engine.Runtime, 
                rounds: int) -> tuple:
     """``(description, rows, skipped)`` of one student/teacher pair."""
     batch = fixed_batch(base, runtime)
-    teacher = _place(configs.TASKS[task].build_model(base, base.teacher), runtime).eval().requires_grad_(False)
+    teacher = _place(TASKS[task].build_model(base, base.teacher), runtime).eval().requires_grad_(False)
     cases = [training_case(STUDENT_ALONE, base, teacher, batch, runtime), teacher_case(teacher, base, batch, runtime)]
     skipped = {}
     for method, recipe in recipes.items():
@@ -244,9 +246,9 @@ def cost(tasks: list, methods: list | None = None, overrides: dict | None = None
     runtime = engine.setup_runtime(device, amp)
     tables = {}
     for task in tasks:
-        if task not in configs.TASKS:
-            raise ValueError(f"--tasks {task}: expected some of {sorted(configs.TASKS)}")
-        supported = [m for m in configs.supported_methods(task) if m != STUDENT_ALONE]
+        if task not in TASKS:
+            raise ValueError(f"--tasks {task}: expected some of {sorted(TASKS)}")
+        supported = [m for m in supported_methods(task) if m != STUDENT_ALONE]
         chosen = supported if methods is None else [m for m in methods if m in supported]
         task_overrides = {**(size_overrides(task, size) if size else {}), **(overrides or {})}
         for index, (student, teacher, description, rows, skipped) in enumerate(

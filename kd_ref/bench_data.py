@@ -34,7 +34,8 @@ import torch
 import torchvision.transforms as tv
 from PIL import Image
 
-from kd_ref import configs, datasets, export, transforms
+from kd_ref import datasets, export, transforms
+from kd_ref.tasks import TASKS
 from kd_ref.bench_common import one_thread, print_table
 from kd_ref.presets import PRESETS, default_preset
 
@@ -91,7 +92,7 @@ def _data_pipelines(task: str, root: str) -> tuple:
         recipe = dataclasses.replace(recipe, num_classes=len(datasets.COCODetection(root, "train2017").classes))
     if task == "cls":
         recipe = dataclasses.replace(recipe, num_classes=len(datasets.ImageFolder(root, "train").classes))
-    task_object = configs.TASKS[task]
+    task_object = TASKS[task]
     train_set, _ = task_object.build_data(recipe, "train", root)
     base = train_set.base
     if task == "seg":

@@ -22,7 +22,9 @@ import json
 import os
 import statistics
 
-from kd_ref import configs, engine
+from kd_ref import engine
+from kd_ref.methods import METHODS
+from kd_ref.tasks import TASKS
 from kd_ref.presets import DEFAULT_PRESETS, PRESETS, default_preset
 from kd_ref.recipe import parse_overrides
 
@@ -66,7 +68,7 @@ def effect(task: str, methods: list, seeds: list, iters: int | None, teacher_ite
     ``overrides`` are recipe fields applied to teacher and students alike (e.g. a smaller image size)."""
     overrides = overrides or {}
     runtime = engine.setup_runtime(device)
-    key = configs.TASKS[task].main_metric
+    key = TASKS[task].main_metric
     student_presets = effect_presets(task, methods)
     results = {method: [] for method in student_presets}
     for seed in seeds:
@@ -83,7 +85,7 @@ def effect(task: str, methods: list, seeds: list, iters: int | None, teacher_ite
         for method, preset in student_presets.items():
             recipe = dataclasses.replace(PRESETS[preset], seed=seed,
                                          iters=iters or PRESETS[preset].iters, **overrides)
-            needs_teacher = configs.METHODS[method].needs_teacher
+            needs_teacher = METHODS[method].needs_teacher
             metrics = _train_or_reuse(recipe, os.path.join(out, f"seed{seed}", method), runtime,
                                       teacher_ckpt if needs_teacher else None)
             results[method].append(metrics[key])

@@ -31,7 +31,9 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd_ref import configs, engine
+from kd_ref import engine
+from kd_ref.methods import METHODS
+from kd_ref.tasks import TASKS
 from kd_ref.bench_common import print_table
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe, parse_overrides, resolve_schedule
@@ -227,7 +229,7 @@ def iteration_flops(recipe: Recipe, probe: str | None = None, probe_images: int 
     if probe == "fake" and recipe.task not in FLOP_BATCHES:
         raise ValueError(f"bench flops: --task {recipe.task} cannot run on fake tensors: its training step sizes "
                          "tensors by their values (target assignment); count it with a real probe")
-    task, method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
+    task, method = TASKS[recipe.task], METHODS[recipe.method]
     runtime = engine.Runtime(torch.device("cpu"))
     parts, epoch_pass = {}, None
     with fake_tensors() if probe == "fake" else contextlib.nullcontext():

@@ -2,7 +2,7 @@
 once (importing torch and torchvision takes seconds): the names the tools offer and a parser whose errors
 are one line.
 
-The registries (``kd_ref.configs.TASKS`` with their ``size_field``, ``METHODS``) and the loaders
+The registries (``kd_ref.tasks.TASKS`` with their ``size_field``, ``kd_ref.methods.METHODS``) and the loaders
 (``kd_ref.datasets``) are the truth; ``tests/test_cli.py`` checks that these names equal theirs.
 """
 from __future__ import annotations

@@ -1024,3 +1024,13 @@ def build_fcos(name, num_classes, pretrained_backbone=None, stride_in_1x1=False,
 
 
 SUPPORTED_DETECTORS = SUPPORTED_DETECTORS + tuple(FCOS_DETECTORS)
+
+
+def is_two_stage(name: str) -> bool:
+    """Whether detector ``name`` is a Faster R-CNN (RoI head: the methods distil its sampled RoIs)."""
+    return name.startswith("faster_rcnn")
+
+
+def is_fcos(name: str | None) -> bool:
+    """Whether detector ``name`` is an FCOS (locations, not anchors)."""
+    return name is not None and name.startswith("fcos")

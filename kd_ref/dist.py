@@ -12,33 +12,23 @@ For student/teacher logits ``z_s, z_t`` of shape ``(B, C)`` (rows = instances, c
     L_DIST  = beta * L_inter + gamma * L_intra
     L       = alpha * L_task + L_DIST
 
-Paper vs code, and the choices made here (following the public code, see the spec ``dist.md``):
-- ``tau^2`` scales both terms, as in the classification code (hunto/image_classification_sota, also
-  open-mmlab/mmrazor ``DISTLoss``). The segmentation and detection code have no temperature: they are
-  the ``tau = 1`` case, the default here.
-- ``eps`` is added once, to the product of the two norms, so a constant row or column (zero centred
-  vector, e.g. a uniform teacher) has ``rho = 0`` exactly and contributes 1 to its term.
-- Dense logits ``(N, C, H, W)`` put C last and flatten to ``(N*H*W, C)``: every pixel of every image
-  of the local batch is one instance. Ignored pixels are not masked and nothing is gathered across
-  processes, so the intra-class term depends on the per-process batch, as in the reference.
-- Sigmoid heads (RetinaNet, ``use_sigmoid=True``) take all ``A*K`` channels of a level jointly as the
-  class axis and give one separate loss per FPN level, as the MasKD detection code does; sigmoid with
-  ``tau != 1`` is our extension of that code, which has no temperature.
-- Faster R-CNN distils the RoI class logits ``(R, K+1)``; the caller runs the teacher's RoI head on
-  the student's sampled RoIs so that both rows refer to the same boxes.
-- Segmentation also distils the auxiliary (FCN on c3) logits with weight ``aux_weight = 0.4``, only
-  when both networks return them. The optional "DIST+mimic" detection row (learnable FPN align convs
-  + MSE) is a separate feature-mimic loss, not DIST, and is not part of this distiller, which has no
-  parameters.
-- Losses are computed in float32: half-precision logits are cast up before the softmax.
+The public code is followed where it differs from the paper (docs/specs/dist.md; the reasons are in
+docs/design/dist.md): ``tau^2`` scales both terms (``tau = 1``, the default, is the segmentation and
+detection code); ``eps`` is added once, to the product of the norms; dense logits ``(N, C, H, W)`` flatten
+to one instance per pixel of the local batch, unmasked; sigmoid heads (RetinaNet) take a level's ``A*K``
+channels as the class axis, one loss per level; Faster R-CNN distils both RoI heads' class logits on the
+student's RoIs; segmentation also distils the auxiliary logits (weight 0.4); losses are float32.
+
+The file ends with DIST's wiring: what it reads per task and its ``METHOD`` record.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn as nn
 
+from kd_ref.detectors import is_two_stage
+from kd_ref.distiller import Distiller, Method
 from kd_ref.precision import at_least_float32
 
 TASKS = ("seg", "cls", "det_retina", "det_frcnn")
@@ -101,7 +91,7 @@ def dist_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, beta: float = 1.0,
     return beta * inter + gamma * intra
 
 
-class DISTDistiller(nn.Module):
+class DISTDistiller(Distiller):
     """DIST on the outputs the registry binds for ``task``; returns already-weighted losses.
 
     - ``seg``: model output dicts with ``logits`` (N, K, h, w) and optional ``aux_logits``
@@ -176,3 +166,31 @@ class DISTDistiller(nn.Module):
         if self.task == "cls":
             return {"loss_dist": self._weighted_loss("logits", student_out, teacher_out, 2)}
         return {"loss_dist_roi": self._weighted_loss("RoI class logits", student_out, teacher_out, 2)}
+
+
+# ------------------------------------------------------------------------------------------ wiring
+# On detection (docs/specs/dist.md §3): RetinaNet's per-level sigmoid classification maps; Faster R-CNN's RoI
+# class logits, the teacher's RoI head run on the student's sampled RoIs (engine.teacher_inputs). On
+# classification: the fc logits.
+def _build(recipe, student, teacher):
+    if recipe.task != "det":
+        return DISTDistiller(recipe.task, **recipe.method_options)
+    if is_two_stage(recipe.student):
+        return DISTDistiller("det_frcnn", **recipe.method_options)
+    return DISTDistiller("det_retina", **{"use_sigmoid": True, **recipe.method_options})
+
+
+def _bind_outputs(student_out, teacher_out, batch):
+    return {"student_out": student_out, "teacher_out": teacher_out}
+
+
+def _bind_logits(student_out, teacher_out, batch):
+    return {"student_out": student_out["logits"], "teacher_out": teacher_out["logits"]}
+
+
+def _bind_det(student_out, teacher_out, batch):
+    key = "roi_cls_logits" if "rois" in student_out else "cls_logits"
+    return {"student_out": student_out[key], "teacher_out": teacher_out[key]}
+
+
+METHOD = Method(build=_build, bind={"seg": _bind_outputs, "cls": _bind_logits, "det": _bind_det})

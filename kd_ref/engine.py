@@ -9,7 +9,7 @@ One iteration::
     log every term (task losses times w) by name
     step the student (+ distiller) optimizer; then the distiller's extra step, if it has one
 
-The registry (``kd_ref.configs.METHODS``) says how model outputs bind to the distiller's arguments,
+The registry (``kd_ref.methods.METHODS``) says how model outputs bind to the distiller's arguments,
 so the engine never knows what a method does.
 
 Extra-optimizer hook (SKD's discriminator, or any adversary). A distiller that owns parameters which
@@ -109,8 +109,9 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from kd_ref import configs, convert
+from kd_ref import convert, methods, tasks
 from kd_ref.backbones import read_torch_file
+from kd_ref.distiller import Distiller
 from kd_ref.metrics import all_reduce_sum
 from kd_ref.precision import PRECISION_DTYPES, resolve_precision, tree_at_least_float32
 from kd_ref.recipe import Recipe, check_schedule, recipe_changes, resolve_schedule, resumed_recipe
@@ -530,7 +531,7 @@ def estimate_training_memory(recipe: "Recipe", per_rank_batch: int, probe_pixels
     float32 student weights, gradients and momentum, the teacher's weights, and the student's activations
     kept for backward, taken as the outputs of all its leaf modules in one forward of a probe input of at most
     ``probe_pixels`` pixels, scaled to the training input (activations grow with the pixel count)."""
-    task = configs.TASKS[recipe.task]
+    task = tasks.TASKS[recipe.task]
     height, width = recipe.image_scale[::-1] if task.size_field == "image_scale" else recipe.crop
     scale = min(1.0, math.sqrt(probe_pixels / (height * width)))
     probe_size = (max(32, round(height * scale)), max(32, round(width * scale)))
@@ -551,7 +552,7 @@ def estimate_training_memory(recipe: "Recipe", per_rank_batch: int, probe_pixels
     activation_bytes = sum(size for _, size in outputs.values())
     pixel_ratio = height * width / (probe_size[0] * probe_size[1])
     total = 3 * 4 * sum(p.numel() for p in student.parameters()) + activation_bytes * pixel_ratio * per_rank_batch
-    if configs.METHODS[recipe.method].needs_teacher and recipe.teacher is not None:
+    if methods.METHODS[recipe.method].needs_teacher and recipe.teacher is not None:
         total += 4 * sum(p.numel() for p in task.build_model(recipe, recipe.teacher).parameters())
     return int(total)
 
@@ -613,7 +614,8 @@ def build_optimizers(recipe: "Recipe", student: nn.Module, distiller: nn.Module 
     distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = build_optimizer(parameter_groups([(student, trainable), (distiller, distiller_params)], recipe), recipe)
-    if not (extra_params and hasattr(distiller, "extra_optimizer")):
+    if not (extra_params and getattr(type(distiller), "extra_optimizer", Distiller.extra_optimizer)
+            is not Distiller.extra_optimizer):
         return Optimizers(optimizer, distiller_params)
     extra, extra_lr_lambda = distiller.extra_optimizer(recipe.iters)
     return Optimizers(optimizer, distiller_params, extra, extra_lr_lambda or (lambda iteration: 1.0), extra_params)
@@ -877,8 +879,8 @@ class TrainingRun:
     def __init__(self, recipe: "Recipe", out_dir: str, runtime: Runtime, resume: bool,
                  teacher_ckpt: str | None, workers: int, data_root: str | None, quiet: bool,
                  explicit_fields: frozenset = frozenset()):
-        self.task, self.method = configs.TASKS[recipe.task], configs.METHODS[recipe.method]
-        configs.check_recipe(recipe)
+        self.task, self.method = tasks.TASKS[recipe.task], methods.METHODS[recipe.method]
+        methods.check_recipe(recipe)
         check_schedule(recipe)
         self.out_dir, self.runtime, self.workers, self.quiet = out_dir, runtime, workers, quiet
         self.teacher_ckpt = teacher_ckpt

@@ -13,18 +13,13 @@ the teacher's feature channel by channel. For student ``S`` (N, Cs, H, W) and te
 
 The align and generation convs are trained with the student (same optimiser) and dropped at test time.
 
-Paper vs code, and the choices made here (all follow the public code ZhgLiu/GDD, see ``gdd.md``):
-- Loss: the paper speaks of a KL "channel knowledge alignment"; the code is the channel-wise
-  spatial-softmax KL (CWD) on the generated map, with no MSE term. We use the code's form.
-- Noise granularity: the paper's notation has one noise value per channel; the code draws one value
-  per (sample, position), shape (N, 1, H, W), broadcast over channels. We use the code's (N, 1, H, W).
-- Noise location: after the 1x1 alignment, i.e. in the teacher's channel space, as in the code.
-- Reduction: the KL is summed over positions and divided by N * C only (not by H * W); the large
-  alphas of the reference configs (145/175 for 64x64 segmentation maps, 4 for Faster R-CNN) rely on it.
-- A fresh noise sample is drawn on every call unless one is given (tests pass zeros to switch it off);
-  the module has no eval-mode switch because the student's inference path never calls it.
-- The losses are computed in float32 at least (half-precision inputs under autocast are cast up,
-  float64 is kept).
+Where the paper and the public code (ZhgLiu/GDD) differ, the code is followed (docs/specs/gdd.md; the
+reasons are in docs/design/gdd.md): the loss is the channel-wise spatial-softmax KL above, without an MSE
+term; the noise is one value per (sample, position), added after the alignment; the KL is divided by
+``N * Ct``, not by ``H * W`` (the reference alphas rely on it); a fresh noise is drawn on every call unless
+one is given; losses are computed in float32 at least.
+
+The file ends with GDD's wiring: the levels it distils per task and its ``METHOD`` record.
 """
 from __future__ import annotations
 
@@ -34,6 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kd_ref.detectors import is_two_stage
+from kd_ref.distiller import Distiller, Method
+from kd_ref.instance_seg import copy_non_backbone_weights
 from kd_ref.precision import at_least_float32
 
 
@@ -124,7 +122,7 @@ def _per_level(name: str, value, num_levels: int) -> list:
     return list(value)
 
 
-class GDDDistiller(nn.Module):
+class GDDDistiller(Distiller):
     """One independent :class:`GDDLoss` per tapped level; returns ``{"loss_gdd_<level>": alpha * L}``.
 
     ``feats_s[i]``/``feats_t[i]`` (and ``noises[i]`` if given) belong to ``level_names[i]``; the teacher
@@ -160,3 +158,48 @@ class GDDDistiller(nn.Module):
         self._check_levels("noises", noises)
         return {f"loss_gdd_{name}": self.losses[name](feat_s, feat_t, noise)
                 for name, feat_s, feat_t, noise in zip(self.level_names, feats_s, feats_t, noises)}
+
+
+# ------------------------------------------------------------------------------------------ wiring
+# Taps (docs/specs/gdd.md §3): the last backbone stage for segmentation; the FPN outputs for detection (Faster
+# R-CNN P2-P5, without the max-pooled P6; one-stage RetinaNet P3-P7) and instance segmentation (P2-P5, before
+# SOLO's resize of P2; the max-pooled P6 is not distilled).
+SEG_LEVELS = ["c5"]
+TWO_STAGE_LEVELS = ["p2", "p3", "p4", "p5"]
+ONE_STAGE_LEVELS = ["p3", "p4", "p5", "p6", "p7"]
+INS_LEVELS = ["p2", "p3", "p4", "p5"]
+
+
+def levels_of(task: str, detector: str | None = None) -> list:
+    """The levels GDD distils on ``task`` (on detection, for the student ``detector``)."""
+    if task == "seg":
+        return SEG_LEVELS
+    if task == "ins":
+        return INS_LEVELS
+    return TWO_STAGE_LEVELS if is_two_stage(detector) else ONE_STAGE_LEVELS
+
+
+def _build(recipe, student, teacher):
+    """``method_options``: GDDDistiller's (alpha, tau) and ``init_student`` (GDD's instance-segmentation
+    config: before training, the teacher's neck and head weights replace the student's)."""
+    options = dict(recipe.method_options)
+    if options.pop("init_student", False):
+        copy_non_backbone_weights(teacher, student)
+    levels = levels_of(recipe.task, recipe.student)
+    return GDDDistiller(levels, [student.out_channels[name] for name in levels],
+                        [teacher.out_channels[name] for name in levels], **options)
+
+
+def _bind_feats(levels):
+    def bind(student_out, teacher_out, batch):
+        return {"feats_s": [student_out["feats"][name] for name in levels],
+                "feats_t": [teacher_out["feats"][name] for name in levels]}
+    return bind
+
+
+def _bind_det(student_out, teacher_out, batch):
+    levels = TWO_STAGE_LEVELS if "rois" in student_out else ONE_STAGE_LEVELS
+    return _bind_feats(levels)(student_out, teacher_out, batch)
+
+
+METHOD = Method(build=_build, bind={"seg": _bind_feats(SEG_LEVELS), "det": _bind_det, "ins": _bind_feats(INS_LEVELS)})

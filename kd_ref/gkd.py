@@ -30,49 +30,42 @@ global-knowledge representation) and Pi_c the prototypes of the instance's class
     loss = att * (R_l L_fg + R_l L_bg + global_weight * sum_l L_global) + soft_weight * L_soft,
     att = 1 - epoch / max_epochs (attenuation), R = mean (two-stage) or sum (one-stage) over levels
 
-``A`` is a per-level 3x3 conv adapter, the only learnable part. The spec (``shared/specs/gkd.md``)
-follows the released code and config (hikvision-research/DAVAR-Lab-ML) where they differ from the
-paper text; the decisions it records:
+``A`` is a per-level 3x3 conv adapter, the only learnable part. Where the released code and config
+(hikvision-research/DAVAR-Lab-ML) differ from the paper text, they are followed (docs/specs/gkd.md; the
+reasons and our own implementation choices are in docs/design/gkd.md):
 
-1. The global alignment loss is off by default (``global_weight=0``): the released config uses the
-   prototypes only for the robust weights; its alignment-loss path (factor 5) is unreachable in the
-   released runner. ``global_weight=5.0`` is the paper-described variant.
-2. The robust weight uses only the maximum cosine to the same-class prototypes.
-3. Training instances are the detector's positive samples with the class of their matched GT
-   (``proposal_replace_gt=True``), not the GT boxes.
-4. fg/bg are averaged over levels for Faster R-CNN and summed for the one-stage path; the global term
-   is summed over levels in both.
-5. The soft-label KD is not attenuated; fg/bg/global are.
-6. Both detectors use the two-stage adapter (3x3, padding 1, no activation): the one-stage adapter of
-   the code (padding 0, ReLU) cannot match the teacher's shapes.
-7. One-stage robust weights are aligned per anchor with the logits (the code orders them differently).
-8. PGM runs in float32, not fp16. The matching-pursuit cost is evaluated in float64 in its expanded
-   form ``w^2 ||a_k||^2 - 2 w i + ||r||^2`` so that no (K, C, N) tensor is ever built.
-9. A class/level without a qualifying instance reuses the previous epoch's prototypes, else gets none;
-   its instances then get weight 1 and contribute no global term.
+1. the global alignment loss is off by default (``global_weight=0``, the released config; 5.0 is the
+   paper's variant); 2. the robust weight uses the maximum cosine to the same-class prototypes only;
+3. instances are the detector's positive samples with their matched GT's class, not the GT boxes;
+4. fg/bg are averaged over levels for Faster R-CNN and summed for RetinaNet, the global term summed in
+   both; 5. the soft-label KD is not attenuated, fg/bg/global are; 6. both detectors use the two-stage
+   adapter (3x3, padding 1, no activation); 7. one-stage robust weights are aligned per anchor with the
+   logits; 8. PGM runs in float32, its matching-pursuit cost in float64; 9. a class/level without a
+   qualifying instance reuses the previous epoch's prototypes, else its instances get weight 1 and no
+   global term.
 
-Our own choices where the spec is silent: a degenerate box whose single mask cell would fall outside
-the map is clamped onto the border cell (the reference would index out of range); box features are
-pooled for all boxes of a level in one ``roi_align`` call that computes the same crop means
-(:func:`crop_means`; an empty crop, which only an inverted box gives, pools to 0 where a slice's mean is
-NaN), and the masks, weights and loss normalisers are built on the device, so a step reads no box on the
-host (``python -m kd_ref.syncs`` counts what remains: the binding's positive rows and per-image
-split); ``loss_gkd_soft`` is a 0-dim zero when no RoI logits are given. Prototype state is kept in
-``state_dict`` once set (keys ``protos_s.<l>``, ``protos_t.<l>``, ``cls_start.<l>``, sizes may change
-between epochs), so a resumed run keeps them; a state dict without those keys (e.g. adapters only)
-leaves the prototypes unchanged. The training engine drives GKD through
-``kd_ref.drivers.ScheduledGKDDistiller``: this distiller plus the PGM pass over the training set before
-every epoch and the epoch position of the attenuation.
+The file holds, in order: the PGM and RDM math and :class:`GKDDistiller` (prototypes kept in its
+``state_dict``); the PGM pass over the training set (:func:`select_pgm_instances`,
+:func:`generate_epoch_prototypes`, :func:`pgm_annotations`) and :class:`ScheduledGKDDistiller`, the
+distiller the engine trains, which runs that pass in ``before_epoch`` and feeds the attenuation its epoch;
+GKD's wiring: the FPN levels it reads per detector, the binding of positive samples, and ``METHOD``.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
+from tqdm import tqdm
 
+from kd_ref.detectors import flatten_levels, is_fcos, is_two_stage
+from kd_ref.distiller import Distiller, EpochContext, Method
 from kd_ref.precision import at_least_float32, autocast_disabled
 
 Prototypes = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
@@ -474,7 +467,7 @@ def soft_label_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, temperature:
 
 
 # ---------------------------------------------------------------------------------------- distiller
-class GKDDistiller(nn.Module):
+class GKDDistiller(Distiller):
     """GKD on FPN maps, positive-sample instances and RoI (or positive-anchor) logits.
 
     ``forward(feats_s, feats_t, inst_boxes, inst_labels, roi_logits_s=None, roi_logits_t=None,
@@ -671,3 +664,353 @@ class GKDDistiller(nn.Module):
         global_term = torch.stack(global_levels).sum() if global_levels else fg.new_zeros(())
         losses["loss_gkd_global"] = self.global_weight * attenuation * global_term
         return losses
+
+
+# -------------------------------------------------------------------------------- GKD: PGM instances
+def select_pgm_instances(annotations: Iterable[Mapping], num_classes: int, min_size: float = 30,
+                         max_images: int = 800, seed: int = 1) -> dict[int, list[tuple[int, int]]]:
+    """PGM instances per class: ``{c: [(image_id, box_idx), ...]}``, computed once, reused every epoch.
+
+    ``annotations``: one mapping per training image with ``image_id``, ``boxes`` (K, 4) xyxy in
+    original-image pixels and 0-based ``labels`` (K,). A box qualifies if its width and height exceed
+    ``min_size``. Classes are visited in order with one ``numpy.random.RandomState(seed)``; a class with
+    more than ``max_images`` qualifying images shuffles their annotation order and keeps the first
+    ``max_images`` (the reference seeds numpy once and only shuffles in that case).
+    """
+    if num_classes < 1 or max_images < 1:
+        raise ValueError(f"select_pgm_instances: num_classes and max_images must be >= 1, got "
+                         f"{num_classes} and {max_images}")
+    boxes_by_class_and_image: list[dict[int, list[int]]] = [{} for _ in range(num_classes)]
+    for ann in annotations:
+        if not isinstance(ann, Mapping) or not {"image_id", "boxes", "labels"} <= set(ann):
+            raise ValueError("select_pgm_instances: every annotation must be a mapping with keys "
+                             "'image_id', 'boxes' and 'labels'")
+        boxes = np.asarray(ann["boxes"], dtype=np.float64).reshape(-1, 4)
+        labels = np.asarray(ann["labels"], dtype=np.int64).reshape(-1)
+        if len(boxes) != len(labels):
+            raise ValueError(f"select_pgm_instances: image {ann['image_id']} has {len(boxes)} boxes but "
+                             f"{len(labels)} labels")
+        wide = np.abs(boxes[:, 2] - boxes[:, 0]) > min_size
+        tall = np.abs(boxes[:, 3] - boxes[:, 1]) > min_size
+        for box_idx in np.flatnonzero(wide & tall):
+            cls = int(labels[box_idx])
+            if not 0 <= cls < num_classes:
+                raise ValueError(f"select_pgm_instances: label {cls} of image {ann['image_id']} is "
+                                 f"outside [0, {num_classes})")
+            boxes_by_class_and_image[cls].setdefault(int(ann["image_id"]), []).append(int(box_idx))
+    rng = np.random.RandomState(seed)
+    selection = {}
+    for cls, per_image in enumerate(boxes_by_class_and_image):
+        image_ids = list(per_image)
+        if len(image_ids) > max_images:
+            order = np.arange(len(image_ids))
+            rng.shuffle(order)
+            image_ids = [image_ids[i] for i in order[:max_images]]
+        selection[cls] = [(image_id, box_idx) for image_id in image_ids for box_idx in per_image[image_id]]
+    return selection
+
+
+def group_by_image(selection: Mapping[int, Sequence[tuple[int, int]]]) -> dict[int, list[int]]:
+    """``{image_id: [box_idx, ...]}`` of a :func:`select_pgm_instances` result, so each image is run once."""
+    per_image: dict[int, list[int]] = {}
+    for pairs in selection.values():
+        for image_id, box_idx in pairs:
+            if box_idx not in per_image.setdefault(image_id, []):
+                per_image[image_id].append(box_idx)
+    return {image_id: sorted(boxes) for image_id, boxes in per_image.items()}
+
+
+@torch.no_grad()
+def extract_instance_features(fpn_fn: Callable[[torch.Tensor], Sequence[torch.Tensor]], image: torch.Tensor,
+                              boxes: torch.Tensor) -> list[torch.Tensor]:
+    """Pooled PGM features (L tensors (n, C)) of ``boxes`` (padded-image pixels) on ``fpn_fn(image)``."""
+    if image.dim() != 4 or image.shape[0] != 1:
+        raise ValueError(f"extract_instance_features: image must be (1, 3, H, W), got {tuple(image.shape)}")
+    return pool_instance_features(list(fpn_fn(image)), boxes, tuple(image.shape[-2:]))
+
+
+def generate_epoch_prototypes(samples: Iterable, num_classes: int, num_prototypes: int = 10,
+                              alpha: float = 10.0, sigma: float = 0.1, quantile: float = 0.4,
+                              prev: Prototypes | None = None, finest_stride: int = 4,
+                              progress: Callable[[int], object] | None = None) -> Prototypes:
+    """The PGM pass of one epoch from per-image features already computed by the caller.
+
+    ``samples`` yields ``(student_feats, teacher_feats, boxes, labels)`` per PGM image: boxes (n, 4) in
+    padded test-transform pixels and 0-based labels (n,) of that image's selected instances; each
+    ``*_feats`` is a list of L entries, either the FPN map (1, C, H_l, W_l) -- pooled here with the PGM
+    crop, the padded image size being ``finest map size * finest_stride`` (exact: images are padded to
+    a multiple of 32) -- or the already pooled (n, C) vectors (e.g. teacher features cached after the
+    first epoch). ``progress(1)`` is called after each image (``tqdm.update`` fits). Instances keep
+    the order of ``samples``; returns ``build_prototypes(...)``.
+    """
+    feats_s_per_class: list[list[list[torch.Tensor]] | None] = [None] * num_classes
+    feats_t_per_class: list[list[list[torch.Tensor]] | None] = [None] * num_classes
+
+    def pooled(feats, boxes, role):
+        if all(f.dim() == 2 for f in feats):
+            return [f.detach() for f in feats]
+        finest = feats[0]
+        if finest.dim() != 4:
+            raise ValueError(f"generate_epoch_prototypes: {role} features must be all (1, C, H, W) maps "
+                             f"or all (n, C) pooled vectors")
+        size = (finest.shape[2] * finest_stride, finest.shape[3] * finest_stride)
+        return pool_instance_features(feats, boxes, size)
+
+    for student_feats, teacher_feats, boxes, labels in samples:
+        if labels.dim() != 1 or labels.shape[0] != boxes.shape[0]:
+            raise ValueError(f"generate_epoch_prototypes: labels must be ({boxes.shape[0]},), got "
+                             f"{tuple(labels.shape)}")
+        if len(student_feats) != len(teacher_feats):
+            raise ValueError("generate_epoch_prototypes: student and teacher give different level counts")
+        with torch.no_grad():
+            per_level_s = pooled(student_feats, boxes, "student")
+            per_level_t = pooled(teacher_feats, boxes, "teacher")
+        for level, (level_s, level_t) in enumerate(zip(per_level_s, per_level_t)):
+            if level_s.shape[0] != boxes.shape[0] or level_t.shape[0] != boxes.shape[0]:
+                raise ValueError(f"generate_epoch_prototypes: level {level} pooled features must have one "
+                                 f"row per box ({boxes.shape[0]})")
+        for cls in labels.unique().tolist():
+            if not 0 <= cls < num_classes:
+                raise ValueError(f"generate_epoch_prototypes: label {cls} outside [0, {num_classes})")
+            rows = (labels == cls).nonzero().flatten()
+            for per_class, per_level in ((feats_s_per_class, per_level_s), (feats_t_per_class, per_level_t)):
+                if per_class[cls] is None:
+                    per_class[cls] = [[] for _ in per_level]
+                for level, level_feats in enumerate(per_level):
+                    per_class[cls][level].append(level_feats.float().cpu()[rows.cpu()])
+        if progress is not None:
+            progress(1)
+
+    def stacked(per_class):
+        return [None if levels is None else [torch.cat(chunks) for chunks in levels] for levels in per_class]
+
+    return build_prototypes(stacked(feats_s_per_class), stacked(feats_t_per_class), num_prototypes, alpha,
+                            prev, sigma, quantile)
+
+
+# ----------------------------------------------------------------- GKD: one-stage soft-label inputs
+def anchor_level_features(feats: Sequence[torch.Tensor], boxes: torch.Tensor, batch_idx: torch.Tensor,
+                          strides: Sequence[float], finest_scale: float = 56.0
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RetinaNet's per-anchor inputs of the soft-label robust weights (docs/specs/gkd.md §4): every box pooled
+    (:func:`pool_box_features`) on its :func:`map_boxes_to_levels` level of ``feats`` (L maps of strides
+    ``strides``). Returns ``(pooled (M, C, 1, 1), levels (M,))`` in the order of ``boxes``, detached."""
+    if len(feats) != len(strides):
+        raise ValueError(f"anchor_level_features: {len(feats)} feature maps but {len(strides)} strides")
+    levels = map_boxes_to_levels(boxes, len(feats), finest_scale)
+    pooled = feats[0].new_zeros(boxes.shape[0], feats[0].shape[1])
+    with torch.no_grad():
+        # each level pools only its own boxes (the others are zero rows at no cost): no host read of levels
+        for level, (feat, stride) in enumerate(zip(feats, strides)):
+            pooled += pool_box_features(feat, boxes, batch_idx, stride, keep=levels == level).to(pooled.dtype)
+    return pooled[:, :, None, None], levels
+
+
+# ------------------------------------------------------------------------- GKD: the epoch pass
+def pgm_annotations(base) -> list[dict]:
+    """``{"image_id": index, "boxes", "labels"}`` (original pixels) of every image of a detection base data
+    set, without difficult / crowd boxes (training ignores them, so they are no GT instances).
+
+    COCO and VOC keep their boxes in memory (pycocotools index, parsed XML records): decoding all of
+    train2017 only to read its boxes would take longer than a PGM pass. Other sets are read sample by sample.
+    """
+    def kept(index, boxes, labels, difficult):
+        keep = ~np.asarray(difficult, dtype=bool)
+        return {"image_id": index, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4)[keep],
+                "labels": np.asarray(labels, np.int64)[keep]}
+
+    label_of = {category: label for label, category in enumerate(getattr(base, "category_ids", []))}
+    annotations = []
+    for index in range(len(base)):
+        if hasattr(base, "coco"):
+            found = base._annotations(base.image_ids[index])
+            record = {"boxes": [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in found)],
+                      "labels": [label_of[a["category_id"]] for a in found],
+                      "difficult": [bool(a.get("iscrowd", 0)) for a in found]}
+        elif hasattr(base, "records"):
+            record = base.records[index]
+        else:
+            record = base[index]
+        annotations.append(kept(index, record["boxes"], record["labels"], record["difficult"]))
+    return annotations
+
+
+def _evaluation_transform(transform):
+    # The training transform without its random flip is the test pipeline of docs/specs/gkd.md §1 (same keep-ratio
+    # resize and normalisation).
+    if not hasattr(transform, "flip_prob"):
+        raise ValueError(f"GKD prototypes: the training set's transform {type(transform).__name__} has no "
+                         "flip_prob; expected a detection transform (kd_ref.transforms.DetTransform)")
+    evaluation = copy.copy(transform)
+    evaluation.flip_prob = 0.0
+    return evaluation
+
+
+class ScheduledGKDDistiller(GKDDistiller):
+    """:class:`GKDDistiller` as the training engine drives it (docs/specs/gkd.md §5, §6).
+
+    ``before_epoch(context)``, called by the engine before every epoch:
+
+    * sets the schedule position for the attenuation ``1 - epoch / max_epochs`` (the registry's bind sees
+      model outputs only) from the engine's epoch counter: ``context.epoch`` of ``context.epochs``, the
+      recipe's epochs (an epoch-based recipe's own count, e.g. COCO 2x: 24), not a count of our own;
+    * regenerates the prototypes: PGM instances are selected once (:func:`select_pgm_instances`, fixed
+      seed) from the training set's GT boxes; each selected image goes alone through the evaluation
+      transform, the collate and the data set's device step (resize, normalise, pad to 32); the teacher's
+      pooled features are computed once and cached, the current student's every epoch (eval mode, no
+      grad); :func:`generate_epoch_prototypes` then :meth:`set_prototypes`.
+
+    ``level_names`` are the FPN outputs (keys of a detector's ``feats``) the distiller works on. Under DDP
+    every rank pools the features of every ``world_size``-th selected image; the pooled vectors are
+    all-gathered in selection order and every rank builds the same prototypes on the CPU, so no rank idles
+    through a whole pass of another. The schedule position is extra state in ``state_dict``, so a run
+    resumed mid-epoch attenuates like an uninterrupted one (the prototypes travel in the parent's keys).
+    """
+
+    def __init__(self, level_names: Sequence[str], num_classes: int, pgm_max_images: int = 800, pgm_min_size: float = 30.0, pgm_seed: int = 1,
+                 num_prototypes: int = 10, pgm_alpha: float = 10.0, **distiller_options):
+        super().__init__(num_levels=len(level_names), **distiller_options)
+        self.level_names, self.num_classes = list(level_names), num_classes
+        self.pgm_max_images, self.pgm_min_size, self.pgm_seed = pgm_max_images, pgm_min_size, pgm_seed
+        self.num_prototypes, self.pgm_alpha = num_prototypes, pgm_alpha
+        self.epoch, self.max_epochs = 0, 1
+        self._pgm_images: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
+        self._teacher_cache: dict[int, list[torch.Tensor]] = {}
+
+    def get_extra_state(self) -> dict:
+        return {"epoch": self.epoch, "max_epochs": self.max_epochs}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.epoch, self.max_epochs = int(state["epoch"]), int(state["max_epochs"])
+
+    def forward(self, *inputs, **bound_inputs) -> dict[str, torch.Tensor]:
+        return super().forward(*inputs, epoch=self.epoch, max_epochs=self.max_epochs, **bound_inputs)
+
+    def _select_images(self, base) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        annotations = pgm_annotations(base)
+        selection = select_pgm_instances(annotations, self.num_classes, self.pgm_min_size, self.pgm_max_images,
+                                         self.pgm_seed)
+        return [(index, torch.from_numpy(annotations[index]["boxes"][box_ids]),
+                 torch.from_numpy(annotations[index]["labels"][box_ids]))
+                for index, box_ids in group_by_image(selection).items()]
+
+    def _pooled(self, model, batch: dict, boxes: torch.Tensor) -> list[torch.Tensor]:
+        def fpn(images):
+            feats = model(images, image_sizes=batch["image_sizes"], predict=False)["feats"]
+            return [feats[name] for name in self.level_names]
+        return [level.float().cpu() for level in extract_instance_features(fpn, batch["images"], boxes)]
+
+    @torch.no_grad()
+    def before_epoch(self, context: EpochContext) -> None:
+        runtime, base = context.runtime, context.dataset.base
+        self.epoch, self.max_epochs = context.epoch, context.epochs
+        if self._pgm_images is None:
+            self._pgm_images = self._select_images(base)
+        if not self._pgm_images:
+            warnings.warn(f"GKD: no training box of width and height > {self.pgm_min_size} px; prototypes are "
+                          "not generated (binary masks, unweighted soft labels). Lower method option "
+                          "pgm_min_size for small images.")
+            return
+        transform = _evaluation_transform(context.dataset.transform)
+        was_training = context.student.training
+        context.student.eval()
+        positions = range(runtime.rank, len(self._pgm_images), runtime.world_size)
+        records = []
+        for position in tqdm(positions, desc=f"GKD prototypes, epoch {context.epoch}", disable=not runtime.is_main,
+                             leave=False, dynamic_ncols=True):
+            index, boxes, labels = self._pgm_images[position]
+            image, input_boxes, _, meta = transform(base[index]["image"], boxes.numpy(), None)
+            batch = context.collate([{"image": image, "target": meta}])
+            batch = context.dataset.prepare_batch({**batch, "images": batch["images"].to(runtime.device)})
+            if position not in self._teacher_cache:
+                self._teacher_cache[position] = self._pooled(context.teacher, batch, input_boxes)
+            records.append((position, self._pooled(context.student, batch, input_boxes),
+                            self._teacher_cache[position], input_boxes, labels))
+        context.student.train(was_training)
+        if runtime.world_size > 1:
+            shards = [None] * runtime.world_size
+            dist.all_gather_object(shards, records)
+            records = sorted((record for shard in shards for record in shard), key=lambda record: record[0])
+        self.set_prototypes(*generate_epoch_prototypes(
+            [(student, teacher, boxes, labels) for _, student, teacher, boxes, labels in records],
+            self.num_classes, self.num_prototypes, self.pgm_alpha, prev=self.prototypes))
+
+
+# ------------------------------------------------------------------------------------------ wiring
+# Levels (docs/specs/gkd.md §4): all five FPN outputs of each detector, Faster R-CNN P2-P6 (fg/bg averaged over
+# levels) and RetinaNet P3-P7 (summed). Instances: the student's positive training samples with their GT class.
+TWO_STAGE_LEVELS = ["p2", "p3", "p4", "p5", "p6"]
+ONE_STAGE_LEVELS = ["p3", "p4", "p5", "p6", "p7"]
+
+
+def _fpn_strides(levels) -> tuple:
+    return tuple(2 ** int(name[1:]) for name in levels)
+
+
+def _check(recipe):
+    if recipe.task != "det":
+        raise ValueError(f"--method gkd distils object detectors: --task det, not {recipe.task}")
+    if is_fcos(recipe.student) or is_fcos(recipe.teacher):
+        # the one-stage path reads anchor assignments; FCOS has locations, not anchors
+        raise ValueError(f"--method gkd: {recipe.student if is_fcos(recipe.student) else recipe.teacher} is an FCOS "
+                         "detector; GKD here distils RetinaNet and Faster R-CNN")
+    if is_two_stage(recipe.teacher) != is_two_stage(recipe.student):
+        raise ValueError(f"--method gkd: student {recipe.student} and teacher {recipe.teacher} must be the same "
+                         "kind of detector (the teacher scores the student's positive samples)")
+
+
+def _build(recipe, student, teacher):
+    """``method_options``: GKDDistiller's loss options and the PGM options of ScheduledGKDDistiller
+    (pgm_max_images, pgm_min_size, pgm_seed, num_prototypes, pgm_alpha)."""
+    _check(recipe)
+    two_stage = is_two_stage(recipe.student)
+    levels = TWO_STAGE_LEVELS if two_stage else ONE_STAGE_LEVELS
+    options = {"level_reduction": "mean" if two_stage else "sum", **recipe.method_options}
+    return ScheduledGKDDistiller(levels, recipe.num_classes, channels_s=student.out_channels[levels[0]],
+                                 channels_t=teacher.out_channels[levels[0]], strides=_fpn_strides(levels), **options)
+
+
+def _bind_det(student_out, teacher_out, batch):
+    """Faster R-CNN: positive sampled RoIs (background is the last class) with their logits and RoIAlign
+    features in both heads. RetinaNet: positive anchors; the soft labels are both heads' class logits at
+    those anchors, each anchor's robust weight from its box pooled on its own level (docs/specs/gkd.md §4)."""
+    if "rois" in student_out:
+        levels = TWO_STAGE_LEVELS
+        # the positive rows as integer indices: one host read for all the tensors indexed with them
+        positive = (student_out["roi_labels"] < student_out["roi_cls_logits"].shape[1] - 1).nonzero().squeeze(1)
+        boxes, image_of = student_out["rois"][positive, 1:], student_out["rois"][positive, 0].long()
+        labels = student_out["roi_labels"][positive]
+        soft = {"roi_logits_s": student_out["roi_cls_logits"][positive],
+                "roi_logits_t": teacher_out["roi_cls_logits"][positive],
+                "roi_feats_s": student_out["roi_feats"][positive], "roi_feats_t": teacher_out["roi_feats"][positive],
+                "roi_levels": student_out["roi_levels"][positive]}
+    else:
+        levels = ONE_STAGE_LEVELS
+        anchors = student_out["pos_anchors"]
+        boxes, image_of, labels = anchors["boxes"], anchors["batch_idx"], anchors["labels"]
+        anchors_per_cell = student_out["bbox_preds"][0].shape[1] // 4
+        num_classes = student_out["cls_logits"][0].shape[1] // anchors_per_cell
+
+        def at_positives(out):
+            return flatten_levels(out["cls_logits"], num_classes)[image_of, anchors["index"]]
+
+        def pooled(out):
+            return anchor_level_features([out["feats"][name] for name in levels], boxes, image_of,
+                                         _fpn_strides(levels))
+        (roi_feats_s, roi_levels), (roi_feats_t, _) = pooled(student_out), pooled(teacher_out)
+        soft = {"roi_logits_s": at_positives(student_out), "roi_logits_t": at_positives(teacher_out),
+                "roi_feats_s": roi_feats_s, "roi_feats_t": roi_feats_t, "roi_levels": roi_levels}
+    num_images = batch["images"].shape[0]
+    # split per image with one host read (the counts); index_add_ rather than bincount, which on CUDA reads
+    # the device once more to size its output
+    by_image = torch.argsort(image_of, stable=True)
+    per_image = torch.zeros(num_images, dtype=torch.long, device=image_of.device).index_add_(
+        0, image_of, torch.ones_like(image_of)).tolist()
+    return {"feats_s": [student_out["feats"][name] for name in levels],
+            "feats_t": [teacher_out["feats"][name] for name in levels],
+            "inst_boxes": list(boxes[by_image].split(per_image)),
+            "inst_labels": list(labels[by_image].split(per_image)),
+            "roi_labels": labels, **soft}
+
+
+METHOD = Method(build=_build, bind={"det": _bind_det}, check=_check)

@@ -1,21 +1,19 @@
-"""Vanilla knowledge distillation (Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural
-Network", arXiv:1503.02531), the simplest baseline and the wiring check of the engine.
-
-For logits ``z_s, z_t`` of one instance (an image in classification, a pixel in segmentation):
+"""Vanilla knowledge distillation: Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network",
+arXiv:1503.02531. For the logits ``z_s, z_t`` of one instance (an image, or one pixel of dense logits):
 
     p_t = softmax(z_t / tau),   log q_s = log_softmax(z_s / tau)
-    KL  = sum_k p_t[k] (log p_t[k] - log q_s[k])
-    L_kd = tau^2 * mean over instances of KL
+    L_kd = tau^2 * mean over instances of sum_k p_t[k] (log p_t[k] - log q_s[k])
 
-Dense logits ``(N, K, H, W)`` count every pixel of every image as one instance (the pixel-wise
-distillation of Liu et al., normalised by the number of pixels as CIRKD does). The ``tau^2`` factor
-keeps gradient magnitudes independent of the temperature.
+Dense logits ``(N, K, H, W)`` make every pixel one instance (normalised by the pixel count, as CIRKD);
+``tau^2`` keeps gradient magnitudes independent of the temperature. The file ends with KD's wiring.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+
+from kd_ref.detectors import is_two_stage
+from kd_ref.distiller import Distiller, Method
 
 
 def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -29,7 +27,7 @@ def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1.0) ->
     return tau ** 2 * kl.mean()
 
 
-class KDDistiller(nn.Module):
+class KDDistiller(Distiller):
     """Logit KD on the main head: ``{"loss_kd": loss_weight * kd_loss(z_s, z_t, tau)}``."""
 
     def __init__(self, tau: float = 1.0, loss_weight: float = 1.0):
@@ -39,3 +37,29 @@ class KDDistiller(nn.Module):
 
     def forward(self, logits_s: torch.Tensor, logits_t: torch.Tensor, targets=None) -> dict:
         return {"loss_kd": self.loss_weight * kd_loss(logits_s, logits_t, self.tau)}
+
+
+# ------------------------------------------------------------------------------------------ wiring
+def _check(recipe):
+    if recipe.task == "det" and not is_two_stage(recipe.student):
+        raise ValueError(f"--method kd on detection distils Faster R-CNN's RoI class logits; {recipe.student} "
+                         "has none (a one-stage detector's per-anchor sigmoid scores are not a softmax)")
+
+
+def _build(recipe, student, teacher):
+    _check(recipe)
+    return KDDistiller(**recipe.method_options)
+
+
+def _bind_logits(student_out, teacher_out, batch):
+    return {"logits_s": student_out["logits"], "logits_t": teacher_out["logits"]}
+
+
+def _bind_det(student_out, teacher_out, batch):
+    """Softmax KD on the RoI class logits (K + 1, with background) of the student's sampled RoIs, which the
+    teacher's RoI head scores too (engine.teacher_inputs): the logit base of SoKD's COCO code
+    (docs/specs/sokd.md §5; its per-RoI class mask is not reproduced, ours)."""
+    return {"logits_s": student_out["roi_cls_logits"], "logits_t": teacher_out["roi_cls_logits"]}
+
+
+METHOD = Method(build=_build, bind={"seg": _bind_logits, "cls": _bind_logits, "det": _bind_det}, check=_check)

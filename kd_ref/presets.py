@@ -2,7 +2,7 @@
 there by paper, each row with its ``source``), which bare ``--task/--method/--data`` flags mean, and the
 listing of ``train.py --list-presets``. Torch-free, as the modules it reads: listing presets and refusing
 an unknown name need no model code. Adding a preset is an edit of one preset module; the registries of
-``kd_ref.configs`` never change for it."""
+``kd_ref.tasks`` and ``kd_ref.methods`` never change for it."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,7 +1,7 @@
 """What a run is, with no torch import: the :class:`Recipe` type, the checks and conversions that read
 only a recipe (schedule, ImageNet weights file, ``--set`` overrides, the digest and the fields a resumed
 run may change), and :func:`register`, with which the preset modules (``kd_ref/presets_*.py``) add a
-paper row and its baseline twin. ``kd_ref.configs`` holds the registries that build models and
+paper row and its baseline twin. ``kd_ref.tasks`` and ``kd_ref.methods`` hold the registries that build models and
 distillers; the command-line tools read presets through this module alone, so listing them or naming an
 unknown one answers before torch is imported."""
 from __future__ import annotations

@@ -79,6 +79,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from kd_ref.detectors import is_fcos
+from kd_ref.distiller import Distiller, Method
 from kd_ref.precision import at_least_float32, autocast_disabled
 
 KernelSize = Union[int, Sequence[int]]
@@ -318,7 +320,7 @@ def poly_lr_factor(iteration: int, total_iters: int, power: float) -> float:
     return max(0.0, 1.0 - iteration / total_iters) ** power
 
 
-class SKDDistiller(nn.Module):
+class SKDDistiller(Distiller):
     """Pixel-wise, pair-wise and holistic distillation with the discriminator and its optimizer.
 
     The defaults are the CIRKD protocol; ``kd_ref.presets_seg.SKD_ORIGINAL_OPTIONS`` holds the authors'
@@ -504,7 +506,7 @@ def fcos_pair_kernel(height: int, width: int, max_nodes: int = FCOS_MAX_NODES) -
     return max(1, math.ceil(math.sqrt(height * width / max_nodes)))
 
 
-class DepthSKDDistiller(nn.Module):
+class DepthSKDDistiller(Distiller):
     """SKD on depth (docs/specs/depth_fcos.md §4): pixel-wise on the (N, K, h, w) bin logits and pair-wise
     on the decoder's ``head`` feature (an inner :class:`SKDDistiller` without holistic term), holistic on
     the 1-channel log10 depth maps at stride 4 (a second one whose "logits" are those maps). A regression
@@ -539,7 +541,7 @@ class DepthSKDDistiller(nn.Module):
         return {} if self.holistic is None else self.holistic.extra_losses(log_depth_s, log_depth_t)
 
 
-class FCOSSKDDistiller(nn.Module):
+class FCOSSKDDistiller(Distiller):
     """SKD on FCOS (docs/specs/depth_fcos.md §6): ``binary_pixel_wise_kd`` on the per-level class logits and
     ``pair_wise_kd`` on each FPN level with kernel ``fcos_pair_kernel``, averaged over levels; no holistic
     term. Weights [ours]: lambda_pi = lambda_pa = 1."""
@@ -561,3 +563,51 @@ class FCOSSKDDistiller(nn.Module):
                      for s, t in zip(feats_s, feats_t)]
             losses["loss_skd_pa"] = self.lambda_pa * torch.stack(terms).mean()
         return losses
+
+
+# ------------------------------------------------------------------------------------------ wiring
+# Semantic segmentation: the class logits and the head feature. Depth and FCOS detection
+# (docs/specs/depth_fcos.md): the bin logits, the decoder's head feature and the log depth; FCOS's per-level
+# classification maps and its five FPN outputs.
+FCOS_LEVELS = ["p3", "p4", "p5", "p6", "p7"]
+
+
+def _check(recipe):
+    if recipe.task == "det" and not (is_fcos(recipe.student) and is_fcos(recipe.teacher)):
+        raise ValueError(f"--method skd on detection distils FCOS students from FCOS teachers "
+                         f"(docs/specs/depth_fcos.md §6); got {recipe.student} <- {recipe.teacher}")
+    if recipe.task == "depth" and recipe.model_options.get("prediction") == "regression" \
+            and recipe.method_options.get("use_pi", False):
+        raise ValueError("method_options use_pi: a regression depth head has no bin logits for pixel-wise KD")
+
+
+def _build(recipe, student, teacher):
+    """seg: SKDDistiller; depth: DepthSKDDistiller (pixel-wise only with the bin head); det: FCOSSKDDistiller."""
+    _check(recipe)
+    if recipe.task == "depth":
+        options = {"use_pi": student.prediction == "bins", **recipe.method_options}
+        return DepthSKDDistiller(student.num_bins, **options)
+    if recipe.task == "det":
+        return FCOSSKDDistiller(**recipe.method_options)
+    return SKDDistiller(recipe.num_classes, **recipe.method_options)
+
+
+def _bind_seg(student_out, teacher_out, batch):
+    return {"logits_s": student_out["logits"], "logits_t": teacher_out["logits"],
+            "feat_s": student_out["feats"]["head"], "feat_t": teacher_out["feats"]["head"]}
+
+
+def _bind_depth(student_out, teacher_out, batch):
+    """Bin logits (absent from a regression head), the decoder's head feature, the stride-4 log depth."""
+    return {"logits_s": student_out.get("logits"), "logits_t": teacher_out.get("logits"),
+            "feat_s": student_out["feats"]["head"], "feat_t": teacher_out["feats"]["head"],
+            "log_depth_s": student_out["log_depth"], "log_depth_t": teacher_out["log_depth"]}
+
+
+def _bind_fcos(student_out, teacher_out, batch):
+    return {"logits_s": student_out["cls_logits"], "logits_t": teacher_out["cls_logits"],
+            "feats_s": [student_out["feats"][name] for name in FCOS_LEVELS],
+            "feats_t": [teacher_out["feats"][name] for name in FCOS_LEVELS]}
+
+
+METHOD = Method(build=_build, bind={"seg": _bind_seg, "depth": _bind_depth, "det": _bind_fcos}, check=_check)

@@ -36,47 +36,37 @@ the adapted student feature g_s = A(f_s) and g_t; the student branch picks top-k
     L_dam  = mean((cat D(g_s) - cat D(g_t))^2)
     L      = L_task + w_feat L_feat + w_dam L_dam + L_base
 
-Decisions (see the spec ``sokd.md``; [code] = the public code, [ours] = kd_ref's choice):
-- [code] op set, ranges, sub-policy sampling, RELAX estimator, DAM heads, region decoding, masked MSE,
-  the 3-conv adapter, all defaults (k 8, w_feat = w_dam = 1000, T_relax 0.5, eta 0.01, lambda 1e-4).
-- [ours] TranslateX/Y shift by the fraction v of the map (theta entry 2v); [code]'s v*H zeroes the map.
-- [ours] all 36 sub-policies ([code] keeps a random 35); torch RNG only, with optional generators.
-- [ours] the random draws of the ops (Cutout centre, noise, permutation, channel mask) are fixed per
-  policy sample, so every evaluation of L within one search step sees the same augmentation and the
-  finite difference measures theta, not noise ([code] redraws them in every forward).
-- [ours] log p(b) = sum_i log Bernoulli(b_i) + log Categorical(k); [code] broadcasts the categorical
-  term over the (S, 2) Bernoulli grid, weighting its score function 2S times.
-- [ours] the unroll has no momentum term ([code]'s lookup always fails, so it is zero there too);
-  L(theta') uses the current policy sample ([code] rebuilds a model with a fresh sample).
-- [ours] Q is trained on the mean of its variance gradients at theta +/- eps v ([code] takes their
-  finite difference, which is not the RELAX control-variate fit).
-- [ours] ``search_mode="first_order"``: grad_alpha = +g(theta) from one evaluation, no unroll (dense tasks).
-- [ours] the search runs right after the student's SGD step (the engine's post-step hook point) on the
-  same batch and policy sample, then resamples; [code] (DFKDTrainer.train_iter) runs ``architect.step``
-  just before that forward and SGD step. Effect: our search evaluates L at theta_{t+1}, after one SGD
-  step on the batch it searches on (the unroll is then a second step on that batch), where [code]'s
-  evaluates it at theta_t; and our SGD step uses alpha_t where [code]'s uses alpha_{t+1}, one Adam step
-  (lr 3e-4) newer. The policy trajectory is therefore not the reference's step for step; it leaves the
-  estimator and its expectation unchanged (unmeasured on a paper row). It snapshots and restores the
-  parameters, BatchNorm statistics and RNG state it touches.
-- [ours] under torch.distributed everything the search computes from the batch is global: theta's
-  gradients, v and ||v|| (so eps and the ||v|| = 0 branch) are averaged over the processes before use,
-  and so are the objective values of the RELAX terms and the policy gradients, so N processes search as
-  one process over the global batch does (the reference runs one process).
-- [ours] SoKD is a plug-in: the distiller returns only its own two terms; a base method (e.g. KD or
-  DIST) is evaluated in the same forward by SoKD's driver (``kd_ref.drivers.SoKDPlugin``), which adds
-  its terms under ``loss_sokd_base_*`` and runs the bi-level search above (``kd_ref.drivers.SoKDSearch``)
-  through the engine's ``after_step`` hook, its state (Adam, step count, current policy sample) kept in
-  the checkpoint so that a resumed run continues exactly.
+The public code's op set, ranges, sampling, RELAX estimator, DAM heads, region decoding, adapter and
+defaults are followed (docs/specs/sokd.md). Our choices a reader needs (the reasons, and how each differs
+from the code, are in docs/design/sokd.md): all 36 sub-policies; the random draws of the ops are fixed per
+policy sample, so every evaluation of L within a search step sees the same augmentation;
+log p(b) = sum_i log Bernoulli(b_i) + log Categorical(k); Q is fitted on the mean of its variance gradients
+at theta +/- eps v; ``search_mode="first_order"`` takes grad_alpha = +g(theta) from one evaluation (dense
+tasks); the search runs right after the student's optimizer step, on the same batch and policy sample, then
+resamples, restoring the parameters, BatchNorm statistics and RNG state it touches; under torch.distributed
+every gradient and objective value of the search is averaged over the processes first.
+
+The file holds, in order: the DAFA ops and :class:`AugmentPolicy`, DAM (:class:`AreaDetection`, region
+decoding), :class:`SoKDDistiller` (SoKD's own two terms at one feature tap); the bi-level search
+(:class:`SoKDSearch`); the plug-in the engine trains, :class:`SoKDPlugin`, which taps the model outputs, adds
+the base method's terms (:class:`BoundBase`, ``loss_sokd_base_*``) and runs the search in ``after_step``, its
+state kept in the checkpoint; SoKD's wiring: the tap per task and detector, the bases, and ``METHOD``.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
+import torch.distributed as distributed
 import torch.nn as nn
 import torch.nn.functional as F
+
+from kd_ref import dist, gdd, kd
+from kd_ref.detectors import is_two_stage
+from kd_ref.distiller import Distiller, Method, StepContext
 
 # --------------------------------------------------------------------------------------- DAFA ops
 OP_RANGES: dict[str, tuple[float, float]] = {
@@ -434,15 +424,15 @@ def _chw(shape, name: str) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------- distiller
-class SoKDDistiller(nn.Module):
+class SoKDDistiller(Distiller):
     """SoKD at one feature tap: adapter ``A``, DAFA ``policy`` and DAM ``dam``.
 
     ``forward(feat_s, feat_t)`` returns SoKD's own weighted losses, ``loss_sokd_feat`` (w_feat L_feat) and
-    ``loss_sokd_dam`` (w_dam L_dam); the base method's loss it plugs into is added by its driver
-    (``kd_ref.drivers.SoKDPlugin``, spec §4). Augmentation is applied in training mode only.
+    ``loss_sokd_dam`` (w_dam L_dam); the base method's loss it plugs into is added by
+    :class:`SoKDPlugin` (docs/specs/sokd.md §4). Augmentation is applied in training mode only.
 
     Parameters: ``student_side_parameters()`` (adapter, DAM) go into the student's SGD;
-    ``policy_parameters()`` must NOT: they are stepped by the bi-level search (``kd_ref.drivers.SoKDSearch``).
+    ``policy_parameters()`` must NOT: they are stepped by the bi-level search (:class:`SoKDSearch`).
     """
 
     def __init__(self, s_shape, t_shape, num_heat: int, k: int = 8, w_feat: float = 1000.0,
@@ -480,3 +470,336 @@ class SoKDDistiller(nn.Module):
             masks = region_masks(boxes, g_s.shape[2], g_s.shape[3])
         return {"loss_sokd_feat": self.w_feat * masked_feature_mse(g_s, g_t, masks),
                 "loss_sokd_dam": self.w_dam * dam_consistency_loss(dam_s, dam_t)}
+
+
+# ------------------------------------------------------------------------------- SoKD: the search
+def _distributed() -> bool:
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
+
+
+def _mean_over_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` averaged in place over the torch.distributed processes (unchanged in one process)."""
+    if _distributed():
+        for tensor in tensors:
+            distributed.all_reduce(tensor)
+            tensor /= distributed.get_world_size()
+    return tensors
+
+
+class SoKDSearch:
+    """The policy search (docs/specs/sokd.md §2.5): the engine's per-iteration hook for SoKD.
+
+    Build once: ``SoKDSearch(distiller, student, search_iters)``; it owns the Adam optimizer of
+    ``distiller.policy_parameters()``. Inner parameters theta = the student's trainable parameters +
+    ``distiller.student_side_parameters()`` + the parameters of the plugged-in ``base`` method, if any.
+
+    Call ``step(batch, loss_fn)`` once per training iteration, right after the student's
+    ``optimizer.step()``, with that iteration's batch (never between the student's forward and backward:
+    it rewrites theta in place and restores it). While fewer than ``search_iters`` steps have searched
+    (None: always) it estimates grad_alpha ("unrolled": 4 calls of ``loss_fn``; "first_order": 1) and
+    takes an Adam step; then it always resamples the policy.
+
+    ``loss_fn(batch) -> Tensor``: the full training objective on ``batch`` (task losses + every
+    distiller loss, i.e. ``sum(student_out["losses"]) + sum(distiller(**bound))``) evaluated with the
+    CURRENT parameters, student in train mode, autograd enabled. The teacher's outputs are constants and
+    may be cached from the student step. It must not backprop, step or resample. Dropout/BN randomness
+    and BN statistics are isolated: every call starts from the same RNG state and buffers are restored.
+
+    ``state_dict()`` / ``load_state_dict()`` hold the Adam state and the step count (for checkpoints).
+    """
+
+    def __init__(self, distiller: SoKDDistiller, student: nn.Module, search_iters: int | None = None, *,
+                 base: nn.Module | None = None, lr: float = 3e-4, betas: tuple[float, float] = (0.5, 0.999), weight_decay: float = 1e-3,
+                 unroll_lr: float = 0.01, unroll_weight_decay: float = 1e-4, fd_radius: float = 0.01):
+        if not isinstance(distiller, SoKDDistiller):
+            raise ValueError(f"SoKDSearch: distiller must be a SoKDDistiller, got {type(distiller).__name__}")
+        if search_iters is not None and search_iters < 0:
+            raise ValueError(f"SoKDSearch: search_iters must be >= 0 or None, got {search_iters}")
+        self.distiller, self.search_iters = distiller, search_iters
+        self.unroll_lr, self.unroll_weight_decay, self.fd_radius = unroll_lr, unroll_weight_decay, fd_radius
+        self.policy_params = distiller.policy_parameters()
+        policy_ids = {id(p) for p in self.policy_params}
+        inner, seen = [], set()
+        side_modules = () if base is None else (base,)
+        for p in itertools.chain(student.parameters(), distiller.student_side_parameters(),
+                                 *(module.parameters() for module in side_modules)):
+            if p.requires_grad and id(p) not in seen:
+                inner.append(p)
+                seen.add(id(p))
+        if policy_ids & seen:
+            raise ValueError("SoKDSearch: the student's parameters include the SoKD policy parameters")
+        self.inner_params = inner
+        # modules, not their buffers: Module.to() on CUDA replaces buffer tensors, so they are looked up
+        # when a search step saves and restores them
+        self.modules = (student, distiller, *side_modules)
+        self.optimizer = torch.optim.Adam(self.policy_params, lr=lr, betas=betas, weight_decay=weight_decay)
+        self.steps = 0
+
+    @property
+    def buffers(self) -> list[torch.Tensor]:
+        """The buffers of the student, the distiller and the base as they are now."""
+        return [b for module in self.modules for b in module.buffers()]
+
+    @property
+    def searching(self) -> bool:
+        return self.search_iters is None or self.steps < self.search_iters
+
+    def _evaluate(self, batch, loss_fn) -> torch.Tensor:
+        devices = sorted({p.device.index for p in self.inner_params if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            loss = loss_fn(batch)
+        if not torch.is_tensor(loss) or loss.numel() != 1 or not loss.requires_grad:
+            raise ValueError("SoKDSearch: loss_fn(batch) must return a scalar tensor with autograd history")
+        if not torch.isfinite(loss).all():
+            raise FloatingPointError(f"SoKDSearch: loss_fn(batch) returned a non-finite loss ({loss.item()})")
+        return loss.float().reshape(())
+
+    def _theta_grads(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """grad_theta of the whole (global) batch's objective: per-process gradients averaged under DDP."""
+        grads = torch.autograd.grad(loss, self.inner_params, allow_unused=True)
+        return _mean_over_processes([torch.zeros_like(p) if g is None else g
+                                     for p, g in zip(self.inner_params, grads)])
+
+    def _relax_grads(self, batch, loss_fn) -> list[torch.Tensor]:
+        loss = self._evaluate(batch, loss_fn)
+        value, = _mean_over_processes([loss.detach().clone()])
+        return self.distiller.policy.relax_grads(loss, value=value)
+
+    @torch.no_grad()
+    def _shift_theta(self, direction: list[torch.Tensor], scale: float) -> None:
+        for p, d in zip(self.inner_params, direction):
+            p.add_(d, alpha=scale)
+
+    def policy_gradients(self, batch, loss_fn) -> list[torch.Tensor]:
+        """grad_alpha aligned with ``distiller.policy_parameters()``; theta and buffers are left as found."""
+        saved_params = [p.detach().clone() for p in self.inner_params]
+        saved_buffers = [b.detach().clone() for b in self.buffers]
+        try:
+            if self.distiller.search_mode == "first_order":
+                return self._relax_grads(batch, loss_fn)
+            return self._unrolled_gradients(batch, loss_fn, saved_params, saved_buffers)
+        finally:
+            self._restore(saved_params, saved_buffers)
+
+    def _unrolled_gradients(self, batch, loss_fn, saved_params, saved_buffers) -> list[torch.Tensor]:
+        # theta', v, ||v|| and eps come from gradients averaged over the processes: every process unrolls
+        # and perturbs the same parameters along the same direction, as one process over the global
+        # batch does, and all take the same ||v|| == 0 branch
+        grads = self._theta_grads(self._evaluate(batch, loss_fn))
+        with torch.no_grad():
+            for p, g in zip(self.inner_params, grads):
+                p.sub_(self.unroll_lr * (g + self.unroll_weight_decay * p))
+        v = self._theta_grads(self._evaluate(batch, loss_fn))
+        self._restore(saved_params, saved_buffers)
+        v_norm = float(torch.sqrt(sum((g.float() ** 2).sum() for g in v)))
+        if v_norm == 0.0:   # theta' is stationary: no implicit gradient, only Q's fit at theta
+            at_theta = self._relax_grads(batch, loss_fn)
+            return [torch.zeros_like(g) for g in at_theta[:3]] + at_theta[3:]
+        eps = self.fd_radius / v_norm
+        self._shift_theta(v, eps)
+        plus = self._relax_grads(batch, loss_fn)
+        self._shift_theta(v, -2 * eps)
+        minus = self._relax_grads(batch, loss_fn)
+        implicit = [-(gp - gm) / (2 * eps) for gp, gm in zip(plus[:3], minus[:3])]
+        return implicit + [(gp + gm) / 2 for gp, gm in zip(plus[3:], minus[3:])]
+
+    @torch.no_grad()
+    def _restore(self, saved_params, saved_buffers) -> None:
+        for p, saved in zip(self.inner_params, saved_params):
+            p.copy_(saved)
+        for b, saved in zip(self.buffers, saved_buffers):
+            b.copy_(saved)
+
+    def step(self, batch, loss_fn: Callable) -> None:
+        """Search (while ``searching``) and resample. Under torch.distributed every gradient and objective
+        value of the search is averaged over the processes before it is used (the search of one process
+        over the global batch, given equal per-process batches) and process 0's new sample is used by
+        all, so the policy stays shared."""
+        if self.searching:
+            grads = [g.detach().to(p.dtype) for p, g in zip(self.policy_params, self.policy_gradients(batch, loss_fn))]
+            for p, g in zip(self.policy_params, _mean_over_processes(grads)):
+                p.grad = g
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        self.distiller.resample()
+        if _distributed():
+            for sample_buffer in self.distiller.policy.buffers():
+                distributed.broadcast(sample_buffer, src=0)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"optimizer", "steps"}:
+            raise ValueError(f"SoKDSearch.load_state_dict: expected keys ['optimizer', 'steps'], got {sorted(state)}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+
+
+# ------------------------------------------------------------------------------ SoKD: the plug-in
+def _prefixed_base_losses(out) -> dict:
+    if torch.is_tensor(out):
+        return {"loss_sokd_base": out}
+    if not isinstance(out, dict) or not all(isinstance(key, str) and key.startswith("loss_") for key in out):
+        raise ValueError(f"SoKDPlugin: the base must return a tensor or a dict with 'loss_*' keys, got "
+                         f"{sorted(out) if isinstance(out, dict) else type(out).__name__}")
+    return {"loss_sokd_base_" + key[len("loss_"):]: value for key, value in out.items()}
+
+
+class BoundBase(nn.Module):
+    """A base distiller together with its registry bind for one task: called with the engine's model
+    outputs and batch, it returns the base's weighted losses (``bind(student_out, teacher_out, batch)``
+    gives the base's ``forward`` arguments, as the base's ``METHOD.bind[task]`` does)."""
+
+    def __init__(self, distiller: nn.Module, bind: Callable[..., dict]):
+        super().__init__()
+        for hook in ("extra_parameters", "extra_optimizer", "before_epoch", "after_step"):
+            if getattr(type(distiller), hook, None) not in (None, getattr(Distiller, hook)):
+                raise ValueError(f"BoundBase: a SoKD base must be a plain loss; {type(distiller).__name__} "
+                                 f"has the engine hook {hook}()")
+        self.distiller, self.bind = distiller, bind
+
+    def forward(self, student_out: dict, teacher_out: dict, batch: dict):
+        return self.distiller(**self.bind(student_out, teacher_out, batch))
+
+
+class SoKDPlugin(Distiller):
+    """SoKD as the training engine sees it: :class:`~kd_ref.sokd.SoKDDistiller` on the feature ``tap`` of
+    the model outputs (``feats[tap]`` of student and teacher), plus an optional base method (a
+    :class:`BoundBase`, evaluated in the same forward, its terms returned as ``loss_sokd_base_<name>`` for
+    each ``loss_<name>``, or ``loss_sokd_base`` for a tensor), with the policy search of
+    :class:`SoKDSearch` run through the engine's hooks:
+
+    - ``extra_parameters()``: the policy parameters, which the student optimizer must leave alone;
+    - ``after_step(context)``: one search step (while searching) and a resample, right after the
+      student's optimizer step, with the iteration's batch and ``context.loss_fn`` (the full objective);
+    - ``get_extra_state()`` / ``set_extra_state()``: the search's Adam state and step count and the current
+      policy sample (the non-persistent buffers of ``AugmentPolicy``), so a resumed run continues
+      with the same sample and optimizer state as an uninterrupted one.
+
+    ``student`` is the module the engine trains (its parameters are the search's inner theta, with the
+    SoKD modules' and the base's); ``search_iters`` (None: the whole run) and ``search_options`` go to
+    :class:`SoKDSearch`, the other keyword arguments to ``SoKDDistiller``.
+    """
+
+    def __init__(self, student: nn.Module, s_shape, t_shape, num_heat: int, tap: str,
+                 base: BoundBase | None = None, search_iters: int | None = None,
+                 search_options: dict | None = None, **distiller_options):
+        super().__init__()
+        self.tap = tap
+        self.sokd = SoKDDistiller(s_shape, t_shape, num_heat, **distiller_options)
+        self.base = base
+        # a plain attribute, not a submodule: the search refers to the student, which is not ours to save
+        self.search = SoKDSearch(self.sokd, student, search_iters, base=base, **(search_options or {}))
+
+    def extra_repr(self) -> str:
+        return f"tap={self.tap!r}, search_iters={self.search.search_iters}"
+
+    def forward(self, student_out: dict, teacher_out: dict, batch: dict) -> dict:
+        for role, out in (("student", student_out), ("teacher", teacher_out)):
+            if self.tap not in out.get("feats", {}):
+                raise ValueError(f"SoKDPlugin: the {role} outputs have no feature {self.tap!r}; available: "
+                                 f"{sorted(out.get('feats', {}))}")
+        losses = self.sokd(student_out["feats"][self.tap], teacher_out["feats"][self.tap])
+        if self.base is None:
+            return losses
+        return {**losses, **_prefixed_base_losses(self.base(student_out, teacher_out, batch))}
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        return self.sokd.policy_parameters()
+
+    def after_step(self, context: StepContext) -> None:
+        self.search.step(context.batch, context.loss_fn)
+
+    def get_extra_state(self) -> dict:
+        sample = {name: buffer.detach().clone() for name, buffer in self.sokd.policy.named_buffers()}
+        return {"search": self.search.state_dict(), "policy_sample": sample}
+
+    def set_extra_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or set(state) != {"search", "policy_sample"}:
+            raise ValueError(f"SoKDPlugin: extra state must have keys ['policy_sample', 'search'], got "
+                             f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        self.search.load_state_dict(state["search"])
+        buffers = dict(self.sokd.policy.named_buffers())
+        if set(state["policy_sample"]) != set(buffers):
+            raise ValueError(f"SoKDPlugin: policy sample has buffers {sorted(state['policy_sample'])}, "
+                             f"expected {sorted(buffers)}")
+        with torch.no_grad():
+            for name, value in state["policy_sample"].items():
+                buffers[name].copy_(value)
+
+
+# ------------------------------------------------------------------------------------------ wiring
+# Taps (docs/specs/sokd.md §5): on classification the stage before the last (CIFAR stage 2 of its res32x4
+# config, ImageNet stage 3), named c4 in both classifier families; on detection the last FPN output (the COCO
+# row's P6 of Faster R-CNN's P2-P6; RetinaNet's P7 by analogy, ours). Bases: methods whose loss SoKD adds in
+# the same step, each on the task's own binding of that method ("none": SoKD's terms alone).
+TAPS = {"cls": "c4"}
+DET_TAPS = {"two_stage": "p6", "one_stage": "p7"}
+BASES = {"kd": kd.METHOD, "dist": dist.METHOD, "gdd": gdd.METHOD}
+
+
+def default_tap(recipe) -> str:
+    if recipe.task == "det":
+        return DET_TAPS["two_stage" if is_two_stage(recipe.student) else "one_stage"]
+    return TAPS[recipe.task]
+
+
+def feature_shape(model, name: str, image_size: tuple) -> tuple:
+    """``(C, H, W)`` of ``model``'s feature ``name`` for one ``image_size`` input (a probe forward in eval
+    mode, no gradient, so neither BN statistics nor RNG state change)."""
+    was_training = model.training
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, 3, *image_size, device=parameter.device, dtype=parameter.dtype))
+    model.train(was_training)
+    return tuple(out["feats"][name].shape[1:])
+
+
+def _tap_shapes(recipe, student, teacher, tap: str) -> list:
+    """``(C, H, W)`` of the tap in student and teacher, which choose the adapter's spatial matcher.
+    Classifiers: a probe at the crop. Detectors: inputs vary in size, but the tap is the same pyramid
+    level (same stride) in both, so the maps always have equal sizes (the 1x1 matcher) and only the
+    channels are read."""
+    if recipe.task == "det":
+        return [(model.out_channels[tap], 1, 1) for model in (student, teacher)]
+    return [feature_shape(model, tap, recipe.crop) for model in (student, teacher)]
+
+
+def _check(recipe):
+    """The base is "none" or one of BASES with a binding for the task, and passes that method's own check."""
+    base_name = recipe.method_options.get("base", "none")
+    bases = ["none"] + [name for name, method in BASES.items() if recipe.task in method.bind]
+    if base_name not in bases:
+        raise ValueError(f"--sokd-base {base_name}: for --task {recipe.task} expected one of {bases}")
+    if base_name != "none" and BASES[base_name].check is not None:
+        BASES[base_name].check(dataclasses.replace(recipe, method=base_name))
+
+
+def _build(recipe, student, teacher):
+    """``method_options``: ``base`` ("none" or one of BASES with a binding for the task), ``base_options``
+    ({base name: keyword arguments}, the entry of the chosen base is used, so ``--sokd-base`` switches base
+    and options together), ``tap`` (default :func:`default_tap`), ``num_heat`` (default num_classes),
+    ``search_iters``, ``search_options`` and SoKDDistiller's keyword arguments (k, w_feat, w_dam,
+    search_mode, ...)."""
+    _check(recipe)
+    options = dict(recipe.method_options)
+    base_name = options.pop("base", "none")
+    base_options = options.pop("base_options", {}).get(base_name, {})
+    tap = options.pop("tap", default_tap(recipe))
+    base = None
+    if base_name != "none":
+        base_method = BASES[base_name]
+        base_recipe = dataclasses.replace(recipe, method=base_name, method_options=base_options)
+        base = BoundBase(base_method.build(base_recipe, student, teacher), base_method.bind[recipe.task])
+    return SoKDPlugin(student, *_tap_shapes(recipe, student, teacher, tap),
+                      options.pop("num_heat", recipe.num_classes), tap, base=base, **options)
+
+
+def _bind(student_out, teacher_out, batch):
+    """The whole outputs (the tap, the base's inputs) and the batch (the boxes of a detection base)."""
+    return {"student_out": student_out, "teacher_out": teacher_out, "batch": batch}
+
+
+METHOD = Method(build=_build, bind={"cls": _bind, "det": _bind}, check=_check)

@@ -38,7 +38,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kd_ref import configs, engine
+from kd_ref import engine, methods, tasks
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe
 
@@ -168,10 +168,10 @@ def random_teacher_file(recipe: Recipe, path: str) -> str | None:
     """Save ``recipe``'s teacher with its initial weights (seeded by ``recipe.seed``) at ``path`` and return
     ``path``; None for a method without a teacher. What a step synchronises, or which device and precision
     paths it takes, does not depend on what the teacher knows."""
-    if not configs.METHODS[recipe.method].needs_teacher:
+    if not methods.METHODS[recipe.method].needs_teacher:
         return None
     torch.manual_seed(recipe.seed)
-    teacher = configs.TASKS[recipe.task].build_model(recipe, recipe.teacher, pretrained=None)
+    teacher = tasks.TASKS[recipe.task].build_model(recipe, recipe.teacher, pretrained=None)
     torch.save(teacher.state_dict(), path)
     return path
 

@@ -508,3 +508,12 @@ class DepthTask:
         names = sorted(sums)
         totals = all_reduce_sum(torch.stack([sums[name].double() for name in names]))
         return depth.finish_depth_metrics(dict(zip(names, totals)))
+
+
+TASKS = {
+    "seg": SegTask(),
+    "cls": ClsTask(),
+    "det": DetTask(),
+    "ins": InsTask(),
+    "depth": DepthTask(),
+}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from kd_ref import configs, engine, metrics, presets, syncs
+from kd_ref import engine, methods, metrics, presets, syncs, tasks
 from kd_ref.precision import resolve_precision
 from train_helpers import train_crashing_in_step
 from kd_ref.recipe import Recipe
@@ -104,13 +104,13 @@ def random_teachers(tmp_path_factory):
 @pytest.mark.parametrize("name", SYNTHETIC_PRESETS)
 def test_every_preset_trains_an_iteration_and_evaluates_under_cpu_bf16(name, tmp_path, random_teachers):
     recipe = tiny(presets.PRESETS[name])
-    teacher = random_teachers(recipe) if configs.METHODS[recipe.method].needs_teacher else None
+    teacher = random_teachers(recipe) if methods.METHODS[recipe.method].needs_teacher else None
     runtime = engine.setup_runtime("cpu", "auto")
     scores = engine.train(recipe, str(tmp_path), runtime, teacher_ckpt=teacher, workers=0, quiet=True)
     step = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     losses = {key: value for key, value in step.items() if key.startswith("loss")}
     assert len(losses) > 1 and all(np.isfinite(value) for value in losses.values()), losses
-    assert isinstance(scores[configs.TASKS[recipe.task].main_metric], float)
+    assert isinstance(scores[tasks.TASKS[recipe.task].main_metric], float)
     assert engine.load_checkpoint(str(tmp_path / "last.pt"))["precision"] == "bf16"
 
 

@@ -8,19 +8,19 @@ import pytest
 
 import evaluate
 import train
-from kd_ref import cli, configs, datasets
+from kd_ref import cli, datasets, methods, tasks
 from kd_ref.presets import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_names_offered_on_the_command_line_are_the_registries():
-    assert set(cli.TASKS) == set(configs.TASKS)
-    assert set(cli.METHODS) == set(configs.METHODS)
+    assert set(cli.TASKS) == set(tasks.TASKS)
+    assert set(cli.METHODS) == set(methods.METHODS)
     for task in cli.TASKS:
-        assert tuple(cli.DATA[task]) == tuple(configs.TASKS[task].data_sets), task
+        assert tuple(cli.DATA[task]) == tuple(tasks.TASKS[task].data_sets), task
     assert datasets.SUPPORTED_DATA is cli.DATA
-    assert cli.INPUT_SIZE_FIELD == {name: task.size_field for name, task in configs.TASKS.items()}
+    assert cli.INPUT_SIZE_FIELD == {name: task.size_field for name, task in tasks.TASKS.items()}
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

@@ -521,7 +521,7 @@ AUX_HEADS = {("cirkd", 18): ("c4", 256, 64), ("cirkd", 101): ("c4", 1024, 256),
 
 
 def test_every_seg_row_has_the_references_aux_head_weight_and_syncbn():
-    from kd_ref import configs, engine, segmentors
+    from kd_ref import engine, segmentors, tasks
     assert segmentors.AUX_LOSS_WEIGHT == 0.4
     cuda_ddp = engine.Runtime(torch.device("cuda", 0), rank=0, world_size=8)
     rows = [r for r in presets.PRESETS.values() if r.task == "seg" and r.data != "synthetic"]
@@ -529,7 +529,7 @@ def test_every_seg_row_has_the_references_aux_head_weight_and_syncbn():
     for recipe in rows:
         for arch in {recipe.student, recipe.teacher} - {None}:
             with torch.device("meta"):
-                model = configs.TASKS["seg"].build_model(recipe, arch)
+                model = tasks.TASKS["seg"].build_model(recipe, arch)
             level, in_channels, width = AUX_HEADS[recipe.flavour, int(arch.split("_r")[1])]
             conv = model.aux_head.block[0]
             assert (model.backbone.out_channels[level], conv.in_channels, conv.out_channels) == (

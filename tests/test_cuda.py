@@ -33,7 +33,7 @@ import pytest
 import torch
 
 import train
-from kd_ref import configs, engine, presets, presets_seg, syncs, transforms
+from kd_ref import engine, presets, presets_seg, syncs, tasks, transforms
 from kd_ref.recipe import Recipe
 from train_helpers import train_crashing_in_step
 
@@ -100,7 +100,7 @@ def test_every_preset_trains_resumes_and_evaluates_on_cuda(preset, precision, tm
     steps = _logged_losses(tmp_path)
     assert [step["iteration"] for step in steps] == [1, 2, 3]   # log.jsonl numbers the steps from 1
     assert all(math.isfinite(value) for step in steps for key, value in step.items() if key.startswith("loss"))
-    main_metric = configs.TASKS[syncs.probe_recipe(preset).task].main_metric
+    main_metric = tasks.TASKS[syncs.probe_recipe(preset).task].main_metric
     assert metrics[main_metric] is not None
 
 
@@ -197,10 +197,10 @@ def test_ddp_over_nccl_with_syncbatchnorm_trains_and_resumes(tmp_path):
                                              world_size=1)
         try:
             recipe = syncs.probe_recipe("synthetic_seg_none")
-            model = configs.TASKS["seg"].build_model(recipe, recipe.student).to(CUDA)
+            model = tasks.TASKS["seg"].build_model(recipe, recipe.student).to(CUDA)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0] if CUDA == "cuda" else None)
-            dataset, collate = configs.TASKS["seg"].build_data(recipe, "train", None)
+            dataset, collate = tasks.TASKS["seg"].build_data(recipe, "train", None)
             first_epoch = engine.EpochAugmentation(dataset, recipe.seed)
             batch = dataset.prepare_batch(engine.move_to(collate([first_epoch[i] for i in range(2)]), CUDA))
             losses = ddp(batch["images"], batch["targets"])["losses"]
@@ -253,7 +253,7 @@ def _assert_batches_match(cuda, cpu, image_atol, where="batch"):
 def test_device_step_on_cuda_equals_the_cpus(probe):
     recipe = DEVICE_STEP_PROBES[probe]
     for split in ("train", "val"):
-        dataset, collate = configs.TASKS[recipe.task].build_data(recipe, split, None)
+        dataset, collate = tasks.TASKS[recipe.task].build_data(recipe, split, None)
         samples = (engine.EpochAugmentation(dataset, recipe.seed) if split == "train" else dataset)
         def collated():   # a fresh batch for each device: a device step may work in place
             return collate([samples[i] for i in range(2 if split == "train" else 1)])

@@ -201,12 +201,12 @@ def test_synthetic_demo_batches_are_bit_identical_to_the_former_pipeline(task):
     import dataclasses
     import hashlib
 
-    from kd_ref import configs, engine
+    from kd_ref import engine, tasks
 
     recipe = PRESETS[default_preset(task, "none", "synthetic")]
     recipe = dataclasses.replace(recipe, synthetic_train=3, synthetic_val=2)
     for split in ("train", "val"):
-        dataset, collate = configs.TASKS[task].build_data(recipe, split, None)
+        dataset, collate = tasks.TASKS[task].build_data(recipe, split, None)
         if split == "train":
             augmented = engine.EpochAugmentation(dataset, recipe.seed)
             augmented.epoch = 1
@@ -232,13 +232,13 @@ CITYSCAPES_BATCH_DIGESTS = {
 def test_exported_cityscapes_batches_are_bit_identical_to_the_former_pipeline(tmp_path, preset):
     import dataclasses
 
-    from kd_ref import configs, engine
+    from kd_ref import engine, tasks
 
     export.export("cityscapes", str(tmp_path), num_train=4, num_val=1, size=(48, 64), seed=0)
     recipe = dataclasses.replace(PRESETS[preset], crop=(40, 56), num_classes=9)
     digests, geometry = [], []
     for split in ("train", "val"):
-        dataset, collate = configs.TASKS["seg"].build_data(recipe, split, str(tmp_path))
+        dataset, collate = tasks.TASKS["seg"].build_data(recipe, split, str(tmp_path))
         for epoch in ((0, 1, 2) if split == "train" else (0,)):
             augmented = engine.EpochAugmentation(dataset, recipe.seed)
             augmented.epoch = epoch

@@ -40,7 +40,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kd_ref import configs, engine
+from kd_ref import engine, methods, tasks
 from kd_ref.gdd import GDDLoss
 from kd_ref.presets import PRESETS
 
@@ -181,7 +181,7 @@ GEOMETRY = ("orig_size", "size", "flipped")
 def _samples(recipe, split: str, rank: int, world_size: int, sharded: bool = False) -> list:
     """Per iteration, the list of batches this process computes its objective on: its own shard; in one
     process the whole batch of both, or with ``sharded`` the two shards, whose objectives it averages."""
-    dataset, collate_samples = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+    dataset, collate_samples = tasks.TASKS[recipe.task].build_data(recipe, "train", None)
 
     def collate(samples: list) -> dict:  # what the engine trains on: collated, then the device half
         return dataset.prepare_batch(collate_samples(samples))
@@ -213,13 +213,13 @@ def _build(case: str):
     if task == "seg-tiny":
         student, teacher = TinySegmentor(recipe.num_classes), TinySegmentor(recipe.num_classes)
     else:
-        student = configs.TASKS[recipe.task].build_model(recipe, recipe.student)
-        teacher = configs.TASKS[recipe.task].build_model(recipe, recipe.teacher or recipe.student)
+        student = tasks.TASKS[recipe.task].build_model(recipe, recipe.student)
+        teacher = tasks.TASKS[recipe.task].build_model(recipe, recipe.teacher or recipe.student)
     if case in SPREAD_SCORES:
         for model in (student, teacher):
             _spread_class_scores(model)
     teacher.eval().requires_grad_(False)
-    method = configs.METHODS[method_name]
+    method = methods.METHODS[method_name]
     distiller = method.build(recipe, student, teacher) if method.build else None
     return recipe, split, student, teacher, distiller, method.bind.get(recipe.task)
 
@@ -284,11 +284,11 @@ def _sokd_search(search_mode: str, runtime: engine.Runtime) -> dict:
     recipe = dataclasses.replace(base, method="sokd", method_options={**options, "search_mode": search_mode},
                                  batch_size=4)
     torch.manual_seed(0)
-    task = configs.TASKS[recipe.task]
+    task = tasks.TASKS[recipe.task]
     student = task.build_model(recipe, recipe.student)
     teacher = task.build_model(recipe, recipe.teacher or recipe.student)
     teacher.eval().requires_grad_(False)
-    plugin = configs.METHODS["sokd"].build(recipe, student, teacher)
+    plugin = methods.METHODS["sokd"].build(recipe, student, teacher)
     student.train()
     _freeze_batchnorm(student, plugin)
     search = plugin.search
@@ -301,7 +301,7 @@ def _sokd_search(search_mode: str, runtime: engine.Runtime) -> dict:
 
     search._shift_theta = recording_shift
     batch, = _samples(recipe, "distinct", runtime.rank, runtime.world_size)[0]
-    objective = engine.search_objective(student, teacher, plugin, configs.METHODS["sokd"].bind[recipe.task], None)
+    objective = engine.search_objective(student, teacher, plugin, methods.METHODS["sokd"].bind[recipe.task], None)
     grads = search.policy_gradients(batch, objective)
     averaged = [g.clone() for g in grads]
     if runtime.world_size > 1:

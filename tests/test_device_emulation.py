@@ -54,7 +54,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
 
-from kd_ref import configs, engine, transforms
+from kd_ref import engine, methods, tasks, transforms
 from kd_ref.skd import DepthSKDDistiller, SKDDistiller
 from kd_ref.presets import PRESETS
 from kd_ref.presets_seg import SKD_ORIGINAL_OPTIONS
@@ -279,7 +279,7 @@ BATCH = 2
 def collated(recipe: Recipe, split: str, count: int = BATCH) -> tuple:
     """The data set of ``split`` and a collated batch of its first ``count`` samples, or all of a smaller set
     (CPU, as a worker makes it)."""
-    dataset, collate = configs.TASKS[recipe.task].build_data(recipe, split, None)
+    dataset, collate = tasks.TASKS[recipe.task].build_data(recipe, split, None)
     samples = range(min(count, len(dataset)))
     return dataset, collate([dataset.get(index, np.random.default_rng(index)) for index in samples])
 
@@ -331,7 +331,7 @@ def built():
     cache = {}
 
     def get(recipe: Recipe) -> dict:
-        task = configs.TASKS[recipe.task]
+        task = tasks.TASKS[recipe.task]
         key = (recipe.task, recipe.student, recipe.teacher, tuple(sorted(recipe.model_options.items())))
         if key not in cache:
             torch.manual_seed(0)
@@ -356,7 +356,7 @@ def test_model_forward(name, built):
     """The training forward (task losses) and the evaluation (``engine.evaluate``: the evaluation split's
     device step, the inference forward, the task's metric updates) on the device."""
     recipe = MODEL_RECIPES[name]
-    task = configs.TASKS[recipe.task]
+    task = tasks.TASKS[recipe.task]
     with emulated_device():
         entry = built(recipe)
         val_set, collate = task.build_data(recipe, "val", None)
@@ -391,24 +391,23 @@ def test_distiller_forward(name, built):
     those two. No synthetic preset has an adversary (SKD's holistic term: :func:`test_skd_holistic_terms`)."""
     options = {"pgm_max_images": 2} if PRESETS[name].method == "gkd" else {}
     recipe = small(PRESETS[name], method_options={**PRESETS[name].method_options, **options})
-    method = configs.METHODS[recipe.method]
+    method = methods.METHODS[recipe.method]
     runtime = engine.Runtime(DEVICE)
     with emulated_device():
         entry = built(recipe)
         student, teacher, batch = entry["student"], entry["teacher"], entry["batch"]
         distiller = method.build(recipe, student, teacher).to(DEVICE)
         bind = method.bind[recipe.task]
-        if hasattr(distiller, "before_epoch"):
-            dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
+        if recipe.method == "gkd":
+            dataset, collate = tasks.TASKS[recipe.task].build_data(recipe, "train", None)
             distiller.before_epoch(engine.EpochContext(0, student, teacher, dataset, collate, runtime, 1))
             assert distiller.prototypes is not None
         bound = bind(entry["student_out"], entry["teacher_out"], batch)
         losses = distiller(**bound)
         assert losses and on_device(losses)
-        if hasattr(distiller, "after_step"):
-            objective = engine.search_objective(student, teacher, distiller, bind, entry["teacher_out"],
-                                                recipe.task_loss_weight)
-            distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
+        objective = engine.search_objective(student, teacher, distiller, bind, entry["teacher_out"],
+                                            recipe.task_loss_weight)
+        distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
 
 
 @pytest.mark.parametrize("options", [{}, SKD_ORIGINAL_OPTIONS], ids=["cirkd", "original"])

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 import train
-from kd_ref import configs, engine
+from kd_ref import engine, kd, methods, tasks
+from kd_ref.distiller import Method
 from kd_ref.engine import (BatchNormWatch, ResumableSampler, Runtime, atomic_save, check_teacher_outputs,
                            load_checkpoint, lr_factor, synchronise_batchnorm, weighted_task_losses)
 from kd_ref.skd import SKDDistiller
@@ -176,10 +177,10 @@ def tiny_cls_recipe(**fields):
 def run_recorded(tmp_path, monkeypatch, recipe):
     from kd_ref import engine
     recorder = EpochRecorder()
-    monkeypatch.setitem(configs.METHODS, "recorder", configs.Method(lambda *models: recorder,
+    monkeypatch.setitem(methods.METHODS, "recorder", Method(lambda *models: recorder,
                                                                      {"cls": lambda s, t, b: {}}))
     teacher_ckpt = tmp_path / "teacher.pt"
-    torch.save({"model": configs.TASKS["cls"].build_model(recipe, "resnet8").state_dict()}, teacher_ckpt)
+    torch.save({"model": tasks.TASKS["cls"].build_model(recipe, "resnet8").state_dict()}, teacher_ckpt)
     recipe = dataclasses.replace(recipe, method="recorder", teacher="resnet8")
     engine.train(recipe, str(tmp_path / "run"), Runtime(torch.device("cpu")), teacher_ckpt=str(teacher_ckpt),
                  workers=0, quiet=True)
@@ -315,12 +316,12 @@ def _batchnorm_kinds(module: nn.Module) -> set:
 def test_cuda_ddp_synchronises_the_batchnorm_each_reference_synchronises(name):
     from kd_ref import presets
     recipe = presets.PRESETS[name]
-    task = configs.TASKS[recipe.task]
+    task = tasks.TASKS[recipe.task]
     # SoKD's policy samples on construction, which the meta device cannot; its presets here are small on the CPU
     with torch.device("cpu" if recipe.method == "sokd" else "meta"):
         student = task.build_model(recipe, recipe.student, pretrained=None)
         teacher = task.build_model(recipe, recipe.teacher, pretrained=None)
-        distiller = configs.METHODS[recipe.method].build(recipe, student, teacher)
+        distiller = methods.METHODS[recipe.method].build(recipe, student, teacher)
     student = synchronise_batchnorm(student, distiller, Runtime(torch.device("cuda", 0), rank=0, world_size=8),
                                     recipe.sync_bn)
     student_synced, distiller_synced = BATCHNORM_SYNCED_UNDER_DDP[name]
@@ -413,7 +414,7 @@ class InfiniteCritic(nn.Module):
 
 
 def test_non_finite_extra_loss_stops_before_the_student_steps(tmp_path, tiny_cls_teacher, monkeypatch):
-    monkeypatch.setitem(configs.METHODS, "critic", configs.Method(lambda *_: InfiniteCritic(), {"cls": configs._logits}))
+    monkeypatch.setitem(methods.METHODS, "critic", Method(lambda *_: InfiniteCritic(), {"cls": kd.METHOD.bind["cls"]}))
     sgd_steps = []
     real_step = torch.optim.SGD.step
     monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: sgd_steps.append(1) or real_step(self, *a, **k))
@@ -524,7 +525,7 @@ def test_kd_reads_the_device_once_per_iteration_and_the_teacher_range_once(tmp_p
 
 
 def test_both_optimizers_under_grad_scalers_share_the_one_read(tmp_path, tiny_cls_teacher, monkeypatch):
-    monkeypatch.setitem(configs.METHODS, "critic", configs.Method(lambda *_: FiniteCritic(), {"cls": configs._logits}))
+    monkeypatch.setitem(methods.METHODS, "critic", Method(lambda *_: FiniteCritic(), {"cls": kd.METHOD.bind["cls"]}))
     scalers = []
     real_scaler = torch.amp.GradScaler
 

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kd_ref import configs, detectors
+from kd_ref import detectors, methods
 from kd_ref.detectors import (build_detector, fcos_centerness_target, fcos_iou_loss, fcos_points, fcos_targets)
 from model_helpers import ReferenceFile, count_parameters, place_resnet_by_hand, put
 from kd_ref.presets import PRESETS
@@ -353,7 +353,7 @@ def test_fcos_code_files_are_evaluated_on_the_codes_input_statistics_and_refused
                                                                                            capsys):
     import dataclasses
     import evaluate
-    from kd_ref import configs, convert
+    from kd_ref import convert
     name = "synthetic_det_fcos_teacher"
     preset = dataclasses.replace(PRESETS[name], student="fcos_r50", synthetic_val=2,
                                  synthetic_size=(64, 64), image_scale=(64, 64))
@@ -413,7 +413,7 @@ def test_train_refuses_a_teacher_trained_on_other_input_statistics_before_any_wo
 
 def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(tmp_path, capsys):
     import dataclasses
-    from kd_ref import configs, convert, engine
+    from kd_ref import convert, engine
     src, dst = tmp_path / "FCOS_imprv_R_50_FPN_1x.pth", tmp_path / "fcos_r50.pt"
     torch.save(fcos_code_resnet_file(50), src)
     assert convert.main(["--task", "det", "--arch", "fcos_r50", str(src), str(dst)]) == 0
@@ -432,7 +432,7 @@ def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(
 @pytest.mark.parametrize("method", ["none", "skd", "dist", "gdd"])
 def test_synthetic_fcos_demo_presets_check_and_train_their_teacher_first(method):
     recipe = PRESETS[f"synthetic_det_fcos_{method}"]
-    configs.check_recipe(recipe)
+    methods.check_recipe(recipe)
     teacher = PRESETS[recipe.teacher_preset]
-    configs.check_recipe(teacher)
+    methods.check_recipe(teacher)
     assert teacher.student == recipe.teacher and teacher.teacher is None and teacher.iters > recipe.iters

@@ -1,5 +1,5 @@
-"""Detection distillation wiring (issue 5): the GKD registry entry and its per-epoch prototype schedule
-(kd_ref/drivers.py ScheduledGKDDistiller, kd_ref/configs.py "GKD (issue 5)"), and a few iterations of GKD,
+"""Detection distillation wiring: the GKD registry entry and its per-epoch prototype schedule
+(kd_ref/gkd.py ScheduledGKDDistiller and its wiring), and a few iterations of GKD,
 GDD and DIST on both detectors through train.py, with a prototype regeneration and an exact resume."""
 import dataclasses
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from kd_ref import configs, drivers, engine
+from kd_ref import engine, gkd, methods
 from kd_ref.presets import PRESETS, default_preset
 from kd_ref.recipe import Recipe
 
@@ -62,8 +62,8 @@ def test_gkd_regenerates_prototypes_every_epoch_and_resumes_exactly(teachers, tm
     """RetinaNet, 3 iterations of 2 per epoch: PGM before epochs 0 and 1; a run stopped mid-epoch 0 keeps
     its prototypes and schedule through last.pt and ends with the same weights and prototypes."""
     calls = []
-    real_set = drivers.ScheduledGKDDistiller.set_prototypes
-    monkeypatch.setattr(drivers.ScheduledGKDDistiller, "set_prototypes",
+    real_set = gkd.ScheduledGKDDistiller.set_prototypes
+    monkeypatch.setattr(gkd.ScheduledGKDDistiller, "set_prototypes",
                         lambda self, *parts: calls.append(self.epoch) or real_set(self, *parts))
     flags = ["--iters", "3", "--ckpt-every", "1", *TINY_GKD]
     run(teachers, "retinanet_r18", "gkd", tmp_path / "straight", *flags)
@@ -107,7 +107,7 @@ def test_a_nan_teacher_stops_the_run_before_the_prototype_pass(teachers, tmp_pat
     broken = str(tmp_path / "nan_teacher.pt")
     torch.save(ckpt, broken)
     passes = []
-    monkeypatch.setattr(drivers.ScheduledGKDDistiller, "before_epoch", lambda self, context: passes.append(context))
+    monkeypatch.setattr(gkd.ScheduledGKDDistiller, "before_epoch", lambda self, context: passes.append(context))
     code = train.run([*TINY, "--preset", "synthetic_det_retinanet_gkd", "--student", "retinanet_r18", "--teacher",
                       "retinanet_r18", "--teacher-ckpt", broken, "--iters", "1", *TINY_GKD, "--out", str(tmp_path / "run")])
     error = capsys.readouterr().err.strip().splitlines()
@@ -134,8 +134,8 @@ def test_faster_rcnn_bind_keeps_the_positive_rois_split_per_image():
         return {"rois": rois, "roi_labels": roi_labels, "roi_levels": torch.tensor([0, 0, 1, 0]),
                 "roi_cls_logits": torch.arange(16.).view(4, 4) + offset,
                 "roi_feats": torch.zeros(4, channels, 7, 7),
-                "feats": {name: torch.zeros(2, channels, 8, 8) for name in configs.GKD_TWO_STAGE_LEVELS}}
-    bound = configs.METHODS["gkd"].bind["det"](outputs(0), outputs(100), {"images": torch.zeros(2, 3, 64, 64)})
+                "feats": {name: torch.zeros(2, channels, 8, 8) for name in gkd.TWO_STAGE_LEVELS}}
+    bound = methods.METHODS["gkd"].bind["det"](outputs(0), outputs(100), {"images": torch.zeros(2, 3, 64, 64)})
     assert [b.tolist() for b in bound["inst_boxes"]] == [[[0, 0, 10, 10]], [[2, 2, 30, 30], [0, 0, 8, 8]]]
     assert [lab.tolist() for lab in bound["inst_labels"]] == [[1], [2, 0]]
     assert bound["roi_labels"].tolist() == [1, 2, 0] and bound["roi_levels"].tolist() == [0, 1, 0]
@@ -146,7 +146,7 @@ def test_faster_rcnn_bind_keeps_the_positive_rois_split_per_image():
 def test_anchor_level_features_pool_each_box_on_its_own_level():
     feats = [torch.arange(2 * 16 * 16.).view(1, 2, 16, 16), torch.full((1, 2, 8, 8), -1.)]
     boxes = torch.tensor([[0, 0, 16, 16], [0, 0, 200, 200], [8, 8, 16, 16.]])   # levels 0, 1, 0 (finest_scale 56)
-    pooled, levels = drivers.anchor_level_features(feats, boxes, torch.zeros(3, dtype=torch.long), (8, 16))
+    pooled, levels = gkd.anchor_level_features(feats, boxes, torch.zeros(3, dtype=torch.long), (8, 16))
     assert levels.tolist() == [0, 1, 0] and pooled.shape == (3, 2, 1, 1)
     assert torch.equal(pooled[:, :, 0, 0], torch.stack([
         feats[0][0, :, 0:3, 0:3].mean(dim=(1, 2)), torch.tensor([-1., -1.]), feats[0][0, :, 1:3, 1:3].mean(dim=(1, 2))]))
@@ -155,7 +155,7 @@ def test_anchor_level_features_pool_each_box_on_its_own_level():
 def test_gkd_build_rejects_mixed_detector_kinds():
     recipe = Recipe(task="det", method="gkd", student="retinanet_r18", teacher="faster_rcnn_r18")
     with pytest.raises(ValueError, match="same kind of detector"):
-        configs.METHODS["gkd"].build(recipe, None, None)
+        methods.METHODS["gkd"].build(recipe, None, None)
 
 
 # -------------------------------------------------------------------------------------------- presets

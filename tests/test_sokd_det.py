@@ -1,4 +1,4 @@
-"""SoKD on detection (issue 6; kd_ref/configs.py "SoKD on detection"): the registry's det wiring (tap on
+"""SoKD on detection (kd_ref/sokd.py, its wiring): the registry's det wiring (tap on
 the last FPN level, the COCO row's DAM settings and bases, feature base GDD), the presets, and a few
 iterations of Faster R-CNN through train.py with the policy search and an exact resume."""
 import dataclasses
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import train
-from kd_ref import configs, engine, presets_det
+from kd_ref import engine, methods, presets_det, sokd
 from kd_ref.gdd import GDDDistiller
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS, default_preset
@@ -57,8 +57,8 @@ def test_plugin_taps_the_last_fpn_level_over_the_feature_base_gdd():
     recipe = dataclasses.replace(PRESETS["synthetic_det_frcnn_sokd"],
                                  method_options={**TINY_SOKD, "base": "gdd"})
     student, teacher = Pyramid(8), Pyramid(16)
-    plugin = configs.METHODS["sokd"].build(recipe, student, teacher)
-    assert plugin.tap == "p6" and configs.sokd_tap(dataclasses.replace(recipe, student="retinanet_r18")) == "p7"
+    plugin = methods.METHODS["sokd"].build(recipe, student, teacher)
+    assert plugin.tap == "p6" and sokd.default_tap(dataclasses.replace(recipe, student="retinanet_r18")) == "p7"
     assert plugin.sokd.adapter.conv.kernel_size == (1, 1) and plugin.sokd.adapter.conv.out_channels == 16
     assert plugin.sokd.dam.heatmap_head[2].out_channels == 2 and plugin.sokd.k == 2
     assert isinstance(plugin.base.distiller, GDDDistiller)
@@ -76,10 +76,10 @@ def test_bases_are_checked_against_the_task_and_detector():
     retinanet = dataclasses.replace(PRESETS["synthetic_det_frcnn_sokd"], student="retinanet_r18",
                                     teacher="retinanet_r18")
     with pytest.raises(ValueError, match="RoI class logits; retinanet_r18 has none"):
-        configs.METHODS["sokd"].build(retinanet, Pyramid(8), Pyramid(8))
+        methods.METHODS["sokd"].build(retinanet, Pyramid(8), Pyramid(8))
     cls = dataclasses.replace(PRESETS["synthetic_cls_sokd"], method_options={"base": "gdd"})
     with pytest.raises(ValueError, match=r"--sokd-base gdd: for --task cls expected one of \['none', 'kd', 'dist'\]"):
-        configs.METHODS["sokd"].build(cls, None, None)
+        methods.METHODS["sokd"].build(cls, None, None)
 
 
 def test_sokd_trains_faster_rcnn_with_the_search_and_resumes_exactly(tmp_path, monkeypatch, teacher_ckpt):
@@ -108,7 +108,7 @@ def test_retinanet_demo_plugs_sokd_into_gdd_at_p6():
     recipe = PRESETS["synthetic_det_retinanet_sokd"]
     assert recipe.method_options["base"] == "gdd" and recipe.method_options["search_iters"] == recipe.iters // 5
     assert recipe.method_options["base_options"]["gdd"] == presets_det.SYNTHETIC_DET_METHOD_OPTIONS["gdd"]["retinanet"]
-    plugin = configs.METHODS["sokd"].build(recipe, Pyramid(8), Pyramid(8))
+    plugin = methods.METHODS["sokd"].build(recipe, Pyramid(8), Pyramid(8))
     assert plugin.tap == "p6" and isinstance(plugin.base.distiller, GDDDistiller)
     assert all(loss.alpha == 65.0 for loss in plugin.base.distiller.losses.values())
     assert default_preset("det", "kd", "synthetic") == "synthetic_det_frcnn_kd"

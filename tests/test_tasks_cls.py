@@ -1,5 +1,5 @@
 """Tests for the classification task (kd_ref/tasks.py ClsTask, its presets and method bindings in
-kd_ref/configs.py) and for SoKD as a plug-in through the engine: real-format fixture trees, metrics,
+the method files) and for SoKD as a plug-in through the engine: real-format fixture trees, metrics,
 and end-to-end ``train.main`` runs with exact resume."""
 import dataclasses
 import json
@@ -10,8 +10,8 @@ import torch
 
 import evaluate
 import train
-from kd_ref import configs, engine, export, synthetic
-from kd_ref.drivers import SoKDPlugin
+from kd_ref import engine, export, methods, synthetic
+from kd_ref.sokd import SoKDPlugin
 from kd_ref.tasks import ClsTask, SyntheticObjects
 from kd_ref.presets import PRESETS, default_preset
 from kd_ref.recipe import Recipe
@@ -162,7 +162,7 @@ def test_sokd_plugin_searches_through_the_engine_hook(tmp_path, teacher_ckpt):
     ckpt = engine.load_checkpoint(str(tmp_path / "last.pt"))
     recipe = Recipe(**ckpt["recipe"])
     student = TASK.build_model(recipe, recipe.student)
-    fresh = configs.METHODS["sokd"].build(recipe, student, TASK.build_model(recipe, recipe.teacher))
+    fresh = methods.METHODS["sokd"].build(recipe, student, TASK.build_model(recipe, recipe.teacher))
     assert isinstance(fresh, SoKDPlugin) and fresh.tap == "c4"
     assert not torch.equal(ckpt["distiller"]["sokd.policy.prob"], fresh.sokd.policy.prob.detach())
     adam = ckpt["distiller"]["_extra_state"]["search"]["optimizer"]

@@ -1,5 +1,6 @@
 """--task depth end to end (synthetic scenes and an exported NYUDv2 tree: train, resume, evaluate) and FCOS
 trained through --task det with SKD, DIST and GDD."""
+import dataclasses
 import json
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine, export
+from kd_ref import datasets, engine, export, methods
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS
 
@@ -75,14 +76,14 @@ def test_nyu_tree_without_split_list_is_one_line_error(tmp_path, capsys):
 def test_depth_recipe_errors_name_the_field():
     recipe = PRESETS["synthetic_depth_none"]
     with pytest.raises(ValueError, match="--student pspnet_r18: --task depth supports"):
-        configs.check_recipe(configs.dataclasses.replace(recipe, student="pspnet_r18"))
+        methods.check_recipe(dataclasses.replace(recipe, student="pspnet_r18"))
     with pytest.raises(ValueError, match=r"model_options \['bins'\]"):
-        configs.check_recipe(configs.dataclasses.replace(recipe, model_options={"bins": 3}))
+        methods.check_recipe(dataclasses.replace(recipe, model_options={"bins": 3}))
     with pytest.raises(ValueError, match="skd on detection distils FCOS"):
-        configs.check_recipe(configs.dataclasses.replace(PRESETS["synthetic_det_fcos_skd"],
+        methods.check_recipe(dataclasses.replace(PRESETS["synthetic_det_fcos_skd"],
                                                          teacher="retinanet_r18"))
     with pytest.raises(ValueError, match="gkd: fcos_mv2_c64 is an FCOS"):
-        configs.check_recipe(configs.dataclasses.replace(PRESETS["synthetic_det_fcos_none"], method="gkd"))
+        methods.check_recipe(dataclasses.replace(PRESETS["synthetic_det_fcos_none"], method="gkd"))
 
 
 @pytest.fixture(scope="module")
@@ -111,4 +112,4 @@ def test_nyu_row_has_vnls_loss_weight_weight_decay_and_square_crop():
     recipe = PRESETS["skd_depth_mv2_nyu"]
     assert recipe.model_options["lambda_vn"] == 6.0 and recipe.weight_decay == 5e-4 and recipe.crop == (385, 385)
     with pytest.raises(ValueError, match=r"^--crop 385 512: NYUDv2 runs VNL's square crops \(H = W\)$"):
-        configs.check_recipe(configs.dataclasses.replace(recipe, crop=(385, 512)))
+        methods.check_recipe(dataclasses.replace(recipe, crop=(385, 512)))

@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine, export, synthetic, tasks
+from kd_ref import datasets, engine, export, synthetic, tasks
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe
@@ -182,7 +182,7 @@ def test_synthetic_map_uses_the_area_under_the_curve():
 
 # -------------------------------------------------------------------------------------- recipe checks
 def test_recipe_errors_list_what_is_supported(coco_tree):
-    task = configs.TASKS["det"]
+    task = tasks.TASKS["det"]
     with pytest.raises(ValueError, match="--student yolo_r18: --task det supports retinanet_r18, .*faster_rcnn_r101"):
         task.check_recipe(det_recipe("synthetic", student="yolo_r18"))
     with pytest.raises(ValueError, match=r"--data cityscapes: --task det supports \['synthetic', 'voc', 'coco'\]"):
@@ -224,14 +224,14 @@ def test_coco_tree_trains_and_evaluates_through_the_clis(coco_tree, tmp_path):
 
 
 def test_aspect_groups_come_from_the_annotations(voc_tree, coco_tree):
-    coco, _ = configs.TASKS["det"].build_data(det_recipe("coco"), "train", str(coco_tree))
+    coco, _ = tasks.TASKS["det"].build_data(det_recipe("coco"), "train", str(coco_tree))
     voc = datasets.DetectionSet(datasets.VOCDetection(str(voc_tree), image_sets=("2007/test",)), transform=None)
     for train_set in (coco, voc):
         assert list(train_set.aspect_groups()) == [1] * len(train_set)  # 128 wide, 96 high: w / h > 1
     # an annotation without <size>: the image is read, as mmdet's XMLDataset does
     voc.base.records[0]["size"] = None
     assert voc.base.image_sizes()[0] == SIZE
-    synthetic, _ = configs.TASKS["det"].build_data(det_recipe("synthetic", synthetic_train=3, synthetic_size=(64, 64)),
+    synthetic, _ = tasks.TASKS["det"].build_data(det_recipe("synthetic", synthetic_train=3, synthetic_size=(64, 64)),
                                                    "train", None)
     assert list(synthetic.aspect_groups()) == [0, 0, 0]                 # square scenes: w / h = 1
 

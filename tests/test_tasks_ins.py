@@ -14,7 +14,7 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 import train
-from kd_ref import configs, datasets, engine, export, metrics, synthetic
+from kd_ref import datasets, engine, export, methods, metrics, synthetic, tasks
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS, default_preset, teacher_recipe
 from kd_ref.recipe import Recipe
@@ -114,10 +114,10 @@ def test_gdd_init_student_copies_the_teacher_neck_and_head(solo_teacher):
     recipe = Recipe(**{**engine.load_checkpoint(str(teacher / "last.pt"))["recipe"], "method": "gdd",
                                "teacher": "solo_synth_r18",
                                "method_options": {"alpha": 200.0, "tau": 4.0, "init_student": True}})
-    task = configs.TASKS["ins"]
+    task = tasks.TASKS["ins"]
     student, teacher_model = task.build_model(recipe, recipe.student), task.build_model(recipe, recipe.teacher)
     teacher_model.load_state_dict(engine.load_checkpoint(str(teacher / "last.pt"))["model"])
-    configs.METHODS["gdd"].build(recipe, student, teacher_model)
+    methods.METHODS["gdd"].build(recipe, student, teacher_model)
     assert torch.equal(student.head.conv_cls.weight, teacher_model.head.conv_cls.weight)
     assert not torch.equal(student.backbone.stem[0].weight, teacher_model.backbone.stem[0].weight)
 
@@ -143,7 +143,7 @@ def test_ins_presets_have_sources_and_baseline_twins():
     twin = PRESETS["gdd_solo_r50_fpn_1x_coco_baseline"]
     assert twin.method == "none" and twin.grad_clip is None and twin.student == "solo_r50"
     assert default_preset("ins", "gdd", "synthetic") == "synthetic_ins_solo_gdd"
-    assert configs.supported_methods("ins") == ["gdd", "none"]
+    assert methods.supported_methods("ins") == ["gdd", "none"]
 
 
 def test_synthetic_demo_teachers_are_the_students_architecture_trained_three_times_as_long():
@@ -164,7 +164,7 @@ def _batch_norms(model):
 
 
 def test_synthetic_presets_train_the_whole_backbone_with_batch_statistics():
-    task = configs.TASKS["ins"]
+    task = tasks.TASKS["ins"]
     for name in ("synthetic_ins_solo_none", "synthetic_ins_solo_teacher", "synthetic_ins_maskrcnn_gdd"):
         recipe = PRESETS[name]
         assert recipe.model_options == {"frozen_stages": -1, "norm_eval": False}
@@ -176,7 +176,7 @@ def test_synthetic_presets_train_the_whole_backbone_with_batch_statistics():
 def test_instance_models_default_to_mmdet_frozen_stem_and_eval_batch_norms():
     recipe = dataclasses.replace(PRESETS["solo_r50_fpn_1x_coco"], student="solo_r18")
     assert recipe.model_options == {} and PRESETS["gdd_maskrcnn_r50_fpn_2x_coco"].model_options == {}
-    model = configs.TASKS["ins"].build_model(recipe, recipe.student).train()
+    model = tasks.TASKS["ins"].build_model(recipe, recipe.student).train()
     backbone = model.backbone
     assert not any(p.requires_grad for p in [*backbone.stem.parameters(), *backbone.layer1.parameters()])
     assert all(p.requires_grad for p in backbone.layer2.parameters())
@@ -186,6 +186,6 @@ def test_instance_models_default_to_mmdet_frozen_stem_and_eval_batch_norms():
 def test_unknown_instance_model_option_is_refused():
     recipe = PRESETS["synthetic_ins_solo_none"]
     with pytest.raises(ValueError, match=r"model_options \['frozen'\]: --task ins takes \['frozen_stages', 'norm_eval'\]"):
-        configs.check_recipe(dataclasses.replace(recipe, model_options={"frozen": 0}))
+        methods.check_recipe(dataclasses.replace(recipe, model_options={"frozen": 0}))
     with pytest.raises(ValueError, match="norm_eval must be True or False, got 0"):
-        configs.TASKS["ins"].build_model(dataclasses.replace(recipe, model_options={"norm_eval": 0}), recipe.student)
+        tasks.TASKS["ins"].build_model(dataclasses.replace(recipe, model_options={"norm_eval": 0}), recipe.student)

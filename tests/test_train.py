@@ -17,7 +17,7 @@ from PIL import Image
 
 import evaluate
 import train
-from kd_ref import configs, convert, engine, export, segmentors, synthetic
+from kd_ref import convert, datasets, engine, export, segmentors, synthetic, tasks
 from kd_ref.recipe import reference_launch
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS
@@ -245,7 +245,7 @@ def _cache_untrained_teacher(argv: list, out) -> None:
     recipe = train.build_recipe(train.parse_args(argv))[1]
     teacher = Path(train.teacher_folder(recipe, str(out)))
     teacher.mkdir(parents=True)
-    torch.save({"model": configs.TASKS["cls"].build_model(recipe, recipe.teacher).state_dict()}, teacher / "last.pt")
+    torch.save({"model": tasks.TASKS["cls"].build_model(recipe, recipe.teacher).state_dict()}, teacher / "last.pt")
     (teacher / "metrics.json").write_text("{}")
 
 
