@@ -58,6 +58,7 @@ from kd_ref import configs, engine, transforms
 from kd_ref.skd import DepthSKDDistiller, SKDDistiller
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import Runtime
 
 DEVICE = torch.device("meta")
 CPU = torch.device("cpu")
@@ -359,7 +360,7 @@ def test_model_forward(name, built):
     with emulated_device():
         entry = built(recipe)
         val_set, collate = task.build_data(recipe, "val", None)
-        metrics = engine.evaluate(task, entry["student"], val_set, collate, engine.Runtime(DEVICE), recipe,
+        metrics = engine.evaluate(task, entry["student"], val_set, collate, Runtime(DEVICE), recipe,
                                   workers=0, quiet=True)
         entry["student"].train()
     assert entry["student_out"]["losses"] and on_device(entry["student_out"]["losses"])
@@ -391,7 +392,7 @@ def test_distiller_forward(name, built):
     options = {"pgm_max_images": 2} if PRESETS[name].method == "gkd" else {}
     recipe = small(PRESETS[name], method_options={**PRESETS[name].method_options, **options})
     method = configs.METHODS[recipe.method]
-    runtime = engine.Runtime(DEVICE)
+    runtime = Runtime(DEVICE)
     with emulated_device():
         entry = built(recipe)
         student, teacher, batch = entry["student"], entry["teacher"], entry["batch"]
