@@ -425,28 +425,47 @@ def train(recipe: "Recipe", out_dir: str, runtime: Runtime, resume: bool = False
                 run.iteration += 1
                 run.log(step, seconds=time.perf_counter() - tick)
                 run.evaluate_if_due()
-                if run.checkpoint(stop_signal=guard.requested(step.stop_signal)):
+                if run.checkpoint(stop_signal=guard.requested(step.values.stop_signal)):
                     break
                 tick = time.perf_counter()
     return run.finish()
 
 
 @dataclass
-class Step:
-    """One iteration's results: the values of every named loss (task and distiller; the extra ones apart
-    until their update) and of the student objective ``total``, read from the device once, the extra
-    objective's gradient norm (None without an extra optimizer), the teacher outputs and the distiller's
-    bound inputs, the lr factor, the data wait and, under DDP, the stop request agreed by all ranks (read with
-    the losses; None in a single process)."""
-    losses: dict
-    extra: dict
+class StepValues:
+    """The iteration's one read from the device (:func:`read_step_values`): every named loss (the task's and the
+    distiller's, weighted; the extra optimizer's apart), the student objective ``total``, the gradient norm of
+    each optimizer (``extra_norm`` None without an extra optimizer) and, under DDP, the stop request agreed by
+    all ranks (``stop_signal``; None in a single process, whose request is on the host)."""
+    losses: dict[str, float]
+    extra: dict[str, float]
     total: float
-    extra_gradient_norm: float | None
+    student_norm: float
+    extra_norm: float | None
+    stop_signal: int | None
+
+
+def read_step_values(losses: dict, extra: dict, total: torch.Tensor, student_norm: torch.Tensor,
+                     extra_norm: torch.Tensor | None, stop_flag: torch.Tensor | None) -> StepValues:
+    """The step's scalars on the device, stacked and read at once: one ``.tolist()``, the iteration's only wait
+    for the device."""
+    optional = [tensor for tensor in (extra_norm, stop_flag) if tensor is not None]
+    scalars = [*losses.values(), *extra.values(), total, student_norm, *optional]
+    values = iter(torch.stack([value.detach().float().reshape(()) for value in scalars]).tolist())
+    return StepValues(losses={name: next(values) for name in losses}, extra={name: next(values) for name in extra},
+                      total=next(values), student_norm=next(values),
+                      extra_norm=None if extra_norm is None else next(values),
+                      stop_signal=None if stop_flag is None else int(next(values)))
+
+
+@dataclass
+class Step:
+    """One iteration's results: its :class:`StepValues`, the teacher outputs (which the step hook's objective
+    reuses), the lr factor and the time spent waiting for the data."""
+    values: StepValues
     teacher_out: dict | None
-    bound: dict | None
     lr_factor: float
     data_seconds: float
-    stop_signal: int | None = None
 
 
 class TrainingRun:
@@ -644,37 +663,29 @@ class TrainingRun:
         losses = {name: value.float() for name, value in losses.items()}
         extra = {name: value.float() for name, value in extra.items()}
         total = sum(losses.values())
-        norms = [backward(optimizers.student, self.scaler, total,
-                          lambda: _average_gradients(optimizers.distiller_params, runtime), recipe.grad_clip)]
+        student_norm = backward(optimizers.student, self.scaler, total,
+                                lambda: _average_gradients(optimizers.distiller_params, runtime), recipe.grad_clip)
+        extra_norm = None
         if optimizers.extra is not None:
-            norms.append(backward(optimizers.extra, self.extra_scaler, sum(extra.values()),
-                                  lambda: _average_gradients(optimizers.extra_params, runtime)))
-        names = [*losses, *extra]
-        flags = [] if stop_flag is None else [stop_flag]
-        values = torch.stack([value.detach().float().reshape(()) for value in
-                              [*losses.values(), *extra.values(), total, *flags, *norms]]).tolist()
-        named = dict(zip(names, values))
-        _check_finite(named, self.iteration)
-        total_value, *stop_signal = values[len(names):len(names) + 1 + len(flags)]
-        student_norm, *extra_norm = values[len(names) + 1 + len(flags):]
-        check_gradient(self.scaler, student_norm, self.iteration, "student")
-        if extra_norm:
-            check_gradient(self.extra_scaler, extra_norm[0], self.iteration, "extra")
-        update(optimizers.student, self.scaler, student_norm)
-        return Step({name: named[name] for name in losses}, {name: named[name] for name in extra}, total_value,
-                    extra_norm[0] if extra_norm else None, teacher_out, bound, factor, data_seconds,
-                    int(stop_signal[0]) if stop_signal else None)
+            extra_norm = backward(optimizers.extra, self.extra_scaler, sum(extra.values()),
+                                  lambda: _average_gradients(optimizers.extra_params, runtime))
+        values = read_step_values(losses, extra, total, student_norm, extra_norm, stop_flag)
+        _check_finite({**values.losses, **values.extra}, self.iteration)
+        check_gradient(self.scaler, values.student_norm, self.iteration, "student")
+        if values.extra_norm is not None:
+            check_gradient(self.extra_scaler, values.extra_norm, self.iteration, "extra")
+        update(optimizers.student, self.scaler, values.student_norm)
+        return Step(values, teacher_out, factor, data_seconds)
 
     def extra_step(self, step: Step) -> None:
         """The update of the distiller's own optimizer (an adversary) from the gradients of its extra losses
-        (:meth:`train_step`), which join the logged ones."""
+        (:meth:`train_step`)."""
         optimizers = self.optimizers
         if optimizers.extra is None:
             return
         for group, base in zip(optimizers.extra.param_groups, self.extra_base_lrs):
             group["lr"] = base * optimizers.extra_lr_lambda(self.iteration)
-        update(optimizers.extra, self.extra_scaler, step.extra_gradient_norm)
-        step.losses.update(step.extra)
+        update(optimizers.extra, self.extra_scaler, step.values.extra_norm)
 
     def step_hooks(self, batch: dict, step: Step) -> None:
         """The distiller's ``after_step`` hook, with the objective at the updated parameters."""
@@ -685,7 +696,8 @@ class TrainingRun:
             self.distiller.after_step(StepContext(self.iteration, batch, student, self.teacher, objective, self.runtime))
 
     def log(self, step: Step, seconds: float) -> None:
-        """The step's line of ``log.jsonl``, the progress bar, and once the measured time per iteration."""
+        """The step's line of ``log.jsonl`` (every loss, the extra optimizer's after the others), the progress
+        bar, and once the measured time per iteration."""
         recipe, runtime, iteration = self.recipe, self.runtime, self.iteration
         if iteration - self.start_iter == ETA_AFTER and iteration < recipe.iters and runtime.is_main and not self.quiet:
             rate = (time.perf_counter() - self.started) / ETA_AFTER
@@ -693,13 +705,13 @@ class TrainingRun:
                            f"iterations, about {rate * (recipe.iters - iteration) / 60:.1f} min for the "
                            f"{recipe.iters - iteration} left (evaluations not included)")
         if runtime.is_main:
-            lr = recipe.lr * step.lr_factor
+            lr, values = recipe.lr * step.lr_factor, step.values
             self.log_file.write({"iteration": iteration, "epoch": self.epoch, "lr": lr,
-                                 **{k: round(v, 6) for k, v in step.losses.items()},
-                                 "loss": round(step.total, 6), "seconds": round(seconds, 4),
+                                 **{k: round(v, 6) for k, v in {**values.losses, **values.extra}.items()},
+                                 "loss": round(values.total, 6), "seconds": round(seconds, 4),
                                  "data_seconds": round(step.data_seconds, 4),
                                  "peak_memory_mb": round(peak_memory_mb(runtime.device), 1)})
-            self.bar.set_postfix(loss=f"{step.total:.3f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix(loss=f"{values.total:.3f}", lr=f"{lr:.2e}")
             self.bar.update(1)
 
     def evaluate(self) -> dict:
