@@ -102,6 +102,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kd_ref import configs, convert
+from kd_ref.distiller import Distiller, EpochContext, StepContext
 from kd_ref.precision import tree_at_least_float32
 from kd_ref.recipe import Recipe, check_schedule, recipe_changes, resolve_schedule, resumed_recipe
 from kd_ref.runtime import (BatchNormWatch, JsonlLog, PreemptionGuard, Runtime, TrainingInterrupted, atomic_save,
@@ -140,31 +141,6 @@ def lr_factor(iteration: int, recipe: "Recipe") -> float:
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = base_lr * factor * group.get("lr_mult", 1.0)
-
-
-# ------------------------------------------------------------------------------------- epoch hook
-@dataclass
-class EpochContext:
-    """What a distiller's ``before_epoch`` hook may use: the models, the training data (without the
-    recipe's repetition) and the epoch counter, ``epoch`` (0-based) of ``epochs`` in the run."""
-    epoch: int
-    student: nn.Module
-    teacher: nn.Module
-    dataset: object
-    collate: object
-    runtime: Runtime
-    epochs: int = 1
-
-
-@dataclass
-class StepContext:
-    """What a distiller's ``after_step`` hook may use."""
-    iteration: int
-    batch: dict
-    student: nn.Module
-    teacher: nn.Module
-    loss_fn: object
-    runtime: Runtime
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -222,13 +198,16 @@ class Optimizers:
     extra_params: list = dataclasses.field(default_factory=list)
 
 
-def build_optimizers(recipe: "Recipe", student: nn.Module, distiller: nn.Module | None) -> Optimizers:
-    extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
+def build_optimizers(recipe: "Recipe", student: nn.Module, distiller: Distiller | None) -> Optimizers:
+    """The student optimizer over the student's trainable parameters and the distiller's, except the distiller's
+    ``extra_parameters()``. Those are trained by the distiller's ``extra_optimizer`` when it defines one (an
+    adversary on its ``extra_losses``), and otherwise by its own ``after_step`` hook (SoKD's policy search)."""
+    extra_params = list(distiller.extra_parameters()) if distiller is not None else []
     extra_ids = {id(p) for p in extra_params}
     distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = build_optimizer(parameter_groups([(student, trainable), (distiller, distiller_params)], recipe), recipe)
-    if not (extra_params and hasattr(distiller, "extra_optimizer")):
+    if not extra_params or type(distiller).extra_optimizer is Distiller.extra_optimizer:
         return Optimizers(optimizer, distiller_params)
     extra, extra_lr_lambda = distiller.extra_optimizer(recipe.iters)
     return Optimizers(optimizer, distiller_params, extra, extra_lr_lambda or (lambda iteration: 1.0), extra_params)
@@ -259,7 +238,7 @@ def weighted_task_losses(student_out: dict, task_loss_weight: float) -> dict:
     return {name: task_loss_weight * value for name, value in student_out["losses"].items()}
 
 
-def forward_losses(student: nn.Module, teacher: nn.Module | None, distiller: nn.Module | None, bind,
+def forward_losses(student: nn.Module, teacher: nn.Module | None, distiller: Distiller | None, bind,
                    batch: dict, task_loss_weight: float = 1.0, teacher_out: dict | None = None) -> tuple:
     """One step's forward: ``(losses, teacher_out, bound)``, the student's weighted task losses plus the
     distiller's weighted losses, the teacher's outputs and the distiller's bound inputs (None, None
@@ -287,13 +266,15 @@ def search_objective(student: nn.Module, teacher: nn.Module, distiller: nn.Modul
     under autocast, which float32 layers refuse as input) lifted to float32. Float32 rather than the step's
     autocast because SoKD's unrolled search takes a finite difference of this objective between parameters
     shifted by ``fd_radius`` in norm, spread over every parameter: per weight a shift far below 1% of its
-    value, under bf16's resolution (8 significant bits, 0.4%) and near fp16's (11 bits, 0.05%). Only the
-    search steps (``search_iters``) evaluate it, so the float32 copy is made on the first evaluation."""
+    value, under bf16's resolution (8 significant bits, 0.4%) and near fp16's (11 bits, 0.05%).
+
+    Building it computes nothing: the engine hands one to every ``after_step`` hook, most of which never call
+    it, and only a search step (SoKD's ``search_iters``) evaluates it; the float32 copy is made on the first
+    evaluation."""
     lifted_teacher_out = functools.cache(lambda: tree_at_least_float32(teacher_out))
-    device_type = next(student.parameters()).device.type
 
     def objective(batch: dict) -> torch.Tensor:
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(next(student.parameters()).device.type, enabled=False):
             losses, _, _ = forward_losses(student, teacher, distiller, bind, batch, task_loss_weight,
                                           lifted_teacher_out())
         return sum(losses.values())
@@ -309,7 +290,7 @@ def _average_gradients(params, runtime: Runtime) -> None:
             param.grad /= runtime.world_size
 
 
-def synchronise_batchnorm(student: nn.Module, distiller: nn.Module | None, runtime: Runtime,
+def synchronise_batchnorm(student: nn.Module, distiller: Distiller | None, runtime: Runtime,
                           sync_student: bool = True) -> nn.Module:
     """For a CUDA DDP run, the student (returned; only if ``sync_student``, the recipe's ``sync_bn``) and the
     distiller's ``sync_batchnorm_modules()`` with every BatchNorm converted to SyncBatchNorm, the one place
@@ -317,7 +298,7 @@ def synchronise_batchnorm(student: nn.Module, distiller: nn.Module | None, runti
     and hooks holding them stay valid."""
     if runtime.device.type != "cuda" or runtime.world_size == 1:
         return student
-    for module in distiller.sync_batchnorm_modules() if hasattr(distiller, "sync_batchnorm_modules") else []:
+    for module in distiller.sync_batchnorm_modules() if distiller is not None else []:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"{type(distiller).__name__}.sync_batchnorm_modules(): return the modules holding "
                              "BatchNorm layers, not a BatchNorm itself (it is replaced inside its parent)")
@@ -635,7 +616,7 @@ class TrainingRun:
         self.epoch, offset = divmod(self.iteration, self.iters_per_epoch)
         self.augmented.epoch = self.epoch
         self.sampler.set_position(self.epoch, offset * self.per_rank_batch)
-        if offset == 0 and hasattr(self.distiller, "before_epoch"):
+        if offset == 0 and self.distiller is not None:
             self.distiller.before_epoch(EpochContext(self.epoch, unwrap(self.model), self.teacher, self.train_set,
                                                      self.collate, self.runtime, self.epochs))
         self.model.train()
@@ -688,12 +669,14 @@ class TrainingRun:
         update(optimizers.extra, self.extra_scaler, step.values.extra_norm)
 
     def step_hooks(self, batch: dict, step: Step) -> None:
-        """The distiller's ``after_step`` hook, with the objective at the updated parameters."""
-        if hasattr(self.distiller, "after_step"):
-            student = unwrap(self.model)
-            objective = search_objective(student, self.teacher, self.distiller, self.bind, step.teacher_out,
-                                         self.recipe.task_loss_weight)
-            self.distiller.after_step(StepContext(self.iteration, batch, student, self.teacher, objective, self.runtime))
+        """The distiller's ``after_step`` hook, with the objective at the updated parameters (:func:`search_objective`,
+        which computes nothing until the hook calls it)."""
+        if self.distiller is None:
+            return
+        student = unwrap(self.model)
+        objective = search_objective(student, self.teacher, self.distiller, self.bind, step.teacher_out,
+                                     self.recipe.task_loss_weight)
+        self.distiller.after_step(StepContext(self.iteration, batch, student, self.teacher, objective, self.runtime))
 
     def log(self, step: Step, seconds: float) -> None:
         """The step's line of ``log.jsonl`` (every loss, the extra optimizer's after the others), the progress

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import train
 from kd_ref import configs, engine
+from kd_ref.distiller import Distiller
 from kd_ref.engine import check_teacher_outputs, lr_factor, synchronise_batchnorm, weighted_task_losses
 from kd_ref.skd import SKDDistiller
 from kd_ref.presets import PRESETS
@@ -48,7 +49,7 @@ def test_task_loss_weight_scales_every_task_loss(tmp_path):
 
 
 # ------------------------------------------------------------------ epoch-based schedules and keep-best
-class EpochRecorder(nn.Module):
+class EpochRecorder(Distiller):
     """A distiller that adds no loss and records the engine's epoch counter."""
 
     def __init__(self):
@@ -287,7 +288,7 @@ def tiny_cls_teacher(tmp_path_factory):
     return str(out / "last.pt")
 
 
-class InfiniteCritic(nn.Module):
+class InfiniteCritic(Distiller):
     """An adversary whose own (extra) loss overflows while the student's losses are finite."""
 
     def __init__(self):
