@@ -1,90 +1,51 @@
-"""Method-agnostic training engine: one loop for every task and distillation method.
+"""The training engine: one loop for every task and distillation method.
 
-One iteration::
+:func:`train` builds a :class:`TrainingRun` and runs its named steps::
+
+    run.restore(); run.check_teacher(); run.start()   # --resume; the teacher's outputs on the first batch
+    while iterations are left:
+        run.begin_epoch()                   # the data at the current iteration; at an epoch's start, before_epoch
+        for batch in run.loader:
+            step = run.train_step(batch)    # forward, backward, the one read from the device, the student's update
+            run.extra_step(step)            # the distiller's extra optimizer (an adversary), if it has one
+            run.step_hooks(batch, step)     # the distiller's after_step
+            run.log(step); run.evaluate_if_due(); run.checkpoint(...)   # stops after a SIGTERM/SIGINT
+    run.finish()                            # the final evaluation, into metrics.json
+
+One iteration (:meth:`TrainingRun.train_step`)::
 
     student_out = student(images, targets)                      # task losses in student_out["losses"]
     teacher_out = teacher(images, predict=False)                # eval mode, no grad: constants
     kd_losses   = distiller(**bind(student_out, teacher_out, batch))
     loss        = w * sum(student_out["losses"]) + sum(kd_losses)   # w = recipe.task_loss_weight
-    log every term (task losses times w) by name
-    step the student (+ distiller) optimizer; then the distiller's extra step, if it has one
+    extra       = sum(distiller.extra_losses(**bound))          # only with an extra optimizer
+    backward(loss); backward(extra); read every loss and gradient norm at once; step the student optimizer
 
 The registry (``kd_ref.configs.METHODS``) says how model outputs bind to the distiller's arguments,
-so the engine never knows what a method does.
+so the engine never knows what a method does: it calls the hooks of :class:`kd_ref.distiller.Distiller`
+(before_epoch, after_step, extra_parameters, extra_optimizer, extra_losses, sync_batchnorm_modules) on
+every distiller, no-ops unless the method defines them.
 
-Extra-optimizer hook (SKD's discriminator, or any adversary). A distiller that owns parameters which
-must not be trained by the student loss defines::
+Stops: a non-finite loss stops the run (``FloatingPointError``) before any update and any checkpoint; a
+non-finite gradient norm skips that optimizer's step under fp16's GradScaler and stops the run otherwise.
 
-    extra_parameters(self) -> list[Parameter]                 # excluded from the student optimizer
-    extra_optimizer(self, total_iters) -> (optimizer, lr_lambda | None)
-    extra_losses(self, **bound_inputs) -> dict[str, Tensor]   # same arguments as forward
+Schedules: ``iters`` iterations, or ``epochs`` passes over the training set repeated ``dataset_repeat``
+times, counted when the run starts (``kd_ref.recipe.resolve_schedule``). Evaluations run every
+``eval_every`` iterations, at ``eval_at`` and at the end; under ``keep_best`` the best (of ``eval_at``'s,
+when set) is also written to ``best.pt``.
 
-The engine computes ``extra_losses`` right after the step's forward (so that a non-finite one stops the
-run before any update; their graph must not reach parameters of the student optimizer, e.g. use
-detached student outputs), backpropagates their sum with the student's objective (before any update, so
-that both gradient norms are read at once) and after the student step minimises it with that optimizer
-(lr scaled by ``lr_lambda(iteration)``; ``None`` keeps it constant); the optimizer is stored in checkpoints.
+Distributed (torchrun): the student is wrapped in DDP, its BatchNorm synchronised on CUDA unless the recipe's
+``sync_bn`` is False (:func:`synchronise_batchnorm`, with the distiller's ``sync_batchnorm_modules()``); the
+distiller's own gradients are all-reduced. ``batch_size`` is the total over all processes: N processes at
+batch B/N train as one process at batch B, up to floating-point reduction order
+(tests/test_ddp_equivalence.py).
 
-SyncBatchNorm hook: a distiller whose own BatchNorm layers the references synchronise under DDP (SKD's
-discriminator) returns the modules holding them from ``sync_batchnorm_modules()``; with the student they
-are converted in one place, :func:`synchronise_batchnorm`.
+Checkpoints (``last.pt``, replaced atomically) hold the student, the distiller, every optimizer and scaler,
+the precision, the iteration, the recipe as given and every rank's RNG state: ``--resume`` continues exactly.
 
-Epoch hook (GKD's prototypes): a distiller may define ``before_epoch(context)``; the engine calls it
-before every epoch with a :class:`EpochContext` that gives it the models, the training set and the epoch
-counter (``epoch`` of ``epochs``).
-
-Schedules: an iteration-based recipe runs ``iters`` iterations; an epoch-based one (``recipe.epochs``, mmdet
-EpochBasedRunner) runs ``epochs`` passes over the training set repeated ``dataset_repeat`` times, its
-iterations, lr steps and evaluation interval derived from that set's length when the run starts
-(``kd_ref.recipe.resolve_schedule``). Checkpoints store the recipe as given, in its own units.
-
-Checkpoint selection (``recipe.keep_best``): every evaluation whose main metric beats the best so far is
-also written to ``best.pt``; ``metrics.json`` then holds ``"best": {"iteration", <metric>}`` next to the
-final scores. Evaluations run every ``eval_every`` iterations, at the iterations of ``eval_at`` and at
-the end; when ``eval_at`` is set, only its evaluations compete for ``best.pt`` (a reference that scores
-a few fixed snapshots, as SKD's code does).
-
-Step hook (SoKD's policy search): a distiller may define ``after_step(context)``; the engine calls it
-after the optimizer steps of every iteration with a :class:`StepContext`, whose ``loss_fn(batch)``
-recomputes the full training objective (task + distillation) at the current parameters. Parameters
-that such a hook trains itself are returned by ``extra_parameters()`` so the student optimizer leaves
-them alone; state the hook keeps between steps belongs in the distiller's ``state_dict`` (e.g. through
-``get_extra_state``) so that checkpoints carry it.
-
-Distributed: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) turns on DDP (NCCL on
-CUDA, gloo on CPU). The student is wrapped in DDP (SyncBN on GPU unless the recipe's ``sync_bn`` is
-False; the distiller modules named by ``sync_batchnorm_modules()`` too); the distiller's own parameters
-are few and used every step, so their gradients are averaged with one all-reduce each instead of a
-second DDP wrapper. ``batch_size`` is the total batch over all processes. With BatchNorm frozen (or
-synchronised) and losses whose normalisers are equal on every process, N processes at batch B/N train
-as one process at batch B does, up to floating-point reduction order (tests/test_ddp_equivalence.py).
-Over several nodes, what is decided once is decided by the global rank 0 (:func:`decided_by_main`) and
-every rank checks the files it reads (:func:`check_on_every_rank`), so the output folder and the teacher
-file must be on storage all nodes share.
-
-Non-finite values, for both optimizers (the student's and a distiller's extra one):
-
-* a non-finite loss term stops the run (``FloatingPointError``, as the torchvision references do) before
-  any parameter of that iteration is updated and before any checkpoint is written;
-* finite losses with non-finite gradients: under fp16 (``--amp fp16``, or a bare ``--amp`` on a CUDA card
-  without native bf16) the optimizer's own GradScaler skips that optimizer's step and lowers its scale, the
-  normal fp16 dynamics; without a scaler (float32, bf16) nothing can rescale them, so the run stops before
-  the update as for a non-finite loss.
-
-One read from the device per iteration: every loss value, the gradient norm of every optimizer and, under
-DDP, the all-reduced stop request (:class:`PreemptionGuard`) are stacked into one tensor and read at once,
-after both backward passes and before any update; the finiteness checks, the fp16 skip decision and the
-log line all use that read (``GradScaler.step``, which reads its inf flag on its own, is replaced by the
-same decision from the norm). Before the first iteration, and before the first epoch hook, the run reads
-the teacher's output range on its first batch once (:meth:`TrainingRun.check_teacher`); evaluations and
-checkpoints read what they need when they are due. The methods' own reads per step are counted by
-``python -m kd_ref.syncs``.
-
-Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
-scaler, the precision it ran in, the iteration, the recipe and all RNG states. They are written to a
-temporary file and renamed, so a crash never leaves a half-written ``last.pt`` and the previous checkpoint
-survives until the new one is complete. A run resumed in another precision continues and says so in one
-line (:func:`precision_change_note`).
+Elsewhere: the process, preemption, checkpoint files, the JSON log and the memory estimate are in
+:mod:`kd_ref.runtime`; the resumable samplers and the per-sample augmentation seeds in :mod:`kd_ref.samplers`.
+Why the engine is built this way: ``docs/design/engine.md``.
 """
 from __future__ import annotations
 
