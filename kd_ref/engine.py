@@ -72,12 +72,6 @@ from kd_ref.runtime import (BatchNormWatch, JsonlLog, PreemptionGuard, Runtime, 
 from kd_ref.samplers import EpochAugmentation, build_train_sampler
 
 
-# ------------------------------------------------------------------------------------------- evaluation data
-def shard_indices(length: int, runtime: Runtime) -> list:
-    """Evaluation shard of this rank: every sample exactly once over all ranks (no padding)."""
-    return list(range(runtime.rank, length, runtime.world_size))
-
-
 # ---------------------------------------------------------------------------------------- schedule
 def lr_factor(iteration: int, recipe: "Recipe") -> float:
     """Multiplier of the base lr at ``iteration`` (0-based): linear warm-up, then poly or steps.
@@ -743,6 +737,11 @@ def move_to(batch, device: torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device) for v in batch)
     return batch
+
+
+def shard_indices(length: int, runtime: Runtime) -> list:
+    """Evaluation shard of this rank: every sample exactly once over all ranks (no padding)."""
+    return list(range(runtime.rank, length, runtime.world_size))
 
 
 @torch.no_grad()
