@@ -55,6 +55,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
 
 from kd_ref import configs, engine, transforms
+from kd_ref.distiller import EpochContext, StepContext
 from kd_ref.skd import DepthSKDDistiller, SKDDistiller
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe
@@ -400,7 +401,7 @@ def test_distiller_forward(name, built):
         bind = method.bind[recipe.task]
         if hasattr(distiller, "before_epoch"):
             dataset, collate = configs.TASKS[recipe.task].build_data(recipe, "train", None)
-            distiller.before_epoch(engine.EpochContext(0, student, teacher, dataset, collate, runtime, 1))
+            distiller.before_epoch(EpochContext(0, student, teacher, dataset, collate, runtime, 1))
             assert distiller.prototypes is not None
         bound = bind(entry["student_out"], entry["teacher_out"], batch)
         losses = distiller(**bound)
@@ -408,7 +409,7 @@ def test_distiller_forward(name, built):
         if hasattr(distiller, "after_step"):
             objective = engine.search_objective(student, teacher, distiller, bind, entry["teacher_out"],
                                                 recipe.task_loss_weight)
-            distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
+            distiller.after_step(StepContext(0, batch, student, teacher, objective, runtime))
 
 
 @pytest.mark.parametrize("preset_name", ["cirkd", "original"])
