@@ -85,6 +85,7 @@ def recipe_for(args: argparse.Namespace, stored: dict | None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from kd_ref import convert, engine, tasks
+    from kd_ref.runtime import print_table, setup_runtime, write_json
     from kd_ref.backbones import tensors_of
 
     source = f"--ckpt {args.ckpt}"
@@ -108,7 +109,7 @@ def main(argv=None) -> dict:
     cli.check_data_root(recipe.task, recipe.data, args.data_root)
     task = tasks.TASKS[recipe.task]
     task.check_recipe(recipe)
-    runtime = engine.setup_runtime(args.device, args.amp)
+    runtime = setup_runtime(args.device, args.amp)
     model = task.build_model(recipe, recipe.student)
     convert.load_weights(model, weights, source)
     model.to(runtime.device)
@@ -117,8 +118,8 @@ def main(argv=None) -> dict:
                               save_pred=args.save_pred)
     if runtime.is_main:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{recipe.data}.json")
-        engine.write_json(out, metrics)
-        engine.print_table([(f"{recipe.student} {key}", value) for key, value in metrics.items()
+        write_json(out, metrics)
+        print_table([(f"{recipe.student} {key}", value) for key, value in metrics.items()
                             if isinstance(value, float)])
         print(f"scores written to {out}")
     return metrics

@@ -167,6 +167,7 @@ def build_recipe(args: argparse.Namespace) -> tuple:
 def check_out_folder(out: str, args: argparse.Namespace) -> None:
     """A folder that holds a run is continued (--resume) or replaced (--overwrite), never silently reused."""
     from kd_ref import engine
+    from kd_ref.runtime import load_checkpoint
 
     found = [name for name in ("last.pt", *engine.RUN_OUTPUTS) if os.path.exists(os.path.join(out, name))]
     if args.resume and "last.pt" not in found:
@@ -177,7 +178,7 @@ def check_out_folder(out: str, args: argparse.Namespace) -> None:
                          "--overwrite to start it again")
     if args.resume:  # a checkpoint of another format version is refused before a teacher is trained or data read
         path = os.path.join(out, "last.pt")
-        engine.load_checkpoint(path, f"--resume {path}")
+        load_checkpoint(path, f"--resume {path}")
 
 
 def check_inputs(recipe, args: argparse.Namespace) -> None:
@@ -229,6 +230,7 @@ def ensure_teacher(recipe, out: str, args, runtime) -> str:
     """The teacher checkpoint: ``--teacher-ckpt``, or on synthetic data the cached teacher of the preset,
     trained first (and said so, with its length) when the cache has none."""
     from kd_ref import engine, presets
+    from kd_ref.runtime import check_on_every_rank, decided_by_main
 
     if args.teacher_ckpt is not None:
         return args.teacher_ckpt
@@ -242,7 +244,7 @@ def ensure_teacher(recipe, out: str, args, runtime) -> str:
         return "started" if os.path.isfile(ckpt) else "absent"
 
     # decided once, by the global rank 0: every rank then reuses the teacher, or trains it with the others
-    state = engine.decided_by_main(runtime, cache_state)
+    state = decided_by_main(runtime, cache_state)
     if state == "trained":
         if runtime.is_main:
             print(f"teacher: reusing {ckpt}")
@@ -252,14 +254,14 @@ def ensure_teacher(recipe, out: str, args, runtime) -> str:
                   f"trained first: {teacher_recipe.iters} iterations at batch {teacher_recipe.batch_size}, into "
                   f"{folder} (reused by every later run with this teacher)")
         if state == "started":  # every rank resumes from that checkpoint
-            engine.check_on_every_rank(runtime, lambda: require_file(ckpt, "teacher checkpoint"))
+            check_on_every_rank(runtime, lambda: require_file(ckpt, "teacher checkpoint"))
         engine.train(teacher_recipe, folder, runtime, resume=state == "started", workers=args.workers,
                      quiet=args.quiet)
-    engine.check_on_every_rank(runtime, lambda: require_file(ckpt, "teacher checkpoint"))
+    check_on_every_rank(runtime, lambda: require_file(ckpt, "teacher checkpoint"))
     if state == "trained":  # a cached teacher of another checkpoint format version is refused before the run is built
         from kd_ref import convert
 
-        engine.check_on_every_rank(runtime, lambda: convert.read_file(ckpt, f"cached teacher {ckpt}"))
+        check_on_every_rank(runtime, lambda: convert.read_file(ckpt, f"cached teacher {ckpt}"))
     return ckpt
 
 
@@ -270,13 +272,14 @@ def require_file(path: str, what: str) -> None:
 
 def describe(name: str, recipe, runtime, out: str) -> str:
     """The line said before training: what runs, at which input size and batch, and the memory it needs."""
-    from kd_ref import engine, tasks
+    from kd_ref import tasks
+    from kd_ref.runtime import estimate_training_memory
 
     per_rank = recipe.batch_size // runtime.world_size
     field = tasks.TASKS[recipe.task].size_field
     size = f"{field} {'x'.join(map(str, getattr(recipe, field)))}"
     length = f"epochs={recipe.epochs}" if recipe.epochs else f"iters={recipe.iters}"
-    estimate = engine.estimate_training_memory(recipe, per_rank)
+    estimate = estimate_training_memory(recipe, per_rank)
     return (f"preset {name}: {recipe.task} {recipe.student} method={recipe.method} data={recipe.data} "
             f"{length} {size} batch {recipe.batch_size} ({per_rank} per process), "
             f"about {estimate / 2 ** 30:.1f} GiB per process (estimate) -> {out}")
@@ -295,17 +298,18 @@ def main(argv=None) -> dict:
     name, recipe = build_recipe(args)  # an unknown preset is refused before torch is imported
     from kd_ref import engine, methods, tasks
     from kd_ref import recipe as recipe_module
+    from kd_ref.runtime import check_on_every_rank, dumps, print_table, setup_runtime
 
     if args.print_recipe:
-        print(engine.dumps(dataclasses.asdict(recipe)))
+        print(dumps(dataclasses.asdict(recipe)))
         # stdout stays one JSON object for the tools that read it; the launch is for the reader
         print(f"reference launch: {recipe_module.reference_launch(name, recipe)}", file=sys.stderr)
         return {}
     out = args.out or os.path.join("runs", name)
-    runtime = engine.setup_runtime(args.device, args.amp)
+    runtime = setup_runtime(args.device, args.amp)
     # every rank reads these files (the checkpoint it resumes, the weights it loads): each checks its own view
-    # of them, and under DDP all stop together if any rank misses one (kd_ref.engine.check_on_every_rank)
-    engine.check_on_every_rank(runtime, lambda: (check_out_folder(out, args), check_inputs(recipe, args)))
+    # of them, and under DDP all stop together if any rank misses one (kd_ref.runtime.check_on_every_rank)
+    check_on_every_rank(runtime, lambda: (check_out_folder(out, args), check_inputs(recipe, args)))
     if args.workers is None:
         args.workers = 4 if runtime.device.type == "cuda" else 0
     teacher_ckpt = None
@@ -330,7 +334,7 @@ def main(argv=None) -> dict:
         if teacher_metrics is not None and teacher_metrics.get(key) is not None:
             rows.append((f"teacher {recipe.teacher} {key}", teacher_metrics[key]))
         rows.append((f"student {recipe.student} [{recipe.method}] {key}", metrics[key]))
-        engine.print_table(rows)
+        print_table(rows)
     return metrics
 
 
@@ -345,9 +349,9 @@ def run(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except Exception as stop:
-        from kd_ref import engine
+        from kd_ref.runtime import TrainingInterrupted
 
-        if isinstance(stop, engine.TrainingInterrupted):
+        if isinstance(stop, TrainingInterrupted):
             print(f"interrupted: {stop}", file=sys.stderr)
             return 128 + stop.signum
         raise

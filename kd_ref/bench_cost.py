@@ -32,11 +32,14 @@ from dataclasses import dataclass
 import torch
 
 from kd_ref import cli, engine
-from kd_ref.methods import METHODS, supported_methods
-from kd_ref.tasks import TASKS
 from kd_ref.bench_common import Measurement, TimedCase, measure, print_table
+from kd_ref.distiller import EpochContext, StepContext, uses_hook
+from kd_ref.methods import METHODS, supported_methods
 from kd_ref.presets import DEFAULT_PRESETS, PRESETS, default_preset
 from kd_ref.recipe import Recipe, parse_overrides
+from kd_ref.runtime import Runtime, setup_runtime
+from kd_ref.samplers import EpochAugmentation
+from kd_ref.tasks import TASKS
 
 
 def tensor_bytes(modules, optimizers=()) -> int:
@@ -84,17 +87,17 @@ def cost_recipe(task: str, method: str, overrides: dict) -> Recipe:
     return recipe
 
 
-def fixed_batch(recipe: Recipe, runtime: engine.Runtime) -> dict:
+def fixed_batch(recipe: Recipe, runtime: Runtime) -> dict:
     """One training batch of ``recipe``'s data, augmented as the engine's first epoch would be."""
     dataset, collate = TASKS[recipe.task].build_data(recipe, "train", None)
     if len(dataset) < recipe.batch_size:
         raise ValueError(f"--batch-size {recipe.batch_size}: the training set has only {len(dataset)} samples")
-    first_epoch = engine.EpochAugmentation(dataset, recipe.seed)
+    first_epoch = EpochAugmentation(dataset, recipe.seed)
     return dataset.prepare_batch(engine.move_to(collate([first_epoch[i] for i in range(recipe.batch_size)]),
                                                 runtime.device))
 
 
-def _place(model: torch.nn.Module, runtime: engine.Runtime) -> torch.nn.Module:
+def _place(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
     model.to(runtime.device)
     if runtime.device.type == "cuda":  # as the engine runs them
         model.to(memory_format=torch.channels_last)
@@ -102,7 +105,7 @@ def _place(model: torch.nn.Module, runtime: engine.Runtime) -> torch.nn.Module:
 
 
 def training_case(name: str, recipe: Recipe, teacher: torch.nn.Module, batch: dict,
-                  runtime: engine.Runtime) -> TimedCase:
+                  runtime: Runtime) -> TimedCase:
     """One engine iteration of ``recipe`` as a :class:`TimedCase`: student forward, teacher forward,
     distiller, backward and SGD step (with the AMP gradient scaler on GPU), then the distiller's extra
     optimizer step and ``after_step`` hook when it has them. DDP, gradient clipping and logging are left
@@ -117,9 +120,9 @@ def training_case(name: str, recipe: Recipe, teacher: torch.nn.Module, batch: di
     bind = method.bind.get(recipe.task)
     optimizers = engine.build_optimizers(recipe, student, distiller)
     scaler = runtime.grad_scaler()
-    if hasattr(distiller, "before_epoch"):
+    if uses_hook(distiller, "before_epoch"):
         dataset, collate = task.build_data(recipe, "train", None)
-        distiller.before_epoch(engine.EpochContext(0, student, teacher, dataset, collate, runtime))
+        distiller.before_epoch(EpochContext(0, student, teacher, dataset, collate, runtime))
 
     def backward_and_step(losses: dict, step_optimizer) -> None:
         step_optimizer.zero_grad(set_to_none=True)
@@ -136,10 +139,10 @@ def training_case(name: str, recipe: Recipe, teacher: torch.nn.Module, batch: di
             with runtime.autocast():
                 extra = distiller.extra_losses(**bound)
             backward_and_step(extra, optimizers.extra)
-        if hasattr(distiller, "after_step"):
+        if uses_hook(distiller, "after_step"):
             objective = engine.search_objective(student, teacher, distiller, bind, teacher_out,
                                                 recipe.task_loss_weight)
-            distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
+            distiller.after_step(StepContext(0, batch, student, teacher, objective, runtime))
 
     modules = [student] + ([teacher, distiller] if distiller is not None else [])
     held = [optimizers.student] + ([optimizers.extra] if optimizers.extra is not None else [])
@@ -147,7 +150,7 @@ def training_case(name: str, recipe: Recipe, teacher: torch.nn.Module, batch: di
 
 
 def teacher_case(teacher: torch.nn.Module, recipe: Recipe, batch: dict,
-                 runtime: engine.Runtime) -> TimedCase:
+                 runtime: Runtime) -> TimedCase:
     """The teacher forward alone, as a distillation step runs it (a two-stage teacher scores the RoIs a
     student sampled once, before timing)."""
     torch.manual_seed(recipe.seed)
@@ -192,7 +195,7 @@ def cost_rows(seconds: dict, peak_bytes: dict) -> list:
             for name, value in seconds.items()]
 
 
-def cost_tables(task: str, methods: list, overrides: dict, runtime: engine.Runtime, warmup: int,
+def cost_tables(task: str, methods: list, overrides: dict, runtime: Runtime, warmup: int,
                 rounds: int) -> list:
     """``[(student, teacher, description, rows, skipped)]``: one table per (student, teacher) pair of the
     methods' recipes, the ``none`` preset's pair first; a method whose synthetic preset uses another
@@ -210,7 +213,7 @@ def cost_tables(task: str, methods: list, overrides: dict, runtime: engine.Runti
     return tables
 
 
-def pair_table(task: str, base: Recipe, recipes: dict, runtime: engine.Runtime, warmup: int,
+def pair_table(task: str, base: Recipe, recipes: dict, runtime: Runtime, warmup: int,
                rounds: int) -> tuple:
     """``(description, rows, skipped)`` of one student/teacher pair."""
     batch = fixed_batch(base, runtime)
@@ -243,7 +246,7 @@ def cost(tasks: list, methods: list | None = None, overrides: dict | None = None
     rows}`` for any other pair; prints one table per pair, and a line per skipped method. ``methods``
     None: every method the task supports; ``overrides``: recipe fields for every task; ``size``: the input
     (H, W), see :func:`size_overrides`; ``amp``: the ``--amp`` request (None: float32)."""
-    runtime = engine.setup_runtime(device, amp)
+    runtime = setup_runtime(device, amp)
     tables = {}
     for task in tasks:
         if task not in TASKS:

@@ -35,9 +35,9 @@ import torchvision.transforms as tv
 from PIL import Image
 
 from kd_ref import datasets, export, transforms
-from kd_ref.tasks import TASKS
 from kd_ref.bench_common import one_thread, print_table
 from kd_ref.presets import PRESETS, default_preset
+from kd_ref.tasks import TASKS
 
 
 DATA_TREES = {  # task: (export format, data, the real resolution (H, W) of its images)

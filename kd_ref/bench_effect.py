@@ -24,9 +24,10 @@ import statistics
 
 from kd_ref import engine
 from kd_ref.methods import METHODS
-from kd_ref.tasks import TASKS
 from kd_ref.presets import DEFAULT_PRESETS, PRESETS, default_preset
 from kd_ref.recipe import parse_overrides
+from kd_ref.runtime import setup_runtime
+from kd_ref.tasks import TASKS
 
 
 def _train_or_reuse(recipe, out: str, runtime, teacher_ckpt: str | None = None) -> dict:
@@ -67,7 +68,7 @@ def effect(task: str, methods: list, seeds: list, iters: int | None, teacher_ite
     """``{method: [metric per seed]}`` for ``methods`` (see :func:`effect_presets`); prints a summary table.
     ``overrides`` are recipe fields applied to teacher and students alike (e.g. a smaller image size)."""
     overrides = overrides or {}
-    runtime = engine.setup_runtime(device)
+    runtime = setup_runtime(device)
     key = TASKS[task].main_metric
     student_presets = effect_presets(task, methods)
     results = {method: [] for method in student_presets}

@@ -29,9 +29,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from kd_ref import datasets, engine, export, tasks, transforms
+from kd_ref import datasets, export, tasks, transforms
 from kd_ref.bench_common import TimedCase, measure, one_thread, print_table
 from kd_ref.metrics import COCO_STAT_NAMES, confusion_matrix, segmentation_scores
+from kd_ref.runtime import Runtime
 
 
 def _cityscapes_pairs(root: str, images: int, out: str) -> list:
@@ -115,7 +116,7 @@ def kd_ref_coco_scores(base, outputs: list, targets: list, save_pred: str | None
     state = task.new_eval_state(SimpleNamespace(data="coco", num_classes=len(base.category_ids)))
     for found, target in zip(outputs, targets):
         task.update_eval_state(state, {"detections": [found]}, {"targets": [target]}, save_pred)
-    return task.finish_eval_state(state, engine.Runtime(torch.device("cpu")))
+    return task.finish_eval_state(state, Runtime(torch.device("cpu")))
 
 
 def official_coco_stats(coco_gt, results: list) -> list:

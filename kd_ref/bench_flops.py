@@ -32,11 +32,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd_ref import engine
-from kd_ref.methods import METHODS
-from kd_ref.tasks import TASKS
 from kd_ref.bench_common import print_table
+from kd_ref.distiller import EpochContext, StepContext, uses_hook
+from kd_ref.methods import METHODS
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe, parse_overrides, resolve_schedule
+from kd_ref.tasks import TASKS
 
 
 # Training-set sizes of the references' data sets, in images per epoch before mmdet's RepeatDataset:
@@ -255,8 +256,8 @@ def iteration_flops(recipe: Recipe, probe: str | None = None, probe_images: int 
                     calibrate_batchnorm(model, batch)
         if method.needs_teacher:
             distiller = method.build(recipe, student, teacher)
-        if hasattr(distiller, "before_epoch"):
-            context = engine.EpochContext(0, student, teacher, dataset, collate, runtime, epochs=2)
+        if uses_hook(distiller, "before_epoch"):
+            context = EpochContext(0, student, teacher, dataset, collate, runtime, epochs=2)
             _, first = counted(lambda: distiller.before_epoch(context))
             _, later = counted(lambda: distiller.before_epoch(dataclasses.replace(context, epoch=1)))
             epoch_pass = EpochPass(first // images, later // images, distiller.pgm_max_images)
@@ -271,12 +272,12 @@ def iteration_flops(recipe: Recipe, probe: str | None = None, probe_images: int 
             kd_losses, parts["distiller forward"] = counted(lambda: distiller(**bound))
             losses.update(kd_losses)
         _, parts["backward"] = counted(lambda: sum(losses.values()).backward())
-        if hasattr(distiller, "extra_optimizer") and list(distiller.extra_parameters()):  # engine.build_optimizers' rule
+        if uses_hook(distiller, "extra_losses"):
             _, parts["extra step"] = counted(lambda: sum(distiller.extra_losses(**bound).values()).backward())
-        if hasattr(distiller, "after_step"):
+        if uses_hook(distiller, "after_step"):
             objective = engine.search_objective(student, teacher, distiller, method.bind[recipe.task], teacher_out,
                                                 recipe.task_loss_weight)
-            context = engine.StepContext(0, batch, student, teacher, objective, runtime)
+            context = StepContext(0, batch, student, teacher, objective, runtime)
             _, parts["step hook"] = counted(lambda: distiller.after_step(context))
     return IterationCount({part: value * recipe.batch_size // images for part, value in parts.items()},
                           description, epoch_pass)

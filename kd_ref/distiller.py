@@ -57,18 +57,20 @@ class Distiller(nn.Module):
         """Called after every iteration's updates (student, then :meth:`extra_parameters`)."""
 
     def extra_parameters(self) -> list[nn.Parameter]:
-        """Parameters trained apart from the student, by :meth:`extra_optimizer` on :meth:`extra_losses`
-        (an adversary); none by default."""
+        """Parameters the student's optimizer leaves alone: an adversary's (trained by :meth:`extra_optimizer`
+        on :meth:`extra_losses`) or a searched policy's (updated by the distiller in :meth:`after_step`)."""
         return []
 
-    def extra_optimizer(self, total_iters: int) -> tuple[torch.optim.Optimizer, Callable[[int], float] | None]:
-        """``(optimizer, lr_factor(iteration) or None)`` over :meth:`extra_parameters`; called once, when the
-        run is built, only if there are such parameters."""
-        raise NotImplementedError(f"{type(self).__name__} has extra parameters: it must define extra_optimizer")
+    def extra_optimizer(self, total_iters: int) -> tuple[torch.optim.Optimizer, Callable[[int], float] | None] | None:
+        """``(optimizer, lr_factor(iteration) or None)`` over :meth:`extra_parameters`, which the engine steps
+        on :meth:`extra_losses` after the student's update; called once, when the run is built, if there are
+        such parameters. None (the default): the distiller updates them itself."""
+        return None
 
     def extra_losses(self, **inputs) -> dict[str, torch.Tensor]:
-        """The losses of :meth:`extra_parameters`, from the same inputs as ``forward``; called every iteration
-        after ``forward`` when there are such parameters. Their backward reaches no student parameter."""
+        """The losses of :meth:`extra_optimizer`'s parameters, from the same inputs as ``forward``; called every
+        iteration after ``forward`` when there is such an optimizer. Their backward reaches no student
+        parameter."""
         return {}
 
     def sync_batchnorm_modules(self) -> list[nn.Module]:
@@ -90,3 +92,14 @@ class Method:
     @property
     def needs_teacher(self) -> bool:
         return self.build is not None
+
+
+HOOKS = ("before_epoch", "after_step", "extra_parameters", "extra_optimizer", "extra_losses", "sync_batchnorm_modules")
+
+
+def uses_hook(distiller: Distiller | None, hook: str) -> bool:
+    """Whether ``distiller`` does something in the engine hook ``hook`` (its class replaces the no-op): for
+    what accounts for a hook apart, e.g. a benchmark's per-part cost or a plug-in that takes plain losses."""
+    if hook not in HOOKS:
+        raise ValueError(f"uses_hook: {hook} is not an engine hook; expected one of {HOOKS}")
+    return distiller is not None and getattr(type(distiller), hook) is not getattr(Distiller, hook)

@@ -1,321 +1,75 @@
-"""Method-agnostic training engine: one loop for every task and distillation method.
+"""The training engine: one loop for every task and distillation method.
 
-One iteration::
+:func:`train` builds a :class:`TrainingRun` and runs its named steps::
+
+    run.restore(); run.check_teacher(); run.start()   # --resume; the teacher's outputs on the first batch
+    while iterations are left:
+        run.begin_epoch()                   # the data at the current iteration; at an epoch's start, before_epoch
+        for batch in run.loader:
+            step = run.train_step(batch)    # forward, backward, the one read from the device, the student's update
+            run.extra_step(step)            # the distiller's extra optimizer (an adversary), if it has one
+            run.step_hooks(batch, step)     # the distiller's after_step
+            run.log(step); run.evaluate_if_due(); run.checkpoint(...)   # stops after a SIGTERM/SIGINT
+    run.finish()                            # the final evaluation, into metrics.json
+
+One iteration (:meth:`TrainingRun.train_step`)::
 
     student_out = student(images, targets)                      # task losses in student_out["losses"]
     teacher_out = teacher(images, predict=False)                # eval mode, no grad: constants
     kd_losses   = distiller(**bind(student_out, teacher_out, batch))
     loss        = w * sum(student_out["losses"]) + sum(kd_losses)   # w = recipe.task_loss_weight
-    log every term (task losses times w) by name
-    step the student (+ distiller) optimizer; then the distiller's extra step, if it has one
+    extra       = sum(distiller.extra_losses(**bound))          # only with an extra optimizer
+    backward(loss); backward(extra); read every loss and gradient norm at once; step the student optimizer
 
 The registry (``kd_ref.methods.METHODS``) says how model outputs bind to the distiller's arguments,
-so the engine never knows what a method does.
+so the engine never knows what a method does: it calls the hooks of :class:`kd_ref.distiller.Distiller`
+(before_epoch, after_step, extra_parameters, extra_optimizer, extra_losses, sync_batchnorm_modules) on
+every distiller, no-ops unless the method defines them.
 
-Extra-optimizer hook (SKD's discriminator, or any adversary). A distiller that owns parameters which
-must not be trained by the student loss defines::
+Stops: a non-finite loss stops the run (``FloatingPointError``) before any update and any checkpoint; a
+non-finite gradient norm skips that optimizer's step under fp16's GradScaler and stops the run otherwise.
 
-    extra_parameters(self) -> list[Parameter]                 # excluded from the student optimizer
-    extra_optimizer(self, total_iters) -> (optimizer, lr_lambda | None)
-    extra_losses(self, **bound_inputs) -> dict[str, Tensor]   # same arguments as forward
+Schedules: ``iters`` iterations, or ``epochs`` passes over the training set repeated ``dataset_repeat``
+times, counted when the run starts (``kd_ref.recipe.resolve_schedule``). Evaluations run every
+``eval_every`` iterations, at ``eval_at`` and at the end; under ``keep_best`` the best (of ``eval_at``'s,
+when set) is also written to ``best.pt``.
 
-The engine computes ``extra_losses`` right after the step's forward (so that a non-finite one stops the
-run before any update; their graph must not reach parameters of the student optimizer, e.g. use
-detached student outputs), backpropagates their sum with the student's objective (before any update, so
-that both gradient norms are read at once) and after the student step minimises it with that optimizer
-(lr scaled by ``lr_lambda(iteration)``; ``None`` keeps it constant); the optimizer is stored in checkpoints.
+Distributed (torchrun): the student is wrapped in DDP, its BatchNorm synchronised on CUDA unless the recipe's
+``sync_bn`` is False (:func:`synchronise_batchnorm`, with the distiller's ``sync_batchnorm_modules()``); the
+distiller's own gradients are all-reduced. ``batch_size`` is the total over all processes: N processes at
+batch B/N train as one process at batch B, up to floating-point reduction order
+(tests/test_ddp_equivalence.py).
 
-SyncBatchNorm hook: a distiller whose own BatchNorm layers the references synchronise under DDP (SKD's
-discriminator) returns the modules holding them from ``sync_batchnorm_modules()``; with the student they
-are converted in one place, :func:`synchronise_batchnorm`.
+Checkpoints (``last.pt``, replaced atomically) hold the student, the distiller, every optimizer and scaler,
+the precision, the iteration, the recipe as given and every rank's RNG state: ``--resume`` continues exactly.
 
-Epoch hook (GKD's prototypes): a distiller may define ``before_epoch(context)``; the engine calls it
-before every epoch with a :class:`EpochContext` that gives it the models, the training set and the epoch
-counter (``epoch`` of ``epochs``).
-
-Schedules: an iteration-based recipe runs ``iters`` iterations; an epoch-based one (``recipe.epochs``, mmdet
-EpochBasedRunner) runs ``epochs`` passes over the training set repeated ``dataset_repeat`` times, its
-iterations, lr steps and evaluation interval derived from that set's length when the run starts
-(``kd_ref.recipe.resolve_schedule``). Checkpoints store the recipe as given, in its own units.
-
-Checkpoint selection (``recipe.keep_best``): every evaluation whose main metric beats the best so far is
-also written to ``best.pt``; ``metrics.json`` then holds ``"best": {"iteration", <metric>}`` next to the
-final scores. Evaluations run every ``eval_every`` iterations, at the iterations of ``eval_at`` and at
-the end; when ``eval_at`` is set, only its evaluations compete for ``best.pt`` (a reference that scores
-a few fixed snapshots, as SKD's code does).
-
-Step hook (SoKD's policy search): a distiller may define ``after_step(context)``; the engine calls it
-after the optimizer steps of every iteration with a :class:`StepContext`, whose ``loss_fn(batch)``
-recomputes the full training objective (task + distillation) at the current parameters. Parameters
-that such a hook trains itself are returned by ``extra_parameters()`` so the student optimizer leaves
-them alone; state the hook keeps between steps belongs in the distiller's ``state_dict`` (e.g. through
-``get_extra_state``) so that checkpoints carry it.
-
-Distributed: torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) turns on DDP (NCCL on
-CUDA, gloo on CPU). The student is wrapped in DDP (SyncBN on GPU unless the recipe's ``sync_bn`` is
-False; the distiller modules named by ``sync_batchnorm_modules()`` too); the distiller's own parameters
-are few and used every step, so their gradients are averaged with one all-reduce each instead of a
-second DDP wrapper. ``batch_size`` is the total batch over all processes. With BatchNorm frozen (or
-synchronised) and losses whose normalisers are equal on every process, N processes at batch B/N train
-as one process at batch B does, up to floating-point reduction order (tests/test_ddp_equivalence.py).
-Over several nodes, what is decided once is decided by the global rank 0 (:func:`decided_by_main`) and
-every rank checks the files it reads (:func:`check_on_every_rank`), so the output folder and the teacher
-file must be on storage all nodes share.
-
-Non-finite values, for both optimizers (the student's and a distiller's extra one):
-
-* a non-finite loss term stops the run (``FloatingPointError``, as the torchvision references do) before
-  any parameter of that iteration is updated and before any checkpoint is written;
-* finite losses with non-finite gradients: under fp16 (``--amp fp16``, or a bare ``--amp`` on a CUDA card
-  without native bf16) the optimizer's own GradScaler skips that optimizer's step and lowers its scale, the
-  normal fp16 dynamics; without a scaler (float32, bf16) nothing can rescale them, so the run stops before
-  the update as for a non-finite loss.
-
-One read from the device per iteration: every loss value, the gradient norm of every optimizer and, under
-DDP, the all-reduced stop request (:class:`PreemptionGuard`) are stacked into one tensor and read at once,
-after both backward passes and before any update; the finiteness checks, the fp16 skip decision and the
-log line all use that read (``GradScaler.step``, which reads its inf flag on its own, is replaced by the
-same decision from the norm). Before the first iteration, and before the first epoch hook, the run reads
-the teacher's output range on its first batch once (:meth:`TrainingRun.check_teacher`); evaluations and
-checkpoints read what they need when they are due. The methods' own reads per step are counted by
-``python -m kd_ref.syncs``.
-
-Checkpoints hold everything needed to continue exactly: student, distiller, every optimizer, the AMP
-scaler, the precision it ran in, the iteration, the recipe and all RNG states. They are written to a
-temporary file and renamed, so a crash never leaves a half-written ``last.pt`` and the previous checkpoint
-survives until the new one is complete. A run resumed in another precision continues and says so in one
-line (:func:`precision_change_note`).
+Elsewhere: the process, preemption, checkpoint files, the JSON log and the memory estimate are in
+:mod:`kd_ref.runtime`; the resumable samplers and the per-sample augmentation seeds in :mod:`kd_ref.samplers`.
+Why the engine is built this way: ``docs/design/engine.md``.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import random
-import resource
-import signal
-import sys
-import threading
 import time
-import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kd_ref import convert, methods, tasks
-from kd_ref.backbones import read_torch_file
-from kd_ref.distiller import Distiller
-from kd_ref.metrics import all_reduce_sum
-from kd_ref.precision import PRECISION_DTYPES, resolve_precision, tree_at_least_float32
+from kd_ref.distiller import Distiller, EpochContext, StepContext
+from kd_ref.precision import tree_at_least_float32
 from kd_ref.recipe import Recipe, check_schedule, recipe_changes, resolve_schedule, resumed_recipe
-
-
-# ------------------------------------------------------------------------------------ distributed
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    precision: str = "fp32"  # a key of precision.PRECISION_DTYPES, chosen by resolve_precision from --amp
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def amp(self) -> bool:
-        return self.precision != "fp32"
-
-    @property
-    def uses_grad_scaler(self) -> bool:
-        return self.precision == "fp16"
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=PRECISION_DTYPES[self.precision], enabled=self.amp)
-
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        """A GradScaler, enabled under fp16 only (a disabled one passes every call through)."""
-        return torch.amp.GradScaler(self.device.type, enabled=self.uses_grad_scaler)
-
-
-def setup_runtime(device: str | None = None, amp: str | None = None) -> Runtime:
-    """Device and process group from torchrun's environment (single process when absent), and the precision
-    that ``--amp amp`` (None: no --amp, "auto", "bf16" or "fp16") resolves to on that device."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        torch_device = torch.device("cuda", local_rank)
-        torch.backends.cudnn.benchmark = True
-    else:
-        torch_device = torch.device("cpu")
-        # subnormal floats (e.g. in the tails of the GDD generator's weights after a few updates) take
-        # a slow microcode path on x86 CPUs: one step became several times slower without this
-        torch.set_flush_denormal(True)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    native_cuda_bf16 = device == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    precision = resolve_precision(amp, torch_device.type, native_cuda_bf16)
-    return Runtime(torch_device, rank, world_size, precision)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-SHARED_FILES_HINT = ("every node must see the same --out folder and teacher file (a file system shared by the "
-                     "nodes) and the same input files")
-
-
-def decided_by_main(runtime: Runtime, decide):
-    """``decide()`` on the global rank 0, sent to every rank: a choice made once for the whole run (e.g. train the
-    synthetic teacher or reuse it), so that ranks whose nodes see different files still take the same path."""
-    if runtime.world_size == 1:
-        return decide()
-    choice = [decide() if runtime.is_main else None]
-    dist.broadcast_object_list(choice, src=0)
-    return choice[0]
-
-
-def check_on_every_rank(runtime: Runtime, check, hint: str = SHARED_FILES_HINT) -> None:
-    """``check()`` (which raises on a bad input, e.g. ValueError or FileNotFoundError) on every rank; under DDP
-    every rank raises if it failed on any, naming that rank and ``hint`` when some ranks passed: a rank that
-    stopped alone would leave the others waiting in their next collective."""
-    if runtime.world_size == 1:
-        check()
-        return
-    try:
-        check()
-        failure = None
-    except Exception as error:  # whatever stops one rank must stop all of them
-        failure = (type(error) is FileNotFoundError, str(error))
-    failures = [None] * runtime.world_size
-    dist.all_gather_object(failures, failure)
-    failed = [(rank, found) for rank, found in enumerate(failures) if found is not None]
-    if not failed:
-        return
-    rank, (missing, message) = failed[0]
-    error = FileNotFoundError if missing else ValueError
-    if len(failed) == runtime.world_size and all(found == failed[0][1] for _, found in failed):
-        raise error(message)  # the same on every rank: a plain bad input
-    raise error(f"rank {rank}: {message}; {len(failed)} of {runtime.world_size} ranks failed this check: {hint}")
-
-
-# ------------------------------------------------------------------------------------------- data
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start part-way through an epoch, so a resumed run sees exactly
-    the samples an uninterrupted run would have seen. The order of epoch ``e`` depends only on
-    ``(seed, e)``, as in DistributedSampler."""
-
-    def __init__(self, dataset, runtime: Runtime, seed: int, shuffle: bool = True):
-        super().__init__(dataset, num_replicas=runtime.world_size, rank=runtime.rank,
-                         shuffle=shuffle, seed=seed, drop_last=True)
-        self.start = 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.set_epoch(epoch)
-        self.start = start
-
-    def epoch_indices(self) -> list:
-        """This rank's indices of the current epoch, from its start."""
-        return list(super().__iter__())
-
-    def __iter__(self):
-        indices = self.epoch_indices()[self.start:]
-        self.start = 0
-        return iter(indices)
-
-    def __len__(self):
-        return self.num_samples - self.start
-
-
-class AspectGroupSampler(ResumableSampler):
-    """mmdet 2.x DistributedGroupSampler (``mmdet/datasets/samplers/group_sampler.py``), resumable as
-    :class:`ResumableSampler`: every per-process batch holds images of one aspect group (``groups[i]``, 1
-    for w/h > 1), so that padding the batch to its largest image wastes little.
-
-    Each epoch, from a generator seeded ``seed + epoch``: the members of every group in random order,
-    padded by repeating that order from its start to a whole number of global batches (``batch`` per
-    process x processes), all groups' indices cut into per-process batches, the batches shuffled, and
-    process ``r`` takes the ``r``-th contiguous share. So no image is dropped: an epoch has
-    ``sum_g ceil(|g| / (batch x processes))`` iterations, where a plain sampler drops the last partial
-    batch."""
-
-    def __init__(self, dataset, groups, runtime: Runtime, seed: int, batch: int):
-        super().__init__(dataset, runtime, seed)
-        self.groups, self.batch = np.asarray(groups, np.int64), batch
-        if len(self.groups) != len(dataset):
-            raise ValueError(f"AspectGroupSampler: {len(self.groups)} group flags for {len(dataset)} samples")
-        self.group_sizes = np.bincount(self.groups)
-        global_batch = batch * self.num_replicas
-        self.num_samples = int(sum(math.ceil(size / global_batch) for size in self.group_sizes)) * batch
-        self.total_size = self.num_samples * self.num_replicas
-
-    def epoch_indices(self) -> list:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        global_batch = self.batch * self.num_replicas
-        padded = []
-        for group, size in enumerate(self.group_sizes):
-            if size == 0:
-                continue
-            members = np.flatnonzero(self.groups == group)[torch.randperm(int(size), generator=generator).numpy()]
-            padded.append(np.resize(members, math.ceil(size / global_batch) * global_batch))  # cyclic repeat
-        batches = np.concatenate(padded).reshape(-1, self.batch)
-        order = torch.randperm(len(batches), generator=generator).numpy()
-        shuffled = batches[order].reshape(-1)
-        return shuffled[self.rank * self.num_samples:(self.rank + 1) * self.num_samples].tolist()
-
-
-def build_train_sampler(recipe: "Recipe", augmented: "EpochAugmentation", runtime: Runtime,
-                        batch: int) -> ResumableSampler:
-    """The training sampler of ``recipe``: aspect-grouped batches (``group_by_aspect``, mmdet's
-    GroupSampler) over the data set repeated ``dataset_repeat`` times, or plain shuffling."""
-    if not recipe.group_by_aspect:
-        return ResumableSampler(augmented, runtime, recipe.seed)
-    if not hasattr(augmented.dataset, "aspect_groups"):
-        raise ValueError(f"group_by_aspect: --task {recipe.task} data has no image aspect ratios to group by "
-                         "(detection and instance segmentation data have)")
-    groups = np.tile(augmented.dataset.aspect_groups(), augmented.repeat)  # as mmdet's RepeatDataset.flag
-    return AspectGroupSampler(augmented, groups, runtime, recipe.seed, batch)
-
-
-class EpochAugmentation(torch.utils.data.Dataset):
-    """Gives every sample's random augmentation its own generator seeded by (seed, epoch, index).
-
-    Augmentations then do not depend on which worker loads a sample or on where a run was resumed,
-    which is what makes ``--resume`` exact.
-
-    An epoch passes ``repeat`` times over the data set (mmdet RepeatDataset: index i reads sample
-    i mod len); each pass draws its own augmentations."""
-
-    def __init__(self, dataset, seed: int, repeat: int = 1):
-        self.dataset = dataset
-        self.seed, self.repeat = seed, repeat
-        self.epoch = 0
-
-    def __len__(self):
-        return self.repeat * len(self.dataset)
-
-    def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        return self.dataset.get(index % len(self.dataset), rng)
-
-
-def shard_indices(length: int, runtime: Runtime) -> list:
-    """Evaluation shard of this rank: every sample exactly once over all ranks (no padding)."""
-    return list(range(runtime.rank, length, runtime.world_size))
+from kd_ref.runtime import (BatchNormWatch, JsonlLog, PreemptionGuard, Runtime, TrainingInterrupted, atomic_save,
+                            check_on_every_rank, load_checkpoint, peak_memory_mb, precision_change_note, rng_state,
+                            set_rng_state, unwrap, write_json)
+from kd_ref.samplers import EpochAugmentation, build_train_sampler
 
 
 # ---------------------------------------------------------------------------------------- schedule
@@ -344,217 +98,8 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> N
         group["lr"] = base_lr * factor * group.get("lr_mult", 1.0)
 
 
-# ------------------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_save(obj, path: str) -> None:
-    """Write ``obj`` to ``path`` through a temporary file and an atomic rename."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, source: str | None = None) -> dict:
-    """Load a checkpoint written by this engine (to resume), with a clear error for anything else, a
-    checkpoint of another format version (``convert.CHECKPOINT_FORMAT_VERSION``) included."""
-    ckpt = read_torch_file(path, source or f"checkpoint {path}")
-    convert.check_format(ckpt, source or path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{source or f'checkpoint {path}'}: expected a kd_ref checkpoint (a dict with 'model'), "
-                         f"found {type(ckpt).__name__} with keys {sorted(ckpt)[:8] if isinstance(ckpt, dict) else '-'}")
-    return ckpt
-
-
-def precision_change_note(trained: str, now: str, path: str) -> str | None:
-    """The line a run resumed from ``path`` (trained in ``trained``, the checkpoint's record) says when
-    it continues in another precision ``now``; None when nothing changes. A change of
-    precision is allowed: the weights and optimizer states are float32 whatever the autocast, and only the
-    fp16 GradScaler's state is left behind (or, going to fp16, starts from its initial scale)."""
-    if trained == now:
-        return None
-    consequences = []
-    if trained == "fp16":
-        consequences.append("its GradScaler state is dropped")
-    if now == "fp16":
-        consequences.append("the GradScaler starts from its initial scale")
-    return (f"--resume: {path} was trained in {trained}, this run continues in {now}"
-            + "".join(f"; {item}" for item in consequences))
-
-
-# ------------------------------------------------------------------------------------------ logging
-def strict_json(value):
-    """``value`` with every non-finite float replaced by None, so that any JSON parser reads what we write
-    (a class absent from the evaluation set has no IoU: null, not Python's bare NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: strict_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict_json(item) for item in value]
-    return value
-
-
-def dumps(value, **options) -> str:
-    return json.dumps(strict_json(value), allow_nan=False, **options)
-
-
-def write_json(path: str, value) -> None:
-    with open(path, "w") as handle:
-        handle.write(dumps(value, indent=1) + "\n")
-
-
-class JsonlLog:
-    """Append-only JSON-lines log, written by rank 0 only."""
-
-    def __init__(self, path: str, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as handle:
-                handle.write(dumps(record) + "\n")
-
-    def truncate(self, iteration: int) -> None:
-        """Drop the records past ``iteration``: a run resumed from the checkpoint of that iteration replays
-        them, and the log stays one history without repeated iterations."""
-        if not (self.enabled and os.path.isfile(self.path)):
-            return
-        with open(self.path) as handle:
-            kept = [line for line in handle if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
-        tmp = f"{self.path}.tmp"
-        with open(tmp, "w") as handle:
-            handle.writelines(kept)
-        os.replace(tmp, self.path)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-# -------------------------------------------------------------------------------------- preemption
-class TrainingInterrupted(Exception):
-    """Raised after SIGTERM/SIGINT once the current iteration is finished and checkpointed."""
-
-    def __init__(self, signum: int, iteration: int, ckpt_path: str):
-        self.signum, self.iteration, self.ckpt_path = signum, iteration, ckpt_path
-        super().__init__(f"{signal.Signals(signum).name} received: stopped after iteration {iteration}, "
-                         f"checkpoint {ckpt_path}; continue with the same command plus --resume")
-
-
-class PreemptionGuard:
-    """Turns the first SIGTERM/SIGINT into a request to stop at the end of the current iteration (a
-    second one acts as usual). Under DDP the request is agreed over all ranks, so every rank stops
-    at the same iteration even if only one was signalled."""
-
-    def __init__(self):
-        self.signum = 0
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self.previous[signum])
-
-    def agreed_flag(self, runtime: Runtime) -> torch.Tensor | None:
-        """Under DDP, the largest signal number of all ranks (all-reduced, MAX) as a tensor left on the device, to
-        travel in the step's one read; None in a single process, whose request is on the host."""
-        if runtime.world_size == 1:
-            return None
-        flag = torch.full((1,), float(self.signum), device=runtime.device)  # a fill: no copy from the host
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag[0]
-
-    def requested(self, step: "Step") -> int:
-        """The signal number to stop for after ``step`` (0: keep going), the same on every rank: under DDP the
-        agreed flag that step read, otherwise this process's own."""
-        return self.signum if step.stop_signal is None else step.stop_signal
-
-
-# ------------------------------------------------------------------------------------- epoch hook
-@dataclass
-class EpochContext:
-    """What a distiller's ``before_epoch`` hook may use: the models, the training data (without the
-    recipe's repetition) and the epoch counter, ``epoch`` (0-based) of ``epochs`` in the run."""
-    epoch: int
-    student: nn.Module
-    teacher: nn.Module
-    dataset: object
-    collate: object
-    runtime: Runtime
-    epochs: int = 1
-
-
-@dataclass
-class StepContext:
-    """What a distiller's ``after_step`` hook may use."""
-    iteration: int
-    batch: dict
-    student: nn.Module
-    teacher: nn.Module
-    loss_fn: object
-    runtime: Runtime
-
-
 # --------------------------------------------------------------------------------------------- train
 ETA_AFTER = 10  # iterations after which a run says its measured s/it and the time left
-
-
-def estimate_training_memory(recipe: "Recipe", per_rank_batch: int, probe_pixels: int = 128 * 128) -> int:
-    """Bytes one process needs to train ``recipe`` at ``per_rank_batch``, estimated before any data is read:
-    float32 student weights, gradients and momentum, the teacher's weights, and the student's activations
-    kept for backward, taken as the outputs of all its leaf modules in one forward of a probe input of at most
-    ``probe_pixels`` pixels, scaled to the training input (activations grow with the pixel count)."""
-    task = tasks.TASKS[recipe.task]
-    height, width = recipe.image_scale[::-1] if task.size_field == "image_scale" else recipe.crop
-    scale = min(1.0, math.sqrt(probe_pixels / (height * width)))
-    probe_size = (max(32, round(height * scale)), max(32, round(width * scale)))
-    student = task.build_model(recipe, recipe.student).eval()
-    outputs = {}  # storage -> bytes; kept alive during the probe, so in-place results (ReLU) count once
-
-    def keep(module, inputs, output):
-        for tensor in output if isinstance(output, (tuple, list)) else [output]:
-            if isinstance(tensor, torch.Tensor):
-                outputs[tensor.untyped_storage().data_ptr()] = (tensor, tensor.numel() * 4)
-
-    leaves = [module for module in student.modules() if not list(module.children())]
-    hooks = [module.register_forward_hook(keep) for module in leaves]
-    with torch.no_grad():
-        student(torch.zeros(1, 3, *probe_size), predict=False)
-    for hook in hooks:
-        hook.remove()
-    activation_bytes = sum(size for _, size in outputs.values())
-    pixel_ratio = height * width / (probe_size[0] * probe_size[1])
-    total = 3 * 4 * sum(p.numel() for p in student.parameters()) + activation_bytes * pixel_ratio * per_rank_batch
-    if methods.METHODS[recipe.method].needs_teacher and recipe.teacher is not None:
-        total += 4 * sum(p.numel() for p in task.build_model(recipe, recipe.teacher).parameters())
-    return int(total)
 
 
 def build_optimizer(params, recipe: "Recipe") -> torch.optim.Optimizer:
@@ -608,16 +153,18 @@ class Optimizers:
     extra_params: list = dataclasses.field(default_factory=list)
 
 
-def build_optimizers(recipe: "Recipe", student: nn.Module, distiller: nn.Module | None) -> Optimizers:
-    extra_params = list(distiller.extra_parameters()) if hasattr(distiller, "extra_parameters") else []
+def build_optimizers(recipe: "Recipe", student: nn.Module, distiller: Distiller | None) -> Optimizers:
+    """The student optimizer over the student's trainable parameters and the distiller's, except the distiller's
+    ``extra_parameters()``, and the distiller's ``extra_optimizer`` over those, if it returns one."""
+    extra_params = list(distiller.extra_parameters()) if distiller is not None else []
     extra_ids = {id(p) for p in extra_params}
     distiller_params = [p for p in distiller.parameters() if id(p) not in extra_ids] if distiller else []
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = build_optimizer(parameter_groups([(student, trainable), (distiller, distiller_params)], recipe), recipe)
-    if not (extra_params and getattr(type(distiller), "extra_optimizer", Distiller.extra_optimizer)
-            is not Distiller.extra_optimizer):
+    built = distiller.extra_optimizer(recipe.iters) if extra_params else None
+    if built is None:
         return Optimizers(optimizer, distiller_params)
-    extra, extra_lr_lambda = distiller.extra_optimizer(recipe.iters)
+    extra, extra_lr_lambda = built
     return Optimizers(optimizer, distiller_params, extra, extra_lr_lambda or (lambda iteration: 1.0), extra_params)
 
 
@@ -646,7 +193,7 @@ def weighted_task_losses(student_out: dict, task_loss_weight: float) -> dict:
     return {name: task_loss_weight * value for name, value in student_out["losses"].items()}
 
 
-def forward_losses(student: nn.Module, teacher: nn.Module | None, distiller: nn.Module | None, bind,
+def forward_losses(student: nn.Module, teacher: nn.Module | None, distiller: Distiller | None, bind,
                    batch: dict, task_loss_weight: float = 1.0, teacher_out: dict | None = None) -> tuple:
     """One step's forward: ``(losses, teacher_out, bound)``, the student's weighted task losses plus the
     distiller's weighted losses, the teacher's outputs and the distiller's bound inputs (None, None
@@ -674,13 +221,15 @@ def search_objective(student: nn.Module, teacher: nn.Module, distiller: nn.Modul
     under autocast, which float32 layers refuse as input) lifted to float32. Float32 rather than the step's
     autocast because SoKD's unrolled search takes a finite difference of this objective between parameters
     shifted by ``fd_radius`` in norm, spread over every parameter: per weight a shift far below 1% of its
-    value, under bf16's resolution (8 significant bits, 0.4%) and near fp16's (11 bits, 0.05%). Only the
-    search steps (``search_iters``) evaluate it, so the float32 copy is made on the first evaluation."""
+    value, under bf16's resolution (8 significant bits, 0.4%) and near fp16's (11 bits, 0.05%).
+
+    Building it computes nothing: the engine hands one to every ``after_step`` hook, most of which never call
+    it, and only a search step (SoKD's ``search_iters``) evaluates it; the float32 copy is made on the first
+    evaluation."""
     lifted_teacher_out = functools.cache(lambda: tree_at_least_float32(teacher_out))
-    device_type = next(student.parameters()).device.type
 
     def objective(batch: dict) -> torch.Tensor:
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(next(student.parameters()).device.type, enabled=False):
             losses, _, _ = forward_losses(student, teacher, distiller, bind, batch, task_loss_weight,
                                           lifted_teacher_out())
         return sum(losses.values())
@@ -696,7 +245,7 @@ def _average_gradients(params, runtime: Runtime) -> None:
             param.grad /= runtime.world_size
 
 
-def synchronise_batchnorm(student: nn.Module, distiller: nn.Module | None, runtime: Runtime,
+def synchronise_batchnorm(student: nn.Module, distiller: Distiller | None, runtime: Runtime,
                           sync_student: bool = True) -> nn.Module:
     """For a CUDA DDP run, the student (returned; only if ``sync_student``, the recipe's ``sync_bn``) and the
     distiller's ``sync_batchnorm_modules()`` with every BatchNorm converted to SyncBatchNorm, the one place
@@ -704,7 +253,7 @@ def synchronise_batchnorm(student: nn.Module, distiller: nn.Module | None, runti
     and hooks holding them stay valid."""
     if runtime.device.type != "cuda" or runtime.world_size == 1:
         return student
-    for module in distiller.sync_batchnorm_modules() if hasattr(distiller, "sync_batchnorm_modules") else []:
+    for module in distiller.sync_batchnorm_modules() if distiller is not None else []:
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"{type(distiller).__name__}.sync_batchnorm_modules(): return the modules holding "
                              "BatchNorm layers, not a BatchNorm itself (it is replaced inside its parent)")
@@ -781,37 +330,6 @@ def check_teacher_outputs(teacher_out: dict, teacher_ckpt: str) -> None:
                              "diverged; retrain it (check its BatchNorm statistics and batch size)")
 
 
-MIN_BATCHNORM_VALUES = 4
-
-
-class BatchNormWatch:
-    """Records, during one forward, the fewest values per channel that any training-mode BatchNorm of
-    ``modules`` normalises over (batch x H x W, times the processes for SyncBatchNorm)."""
-
-    def __init__(self, modules, world_size: int):
-        self.world_size, self.fewest, self.layer = world_size, None, None
-        self.handles = [layer.register_forward_pre_hook(functools.partial(self._record, name))
-                        for module in modules if module is not None
-                        for name, layer in module.named_modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
-
-    def _record(self, name, layer, inputs) -> None:
-        if not layer.training:
-            return
-        values = inputs[0].numel() // max(inputs[0].shape[1], 1)
-        if isinstance(layer, nn.SyncBatchNorm):
-            values *= self.world_size
-        if self.fewest is None or values < self.fewest:
-            self.fewest, self.layer = values, name
-
-    def close(self, warn: bool = True) -> None:
-        for handle in self.handles:
-            handle.remove()
-        if warn and self.fewest is not None and self.fewest < MIN_BATCHNORM_VALUES:
-            warnings.warn(f"BatchNorm {self.layer} normalises over {self.fewest} values per channel (batch x H x W "
-                          f"at that stage) < {MIN_BATCHNORM_VALUES}: its batch statistics are mostly noise and its "
-                          "running variance can blow up; use a larger --batch-size or input size", stacklevel=2)
-
-
 def _check_finite(losses: dict, iteration: int) -> None:
     """Stop on a non-finite one of the step's loss values (floats, read from the device)."""
     bad = {name: value for name, value in losses.items() if not math.isfinite(value)}
@@ -843,28 +361,47 @@ def train(recipe: "Recipe", out_dir: str, runtime: Runtime, resume: bool = False
                 run.iteration += 1
                 run.log(step, seconds=time.perf_counter() - tick)
                 run.evaluate_if_due()
-                if run.checkpoint(stop_signal=guard.requested(step)):
+                if run.checkpoint(stop_signal=guard.requested(step.values.stop_signal)):
                     break
                 tick = time.perf_counter()
     return run.finish()
 
 
 @dataclass
-class Step:
-    """One iteration's results: the values of every named loss (task and distiller; the extra ones apart
-    until their update) and of the student objective ``total``, read from the device once, the extra
-    objective's gradient norm (None without an extra optimizer), the teacher outputs and the distiller's
-    bound inputs, the lr factor, the data wait and, under DDP, the stop request agreed by all ranks (read with
-    the losses; None in a single process)."""
-    losses: dict
-    extra: dict
+class StepValues:
+    """The iteration's one read from the device (:func:`read_step_values`): every named loss (the task's and the
+    distiller's, weighted; the extra optimizer's apart), the student objective ``total``, the gradient norm of
+    each optimizer (``extra_norm`` None without an extra optimizer) and, under DDP, the stop request agreed by
+    all ranks (``stop_signal``; None in a single process, whose request is on the host)."""
+    losses: dict[str, float]
+    extra: dict[str, float]
     total: float
-    extra_gradient_norm: float | None
+    student_norm: float
+    extra_norm: float | None
+    stop_signal: int | None
+
+
+def read_step_values(losses: dict, extra: dict, total: torch.Tensor, student_norm: torch.Tensor,
+                     extra_norm: torch.Tensor | None, stop_flag: torch.Tensor | None) -> StepValues:
+    """The step's scalars on the device, stacked and read at once: one ``.tolist()``, the iteration's only wait
+    for the device."""
+    optional = [tensor for tensor in (extra_norm, stop_flag) if tensor is not None]
+    scalars = [*losses.values(), *extra.values(), total, student_norm, *optional]
+    values = iter(torch.stack([value.detach().float().reshape(()) for value in scalars]).tolist())
+    return StepValues(losses={name: next(values) for name in losses}, extra={name: next(values) for name in extra},
+                      total=next(values), student_norm=next(values),
+                      extra_norm=None if extra_norm is None else next(values),
+                      stop_signal=None if stop_flag is None else int(next(values)))
+
+
+@dataclass
+class Step:
+    """One iteration's results: its :class:`StepValues`, the teacher outputs (which the step hook's objective
+    reuses), the lr factor and the time spent waiting for the data."""
+    values: StepValues
     teacher_out: dict | None
-    bound: dict | None
     lr_factor: float
     data_seconds: float
-    stop_signal: int | None = None
 
 
 class TrainingRun:
@@ -1034,7 +571,7 @@ class TrainingRun:
         self.epoch, offset = divmod(self.iteration, self.iters_per_epoch)
         self.augmented.epoch = self.epoch
         self.sampler.set_position(self.epoch, offset * self.per_rank_batch)
-        if offset == 0 and hasattr(self.distiller, "before_epoch"):
+        if offset == 0 and self.distiller is not None:
             self.distiller.before_epoch(EpochContext(self.epoch, unwrap(self.model), self.teacher, self.train_set,
                                                      self.collate, self.runtime, self.epochs))
         self.model.train()
@@ -1062,48 +599,43 @@ class TrainingRun:
         losses = {name: value.float() for name, value in losses.items()}
         extra = {name: value.float() for name, value in extra.items()}
         total = sum(losses.values())
-        norms = [backward(optimizers.student, self.scaler, total,
-                          lambda: _average_gradients(optimizers.distiller_params, runtime), recipe.grad_clip)]
+        student_norm = backward(optimizers.student, self.scaler, total,
+                                lambda: _average_gradients(optimizers.distiller_params, runtime), recipe.grad_clip)
+        extra_norm = None
         if optimizers.extra is not None:
-            norms.append(backward(optimizers.extra, self.extra_scaler, sum(extra.values()),
-                                  lambda: _average_gradients(optimizers.extra_params, runtime)))
-        names = [*losses, *extra]
-        flags = [] if stop_flag is None else [stop_flag]
-        values = torch.stack([value.detach().float().reshape(()) for value in
-                              [*losses.values(), *extra.values(), total, *flags, *norms]]).tolist()
-        named = dict(zip(names, values))
-        _check_finite(named, self.iteration)
-        total_value, *stop_signal = values[len(names):len(names) + 1 + len(flags)]
-        student_norm, *extra_norm = values[len(names) + 1 + len(flags):]
-        check_gradient(self.scaler, student_norm, self.iteration, "student")
-        if extra_norm:
-            check_gradient(self.extra_scaler, extra_norm[0], self.iteration, "extra")
-        update(optimizers.student, self.scaler, student_norm)
-        return Step({name: named[name] for name in losses}, {name: named[name] for name in extra}, total_value,
-                    extra_norm[0] if extra_norm else None, teacher_out, bound, factor, data_seconds,
-                    int(stop_signal[0]) if stop_signal else None)
+            extra_norm = backward(optimizers.extra, self.extra_scaler, sum(extra.values()),
+                                  lambda: _average_gradients(optimizers.extra_params, runtime))
+        values = read_step_values(losses, extra, total, student_norm, extra_norm, stop_flag)
+        _check_finite({**values.losses, **values.extra}, self.iteration)
+        check_gradient(self.scaler, values.student_norm, self.iteration, "student")
+        if values.extra_norm is not None:
+            check_gradient(self.extra_scaler, values.extra_norm, self.iteration, "extra")
+        update(optimizers.student, self.scaler, values.student_norm)
+        return Step(values, teacher_out, factor, data_seconds)
 
     def extra_step(self, step: Step) -> None:
         """The update of the distiller's own optimizer (an adversary) from the gradients of its extra losses
-        (:meth:`train_step`), which join the logged ones."""
+        (:meth:`train_step`)."""
         optimizers = self.optimizers
         if optimizers.extra is None:
             return
         for group, base in zip(optimizers.extra.param_groups, self.extra_base_lrs):
             group["lr"] = base * optimizers.extra_lr_lambda(self.iteration)
-        update(optimizers.extra, self.extra_scaler, step.extra_gradient_norm)
-        step.losses.update(step.extra)
+        update(optimizers.extra, self.extra_scaler, step.values.extra_norm)
 
     def step_hooks(self, batch: dict, step: Step) -> None:
-        """The distiller's ``after_step`` hook, with the objective at the updated parameters."""
-        if hasattr(self.distiller, "after_step"):
-            student = unwrap(self.model)
-            objective = search_objective(student, self.teacher, self.distiller, self.bind, step.teacher_out,
-                                         self.recipe.task_loss_weight)
-            self.distiller.after_step(StepContext(self.iteration, batch, student, self.teacher, objective, self.runtime))
+        """The distiller's ``after_step`` hook, with the objective at the updated parameters (:func:`search_objective`,
+        which computes nothing until the hook calls it)."""
+        if self.distiller is None:
+            return
+        student = unwrap(self.model)
+        objective = search_objective(student, self.teacher, self.distiller, self.bind, step.teacher_out,
+                                     self.recipe.task_loss_weight)
+        self.distiller.after_step(StepContext(self.iteration, batch, student, self.teacher, objective, self.runtime))
 
     def log(self, step: Step, seconds: float) -> None:
-        """The step's line of ``log.jsonl``, the progress bar, and once the measured time per iteration."""
+        """The step's line of ``log.jsonl`` (every loss, the extra optimizer's after the others), the progress
+        bar, and once the measured time per iteration."""
         recipe, runtime, iteration = self.recipe, self.runtime, self.iteration
         if iteration - self.start_iter == ETA_AFTER and iteration < recipe.iters and runtime.is_main and not self.quiet:
             rate = (time.perf_counter() - self.started) / ETA_AFTER
@@ -1111,13 +643,13 @@ class TrainingRun:
                            f"iterations, about {rate * (recipe.iters - iteration) / 60:.1f} min for the "
                            f"{recipe.iters - iteration} left (evaluations not included)")
         if runtime.is_main:
-            lr = recipe.lr * step.lr_factor
+            lr, values = recipe.lr * step.lr_factor, step.values
             self.log_file.write({"iteration": iteration, "epoch": self.epoch, "lr": lr,
-                                 **{k: round(v, 6) for k, v in step.losses.items()},
-                                 "loss": round(step.total, 6), "seconds": round(seconds, 4),
+                                 **{k: round(v, 6) for k, v in {**values.losses, **values.extra}.items()},
+                                 "loss": round(values.total, 6), "seconds": round(seconds, 4),
                                  "data_seconds": round(step.data_seconds, 4),
                                  "peak_memory_mb": round(peak_memory_mb(runtime.device), 1)})
-            self.bar.set_postfix(loss=f"{step.total:.3f}", lr=f"{lr:.2e}")
+            self.bar.set_postfix(loss=f"{values.total:.3f}", lr=f"{lr:.2e}")
             self.bar.update(1)
 
     def evaluate(self) -> dict:
@@ -1207,6 +739,11 @@ def move_to(batch, device: torch.device):
     return batch
 
 
+def shard_indices(length: int, runtime: Runtime) -> list:
+    """Evaluation shard of this rank: every sample exactly once over all ranks (no padding)."""
+    return list(range(runtime.rank, length, runtime.world_size))
+
+
 @torch.no_grad()
 def evaluate(task, model: nn.Module, dataset, collate, runtime: Runtime, recipe, workers: int = 2,
              quiet: bool = False, save_pred: str | None = None) -> dict:
@@ -1222,11 +759,3 @@ def evaluate(task, model: nn.Module, dataset, collate, runtime: Runtime, recipe,
         task.update_eval_state(state, out, batch, save_pred)
     return task.finish_eval_state(state, runtime)
 
-
-def print_table(rows: list, file=None) -> None:
-    """Small fixed-width table: ``rows`` is a list of (name, value) pairs; to ``file`` (default: the current
-    sys.stdout, looked up at the call)."""
-    width = max(len(str(name)) for name, _ in rows)
-    for name, value in rows:
-        shown = f"{value:.2f}" if isinstance(value, float) and not math.isnan(value) else str(value)
-        print(f"  {str(name):<{width}}  {shown}", file=file or sys.stdout)

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from kd_ref import dist, gdd, kd
 from kd_ref.detectors import is_two_stage
-from kd_ref.distiller import Distiller, Method, StepContext
+from kd_ref.distiller import HOOKS, Distiller, Method, StepContext, uses_hook
 
 # --------------------------------------------------------------------------------------- DAFA ops
 OP_RANGES: dict[str, tuple[float, float]] = {
@@ -652,10 +652,10 @@ class BoundBase(nn.Module):
     outputs and batch, it returns the base's weighted losses (``bind(student_out, teacher_out, batch)``
     gives the base's ``forward`` arguments, as the base's ``METHOD.bind[task]`` does)."""
 
-    def __init__(self, distiller: nn.Module, bind: Callable[..., dict]):
+    def __init__(self, distiller: Distiller, bind: Callable[..., dict]):
         super().__init__()
-        for hook in ("extra_parameters", "extra_optimizer", "before_epoch", "after_step"):
-            if getattr(type(distiller), hook, None) not in (None, getattr(Distiller, hook)):
+        for hook in HOOKS:
+            if uses_hook(distiller, hook):
                 raise ValueError(f"BoundBase: a SoKD base must be a plain loss; {type(distiller).__name__} "
                                  f"has the engine hook {hook}()")
         self.distiller, self.bind = distiller, bind

@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kd_ref import engine, methods, tasks
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import Runtime, setup_runtime
 
 # Tensor methods that hand device values to Python; they run no aten operator on a CPU tensor, so only the
 # function mode sees them. Scalar reads (item, bool, int, float) are counted once, at _local_scalar_dense.
@@ -176,7 +177,7 @@ def random_teacher_file(recipe: Recipe, path: str) -> str | None:
     return path
 
 
-def count_iteration(recipe: Recipe, runtime: engine.Runtime, counter_factory=SyncCounter):
+def count_iteration(recipe: Recipe, runtime: Runtime, counter_factory=SyncCounter):
     """The synchronisations of the second training iteration of ``recipe`` (a ``counter_factory()``
     context, returned after the iteration), with a randomly initialised teacher."""
     with tempfile.TemporaryDirectory(prefix="kd_ref_syncs_") as scratch:
@@ -199,7 +200,7 @@ def count_iteration(recipe: Recipe, runtime: engine.Runtime, counter_factory=Syn
     return counter
 
 
-def table(presets: list[str], runtime: engine.Runtime) -> list[tuple]:
+def table(presets: list[str], runtime: Runtime) -> list[tuple]:
     """``(task, preset, method, total, {kind: count})`` per preset, printed as they come."""
     measured = runtime.device.type == "cuda"
     factory = CudaSyncWarnings if measured else SyncCounter
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
     if unknown:
         parser.error(f"--presets {' '.join(unknown)}: not synthetic presets; python train.py --list-presets lists them")
     try:
-        runtime = engine.setup_runtime(args.device)
+        runtime = setup_runtime(args.device)
     except ValueError as err:
         parser.error(str(err))
     with warnings.catch_warnings():

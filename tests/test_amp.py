@@ -13,6 +13,7 @@ from kd_ref import engine, methods, metrics, presets, syncs, tasks
 from kd_ref.precision import resolve_precision
 from train_helpers import train_crashing_in_step
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import Runtime, load_checkpoint, precision_change_note, setup_runtime
 
 
 @pytest.mark.parametrize("requested, device_type, native_cuda_bf16, expected", [
@@ -44,12 +45,12 @@ def test_runtime_autocasts_and_scales_as_its_precision_says():
     weight = torch.ones(2, 2)
     for precision, dtype, scaler in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
                                      ("fp16", torch.float16, True)):
-        runtime = engine.Runtime(cpu, precision=precision)
+        runtime = Runtime(cpu, precision=precision)
         with runtime.autocast():
             assert (weight @ weight).dtype == dtype, precision
         assert runtime.grad_scaler().is_enabled() == scaler, precision
-    assert engine.setup_runtime("cpu", "auto").precision == "bf16"
-    assert engine.setup_runtime("cpu").precision == "fp32"
+    assert setup_runtime("cpu", "auto").precision == "bf16"
+    assert setup_runtime("cpu").precision == "fp32"
 
 
 def test_bf16_scores_leave_torch_as_float():
@@ -105,13 +106,13 @@ def random_teachers(tmp_path_factory):
 def test_every_preset_trains_an_iteration_and_evaluates_under_cpu_bf16(name, tmp_path, random_teachers):
     recipe = tiny(presets.PRESETS[name])
     teacher = random_teachers(recipe) if methods.METHODS[recipe.method].needs_teacher else None
-    runtime = engine.setup_runtime("cpu", "auto")
+    runtime = setup_runtime("cpu", "auto")
     scores = engine.train(recipe, str(tmp_path), runtime, teacher_ckpt=teacher, workers=0, quiet=True)
     step = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     losses = {key: value for key, value in step.items() if key.startswith("loss")}
     assert len(losses) > 1 and all(np.isfinite(value) for value in losses.values()), losses
     assert isinstance(scores[tasks.TASKS[recipe.task].main_metric], float)
-    assert engine.load_checkpoint(str(tmp_path / "last.pt"))["precision"] == "bf16"
+    assert load_checkpoint(str(tmp_path / "last.pt"))["precision"] == "bf16"
 
 
 # ------------------------------------------------------------------ resuming in another precision
@@ -128,14 +129,14 @@ def _resume(out, teacher, amp, capsys, monkeypatch, crash_at=None):
     else:
         train_crashing_in_step(monkeypatch, crash_at, argv)
     said = [line for line in capsys.readouterr().out.splitlines() if "this run continues in" in line]
-    return said, engine.load_checkpoint(str(out / "last.pt"))
+    return said, load_checkpoint(str(out / "last.pt"))
 
 
 def test_a_run_resumed_in_another_precision_continues_and_says_so(tmp_path, random_teachers, capsys, monkeypatch):
     teacher = random_teachers(presets.PRESETS["synthetic_cls_kd"])
     out = tmp_path / "run"
     train_crashing_in_step(monkeypatch, 1, [*TINY_CLS, "--teacher-ckpt", teacher, "--out", str(out)])
-    assert engine.load_checkpoint(str(out / "last.pt"))["precision"] == "fp32"
+    assert load_checkpoint(str(out / "last.pt"))["precision"] == "fp32"
     capsys.readouterr()
 
     # fp32 -> fp16: the fp32 checkpoint has no scaler state; the scalers start from their initial scale
@@ -168,5 +169,5 @@ def test_a_run_resumed_in_another_precision_continues_and_says_so(tmp_path, rand
     ("bf16", "fp16", "was trained in bf16, this run continues in fp16; the GradScaler starts from its initial scale"),
     ("fp16", "fp32", "was trained in fp16, this run continues in fp32; its GradScaler state is dropped")])
 def test_precision_change_note(trained, now, says):
-    note = engine.precision_change_note(trained, now, "run/last.pt")
+    note = precision_change_note(trained, now, "run/last.pt")
     assert note == (None if says is None else f"--resume: run/last.pt {says}")

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kd_ref import bench_flops, configs, engine
+from kd_ref import bench_flops, engine, tasks
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe
 
@@ -104,8 +104,8 @@ def test_probe_batchnorm_statistics_keep_a_random_resnet101_at_a_trained_scale()
     """At running statistics (0, 1) a random R101's C5 grows to ~1e5 and the RPN proposes nothing."""
     recipe = dataclasses.replace(PRESETS["retinanet_r101_fpn_2x_coco"], num_classes=3, **TINY_DET)
     torch.manual_seed(0)
-    detector = configs.TASKS["det"].build_model(recipe, "retinanet_r101").eval()
-    dataset, collate = configs.TASKS["det"].probe_data(recipe, (64, 64), 2)
+    detector = tasks.TASKS["det"].build_model(recipe, "retinanet_r101").eval()
+    dataset, collate = tasks.TASKS["det"].probe_data(recipe, (64, 64), 2)
     batch = dataset.prepare_batch(collate([dataset[0]]))
     assert batch["images"].shape == (1, 3, 64, 64) and batch["targets"][0]["boxes"].shape == (2, 4)
     before = engine.teacher_forward(detector, batch, {})["feats"]["c5"].abs().max()

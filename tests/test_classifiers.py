@@ -5,8 +5,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from kd_ref import convert, engine
+from kd_ref import convert
 from kd_ref.classifiers import CIFAR_RESNETS, CLASSIFIER_NAMES, WIDE_RESNETS, build_classifier, convert_wrn_state_dict
+from kd_ref.runtime import load_checkpoint
 
 # RepDistiller's table (CRD paper) rounds to 0.01M: res8x4 1.23M, res32x4 7.43M, wrn-40-2 2.26M, ...;
 # torchvision documents ResNet-18/34/50 as 11,689,512 / 21,797,672 / 25,557,032 (1000 classes).
@@ -126,7 +127,7 @@ def test_convert_cli_writes_a_teacher_checkpoint(tmp_path):
     target = tmp_path / "teacher.pt"
     assert convert.main(["--task", "cls", "--arch", "resnet8", str(source), str(target)]) == 0
     loaded = build_classifier("resnet8", 100)
-    loaded.load_state_dict(engine.load_checkpoint(str(target))["model"])
+    loaded.load_state_dict(load_checkpoint(str(target))["model"])
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), teacher.state_dict().values()))
 
 

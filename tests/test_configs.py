@@ -522,8 +522,9 @@ AUX_HEADS = {("cirkd", 18): ("c4", 256, 64), ("cirkd", 101): ("c4", 1024, 256),
 
 def test_every_seg_row_has_the_references_aux_head_weight_and_syncbn():
     from kd_ref import engine, segmentors, tasks
+    from kd_ref.runtime import Runtime
     assert segmentors.AUX_LOSS_WEIGHT == 0.4
-    cuda_ddp = engine.Runtime(torch.device("cuda", 0), rank=0, world_size=8)
+    cuda_ddp = Runtime(torch.device("cuda", 0), rank=0, world_size=8)
     rows = [r for r in presets.PRESETS.values() if r.task == "seg" and r.data != "synthetic"]
     assert len(rows) >= 13
     for recipe in rows:

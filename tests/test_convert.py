@@ -9,11 +9,12 @@ import torch
 
 import evaluate
 import train
-from kd_ref import classifiers, convert, detectors, engine, segmentors, tasks
+from kd_ref import classifiers, convert, detectors, segmentors, tasks
 from kd_ref.backbones import build_backbone, read_checkpoint
 from model_helpers import randomise_
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import load_checkpoint
 
 TINY_SEG = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=4",
             "--set", "synthetic_val=2", "--batch-size", "2", "--iters", "1", "--quiet", "--device", "cpu"]
@@ -178,7 +179,7 @@ def test_convert_command_writes_a_checkpoint_in_our_keys(tmp_path, capsys, task,
     src, dst = tmp_path / "released.pth", tmp_path / "ours.pt"
     torch.save(make_file(source), src)
     assert convert.main(["--task", task, "--arch", arch, str(src), str(dst)]) == 0
-    layout = convert.recognise(engine.load_checkpoint(str(dst))["model"], "dst")
+    layout = convert.recognise(load_checkpoint(str(dst))["model"], "dst")
     assert layout.name.startswith("kd_ref")
     assert "recognised a" in capsys.readouterr().out
     loaded = convert.build_model(task, arch, classes, flavour)
@@ -218,7 +219,7 @@ def test_train_takes_a_released_teacher_and_a_plain_student_state_dict(tmp_path)
         assert train.run(["--method", "kd", "--teacher", "pspnet_r18", "--teacher-ckpt", str(path),
                           "--student-init", str(student), "--set", "flavour=mmseg",
                           "--out", str(tmp_path / name), *TINY_SEG]) == 0
-        weights.append(engine.load_checkpoint(str(tmp_path / name / "last.pt"))["model"])
+        weights.append(load_checkpoint(str(tmp_path / name / "last.pt"))["model"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 

@@ -35,6 +35,8 @@ import torch
 import train
 from kd_ref import engine, presets, presets_seg, syncs, tasks, transforms
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import load_checkpoint, setup_runtime
+from kd_ref.samplers import EpochAugmentation
 from train_helpers import train_crashing_in_step
 
 # every test but the coverage check of AMP_PRESETS, which runs wherever the suite does
@@ -93,7 +95,7 @@ def test_every_preset_trains_resumes_and_evaluates_on_cuda(preset, precision, tm
     argv = [*_flags(preset, precision, teacher_for(preset)), "--iters", "3", "--ckpt-every", "1",
             "--out", str(tmp_path)]
     train_crashing_in_step(monkeypatch, 2, argv)
-    stopped = engine.load_checkpoint(str(tmp_path / "last.pt"))
+    stopped = load_checkpoint(str(tmp_path / "last.pt"))
     assert stopped["iteration"] == 2
     assert bool(stopped["scaler"]) == (precision == "fp16"), "GradScaler state exactly under fp16"
     metrics = train.main([*argv, "--resume"])
@@ -119,7 +121,7 @@ def test_skd_discriminator_steps_with_its_own_optimizer_and_scaler(skd_preset, p
     options = {**presets.PRESETS[preset].method_options, **protocol, "use_ho": True}
     train.main([*_flags(preset, precision, teacher_for(preset)), "--crop", "512", "512",
                 "--set", f"method_options={options!r}", "--iters", "2", "--out", str(tmp_path)])
-    ckpt = engine.load_checkpoint(str(tmp_path / "last.pt"))
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
     assert ckpt["extra_optimizer"] is not None and ckpt["extra_optimizer"]["state"], "the discriminator stepped"
     assert bool(ckpt["extra_scaler"]) == (precision == "fp16")
     steps = _logged_losses(tmp_path)
@@ -190,7 +192,7 @@ def test_ddp_over_nccl_with_syncbatchnorm_trains_and_resumes(tmp_path):
     # the finished run resumed: every process loads last.pt into its (SyncBatchNorm, DDP) student and evaluates
     resumed = launch("--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert engine.load_checkpoint(str(tmp_path / "run" / "last.pt"))["iteration"] == 2
+    assert load_checkpoint(str(tmp_path / "run" / "last.pt"))["iteration"] == 2
     if processes == 1:
         # torchrun with one process trains without DDP; the SyncBatchNorm + DDP wrapper path in one NCCL group
         torch.distributed.init_process_group("nccl", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
@@ -201,7 +203,7 @@ def test_ddp_over_nccl_with_syncbatchnorm_trains_and_resumes(tmp_path):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[0] if CUDA == "cuda" else None)
             dataset, collate = tasks.TASKS["seg"].build_data(recipe, "train", None)
-            first_epoch = engine.EpochAugmentation(dataset, recipe.seed)
+            first_epoch = EpochAugmentation(dataset, recipe.seed)
             batch = dataset.prepare_batch(engine.move_to(collate([first_epoch[i] for i in range(2)]), CUDA))
             losses = ddp(batch["images"], batch["targets"])["losses"]
             sum(losses.values()).backward()
@@ -254,7 +256,7 @@ def test_device_step_on_cuda_equals_the_cpus(probe):
     recipe = DEVICE_STEP_PROBES[probe]
     for split in ("train", "val"):
         dataset, collate = tasks.TASKS[recipe.task].build_data(recipe, split, None)
-        samples = (engine.EpochAugmentation(dataset, recipe.seed) if split == "train" else dataset)
+        samples = (EpochAugmentation(dataset, recipe.seed) if split == "train" else dataset)
         def collated():   # a fresh batch for each device: a device step may work in place
             return collate([samples[i] for i in range(2 if split == "train" else 1)])
         on_cpu = dataset.prepare_batch(engine.move_to(collated(), torch.device("cpu")))
@@ -264,7 +266,7 @@ def test_device_step_on_cuda_equals_the_cpus(probe):
 
 @needs_cuda
 def test_synchronisations_per_iteration_as_cuda_reports_them(capsys):
-    runtime = engine.setup_runtime("cuda")
+    runtime = setup_runtime("cuda")
     measured = {}
     for preset in PRESETS:
         measured[preset] = syncs.count_iteration(syncs.probe_recipe(preset), runtime, syncs.CudaSyncWarnings).total

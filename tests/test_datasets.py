@@ -201,14 +201,15 @@ def test_synthetic_demo_batches_are_bit_identical_to_the_former_pipeline(task):
     import dataclasses
     import hashlib
 
-    from kd_ref import engine, tasks
+    from kd_ref import tasks
+    from kd_ref.samplers import EpochAugmentation
 
     recipe = PRESETS[default_preset(task, "none", "synthetic")]
     recipe = dataclasses.replace(recipe, synthetic_train=3, synthetic_val=2)
     for split in ("train", "val"):
         dataset, collate = tasks.TASKS[task].build_data(recipe, split, None)
         if split == "train":
-            augmented = engine.EpochAugmentation(dataset, recipe.seed)
+            augmented = EpochAugmentation(dataset, recipe.seed)
             augmented.epoch = 1
             batch = collate([augmented[index] for index in range(3)])
         else:
@@ -232,7 +233,8 @@ CITYSCAPES_BATCH_DIGESTS = {
 def test_exported_cityscapes_batches_are_bit_identical_to_the_former_pipeline(tmp_path, preset):
     import dataclasses
 
-    from kd_ref import engine, tasks
+    from kd_ref import tasks
+    from kd_ref.samplers import EpochAugmentation
 
     export.export("cityscapes", str(tmp_path), num_train=4, num_val=1, size=(48, 64), seed=0)
     recipe = dataclasses.replace(PRESETS[preset], crop=(40, 56), num_classes=9)
@@ -240,7 +242,7 @@ def test_exported_cityscapes_batches_are_bit_identical_to_the_former_pipeline(tm
     for split in ("train", "val"):
         dataset, collate = tasks.TASKS["seg"].build_data(recipe, split, str(tmp_path))
         for epoch in ((0, 1, 2) if split == "train" else (0,)):
-            augmented = engine.EpochAugmentation(dataset, recipe.seed)
+            augmented = EpochAugmentation(dataset, recipe.seed)
             augmented.epoch = epoch
             batch = collate([augmented[index] for index in range(len(dataset))])
             geometry += batch["geometry"] if split == "train" else []

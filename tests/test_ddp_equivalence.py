@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from kd_ref import engine, methods, tasks
 from kd_ref.gdd import GDDLoss
 from kd_ref.presets import PRESETS
+from kd_ref.runtime import Runtime
 
 ITERATIONS = 2  # a few steps: the second one starts from weights the first has changed
 SEG = dataclasses.replace(PRESETS["synthetic_seg_none"], crop=(32, 32), synthetic_size=(32, 32),
@@ -224,7 +225,7 @@ def _build(case: str):
     return recipe, split, student, teacher, distiller, method.bind.get(recipe.task)
 
 
-def _train(case: str, runtime: engine.Runtime) -> dict:
+def _train(case: str, runtime: Runtime) -> dict:
     """The engine's step (forward_losses, extra losses, backward with gradient averaging, update) over
     ``ITERATIONS`` batches; returns the final student and distiller weights and whether the student moved."""
     recipe, split, student, teacher, distiller, bind = _build(case)
@@ -276,7 +277,7 @@ SEARCHES = {
 }
 
 
-def _sokd_search(search_mode: str, runtime: engine.Runtime) -> dict:
+def _sokd_search(search_mode: str, runtime: Runtime) -> dict:
     """One SoKD search step on the first batch: the perturbations eps * v (none for the first-order search)
     and the policy gradients averaged over the processes."""
     task_key, options = SEARCHES[search_mode]
@@ -311,7 +312,7 @@ def _sokd_search(search_mode: str, runtime: engine.Runtime) -> dict:
     return {"shifts": shifts, "policy_gradients": averaged}
 
 
-def _run_all(runtime: engine.Runtime) -> dict:
+def _run_all(runtime: Runtime) -> dict:
     real_noise = GDDLoss.sample_noise
     GDDLoss.sample_noise = _sample_noise
     try:
@@ -327,7 +328,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        results = _run_all(engine.Runtime(torch.device("cpu"), rank, world_size))
+        results = _run_all(Runtime(torch.device("cpu"), rank, world_size))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -346,7 +347,7 @@ def results(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = _run_all(engine.Runtime(torch.device("cpu")))
+        single = _run_all(Runtime(torch.device("cpu")))
     finally:
         torch.set_num_threads(threads)
     ranks = [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(2)]

@@ -55,10 +55,12 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode, return_and_correct_aliasing
 
 from kd_ref import engine, methods, tasks, transforms
+from kd_ref.distiller import EpochContext, StepContext
 from kd_ref.skd import DepthSKDDistiller, SKDDistiller
 from kd_ref.presets import PRESETS
 from kd_ref.presets_seg import SKD_ORIGINAL_OPTIONS
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import Runtime
 
 DEVICE = torch.device("meta")
 CPU = torch.device("cpu")
@@ -360,7 +362,7 @@ def test_model_forward(name, built):
     with emulated_device():
         entry = built(recipe)
         val_set, collate = task.build_data(recipe, "val", None)
-        metrics = engine.evaluate(task, entry["student"], val_set, collate, engine.Runtime(DEVICE), recipe,
+        metrics = engine.evaluate(task, entry["student"], val_set, collate, Runtime(DEVICE), recipe,
                                   workers=0, quiet=True)
         entry["student"].train()
     assert entry["student_out"]["losses"] and on_device(entry["student_out"]["losses"])
@@ -392,7 +394,7 @@ def test_distiller_forward(name, built):
     options = {"pgm_max_images": 2} if PRESETS[name].method == "gkd" else {}
     recipe = small(PRESETS[name], method_options={**PRESETS[name].method_options, **options})
     method = methods.METHODS[recipe.method]
-    runtime = engine.Runtime(DEVICE)
+    runtime = Runtime(DEVICE)
     with emulated_device():
         entry = built(recipe)
         student, teacher, batch = entry["student"], entry["teacher"], entry["batch"]
@@ -400,14 +402,14 @@ def test_distiller_forward(name, built):
         bind = method.bind[recipe.task]
         if recipe.method == "gkd":
             dataset, collate = tasks.TASKS[recipe.task].build_data(recipe, "train", None)
-            distiller.before_epoch(engine.EpochContext(0, student, teacher, dataset, collate, runtime, 1))
+            distiller.before_epoch(EpochContext(0, student, teacher, dataset, collate, runtime, 1))
             assert distiller.prototypes is not None
         bound = bind(entry["student_out"], entry["teacher_out"], batch)
         losses = distiller(**bound)
         assert losses and on_device(losses)
         objective = engine.search_objective(student, teacher, distiller, bind, entry["teacher_out"],
                                             recipe.task_loss_weight)
-        distiller.after_step(engine.StepContext(0, batch, student, teacher, objective, runtime))
+        distiller.after_step(StepContext(0, batch, student, teacher, objective, runtime))
 
 
 @pytest.mark.parametrize("options", [{}, SKD_ORIGINAL_OPTIONS], ids=["cirkd", "original"])

@@ -2,22 +2,20 @@ import dataclasses
 import json
 import os
 import sys
-from math import ceil
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import train
 from kd_ref import engine, kd, methods, tasks
-from kd_ref.distiller import Method
-from kd_ref.engine import (BatchNormWatch, ResumableSampler, Runtime, atomic_save, check_teacher_outputs,
-                           load_checkpoint, lr_factor, synchronise_batchnorm, weighted_task_losses)
-from kd_ref.skd import SKDDistiller
+from kd_ref.distiller import Distiller, Method
+from kd_ref.engine import check_teacher_outputs, lr_factor, synchronise_batchnorm, weighted_task_losses
 from kd_ref.presets import PRESETS
 from kd_ref.presets_seg import SKD_ORIGINAL_OPTIONS
 from kd_ref.recipe import Recipe, check_schedule, resumed_recipe
+from kd_ref.runtime import Runtime, atomic_save, load_checkpoint
+from kd_ref.skd import SKDDistiller
 
 
 def test_poly_schedule_with_floor_and_warmup():
@@ -37,107 +35,6 @@ def test_step_schedule():
         lr_factor(0, Recipe(schedule="cosine"))
 
 
-def test_resumable_sampler_continues_the_same_order():
-    data = list(range(23))
-    runtime = Runtime(torch.device("cpu"))
-    full = ResumableSampler(data, runtime, seed=3)
-    full.set_position(epoch=2, start=0)
-    order = list(full)
-    part = ResumableSampler(data, runtime, seed=3)
-    part.set_position(epoch=2, start=7)
-    assert len(part) == len(order) - 7
-    assert list(part) == order[7:]
-    assert list(part) == order, "the start offset applies to one pass only"
-    other = ResumableSampler(data, runtime, seed=3)
-    other.set_position(epoch=3, start=0)
-    assert list(other) != order
-
-
-# mmdet's DistributedGroupSampler, by hand: 7 images, group 0 = {0, 3} (w <= h), group 1 = {1, 2, 4, 5, 6}
-HAND_GROUPS = [0, 1, 1, 0, 1, 1, 1]
-
-
-def _batches(indices: list, batch: int) -> list:
-    return [indices[i:i + batch] for i in range(0, len(indices), batch)]
-
-
-def test_aspect_group_sampler_pads_each_group_to_whole_batches_of_one_group():
-    runtime = Runtime(torch.device("cpu"))
-    sampler = engine.AspectGroupSampler(list(range(7)), HAND_GROUPS, runtime, seed=0, batch=2)
-    # ceil(2 / 2) + ceil(5 / 2) = 4 batches per epoch, where dropping the last partial batch gives 7 // 2 = 3
-    assert len(sampler) == 8 and len(ResumableSampler(list(range(7)), runtime, seed=0)) // 2 == 3
-    for epoch in range(3):
-        sampler.set_position(epoch, 0)
-        order = list(sampler)
-        assert sorted(set(order)) == list(range(7))  # nothing dropped; one group-1 image twice
-        assert sorted(order.count(i) for i in range(7)) == [1] * 6 + [2]
-        assert all(len({HAND_GROUPS[i] for i in batch}) == 1 for batch in _batches(order, 2))
-    # two processes at batch 2 (a global batch of 4): ceil(2 / 4) + ceil(5 / 4) = 3 batches per process
-    shares = [engine.AspectGroupSampler(list(range(7)), HAND_GROUPS, Runtime(torch.device("cpu"), rank, 2),
-                                        seed=0, batch=2) for rank in (0, 1)]
-    orders = [list(share) for share in shares]
-    assert [len(order) for order in orders] == [6, 6] and set(orders[0] + orders[1]) == set(range(7))
-    assert all(len({HAND_GROUPS[i] for i in batch}) == 1 for order in orders for batch in _batches(order, 2))
-    # group 0 (2 images) fills a global batch of 4 by repeating its shuffled order: each image twice
-    group0 = [i for order in orders for i in order if HAND_GROUPS[i] == 0]
-    assert sorted(group0) == [0, 0, 3, 3]
-
-
-def test_aspect_group_sampler_resumes_mid_epoch_and_follows_the_repeated_set():
-    runtime = Runtime(torch.device("cpu"))
-    full = engine.AspectGroupSampler(list(range(7)), HAND_GROUPS, runtime, seed=5, batch=2)
-    full.set_position(epoch=1, start=0)
-    order = list(full)
-    part = engine.AspectGroupSampler(list(range(7)), HAND_GROUPS, runtime, seed=5, batch=2)
-    part.set_position(epoch=1, start=4)
-    assert len(part) == 4 and list(part) == order[4:]
-    assert list(part) == order, "the start offset applies to one pass only"
-    part.set_position(epoch=2, start=0)
-    assert list(part) != order
-    recipe = Recipe(task="det", group_by_aspect=True, dataset_repeat=2)
-
-    class Flagged(list):
-        def aspect_groups(self):
-            return np.array(HAND_GROUPS)
-    repeated = engine.build_train_sampler(recipe, engine.EpochAugmentation(Flagged(range(7)), seed=0, repeat=2),
-                                          runtime, batch=2)
-    assert list(repeated.groups) == HAND_GROUPS * 2 and len(repeated) == 2 * (ceil(4 / 2) + ceil(10 / 2))
-    plain = engine.build_train_sampler(dataclasses.replace(recipe, group_by_aspect=False),
-                                       engine.EpochAugmentation(Flagged(range(7)), seed=0), runtime, batch=2)
-    assert type(plain) is ResumableSampler
-    with pytest.raises(ValueError, match="group_by_aspect: --task det data has no image aspect ratios"):
-        engine.build_train_sampler(recipe, engine.EpochAugmentation(list(range(7)), seed=0), runtime, batch=2)
-
-
-def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatch):
-    path = str(tmp_path / "last.pt")
-    atomic_save({"model": {"w": torch.ones(1)}}, path)
-
-    def broken_save(obj, target):
-        with open(target, "wb") as handle:
-            handle.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
-        atomic_save({"model": {"w": torch.zeros(1)}}, path)
-    monkeypatch.undo()
-    assert load_checkpoint(path)["model"]["w"].item() == 1.0
-
-
-def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
-        load_checkpoint(str(tmp_path / "missing.pt"))
-    bad = tmp_path / "bad.pt"
-    bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot be read"):
-        load_checkpoint(str(bad))
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(ValueError, match="expected a kd_ref checkpoint"):
-        load_checkpoint(str(foreign))
-
-
 def test_task_loss_weight_scales_every_task_loss(tmp_path):
     tiny = ["--task", "cls", "--method", "none", "--set", "synthetic_size=(48, 48)", "--crop", "16", "16",
             "--set", "synthetic_train=4", "--set", "synthetic_val=1", "--batch-size", "4", "--iters", "1", "--quiet"]
@@ -153,7 +50,7 @@ def test_task_loss_weight_scales_every_task_loss(tmp_path):
 
 
 # ------------------------------------------------------------------ epoch-based schedules and keep-best
-class EpochRecorder(nn.Module):
+class EpochRecorder(Distiller):
     """A distiller that adds no loss and records the engine's epoch counter."""
 
     def __init__(self):
@@ -393,7 +290,7 @@ def tiny_cls_teacher(tmp_path_factory):
     return str(out / "last.pt")
 
 
-class InfiniteCritic(nn.Module):
+class InfiniteCritic(Distiller):
     """An adversary whose own (extra) loss overflows while the student's losses are finite."""
 
     def __init__(self):
@@ -441,25 +338,6 @@ def test_a_diverged_teacher_is_named_on_the_first_batch(tmp_path, tiny_cls_teach
     with pytest.raises(ValueError, match=r"feats.c4\[1\] reaches \|x\| = inf"):
         check_teacher_outputs({"logits": torch.zeros(2), "feats": {"c4": [torch.ones(1), torch.tensor([float("inf")])]}},
                               "t.pt")
-
-
-def test_batchnorm_over_fewer_than_four_values_per_channel_warns():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.BatchNorm2d(4))
-    for size, should_warn in ((4, True), (8, False)):   # batch 2 x 1 x 1 = 2 values; 2 x 2 x 2 = 8
-        watch = BatchNormWatch([model, None], world_size=1)
-        model(torch.randn(2, 3, size, size))
-        if should_warn:
-            with pytest.warns(UserWarning, match="BatchNorm 1 normalises over 2 values per channel"):
-                watch.close()
-        else:
-            watch.close()
-            assert watch.fewest == 8
-    model.eval()
-    watch = BatchNormWatch([model], world_size=1)
-    model(torch.randn(2, 3, 4, 4))
-    watch.close()
-    assert watch.fewest is None, "eval-mode BatchNorm uses its running statistics"
-    assert not model[1]._forward_pre_hooks
 
 
 # ------------------------------------------------------------------------- host-device reads per iteration
@@ -518,7 +396,7 @@ def test_kd_reads_the_device_once_per_iteration_and_the_teacher_range_once(tmp_p
     engine.train(dataclasses.replace(TINY_CLS, iters=3, ckpt_every=0), str(tmp_path), CPU,
                  teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
     # the teacher check (the sampler's CPU permutation, then the teacher's range), then one read per iteration
-    assert reads.per_iteration == [["engine.py"] * 2] + [["engine.py"]] * 3
+    assert reads.per_iteration == [["samplers.py", "engine.py"]] + [["engine.py"]] * 3
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line]
     assert [step["iteration"] for step in logged] == [1, 2, 3]
     assert all(abs(step["loss"] - step["loss_cls"] - step["loss_kd"]) < 1e-5 for step in logged), "logged from the read"
@@ -540,7 +418,7 @@ def test_both_optimizers_under_grad_scalers_share_the_one_read(tmp_path, tiny_cl
     reads = DeviceReads(monkeypatch)
     engine.train(dataclasses.replace(TINY_CLS, method="critic", method_options={}, iters=3, ckpt_every=0),
                  str(tmp_path), CPU, teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
-    assert reads.per_iteration == [["engine.py"] * 2] + [["engine.py"]] * 3
+    assert reads.per_iteration == [["samplers.py", "engine.py"]] + [["engine.py"]] * 3
     assert len(steps) == 6, "student and critic stepped in every iteration"
     assert [scaler.get_scale() for scaler in scalers] == [2.0 ** 13] * 2, "no overflow: each scale grew 3 times"
     logged = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"lr"' in line]
@@ -561,5 +439,6 @@ def test_sokd_search_step_adds_no_read_of_the_engine(tmp_path, tiny_cls_teacher,
     reads = DeviceReads(monkeypatch)
     recipe = dataclasses.replace(TINY_CLS, method="sokd", method_options={"base": "kd"}, iters=2, ckpt_every=0)
     engine.train(recipe, str(tmp_path), CPU, teacher_ckpt=tiny_cls_teacher, workers=0, quiet=True)
-    # the teacher check's two reads (DeviceReads), then the engine's one read in each iteration
-    assert [callers.count("engine.py") for callers in reads.per_iteration] == [2, 1, 1]
+    # the teacher check's read of the teacher's range (its other read is the sampler's permutation, in
+    # samplers.py), then the engine's one read in each iteration
+    assert [callers.count("engine.py") for callers in reads.per_iteration] == [1, 1, 1]

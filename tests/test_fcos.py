@@ -413,16 +413,17 @@ def test_train_refuses_a_teacher_trained_on_other_input_statistics_before_any_wo
 
 def test_convert_command_writes_an_fcos_code_resnet_file_with_its_stride_in_1x1(tmp_path, capsys):
     import dataclasses
-    from kd_ref import convert, engine
+    from kd_ref import convert
+    from kd_ref.runtime import load_checkpoint
     src, dst = tmp_path / "FCOS_imprv_R_50_FPN_1x.pth", tmp_path / "fcos_r50.pt"
     torch.save(fcos_code_resnet_file(50), src)
     assert convert.main(["--task", "det", "--arch", "fcos_r50", str(src), str(dst)]) == 0
     assert "recognised a FCOS (tianzhi0549/FCOS) file" in capsys.readouterr().out
     loaded = build_detector("fcos_r50", 80, fcos_options={"stride_in_1x1": True})
-    convert.load_weights(loaded, engine.load_checkpoint(str(dst))["model"], "ours")
+    convert.load_weights(loaded, load_checkpoint(str(dst))["model"], "ours")
     weights = torch.load(src)["model"]
     assert torch.equal(loaded.backbone.layer3[0].conv1.weight, weights["module.backbone.body.layer3.0.conv1.weight"])
-    written = engine.load_checkpoint(str(dst))  # its keys are ours; its layout entry keeps the code's options
+    written = load_checkpoint(str(dst))  # its keys are ours; its layout entry keeps the code's options
     r50_preset = dataclasses.replace(PRESETS["synthetic_det_fcos_teacher"], student="fcos_r50")
     recipe = convert.recipe_for_file(r50_preset, written["model"], "dst", written["layout"])
     assert recipe.normalization == "caffe2_bgr" and recipe.model_options["stride_in_1x1"]

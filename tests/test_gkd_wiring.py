@@ -12,6 +12,7 @@ import train
 from kd_ref import engine, gkd, methods
 from kd_ref.presets import PRESETS, default_preset
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import load_checkpoint
 
 TINY = ["--task", "det", "--set", "synthetic_size=(64, 64)", "--set", "image_scale=(64, 64)",
         "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
@@ -83,13 +84,13 @@ def test_gkd_regenerates_prototypes_every_epoch_and_resumes_exactly(teachers, tm
     with pytest.raises(KeyboardInterrupt):
         run(teachers, "retinanet_r18", "gkd", tmp_path / "resumed", *flags)
     monkeypatch.setattr(engine, "_check_finite", real_check)
-    stopped = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    stopped = load_checkpoint(str(tmp_path / "resumed/last.pt"))
     assert stopped["iteration"] == 1 and stopped["distiller"]["_extra_state"] == {"epoch": 0, "max_epochs": 2}
     assert stopped["distiller"]["protos_s.0"].shape[0] > 0
     run(teachers, "retinanet_r18", "gkd", tmp_path / "resumed", *flags, "--resume")
 
-    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
-    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    straight = load_checkpoint(str(tmp_path / "straight/last.pt"))
+    resumed = load_checkpoint(str(tmp_path / "resumed/last.pt"))
     assert resumed["distiller"]["_extra_state"] == {"epoch": 1, "max_epochs": 2}
     prototype_keys = [key for key in straight["distiller"] if key.startswith(("protos_", "cls_start"))]
     assert len(prototype_keys) == 15 and int(straight["distiller"]["cls_start.0"][-1]) > 0
@@ -120,7 +121,7 @@ def test_gkd_trains_faster_rcnn_with_positive_rois(teachers, tmp_path):
     steps = logged_steps(tmp_path)
     kd_terms = ["loss_gkd_fg", "loss_gkd_bg", "loss_gkd_soft", "loss_gkd_global"]
     assert len(steps) == 2 and all(np.isfinite(step[key]) for step in steps for key in kd_terms)
-    distiller = engine.load_checkpoint(str(tmp_path / "last.pt"))["distiller"]
+    distiller = load_checkpoint(str(tmp_path / "last.pt"))["distiller"]
     num_classes = PRESETS["synthetic_det_frcnn_gkd"].num_classes
     assert [distiller[f"cls_start.{level}"].numel() for level in range(5)] == [num_classes + 1] * 5
 

@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 
 import train
-from kd_ref import engine, methods, presets_det, sokd
+from kd_ref import methods, presets_det, sokd
 from kd_ref.gdd import GDDDistiller
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS, default_preset
+from kd_ref.runtime import load_checkpoint
 
 TINY = ["--task", "det", "--set", "synthetic_size=(32, 32)", "--set", "image_scale=(32, 32)",
         "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
@@ -93,8 +94,8 @@ def test_sokd_trains_faster_rcnn_with_the_search_and_resumes_exactly(tmp_path, m
 
     train_crashing_in_step(monkeypatch, 1, [*flags, "--out", str(tmp_path / "resumed")])
     train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
-    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
-    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    straight = load_checkpoint(str(tmp_path / "straight/last.pt"))
+    resumed = load_checkpoint(str(tmp_path / "resumed/last.pt"))
     assert straight["distiller"]["_extra_state"]["search"]["steps"] == 2
     # the searched step moved the policy away from its initial 0.5 (the teacher scored the RoIs that the
     # search's own forward sampled)

@@ -15,6 +15,7 @@ from kd_ref.sokd import SoKDPlugin
 from kd_ref.tasks import ClsTask, SyntheticObjects
 from kd_ref.presets import PRESETS, default_preset
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import JsonlLog, Runtime, load_checkpoint
 
 TASK = ClsTask()
 TINY = ["--task", "cls", "--set", "synthetic_size=(48, 48)", "--crop", "16", "16", "--set", "synthetic_train=8",
@@ -24,7 +25,7 @@ TINY = ["--task", "cls", "--set", "synthetic_size=(48, 48)", "--crop", "16", "16
 def evaluate_untrained(recipe, root):
     dataset, collate = TASK.build_data(recipe, "val", root)
     model = TASK.build_model(recipe, recipe.student)
-    return engine.evaluate(TASK, model, dataset, collate, engine.Runtime(torch.device("cpu")), recipe, workers=0,
+    return engine.evaluate(TASK, model, dataset, collate, Runtime(torch.device("cpu")), recipe, workers=0,
                            quiet=True)
 
 
@@ -105,14 +106,14 @@ class Interrupt(Exception):
 def interrupted_at(monkeypatch, iteration):
     """Make the JSON-lines log raise when it records ``iteration``: the run stops right after the
     optimizer steps of that iteration, with the checkpoint of the previous iteration on disk."""
-    write = engine.JsonlLog.write
+    write = JsonlLog.write
 
     def stop(self, record):
         if record.get("iteration") == iteration and "eval" not in record:
             raise Interrupt
         write(self, record)
 
-    monkeypatch.setattr(engine.JsonlLog, "write", stop)
+    monkeypatch.setattr(JsonlLog, "write", stop)
 
 
 @pytest.mark.parametrize("method, flags, kd_keys", [
@@ -141,10 +142,10 @@ def test_each_method_trains_and_resumes_exactly(tmp_path, monkeypatch, teacher_c
         interrupted_at(patch, 3)
         with pytest.raises(Interrupt):
             train.main([*common, "--out", str(tmp_path / "resumed")])
-    assert engine.load_checkpoint(str(tmp_path / "resumed" / "last.pt"))["iteration"] == 2
+    assert load_checkpoint(str(tmp_path / "resumed" / "last.pt"))["iteration"] == 2
     train.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
-    full = engine.load_checkpoint(str(tmp_path / "full" / "last.pt"))
-    resumed = engine.load_checkpoint(str(tmp_path / "resumed" / "last.pt"))
+    full = load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    resumed = load_checkpoint(str(tmp_path / "resumed" / "last.pt"))
     assert resumed["iteration"] == 3
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
     if method == "sokd":
@@ -159,7 +160,7 @@ def test_sokd_plugin_searches_through_the_engine_hook(tmp_path, teacher_ckpt):
     optimizer never held the policy parameters, and the checkpoint carries Adam's state."""
     train.main([*TINY, "--method", "sokd", "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt, "--iters", "1",
                 "--out", str(tmp_path)])
-    ckpt = engine.load_checkpoint(str(tmp_path / "last.pt"))
+    ckpt = load_checkpoint(str(tmp_path / "last.pt"))
     recipe = Recipe(**ckpt["recipe"])
     student = TASK.build_model(recipe, recipe.student)
     fresh = methods.METHODS["sokd"].build(recipe, student, TASK.build_model(recipe, recipe.teacher))

@@ -9,9 +9,10 @@ import torch
 
 import evaluate
 import train
-from kd_ref import datasets, engine, export, methods
+from kd_ref import datasets, export, methods
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS
+from kd_ref.runtime import load_checkpoint
 
 TINY_DEPTH = ["--task", "depth", "--set", "synthetic_size=(64, 64)", "--set", "crop=(64, 64)",
               "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
@@ -39,8 +40,8 @@ def test_depth_trains_resumes_exactly_and_evaluates(tmp_path, monkeypatch, depth
 
     train_crashing_in_step(monkeypatch, 2, [*flags, "--out", str(tmp_path / "resumed")])
     train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
-    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
-    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    straight = load_checkpoint(str(tmp_path / "straight/last.pt"))
+    resumed = load_checkpoint(str(tmp_path / "resumed/last.pt"))
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
 
     scores = evaluate.main(["--task", "depth", "--ckpt", str(tmp_path / "straight/last.pt"), "--quiet"])

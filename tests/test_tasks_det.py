@@ -19,10 +19,11 @@ from kd_ref import datasets, engine, export, synthetic, tasks
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import Runtime, load_checkpoint
 
 SIZE = (96, 128)    # exported images (H, W)
 SCALE = (160, 100)  # keep-ratio resize to 100 x 133: the two axes scale differently (100/96, 133/128)
-CPU = engine.Runtime(torch.device("cpu"))
+CPU = Runtime(torch.device("cpu"))
 TINY_TRAIN = ["--task", "det", "--method", "none", "--set", "synthetic_size=(64, 64)", "--set", "image_scale=(64, 64)",
               "--set", "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
 
@@ -204,10 +205,10 @@ def test_each_detector_trains_and_resumes_exactly(tmp_path, monkeypatch, student
     assert {"loss_cls", "loss_bbox"} <= set(losses) and all(np.isfinite(s[k]) for s in steps[:3] for k in losses)
 
     train_crashing_in_step(monkeypatch, 2, [*flags, "--out", str(tmp_path / "resumed")])
-    assert engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))["iteration"] == 2
+    assert load_checkpoint(str(tmp_path / "resumed/last.pt"))["iteration"] == 2
     train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
-    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
-    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    straight = load_checkpoint(str(tmp_path / "straight/last.pt"))
+    resumed = load_checkpoint(str(tmp_path / "resumed/last.pt"))
     assert resumed["iteration"] == 3
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
 
@@ -245,7 +246,7 @@ def test_group_by_aspect_pads_the_epoch_and_resumes_exactly_mid_epoch(tmp_path, 
     assert [s["epoch"] for s in steps if "epoch" in s] == [0, 0, 0, 1]
     train_crashing_in_step(monkeypatch, 2, [*flags, "--out", str(tmp_path / "resumed")])
     train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
-    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
-    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    straight = load_checkpoint(str(tmp_path / "straight/last.pt"))
+    resumed = load_checkpoint(str(tmp_path / "resumed/last.pt"))
     assert resumed["iteration"] == 4
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])

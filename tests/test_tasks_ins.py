@@ -14,10 +14,11 @@ from pycocotools.cocoeval import COCOeval
 
 import evaluate
 import train
-from kd_ref import datasets, engine, export, methods, metrics, synthetic, tasks
+from kd_ref import datasets, export, methods, metrics, synthetic, tasks
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS, default_preset, teacher_recipe
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import load_checkpoint
 
 TINY = ["--task", "ins", "--set", "synthetic_size=(64, 64)", "--set", "image_scale=(64, 64)", "--set",
         "synthetic_train=4", "--set", "synthetic_val=2", "--batch-size", "2", "--quiet"]
@@ -84,8 +85,8 @@ def test_ins_trains_resumes_exactly_and_evaluates(tmp_path, monkeypatch, student
     assert np.isfinite(step["loss_mask"]) and np.isfinite(step["loss_cls"])
     train_crashing_in_step(monkeypatch, 2, [*flags, "--out", str(tmp_path / "resumed")])
     train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
-    straight = engine.load_checkpoint(str(tmp_path / "straight/last.pt"))
-    resumed = engine.load_checkpoint(str(tmp_path / "resumed/last.pt"))
+    straight = load_checkpoint(str(tmp_path / "straight/last.pt"))
+    resumed = load_checkpoint(str(tmp_path / "resumed/last.pt"))
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
     evaluated = evaluate.main(["--ckpt", str(tmp_path / "straight/last.pt"), "--task", "ins", "--quiet",
                                "--save-pred", str(tmp_path / "pred")])
@@ -111,12 +112,12 @@ def test_gdd_distils_solo_on_p2_to_p5(tmp_path, solo_teacher):
 
 def test_gdd_init_student_copies_the_teacher_neck_and_head(solo_teacher):
     teacher = solo_teacher
-    recipe = Recipe(**{**engine.load_checkpoint(str(teacher / "last.pt"))["recipe"], "method": "gdd",
+    recipe = Recipe(**{**load_checkpoint(str(teacher / "last.pt"))["recipe"], "method": "gdd",
                                "teacher": "solo_synth_r18",
                                "method_options": {"alpha": 200.0, "tau": 4.0, "init_student": True}})
     task = tasks.TASKS["ins"]
     student, teacher_model = task.build_model(recipe, recipe.student), task.build_model(recipe, recipe.teacher)
-    teacher_model.load_state_dict(engine.load_checkpoint(str(teacher / "last.pt"))["model"])
+    teacher_model.load_state_dict(load_checkpoint(str(teacher / "last.pt"))["model"])
     methods.METHODS["gdd"].build(recipe, student, teacher_model)
     assert torch.equal(student.head.conv_cls.weight, teacher_model.head.conv_cls.weight)
     assert not torch.equal(student.backbone.stem[0].weight, teacher_model.backbone.stem[0].weight)

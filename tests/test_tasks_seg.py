@@ -3,8 +3,9 @@ import dataclasses
 import pytest
 import torch
 
-from kd_ref import engine, tasks
+from kd_ref import tasks
 from kd_ref.recipe import Recipe
+from kd_ref.runtime import Runtime
 
 TASK = tasks.SegTask()
 RECIPE = dataclasses.replace(Recipe(task="seg"), num_classes=3, data="synthetic")
@@ -17,7 +18,7 @@ def test_seg_eval_counts_upsampled_argmax_against_the_labels():
     target = torch.tensor([[[1, 1, 0, 0], [2, 255, 1, 1]]], dtype=torch.uint8)
     TASK.update_eval_state(state, {"logits": logits}, {"targets": target, "names": ["a.png"]}, None)
     assert state["cm"].tolist() == [[0, 2, 0], [0, 4, 0], [0, 1, 0]]
-    assert TASK.finish_eval_state(state, engine.Runtime(torch.device("cpu")))["IoU"][1] == pytest.approx(100 * 4 / 7)
+    assert TASK.finish_eval_state(state, Runtime(torch.device("cpu")))["IoU"][1] == pytest.approx(100 * 4 / 7)
 
 
 def test_seg_eval_names_the_images_whose_labels_the_model_cannot_predict():

@@ -17,10 +17,11 @@ from PIL import Image
 
 import evaluate
 import train
-from kd_ref import convert, datasets, engine, export, segmentors, synthetic, tasks
+from kd_ref import convert, export, segmentors, synthetic, tasks
 from kd_ref.recipe import reference_launch
 from train_helpers import train_crashing_in_step
 from kd_ref.presets import PRESETS
+from kd_ref.runtime import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--set", "synthetic_size=(64, 64)", "--crop", "64", "64", "--set", "synthetic_train=8",
@@ -57,7 +58,7 @@ def test_train_writes_checkpoint_log_and_metrics_then_evaluates(tmp_path):
     assert [line["iteration"] for line in steps] == [1, 2, 3]
     for key in ("lr", "loss_seg", "loss_seg_aux", "loss", "seconds", "data_seconds", "peak_memory_mb"):
         assert key in steps[0] and np.isfinite(steps[0][key])
-    assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
+    assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
 
     pred_dir = tmp_path / "pred"
     scores = evaluate.main(["--ckpt", str(tmp_path / "last.pt"), "--save-pred", str(pred_dir), "--quiet"])
@@ -83,9 +84,9 @@ def test_each_method_trains_and_resumes(tmp_path, teacher_ckpt, method):
     with pytest.raises(ValueError, match="recipe differs"):
         run(tmp_path, *common, "--iters", "3", "--resume")
     # ... while resuming the same recipe continues from the checkpoint and changes nothing
-    before = engine.load_checkpoint(str(tmp_path / "last.pt"))["model"]
+    before = load_checkpoint(str(tmp_path / "last.pt"))["model"]
     run(tmp_path, *flags, "--resume")
-    after = engine.load_checkpoint(str(tmp_path / "last.pt"))["model"]
+    after = load_checkpoint(str(tmp_path / "last.pt"))["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -108,7 +109,7 @@ def test_skd_all_three_terms_with_discriminator_step(tmp_path):
     first = json.loads((tmp_path / "s" / "log.jsonl").read_text().splitlines()[0])
     for key in ("loss_skd_pi", "loss_skd_pa", "loss_skd_ho", "loss_skd_d"):
         assert np.isfinite(first[key])
-    ckpt = engine.load_checkpoint(str(tmp_path / "s" / "last.pt"))
+    ckpt = load_checkpoint(str(tmp_path / "s" / "last.pt"))
     assert ckpt["extra_optimizer"]["state"], "the discriminator optimizer state is checkpointed"
     assert any(k.startswith("discriminator.") for k in ckpt["distiller"])
 
@@ -119,11 +120,11 @@ def test_resume_after_interruption_ends_with_identical_weights(tmp_path, monkeyp
 
     # killed in iteration 4 (0-based 3): the log holds iterations 1-3, the checkpoint iteration 2
     train_crashing_in_step(monkeypatch, 3, ["--task", "seg", "--out", str(tmp_path / "interrupted"), *TINY, *flags])
-    assert engine.load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["iteration"] == 2
+    assert load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["iteration"] == 2
     assert logged_iterations(tmp_path / "interrupted") == [1, 2, 3]
     run(tmp_path / "interrupted", *flags, "--resume")
-    straight = engine.load_checkpoint(str(tmp_path / "straight" / "last.pt"))["model"]
-    resumed = engine.load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["model"]
+    straight = load_checkpoint(str(tmp_path / "straight" / "last.pt"))["model"]
+    resumed = load_checkpoint(str(tmp_path / "interrupted" / "last.pt"))["model"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     # the replayed iteration 3 is logged once: one clean history, as the uninterrupted run's
     assert logged_iterations(tmp_path / "interrupted") == logged_iterations(tmp_path / "straight") == [1, 2, 3, 4]
@@ -141,7 +142,7 @@ def test_a_folder_holding_a_run_is_resumed_or_overwritten_never_reused_silently(
     assert "holds a run" in capsys.readouterr().err and (tmp_path / "last.pt").read_bytes() == first
     run(tmp_path, "--method", "none", "--iters", "3", "--overwrite")
     assert logged_iterations(tmp_path) == [1, 2, 3], "the overwritten run's log is gone"
-    assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
+    assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 3
 
 
 def test_synthetic_teachers_are_cached_once_per_teacher_recipe(tmp_path, monkeypatch, capsys):
@@ -194,7 +195,7 @@ def test_sigterm_checkpoints_the_current_iteration_and_says_how_to_resume(tmp_pa
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM
     assert "SIGTERM" in stderr and "--resume" in stderr
-    stopped_at = engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"]
+    stopped_at = load_checkpoint(str(tmp_path / "last.pt"))["iteration"]
     assert 1 <= stopped_at < 200
     logged = [json.loads(line)["iteration"] for line in log.read_text().splitlines()]
     assert logged[-1] == stopped_at, "the checkpoint holds the last finished iteration"
@@ -222,7 +223,7 @@ def test_torchrun_two_process_gloo_ddp(tmp_path):
     assert notes == ["note: 2 process(es) where the reference ran 1 (total batch 4: 2 per process instead of 4); "
                      "per-process terms this changes: none known besides the batch per process"]
     assert (tmp_path / "metrics.json").exists()
-    assert engine.load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 2
+    assert load_checkpoint(str(tmp_path / "last.pt"))["iteration"] == 2
 
 
 def _free_port() -> int:
@@ -269,13 +270,13 @@ def test_two_nodes_reuse_the_teacher_stop_together_on_one_nodes_sigterm_and_resu
     assert all(node.returncode != 0 for node in nodes), [o[1][-2000:] for o in outputs]
     assert "SIGTERM received" in outputs[0][1], outputs[0][1][-3000:]
     assert "teacher: reusing" in outputs[0][0], "rank 0 found the cached teacher and every rank loaded it"
-    stopped_at = engine.load_checkpoint(str(out / "last.pt"))["iteration"]
+    stopped_at = load_checkpoint(str(out / "last.pt"))["iteration"]
     assert 1 <= stopped_at < 100 and _logged_iterations(out)[-1] == stopped_at
     port = _free_port()
     nodes = [_torchrun_node(rank, port, [*argv, "--resume"]) for rank in range(2)]
     outputs = [node.communicate(timeout=120) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), [o[1][-3000:] for o in outputs]
-    assert engine.load_checkpoint(str(out / "last.pt"))["iteration"] == 100
+    assert load_checkpoint(str(out / "last.pt"))["iteration"] == 100
     assert _logged_iterations(out) == list(range(1, 101)) and (out / "metrics.json").exists()
 
 

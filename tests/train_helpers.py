@@ -3,6 +3,7 @@ import pytest
 
 import train
 from kd_ref import engine
+from kd_ref.runtime import load_checkpoint
 
 
 def train_crashing_in_step(monkeypatch, iteration: int, argv: list) -> None:
@@ -27,5 +28,5 @@ def straight_and_resumed(tmp_path, monkeypatch, flags: list, crash_at: int) -> t
     train.main([*flags, "--out", str(tmp_path / "straight")])
     train_crashing_in_step(monkeypatch, crash_at, [*flags, "--out", str(tmp_path / "resumed")])
     train.main([*flags, "--out", str(tmp_path / "resumed"), "--resume"])
-    return (engine.load_checkpoint(str(tmp_path / "straight/last.pt")),
-            engine.load_checkpoint(str(tmp_path / "resumed/last.pt")))
+    return (load_checkpoint(str(tmp_path / "straight/last.pt")),
+            load_checkpoint(str(tmp_path / "resumed/last.pt")))
