@@ -100,7 +100,7 @@ register(PRESETS, "sokd_resnet18_imagenet", dataclasses.replace(
 
 # --- Built-in synthetic classification: a CPU demo in which the teacher clearly beats the student.
 # An image's label is one of the eight shapes of synthetic.SyntheticScenes (tasks.SYNTHETIC_NUM_IMAGE_CLASSES,
-# which imports torch; tests/test_configs.py checks that the two agree).
+# which imports torch; tests/test_presets.py checks that the two agree).
 SYNTHETIC_NUM_IMAGE_CLASSES = 8
 SYNTHETIC_CLS = Recipe(task="cls", data="synthetic", num_classes=SYNTHETIC_NUM_IMAGE_CLASSES, crop=(32, 32),
                        sync_bn=False,

@@ -14,10 +14,11 @@ def read(path: str) -> str:
 
 
 def layout_entries() -> list:
-    """The first word of each line of the README's Layout block (a fenced block under ``## Layout``)."""
+    """The first word of each line of the README's Layout block (a fenced block under ``## Layout``); an
+    indented line continues the one above."""
     section = read("README.md").split("\n## Layout\n", 1)[1]
     block = section.split("```", 2)[1]
-    return [line.split()[0] for line in block.splitlines()[1:] if line.strip()]
+    return [line.split()[0] for line in block.splitlines()[1:] if line.strip() and not line[0].isspace()]
 
 
 def expand(entry: str) -> set:

@@ -81,7 +81,7 @@ def test_recipe_errors_are_clear():
 def test_presets_follow_the_reference_schedules():
     cifar = PRESETS["dist_resnet8x4_cifar100"]
     assert (cifar.teacher, cifar.batch_size, cifar.lr, cifar.weight_decay) == ("resnet32x4", 64, 0.05, 5e-4)
-    assert (cifar.epochs, cifar.lr_steps) == (240, (150, 180, 210))  # iterations: 781 an epoch (test_configs)
+    assert (cifar.epochs, cifar.lr_steps) == (240, (150, 180, 210))  # iterations: 781 an epoch (test_presets)
     assert cifar.method_options == {"tau": 4.0, "loss_weight": 2.0}
     assert PRESETS["dist_resnet8x4_cifar100_baseline"].method == "none"
     imagenet = PRESETS["sokd_resnet18_imagenet"]
