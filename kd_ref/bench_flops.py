@@ -37,6 +37,7 @@ from kd_ref.distiller import EpochContext, StepContext, uses_hook
 from kd_ref.methods import METHODS
 from kd_ref.presets import PRESETS
 from kd_ref.recipe import Recipe, parse_overrides, resolve_schedule
+from kd_ref.runtime import Runtime
 from kd_ref.tasks import TASKS
 
 
@@ -231,7 +232,7 @@ def iteration_flops(recipe: Recipe, probe: str | None = None, probe_images: int 
         raise ValueError(f"bench flops: --task {recipe.task} cannot run on fake tensors: its training step sizes "
                          "tensors by their values (target assignment); count it with a real probe")
     task, method = TASKS[recipe.task], METHODS[recipe.method]
-    runtime = engine.Runtime(torch.device("cpu"))
+    runtime = Runtime(torch.device("cpu"))
     parts, epoch_pass = {}, None
     with fake_tensors() if probe == "fake" else contextlib.nullcontext():
         torch.manual_seed(recipe.seed)
@@ -272,7 +273,7 @@ def iteration_flops(recipe: Recipe, probe: str | None = None, probe_images: int 
             kd_losses, parts["distiller forward"] = counted(lambda: distiller(**bound))
             losses.update(kd_losses)
         _, parts["backward"] = counted(lambda: sum(losses.values()).backward())
-        if uses_hook(distiller, "extra_losses"):
+        if uses_hook(distiller, "extra_optimizer") and list(distiller.extra_parameters()):  # engine.build_optimizers
             _, parts["extra step"] = counted(lambda: sum(distiller.extra_losses(**bound).values()).backward())
         if uses_hook(distiller, "after_step"):
             objective = engine.search_objective(student, teacher, distiller, method.bind[recipe.task], teacher_out,

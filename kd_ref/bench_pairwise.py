@@ -22,8 +22,8 @@ import statistics
 
 import torch
 
-from kd_ref import engine
 from kd_ref.bench_common import mark_memory, peak_memory, print_table, proc_bytes, timed
+from kd_ref.runtime import setup_runtime
 from kd_ref.skd import pair_wise_kd
 
 
@@ -73,7 +73,7 @@ def pairwise(nodes: list, channels: tuple = (128, 512), batch: int = 1, repeats:
              device: str | None = None, memory_budget_gib: float | None = None, seed: int = 0) -> list:
     """One row per N: dense and Gram seconds and peak MiB (or why dense was skipped) and the relative
     difference of loss and gradient; prints the table."""
-    runtime = engine.setup_runtime(device)
+    runtime = setup_runtime(device)
     budget = (memory_budget_gib * 2 ** 30 if memory_budget_gib is not None
               else available_memory_bytes(runtime.device) / 2)
     generator = torch.Generator(runtime.device).manual_seed(seed)

@@ -94,12 +94,13 @@ class Method:
         return self.build is not None
 
 
-HOOKS = ("before_epoch", "after_step", "extra_parameters", "extra_optimizer", "extra_losses", "sync_batchnorm_modules")
+HOOKS = ("extra_parameters", "extra_optimizer", "extra_losses", "before_epoch", "after_step", "sync_batchnorm_modules")
 
 
 def uses_hook(distiller: Distiller | None, hook: str) -> bool:
-    """Whether ``distiller`` does something in the engine hook ``hook`` (its class replaces the no-op): for
-    what accounts for a hook apart, e.g. a benchmark's per-part cost or a plug-in that takes plain losses."""
+    """Whether ``distiller`` does something in the engine hook ``hook`` (its class replaces the no-op; a module
+    that is not a :class:`Distiller` has no hooks): for what accounts for a hook apart, e.g. a benchmark's
+    per-part cost or a plug-in that takes plain losses."""
     if hook not in HOOKS:
         raise ValueError(f"uses_hook: {hook} is not an engine hook; expected one of {HOOKS}")
-    return distiller is not None and getattr(type(distiller), hook) is not getattr(Distiller, hook)
+    return isinstance(distiller, Distiller) and getattr(type(distiller), hook) is not getattr(Distiller, hook)
