@@ -421,7 +421,6 @@ class TrainingRun:
         check_schedule(recipe)
         self.out_dir, self.runtime, self.workers, self.quiet = out_dir, runtime, workers, quiet
         self.teacher_ckpt = teacher_ckpt
-        os.makedirs(out_dir, exist_ok=True)
         self.ckpt_path = os.path.join(out_dir, "last.pt")
         self.log_file = JsonlLog(os.path.join(out_dir, "log.jsonl"), runtime.is_main)
         self.resume_state = load_checkpoint(self.ckpt_path) if resume else None
@@ -535,7 +534,9 @@ class TrainingRun:
                 find_unused_parameters=self.task.find_unused_parameters)
 
     def start(self) -> None:
-        """A fresh run replaces the folder's previous outputs; the progress bar and the clock start."""
+        """The output folder is made (not before: a run refused while it is built writes nothing); a fresh run
+        replaces its previous outputs; the progress bar and the clock start."""
+        os.makedirs(self.out_dir, exist_ok=True)
         if self.resume_state is None and self.runtime.is_main:
             discard_previous_run(self.out_dir)
         recipe = self.recipe

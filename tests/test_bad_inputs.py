@@ -304,6 +304,8 @@ def file_hashes(*folders) -> dict:
 def test_bad_input_gives_one_error_line_nonzero_exit_and_writes_nothing(case, tmp_path, trained, capsys,
                                                                           monkeypatch):
     tool, argv, expected = CASES[case](SimpleNamespace(tmp=tmp_path, trained=trained, monkeypatch=monkeypatch))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # where a run without --out writes (runs/<preset>)
     before = file_hashes(tmp_path, trained.parent)
     status = tool.run(argv)
     stderr = capsys.readouterr().err
@@ -312,6 +314,7 @@ def test_bad_input_gives_one_error_line_nonzero_exit_and_writes_nothing(case, tm
     assert len(errors) == 1 and expected in errors[0], stderr[-2000:]
     assert stderr.rstrip().endswith(errors[0]) and "Traceback" not in stderr
     assert file_hashes(tmp_path, trained.parent) == before, "a file was written or changed"
+    assert not list((tmp_path / "cwd").iterdir()), "a default output folder (runs/<preset>) was made"
 
 
 def test_command_line_exits_with_status_2_and_one_error_line(tmp_path):
