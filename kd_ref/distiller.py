@@ -41,14 +41,11 @@ class StepContext:
 
 
 class Distiller(nn.Module):
-    """A method's losses and learnable parts. Its parameters are trained with the student, by the student's
+    """A method's losses and learnable parts. A subclass defines ``forward(**inputs)``: the method's losses,
+    weighted, named ``loss_*``, from the keyword arguments its ``Method.bind`` returns for the task; the engine
+    adds them to the student's task losses. Its parameters are trained with the student, by the student's
     optimizer, except :meth:`extra_parameters`. State beyond parameters and buffers goes through
     ``nn.Module.get_extra_state`` / ``set_extra_state``, so checkpoints carry it."""
-
-    def forward(self, **inputs) -> dict[str, torch.Tensor]:
-        """The method's losses, weighted, named ``loss_*``, from the keyword arguments its ``Method.bind``
-        returns for the task; the engine adds them to the student's task losses."""
-        raise NotImplementedError
 
     def before_epoch(self, context: EpochContext) -> None:
         """Called before the first batch of every epoch (and not when a run resumes inside an epoch)."""

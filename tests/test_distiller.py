@@ -43,8 +43,8 @@ def test_the_base_hooks_do_nothing_and_the_forward_is_the_methods_to_write():
     assert distiller.before_epoch(None) is None and distiller.after_step(None) is None
     assert distiller.extra_parameters() == [] and distiller.extra_losses(x=1) == {}
     assert distiller.extra_optimizer(10) is None and distiller.sync_batchnorm_modules() == []
-    with pytest.raises(NotImplementedError):
-        distiller()
+    with pytest.raises(NotImplementedError, match="forward"):
+        distiller(torch.zeros(1))  # nn.Module's own refusal: a method must define forward
 
 
 def test_uses_hook_names_the_hooks_a_class_replaces():
