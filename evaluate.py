@@ -85,7 +85,7 @@ def recipe_for(args: argparse.Namespace, stored: dict | None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from kd_ref import convert, engine, tasks
-    from kd_ref.runtime import print_table, setup_runtime, write_json
+    from kd_ref.runtime import close_runtime, print_table, setup_runtime, write_json
     from kd_ref.backbones import tensors_of
 
     source = f"--ckpt {args.ckpt}"
@@ -122,6 +122,7 @@ def main(argv=None) -> dict:
         print_table([(f"{recipe.student} {key}", value) for key, value in metrics.items()
                             if isinstance(value, float)])
         print(f"scores written to {out}")
+    close_runtime(runtime)
     return metrics
 
 

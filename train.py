@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
     name, recipe = build_recipe(args)  # an unknown preset is refused before torch is imported
     from kd_ref import engine, methods, tasks
     from kd_ref import recipe as recipe_module
-    from kd_ref.runtime import check_on_every_rank, dumps, print_table, setup_runtime
+    from kd_ref.runtime import check_on_every_rank, close_runtime, dumps, print_table, setup_runtime
 
     if args.print_recipe:
         print(dumps(dataclasses.asdict(recipe)))
@@ -335,6 +335,7 @@ def main(argv=None) -> dict:
             rows.append((f"teacher {recipe.teacher} {key}", teacher_metrics[key]))
         rows.append((f"student {recipe.student} [{recipe.method}] {key}", metrics[key]))
         print_table(rows)
+    close_runtime(runtime)
     return metrics
 
 

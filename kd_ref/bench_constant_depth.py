@@ -20,6 +20,7 @@ import torch
 
 from kd_ref import depth, synthetic
 from kd_ref.presets import PRESETS
+from kd_ref.tasks import synthetic_options
 
 
 def constant_depth(preset: str = "synthetic_depth_none") -> dict:
@@ -29,11 +30,8 @@ def constant_depth(preset: str = "synthetic_depth_none") -> dict:
     if recipe is None or recipe.task != "depth" or recipe.data != "synthetic":
         raise ValueError(f"--preset {preset}: expected a synthetic depth preset (e.g. synthetic_depth_none)")
 
-    def scenes(split: str, length: int):
-        return synthetic.SyntheticDepthScenes(synthetic.SyntheticScenes(
-            split, recipe.seed, recipe.synthetic_size, length, style=recipe.synthetic_style))
-
-    train, val = scenes("train", recipe.synthetic_train), scenes("val", recipe.synthetic_val)
+    train, val = (synthetic.SyntheticDepthScenes(synthetic.SyntheticScenes(split, **synthetic_options(recipe, split)))
+                  for split in ("train", "val"))
     train_depths = [train[index]["depth"] for index in range(len(train))]
     median = float(np.median(np.concatenate([gt[gt > depth.INVALID_DEPTH] for gt in train_depths])))
     sums = None

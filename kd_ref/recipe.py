@@ -39,6 +39,9 @@ class Recipe:
     synthetic_train: int = 2000
     synthetic_val: int = 100
     synthetic_style: str = "standard"  # SyntheticScenes.STYLES
+    # seed the scenes are drawn from; None: the recipe's ``seed``, which then varies the data set along with
+    # the initial weights and the data order
+    synthetic_seed: int | None = None
     # a trained checkpoint of the student architecture to start from (a train.py last.pt or a plain state
     # dict); GKD's released configs start from the trained baseline detector
     student_init: str | None = None

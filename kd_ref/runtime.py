@@ -95,6 +95,13 @@ def setup_runtime(device: str | None = None, amp: str | None = None) -> Runtime:
     return Runtime(torch_device, rank, world_size, precision)
 
 
+def close_runtime(runtime: Runtime) -> None:
+    """End a finished run's process group (torchrun): every rank destroys it before exiting, as PyTorch
+    asks, rather than leaving the connections to its peers to the interpreter's shutdown."""
+    if runtime.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

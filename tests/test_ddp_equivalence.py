@@ -350,7 +350,11 @@ def results(tmp_path_factory):
         single = _run_all(Runtime(torch.device("cpu")))
     finally:
         torch.set_num_threads(threads)
-    ranks = [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(2)]
+    ranks = []
+    for rank in range(2):  # each file holds every case's trained weights (about 2 GB): read, then removed
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        ranks.append(torch.load(path, weights_only=False))
+        os.remove(path)
     return single, ranks
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kd_ref.runtime import BatchNormWatch, atomic_save, load_checkpoint
+from kd_ref.runtime import BatchNormWatch, Runtime, atomic_save, close_runtime, load_checkpoint
 
 
 def test_atomic_save_keeps_previous_file_when_writing_fails(tmp_path, monkeypatch):
@@ -51,3 +51,17 @@ def test_batchnorm_over_fewer_than_four_values_per_channel_warns():
     watch.close()
     assert watch.fewest is None, "eval-mode BatchNorm uses its running statistics"
     assert not model[1]._forward_pre_hooks
+
+
+def test_close_runtime_destroys_the_group_of_a_distributed_run_only():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        close_runtime(Runtime(torch.device("cpu")))  # a single-process run leaves a group it did not start
+        assert dist.is_initialized()
+        close_runtime(Runtime(torch.device("cpu"), rank=0, world_size=2))
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

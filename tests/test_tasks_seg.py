@@ -28,3 +28,18 @@ def test_seg_eval_names_the_images_whose_labels_the_model_cannot_predict():
                                          r"\(confusion_matrix: values \[7\] outside \[0, 3\).*\): the model predicts 3 "):
         TASK.update_eval_state(state, {"logits": torch.zeros(1, 3, 2, 2)}, {"targets": target, "names": ["city/b.png"]},
                                None)
+
+
+def test_synthetic_seed_fixes_the_scenes_across_recipe_seeds():
+    recipe = dataclasses.replace(RECIPE, synthetic_train=2, synthetic_val=2, synthetic_size=(32, 32), crop=(32, 32),
+                                 scales=(1.0, 1.0))
+
+    def labels(**fields):
+        dataset, _ = TASK.build_data(dataclasses.replace(recipe, **fields), "val", None)
+        return torch.stack([torch.as_tensor(dataset[index]["target"]) for index in range(len(dataset))])
+
+    assert torch.equal(labels(seed=1, synthetic_seed=0), labels(seed=0))
+    assert torch.equal(labels(seed=1), labels(seed=1, synthetic_seed=1))
+    assert not torch.equal(labels(seed=1), labels(seed=0)), "None: the scenes follow the recipe's seed"
+    with pytest.raises(ValueError, match=r"^synthetic_seed -1: expected a non-negative integer, or None"):
+        TASK.build_data(dataclasses.replace(recipe, synthetic_seed=-1), "val", None)

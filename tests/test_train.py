@@ -238,7 +238,21 @@ def _torchrun_node(node_rank: int, port: int, argv: list, cwd=ROOT) -> subproces
     return subprocess.Popen([torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={node_rank}",
                              "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(ROOT, "train.py"),
                              *argv], cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finish(nodes: list, timeout: float) -> list:
+    """``(stdout, stderr)`` of every node; a node still running after ``timeout`` seconds fails the test with
+    every node's output, and no node is left running."""
+    deadline = time.time() + timeout
+    try:
+        return [node.communicate(timeout=max(1.0, deadline - time.time())) for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            os.killpg(node.pid, signal.SIGKILL)  # the agent and its workers
+        tails = [f"node {rank} (exit {node.wait()}):\n" + "".join(node.communicate())[-3000:]
+                 for rank, node in enumerate(nodes)]
+        pytest.fail(f"a node still ran after {timeout} s\n" + "\n".join(tails))
 
 
 def _cache_untrained_teacher(argv: list, out) -> None:
@@ -266,7 +280,7 @@ def test_two_nodes_reuse_the_teacher_stop_together_on_one_nodes_sigterm_and_resu
     while not ((out / "log.jsonl").exists() and _logged_iterations(out)) and time.time() < deadline:
         time.sleep(0.05)  # the signal must land before the 100 short iterations are done
     nodes[1].send_signal(signal.SIGTERM)  # one node preempted: both stop after the same iteration
-    outputs = [node.communicate(timeout=120) for node in nodes]
+    outputs = _finish(nodes, timeout=240)
     assert all(node.returncode != 0 for node in nodes), [o[1][-2000:] for o in outputs]
     assert "SIGTERM received" in outputs[0][1], outputs[0][1][-3000:]
     assert "teacher: reusing" in outputs[0][0], "rank 0 found the cached teacher and every rank loaded it"
@@ -274,7 +288,7 @@ def test_two_nodes_reuse_the_teacher_stop_together_on_one_nodes_sigterm_and_resu
     assert 1 <= stopped_at < 100 and _logged_iterations(out)[-1] == stopped_at
     port = _free_port()
     nodes = [_torchrun_node(rank, port, [*argv, "--resume"]) for rank in range(2)]
-    outputs = [node.communicate(timeout=120) for node in nodes]
+    outputs = _finish(nodes, timeout=240)
     assert all(node.returncode == 0 for node in nodes), [o[1][-3000:] for o in outputs]
     assert load_checkpoint(str(out / "last.pt"))["iteration"] == 100
     assert _logged_iterations(out) == list(range(1, 101)) and (out / "metrics.json").exists()
@@ -290,11 +304,7 @@ def test_two_nodes_that_do_not_share_the_output_folder_stop_together_naming_the_
     _cache_untrained_teacher(argv, tmp_path / "node0" / "run")
     port = _free_port()
     nodes = [_torchrun_node(rank, port, argv, cwd=tmp_path / f"node{rank}") for rank in range(2)]
-    try:
-        errors = [node.communicate(timeout=90)[1] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
+    errors = [stderr for _, stderr in _finish(nodes, timeout=180)]
     for error in errors:
         assert "error: rank 1: teacher checkpoint" in error and "shared by the nodes" in error, error[-2000:]
 
