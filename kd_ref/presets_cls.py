@@ -103,7 +103,7 @@ register(PRESETS, "sokd_resnet18_imagenet", dataclasses.replace(
 # which imports torch; tests/test_presets.py checks that the two agree).
 SYNTHETIC_NUM_IMAGE_CLASSES = 8
 SYNTHETIC_CLS = Recipe(task="cls", data="synthetic", num_classes=SYNTHETIC_NUM_IMAGE_CLASSES, crop=(32, 32),
-                       sync_bn=False,
+                       sync_bn=False, synthetic_seed=0,
                        synthetic_size=(64, 64), synthetic_train=4000, synthetic_val=500, normalization="cifar100",
                        batch_size=32, iters=1600, lr=0.05, weight_decay=5e-4, schedule="step", lr_steps=(1200,),
                        eval_every=0, ckpt_every=200, student="resnet8", teacher="resnet20",

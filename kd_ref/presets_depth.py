@@ -21,6 +21,7 @@ DEFAULT_PRESETS: dict[tuple, str] = {}
 # exercised at 256 pixels in the tests).
 SYNTHETIC_DEPTH_MODEL = {"num_bins": 32, "d_min": 0.5, "d_max": 10.0, "focal": 50.0}
 SYNTHETIC_DEPTH = Recipe(task="depth", data="synthetic", synthetic_style="easy", synthetic_size=(64, 80),
+                         synthetic_seed=0,
                          sync_bn=False,  # per-GPU BatchNorm under DDP, as the NYUDv2 row
                          crop=(64, 80), normalization="imagenet_rgb", model_options=SYNTHETIC_DEPTH_MODEL,
                          batch_size=8, iters=300, lr=0.01, weight_decay=1e-4, eval_every=0, ckpt_every=100,

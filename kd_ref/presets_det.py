@@ -55,7 +55,7 @@ for _arch, _lr in DETECTOR_LR.items():
 # RetinaNet-R18 is still at 0.0 after 300.
 # Faster R-CNN samples 128 RoIs per image (ours, mmdet 512): scenes hold 1-3 objects, and a CPU step is 3x
 # cheaper (the 2 x fc1024 box head on 4096 RoIs dominates it).
-SYNTHETIC_DET = Recipe(task="det", data="synthetic", num_classes=3, synthetic_style="easy",
+SYNTHETIC_DET = Recipe(task="det", data="synthetic", num_classes=3, synthetic_style="easy", synthetic_seed=0,
                        synthetic_size=(128, 128), image_scale=(128, 128), normalization="imagenet_rgb",
                        rcnn_rois_per_image=128,
                        batch_size=8, iters=600, lr=0.01, weight_decay=1e-4, schedule="step", lr_steps=(500,),

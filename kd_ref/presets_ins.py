@@ -89,7 +89,7 @@ register(PRESETS, "gdd_maskrcnn_r50_fpn_2x_coco", dataclasses.replace(
 # IoU > 0.5. The masks have learnt, the classes only begin to: the README figures are those of a small
 # demo, not of a converged SOLO.
 SYNTHETIC_INS_MODEL = {"frozen_stages": -1, "norm_eval": False}
-SYNTHETIC_INS = Recipe(task="ins", data="synthetic", num_classes=3, synthetic_style="easy",
+SYNTHETIC_INS = Recipe(task="ins", data="synthetic", num_classes=3, synthetic_style="easy", synthetic_seed=0,
                        synthetic_size=(64, 64), image_scale=(64, 64), normalization="imagenet_rgb",
                        model_options=SYNTHETIC_INS_MODEL,
                        rcnn_rois_per_image=128, batch_size=4, iters=300, lr=0.05, weight_decay=1e-4,

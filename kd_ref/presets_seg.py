@@ -127,6 +127,7 @@ register(PRESETS, "skd_pspnet_r18_cityscapes_original", dataclasses.replace(
 SYNTHETIC_SEG = Recipe(data="synthetic", flavour="cirkd", num_classes=4, crop=(64, 64), scales=(1.0, 1.0),
                        normalization="imagenet_rgb", batch_size=8, iters=300, lr=0.02, weight_decay=1e-4,
                        eval_every=0, ckpt_every=100, synthetic_size=(64, 64), synthetic_style="easy",
+                       synthetic_seed=0,
                        student="pspnet_r18", teacher="pspnet_r18", teacher_preset="synthetic_seg_teacher")
 # GDD alpha 20 and DIST weight 0.25 (the Cityscapes alpha 145 and DIST weight 1 swamp the task loss of a
 # model trained from scratch); KD and SKD at their defaults. SKD's discriminator needs logit maps of at least

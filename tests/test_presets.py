@@ -54,6 +54,13 @@ def test_synthetic_classification_presets_count_the_image_classes_of_the_task():
     assert presets.PRESETS["synthetic_cls_kd"].num_classes == tasks.SYNTHETIC_NUM_IMAGE_CLASSES
 
 
+def test_every_synthetic_preset_draws_one_data_set_whatever_its_seed():
+    # seeds then vary the initial weights, data order and augmentation, as on a real data set: the spread of
+    # bench_effect over seeds is the training's, not the scenes'
+    synthetic = {name: recipe for name, recipe in presets.PRESETS.items() if recipe.data == "synthetic"}
+    assert synthetic and {recipe.synthetic_seed for recipe in synthetic.values()} == {0}
+
+
 def test_cifar_kd_rows_weight_the_task_loss_as_mdistiller():
     for student in ("resnet8x4", "wrn_40_1", "wrn_16_2", "resnet20", "resnet32"):
         kd = presets.PRESETS[f"kd_{student}_cifar100"]
@@ -74,7 +81,8 @@ def test_cifar_kd_rows_weight_the_task_loss_as_mdistiller():
 # Fields the reference does not set for its task (synthetic-data fields, the other tasks' input fields, the
 # seed, how often last.pt is written) are pinned at the values the presets give them.
 INERT = {"teacher": None, "synthetic_size": (128, 128), "synthetic_train": 2000, "synthetic_val": 100,
-         "synthetic_style": "standard", "teacher_preset": None, "seed": 0, "classes": None, "model_options": {},
+         "synthetic_style": "standard", "synthetic_seed": None, "teacher_preset": None, "seed": 0, "classes": None,
+         "model_options": {},
          "student_init": None,
          "task_loss_weight": 1.0, "eval_at": (), "method": "none", "method_options": {}, "ckpt_every": 1000,
          "nesterov": False, "norm_weight_decay": None, "bias_weight_decay": None, "bias_lr_factor": 1.0,
