@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from kd_ref.detectors import is_two_stage
-from kd_ref.distiller import Distiller, Method
+from kd_ref.distiller import Distiller, Method, keyword_options
 from kd_ref.precision import at_least_float32
 
 TASKS = ("seg", "cls", "det_retina", "det_frcnn")
@@ -193,4 +193,5 @@ def _bind_det(student_out, teacher_out, batch):
     return {"student_out": student_out[key], "teacher_out": teacher_out[key]}
 
 
-METHOD = Method(build=_build, bind={"seg": _bind_outputs, "cls": _bind_logits, "det": _bind_det})
+METHOD = Method(build=_build, bind={"seg": _bind_outputs, "cls": _bind_logits, "det": _bind_det},
+                options=lambda recipe: keyword_options(DISTDistiller, supplied=("task",)))

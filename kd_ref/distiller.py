@@ -2,12 +2,13 @@
 
 A method is one file of ``kd_ref/`` and one line of ``kd_ref.methods.METHODS``. The file ends with its
 :class:`Method` record: how to build its distiller, which model outputs the distiller reads on each task
-(``bind``) and which recipes it refuses (``check``). The distiller subclasses :class:`Distiller`:
+(``bind``), which ``method_options`` it takes (``options``) and which recipes it refuses (``check``). The distiller subclasses :class:`Distiller`:
 ``forward`` returns the method's weighted losses, and the other methods are the engine's hooks, no-ops
 here, which the engine calls on every distiller at the moments their docstrings name.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -81,14 +82,39 @@ class Method:
     :class:`Distiller` (None: no distillation, no teacher); ``bind[task](student_out, teacher_out, batch)``
     returns the keyword arguments of the distiller's ``forward`` on that task; ``check(recipe)``, if given,
     refuses with one line a recipe the method cannot train, before any model is built or teacher trained
-    (``build`` calls it too)."""
+    (``build`` calls it too); ``options(recipe)`` names the ``method_options`` the build reads on the recipe's
+    task."""
     build: Callable[..., Distiller] | None
     bind: dict[str, Callable[[dict, dict, dict], dict]] = field(default_factory=dict)
     check: Callable | None = None
+    # options(recipe): the names recipe.method_options may hold on the recipe's task (kd_ref.methods.check_recipe
+    # refuses any other with one line before a teacher trains); None: not checked
+    options: Callable | None = None
 
     @property
     def needs_teacher(self) -> bool:
         return self.build is not None
+
+
+def keyword_options(target: Callable, supplied: tuple = ()) -> set:
+    """The keyword parameters of ``target`` (a class or a function) that ``method_options`` may set: all but
+    ``supplied`` (given by the method's build) and ``*args`` / ``**kwargs``."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, spec in inspect.signature(target).parameters.items() if spec.kind in kinds} - set(supplied)
+
+
+def no_options(recipe) -> set:
+    """``Method.options`` of a method that takes none."""
+    return set()
+
+
+def check_options(options: dict, accepted: set, where: str) -> None:
+    """Refuse with one line the keys of ``options`` outside ``accepted``; ``where`` names the options for the
+    user (e.g. ``method_options`` of ``--method kd``)."""
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; expected "
+                         f"some of {', '.join(sorted(accepted)) or '(none)'}")
 
 
 HOOKS = ("extra_parameters", "extra_optimizer", "extra_losses", "before_epoch", "after_step", "sync_batchnorm_modules")

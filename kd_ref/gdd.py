@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kd_ref.detectors import is_two_stage
-from kd_ref.distiller import Distiller, Method
+from kd_ref.distiller import Distiller, Method, keyword_options
 from kd_ref.instance_seg import copy_non_backbone_weights
 from kd_ref.precision import at_least_float32
 
@@ -202,4 +202,9 @@ def _bind_det(student_out, teacher_out, batch):
     return _bind_feats(levels)(student_out, teacher_out, batch)
 
 
-METHOD = Method(build=_build, bind={"seg": _bind_feats(SEG_LEVELS), "det": _bind_det, "ins": _bind_feats(INS_LEVELS)})
+def _options(recipe) -> set:
+    return keyword_options(GDDDistiller, supplied=("level_names", "student_channels", "teacher_channels")) | {"init_student"}
+
+
+METHOD = Method(build=_build, bind={"seg": _bind_feats(SEG_LEVELS), "det": _bind_det, "ins": _bind_feats(INS_LEVELS)},
+                options=_options)

@@ -65,7 +65,7 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from kd_ref.detectors import flatten_levels, is_fcos, is_two_stage
-from kd_ref.distiller import Distiller, EpochContext, Method
+from kd_ref.distiller import Distiller, EpochContext, Method, keyword_options
 from kd_ref.precision import at_least_float32, autocast_disabled
 
 Prototypes = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
@@ -1013,4 +1013,9 @@ def _bind_det(student_out, teacher_out, batch):
             "roi_labels": labels, **soft}
 
 
-METHOD = Method(build=_build, bind={"det": _bind_det}, check=_check)
+def _options(recipe) -> set:
+    return (keyword_options(ScheduledGKDDistiller, supplied=("level_names", "num_classes"))
+            | keyword_options(GKDDistiller, supplied=("channels_s", "channels_t", "num_levels", "strides")))
+
+
+METHOD = Method(build=_build, bind={"det": _bind_det}, check=_check, options=_options)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_ref.detectors import is_two_stage
-from kd_ref.distiller import Distiller, Method
+from kd_ref.distiller import Distiller, Method, keyword_options
 
 
 def kd_loss(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -62,4 +62,5 @@ def _bind_det(student_out, teacher_out, batch):
     return {"logits_s": student_out["roi_cls_logits"], "logits_t": teacher_out["roi_cls_logits"]}
 
 
-METHOD = Method(build=_build, bind={"seg": _bind_logits, "cls": _bind_logits, "det": _bind_det}, check=_check)
+METHOD = Method(build=_build, bind={"seg": _bind_logits, "cls": _bind_logits, "det": _bind_det}, check=_check,
+                options=lambda recipe: keyword_options(KDDistiller))

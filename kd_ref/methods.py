@@ -5,12 +5,12 @@ its task (``kd_ref.tasks.TASKS``) or its method cannot train."""
 from __future__ import annotations
 
 from kd_ref import dist, gdd, gkd, kd, skd, sokd
-from kd_ref.distiller import Method
-from kd_ref.recipe import Recipe
+from kd_ref.distiller import Method, check_options, no_options
+from kd_ref.recipe import EPOCH_OPTIONS, Recipe
 from kd_ref.tasks import TASKS
 
 METHODS: dict[str, Method] = {
-    "none": Method(None),
+    "none": Method(None, options=no_options),
     "kd": kd.METHOD,
     "dist": dist.METHOD,
     "gdd": gdd.METHOD,
@@ -26,8 +26,15 @@ def supported_methods(task: str) -> list:
 
 
 def check_recipe(recipe: Recipe) -> None:
-    """Refuse, with one line, a recipe its task or method cannot train; needs no file, model or data."""
+    """Refuse, with one line, a recipe its task or method cannot train (its method options included); needs
+    no file, model or data."""
     TASKS[recipe.task].check_recipe(recipe)
-    check = METHODS[recipe.method].check
-    if check is not None:
-        check(recipe)
+    method = METHODS[recipe.method]
+    if method.options is not None:
+        accepted = method.options(recipe)
+        # an epoch-based recipe may count an option in epochs (resolved to iterations at run time)
+        accepted |= {epochs for epochs, iters in EPOCH_OPTIONS.items() if iters in accepted}
+        check_options(recipe.method_options, accepted, f"method_options of --method {recipe.method} on --task "
+                                                       f"{recipe.task}")
+    if method.check is not None:
+        method.check(recipe)

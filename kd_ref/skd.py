@@ -80,7 +80,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
 from kd_ref.detectors import is_fcos
-from kd_ref.distiller import Distiller, Method
+from kd_ref.distiller import Distiller, Method, keyword_options
 from kd_ref.precision import at_least_float32, autocast_disabled
 
 KernelSize = Union[int, Sequence[int]]
@@ -610,4 +610,12 @@ def _bind_fcos(student_out, teacher_out, batch):
             "feats_t": [teacher_out["feats"][name] for name in FCOS_LEVELS]}
 
 
-METHOD = Method(build=_build, bind={"seg": _bind_seg, "depth": _bind_depth, "det": _bind_fcos}, check=_check)
+def _options(recipe) -> set:
+    if recipe.task == "det":
+        return keyword_options(FCOSSKDDistiller)
+    maps = keyword_options(SKDDistiller, supplied=("num_classes",))
+    return maps | keyword_options(DepthSKDDistiller, supplied=("num_bins",)) if recipe.task == "depth" else maps
+
+
+METHOD = Method(build=_build, bind={"seg": _bind_seg, "depth": _bind_depth, "det": _bind_fcos}, check=_check,
+                options=_options)

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from kd_ref import dist, gdd, kd
 from kd_ref.detectors import is_two_stage
-from kd_ref.distiller import HOOKS, Distiller, Method, StepContext, uses_hook
+from kd_ref.distiller import HOOKS, Distiller, Method, StepContext, check_options, keyword_options, uses_hook
 
 # --------------------------------------------------------------------------------------- DAFA ops
 OP_RANGES: dict[str, tuple[float, float]] = {
@@ -768,13 +768,29 @@ def _tap_shapes(recipe, student, teacher, tap: str) -> list:
 
 
 def _check(recipe):
-    """The base is "none" or one of BASES with a binding for the task, and passes that method's own check."""
+    """The base is "none" or one of BASES with a binding for the task, and passes that method's own checks
+    with its entry of ``base_options``; ``search_options`` are SoKDSearch's."""
     base_name = recipe.method_options.get("base", "none")
     bases = ["none"] + [name for name, method in BASES.items() if recipe.task in method.bind]
     if base_name not in bases:
         raise ValueError(f"--sokd-base {base_name}: for --task {recipe.task} expected one of {bases}")
-    if base_name != "none" and BASES[base_name].check is not None:
-        BASES[base_name].check(dataclasses.replace(recipe, method=base_name))
+    base_options = recipe.method_options.get("base_options", {})
+    check_options(base_options, set(BASES), "method_options base_options of --method sokd")
+    check_options(recipe.method_options.get("search_options", {}),
+                  keyword_options(SoKDSearch, supplied=("distiller", "student", "search_iters", "base")),
+                  "method_options search_options of --method sokd")
+    if base_name != "none":
+        base, base_recipe = BASES[base_name], dataclasses.replace(
+            recipe, method=base_name, method_options=base_options.get(base_name, {}))
+        check_options(base_recipe.method_options, base.options(base_recipe),
+                      f"method_options base_options {base_name} of --method sokd")
+        if base.check is not None:
+            base.check(base_recipe)
+
+
+def _options(recipe) -> set:
+    return ({"base", "base_options", "tap", "num_heat", "search_iters", "search_options"}
+            | keyword_options(SoKDDistiller, supplied=("s_shape", "t_shape", "num_heat")))
 
 
 def _build(recipe, student, teacher):
@@ -802,4 +818,4 @@ def _bind(student_out, teacher_out, batch):
     return {"student_out": student_out, "teacher_out": teacher_out, "batch": batch}
 
 
-METHOD = Method(build=_build, bind={"cls": _bind, "det": _bind}, check=_check)
+METHOD = Method(build=_build, bind={"cls": _bind, "det": _bind}, check=_check, options=_options)

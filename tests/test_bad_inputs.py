@@ -286,6 +286,13 @@ CASES = {
     "nan_in_the_loss": nan_in_the_loss,
     "iters_on_an_epoch_preset": lambda c: (train, ["--preset", "retinanet_r50_fpn_2x_coco", "--iters", "5", "--quiet"],
                                            "counts epochs"),
+    "unknown_method_option": lambda c: (
+        *synthetic_train(c.tmp / "out", "--method", "gdd", "--set", "method_options={'alpah': 20.0}"),
+        "method_options of --method gdd on --task seg: unknown option alpah; expected some of alpha, init_student, "
+        "tau"),
+    "unknown_option_of_the_sokd_search": lambda c: (
+        train, ["--task", "cls", "--method", "sokd", "--set", "method_options={'search_options': {'lr_x': 1}}",
+                "--out", str(c.tmp / "out"), "--quiet"], "search_options of --method sokd: unknown option lr_x"),
     "keep_best_without_evaluations": lambda c: (*synthetic_train(c.tmp, "--keep-best", "--eval-every", "0"),
                                                 "--keep-best"),
 }

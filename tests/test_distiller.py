@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kd_ref.distiller import HOOKS, Distiller, uses_hook
+from kd_ref.distiller import HOOKS, Distiller, check_options, keyword_options, uses_hook
 from kd_ref.engine import build_optimizers
 from kd_ref.recipe import Recipe
 
@@ -64,3 +64,17 @@ def test_the_student_optimizer_leaves_the_extra_parameters_and_the_engine_steps_
     assert {id(p) for p in student.parameters()} | {id(p) for p in distiller.adapter.parameters()} <= in_student
     assert not in_student & {id(p) for p in distiller.extra_parameters()}
     assert (optimizers.extra is not None) == has_extra
+
+
+def test_keyword_options_are_the_parameters_a_recipe_may_name():
+    def build(levels, channels, alpha=1.0, *args, tau=4.0, **kwargs):
+        pass
+
+    assert keyword_options(build, supplied=("levels", "channels")) == {"alpha", "tau"}
+    assert keyword_options(nn.Conv2d) >= {"in_channels", "kernel_size", "bias"}
+
+
+def test_check_options_names_every_unknown_key_and_what_is_expected():
+    check_options({"tau": 1.0}, {"tau", "alpha"}, "method_options")
+    with pytest.raises(ValueError, match=r"^method_options: unknown options beta, gamma; expected some of alpha, tau$"):
+        check_options({"tau": 1.0, "gamma": 0, "beta": 0}, {"tau", "alpha"}, "method_options")
