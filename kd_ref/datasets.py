@@ -329,6 +329,10 @@ class VOCDetection:
         (as mmdet's XMLDataset)."""
         return [record["size"] or read_image(record["path"]).shape[:2] for record in self.records]
 
+    def box_targets(self, index: int) -> dict:
+        """The ``boxes``, ``labels`` and ``difficult`` flags of image ``index``, without decoding it."""
+        return {key: self.records[index][key] for key in ("boxes", "labels", "difficult")}
+
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         return {"image": read_image(record["path"]), "boxes": record["boxes"], "labels": record["labels"],
@@ -384,6 +388,10 @@ class COCODetection:
 
     def image_sizes(self) -> list:
         return [(self.coco.imgs[i]["height"], self.coco.imgs[i]["width"]) for i in self.image_ids]
+
+    def box_targets(self, index: int) -> dict:
+        """The ``boxes``, ``labels`` and ``difficult`` (crowd) flags of image ``index``, without decoding it."""
+        return self.targets[index]
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.image_ids[index]

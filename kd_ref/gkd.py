@@ -809,29 +809,15 @@ def anchor_level_features(feats: Sequence[torch.Tensor], boxes: torch.Tensor, ba
 # ------------------------------------------------------------------------- GKD: the epoch pass
 def pgm_annotations(base) -> list[dict]:
     """``{"image_id": index, "boxes", "labels"}`` (original pixels) of every image of a detection base data
-    set, without difficult / crowd boxes (training ignores them, so they are no GT instances).
-
-    COCO and VOC keep their boxes in memory (pycocotools index, parsed XML records): decoding all of
-    train2017 only to read its boxes would take longer than a PGM pass. Other sets are read sample by sample.
-    """
-    def kept(index, boxes, labels, difficult):
-        keep = ~np.asarray(difficult, dtype=bool)
-        return {"image_id": index, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4)[keep],
-                "labels": np.asarray(labels, np.int64)[keep]}
-
-    label_of = {category: label for label, category in enumerate(getattr(base, "category_ids", []))}
+    set, without difficult / crowd boxes (training ignores them, so they are no GT instances). The base's
+    ``box_targets(index)`` reads them without decoding the image (COCO and VOC keep them in memory: decoding
+    all of train2017 only to read its boxes would take longer than a PGM pass)."""
     annotations = []
     for index in range(len(base)):
-        if hasattr(base, "coco"):
-            found = base._annotations(base.image_ids[index])
-            record = {"boxes": [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in found)],
-                      "labels": [label_of[a["category_id"]] for a in found],
-                      "difficult": [bool(a.get("iscrowd", 0)) for a in found]}
-        elif hasattr(base, "records"):
-            record = base.records[index]
-        else:
-            record = base[index]
-        annotations.append(kept(index, record["boxes"], record["labels"], record["difficult"]))
+        record = base.box_targets(index)
+        keep = ~np.asarray(record["difficult"], dtype=bool)
+        annotations.append({"image_id": index, "boxes": np.asarray(record["boxes"], np.float32).reshape(-1, 4)[keep],
+                            "labels": np.asarray(record["labels"], np.int64)[keep]})
     return annotations
 
 

@@ -142,6 +142,10 @@ class SyntheticScenes:
     def image_sizes(self) -> list:
         return [self.size] * self.length
 
+    def box_targets(self, index: int) -> dict:
+        """The ``boxes``, ``labels`` and ``difficult`` flags of scene ``index`` (drawn, as a sample)."""
+        return {key: self[index][key] for key in ("boxes", "labels", "difficult")}
+
     def __getitem__(self, index: int) -> dict:
         """``sample(index)``, drawn once: scenes are kept up to ``CACHE_BYTES``; the dict is a copy, the arrays
         are shared and never written by the loaders or transforms."""

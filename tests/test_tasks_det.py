@@ -237,6 +237,19 @@ def test_aspect_groups_come_from_the_annotations(voc_tree, coco_tree):
     assert list(synthetic.aspect_groups()) == [0, 0, 0]                 # square scenes: w / h = 1
 
 
+def test_box_targets_are_the_samples_boxes_read_without_decoding_an_image(voc_tree, coco_tree, monkeypatch):
+    bases = [datasets.VOCDetection(str(voc_tree), image_sets=("2007/test",)), datasets.COCODetection(str(coco_tree)),
+             tasks.TASKS["det"].build_data(det_recipe("synthetic", synthetic_train=2, synthetic_size=(64, 64)),
+                                           "train", None)[0].base]
+    samples = [[base[index] for index in range(len(base))] for base in bases]
+    monkeypatch.setattr(datasets, "read_image", lambda path: pytest.fail(f"decoded {path}"))
+    for base, expected in zip(bases, samples):
+        for index, sample in enumerate(expected):
+            targets = base.box_targets(index)
+            for key in ("boxes", "labels", "difficult"):
+                np.testing.assert_array_equal(targets[key], sample[key], err_msg=f"{type(base).__name__} {key}")
+
+
 def test_group_by_aspect_pads_the_epoch_and_resumes_exactly_mid_epoch(tmp_path, monkeypatch):
     flags = [*TINY_TRAIN, "--set", "synthetic_train=5", "--set", "group_by_aspect=True", "--iters", "4",
              "--ckpt-every", "1"]
