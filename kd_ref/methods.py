@@ -28,7 +28,11 @@ def supported_methods(task: str) -> list:
 def check_recipe(recipe: Recipe) -> None:
     """Refuse, with one line, a recipe its task or method cannot train (its method options included); needs
     no file, model or data."""
-    TASKS[recipe.task].check_recipe(recipe)
+    task = TASKS[recipe.task]
+    task.check_recipe(recipe)
+    if recipe.group_by_aspect and task.size_field != "image_scale":
+        raise ValueError(f"group_by_aspect: --task {recipe.task} crops its inputs to one size; only the tasks that "
+                         "resize whole images (det, ins) group them by aspect ratio")
     method = METHODS[recipe.method]
     if method.options is not None:
         accepted = method.options(recipe)

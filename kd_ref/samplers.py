@@ -88,9 +88,6 @@ def build_train_sampler(recipe: "Recipe", augmented: "EpochAugmentation", runtim
     GroupSampler) over the data set repeated ``dataset_repeat`` times, or plain shuffling."""
     if not recipe.group_by_aspect:
         return ResumableSampler(augmented, runtime, recipe.seed)
-    if not hasattr(augmented.dataset, "aspect_groups"):
-        raise ValueError(f"group_by_aspect: --task {recipe.task} data has no image aspect ratios to group by "
-                         "(detection and instance segmentation data have)")
     groups = np.tile(augmented.dataset.aspect_groups(), augmented.repeat)  # as mmdet's RepeatDataset.flag
     return AspectGroupSampler(augmented, groups, runtime, recipe.seed, batch)
 

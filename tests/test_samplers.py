@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from kd_ref import methods
 from kd_ref.recipe import Recipe
 from kd_ref.runtime import Runtime
 from kd_ref.samplers import AspectGroupSampler, EpochAugmentation, ResumableSampler, build_train_sampler
@@ -77,5 +78,6 @@ def test_aspect_group_sampler_resumes_mid_epoch_and_follows_the_repeated_set():
     plain = build_train_sampler(dataclasses.replace(recipe, group_by_aspect=False),
                                 EpochAugmentation(Flagged(range(7)), seed=0), runtime, batch=2)
     assert type(plain) is ResumableSampler
-    with pytest.raises(ValueError, match="group_by_aspect: --task det data has no image aspect ratios"):
-        build_train_sampler(recipe, EpochAugmentation(list(range(7)), seed=0), runtime, batch=2)
+    with pytest.raises(ValueError, match=r"^group_by_aspect: --task seg crops its inputs to one size; only the tasks "
+                                         r"that resize whole images \(det, ins\)"):
+        methods.check_recipe(dataclasses.replace(recipe, task="seg", num_classes=4))  # before any data is read
