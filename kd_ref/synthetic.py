@@ -412,6 +412,10 @@ class ProbeScenes:
     def __len__(self) -> int:
         return self.length
 
+    def box_targets(self, index: int) -> dict:
+        """The ``boxes``, ``labels`` and ``difficult`` flags of sample ``index`` (drawn, as a sample)."""
+        return {key: self[index][key] for key in ("boxes", "labels", "difficult")}
+
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng(index)
         height, width = self.image_size

@@ -240,7 +240,8 @@ def test_aspect_groups_come_from_the_annotations(voc_tree, coco_tree):
 def test_box_targets_are_the_samples_boxes_read_without_decoding_an_image(voc_tree, coco_tree, monkeypatch):
     bases = [datasets.VOCDetection(str(voc_tree), image_sets=("2007/test",)), datasets.COCODetection(str(coco_tree)),
              tasks.TASKS["det"].build_data(det_recipe("synthetic", synthetic_train=2, synthetic_size=(64, 64)),
-                                           "train", None)[0].base]
+                                           "train", None)[0].base,
+             synthetic.ProbeScenes((32, 48), num_objects=3, num_classes=2, length=2, with_masks=False)]
     samples = [[base[index] for index in range(len(base))] for base in bases]
     monkeypatch.setattr(datasets, "read_image", lambda path: pytest.fail(f"decoded {path}"))
     for base, expected in zip(bases, samples):
