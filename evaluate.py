@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
         out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{recipe.data}.json")
         write_json(out, metrics)
         print_table([(f"{recipe.student} {key}", value) for key, value in metrics.items()
-                            if isinstance(value, float)])
+                     if isinstance(value, float)])
         print(f"scores written to {out}")
     close_runtime(runtime)
     return metrics

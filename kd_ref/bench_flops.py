@@ -273,7 +273,7 @@ def iteration_flops(recipe: Recipe, probe: str | None = None, probe_images: int 
             kd_losses, parts["distiller forward"] = counted(lambda: distiller(**bound))
             losses.update(kd_losses)
         _, parts["backward"] = counted(lambda: sum(losses.values()).backward())
-        if uses_hook(distiller, "extra_optimizer") and list(distiller.extra_parameters()):  # engine.build_optimizers
+        if distiller is not None and engine.build_optimizers(recipe, student, distiller).extra is not None:
             _, parts["extra step"] = counted(lambda: sum(distiller.extra_losses(**bound).values()).backward())
         if uses_hook(distiller, "after_step"):
             objective = engine.search_objective(student, teacher, distiller, method.bind[recipe.task], teacher_out,

@@ -59,7 +59,7 @@ from PIL import Image
 
 from kd_ref import cli
 from kd_ref import transforms as T
-from kd_ref.synthetic import SyntheticDepthScenes, SyntheticInstances, SyntheticScenes
+from kd_ref.synthetic import SyntheticDepthScenes, SyntheticInstances, SyntheticScenes, box_targets_of
 
 # ------------------------------------------------------------------------------------------ tables
 # Official cityscapesScripts labels.py: (labelId, trainId) of the 19 evaluated classes; all other
@@ -331,7 +331,7 @@ class VOCDetection:
 
     def box_targets(self, index: int) -> dict:
         """The ``boxes``, ``labels`` and ``difficult`` flags of image ``index``, without decoding it."""
-        return {key: self.records[index][key] for key in ("boxes", "labels", "difficult")}
+        return box_targets_of(self.records[index])
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]

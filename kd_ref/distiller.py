@@ -2,9 +2,10 @@
 
 A method is one file of ``kd_ref/`` and one line of ``kd_ref.methods.METHODS``. The file ends with its
 :class:`Method` record: how to build its distiller, which model outputs the distiller reads on each task
-(``bind``), which ``method_options`` it takes (``options``) and which recipes it refuses (``check``). The distiller subclasses :class:`Distiller`:
-``forward`` returns the method's weighted losses, and the other methods are the engine's hooks, no-ops
-here, which the engine calls on every distiller at the moments their docstrings name.
+(``bind``), which ``method_options`` it takes (``options``) and which recipes it refuses (``check``). The
+distiller subclasses :class:`Distiller`: ``forward`` returns the method's weighted losses, and the other
+methods are the engine's hooks, no-ops here, which the engine calls on every distiller at the moments their
+docstrings name.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from kd_ref.recipe import EPOCH_OPTIONS
 
 
 @dataclass
@@ -115,6 +118,18 @@ def check_options(options: dict, accepted: set, where: str) -> None:
     if unknown:
         raise ValueError(f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; expected "
                          f"some of {', '.join(sorted(accepted)) or '(none)'}")
+
+
+def check_method(method: Method, recipe, where: str) -> None:
+    """Refuse with one line a recipe ``method`` cannot train: a ``method_options`` key outside
+    ``method.options(recipe)`` (an epoch-based recipe may count an option in epochs, resolved to iterations
+    when the run starts; ``where`` names the options for the user), then ``method.check``."""
+    if method.options is not None:
+        accepted = method.options(recipe)
+        accepted |= {epochs for epochs, iters in EPOCH_OPTIONS.items() if iters in accepted}
+        check_options(recipe.method_options, accepted, where)
+    if method.check is not None:
+        method.check(recipe)
 
 
 HOOKS = ("extra_parameters", "extra_optimizer", "extra_losses", "before_epoch", "after_step", "sync_batchnorm_modules")

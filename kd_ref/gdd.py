@@ -197,13 +197,16 @@ def _bind_feats(levels):
     return bind
 
 
+_BIND_TWO_STAGE, _BIND_ONE_STAGE = _bind_feats(TWO_STAGE_LEVELS), _bind_feats(ONE_STAGE_LEVELS)
+
+
 def _bind_det(student_out, teacher_out, batch):
-    levels = TWO_STAGE_LEVELS if "rois" in student_out else ONE_STAGE_LEVELS
-    return _bind_feats(levels)(student_out, teacher_out, batch)
+    return (_BIND_TWO_STAGE if "rois" in student_out else _BIND_ONE_STAGE)(student_out, teacher_out, batch)
 
 
 def _options(recipe) -> set:
-    return keyword_options(GDDDistiller, supplied=("level_names", "student_channels", "teacher_channels")) | {"init_student"}
+    distiller = keyword_options(GDDDistiller, supplied=("level_names", "student_channels", "teacher_channels"))
+    return distiller | {"init_student"}
 
 
 METHOD = Method(build=_build, bind={"seg": _bind_feats(SEG_LEVELS), "det": _bind_det, "ins": _bind_feats(INS_LEVELS)},

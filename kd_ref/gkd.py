@@ -35,14 +35,16 @@ global-knowledge representation) and Pi_c the prototypes of the instance's class
 reasons and our own implementation choices are in docs/design/gkd.md):
 
 1. the global alignment loss is off by default (``global_weight=0``, the released config; 5.0 is the
-   paper's variant); 2. the robust weight uses the maximum cosine to the same-class prototypes only;
+   paper's variant);
+2. the robust weight uses the maximum cosine to the same-class prototypes only;
 3. instances are the detector's positive samples with their matched GT's class, not the GT boxes;
-4. fg/bg are averaged over levels for Faster R-CNN and summed for RetinaNet, the global term summed in
-   both; 5. the soft-label KD is not attenuated, fg/bg/global are; 6. both detectors use the two-stage
-   adapter (3x3, padding 1, no activation); 7. one-stage robust weights are aligned per anchor with the
-   logits; 8. PGM runs in float32, its matching-pursuit cost in float64; 9. a class/level without a
-   qualifying instance reuses the previous epoch's prototypes, else its instances get weight 1 and no
-   global term.
+4. fg/bg are averaged over levels for Faster R-CNN and summed for RetinaNet, the global term summed in both;
+5. the soft-label KD is not attenuated, fg/bg/global are;
+6. both detectors use the two-stage adapter (3x3, padding 1, no activation);
+7. one-stage robust weights are aligned per anchor with the logits;
+8. PGM runs in float32, its matching-pursuit cost in float64;
+9. a class/level without a qualifying instance reuses the previous epoch's prototypes, else its instances
+   get weight 1 and no global term.
 
 The file holds, in order: the PGM and RDM math and :class:`GKDDistiller` (prototypes kept in its
 ``state_dict``); the PGM pass over the training set (:func:`select_pgm_instances`,

@@ -5,8 +5,8 @@ its task (``kd_ref.tasks.TASKS``) or its method cannot train."""
 from __future__ import annotations
 
 from kd_ref import dist, gdd, gkd, kd, skd, sokd
-from kd_ref.distiller import Method, check_options, no_options
-from kd_ref.recipe import EPOCH_OPTIONS, Recipe
+from kd_ref.distiller import Method, check_method, no_options
+from kd_ref.recipe import Recipe
 from kd_ref.tasks import TASKS
 
 METHODS: dict[str, Method] = {
@@ -33,12 +33,4 @@ def check_recipe(recipe: Recipe) -> None:
     if recipe.group_by_aspect and task.size_field != "image_scale":
         raise ValueError(f"group_by_aspect: --task {recipe.task} crops its inputs to one size; only the tasks that "
                          "resize whole images (det, ins) group them by aspect ratio")
-    method = METHODS[recipe.method]
-    if method.options is not None:
-        accepted = method.options(recipe)
-        # an epoch-based recipe may count an option in epochs (resolved to iterations at run time)
-        accepted |= {epochs for epochs, iters in EPOCH_OPTIONS.items() if iters in accepted}
-        check_options(recipe.method_options, accepted, f"method_options of --method {recipe.method} on --task "
-                                                       f"{recipe.task}")
-    if method.check is not None:
-        method.check(recipe)
+    check_method(METHODS[recipe.method], recipe, f"method_options of --method {recipe.method} on --task {recipe.task}")

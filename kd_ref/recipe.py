@@ -179,6 +179,9 @@ def check_schedule(recipe: Recipe) -> None:
         raise ValueError(f"nesterov: Nesterov SGD needs momentum > 0 (the recipe has momentum={recipe.momentum})")
     if recipe.bias_lr_factor <= 0:
         raise ValueError(f"bias_lr_factor {recipe.bias_lr_factor}: expected > 0")
+    if recipe.synthetic_seed is not None and recipe.synthetic_seed < 0:
+        raise ValueError(f"synthetic_seed {recipe.synthetic_seed}: expected a non-negative integer, or None (the "
+                         "recipe's seed)")
 
 
 # ImageNet weights the real-data presets start from: file -> (layout read by backbones.load_pretrained,

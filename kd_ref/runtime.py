@@ -290,6 +290,7 @@ class JsonlLog:
             handle.writelines(kept)
         os.replace(tmp, self.path)
 
+
 def print_table(rows: list, file=None) -> None:
     """Small fixed-width table: ``rows`` is a list of (name, value) pairs; to ``file`` (default: the current
     sys.stdout, looked up at the call)."""
@@ -297,7 +298,6 @@ def print_table(rows: list, file=None) -> None:
     for name, value in rows:
         shown = f"{value:.2f}" if isinstance(value, float) and not math.isnan(value) else str(value)
         print(f"  {str(name):<{width}}  {shown}", file=file or sys.stdout)
-
 
 
 # ------------------------------------------------------------------------------------------- memory

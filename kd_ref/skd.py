@@ -614,7 +614,9 @@ def _options(recipe) -> set:
     if recipe.task == "det":
         return keyword_options(FCOSSKDDistiller)
     maps = keyword_options(SKDDistiller, supplied=("num_classes",))
-    return maps | keyword_options(DepthSKDDistiller, supplied=("num_bins",)) if recipe.task == "depth" else maps
+    if recipe.task == "depth":
+        return maps | keyword_options(DepthSKDDistiller, supplied=("num_bins",))
+    return maps
 
 
 METHOD = Method(build=_build, bind={"seg": _bind_seg, "depth": _bind_depth, "det": _bind_fcos}, check=_check,

@@ -66,7 +66,8 @@ import torch.nn.functional as F
 
 from kd_ref import dist, gdd, kd
 from kd_ref.detectors import is_two_stage
-from kd_ref.distiller import HOOKS, Distiller, Method, StepContext, check_options, keyword_options, uses_hook
+from kd_ref.distiller import (HOOKS, Distiller, Method, StepContext, check_method, check_options, keyword_options,
+                              uses_hook)
 
 # --------------------------------------------------------------------------------------- DAFA ops
 OP_RANGES: dict[str, tuple[float, float]] = {
@@ -780,16 +781,19 @@ def _check(recipe):
                   keyword_options(SoKDSearch, supplied=("distiller", "student", "search_iters", "base")),
                   "method_options search_options of --method sokd")
     if base_name != "none":
-        base, base_recipe = BASES[base_name], dataclasses.replace(
-            recipe, method=base_name, method_options=base_options.get(base_name, {}))
-        check_options(base_recipe.method_options, base.options(base_recipe),
-                      f"method_options base_options {base_name} of --method sokd")
-        if base.check is not None:
-            base.check(base_recipe)
+        check_method(BASES[base_name], _base_recipe(recipe),
+                     f"method_options base_options {base_name} of --method sokd")
+
+
+def _base_recipe(recipe):
+    """The recipe of the chosen base method: its name, and its entry of ``base_options`` as its options."""
+    base_name = recipe.method_options.get("base", "none")
+    return dataclasses.replace(recipe, method=base_name,
+                               method_options=recipe.method_options.get("base_options", {}).get(base_name, {}))
 
 
 def _options(recipe) -> set:
-    return ({"base", "base_options", "tap", "num_heat", "search_iters", "search_options"}
+    return ({"base", "base_options"} | keyword_options(SoKDPlugin, supplied=("student", "s_shape", "t_shape"))
             | keyword_options(SoKDDistiller, supplied=("s_shape", "t_shape", "num_heat")))
 
 
@@ -802,13 +806,12 @@ def _build(recipe, student, teacher):
     _check(recipe)
     options = dict(recipe.method_options)
     base_name = options.pop("base", "none")
-    base_options = options.pop("base_options", {}).get(base_name, {})
+    options.pop("base_options", None)
     tap = options.pop("tap", default_tap(recipe))
     base = None
     if base_name != "none":
         base_method = BASES[base_name]
-        base_recipe = dataclasses.replace(recipe, method=base_name, method_options=base_options)
-        base = BoundBase(base_method.build(base_recipe, student, teacher), base_method.bind[recipe.task])
+        base = BoundBase(base_method.build(_base_recipe(recipe), student, teacher), base_method.bind[recipe.task])
     return SoKDPlugin(student, *_tap_shapes(recipe, student, teacher, tap),
                       options.pop("num_heat", recipe.num_classes), tap, base=base, **options)
 

@@ -71,6 +71,12 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
     return matrix
 
 
+def box_targets_of(sample: dict) -> dict:
+    """The ``boxes``, ``labels`` and ``difficult`` flags of a detection sample (a base data set's
+    ``box_targets(index)``: what GKD's prototype pass reads)."""
+    return {key: sample[key] for key in ("boxes", "labels", "difficult")}
+
+
 class SyntheticScenes:
     """Built-in data: cluttered scenes of shapes, generated on the fly and deterministic per
     (seed, split, index). The class of an object is its SHAPE (``CLASSES[1:]``); colour, size,
@@ -144,7 +150,7 @@ class SyntheticScenes:
 
     def box_targets(self, index: int) -> dict:
         """The ``boxes``, ``labels`` and ``difficult`` flags of scene ``index`` (drawn, as a sample)."""
-        return {key: self[index][key] for key in ("boxes", "labels", "difficult")}
+        return box_targets_of(self[index])
 
     def __getitem__(self, index: int) -> dict:
         """``sample(index)``, drawn once: scenes are kept up to ``CACHE_BYTES``; the dict is a copy, the arrays
@@ -414,7 +420,7 @@ class ProbeScenes:
 
     def box_targets(self, index: int) -> dict:
         """The ``boxes``, ``labels`` and ``difficult`` flags of sample ``index`` (drawn, as a sample)."""
-        return {key: self[index][key] for key in ("boxes", "labels", "difficult")}
+        return box_targets_of(self[index])
 
     def __getitem__(self, index: int) -> dict:
         rng = np.random.default_rng(index)

@@ -36,9 +36,6 @@ def synthetic_options(recipe, split: str) -> dict:
     if recipe.data != "synthetic":
         return {}
     seed = recipe.seed if recipe.synthetic_seed is None else recipe.synthetic_seed
-    if recipe.synthetic_seed is not None and recipe.synthetic_seed < 0:
-        raise ValueError(f"synthetic_seed {recipe.synthetic_seed}: expected a non-negative integer, or None (the "
-                         "recipe's seed)")
     return {"seed": seed, "size": tuple(recipe.synthetic_size), "style": recipe.synthetic_style,
             "length": recipe.synthetic_train if split == "train" else recipe.synthetic_val}
 

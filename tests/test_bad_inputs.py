@@ -293,6 +293,8 @@ CASES = {
     "unknown_option_of_the_sokd_search": lambda c: (
         train, ["--task", "cls", "--method", "sokd", "--set", "method_options={'search_options': {'lr_x': 1}}",
                 "--out", str(c.tmp / "out"), "--quiet"], "search_options of --method sokd: unknown option lr_x"),
+    "negative_synthetic_seed_before_the_teacher_trains": lambda c: (
+        *synthetic_train(c.tmp / "out", "--method", "gdd", "--set", "synthetic_seed=-1"), "synthetic_seed -1"),
     "group_by_aspect_on_cropped_inputs": lambda c: (*synthetic_train(c.tmp, "--set", "group_by_aspect=True"),
                                                     "group_by_aspect: --task seg crops its inputs"),
     "keep_best_without_evaluations": lambda c: (*synthetic_train(c.tmp, "--keep-best", "--eval-every", "0"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kd_ref import tasks
-from kd_ref.recipe import Recipe
+from kd_ref.recipe import Recipe, check_schedule
 from kd_ref.runtime import Runtime
 
 TASK = tasks.SegTask()
@@ -42,4 +42,4 @@ def test_synthetic_seed_fixes_the_scenes_across_recipe_seeds():
     assert torch.equal(labels(seed=1), labels(seed=1, synthetic_seed=1))
     assert not torch.equal(labels(seed=1), labels(seed=0)), "None: the scenes follow the recipe's seed"
     with pytest.raises(ValueError, match=r"^synthetic_seed -1: expected a non-negative integer, or None"):
-        TASK.build_data(dataclasses.replace(recipe, synthetic_seed=-1), "val", None)
+        check_schedule(dataclasses.replace(recipe, synthetic_seed=-1))  # with the recipe, before any training
